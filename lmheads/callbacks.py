@@ -1,0 +1,63 @@
+"""Training callbacks that the module installs itself."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class TokenThroughput(Callback):
+    """Logs ``perf/tokens_per_sec`` (all devices together) and ``perf/peak_mem_mib`` every
+    ``log_every_n_steps`` optimizer steps.
+
+    A window of steps is timed with one device synchronisation at its end, so the training step itself
+    never waits for the host. Validation time is excluded: a window restarts after each validation.
+    Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the process's peak RSS on CPU.
+    """
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+        self._tokens = 0
+        self.last_tokens_per_sec = float("nan")
+
+    def _sync(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _restart(self, trainer: L.Trainer) -> None:
+        self._sync(trainer.strategy.root_device)
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._t0 is None:
+            self._restart(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self._tokens += batch[0].numel()
+        if trainer.global_step % trainer.log_every_n_steps or trainer.fit_loop._should_accumulate():
+            return
+        device = trainer.strategy.root_device
+        self._sync(device)
+        elapsed = time.perf_counter() - self._t0
+        self.last_tokens_per_sec = self._tokens * trainer.world_size / max(elapsed, 1e-9)
+        if device.type == "cuda":
+            peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        pl_module.log_dict(
+            {
+                "perf/tokens_per_sec": self.last_tokens_per_sec,
+                "perf/peak_mem_mib": float(peak_mib),
+                "hp/tokens_per_sec": self.last_tokens_per_sec,
+            },
+            on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=True,
+        )
+        self._restart(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = None

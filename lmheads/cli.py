@@ -1,0 +1,93 @@
+"""``python -m lmheads``: LightningCLI with lmheads defaults, head short names and one-line errors."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lmheads.data import LMDataModule
+from lmheads.errors import ConfigError
+from lmheads.heads import head_class, registered_heads
+from lmheads.module import LMHeadModule
+
+HEAD_KEY = "--model.head"
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "lmheads", "default_hp_metric": False},
+    },
+}
+
+
+def expand_head_names(args: list[str]) -> list[str]:
+    """Turn ``--model.head=untied`` (or ``--model.head untied``) into the head's class path.
+
+    Class paths, class names of registered heads, YAML/JSON values and ``--model.head.*`` options pass
+    through untouched; an unknown bare name raises ``ConfigError`` listing the registered heads.
+    """
+    known_classes = {cls.__name__ for cls in registered_heads().values()}
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith(HEAD_KEY + "="):
+            value, prefix, index = arg.split("=", 1)[1], HEAD_KEY + "=", i
+        elif arg == HEAD_KEY and i + 1 < len(out):
+            value, prefix, index = out[i + 1], "", i + 1
+        else:
+            continue
+        if any(c in value for c in ".{:/") or value in known_classes:
+            continue
+        cls = head_class(value)
+        out[index] = prefix + f"{cls.__module__}.{cls.__qualname__}"
+    return out
+
+
+class LMHeadsCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model.head": {"class_path": "lmheads.heads.TiedHead"}})
+        parser.link_arguments("model.backbone.block_size", "data.init_args.block_size")
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        if args is None:
+            args = sys.argv[1:]
+        if isinstance(args, list):
+            args = expand_head_names(args)
+            self.config = parser.parse_args(args)
+        else:
+            super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        """Name each TensorBoard run after its head and seed so runs sit side by side."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.get("logger")
+        if not hasattr(logger, "init_args") or "TensorBoardLogger" not in str(logger.get("class_path")):
+            return
+        if logger.init_args.get("version") is None:
+            cls_path = str(config.model.head.class_path)
+            head = next((n for n, c in registered_heads().items() if cls_path.endswith(c.__qualname__)), None)
+            head = head or cls_path.rsplit(".", 1)[-1]
+            seed = config.get("seed_everything")
+            logger.init_args.version = f"{head}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def main(args: list[str] | None = None) -> LMHeadsCLI | None:
+    """Entry point of ``python -m lmheads``; bad input ends with one ``error:`` line and exit status 2."""
+    try:
+        return LMHeadsCLI(
+            LMHeadModule,
+            LMDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": "Train and compare output heads of decoder-only language models."},
+            args=args,
+        )
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

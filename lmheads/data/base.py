@@ -1,0 +1,112 @@
+"""What every lmheads data module provides, and the block dataset they share."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lmheads.errors import ConfigError
+
+
+class BlockDataset(Dataset):
+    """Rows of a (n, T + 1) token array as (input, target) pairs: x = row[:-1], y = row[1:].
+
+    The array may be a strided view of a memory-mapped token stream (see :func:`stream_blocks`), so
+    nothing is copied until a batch is built.
+    """
+
+    def __init__(self, blocks: np.ndarray) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        row = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))  # (T + 1,)
+        return row[:-1], row[1:]
+
+
+def stream_blocks(stream: np.ndarray, block_size: int, split: str) -> np.ndarray:
+    """View a flat token stream as overlapping windows of T + 1 tokens with stride T.
+
+    Consecutive windows share one token, so every token after the first is a target exactly once.
+    """
+    if len(stream) < block_size + 1:
+        raise ConfigError(
+            f"the {split} split has {len(stream)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+            "lower --model.backbone.block_size or provide more text"
+        )
+    windows = np.lib.stride_tricks.sliding_window_view(stream, block_size + 1)  # (L - T, T + 1)
+    return windows[::block_size]
+
+
+class LMDataModule(L.LightningDataModule):
+    """Base class of lmheads data modules.
+
+    Subclasses know ``vocab_size`` right after ``__init__`` (the CLI passes it to the model then),
+    build ``self.splits`` (split name -> :class:`BlockDataset`) in ``setup``, and may set
+    ``token_bytes`` (bytes per token id, for bits per byte) and override :meth:`optimal_loss`.
+
+    Args:
+        block_size: Context length T; set from ``model.backbone.block_size`` by the CLI.
+        batch_size: Sequences per batch on each device.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, block_size: int = 128, batch_size: int = 32, num_workers: int = 0) -> None:
+        super().__init__()
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if value <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {value}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.splits: dict[str, BlockDataset] = {}
+        self.token_bytes: Tensor | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def optimal_loss(self, split: str) -> float | None:
+        """The lowest achievable mean NLL on a split, where it is known exactly; else None."""
+        return None
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.splits:
+            raise ConfigError(f"this data module has no {split} split")
+        dataset = self.splits[split]
+        sampler = None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            # Evaluate every block exactly once: drop the tail rather than pad it with duplicates.
+            sampler = DistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False, drop_last=True
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.splits else "validation", train=False)

@@ -1,0 +1,226 @@
+"""Text corpora through HF ``datasets``: local text files or a hub dataset, tokenized once and cached.
+
+Pipeline, identical on every process so that only the first one does the work:
+
+1. ``__init__`` loads the raw splits (``datasets`` caches them as Arrow) and trains or loads the
+   tokenizer, cached as JSON under ``cache_dir`` and keyed by the training split's fingerprint and the
+   tokenizer options. The vocabulary size is therefore known before the model is built.
+2. ``prepare_data`` (one process per node) tokenizes each split with ``Dataset.map`` and writes the
+   concatenated token stream to ``cache_dir/streams/<key>.npy``; a later run finds the file and does
+   not tokenize again.
+3. ``setup`` (every process) memory-maps the streams and views them as blocks of T + 1 tokens; under DDP
+   Lightning's distributed sampler gives each rank its own shard of the training blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import numpy as np
+import torch
+
+from lmheads.data.base import BlockDataset, LMDataModule, stream_blocks
+from lmheads.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from lmheads.errors import ConfigError
+
+_SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+_STREAM_FORMAT = 1  # bump when the stream layout changes, to invalidate old cache files
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LMHEADS_CACHE", Path.home() / ".cache" / "lmheads"))
+
+
+def encode_batch(batch: dict[str, list], tokenizer: Tokenizer, text_column: str) -> dict[str, list]:
+    """``Dataset.map`` function (module level, so its fingerprint is stable and the cache is reused)."""
+    return {"ids": [tokenizer.encode(text) for text in batch[text_column]]}
+
+
+class TextDataModule(LMDataModule):
+    """Language modelling on text: local files or a hub dataset.
+
+    Give either ``train_file`` (plus optional ``validation_file``/``test_file``) or ``dataset_name``.
+    Without a validation split, the last ``val_fraction`` of the training records is held out.
+
+    Args:
+        train_file: Path of a UTF-8 text file for training.
+        validation_file: Optional validation text file.
+        test_file: Optional test text file.
+        dataset_name: A ``datasets`` hub name or local dataset directory, e.g. ``Salesforce/wikitext``.
+        dataset_config: The hub dataset's configuration name, e.g. ``wikitext-2-raw-v1``.
+        text_column: Column holding the text in a hub dataset.
+        tokenizer: ``char`` (characters of the training text), ``byte`` (UTF-8 bytes) or ``word``
+            (whitespace words, one ``<eos>`` per line: the WikiText convention).
+        min_count: ``word`` only: keep words seen at least this often in training.
+        max_vocab: ``word`` only: cap on the vocabulary size, specials included.
+        val_fraction: Fraction of training records held out when there is no validation split.
+        cache_dir: Where tokenizers and token streams are cached (default ``$LMHEADS_CACHE`` or
+            ``~/.cache/lmheads``).
+        num_proc: Processes for tokenization (default: one per CPU core, at most 8).
+        block_size: Context length T; set from the model by the CLI.
+        batch_size: Sequences per batch on each device.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        text_column: str = "text",
+        tokenizer: Literal["char", "byte", "word"] = "char",
+        min_count: int = 1,
+        max_vocab: int | None = None,
+        val_fraction: float = 0.05,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
+        block_size: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(block_size=block_size, batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters(logger=False)
+        if (train_file is None) == (dataset_name is None):
+            raise ConfigError("give exactly one of data.train_file (local text) or data.dataset_name (hub)")
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.num_proc = num_proc or min(8, os.cpu_count() or 1)
+        self.raw = self._load_raw()
+        self.tokenizer = self._load_or_train_tokenizer()
+        self.token_bytes = torch.from_numpy(self.tokenizer.token_bytes())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _load_raw(self) -> datasets.DatasetDict:
+        hp = self.hparams
+        hf_cache = str(self.cache_dir / "datasets")
+        if hp.train_file is not None:
+            files = {"train": hp.train_file, "validation": hp.validation_file, "test": hp.test_file}
+            files = {split: path for split, path in files.items() if path is not None}
+            for split, path in files.items():
+                p = Path(path)
+                if not p.is_file():
+                    raise ConfigError(f"data.{split}_file {path!r} does not exist; check the path")
+                if p.stat().st_size == 0:
+                    raise ConfigError(f"data.{split}_file {path!r} is empty; give a file with text in it")
+            raw = datasets.load_dataset(
+                "text", data_files={k: str(Path(v).resolve()) for k, v in files.items()},
+                keep_linebreaks=True, cache_dir=hf_cache,
+            )
+            text_column = "text"
+        else:
+            try:
+                raw = datasets.load_dataset(hp.dataset_name, hp.dataset_config, cache_dir=hf_cache)
+            except (FileNotFoundError, ConnectionError, ValueError) as err:
+                raise ConfigError(
+                    f"could not load dataset {hp.dataset_name!r} (config {hp.dataset_config!r}): {err}. "
+                    "Check the name and config, or set data.train_file to a local text file"
+                ) from err
+            text_column = hp.text_column
+        splits = {}
+        for split, aliases in _SPLIT_ALIASES.items():
+            name = next((a for a in aliases if a in raw), None)
+            if name is not None:
+                splits[split] = raw[name]
+        if "train" not in splits:
+            raise ConfigError(f"dataset has no train split (it has: {', '.join(raw)})")
+        if text_column not in splits["train"].column_names:
+            raise ConfigError(
+                f"dataset has no column {text_column!r} (columns: {', '.join(splits['train'].column_names)}); "
+                "set data.text_column"
+            )
+        if "validation" not in splits:
+            n_train = len(splits["train"])
+            n_val = max(1, round(hp.val_fraction * n_train))
+            if n_val >= n_train:
+                raise ConfigError("the training text is too short to hold out a validation split; add text")
+            splits["validation"] = splits["train"].select(range(n_train - n_val, n_train))
+            splits["train"] = splits["train"].select(range(n_train - n_val))
+        self.text_column = text_column
+        return datasets.DatasetDict(splits)
+
+    def _train_texts(self):
+        for batch in self.raw["train"].iter(batch_size=10_000):
+            yield from batch[self.text_column]
+
+    def _load_or_train_tokenizer(self) -> Tokenizer:
+        hp = self.hparams
+        options = {"kind": hp.tokenizer, "min_count": hp.min_count, "max_vocab": hp.max_vocab}
+        key = _digest({"train": self.raw["train"]._fingerprint, **options})
+        path = self.cache_dir / "tokenizers" / f"{key}.json"
+        if path.is_file():
+            return Tokenizer.from_dict(json.loads(path.read_text()))
+        if hp.tokenizer == "char":
+            tokenizer: Tokenizer = CharTokenizer.train(self._train_texts())
+        elif hp.tokenizer == "byte":
+            tokenizer = ByteTokenizer()
+        else:
+            tokenizer = WordTokenizer.train(self._train_texts(), min_count=hp.min_count, max_size=hp.max_vocab)
+        if tokenizer.vocab_size < 2:
+            raise ConfigError("the training text yields fewer than 2 tokens; give more text")
+        _atomic_write(path, json.dumps(tokenizer.to_dict()).encode())
+        return tokenizer
+
+    def stream_path(self, split: str) -> Path:
+        key = _digest({
+            "data": self.raw[split]._fingerprint,
+            "tokenizer": self.tokenizer.fingerprint(),
+            "column": self.text_column,
+            "format": _STREAM_FORMAT,
+        })
+        return self.cache_dir / "streams" / f"{key}.npy"
+
+    def prepare_data(self) -> None:
+        for split in self.raw:
+            path = self.stream_path(split)
+            if path.is_file():
+                continue
+            ids = self.raw[split].map(
+                encode_batch,
+                batched=True,
+                fn_kwargs={"tokenizer": self.tokenizer, "text_column": self.text_column},
+                remove_columns=self.raw[split].column_names,
+                num_proc=self.num_proc if len(self.raw[split]) >= 10_000 else None,
+                desc=f"tokenizing {split}",
+            )
+            dtype = np.uint16 if self.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+            chunks = [np.asarray(row, dtype=dtype) for batch in ids.iter(batch_size=10_000) for row in batch["ids"]]
+            stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, stream)
+            tmp.replace(path)
+
+    def setup(self, stage: str) -> None:
+        for split in self.raw:
+            if split in self.splits:
+                continue
+            path = self.stream_path(split)
+            if not path.is_file():  # prepare_data did not run (e.g. a direct call outside a Trainer)
+                self.prepare_data()
+            stream = np.load(path, mmap_mode="r")
+            self.splits[split] = BlockDataset(stream_blocks(stream, self.block_size, split))
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(int(i) for i in ids)
+
+
+def _digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

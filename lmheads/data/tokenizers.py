@@ -1,0 +1,175 @@
+"""Tokenizers that need no download: characters, UTF-8 bytes, whitespace words.
+
+Each one encodes one *record* (a line of a text file, a row of a hub dataset), reports how many UTF-8
+bytes every token id stands for (for bits per byte), and round-trips through a JSON-able dict so the
+data module can cache it. They are plain picklable objects so that ``datasets.map`` can fingerprint
+them and reuse its cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable
+from typing import ClassVar
+
+import numpy as np
+
+from lmheads.errors import ConfigError
+
+UNK = "<unk>"
+EOS = "<eos>"
+BOS = "<bos>"
+
+
+class Tokenizer(ABC):
+    kind: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one record."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    @abstractmethod
+    def token_bytes(self) -> np.ndarray:
+        """(V,) int: UTF-8 bytes of text each token id stands for (0 for markers that stand for none)."""
+
+    @abstractmethod
+    def to_dict(self) -> dict: ...
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @staticmethod
+    def from_dict(state: dict) -> Tokenizer:
+        kinds = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, WordTokenizer)}
+        return kinds[state["kind"]]._from_state(state)
+
+    @classmethod
+    @abstractmethod
+    def _from_state(cls, state: dict) -> Tokenizer: ...
+
+
+class CharTokenizer(Tokenizer):
+    """One token per Unicode character seen in training, plus ``<unk>`` (id 0) for the rest."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]) -> None:
+        self.itos = [UNK, *chars]
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(c, 0) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.itos[i] for i in ids)
+
+    def token_bytes(self) -> np.ndarray:
+        # An unknown character stood for at least one byte; its exact size is lost.
+        return np.array([1] + [len(c.encode("utf-8")) for c in self.itos[1:]], dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "chars": self.itos[1:]}
+
+    @classmethod
+    def _from_state(cls, state: dict) -> CharTokenizer:
+        return cls(state["chars"])
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes 0..255 plus ``<eos>`` (256) and ``<bos>`` (257). Needs no training."""
+
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        return np.array([1] * 256 + [0, 0], dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind}
+
+    @classmethod
+    def _from_state(cls, state: dict) -> ByteTokenizer:
+        return cls()
+
+
+class WordTokenizer(Tokenizer):
+    """Whitespace-split words with one ``<eos>`` per record: the WikiText-2 word-level convention.
+
+    The vocabulary comes from the training text: ``<unk>`` (0), ``<eos>`` (1), then words by falling
+    count (ties alphabetical), keeping words seen at least ``min_count`` times and at most ``max_size``
+    entries in all. For bits per byte every token counts the bytes of the text it decodes to with
+    single-space separators: a word (``<unk>`` included, as in WikiText's own files) its UTF-8 bytes
+    plus one, ``<eos>`` one newline.
+    """
+
+    kind = "word"
+
+    def __init__(self, words: list[str]) -> None:
+        self.itos = [UNK, EOS, *words]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str], min_count: int = 1, max_size: int | None = None) -> WordTokenizer:
+        if min_count < 1:
+            raise ConfigError(f"data.min_count must be >= 1, got {min_count}")
+        if max_size is not None and max_size < 3:
+            raise ConfigError(f"data.max_vocab must be at least 3 (<unk>, <eos> and one word), got {max_size}")
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(text.split())
+        counts.pop(UNK, None)
+        counts.pop(EOS, None)
+        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        if max_size is not None:
+            words = words[: max_size - 2]
+        return cls(words)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(w, 0) for w in text.split()] + [1]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join("\n" if i == 1 else self.itos[i] for i in ids).replace(" \n ", "\n")
+
+    def token_bytes(self) -> np.ndarray:
+        return np.array([len(w.encode("utf-8")) + 1 if w != EOS else 1 for w in self.itos], dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "words": self.itos[2:]}
+
+    @classmethod
+    def _from_state(cls, state: dict) -> WordTokenizer:
+        return cls(state["words"])

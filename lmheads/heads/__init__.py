@@ -1,0 +1,18 @@
+"""Output heads. Importing this package registers the built-in heads by short name."""
+
+from lmheads.heads.base import Head, LinearForm, head_class, head_name, registered_heads
+from lmheads.heads.projected import ProjectedTiedHead
+from lmheads.heads.tied import TiedBiasHead, TiedHead
+from lmheads.heads.untied import UntiedHead
+
+__all__ = [
+    "Head",
+    "LinearForm",
+    "ProjectedTiedHead",
+    "TiedBiasHead",
+    "TiedHead",
+    "UntiedHead",
+    "head_class",
+    "head_name",
+    "registered_heads",
+]

@@ -1,0 +1,238 @@
+"""The LightningModule: a decoder backbone, a swappable head and one loss for every head."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import partial
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from torch import Tensor
+
+from lmheads.backbone import Backbone, BackboneConfig
+from lmheads.callbacks import TokenThroughput
+from lmheads.errors import ConfigError
+from lmheads.heads import Head, TiedHead, head_name
+from lmheads.loss import IGNORE_INDEX, get_backend
+from lmheads.metrics import TokenNLL
+
+#: Metrics shown in TensorBoard's HParams tab; every run logs all of them (NaN where not applicable) so
+#: that runs line up as columns.
+HP_METRICS = ("hp/val_loss", "hp/val_ppl", "hp/val_bpb", "hp/val_excess_loss", "hp/tokens_per_sec")
+
+
+def warmup_cosine(step: int, warmup: int, total: float, min_ratio: float) -> float:
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not math.isfinite(total) or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LMHeadModule(L.LightningModule):
+    """Decoder-only language model with a swappable output head.
+
+    Args:
+        head: The output head (``class_path``/``init_args``, or a short name on the command line such
+            as ``--model.head=untied``). Default: ``tied``.
+        backbone: Sizes of the decoder backbone.
+        vocab_size: Vocabulary size V; the CLI takes it from the data module.
+        lr: Peak learning rate of AdamW.
+        weight_decay: Decoupled weight decay on matrices and embeddings (not on biases and norms).
+        betas: AdamW betas.
+        warmup_steps: Linear warmup steps; then cosine decay to ``min_lr_ratio * lr`` at the last step.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        loss_backend: How the head's cross-entropy is computed (``naive``: full logits).
+    """
+
+    def __init__(
+        self,
+        head: Head | None = None,
+        backbone: BackboneConfig = BackboneConfig(),
+        vocab_size: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        loss_backend: str = "naive",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if vocab_size <= 0:
+            raise ConfigError(
+                f"model.vocab_size must be positive, got {vocab_size}; the CLI sets it from the data module, "
+                "and code that builds the module directly must pass it"
+            )
+        if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ConfigError("need model.lr > 0, weight_decay >= 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
+        head = TiedHead() if head is None else head
+        if not isinstance(head, Head):
+            raise ConfigError(f"model.head must be an lmheads.heads.Head, got {type(head).__name__}")
+        self.cfg = backbone
+        # Backbone first, then the head: for one seed the backbone starts identical whatever the head.
+        self.backbone = Backbone(vocab_size, self.cfg)
+        self.head = head
+        self.head.build(vocab_size, self.cfg.d_model, self.cfg.embed_width)
+        self.loss_fn = get_backend(loss_backend)
+        self.val_metrics = TokenNLL()
+        self.test_metrics = TokenNLL()
+        self._token_bytes: Tensor | None = None
+
+    # ----------------------------------------------------------------- model
+    def forward(self, idx: Tensor) -> Tensor:
+        """Full logits (B, T, V) for token ids (B, T)."""
+        return self.head.logits(self.backbone(idx), self.backbone.wte)
+
+    def token_nll(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Per-token NLL (B*T,) through the head's linear form; 0 where the target is ignored."""
+        h = self.backbone(idx).flatten(0, 1)  # (N, D)
+        form = self.head.project(h, self.backbone.wte)
+        return self.loss_fn(form, targets.flatten(), ignore_index=IGNORE_INDEX)  # (N,)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts in which a shared tensor counts once.
+
+        ``total``: unique parameters of the whole model; ``token_embedding``: V x E;
+        ``head_own``: parameters only the head has; ``head_shared``: embedding parameters the head
+        reuses; ``non_embedding``: total minus token and position embeddings (Kaplan et al. 2020).
+        """
+        report = self.head.parameter_report(self.backbone.wte)
+        total = sum(p.numel() for p in self.parameters())  # Module.parameters() yields each tensor once
+        embedding = self.backbone.wte.weight.numel()
+        positions = self.backbone.wpe.weight.numel() if self.backbone.wpe is not None else 0
+        return {
+            "total": total,
+            "token_embedding": embedding,
+            "head_own": report["own"],
+            "head_shared": report["shared"],
+            "non_embedding": total - embedding - positions,
+        }
+
+    # ------------------------------------------------------------- training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        idx, targets = batch
+        nll = self.token_nll(idx, targets)
+        loss = nll.sum() / (targets != IGNORE_INDEX).sum().clamp_min(1)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metric: TokenNLL) -> None:
+        idx, targets = batch
+        nll = self.token_nll(idx, targets)
+        flat = targets.flatten()
+        mask = flat != IGNORE_INDEX
+        n_bytes = None
+        if self._token_bytes is not None:
+            self._token_bytes = self._token_bytes.to(flat.device)
+            n_bytes = self._token_bytes[flat.clamp_min(0)]
+        metric.update(nll, mask, n_bytes)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", "validation", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", "test", self.test_metrics)
+
+    def _log_eval(self, prefix: str, split: str, metric: TokenNLL) -> None:
+        result = metric.compute()  # already reduced over processes
+        metric.reset()
+        self.log(f"{prefix}/loss", result["loss"].float(), prog_bar=True)
+        logs = {f"{prefix}/ppl": result["ppl"]}
+        if not torch.isnan(result["bpb"]):
+            logs[f"{prefix}/bpb"] = result["bpb"]
+        optimum = self._optimal_loss(split)
+        if optimum is not None:
+            logs[f"{prefix}/optimal_loss"] = torch.tensor(optimum)
+            logs[f"{prefix}/excess_loss"] = result["loss"] - optimum
+        if prefix == "val":
+            logs.update({
+                "hp/val_loss": result["loss"],
+                "hp/val_ppl": result["ppl"],
+                "hp/val_bpb": result["bpb"],
+                "hp/val_excess_loss": logs.get("val/excess_loss", torch.tensor(math.nan)),
+            })
+        self.log_dict({k: v.float() for k, v in logs.items()})
+
+    def _optimal_loss(self, split: str) -> float | None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return datamodule.optimal_loss(split) if hasattr(datamodule, "optimal_loss") else None
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        token_bytes = getattr(datamodule, "token_bytes", None)
+        self._token_bytes = token_bytes.clone() if token_bytes is not None else None
+
+    def on_fit_start(self) -> None:
+        if not self.loggers:
+            return
+        flat = self.flat_hparams()
+        for logger in self.loggers:
+            logger.log_hyperparams(flat, metrics=dict.fromkeys(HP_METRICS, math.nan))
+
+    def flat_hparams(self) -> dict[str, int | float | str]:
+        """One flat dict with the same keys and types in every run (TensorBoard's HParams needs that)."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        data_hp = getattr(datamodule, "hparams", {})
+        flat: dict[str, int | float | str] = {
+            "head": head_name(self.head),
+            "head_options": json.dumps(self.head.options(), sort_keys=True),
+            "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
+            "data": type(datamodule).__name__ if datamodule is not None else "none",
+            "tokenizer": str(data_hp.get("tokenizer", "none")),
+            "vocab_size": self.backbone.vocab_size,
+            "batch_size": int(getattr(datamodule, "batch_size", 0)),
+            "devices": trainer.world_size,
+            "precision": str(trainer.precision),
+            "max_steps": trainer.max_steps,
+            "lr": self.hparams.lr,
+            "weight_decay": self.hparams.weight_decay,
+            "warmup_steps": self.hparams.warmup_steps,
+            "loss_backend": self.hparams.loss_backend,
+        }
+        for name, value in vars(self.cfg).items():
+            flat[f"backbone/{name}"] = value if value is not None else self.cfg.embed_width
+        flat.update({f"params/{k}": v for k, v in self.parameter_counts().items()})
+        return flat
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.parameters():  # unique tensors: a tied weight lands in exactly one group
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            fused=self.device.type == "cuda",
+        )
+        schedule = partial(
+            warmup_cosine, warmup=hp.warmup_steps, total=self.trainer.estimated_stepping_batches,
+            min_ratio=hp.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[Callback]:
+        callbacks: list[Callback] = [TokenThroughput()]
+        if self.trainer.loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if self.trainer.checkpoint_callback is not None:
+            callbacks.append(ModelCheckpoint(
+                monitor="val/loss", mode="min", save_last=True, filename="step{step}", auto_insert_metric_name=False,
+            ))
+        return callbacks
+
