@@ -180,8 +180,8 @@ class Backbone(nn.Module):
             nn.init.normal_(block.mlp.proj.weight, std=residual_std)
 
     def forward(self, idx: Tensor) -> Tensor:
-        B, T = idx.shape
-        if T > self.cfg.block_size:
+        T = idx.size(1)
+        if self.cfg.block_size < T:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.cfg.block_size}")
         x = self.wte(idx)  # (B, T, E)
         if self.w_in is not None:

@@ -33,11 +33,15 @@ class TokenThroughput(Callback):
         self._t0 = time.perf_counter()
         self._tokens = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         if self._t0 is None:
             self._restart(trainer)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         self._tokens += batch[0].numel()
         if trainer.global_step % trainer.log_every_n_steps or trainer.fit_loop._should_accumulate():
             return
@@ -55,7 +59,10 @@ class TokenThroughput(Callback):
                 "perf/peak_mem_mib": float(peak_mib),
                 "hp/tokens_per_sec": self.last_tokens_per_sec,
             },
-            on_step=True, on_epoch=False, sync_dist=False, rank_zero_only=True,
+            on_step=True,
+            on_epoch=False,
+            sync_dist=False,
+            rank_zero_only=True,
         )
         self._restart(trainer)
 

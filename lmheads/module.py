@@ -70,7 +70,9 @@ class LMHeadModule(L.LightningModule):
                 "and code that builds the module directly must pass it"
             )
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
-            raise ConfigError("need model.lr > 0, weight_decay >= 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
+            raise ConfigError(
+                "need model.lr > 0, weight_decay >= 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1"
+            )
         head = TiedHead() if head is None else head
         if not isinstance(head, Head):
             raise ConfigError(f"model.head must be an lmheads.heads.Head, got {type(head).__name__}")
@@ -157,12 +159,14 @@ class LMHeadModule(L.LightningModule):
             logs[f"{prefix}/optimal_loss"] = torch.tensor(optimum)
             logs[f"{prefix}/excess_loss"] = result["loss"] - optimum
         if prefix == "val":
-            logs.update({
-                "hp/val_loss": result["loss"],
-                "hp/val_ppl": result["ppl"],
-                "hp/val_bpb": result["bpb"],
-                "hp/val_excess_loss": logs.get("val/excess_loss", torch.tensor(math.nan)),
-            })
+            logs.update(
+                {
+                    "hp/val_loss": result["loss"],
+                    "hp/val_ppl": result["ppl"],
+                    "hp/val_bpb": result["bpb"],
+                    "hp/val_excess_loss": logs.get("val/excess_loss", torch.tensor(math.nan)),
+                }
+            )
         self.log_dict({k: v.float() for k, v in logs.items()})
 
     def _optimal_loss(self, split: str) -> float | None:
@@ -220,7 +224,9 @@ class LMHeadModule(L.LightningModule):
             fused=self.device.type == "cuda",
         )
         schedule = partial(
-            warmup_cosine, warmup=hp.warmup_steps, total=self.trainer.estimated_stepping_batches,
+            warmup_cosine,
+            warmup=hp.warmup_steps,
+            total=self.trainer.estimated_stepping_batches,
             min_ratio=hp.min_lr_ratio,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -231,8 +237,13 @@ class LMHeadModule(L.LightningModule):
         if self.trainer.loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if self.trainer.checkpoint_callback is not None:
-            callbacks.append(ModelCheckpoint(
-                monitor="val/loss", mode="min", save_last=True, filename="step{step}", auto_insert_metric_name=False,
-            ))
+            callbacks.append(
+                ModelCheckpoint(
+                    monitor="val/loss",
+                    mode="min",
+                    save_last=True,
+                    filename="step{step}",
+                    auto_insert_metric_name=False,
+                )
+            )
         return callbacks
-

@@ -86,7 +86,11 @@ class LMDataModule(L.LightningDataModule):
         if not train and trainer is not None and trainer.world_size > 1:
             # Evaluate every block exactly once: drop the tail rather than pad it with duplicates.
             sampler = DistributedSampler(
-                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False, drop_last=True
+                dataset,
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=False,
+                drop_last=True,
             )
         return DataLoader(
             dataset,

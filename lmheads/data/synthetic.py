@@ -51,7 +51,9 @@ class HiddenMarkovLanguage:
         seed: int = 0,
     ) -> HiddenMarkovLanguage:
         if n_states < 2 or vocab_size < n_states:
-            raise ConfigError(f"need 2 <= n_states <= vocab_size, got n_states={n_states}, vocab={vocab_size}")
+            raise ConfigError(
+                f"need 2 <= n_states <= vocab_size, got n_states={n_states}, vocab={vocab_size}"
+            )
         if not 0.0 <= noise <= 1.0 or concentration <= 0 or zipf_exponent < 0:
             raise ConfigError("need 0 <= noise <= 1, concentration > 0 and zipf_exponent >= 0")
         rng = np.random.default_rng(seed)
@@ -86,7 +88,9 @@ class HiddenMarkovLanguage:
         emit_cdf = np.cumsum(self.emission, axis=1)  # (S, V)
         trans_cdf[:, -1] = emit_cdf[:, -1] = 1.0
         out = np.empty((n, length), dtype=np.int32)
-        state = np.searchsorted(np.cumsum(self.initial), rng.random(n), side="right").clip(max=self.n_states - 1)
+        state = np.searchsorted(np.cumsum(self.initial), rng.random(n), side="right").clip(
+            max=self.n_states - 1
+        )
         for t in range(length):
             if t:
                 state = _draw(trans_cdf, state, rng.random(n))

@@ -114,8 +114,10 @@ class TextDataModule(LMDataModule):
                 if p.stat().st_size == 0:
                     raise ConfigError(f"data.{split}_file {path!r} is empty; give a file with text in it")
             raw = datasets.load_dataset(
-                "text", data_files={k: str(Path(v).resolve()) for k, v in files.items()},
-                keep_linebreaks=True, cache_dir=hf_cache,
+                "text",
+                data_files={k: str(Path(v).resolve()) for k, v in files.items()},
+                keep_linebreaks=True,
+                cache_dir=hf_cache,
             )
             text_column = "text"
         else:
@@ -134,10 +136,10 @@ class TextDataModule(LMDataModule):
                 splits[split] = raw[name]
         if "train" not in splits:
             raise ConfigError(f"dataset has no train split (it has: {', '.join(raw)})")
-        if text_column not in splits["train"].column_names:
+        columns = splits["train"].column_names
+        if text_column not in columns:
             raise ConfigError(
-                f"dataset has no column {text_column!r} (columns: {', '.join(splits['train'].column_names)}); "
-                "set data.text_column"
+                f"dataset has no column {text_column!r} (columns: {', '.join(columns)}); set data.text_column"
             )
         if "validation" not in splits:
             n_train = len(splits["train"])
@@ -165,19 +167,23 @@ class TextDataModule(LMDataModule):
         elif hp.tokenizer == "byte":
             tokenizer = ByteTokenizer()
         else:
-            tokenizer = WordTokenizer.train(self._train_texts(), min_count=hp.min_count, max_size=hp.max_vocab)
+            tokenizer = WordTokenizer.train(
+                self._train_texts(), min_count=hp.min_count, max_size=hp.max_vocab
+            )
         if tokenizer.vocab_size < 2:
             raise ConfigError("the training text yields fewer than 2 tokens; give more text")
         _atomic_write(path, json.dumps(tokenizer.to_dict()).encode())
         return tokenizer
 
     def stream_path(self, split: str) -> Path:
-        key = _digest({
-            "data": self.raw[split]._fingerprint,
-            "tokenizer": self.tokenizer.fingerprint(),
-            "column": self.text_column,
-            "format": _STREAM_FORMAT,
-        })
+        key = _digest(
+            {
+                "data": self.raw[split]._fingerprint,
+                "tokenizer": self.tokenizer.fingerprint(),
+                "column": self.text_column,
+                "format": _STREAM_FORMAT,
+            }
+        )
         return self.cache_dir / "streams" / f"{key}.npy"
 
     def prepare_data(self) -> None:
@@ -194,7 +200,9 @@ class TextDataModule(LMDataModule):
                 desc=f"tokenizing {split}",
             )
             dtype = np.uint16 if self.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-            chunks = [np.asarray(row, dtype=dtype) for batch in ids.iter(batch_size=10_000) for row in batch["ids"]]
+            chunks = [
+                np.asarray(row, dtype=dtype) for batch in ids.iter(batch_size=10_000) for row in batch["ids"]
+            ]
             stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")

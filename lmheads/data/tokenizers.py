@@ -143,7 +143,9 @@ class WordTokenizer(Tokenizer):
         if min_count < 1:
             raise ConfigError(f"data.min_count must be >= 1, got {min_count}")
         if max_size is not None and max_size < 3:
-            raise ConfigError(f"data.max_vocab must be at least 3 (<unk>, <eos> and one word), got {max_size}")
+            raise ConfigError(
+                f"data.max_vocab must be at least 3 (<unk>, <eos> and one word), got {max_size}"
+            )
         counts: Counter[str] = Counter()
         for text in texts:
             counts.update(text.split())

@@ -86,7 +86,7 @@ class Head(nn.Module, ABC):
         self.vocab_size, self.d_model, self.d_embed = vocab_size, d_model, d_embed
         self._create_parameters()
 
-    def _create_parameters(self) -> None:  # noqa: B027 - heads without own parameters keep this no-op
+    def _create_parameters(self) -> None:
         """Create and initialise own parameters; sizes are in ``self.vocab_size/d_model/d_embed``."""
 
     @abstractmethod
