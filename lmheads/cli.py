@@ -88,6 +88,20 @@ def main(args: list[str] | None = None) -> LMHeadsCLI | None:
             parser_kwargs={"description": "Train and compare output heads of decoder-only language models."},
             args=args,
         )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        config_error = _find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"error: {config_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _find_config_error(err: BaseException | None) -> ConfigError | None:
+    """The ``ConfigError`` behind ``err``; jsonargparse wraps errors raised while instantiating."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+from dataclasses import asdict
 from functools import partial
 
 import lightning as L
@@ -15,7 +17,7 @@ from torch import Tensor
 from lmheads.backbone import Backbone, BackboneConfig
 from lmheads.callbacks import TokenThroughput
 from lmheads.errors import ConfigError
-from lmheads.heads import Head, TiedHead, head_name
+from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.loss import IGNORE_INDEX, get_backend
 from lmheads.metrics import TokenNLL
 
@@ -39,7 +41,8 @@ class LMHeadModule(L.LightningModule):
 
     Args:
         head: The output head (``class_path``/``init_args``, or a short name on the command line such
-            as ``--model.head=untied``). Default: ``tied``.
+            as ``--model.head=untied``). Default: ``tied``. Checkpoints store it as ``class_path`` and
+            ``init_args``, which rebuild it on loading.
         backbone: Sizes of the decoder backbone.
         vocab_size: Vocabulary size V; the CLI takes it from the data module.
         lr: Peak learning rate of AdamW.
@@ -63,7 +66,19 @@ class LMHeadModule(L.LightningModule):
         loss_backend: str = "naive",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        # A checkpoint stores plain types: the head as its spec, the backbone as a dict.
+        if isinstance(head, dict):
+            head = head_from_spec(head)
+        if isinstance(backbone, dict):
+            backbone = BackboneConfig(**backbone)
+        with warnings.catch_warnings():
+            # Outside the CLI `head` is a module; it is replaced by its spec just below.
+            warnings.filterwarnings("ignore", message="Attribute 'head' is an instance of `nn.Module`")
+            self.save_hyperparameters(logger=False)
+        if isinstance(self.hparams.get("head"), Head):
+            self.hparams["head"] = self.hparams["head"].spec()
+        if isinstance(self.hparams.get("backbone"), BackboneConfig):
+            self.hparams["backbone"] = asdict(self.hparams["backbone"])
         if vocab_size <= 0:
             raise ConfigError(
                 f"model.vocab_size must be positive, got {vocab_size}; the CLI sets it from the data module, "

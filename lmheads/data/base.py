@@ -81,6 +81,11 @@ class LMDataModule(L.LightningDataModule):
         if split not in self.splits:
             raise ConfigError(f"this data module has no {split} split")
         dataset = self.splits[split]
+        if train and len(dataset) < self.batch_size:
+            raise ConfigError(
+                f"the {split} split has {len(dataset)} blocks of {self.block_size} tokens, fewer than one batch "
+                f"of {self.batch_size}; lower data.batch_size or model.backbone.block_size, or add text"
+            )
         sampler = None
         trainer = self.trainer
         if not train and trainer is not None and trainer.world_size > 1:

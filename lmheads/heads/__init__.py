@@ -1,6 +1,6 @@
 """Output heads. Importing this package registers the built-in heads by short name."""
 
-from lmheads.heads.base import Head, LinearForm, head_class, head_name, registered_heads
+from lmheads.heads.base import Head, LinearForm, head_class, head_from_spec, head_name, registered_heads
 from lmheads.heads.projected import ProjectedTiedHead
 from lmheads.heads.tied import TiedBiasHead, TiedHead
 from lmheads.heads.untied import UntiedHead
@@ -13,6 +13,7 @@ __all__ = [
     "TiedHead",
     "UntiedHead",
     "head_class",
+    "head_from_spec",
     "head_name",
     "registered_heads",
 ]

@@ -14,6 +14,7 @@ at construction break.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, NamedTuple
@@ -110,6 +111,11 @@ class Head(nn.Module, ABC):
         names = inspect.signature(type(self).__init__).parameters
         return {n: getattr(self, n) for n in names if n != "self" and hasattr(self, n)}
 
+    def spec(self) -> dict[str, Any]:
+        """``class_path``/``init_args`` that rebuild this head (what a checkpoint stores)."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.options()}
+
     def extra_repr(self) -> str:
         return f"V={self.vocab_size}, D={self.d_model}, E={self.d_embed}" if self.built else "unbuilt"
 
@@ -128,6 +134,19 @@ def head_class(name: str) -> type[Head]:
             "A head of your own can be given as a full class path, e.g. --model.head=mypkg.heads.MyHead"
         )
     return heads[name]
+
+
+def head_from_spec(spec: dict[str, Any]) -> Head:
+    """Build a head from ``{"class_path": ..., "init_args": {...}}`` (or a registered short name)."""
+    path = spec["class_path"]
+    if "." not in path:
+        cls: type = head_class(path)
+    else:
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Head)):
+            raise ConfigError(f"{path!r} is not an lmheads.heads.Head subclass")
+    return cls(**spec.get("init_args", {}))
 
 
 def head_name(head: Head | type[Head]) -> str:
