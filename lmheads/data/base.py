@@ -83,8 +83,8 @@ class LMDataModule(L.LightningDataModule):
         dataset = self.splits[split]
         if train and len(dataset) < self.batch_size:
             raise ConfigError(
-                f"the {split} split has {len(dataset)} blocks of {self.block_size} tokens, fewer than one batch "
-                f"of {self.batch_size}; lower data.batch_size or model.backbone.block_size, or add text"
+                f"the {split} split has {len(dataset)} blocks of {self.block_size} tokens, fewer than one "
+                f"batch of {self.batch_size}; lower data.batch_size or model.backbone.block_size, or add text"
             )
         sampler = None
         trainer = self.trainer
