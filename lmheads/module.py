@@ -19,7 +19,7 @@ from lmheads.callbacks import TokenThroughput
 from lmheads.errors import ConfigError
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.loss import IGNORE_INDEX, get_backend
-from lmheads.metrics import TokenNLL
+from lmheads.metrics import TokenNLL, bits_per_byte
 
 #: Metrics shown in TensorBoard's HParams tab; every run logs all of them (NaN where not applicable) so
 #: that runs line up as columns.
@@ -99,7 +99,6 @@ class LMHeadModule(L.LightningModule):
         self.loss_fn = get_backend(loss_backend)
         self.val_metrics = TokenNLL()
         self.test_metrics = TokenNLL()
-        self._token_bytes: Tensor | None = None
 
     # ----------------------------------------------------------------- model
     def forward(self, idx: Tensor) -> Tensor:
@@ -148,13 +147,7 @@ class LMHeadModule(L.LightningModule):
     def _eval_step(self, batch: tuple[Tensor, Tensor], metric: TokenNLL) -> None:
         idx, targets = batch
         nll = self.token_nll(idx, targets)
-        flat = targets.flatten()
-        mask = flat != IGNORE_INDEX
-        n_bytes = None
-        if self._token_bytes is not None:
-            self._token_bytes = self._token_bytes.to(flat.device)
-            n_bytes = self._token_bytes[flat.clamp_min(0)]
-        metric.update(nll, mask, n_bytes)
+        metric.update(nll, targets.flatten() != IGNORE_INDEX)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val", "validation", self.val_metrics)
@@ -167,9 +160,12 @@ class LMHeadModule(L.LightningModule):
         metric.reset()
         self.log(f"{prefix}/loss", result["loss"].float(), prog_bar=True)
         logs = {f"{prefix}/ppl": result["ppl"]}
-        if not torch.isnan(result["bpb"]):
-            logs[f"{prefix}/bpb"] = result["bpb"]
-        optimum = self._optimal_loss(split)
+        datamodule = self._datamodule()
+        bytes_per_token = getattr(datamodule, "bytes_per_token", {}).get(split)
+        bpb = bits_per_byte(result["loss"], bytes_per_token) if bytes_per_token else torch.tensor(math.nan)
+        if bytes_per_token:
+            logs[f"{prefix}/bpb"] = bpb
+        optimum = datamodule.optimal_loss(split) if hasattr(datamodule, "optimal_loss") else None
         if optimum is not None:
             logs[f"{prefix}/optimal_loss"] = torch.tensor(optimum)
             logs[f"{prefix}/excess_loss"] = result["loss"] - optimum
@@ -178,20 +174,14 @@ class LMHeadModule(L.LightningModule):
                 {
                     "hp/val_loss": result["loss"],
                     "hp/val_ppl": result["ppl"],
-                    "hp/val_bpb": result["bpb"],
+                    "hp/val_bpb": bpb,
                     "hp/val_excess_loss": logs.get("val/excess_loss", torch.tensor(math.nan)),
                 }
             )
         self.log_dict({k: v.float() for k, v in logs.items()})
 
-    def _optimal_loss(self, split: str) -> float | None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return datamodule.optimal_loss(split) if hasattr(datamodule, "optimal_loss") else None
-
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        token_bytes = getattr(datamodule, "token_bytes", None)
-        self._token_bytes = token_bytes.clone() if token_bytes is not None else None
+    def _datamodule(self):
+        return getattr(self._trainer, "datamodule", None)
 
     def on_fit_start(self) -> None:
         if not self.loggers:
@@ -203,7 +193,7 @@ class LMHeadModule(L.LightningModule):
     def flat_hparams(self) -> dict[str, int | float | str]:
         """One flat dict with the same keys and types in every run (TensorBoard's HParams needs that)."""
         trainer = self.trainer
-        datamodule = getattr(trainer, "datamodule", None)
+        datamodule = self._datamodule()
         data_hp = getattr(datamodule, "hparams", {})
         flat: dict[str, int | float | str] = {
             "head": head_name(self.head),

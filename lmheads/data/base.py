@@ -47,8 +47,9 @@ class LMDataModule(L.LightningDataModule):
     """Base class of lmheads data modules.
 
     Subclasses know ``vocab_size`` right after ``__init__`` (the CLI passes it to the model then),
-    build ``self.splits`` (split name -> :class:`BlockDataset`) in ``setup``, and may set
-    ``token_bytes`` (bytes per token id, for bits per byte) and override :meth:`optimal_loss`.
+    build ``self.splits`` (split name -> :class:`BlockDataset`) in ``setup``, and may fill
+    ``bytes_per_token`` (split -> UTF-8 bytes of raw text per token, for bits per byte) and override
+    :meth:`optimal_loss`.
 
     Args:
         block_size: Context length T; set from ``model.backbone.block_size`` by the CLI.
@@ -67,7 +68,7 @@ class LMDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.splits: dict[str, BlockDataset] = {}
-        self.token_bytes: Tensor | None = None
+        self.bytes_per_token: dict[str, float] = {}
 
     @property
     def vocab_size(self) -> int:

@@ -6,8 +6,8 @@ Pipeline, identical on every process so that only the first one does the work:
    tokenizer, cached as JSON under ``cache_dir`` and keyed by the training split's fingerprint and the
    tokenizer options. The vocabulary size is therefore known before the model is built.
 2. ``prepare_data`` (one process per node) tokenizes each split with ``Dataset.map`` and writes the
-   concatenated token stream to ``cache_dir/streams/<key>.npy``; a later run finds the file and does
-   not tokenize again.
+   concatenated token stream to ``cache_dir/streams/<key>.npy`` with the split's token and UTF-8 byte
+   counts beside it (``<key>.json``); a later run finds the files and does not tokenize again.
 3. ``setup`` (every process) memory-maps the streams and views them as blocks of T + 1 tokens; under DDP
    Lightning's distributed sampler gives each rank its own shard of the training blocks.
 """
@@ -22,7 +22,6 @@ from typing import Literal
 
 import datasets
 import numpy as np
-import torch
 
 from lmheads.data.base import BlockDataset, LMDataModule, stream_blocks
 from lmheads.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
@@ -95,7 +94,6 @@ class TextDataModule(LMDataModule):
         self.num_proc = num_proc or min(8, os.cpu_count() or 1)
         self.raw = self._load_raw()
         self.tokenizer = self._load_or_train_tokenizer()
-        self.token_bytes = torch.from_numpy(self.tokenizer.token_bytes())
 
     @property
     def vocab_size(self) -> int:
@@ -189,7 +187,7 @@ class TextDataModule(LMDataModule):
     def prepare_data(self) -> None:
         for split in self.raw:
             path = self.stream_path(split)
-            if path.is_file():
+            if path.is_file() and path.with_suffix(".json").is_file():
                 continue
             ids = self.raw[split].map(
                 encode_batch,
@@ -204,19 +202,29 @@ class TextDataModule(LMDataModule):
                 np.asarray(row, dtype=dtype) for batch in ids.iter(batch_size=10_000) for row in batch["ids"]
             ]
             stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+            n_bytes = sum(
+                len(text.encode("utf-8"))
+                for batch in self.raw[split].iter(batch_size=10_000)
+                for text in batch[self.text_column]
+            )
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, stream)
             tmp.replace(path)
+            _atomic_write(
+                path.with_suffix(".json"), json.dumps({"tokens": len(stream), "bytes": n_bytes}).encode()
+            )
 
     def setup(self, stage: str) -> None:
         for split in self.raw:
             if split in self.splits:
                 continue
             path = self.stream_path(split)
-            if not path.is_file():  # prepare_data did not run (e.g. a direct call outside a Trainer)
+            if not path.with_suffix(".json").is_file():  # prepare_data did not run (direct use)
                 self.prepare_data()
             stream = np.load(path, mmap_mode="r")
+            counts = json.loads(path.with_suffix(".json").read_text())
+            self.bytes_per_token[split] = counts["bytes"] / max(1, counts["tokens"])
             self.splits[split] = BlockDataset(stream_blocks(stream, self.block_size, split))
 
     def decode(self, ids) -> str:

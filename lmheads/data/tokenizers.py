@@ -1,9 +1,8 @@
 """Tokenizers that need no download: characters, UTF-8 bytes, whitespace words.
 
-Each one encodes one *record* (a line of a text file, a row of a hub dataset), reports how many UTF-8
-bytes every token id stands for (for bits per byte), and round-trips through a JSON-able dict so the
-data module can cache it. They are plain picklable objects so that ``datasets.map`` can fingerprint
-them and reuse its cache.
+Each one encodes one *record* (a line of a text file, a row of a hub dataset) and round-trips through
+a JSON-able dict so the data module can cache it. They are plain picklable objects so that
+``datasets.map`` can fingerprint them and reuse its cache.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable
 from typing import ClassVar
-
-import numpy as np
 
 from lmheads.errors import ConfigError
 
@@ -37,10 +34,6 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
-
-    @abstractmethod
-    def token_bytes(self) -> np.ndarray:
-        """(V,) int: UTF-8 bytes of text each token id stands for (0 for markers that stand for none)."""
 
     @abstractmethod
     def to_dict(self) -> dict: ...
@@ -84,10 +77,6 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.itos[i] for i in ids)
 
-    def token_bytes(self) -> np.ndarray:
-        # An unknown character stood for at least one byte; its exact size is lost.
-        return np.array([1] + [len(c.encode("utf-8")) for c in self.itos[1:]], dtype=np.int64)
-
     def to_dict(self) -> dict:
         return {"kind": self.kind, "chars": self.itos[1:]}
 
@@ -111,9 +100,6 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def token_bytes(self) -> np.ndarray:
-        return np.array([1] * 256 + [0, 0], dtype=np.int64)
-
     def to_dict(self) -> dict:
         return {"kind": self.kind}
 
@@ -127,9 +113,7 @@ class WordTokenizer(Tokenizer):
 
     The vocabulary comes from the training text: ``<unk>`` (0), ``<eos>`` (1), then words by falling
     count (ties alphabetical), keeping words seen at least ``min_count`` times and at most ``max_size``
-    entries in all. For bits per byte every token counts the bytes of the text it decodes to with
-    single-space separators: a word (``<unk>`` included, as in WikiText's own files) its UTF-8 bytes
-    plus one, ``<eos>`` one newline.
+    entries in all.
     """
 
     kind = "word"
@@ -164,10 +148,14 @@ class WordTokenizer(Tokenizer):
         return [self.stoi.get(w, 0) for w in text.split()] + [1]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return " ".join("\n" if i == 1 else self.itos[i] for i in ids).replace(" \n ", "\n")
-
-    def token_bytes(self) -> np.ndarray:
-        return np.array([len(w.encode("utf-8")) + 1 if w != EOS else 1 for w in self.itos], dtype=np.int64)
+        lines, words = [], []
+        for i in ids:
+            if i == 1:
+                lines.append(" ".join(words) + "\n")
+                words = []
+            else:
+                words.append(self.itos[i])
+        return "".join(lines) + " ".join(words)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "words": self.itos[2:]}

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Token streams and tokenizers go to a per-session cache, never the user's."""
+    os.environ["LMHEADS_CACHE"] = str(tmp_path_factory.mktemp("lmheads-cache"))
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The reference corpora (WikiText-2, Tiny Shakespeare); tests needing them skip without them."""
+    if not (SHARED_DATA / "wikitext-2" / "train.txt").is_file():
+        pytest.skip("reference corpora not available")
+    return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

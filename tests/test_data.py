@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lmheads.data.text as text_module
+from lmheads.data.base import stream_blocks
+from lmheads.data.text import TextDataModule
+from lmheads.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from lmheads.errors import ConfigError
+
+SAMPLE = "Ünïcode läuft 😀\nthe cat sat on the mat\n\nthe end\n"
+
+
+def test_char_round_trip_and_unknown():
+    tok = CharTokenizer.train([SAMPLE])
+    assert tok.decode(tok.encode(SAMPLE)) == SAMPLE
+    assert tok.encode("Q") == [0]  # unseen -> <unk>
+
+
+def test_byte_round_trip():
+    tok = ByteTokenizer()
+    ids = tok.encode(SAMPLE)
+    assert max(ids) < 256 and tok.decode(ids) == SAMPLE
+    assert len(ids) == len(SAMPLE.encode())
+
+
+def test_word_vocabulary_and_eos():
+    lines = SAMPLE.splitlines(keepends=True)
+    tok = WordTokenizer.train(lines)
+    assert tok.itos[:3] == ["<unk>", "<eos>", "the"]  # specials, then by falling count
+    ids = tok.encode("the cat ate\n")
+    assert ids == [tok.stoi["the"], tok.stoi["cat"], 0, 1]
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat\n"
+    capped = WordTokenizer.train(lines, max_size=4)
+    assert capped.vocab_size == 4
+    assert WordTokenizer.train(lines, min_count=2).itos[2:] == ["the"]
+
+
+@pytest.mark.parametrize(
+    "tok", [CharTokenizer.train([SAMPLE]), ByteTokenizer(), WordTokenizer.train([SAMPLE])]
+)
+def test_serialisation(tok):
+    again = Tokenizer.from_dict(tok.to_dict())
+    assert again.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert again.fingerprint() == tok.fingerprint()
+
+
+def test_packing_scores_every_token_once():
+    stream = np.arange(23)
+    blocks = stream_blocks(stream, 5, "train")  # windows of 6 tokens, stride 5
+    assert blocks.shape == (4, 6)
+    targets = np.concatenate([b[1:] for b in blocks])
+    assert np.array_equal(targets, np.arange(1, 21))  # each token after the first exactly once
+    with pytest.raises(ConfigError, match="fewer than block_size"):
+        stream_blocks(np.arange(5), 5, "validation")
+
+
+@pytest.fixture
+def text_files(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "épsilon"]
+    lines = [" ".join(rng.choice(words, size=rng.integers(1, 12))) + "\n" for _ in range(400)]
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text("".join(lines[:350]), encoding="utf-8")
+    valid.write_text("".join(lines[350:]), encoding="utf-8")
+    return train, valid
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "byte", "word"])
+def test_text_module_splits_and_bytes(text_files, tokenizer, tmp_path):
+    train, valid = text_files
+    dm = TextDataModule(
+        train_file=str(train),
+        validation_file=str(valid),
+        tokenizer=tokenizer,
+        block_size=16,
+        cache_dir=str(tmp_path),
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    stream = np.load(dm.stream_path("validation"))
+    text = valid.read_text(encoding="utf-8")
+    if tokenizer != "word":  # char and byte streams decode back to the file exactly
+        assert dm.tokenizer.decode(stream.tolist()) == text
+    else:
+        assert len(stream) == len(text.split()) + text.count("\n")
+    assert dm.bytes_per_token["validation"] == len(text.encode("utf-8")) / len(stream)
+    x, y = dm.splits["train"][0]
+    assert x.shape == y.shape == (16,) and (x[1:] == y[:-1]).all()
+
+
+def test_cache_reuse_does_not_tokenize_again(text_files, tmp_path, monkeypatch):
+    train, valid = text_files
+    kwargs = dict(
+        train_file=str(train), validation_file=str(valid), tokenizer="word", cache_dir=str(tmp_path)
+    )
+    first = TextDataModule(**kwargs)
+    first.prepare_data()
+    path = first.stream_path("train")
+    mtime = path.stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(text_module, "encode_batch", fail)
+    monkeypatch.setattr(WordTokenizer, "train", fail)
+    second = TextDataModule(**kwargs)  # tokenizer from cache
+    second.prepare_data()  # streams from cache
+    second.setup("fit")
+    assert second.stream_path("train") == path and path.stat().st_mtime_ns == mtime
+    assert second.tokenizer.itos == first.tokenizer.itos
+
+
+def test_changed_file_invalidates_cache(text_files, tmp_path):
+    train, valid = text_files
+    kwargs = dict(
+        train_file=str(train), validation_file=str(valid), tokenizer="word", cache_dir=str(tmp_path)
+    )
+    first = TextDataModule(**kwargs)
+    train.write_text(train.read_text() + "zeta zeta\n", encoding="utf-8")
+    second = TextDataModule(**kwargs)
+    assert "zeta" in second.tokenizer.stoi and "zeta" not in first.tokenizer.stoi
+    assert second.stream_path("train") != first.stream_path("train")
+
+
+def test_validation_carved_from_train_when_absent(text_files, tmp_path):
+    train, _ = text_files
+    dm = TextDataModule(train_file=str(train), tokenizer="char", val_fraction=0.1, cache_dir=str(tmp_path))
+    assert len(dm.raw["validation"]) == 35 and len(dm.raw["train"]) == 315
+    assert "test" not in dm.raw
+
+
+def test_hub_loading_path_with_a_local_dataset_dir(tmp_path, text_files):
+    """`dataset_name` goes through `datasets.load_dataset(name, config)`, as for a hub name."""
+    train, valid = text_files
+    ds_dir = tmp_path / "my_corpus"
+    ds_dir.mkdir()
+    import json
+
+    for split, src in (("train", train), ("validation", valid)):
+        rows = [{"content": line} for line in src.read_text(encoding="utf-8").splitlines(keepends=True)]
+        (ds_dir / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    dm = TextDataModule(
+        dataset_name=str(ds_dir), text_column="content", tokenizer="word", cache_dir=str(tmp_path)
+    )
+    assert set(dm.raw) == {"train", "validation"}
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.splits["train"]) > 0
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        TextDataModule(dataset_name=str(ds_dir), tokenizer="word", cache_dir=str(tmp_path))
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        TextDataModule(train_file=str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        TextDataModule(train_file=str(empty))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        TextDataModule()
+    with pytest.raises(ConfigError, match="could not load dataset"):
+        TextDataModule(dataset_name=str(tmp_path / "no_such_dataset"), cache_dir=str(tmp_path))
+
+
+def test_wikitext2_word_level_counts(shared_data, tmp_path):
+    """The WikiText-2 convention of Press & Wolf 2017 and pytorch/examples: 33,278 types."""
+    root = shared_data / "wikitext-2"
+    dm = TextDataModule(
+        train_file=str(root / "train.txt"),
+        validation_file=str(root / "valid.txt"),
+        test_file=str(root / "test.txt"),
+        tokenizer="word",
+        cache_dir=str(tmp_path),
+    )
+    assert dm.vocab_size == 33_278
+    dm.prepare_data()
+    lengths = {
+        split: len(np.load(dm.stream_path(split), mmap_mode="r")) for split in ("train", "validation", "test")
+    }
+    assert lengths == {"train": 2_088_628, "validation": 217_646, "test": 245_569}
+
+
+def test_tinyshakespeare_chars(shared_data, tmp_path):
+    dm = TextDataModule(
+        train_file=str(shared_data / "tinyshakespeare" / "input.txt"), cache_dir=str(tmp_path)
+    )
+    assert dm.vocab_size == 65 + 1  # 65 characters and <unk>

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmheads.metrics import TokenNLL, bits_per_byte
+
+
+def test_token_weighted_not_batch_weighted():
+    metric = TokenNLL()
+    full = torch.full((100,), 2.0)
+    short = torch.full((10,), 5.0)  # a short last batch with a much higher loss
+    metric.update(full, torch.ones(100, dtype=torch.bool))
+    metric.update(short, torch.ones(10, dtype=torch.bool))
+    out = metric.compute()
+    expected = (100 * 2.0 + 10 * 5.0) / 110
+    assert math.isclose(out["loss"].item(), expected, rel_tol=1e-12)
+    assert math.isclose(out["ppl"].item(), math.exp(expected), rel_tol=1e-12)
+
+
+def test_mask():
+    metric = TokenNLL()
+    metric.update(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([True, True, False, True]))
+    assert math.isclose(metric.compute()["loss"].item(), 7.0 / 3, rel_tol=1e-12)
+
+
+def test_bits_per_byte():
+    # 2 nats per token at 4 bytes per token: 2 / ln 2 bits per token, a quarter of that per byte.
+    assert math.isclose(bits_per_byte(2.0, 4.0), 2.0 / math.log(2) / 4.0)
