@@ -74,8 +74,12 @@ class LMHeadsCLI(LightningCLI):
             logger.init_args.version = f"{head}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def main(args: list[str] | None = None) -> LMHeadsCLI | None:
-    """Entry point of ``python -m lmheads``; bad input ends with one ``error:`` line and exit status 2."""
+def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
+    """Entry point of ``python -m lmheads``; bad input ends with one ``error:`` line and exit status 2.
+
+    ``run=False`` parses and instantiates without a subcommand (the arguments then start with the
+    options, e.g. ``["--config", "configs/quickstart.yaml"]``).
+    """
     try:
         return LMHeadsCLI(
             LMHeadModule,
@@ -87,6 +91,7 @@ def main(args: list[str] | None = None) -> LMHeadsCLI | None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": "Train and compare output heads of decoder-only language models."},
             args=args,
+            run=run,
         )
     except Exception as err:
         config_error = _find_config_error(err)

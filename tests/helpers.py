@@ -1,0 +1,43 @@
+"""Shared by the CLI tests: quick runs of the real CLI and reading their TensorBoard events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lmheads.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def quick_args(save_dir: Path, steps: int = 6, every: int = 3) -> list[str]:
+    """The quickstart shrunk to a few steps and a small validation set."""
+    return [
+        "--config", QUICKSTART,
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={every}",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--data.init_args.train_tokens=65536",
+        "--data.init_args.val_tokens=4096",
+    ]  # fmt: skip
+
+
+def fit(save_dir: Path, *extra: str, steps: int = 6, every: int = 3):
+    return main(["fit", *quick_args(save_dir, steps, every), *extra])
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def only_run(save_dir: Path) -> Path:
+    runs = [p for p in (save_dir / "quickstart").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]

@@ -1,0 +1,219 @@
+"""The command line: every shipped config, a fit per head, errors, TensorBoard output, DDP, bf16."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmheads.cli import expand_head_names, main
+from lmheads.errors import ConfigError
+from lmheads.heads import registered_heads
+from lmheads.module import HP_METRICS, LMHeadModule
+
+from .helpers import QUICKSTART, ROOT, fit, only_run, quick_args, scalars
+
+CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+BUILTIN = ["tied", "untied", "tied_bias", "projected_tied"]
+
+
+def _config_args(config: str, shared: Path | None, tmp_path: Path) -> list[str]:
+    """Arguments that make a config instantiable here: partial configs sit on the quickstart,
+    local-data configs point at the reference corpora, hub configs at a local dataset directory, GPU
+    trainers run on the CPU."""
+    args = ["--config", QUICKSTART, "--config", str(ROOT / config), "--trainer.logger=false"]
+    if config.startswith("configs/data/") and "synthetic" not in config:
+        if "hub" in config:
+            local = tmp_path / "hub_copy"
+            local.mkdir()
+            (local / "train.jsonl").write_text(
+                "\n".join(json.dumps({"text": f"w{i % 7} w{i % 3}\n"}) for i in range(400))
+            )
+            args += [f"--data.init_args.dataset_name={local}", "--data.init_args.dataset_config=null"]
+        elif shared is None:
+            pytest.skip("reference corpora not available")
+        elif "wikitext" in config:
+            for split, name in (("train", "train"), ("validation", "valid"), ("test", "test")):
+                args.append(f"--data.init_args.{split}_file={shared / 'wikitext-2' / f'{name}.txt'}")
+        else:
+            args.append(f"--data.init_args.train_file={shared / 'tinyshakespeare' / 'input.txt'}")
+    if config.startswith("configs/trainer/") and not torch.cuda.is_available():
+        args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
+    return args
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_parses_and_instantiates(config, tmp_path, request):
+    shared = ROOT.parent / "shared" / "data"
+    shared = shared if (shared / "wikitext-2" / "train.txt").is_file() else None
+    cli = main(_config_args(config, shared, tmp_path), run=False)
+    assert isinstance(cli.model, LMHeadModule)
+    assert cli.model.backbone.vocab_size == cli.datamodule.vocab_size
+    assert cli.datamodule.block_size == cli.model.cfg.block_size
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_fit_each_head(name, tmp_path):
+    cli = fit(tmp_path, f"--model.head={name}")
+    run = only_run(tmp_path)
+    assert run.name.startswith(f"{name}-seed0-")
+    logged = scalars(run)
+    for tag in ("train/loss", "val/loss", "val/ppl", "val/excess_loss", "perf/tokens_per_sec", *HP_METRICS):
+        assert tag in logged, tag
+    (step, val_loss), optimum = logged["val/loss"][-1], logged["val/optimal_loss"][-1][1]
+    assert step == 5 and math.isfinite(val_loss)
+    assert val_loss > optimum  # no model beats the generating HMM
+    assert math.isclose(logged["val/excess_loss"][-1][1], val_loss - optimum, rel_tol=1e-5)
+    assert math.isclose(logged["val/ppl"][-1][1], math.exp(val_loss), rel_tol=1e-5)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert type(cli.model.head) is registered_heads()[name]
+
+
+def test_quickstart_learns(tmp_path):
+    fit(tmp_path, "--data.init_args.train_tokens=262144", steps=120, every=60)
+    logged = scalars(only_run(tmp_path))
+    first, last = logged["val/loss"][0][1], logged["val/loss"][-1][1]
+    optimum = logged["val/optimal_loss"][-1][1]
+    assert last < first < math.log(1024)
+    assert last < optimum + 0.6  # most of the gap to the optimum closes in 120 steps
+
+
+def test_hparams_have_the_same_keys_for_every_head(tmp_path):
+    keys = []
+    for name in BUILTIN:
+        cli = main([*quick_args(tmp_path), f"--model.head={name}"], run=False)
+        cli.model.trainer = cli.trainer
+        cli.trainer.datamodule = cli.datamodule
+        flat = cli.model.flat_hparams()
+        keys.append({k: type(v) for k, v in flat.items()})
+        assert flat["head"] == name
+        assert flat["params/total"] == cli.model.parameter_counts()["total"]
+    assert all(k == keys[0] for k in keys)
+
+
+def test_checkpoint_reload_keeps_ties_and_outputs(tmp_path):
+    cli = fit(tmp_path, "--model.head=tied_bias", steps=3, every=3)
+    ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    loaded = LMHeadModule.load_from_checkpoint(ckpt, map_location="cpu")
+    assert type(loaded.head).__name__ == "TiedBiasHead"
+    form = loaded.head.project(torch.zeros(1, loaded.cfg.d_model), loaded.backbone.wte)
+    assert form.weight is loaded.backbone.wte.weight  # still tied after reload
+    idx = torch.randint(0, loaded.backbone.vocab_size, (2, 16))
+    cli.model.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(idx), cli.model.cpu()(idx))
+    assert sum(p.numel() for p in loaded.parameters()) == cli.model.parameter_counts()["total"]
+
+
+def test_python_api_checkpoint_round_trip(tmp_path):
+    """Outside the CLI a checkpoint stores the head as class_path/init_args and rebuilds it."""
+    import lightning as L
+
+    from lmheads.backbone import BackboneConfig
+    from lmheads.data import SyntheticDataModule
+    from lmheads.heads import UntiedHead
+
+    dm = SyntheticDataModule(vocab_size=64, n_states=4, train_tokens=4096, val_tokens=512, block_size=16)
+    model = LMHeadModule(
+        head=UntiedHead(bias=True),
+        backbone=BackboneConfig(n_layer=1, d_model=32, block_size=16),
+        vocab_size=64,
+    )
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = LMHeadModule.load_from_checkpoint(path, weights_only=True)  # plain types only
+    assert loaded.head.options() == {"bias": True}
+    torch.testing.assert_close(loaded.head.weight, model.head.weight)
+
+
+def test_validate_and_test_subcommands(tmp_path):
+    fit(tmp_path, steps=3, every=3)
+    ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    for command in ("validate", "test"):
+        cli = main([command, *quick_args(tmp_path), f"--ckpt_path={ckpt}", "--trainer.logger=false"])
+        prefix = "val" if command == "validate" else "test"
+        assert math.isfinite(cli.trainer.callback_metrics[f"{prefix}/loss"].item())
+
+
+def test_print_config_and_short_head_names(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(
+            ["fit", "--config", QUICKSTART, "--model.head=untied", "--model.head.bias=true", "--print_config"]
+        )
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path: lmheads.heads.untied.UntiedHead" in out and "bias: true" in out
+    assert expand_head_names(["--model.head", "tied_bias"]) == [
+        "--model.head",
+        "lmheads.heads.tied.TiedBiasHead",
+    ]
+    assert expand_head_names(["--model.head=UntiedHead"]) == ["--model.head=UntiedHead"]
+    with pytest.raises(ConfigError, match="registered heads"):
+        expand_head_names(["--model.head=tide"])
+
+
+def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "lmheads", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.head=tide"], "error: unknown head 'tide'; registered heads: projected_tied, tied"),
+        (["--model.backbone.d_model=130"], "error: model.backbone.d_model=130 is not divisible by n_head=4"),
+        (["--model.backbone.n_layer=0"], "error: model.backbone.n_layer must be positive"),
+        (
+            ["--data=lmheads.data.TextDataModule", "--data.train_file=missing.txt"],
+            "does not exist; check the path",
+        ),
+        (["--model.backbone.block_size=100000"], "fewer than block_size + 1"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
+    if "block_size=100000" in extra[0]:
+        (tmp_path / "t.txt").write_text("just a few words\n" * 20)
+        extra = [*extra, "--data=lmheads.data.TextDataModule", f"--data.train_file={tmp_path / 't.txt'}"]
+    result = _run_module("fit", *quick_args(tmp_path), *extra, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_single_process_validation(tmp_path):
+    """Validation loss under DDP (uneven batches per rank, a short last batch) equals one process's."""
+    result = _run_module(
+        "fit", *quick_args(tmp_path), "--config", str(ROOT / "configs/trainer/ddp-cpu.yaml"),
+        "--data.init_args.batch_size=24", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stdout + result.stderr  # two ranks really ran
+    run = only_run(tmp_path)
+    ddp_val = scalars(run)["val/loss"][-1][1]
+    cli = main([
+        "validate", *quick_args(tmp_path), "--data.init_args.batch_size=24", "--trainer.logger=false",
+        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    ])  # fmt: skip
+    assert math.isclose(cli.trainer.callback_metrics["val/loss"].item(), ddp_val, rel_tol=1e-5)
+
+
+def test_bf16_mixed_on_cpu(tmp_path):
+    cli = fit(tmp_path, "--trainer.precision=bf16-mixed", "--trainer.logger=false", steps=3, every=3)
+    assert cli.trainer.precision == "bf16-mixed"
+    assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
