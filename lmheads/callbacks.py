@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class TokenThroughput(Callback):
@@ -68,3 +71,31 @@ class TokenThroughput(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = None
+
+
+class SampleWriter(BasePredictionWriter):
+    """Writes ``predict`` output, decoded by the data module, to ``samples-rank<r>.jsonl`` in the run's
+    log directory (or the trainer's root directory), and prints the first few samples."""
+
+    def __init__(self, show: int = 3) -> None:
+        super().__init__(write_interval="batch")
+        self.show = show
+        self._shown = 0
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
+        decode = getattr(trainer.datamodule, "decode", None) or (lambda ids: " ".join(map(str, ids)))
+        path = Path(trainer.log_dir or trainer.default_root_dir) / f"samples-rank{trainer.global_rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            for prompt, completion in zip(
+                prediction["prompt"].tolist(), prediction["completion"].tolist(), strict=True
+            ):
+                record = {"prompt": decode(prompt), "completion": decode(completion)}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if self._shown < self.show:
+                    rank_zero_info(f"--- sample {self._shown}\n{record['prompt']}[...]{record['completion']}")
+                    self._shown += 1
+        if batch_idx == 0:
+            rank_zero_info(f"writing samples to {path}")

@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lmheads.data import LMDataModule
 from lmheads.errors import ConfigError
 from lmheads.heads import head_class, registered_heads
-from lmheads.module import LMHeadModule
+from lmheads.module import LMHeadModule, SamplingConfig
 
 HEAD_KEY = "--model.head"
 
@@ -50,6 +50,7 @@ class LMHeadsCLI(LightningCLI):
         parser.set_defaults({"model.head": {"class_path": "lmheads.heads.TiedHead"}})
         parser.link_arguments("model.backbone.block_size", "data.init_args.block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.add_class_arguments(SamplingConfig, "sampling", help="Text generation settings for predict.")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         if args is None:
@@ -59,6 +60,9 @@ class LMHeadsCLI(LightningCLI):
             self.config = parser.parse_args(args)
         else:
             super().parse_arguments(parser, args)
+
+    def before_predict(self) -> None:
+        self.model.sampling = self.config_init[self.subcommand].sampling
 
     def before_instantiate_classes(self) -> None:
         """Name each TensorBoard run after its head and seed so runs sit side by side."""

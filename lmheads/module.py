@@ -6,7 +6,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import lightning as L
@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from torch import Tensor
 
 from lmheads.backbone import Backbone, BackboneConfig
-from lmheads.callbacks import TokenThroughput
+from lmheads.callbacks import SampleWriter, TokenThroughput
 from lmheads.errors import ConfigError
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.loss import IGNORE_INDEX, get_backend
@@ -24,6 +24,29 @@ from lmheads.metrics import TokenNLL, bits_per_byte
 #: Metrics shown in TensorBoard's HParams tab; every run logs all of them (NaN where not applicable) so
 #: that runs line up as columns.
 HP_METRICS = ("hp/val_loss", "hp/val_ppl", "hp/val_bpb", "hp/val_excess_loss", "hp/tokens_per_sec")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Text generation for ``predict``: each prompt is the start of a test (or validation) block.
+
+    Args:
+        prompt_tokens: Tokens of each block used as the prompt.
+        max_new_tokens: Tokens to generate after the prompt.
+        temperature: Softmax temperature; 0 means greedy decoding.
+        top_k: Sample only among the k most likely tokens (``None``: all).
+    """
+
+    prompt_tokens: int = 32
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or (self.top_k is not None and self.top_k <= 0):
+            raise ConfigError("sampling needs temperature >= 0 and top_k > 0 (or null)")
+        if self.prompt_tokens <= 0 or self.max_new_tokens <= 0:
+            raise ConfigError("sampling.prompt_tokens and sampling.max_new_tokens must be positive")
 
 
 def warmup_cosine(step: int, warmup: int, total: float, min_ratio: float) -> float:
@@ -51,6 +74,9 @@ class LMHeadModule(L.LightningModule):
         warmup_steps: Linear warmup steps; then cosine decay to ``min_lr_ratio * lr`` at the last step.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         loss_backend: How the head's cross-entropy is computed (``naive``: full logits).
+
+    Generation settings for ``predict`` live in ``self.sampling`` (a :class:`SamplingConfig`), not in the
+    checkpoint: the CLI sets them from ``--sampling.*``.
     """
 
     def __init__(
@@ -92,6 +118,7 @@ class LMHeadModule(L.LightningModule):
         if not isinstance(head, Head):
             raise ConfigError(f"model.head must be an lmheads.heads.Head, got {type(head).__name__}")
         self.cfg = backbone
+        self.sampling = SamplingConfig()
         # Backbone first, then the head: for one seed the backbone starts identical whatever the head.
         self.backbone = Backbone(vocab_size, self.cfg)
         self.head = head
@@ -110,6 +137,42 @@ class LMHeadModule(L.LightningModule):
         h = self.backbone(idx).flatten(0, 1)  # (N, D)
         form = self.head.project(h, self.backbone.wte)
         return self.loss_fn(form, targets.flatten(), ignore_index=IGNORE_INDEX)  # (N,)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Extend prompts (B, T0) by ``max_new_tokens`` sampled tokens; returns (B, T0 + max_new_tokens).
+
+        The context is cropped to the last ``block_size`` tokens; no KV cache (sampling is for
+        inspection, not serving)."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.cfg.block_size :]  # (B, <=T)
+            h = self.backbone(context)[:, -1]  # (B, D)
+            logits = self.head.logits(h, self.backbone.wte).float()  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.size(-1):
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        idx, _ = batch
+        prompt = idx[:, : self.sampling.prompt_tokens]  # (B, P)
+        out = self.generate(
+            prompt, self.sampling.max_new_tokens, self.sampling.temperature, self.sampling.top_k
+        )
+        return {"prompt": prompt, "completion": out[:, prompt.size(1) :]}
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameter counts in which a shared tensor counts once.
@@ -238,7 +301,7 @@ class LMHeadModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [TokenThroughput()]
+        callbacks: list[Callback] = [TokenThroughput(), SampleWriter()]
         if self.trainer.loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if self.trainer.checkpoint_callback is not None:

@@ -217,3 +217,33 @@ def test_bf16_mixed_on_cpu(tmp_path):
     cli = fit(tmp_path, "--trainer.precision=bf16-mixed", "--trainer.logger=false", steps=3, every=3)
     assert cli.trainer.precision == "bf16-mixed"
     assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
+def test_predict_writes_decoded_samples(tmp_path):
+    fit(tmp_path, steps=3, every=3)
+    ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    main([
+        "predict", *quick_args(tmp_path), f"--ckpt_path={ckpt}", "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_predict_batches=2",
+        "--sampling.prompt_tokens=8", "--sampling.max_new_tokens=5", "--sampling.top_k=3",
+    ])  # fmt: skip
+    lines = (tmp_path / "samples-rank0.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 32  # two batches of 32 prompts
+    record = json.loads(lines[0])
+    assert len(record["prompt"].split()) == 8 and len(record["completion"].split()) == 5
+
+
+def test_generate_greedy_and_top_k():
+    from lmheads.backbone import BackboneConfig
+
+    torch.manual_seed(0)
+    model = LMHeadModule(
+        vocab_size=50, backbone=BackboneConfig(n_layer=1, d_model=16, n_head=2, block_size=8)
+    )
+    prompt = torch.randint(0, 50, (2, 3))
+    out = model.generate(prompt, 10, temperature=0)  # longer than block_size: the context is cropped
+    assert out.shape == (2, 13) and torch.equal(out[:, :3], prompt)
+    assert torch.equal(out, model.generate(prompt, 10, temperature=0))  # greedy is deterministic
+    g = torch.Generator().manual_seed(0)
+    sampled = model.generate(prompt, 20, top_k=1, generator=g)
+    assert torch.equal(sampled, model.generate(prompt, 20, temperature=0))  # top-1 sampling is greedy

@@ -78,6 +78,10 @@ class LMDataModule(L.LightningDataModule):
         """The lowest achievable mean NLL on a split, where it is known exactly; else None."""
         return None
 
+    def decode(self, ids) -> str:
+        """Text of token ids (data without text shows the ids)."""
+        return " ".join(str(int(i)) for i in ids)
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.splits:
             raise ConfigError(f"this data module has no {split} split")
