@@ -17,6 +17,7 @@ def quick_args(save_dir: Path, steps: int = 6, every: int = 3) -> list[str]:
     return [
         "--config", QUICKSTART,
         f"--trainer.logger.init_args.save_dir={save_dir}",
+        f"--trainer.default_root_dir={save_dir}",
         f"--trainer.max_steps={steps}",
         f"--trainer.val_check_interval={every}",
         "--trainer.log_every_n_steps=1",

@@ -27,7 +27,10 @@ def _config_args(config: str, shared: Path | None, tmp_path: Path) -> list[str]:
     """Arguments that make a config instantiable here: partial configs sit on the quickstart,
     local-data configs point at the reference corpora, hub configs at a local dataset directory, GPU
     trainers run on the CPU."""
-    args = ["--config", QUICKSTART, "--config", str(ROOT / config), "--trainer.logger=false"]
+    args = [
+        "--config", QUICKSTART, "--config", str(ROOT / config), "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]  # fmt: skip
     if config.startswith("configs/data/") and "synthetic" not in config:
         if "hub" in config:
             local = tmp_path / "hub_copy"
@@ -224,7 +227,7 @@ def test_predict_writes_decoded_samples(tmp_path):
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
     main([
         "predict", *quick_args(tmp_path), f"--ckpt_path={ckpt}", "--trainer.logger=false",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_predict_batches=2",
+        "--trainer.limit_predict_batches=2",
         "--sampling.prompt_tokens=8", "--sampling.max_new_tokens=5", "--sampling.top_k=3",
     ])  # fmt: skip
     lines = (tmp_path / "samples-rank0.jsonl").read_text().splitlines()
