@@ -12,6 +12,7 @@ from functools import partial
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lmheads.backbone import Backbone, BackboneConfig
@@ -247,11 +248,15 @@ class LMHeadModule(L.LightningModule):
         return getattr(self._trainer, "datamodule", None)
 
     def on_fit_start(self) -> None:
-        if not self.loggers:
-            return
+        counts = self.parameter_counts()
+        rank_zero_info(
+            f"head {head_name(self.head)}: parameters (a shared tensor counted once) "
+            + ", ".join(f"{k}={v:,}" for k, v in counts.items())
+        )
         flat = self.flat_hparams()
         for logger in self.loggers:
             logger.log_hyperparams(flat, metrics=dict.fromkeys(HP_METRICS, math.nan))
+            logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
 
     def flat_hparams(self) -> dict[str, int | float | str]:
         """One flat dict with the same keys and types in every run (TensorBoard's HParams needs that)."""

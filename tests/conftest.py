@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Read by `datasets` and `huggingface_hub` at import time: set before any test module imports them.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -14,8 +18,6 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def _isolated_cache(tmp_path_factory):
     """Token streams and tokenizers go to a per-session cache, never the user's."""
     os.environ["LMHEADS_CACHE"] = str(tmp_path_factory.mktemp("lmheads-cache"))
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

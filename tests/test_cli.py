@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.cli import expand_head_names, main
 from lmheads.errors import ConfigError
@@ -69,6 +70,13 @@ def test_fit_each_head(name, tmp_path):
     logged = scalars(run)
     for tag in ("train/loss", "val/loss", "val/ppl", "val/excess_loss", "perf/tokens_per_sec", *HP_METRICS):
         assert tag in logged, tag
+    counts = cli.model.parameter_counts()
+    assert logged["params/total"] == [(0, counts["total"])]
+    assert logged["params/head_own"] == [(0, counts["head_own"])]
+    # the HParams tab: one session with the head and the parameter counts
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     (step, val_loss), optimum = logged["val/loss"][-1], logged["val/optimal_loss"][-1][1]
     assert step == 5 and math.isfinite(val_loss)
     assert val_loss > optimum  # no model beats the generating HMM
