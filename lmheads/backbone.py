@@ -30,6 +30,9 @@ class BackboneConfig:
         bias: Biases in linear layers and LayerNorms (GPT-2 uses them).
         mlp_ratio: MLP hidden width as a multiple of ``d_model``.
         rope_base: Base of the rotary frequencies.
+        scale_embedding: Multiply the input embeddings by sqrt(d_model), as Gemma does (Gemma Team
+            2024): with a tied head the same matrix then serves inputs at O(1) scale and outputs at
+            N(0, 0.02) scale.
     """
 
     n_layer: int = 4
@@ -42,6 +45,7 @@ class BackboneConfig:
     bias: bool = True
     mlp_ratio: int = 4
     rope_base: float = 10000.0
+    scale_embedding: bool = False
 
     @property
     def embed_width(self) -> int:
@@ -186,6 +190,8 @@ class Backbone(nn.Module):
         x = self.wte(idx)  # (B, T, E)
         if self.w_in is not None:
             x = self.w_in(x)  # (B, T, D)
+        if self.cfg.scale_embedding:
+            x = x * math.sqrt(self.cfg.d_model)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))  # (B, T, D)
         x = self.drop(x)

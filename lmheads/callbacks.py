@@ -10,7 +10,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lmheads.metrics import FREQUENCY_BUCKETS
 
 
 class TokenThroughput(Callback):
@@ -99,3 +103,55 @@ class SampleWriter(BasePredictionWriter):
                     self._shown += 1
         if batch_idx == 0:
             rank_zero_info(f"writing samples to {path}")
+
+
+class HeadDiagnostics(Callback):
+    """After each validation, describes the head's effective output matrix W and bias b.
+
+    For every head: norms of the output rows (mean, std, and mean per training-frequency bucket). For
+    heads whose W is not the embedding E itself: the cosine similarity of each W row to the same
+    token's E row. For heads with a bias: its mean, spread, range and correlation with the log of the
+    training frequency (a bias that learns the unigram distribution correlates strongly). Scalars go to
+    ``diag/...``; with TensorBoard, the per-token distributions also go to its histograms.
+    """
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        embedding = pl_module.backbone.wte
+        head = pl_module.head
+        probe = torch.zeros(1, head.d_model, device=embedding.weight.device, dtype=embedding.weight.dtype)
+        form = head.linear_form(probe, embedding)
+        weight = form.weight.float()  # (V, K)
+        distributions: dict[str, Tensor] = {"row_norm": weight.norm(dim=1)}  # (V,)
+        if form.weight is not embedding.weight and weight.shape == embedding.weight.shape:
+            distributions["cos_to_embedding"] = torch.cosine_similarity(
+                weight, embedding.weight.float(), dim=1
+            )
+        if form.bias is not None:
+            distributions["bias"] = form.bias.float()
+        scalars: dict[str, float | Tensor] = {}
+        for name, values in distributions.items():
+            scalars[f"diag/{name}_mean"] = values.mean()
+            scalars[f"diag/{name}_std"] = values.std()
+        if "bias" in distributions:
+            scalars["diag/bias_min"] = distributions["bias"].min()
+            scalars["diag/bias_max"] = distributions["bias"].max()
+        bucket = getattr(pl_module, "_token_bucket", None)
+        if bucket is not None:
+            bucket = bucket.to(weight.device)
+            for i, name in enumerate(FREQUENCY_BUCKETS):
+                scalars[f"diag/row_norm_mean_{name}"] = distributions["row_norm"][bucket == i].mean()
+            counts = getattr(trainer.datamodule, "train_token_counts", None)
+            if "bias" in distributions and counts is not None:
+                log_freq = torch.log1p(torch.as_tensor(counts(), dtype=torch.float32, device=weight.device))
+                scalars["diag/bias_corr_log_freq"] = torch.corrcoef(
+                    torch.stack((distributions["bias"], log_freq))
+                )[0, 1]
+        pl_module.log_dict({k: torch.as_tensor(v).float() for k, v in scalars.items()}, rank_zero_only=True)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    for name, values in distributions.items():
+                        logger.experiment.add_histogram(f"diag/{name}", values.cpu(), trainer.global_step)

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lmheads.data import LMDataModule
 from lmheads.errors import ConfigError
-from lmheads.heads import head_class, registered_heads
+from lmheads.heads import broken_heads, head_class, registered_heads
 from lmheads.module import LMHeadModule, SamplingConfig
 
 HEAD_KEY = "--model.head"
@@ -32,9 +32,12 @@ def expand_head_names(args: list[str]) -> list[str]:
     known_classes = {cls.__name__ for cls in registered_heads().values()}
     out = list(args)
     for i, arg in enumerate(out):
-        if arg.startswith(HEAD_KEY + "="):
-            value, prefix, index = arg.split("=", 1)[1], HEAD_KEY + "=", i
-        elif arg == HEAD_KEY and i + 1 < len(out):
+        key, eq, value = arg.partition("=")
+        if key not in (HEAD_KEY, HEAD_KEY + ".help"):
+            continue
+        if eq:
+            prefix, index = key + "=", i
+        elif i + 1 < len(out):
             value, prefix, index = out[i + 1], "", i + 1
         else:
             continue
@@ -78,12 +81,31 @@ class LMHeadsCLI(LightningCLI):
             logger.init_args.version = f"{head}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def list_heads() -> str:
+    """The ``heads`` command: every available head, its parameters and what it computes."""
+    heads = registered_heads()
+    rows = [("name", "own parameters", "class", "description")]
+    for name, cls in heads.items():
+        rows.append((name, cls.formula or "?", f"{cls.__module__}.{cls.__qualname__}", cls.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
+    lines += [f"{name}  (failed to load: {why})" for name, why in broken_heads().items()]
+    lines.append("\nV: vocabulary, D: model width, E: embedding width, r: rank.")
+    lines.append("Options of every head: logit_scale, softcap, z_loss, zero_init.")
+    lines.append("`python -m lmheads fit --model.head.help NAME` explains a head's options.")
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
     """Entry point of ``python -m lmheads``; bad input ends with one ``error:`` line and exit status 2.
 
     ``run=False`` parses and instantiates without a subcommand (the arguments then start with the
-    options, e.g. ``["--config", "configs/quickstart.yaml"]``).
+    options, e.g. ``["--config", "configs/quickstart.yaml"]``). ``heads`` lists the available heads.
     """
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["heads"]:
+        print(list_heads())
+        return None
     try:
         return LMHeadsCLI(
             LMHeadModule,
@@ -93,7 +115,10 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
             auto_configure_optimizers=False,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": "Train and compare output heads of decoder-only language models."},
+            parser_kwargs={
+                "description": "Train and compare output heads of decoder-only language models. "
+                "`python -m lmheads heads` lists the available heads."
+            },
             args=args,
             run=run,
         )

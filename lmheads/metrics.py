@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -43,3 +44,41 @@ def bits_per_byte(loss: float | Tensor, bytes_per_token: float) -> float | Tenso
     models on the same text compare directly.
     """
     return loss / (math.log(2) * bytes_per_token)
+
+
+#: Token types ranked by training-set frequency: the most frequent 1%, the next 9%, the rest. The
+#: tying papers argue from the rare words (Press & Wolf 2017, sec. 4): this is where heads differ.
+FREQUENCY_BUCKETS = ("top1pct", "1to10pct", "rest")
+
+
+def frequency_buckets(counts: np.ndarray) -> Tensor:
+    """(V,) bucket index of each token id, from its training-set count (ties broken by id)."""
+    V = len(counts)
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    n_top = max(1, math.ceil(0.01 * V))
+    n_next = max(n_top + 1, math.ceil(0.10 * V))
+    bucket = np.full(V, 2, dtype=np.int64)
+    bucket[order[:n_top]] = 0
+    bucket[order[n_top:n_next]] = 1
+    return torch.from_numpy(bucket)
+
+
+class BucketedNLL(Metric):
+    """Token-weighted NLL per frequency bucket of the *target* token; reduced across processes."""
+
+    full_state_update = False
+
+    def __init__(self, n_buckets: int = len(FREQUENCY_BUCKETS)) -> None:
+        super().__init__()
+        self.add_state("nll_sum", torch.zeros(n_buckets, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.zeros(n_buckets, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll: Tensor, bucket: Tensor, mask: Tensor) -> None:
+        """nll, bucket, mask: (N,) per-token NLL, bucket index of the target, tokens that count."""
+        self.nll_sum.index_add_(0, bucket, nll.double() * mask)
+        self.tokens.index_add_(0, bucket, mask.double())
+
+    def compute(self) -> dict[str, Tensor]:
+        """``loss`` (K,) mean NLL per bucket (NaN for an empty bucket), ``share`` (K,) of the tokens."""
+        loss = torch.where(self.tokens > 0, self.nll_sum / self.tokens.clamp_min(1), math.nan)
+        return {"loss": loss, "share": self.tokens / self.tokens.sum().clamp_min(1)}

@@ -13,14 +13,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmheads.backbone import Backbone, BackboneConfig
-from lmheads.callbacks import SampleWriter, TokenThroughput
+from lmheads.callbacks import HeadDiagnostics, SampleWriter, TokenThroughput
 from lmheads.errors import ConfigError
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
-from lmheads.loss import IGNORE_INDEX, get_backend
-from lmheads.metrics import TokenNLL, bits_per_byte
+from lmheads.loss import IGNORE_INDEX, TokenLoss, get_backend
+from lmheads.metrics import FREQUENCY_BUCKETS, BucketedNLL, TokenNLL, bits_per_byte, frequency_buckets
 
 #: Metrics shown in TensorBoard's HParams tab; every run logs all of them (NaN where not applicable) so
 #: that runs line up as columns.
@@ -125,19 +125,24 @@ class LMHeadModule(L.LightningModule):
         self.head = head
         self.head.build(vocab_size, self.cfg.d_model, self.cfg.embed_width)
         self.loss_fn = get_backend(loss_backend)
-        self.val_metrics = TokenNLL()
-        self.test_metrics = TokenNLL()
+        self.eval_nll = nn.ModuleDict({"val": TokenNLL(), "test": TokenNLL()})
+        self.eval_buckets = nn.ModuleDict({"val": BucketedNLL(), "test": BucketedNLL()})
+        self._token_bucket: Tensor | None = None  # (V,) frequency bucket of each token id
 
     # ----------------------------------------------------------------- model
     def forward(self, idx: Tensor) -> Tensor:
         """Full logits (B, T, V) for token ids (B, T)."""
         return self.head.logits(self.backbone(idx), self.backbone.wte)
 
-    def token_nll(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Per-token NLL (B*T,) through the head's linear form; 0 where the target is ignored."""
+    def token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
+        """Per-token NLL and log-partition (B*T,) through the head's linear form."""
         h = self.backbone(idx).flatten(0, 1)  # (N, D)
-        form = self.head.project(h, self.backbone.wte)
-        return self.loss_fn(form, targets.flatten(), ignore_index=IGNORE_INDEX)  # (N,)
+        form = self.head.linear_form(h, self.backbone.wte)
+        return self.loss_fn(form, targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    def token_nll(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Per-token NLL (B*T,); 0 where the target is ignored."""
+        return self.token_loss(idx, targets).nll
 
     @torch.no_grad()
     def generate(
@@ -195,35 +200,66 @@ class LMHeadModule(L.LightningModule):
         }
 
     # ------------------------------------------------------------- training
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        total = (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        )
+        if self.head.on_train_step(self.global_step, int(total), self.backbone.wte):
+            rank_zero_info(f"head {head_name(self.head)} changed its parameters at step {self.global_step}")
+            for optimizer in self.trainer.optimizers:  # their moments describe the old parameters
+                for p in self.head.parameters():
+                    optimizer.state.pop(p, None)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         idx, targets = batch
-        nll = self.token_nll(idx, targets)
-        loss = nll.sum() / (targets != IGNORE_INDEX).sum().clamp_min(1)
+        nll, lse = self.token_loss(idx, targets)
+        n_tokens = (targets != IGNORE_INDEX).sum().clamp_min(1)
+        loss = nll.sum() / n_tokens
         self.log("train/loss", loss, prog_bar=True)
+        if self.head.z_loss > 0:  # PaLM (Chowdhery et al. 2022, sec. 5): keeps log Z near 0
+            z_loss = self.head.z_loss * (lse.square() * (targets.flatten() != IGNORE_INDEX)).sum() / n_tokens
+            self.log("train/z_loss", z_loss)
+            return loss + z_loss
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
+        self._eval_step(batch, "test")
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], metric: TokenNLL) -> None:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:
         idx, targets = batch
         nll = self.token_nll(idx, targets)
-        metric.update(nll, targets.flatten() != IGNORE_INDEX)
+        flat = targets.flatten()
+        mask = flat != IGNORE_INDEX
+        self.eval_nll[prefix].update(nll, mask)
+        if self._token_bucket is not None:
+            self._token_bucket = self._token_bucket.to(flat.device)
+            self.eval_buckets[prefix].update(nll, self._token_bucket[flat.clamp_min(0)], mask)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval("val", "validation", self.val_metrics)
+        self._log_eval("val", "validation")
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test", "test", self.test_metrics)
+        self._log_eval("test", "test")
 
-    def _log_eval(self, prefix: str, split: str, metric: TokenNLL) -> None:
-        result = metric.compute()  # already reduced over processes
-        metric.reset()
+    def setup(self, stage: str) -> None:
+        datamodule = self._datamodule()
+        if datamodule is not None and "train" in getattr(datamodule, "splits", {}):
+            self._token_bucket = frequency_buckets(datamodule.train_token_counts())
+
+    def _log_eval(self, prefix: str, split: str) -> None:
+        result = self.eval_nll[prefix].compute()  # already reduced over processes
+        self.eval_nll[prefix].reset()
         self.log(f"{prefix}/loss", result["loss"].float(), prog_bar=True)
         logs = {f"{prefix}/ppl": result["ppl"]}
+        if self._token_bucket is not None:
+            buckets = self.eval_buckets[prefix].compute()
+            self.eval_buckets[prefix].reset()
+            for i, name in enumerate(FREQUENCY_BUCKETS):
+                logs[f"{prefix}_freq/loss_{name}"] = buckets["loss"][i]
+                logs[f"{prefix}_freq/token_share_{name}"] = buckets["share"][i]
         datamodule = self._datamodule()
         bytes_per_token = getattr(datamodule, "bytes_per_token", {}).get(split)
         bpb = bits_per_byte(result["loss"], bytes_per_token) if bytes_per_token else torch.tensor(math.nan)
@@ -306,7 +342,7 @@ class LMHeadModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [TokenThroughput(), SampleWriter()]
+        callbacks: list[Callback] = [TokenThroughput(), SampleWriter(), HeadDiagnostics()]
         if self.trainer.loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if self.trainer.checkpoint_callback is not None:

@@ -141,7 +141,7 @@ def test_python_api_checkpoint_round_trip(tmp_path):
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     loaded = LMHeadModule.load_from_checkpoint(path, weights_only=True)  # plain types only
-    assert loaded.head.options() == {"bias": True}
+    assert loaded.head.options() == model.head.options() and loaded.head.options()["bias"] is True
     torch.testing.assert_close(loaded.head.weight, model.head.weight)
 
 
@@ -186,7 +186,7 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.head=tide"], "error: unknown head 'tide'; registered heads: projected_tied, tied"),
+        (["--model.head=tide"], "error: unknown head 'tide'; registered heads: lowrank_tied, projected_tied"),
         (["--model.backbone.d_model=130"], "error: model.backbone.d_model=130 is not divisible by n_head=4"),
         (["--model.backbone.n_layer=0"], "error: model.backbone.n_layer must be positive"),
         (

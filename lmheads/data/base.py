@@ -74,6 +74,11 @@ class LMDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         raise NotImplementedError
 
+    def train_token_counts(self) -> np.ndarray:
+        """(V,) how often each token id is a training target (every token after the first)."""
+        blocks = np.asarray(self.splits["train"].blocks)
+        return np.bincount(blocks[:, 1:].ravel(), minlength=self.vocab_size)
+
     def optimal_loss(self, split: str) -> float | None:
         """The lowest achievable mean NLL on a split, where it is known exactly; else None."""
         return None

@@ -2,10 +2,11 @@
 
 Every head reduces to one linear form on a (possibly transformed) hidden state (DESIGN.md):
 
-    logits = h' @ W.T + b        with   (h', W, b) = head.project(h, embedding)
+    logits = transform(h' @ W.T + b)        with   (h', W, b) = head.project(h, embedding)
 
-so logits, the loss (naive or memory-saving backends) and parameter accounting are written once,
-here and in :mod:`lmheads.loss`, and a new head only says how it forms (h', W, b).
+so logits, the loss (naive or memory-saving backends), the options every head shares (logit scale,
+soft-cap, z-loss, zero initialisation) and parameter accounting are written once, here and in
+:mod:`lmheads.loss`, and a new head only says how it forms (h', W, b).
 
 A head never stores a reference to the token embedding: it receives it at every call. That keeps a
 tie a tie through meta-device initialisation, FSDP wrapping and checkpoint loading, where aliases made
@@ -15,36 +16,61 @@ at construction break.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from lmheads.errors import ConfigError
 
+ENTRY_POINT_GROUP = "lmheads.heads"
 _REGISTRY: dict[str, type[Head]] = {}
+_BROKEN: dict[str, str] = {}
+_ENTRY_POINTS_LOADED = False
 
 
 class LinearForm(NamedTuple):
-    """What a head hands to the loss: logits = hidden @ weight.T + bias."""
+    """What a head hands to the loss: logits = cap(hidden @ weight.T + bias).
+
+    ``softcap`` c, when set, maps logits elementwise to c * tanh(logits / c) (Gemma 2).
+    """
 
     hidden: Tensor  # (..., K)
     weight: Tensor  # (V, K)
     bias: Tensor | None  # (V,) or None
+    softcap: float | None = None
+
+
+def apply_softcap(logits: Tensor, softcap: float | None) -> Tensor:
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 class Head(nn.Module, ABC):
     """Base class of all output heads.
 
     Subclasses set ``name`` (the short name used on the command line), ``description`` and
-    ``formula`` (their own parameter count in terms of V, D, E), create their parameters in
+    ``formula`` (their own parameter count in terms of V, D, E, r), create their parameters in
     ``_create_parameters`` and implement ``project``. Defining a subclass with a ``name`` registers it.
+    A subclass with options of its own takes ``**kwargs`` and passes them to ``super().__init__`` so
+    that the options below stay available.
 
     Construction takes only the head's options, so a head can be written in YAML as
     ``class_path``/``init_args``; the sizes arrive later through :meth:`build`, which the module calls
     once, right after building the backbone (so the backbone's initialisation does not depend on the
     head) and before any strategy wraps the model.
+
+    Args:
+        logit_scale: Multiplier on the logits (muP's output multiplier), or ``inv_sqrt_d`` for 1/sqrt(D)
+            (OLMo). Applied to h' and b, so the head stays a linear form.
+        softcap: Tanh soft-cap c on the logits, c * tanh(logits / c) (Gemma 2, modded-nanogpt);
+            ``None`` for none.
+        z_loss: Coefficient of the auxiliary z-loss, coefficient * logsumexp(logits)^2 per token
+            (PaLM, OLMo; 1e-4 is usual). Reported losses and metrics exclude it.
+        zero_init: Start the head's own output matrix at zero (modded-nanogpt); only for heads that
+            have one.
     """
 
     name: ClassVar[str] = ""
@@ -52,6 +78,8 @@ class Head(nn.Module, ABC):
     formula: ClassVar[str] = ""
     #: True when ``project`` returns the token embedding (or a function of it) as W.
     shares_embedding: ClassVar[bool] = True
+    #: True when the head owns a (V, K) output matrix that ``zero_init`` can start at zero.
+    has_output_matrix: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -64,11 +92,37 @@ class Head(nn.Module, ABC):
                 )
             _REGISTRY[cls.name] = cls
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        logit_scale: float | Literal["inv_sqrt_d"] = 1.0,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        zero_init: bool = False,
+    ) -> None:
         super().__init__()
+        if isinstance(logit_scale, str) and logit_scale != "inv_sqrt_d":
+            self._bad_option("logit_scale", logit_scale, "a positive number or 'inv_sqrt_d'")
+        if not isinstance(logit_scale, str) and not logit_scale > 0:
+            self._bad_option("logit_scale", logit_scale, "positive")
+        if softcap is not None and not softcap > 0:
+            self._bad_option("softcap", softcap, "positive, or null for no cap")
+        if not z_loss >= 0:
+            self._bad_option("z_loss", z_loss, ">= 0")
+        if zero_init and not self.has_output_matrix:
+            with_matrix = ", ".join(n for n, c in registered_heads().items() if c.has_output_matrix)
+            self._bad_option(
+                "zero_init", zero_init, f"false: this head has no own output matrix ({with_matrix} do)"
+            )
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.z_loss = z_loss
+        self.zero_init = zero_init
         self.vocab_size = 0
         self.d_model = 0
         self.d_embed = 0
+
+    def _bad_option(self, option: str, value: Any, expected: str) -> None:
+        raise ConfigError(f"head {head_name(self)!r}: {option}={value!r} is invalid; it must be {expected}")
 
     @property
     def built(self) -> bool:
@@ -90,14 +144,44 @@ class Head(nn.Module, ABC):
     def _create_parameters(self) -> None:
         """Create and initialise own parameters; sizes are in ``self.vocab_size/d_model/d_embed``."""
 
+    def _init_output_matrix(self, weight: Tensor) -> None:
+        """N(0, 0.02) like the embedding, or zeros with ``zero_init``."""
+        with torch.no_grad():
+            weight.zero_() if self.zero_init else nn.init.normal_(weight, std=0.02)
+
+    @property
+    def logit_multiplier(self) -> float:
+        """The logit multiplier as a number (needs the head to be built for ``inv_sqrt_d``)."""
+        return self.d_model**-0.5 if self.logit_scale == "inv_sqrt_d" else float(self.logit_scale)
+
     @abstractmethod
     def project(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
         """Return (h', W, b) for hidden states ``h`` (..., D) and the backbone's token embedding."""
 
+    def linear_form(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
+        """``project`` with the shared options applied: what the loss backends consume."""
+        hidden, weight, bias, _ = self.project(h, embedding)
+        scale = self.logit_multiplier
+        if scale != 1.0:
+            hidden = hidden * scale  # scale (h'W^T + b) = (scale h') W^T + scale b
+            bias = bias * scale if bias is not None else None
+        return LinearForm(hidden, weight, bias, self.softcap)
+
     def logits(self, h: Tensor, embedding: nn.Embedding) -> Tensor:
         """Full logits (..., V). Training uses :mod:`lmheads.loss`, which need not materialise them."""
-        hidden, weight, bias = self.project(h, embedding)
-        return nn.functional.linear(hidden, weight, bias)  # (..., V)
+        form = self.linear_form(h, embedding)
+        return apply_softcap(
+            nn.functional.linear(form.hidden, form.weight, form.bias), form.softcap
+        )  # (..., V)
+
+    def inactive_parameters(self) -> set[str]:
+        """Names of own parameters that do not affect the logits right now (they get zero gradient)."""
+        return set()
+
+    def on_train_step(self, step: int, total_steps: int, embedding: nn.Embedding) -> bool:
+        """Called before every training step; return True when the head changed its parameters in a way
+        that makes their optimizer state stale (the module then resets it)."""
+        return False
 
     def parameter_report(self, embedding: nn.Embedding) -> dict[str, int]:
         """``own``: parameters only the head has; ``shared``: embedding parameters it reuses.
@@ -106,10 +190,15 @@ class Head(nn.Module, ABC):
         return {"own": own, "shared": embedding.weight.numel() if self.shares_embedding else 0}
 
     def options(self) -> dict[str, Any]:
-        """The head's constructor options, for logging; heads store each under its argument's name
-        or override this."""
-        names = inspect.signature(type(self).__init__).parameters
-        return {n: getattr(self, n) for n in names if n != "self" and hasattr(self, n)}
+        """The head's constructor options (its own and the shared ones), for logging and checkpoints;
+        heads store each under its argument's name or override this."""
+        names: dict[str, None] = {}
+        for cls in type(self).__mro__:
+            if "__init__" in vars(cls) and issubclass(cls, Head):
+                for p in inspect.signature(cls.__init__).parameters.values():
+                    if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                        names[p.name] = None
+        return {n: getattr(self, n) for n in names if hasattr(self, n)}
 
     def spec(self) -> dict[str, Any]:
         """``class_path``/``init_args`` that rebuild this head (what a checkpoint stores)."""
@@ -120,14 +209,44 @@ class Head(nn.Module, ABC):
         return f"V={self.vocab_size}, D={self.d_model}, E={self.d_embed}" if self.built else "unbuilt"
 
 
+def _load_entry_points() -> None:
+    """Register heads that installed packages expose in the ``lmheads.heads`` entry-point group.
+
+    A broken entry point does not stop the others; asking for it by name raises its error."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        where = f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP})"
+        try:
+            cls = ep.load()
+        except Exception as err:
+            _BROKEN[ep.name] = f"{where} failed to import: {type(err).__name__}: {err}"
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Head)):
+            _BROKEN[ep.name] = f"{where} is not an lmheads.heads.Head subclass"
+            continue
+        _REGISTRY.setdefault(ep.name, cls)
+
+
 def registered_heads() -> dict[str, type[Head]]:
-    """Short name -> head class, for every head defined so far."""
+    """Short name -> head class: built-in heads, heads defined so far and entry-point heads."""
+    _load_entry_points()
     return dict(sorted(_REGISTRY.items()))
+
+
+def broken_heads() -> dict[str, str]:
+    """Entry-point heads that failed to load, with the reason."""
+    _load_entry_points()
+    return dict(_BROKEN)
 
 
 def head_class(name: str) -> type[Head]:
     """Look up a head by short name, with a message that lists the alternatives."""
     heads = registered_heads()
+    if name in _BROKEN:
+        raise ConfigError(f"head {name!r}: {_BROKEN[name]}; fix or uninstall the package that provides it")
     if name not in heads:
         raise ConfigError(
             f"unknown head {name!r}; registered heads: {', '.join(heads)}. "

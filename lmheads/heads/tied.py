@@ -9,7 +9,7 @@ from lmheads.errors import ConfigError
 from lmheads.heads.base import Head, LinearForm
 
 
-def _check_square(head: Head) -> None:
+def check_square(head: Head) -> None:
     if head.d_embed != head.d_model:
         raise ConfigError(
             f"head {head.name!r} needs d_embed == d_model, got d_embed={head.d_embed}, "
@@ -25,7 +25,7 @@ class TiedHead(Head):
     formula = "0"
 
     def _create_parameters(self) -> None:
-        _check_square(self)
+        check_square(self)
 
     def project(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
         return LinearForm(h, embedding.weight, None)  # W: (V, D)
@@ -39,7 +39,7 @@ class TiedBiasHead(Head):
     formula = "V"
 
     def _create_parameters(self) -> None:
-        _check_square(self)
+        check_square(self)
         self.bias = nn.Parameter(torch.zeros(self.vocab_size))  # (V,)
 
     def project(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
