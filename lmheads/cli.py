@@ -10,7 +10,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lmheads.data import LMDataModule
 from lmheads.errors import ConfigError
-from lmheads.heads import broken_heads, head_class, registered_heads
+from lmheads.heads import broken_heads, registered_heads
+from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule, SamplingConfig
 
 HEAD_KEY = "--model.head"
@@ -26,8 +27,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 def expand_head_names(args: list[str]) -> list[str]:
     """Turn ``--model.head=untied`` (or ``--model.head untied``) into the head's class path.
 
-    Class paths, class names of registered heads, YAML/JSON values and ``--model.head.*`` options pass
-    through untouched; an unknown bare name raises ``ConfigError`` listing the registered heads.
+    Class names of registered heads, YAML/JSON values and ``--model.head.*`` options pass through
+    untouched; class paths are checked (importable, a Head, not abstract); an unknown bare name raises
+    ``ConfigError`` listing the registered heads.
     """
     known_classes = {cls.__name__ for cls in registered_heads().values()}
     out = list(args)
@@ -41,9 +43,9 @@ def expand_head_names(args: list[str]) -> list[str]:
             value, prefix, index = out[i + 1], "", i + 1
         else:
             continue
-        if any(c in value for c in ".{:/") or value in known_classes:
+        if any(c in value for c in "{:/") or value in known_classes:
             continue
-        cls = head_class(value)
+        cls = resolve_head(value)
         out[index] = prefix + f"{cls.__module__}.{cls.__qualname__}"
     return out
 

@@ -21,7 +21,7 @@ from lmheads.module import HP_METRICS, LMHeadModule
 from .helpers import QUICKSTART, ROOT, fit, only_run, quick_args, scalars
 
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
-BUILTIN = ["tied", "untied", "tied_bias", "projected_tied"]
+BUILTIN = ["tied", "untied", "tied_bias", "projected_tied", "lowrank_tied", "untie_during_training"]
 
 
 def _config_args(config: str, shared: Path | None, tmp_path: Path) -> list[str]:

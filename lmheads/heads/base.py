@@ -255,17 +255,29 @@ def head_class(name: str) -> type[Head]:
     return heads[name]
 
 
+def resolve_head(path: str) -> type[Head]:
+    """A head class from a short name or a dotted class path, with a message saying what is wrong."""
+    if "." not in path:
+        return head_class(path)
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(
+            f"head class {path!r} cannot be imported ({err}); check the class path and that its folder is "
+            "on PYTHONPATH or its package is installed"
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, Head)):
+        raise ConfigError(f"{path!r} is not a head: a head subclasses lmheads.heads.Head")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise ConfigError(f"head {path!r} does not implement the Head contract: define {missing}()")
+    return cls
+
+
 def head_from_spec(spec: dict[str, Any]) -> Head:
     """Build a head from ``{"class_path": ..., "init_args": {...}}`` (or a registered short name)."""
-    path = spec["class_path"]
-    if "." not in path:
-        cls: type = head_class(path)
-    else:
-        module, _, name = path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name, None)
-        if not (isinstance(cls, type) and issubclass(cls, Head)):
-            raise ConfigError(f"{path!r} is not an lmheads.heads.Head subclass")
-    return cls(**spec.get("init_args", {}))
+    return resolve_head(spec["class_path"])(**spec.get("init_args", {}))
 
 
 def head_name(head: Head | type[Head]) -> str:

@@ -1,0 +1,275 @@
+"""Heads from outside the package, options shared by all heads, the heads beyond the seed."""
+
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmheads.backbone import Backbone, BackboneConfig
+from lmheads.cli import list_heads, main
+from lmheads.errors import ConfigError
+from lmheads.heads import LowRankTiedHead, TiedBiasHead, TiedHead, UntiedHead, UntieDuringTrainingHead, base
+from lmheads.heads.base import resolve_head
+from lmheads.module import LMHeadModule
+
+from .helpers import fit, only_run, quick_args, scalars
+
+V, D = 61, 16
+CFG = BackboneConfig(n_layer=1, n_head=2, d_model=D, block_size=8)
+
+
+def module(head) -> LMHeadModule:
+    torch.manual_seed(0)
+    return LMHeadModule(head=head, backbone=CFG, vocab_size=V)
+
+
+def tokens(B=2, T=8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (B, T + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+# ---------------------------------------------------------------- registration
+@pytest.fixture
+def fake_distribution(tmp_path, monkeypatch):
+    """An installed package exposing heads through the lmheads.heads entry-point group."""
+    pkg = tmp_path / "extheads"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            from lmheads.heads import Head, LinearForm
+
+            class DoubleTied(Head):
+                description = "tied, logits doubled"
+                formula = "0"
+
+                def project(self, h, embedding):
+                    return LinearForm(2 * h, embedding.weight, None)
+            """
+        )
+    )
+    dist = tmp_path / "extheads-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: extheads\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[lmheads.heads]\ndouble_tied = extheads:DoubleTied\nbroken = extheads.missing:Nope\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_BROKEN", {})
+    monkeypatch.setattr(base, "_ENTRY_POINTS_LOADED", False)
+    yield
+    sys.modules.pop("extheads", None)
+
+
+def test_entry_point_heads_get_short_names(fake_distribution, tmp_path):
+    heads = base.registered_heads()
+    assert heads["double_tied"].__name__ == "DoubleTied"
+    listing = list_heads()
+    assert "double_tied" in listing and "tied, logits doubled" in listing
+    assert "broken  (failed to load: entry point 'broken'" in listing
+    cli = fit(tmp_path, "--model.head=double_tied", steps=2, every=2)
+    assert type(cli.model.head).__name__ == "DoubleTied"
+
+
+def test_broken_entry_point_names_the_head_and_the_package(fake_distribution):
+    with pytest.raises(ConfigError, match=r"head 'broken': entry point 'broken' = 'extheads.missing:Nope'"):
+        base.head_class("broken")
+
+
+def test_listing_shows_every_head_with_its_formula():
+    listing = list_heads()
+    for name, formula in [
+        ("tied", "0"),
+        ("untied", "V*D"),
+        ("lowrank_tied", "r*(V+D)"),
+        ("test_cosine_tied", "1"),
+    ]:
+        line = next(line for line in listing.splitlines() if line.startswith(name + " "))
+        assert formula in line
+
+
+def test_external_head_trains_from_yaml(tmp_path):
+    config = tmp_path / "head.yaml"
+    config.write_text(
+        "model:\n  head:\n    class_path: tests.external_heads.CosineTiedHead\n"
+        "    init_args:\n      tau: 5.0\n      softcap: 30.0\n"
+    )
+    cli = fit(tmp_path, "--config", str(config), steps=3, every=3)
+    assert cli.model.head.options()["tau"] == 5.0 and cli.model.head.softcap == 30.0
+    assert only_run(tmp_path).name.startswith("test_cosine_tied-seed0-")
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("tests.external_heads.Nope", "cannot be imported"),
+        ("collections.OrderedDict", "is not a head"),
+        ("lmheads.heads.Head", "does not implement the Head contract: define project()"),
+    ],
+)
+def test_bad_head_classes(path, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_head(path)
+
+
+# ---------------------------------------------------------------- shared options
+def test_logit_scale_multiplies_logits_and_bias():
+    ref, scaled = module(TiedBiasHead()), module(TiedBiasHead(logit_scale=0.5))
+    with torch.no_grad():
+        ref.head.bias.normal_()
+        scaled.head.bias.copy_(ref.head.bias)
+    idx, _ = tokens()
+    torch.testing.assert_close(scaled(idx), 0.5 * ref(idx))
+    inv = module(TiedHead(logit_scale="inv_sqrt_d"))
+    torch.testing.assert_close(inv(idx), module(TiedHead())(idx) / math.sqrt(D))
+
+
+def test_softcap_bounds_logits_and_the_loss_uses_capped_logits():
+    model = module(UntiedHead(softcap=0.5))
+    with torch.no_grad():
+        model.head.weight.mul_(100)
+    idx, targets = tokens()
+    logits = model(idx)
+    assert logits.abs().max() <= 0.5
+    raw = model.backbone(idx) @ model.head.weight.T
+    torch.testing.assert_close(logits, 0.5 * torch.tanh(raw / 0.5))
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    torch.testing.assert_close(model.token_nll(idx, targets), expected)
+
+
+def test_z_loss_is_added_to_training_loss_only():
+    model = module(TiedHead(z_loss=1e-2))
+    idx, targets = tokens()
+    logits = model(idx).flatten(0, 1)
+    nll = F.cross_entropy(logits, targets.flatten())
+    expected = nll + 1e-2 * logits.logsumexp(-1).square().mean()
+    torch.testing.assert_close(model.training_step((idx, targets), 0), expected)
+
+
+def test_zero_init_only_for_heads_with_an_output_matrix():
+    assert not module(UntiedHead(zero_init=True)).head.weight.any()
+    with pytest.raises(ConfigError, match=r"head 'tied': zero_init=True is invalid.*untied"):
+        TiedHead(zero_init=True)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: TiedHead(softcap=-1.0), r"head 'tied': softcap=-1.0 is invalid; it must be positive"),
+        (lambda: TiedHead(logit_scale=0.0), r"head 'tied': logit_scale=0.0"),
+        (lambda: TiedHead(logit_scale="sqrt"), r"logit_scale='sqrt'"),
+        (lambda: TiedHead(z_loss=-1e-4), r"z_loss=-0.0001"),
+        (lambda: UntieDuringTrainingHead(untie_at=1.0), r"head 'untie_during_training': untie_at=1.0"),
+        (lambda: LowRankTiedHead(rank=0), r"head 'lowrank_tied': rank=0"),
+        (
+            lambda: module(LowRankTiedHead(rank=D + 1)),
+            rf"rank={D + 1} is invalid; it must be at most the width",
+        ),
+    ],
+)
+def test_invalid_options_name_head_and_option(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_invalid_option_on_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *quick_args(tmp_path), "--model.head=lowrank_tied", "--model.head.rank=1000"])
+    assert exc.value.code == 2
+    assert (
+        "head 'lowrank_tied': rank=1000 is invalid; it must be at most the width d_model=128"
+        in capsys.readouterr().err
+    )
+
+
+# ---------------------------------------------------------------- heads beyond the seed
+def test_lowrank_tied_starts_tied_and_adds_a_low_rank_delta():
+    model = module(LowRankTiedHead(rank=3))
+    idx, _ = tokens()
+    torch.testing.assert_close(model(idx), module(TiedHead())(idx))  # B = 0: exactly tied
+    with torch.no_grad():
+        model.head.b.normal_()
+    W = model.backbone.wte.weight + model.head.a @ model.head.b.T
+    torch.testing.assert_close(model(idx), model.backbone(idx) @ W.T)
+    assert model.parameter_counts()["head_own"] == 3 * (V + D)
+
+
+def test_untie_during_training(tmp_path):
+    cli = fit(tmp_path, "--model.head=untie_during_training", "--model.head.untie_at=0.5", steps=6, every=3)
+    head, emb = cli.model.head, cli.model.backbone.wte.weight
+    assert bool(head.untied)
+    assert not torch.equal(head.weight, emb)  # copied at step 3, trained apart since
+    assert (head.weight - emb).abs().max() < 0.1  # ...for three steps only
+    state = cli.trainer.optimizers[0].state[head.weight]
+    assert state["step"] == 3  # optimizer state restarted at the switch
+    loaded = LMHeadModule.load_from_checkpoint(only_run(tmp_path) / "checkpoints" / "last.ckpt")
+    assert bool(loaded.head.untied)  # a resumed run stays untied
+    torch.testing.assert_close(loaded.head.weight, head.weight)
+
+
+def test_untie_before_the_switch_is_exactly_tied():
+    model = module(UntieDuringTrainingHead(untie_at=0.5))
+    idx, _ = tokens()
+    torch.testing.assert_close(model(idx), module(TiedHead())(idx))
+    assert not model.head.on_train_step(4, 10, model.backbone.wte)
+    assert model.head.on_train_step(5, 10, model.backbone.wte)
+    assert torch.equal(model.head.weight, model.backbone.wte.weight)
+    assert not model.head.on_train_step(6, 10, model.backbone.wte)  # only once
+
+
+def test_scaled_input_embedding():
+    """Gemma: token embeddings enter the residual stream multiplied by sqrt(d_model)."""
+    seen = []
+    for scale in (False, True):
+        torch.manual_seed(0)
+        model = Backbone(
+            V, BackboneConfig(n_layer=1, n_head=2, d_model=D, block_size=8, scale_embedding=scale)
+        )
+        model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        idx, _ = tokens()
+        model(idx)
+        seen[-1] = seen[-1] - model.wpe.weight[:8]  # the token part of the block input
+    torch.testing.assert_close(seen[1], seen[0] * math.sqrt(D))
+
+
+# ---------------------------------------------------------------- diagnostics
+@pytest.mark.parametrize(
+    ("head", "expected", "absent"),
+    [
+        ("tied", {"diag/row_norm_mean"}, {"diag/cos_to_embedding_mean", "diag/bias_mean"}),
+        ("untied", {"diag/cos_to_embedding_mean"}, {"diag/bias_mean"}),
+        ("tied_bias", {"diag/bias_mean", "diag/bias_corr_log_freq"}, {"diag/cos_to_embedding_mean"}),
+        ("lowrank_tied", {"diag/cos_to_embedding_mean"}, set()),
+    ],
+)
+def test_diagnostics_in_tensorboard(head, expected, absent, tmp_path):
+    fit(tmp_path, f"--model.head={head}", steps=3, every=3)
+    logged = scalars(only_run(tmp_path))
+    for bucket in ("top1pct", "1to10pct", "rest"):
+        assert f"val_freq/loss_{bucket}" in logged and f"diag/row_norm_mean_{bucket}" in logged
+    shares = sum(logged[f"val_freq/token_share_{b}"][-1][1] for b in ("top1pct", "1to10pct", "rest"))
+    assert math.isclose(shares, 1.0, rel_tol=1e-5)
+    assert expected <= set(logged) and not absent & set(logged)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(only_run(tmp_path)))
+    acc.Reload()
+    assert "diag/row_norm" in acc.Tags()["histograms"]
+
+
+def test_frequency_buckets_weigh_to_the_overall_loss(tmp_path):
+    fit(tmp_path, steps=3, every=3)
+    logged = scalars(only_run(tmp_path))
+    overall = logged["val/loss"][-1][1]
+    parts = sum(
+        logged[f"val_freq/loss_{b}"][-1][1] * logged[f"val_freq/token_share_{b}"][-1][1]
+        for b in ("top1pct", "1to10pct", "rest")
+    )
+    assert math.isclose(parts, overall, rel_tol=1e-4)
