@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from typing import Any
@@ -83,8 +84,15 @@ class LMHeadsCLI(LightningCLI):
             logger.init_args.version = f"{head}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def list_heads() -> str:
-    """The ``heads`` command: every available head, its parameters and what it computes."""
+def list_heads(modules: list[str] = ()) -> str:
+    """The ``heads`` command: every available head, its parameters and what it computes.
+
+    ``modules`` are imported first, so heads defined in a user's own files are listed too."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"cannot import {module!r} ({err}); is its folder on PYTHONPATH?") from err
     heads = registered_heads()
     rows = [("name", "own parameters", "class", "description")]
     for name, cls in heads.items():
@@ -102,13 +110,14 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
     """Entry point of ``python -m lmheads``; bad input ends with one ``error:`` line and exit status 2.
 
     ``run=False`` parses and instantiates without a subcommand (the arguments then start with the
-    options, e.g. ``["--config", "configs/quickstart.yaml"]``). ``heads`` lists the available heads.
+    options, e.g. ``["--config", "configs/quickstart.yaml"]``). ``heads [MODULE ...]`` lists the available
+    heads, after importing the given modules.
     """
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["heads"]:
-        print(list_heads())
-        return None
     try:
+        if argv[:1] == ["heads"]:  # python -m lmheads heads [MODULE ...]
+            print(list_heads(argv[1:]))
+            return None
         return LMHeadsCLI(
             LMHeadModule,
             LMDataModule,
@@ -119,7 +128,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "description": "Train and compare output heads of decoder-only language models. "
-                "`python -m lmheads heads` lists the available heads."
+                "`python -m lmheads heads [MODULE ...]` lists the available heads."
             },
             args=args,
             run=run,

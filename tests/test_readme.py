@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 
 import torch
@@ -18,6 +20,10 @@ def test_readme_custom_head_trains_through_the_cli(tmp_path, monkeypatch):
     (tmp_path / "my_heads.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+        command = [sys.executable, "-m", "lmheads", "heads", "my_heads"]
+        result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+        assert "scaled_tied" in result.stdout and "my_heads.ScaledTied" in result.stdout
         cli = fit(tmp_path, "--model.head=my_heads.ScaledTied", steps=3, every=3)
         assert "scaled_tied" in registered_heads()
         assert only_run(tmp_path).name.startswith("scaled_tied-seed0-")
