@@ -6,7 +6,7 @@ import pytest
 import lmheads.data.text as text_module
 from lmheads.data.base import stream_blocks
 from lmheads.data.text import TextDataModule
-from lmheads.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from lmheads.errors import ConfigError
 
 SAMPLE = "Ünïcode läuft 😀\nthe cat sat on the mat\n\nthe end\n"
@@ -37,8 +37,26 @@ def test_word_vocabulary_and_eos():
     assert WordTokenizer.train(lines, min_count=2).itos[2:] == ["the"]
 
 
+def test_bpe_round_trip_and_merges():
+    lines = SAMPLE.splitlines(keepends=True) * 20
+    tok = BPETokenizer.train(lines, vocab_size=300)
+    assert 258 < tok.vocab_size <= 300  # bytes, <eos> and learned merges
+    ids = tok.encode_batch(lines[:4])
+    assert all(row[-1] == tok.eos_id for row in ids)  # <eos> ends each line and stands for its newline
+    assert tok.decode([i for row in ids for i in row]) == "".join(lines[:4])
+    assert len(tok.encode("the cat sat on the mat")) < len("the cat sat on the mat")  # merges apply
+    with pytest.raises(ConfigError, match="bpe_vocab_size"):
+        BPETokenizer.train(lines, vocab_size=100)
+
+
 @pytest.mark.parametrize(
-    "tok", [CharTokenizer.train([SAMPLE]), ByteTokenizer(), WordTokenizer.train([SAMPLE])]
+    "tok",
+    [
+        CharTokenizer.train([SAMPLE]),
+        ByteTokenizer(),
+        WordTokenizer.train([SAMPLE]),
+        BPETokenizer.train([SAMPLE] * 5, vocab_size=280),
+    ],
 )
 def test_serialisation(tok):
     again = Tokenizer.from_dict(tok.to_dict())
@@ -67,21 +85,18 @@ def text_files(tmp_path):
     return train, valid
 
 
-@pytest.mark.parametrize("tokenizer", ["char", "byte", "word"])
+@pytest.mark.parametrize("tokenizer", ["char", "byte", "word", "bpe"])
 def test_text_module_splits_and_bytes(text_files, tokenizer, tmp_path):
     train, valid = text_files
     dm = TextDataModule(
-        train_file=str(train),
-        validation_file=str(valid),
-        tokenizer=tokenizer,
-        block_size=16,
-        cache_dir=str(tmp_path),
-    )
+        train_file=str(train), validation_file=str(valid), tokenizer=tokenizer, bpe_vocab_size=300,
+        block_size=16, cache_dir=str(tmp_path),
+    )  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
     stream = np.load(dm.stream_path("validation"))
     text = valid.read_text(encoding="utf-8")
-    if tokenizer != "word":  # char and byte streams decode back to the file exactly
+    if tokenizer != "word":  # char, byte and BPE streams decode back to the file exactly
         assert dm.tokenizer.decode(stream.tolist()) == text
     else:
         assert len(stream) == len(text.split()) + text.count("\n")

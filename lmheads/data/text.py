@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 
 from lmheads.data.base import BlockDataset, LMDataModule, stream_blocks
-from lmheads.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from lmheads.errors import ConfigError
 
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
@@ -37,7 +37,7 @@ def default_cache_dir() -> Path:
 
 def encode_batch(batch: dict[str, list], tokenizer: Tokenizer, text_column: str) -> dict[str, list]:
     """``Dataset.map`` function (module level, so its fingerprint is stable and the cache is reused)."""
-    return {"ids": [tokenizer.encode(text) for text in batch[text_column]]}
+    return {"ids": tokenizer.encode_batch(batch[text_column])}
 
 
 class TextDataModule(LMDataModule):
@@ -53,10 +53,12 @@ class TextDataModule(LMDataModule):
         dataset_name: A ``datasets`` hub name or local dataset directory, e.g. ``Salesforce/wikitext``.
         dataset_config: The hub dataset's configuration name, e.g. ``wikitext-2-raw-v1``.
         text_column: Column holding the text in a hub dataset.
-        tokenizer: ``char`` (characters of the training text), ``byte`` (UTF-8 bytes) or ``word``
-            (whitespace words, one ``<eos>`` per line: the WikiText convention).
+        tokenizer: ``char`` (characters of the training text), ``byte`` (UTF-8 bytes), ``word``
+            (whitespace words, one ``<eos>`` per line: the WikiText convention) or ``bpe`` (byte-level
+            BPE trained on the training text, one ``<eos>`` per line).
         min_count: ``word`` only: keep words seen at least this often in training.
         max_vocab: ``word`` only: cap on the vocabulary size, specials included.
+        bpe_vocab_size: ``bpe`` only: vocabulary size (256 bytes, ``<eos>`` and the learned merges).
         val_fraction: Fraction of training records held out when there is no validation split.
         cache_dir: Where tokenizers and token streams are cached (default ``$LMHEADS_CACHE`` or
             ``~/.cache/lmheads``).
@@ -74,9 +76,10 @@ class TextDataModule(LMDataModule):
         dataset_name: str | None = None,
         dataset_config: str | None = None,
         text_column: str = "text",
-        tokenizer: Literal["char", "byte", "word"] = "char",
+        tokenizer: Literal["char", "byte", "word", "bpe"] = "char",
         min_count: int = 1,
         max_vocab: int | None = None,
+        bpe_vocab_size: int = 8192,
         val_fraction: float = 0.05,
         cache_dir: str | None = None,
         num_proc: int | None = None,
@@ -156,6 +159,8 @@ class TextDataModule(LMDataModule):
     def _load_or_train_tokenizer(self) -> Tokenizer:
         hp = self.hparams
         options = {"kind": hp.tokenizer, "min_count": hp.min_count, "max_vocab": hp.max_vocab}
+        if hp.tokenizer == "bpe":
+            options["bpe_vocab_size"] = hp.bpe_vocab_size
         key = _digest({"train": self.raw["train"]._fingerprint, **options})
         path = self.cache_dir / "tokenizers" / f"{key}.json"
         if path.is_file():
@@ -164,6 +169,8 @@ class TextDataModule(LMDataModule):
             tokenizer: Tokenizer = CharTokenizer.train(self._train_texts())
         elif hp.tokenizer == "byte":
             tokenizer = ByteTokenizer()
+        elif hp.tokenizer == "bpe":
+            tokenizer = BPETokenizer.train(self._train_texts(), vocab_size=hp.bpe_vocab_size)
         else:
             tokenizer = WordTokenizer.train(
                 self._train_texts(), min_count=hp.min_count, max_size=hp.max_vocab
@@ -185,6 +192,7 @@ class TextDataModule(LMDataModule):
         return self.cache_dir / "streams" / f"{key}.npy"
 
     def prepare_data(self) -> None:
+        hp = self.hparams
         for split in self.raw:
             path = self.stream_path(split)
             if path.is_file() and path.with_suffix(".json").is_file():
@@ -194,7 +202,8 @@ class TextDataModule(LMDataModule):
                 batched=True,
                 fn_kwargs={"tokenizer": self.tokenizer, "text_column": self.text_column},
                 remove_columns=self.raw[split].column_names,
-                num_proc=self.num_proc if len(self.raw[split]) >= 10_000 else None,
+                # BPE encodes batches in parallel itself; Python tokenizers use processes
+                num_proc=self.num_proc if len(self.raw[split]) >= 10_000 and hp.tokenizer != "bpe" else None,
                 desc=f"tokenizing {split}",
             )
             dtype = np.uint16 if self.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32

@@ -1,4 +1,4 @@
-"""Tokenizers that need no download: characters, UTF-8 bytes, whitespace words.
+"""Tokenizers that need no download: characters, UTF-8 bytes, whitespace words, BPE trained locally.
 
 Each one encodes one *record* (a line of a text file, a row of a hub dataset) and round-trips through
 a JSON-able dict so the data module can cache it. They are plain picklable objects so that
@@ -12,9 +12,12 @@ import json
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from lmheads.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -32,6 +35,9 @@ class Tokenizer(ABC):
     def encode(self, text: str) -> list[int]:
         """Token ids of one record."""
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
 
@@ -43,7 +49,7 @@ class Tokenizer(ABC):
 
     @staticmethod
     def from_dict(state: dict) -> Tokenizer:
-        kinds = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, WordTokenizer)}
+        kinds = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, WordTokenizer, BPETokenizer)}
         return kinds[state["kind"]]._from_state(state)
 
     @classmethod
@@ -163,3 +169,66 @@ class WordTokenizer(Tokenizer):
     @classmethod
     def _from_state(cls, state: dict) -> WordTokenizer:
         return cls(state["words"])
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant) trained on the training text
+    with HF ``tokenizers``. Every string is representable, so there is no ``<unk>``; ``<eos>`` (id 0)
+    ends each record and stands for its line break, as for the word tokenizer."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: HFTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.token_to_id(EOS)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 8192) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 257 + 1:
+            raise ConfigError(
+                f"data.bpe_vocab_size must be at least 258 (256 bytes + <eos> + one merge), got {vocab_size}"
+            )
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        lines = [t[:-1] if t.endswith("\n") else t for t in texts]
+        return [[*enc.ids, self.eos_id] for enc in self.tokenizer.encode_batch(lines)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        lines, current = [], []
+        for i in ids:
+            if i == self.eos_id:
+                lines.append(self.tokenizer.decode(current) + "\n")
+                current = []
+            else:
+                current.append(i)
+        return "".join(lines) + self.tokenizer.decode(current)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tokenizer": json.loads(self.tokenizer.to_str())}
+
+    @classmethod
+    def _from_state(cls, state: dict) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(json.dumps(state["tokenizer"])))
