@@ -155,3 +155,41 @@ class HeadDiagnostics(Callback):
                 if isinstance(logger, TensorBoardLogger):
                     for name, values in distributions.items():
                         logger.experiment.add_histogram(f"diag/{name}", values.cpu(), trainer.global_step)
+
+
+class TextSamples(Callback):
+    """After each validation, continues the first ``sampling.validation_samples`` validation prompts and
+    writes prompt and continuation to TensorBoard's text tab (``samples/<i>``).
+
+    Sampling uses its own seeded generator: the samples of one step are comparable across heads and
+    the training random state is left untouched (so resumed runs stay exact).
+    """
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cfg = pl_module.sampling
+        datamodule = trainer.datamodule
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if (
+            trainer.sanity_checking
+            or not trainer.is_global_zero
+            or not loggers
+            or cfg.validation_samples == 0
+        ):
+            return
+        blocks = datamodule.splits["validation"]
+        n = min(cfg.validation_samples, len(blocks))
+        device = pl_module.device
+        prompts = torch.stack([blocks[i][0][: cfg.prompt_tokens] for i in range(n)]).to(device)  # (n, P)
+        generator = torch.Generator(device=device).manual_seed(0)
+        out = pl_module.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator=generator)
+        for i in range(n):
+            prompt = datamodule.decode(out[i, : prompts.size(1)].tolist())
+            completion = datamodule.decode(out[i, prompts.size(1) :].tolist())
+            text = f"**prompt** {_markdown_code(prompt)}\n\n**continuation** {_markdown_code(completion)}"
+            for logger in loggers:
+                logger.experiment.add_text(f"samples/{i}", text, trainer.global_step)
+
+
+def _markdown_code(text: str) -> str:
+    """Text as a markdown code block, so whitespace and markup characters show as they are."""
+    return "\n\n    " + text.replace("\n", "\n    ")

@@ -56,7 +56,9 @@ class LMHeadsCLI(LightningCLI):
         parser.set_defaults({"model.head": {"class_path": "lmheads.heads.TiedHead"}})
         parser.link_arguments("model.backbone.block_size", "data.init_args.block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        parser.add_class_arguments(SamplingConfig, "sampling", help="Text generation settings for predict.")
+        parser.add_class_arguments(
+            SamplingConfig, "sampling", help="Text generation for predict and for samples at validation."
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         if args is None:
@@ -67,8 +69,10 @@ class LMHeadsCLI(LightningCLI):
         else:
             super().parse_arguments(parser, args)
 
-    def before_predict(self) -> None:
-        self.model.sampling = self.config_init[self.subcommand].sampling
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        self.model.sampling = config.sampling
 
     def before_instantiate_classes(self) -> None:
         """Name each TensorBoard run after its head and seed so runs sit side by side."""

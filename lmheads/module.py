@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lmheads.backbone import Backbone, BackboneConfig
-from lmheads.callbacks import HeadDiagnostics, SampleWriter, TokenThroughput
+from lmheads.callbacks import HeadDiagnostics, SampleWriter, TextSamples, TokenThroughput
 from lmheads.errors import ConfigError
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.loss import IGNORE_INDEX, TokenLoss, get_backend
@@ -29,25 +29,30 @@ HP_METRICS = ("hp/val_loss", "hp/val_ppl", "hp/val_bpb", "hp/val_excess_loss", "
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Text generation for ``predict``: each prompt is the start of a test (or validation) block.
+    """Text generation: ``predict`` continues the start of each test (or validation) block, and after
+    each validation a few validation prompts are continued into TensorBoard's text tab.
 
     Args:
         prompt_tokens: Tokens of each block used as the prompt.
         max_new_tokens: Tokens to generate after the prompt.
         temperature: Softmax temperature; 0 means greedy decoding.
         top_k: Sample only among the k most likely tokens (``None``: all).
+        validation_samples: Samples written to TensorBoard after each validation (0: none).
     """
 
     prompt_tokens: int = 32
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: int | None = None
+    validation_samples: int = 2
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or (self.top_k is not None and self.top_k <= 0):
             raise ConfigError("sampling needs temperature >= 0 and top_k > 0 (or null)")
-        if self.prompt_tokens <= 0 or self.max_new_tokens <= 0:
-            raise ConfigError("sampling.prompt_tokens and sampling.max_new_tokens must be positive")
+        if self.prompt_tokens <= 0 or self.max_new_tokens <= 0 or self.validation_samples < 0:
+            raise ConfigError(
+                "sampling.prompt_tokens and sampling.max_new_tokens must be positive, validation_samples >= 0"
+            )
 
 
 def warmup_cosine(step: int, warmup: int, total: float, min_ratio: float) -> float:
@@ -308,6 +313,11 @@ class LMHeadModule(L.LightningModule):
             "vocab_size": self.backbone.vocab_size,
             "batch_size": int(getattr(datamodule, "batch_size", 0)),
             "devices": trainer.world_size,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "tokens_per_step": int(getattr(datamodule, "batch_size", 0))
+            * self.cfg.block_size
+            * trainer.world_size
+            * trainer.accumulate_grad_batches,
             "precision": str(trainer.precision),
             "max_steps": trainer.max_steps,
             "lr": self.hparams.lr,
@@ -342,7 +352,7 @@ class LMHeadModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [TokenThroughput(), SampleWriter(), HeadDiagnostics()]
+        callbacks: list[Callback] = [TokenThroughput(), SampleWriter(), HeadDiagnostics(), TextSamples()]
         if self.trainer.loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if self.trainer.checkpoint_callback is not None:

@@ -258,3 +258,13 @@ def test_generate_greedy_and_top_k():
     g = torch.Generator().manual_seed(0)
     sampled = model.generate(prompt, 20, top_k=1, generator=g)
     assert torch.equal(sampled, model.generate(prompt, 20, temperature=0))  # top-1 sampling is greedy
+
+
+def test_samples_in_tensorboard_text_tab(tmp_path):
+    fit(tmp_path, "--sampling.validation_samples=2", "--sampling.max_new_tokens=4", steps=3, every=3)
+    acc = EventAccumulator(str(only_run(tmp_path)))
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    assert {"samples/0/text_summary", "samples/1/text_summary"} <= set(tags)
+    text = acc.Tensors("samples/0/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "**prompt**" in text and "**continuation**" in text

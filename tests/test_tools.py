@@ -1,0 +1,111 @@
+"""tools/sweep.py and tools/compare.py on tiny quickstart runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+
+from .helpers import ROOT, scalars
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep, compare = _tool("sweep"), _tool("compare")
+
+TINY = [
+    "--trainer.val_check_interval=2",
+    "--trainer.log_every_n_steps=1",
+    "--data.init_args.train_tokens=65536",
+    "--data.init_args.val_tokens=4096",
+    "--sampling.validation_samples=0",
+]
+
+
+def run_sweep(root, steps: int, *extra: str) -> int:
+    args = [
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        "--heads",
+        "tied",
+        "untied",
+        "--seeds",
+        "0",
+        "1",
+    ]
+    return sweep.main(
+        [*args, "--root", str(root), "--name", "grid", *extra, "--", f"--trainer.max_steps={steps}", *TINY]
+    )
+
+
+@pytest.mark.slow
+def test_sweep_is_resumable_and_compare_tabulates(tmp_path, capsys):
+    assert run_sweep(tmp_path, 2) == 0
+    grid = tmp_path / "grid"
+    assert sorted(p.name for p in grid.iterdir()) == [
+        "tied-seed0",
+        "tied-seed1",
+        "untied-seed0",
+        "untied-seed1",
+    ]
+    # a second call skips finished runs
+    capsys.readouterr()
+    assert run_sweep(tmp_path, 2) == 0
+    assert capsys.readouterr().out.count("skipped (done)") == 4
+    # an interrupted run (no marker) resumes from its last checkpoint, in the same run folder
+    (grid / "tied-seed0" / "sweep.json").unlink()
+    assert run_sweep(tmp_path, 4) == 0
+    record = json.loads((grid / "tied-seed0" / "sweep.json").read_text())
+    assert any(arg.startswith("--ckpt_path=") for arg in record["command"])
+    resumed = grid / "tied-seed0"
+    assert len(list(resumed.glob("events.out.tfevents.*"))) == 2
+    steps = [s for s, _ in scalars(resumed)["train/loss"]]
+    assert max(steps) == 3
+
+    runs = compare.find_runs([grid])
+    run = next(r for r in runs if r.path == resumed)
+    assert [s for s, _, _ in run.series("val/loss")] == [1, 3]  # both sessions, stitched
+    minutes = [t for _, _, t in run.series("val/loss")]
+    assert minutes == sorted(minutes)
+
+    out = tmp_path / "report"
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Results\n\n{compare.BEGIN}\nold\n{compare.END}\n\nkept\n")
+    assert compare.main([str(grid), "--out", str(out), "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("kept\n")
+    assert "WARNING: runs differ in budget" in text  # tied-seed0 trained 4 steps, the others 2
+    rows = [line for line in text.splitlines() if line.startswith("| tied") or line.startswith("| untied")]
+    assert len(rows) == 2 and "| 0,1 |" in rows[0]
+    final = [r.final("val/loss") for r in runs if r.hparams["head"] == "untied"]
+    mean = sum(final) / 2
+    assert f"{mean:.4f} ± " in rows[1]
+    assert f"{math.exp(final[0]) / 2 + math.exp(final[1]) / 2:.2f}" in rows[1]
+    for name in ("val_loss_vs_step.png", "val_loss_vs_tokens.png", "val_loss_vs_minutes.png"):
+        assert (out / name).stat().st_size > 1000
+        assert f"report/{name}" in text
+
+
+def test_grid_and_run_names():
+    grid = sweep.parse_grid(["model.backbone.d_model=64,128", "model.lr=1e-3"])
+    assert grid == [
+        {"model.backbone.d_model": "64", "model.lr": "1e-3"},
+        {"model.backbone.d_model": "128", "model.lr": "1e-3"},
+    ]
+    assert sweep.Run("tied", 2, grid[1]).name == "tied-seed2-d_model=128-lr=1e-3"
+    with pytest.raises(SystemExit):
+        sweep.parse_grid(["model.lr"])
+
+
+def test_compare_without_runs_fails_clearly(tmp_path, capsys):
+    assert compare.main([str(tmp_path)]) == 2
+    assert "no lmheads runs" in capsys.readouterr().err

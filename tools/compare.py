@@ -1,0 +1,262 @@
+"""Tabulate and plot lmheads runs from their TensorBoard logs, grouped by head.
+
+    python tools/compare.py runs/wikitext2_tying                       # markdown table on stdout
+    python tools/compare.py runs/wikitext2_tying --out docs/results/wikitext2_tying \\
+        --update docs/results.md                                        # + PNG plots, and the doc
+
+A run is a folder with TensorBoard event files and the ``hparams.yaml`` lmheads writes. Runs are
+grouped by head and head options; each metric is the *final* value of every run, shown as mean +- std
+over the runs (seeds) of a group. A run resumed from a checkpoint has several event files: they are
+read in order, later values win for a repeated step, and wall-clock time excludes the pause between
+them. The plots show validation loss against optimizer step, training tokens and wall-clock time, one
+line per head (the mean over seeds) with a band from the lowest to the highest seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+
+
+@dataclass
+class RunLog:
+    path: Path
+    hparams: dict
+    scalars: dict[str, dict[int, tuple[float, float]]]  # tag -> step -> (value, seconds since start)
+
+    def series(self, tag: str) -> list[tuple[int, float, float]]:
+        return sorted((step, v, t) for step, (v, t) in self.scalars.get(tag, {}).items())
+
+    def final(self, tag: str) -> float | None:
+        values = self.series(tag)
+        return values[-1][1] if values else None
+
+    @property
+    def label(self) -> str:
+        options = json.loads(self.hparams.get("head_options", "{}") or "{}")
+        defaults = _default_options(str(self.hparams.get("head")))
+        changed = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
+        extra = ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
+        return f"{self.hparams.get('head')}" + (f" ({extra})" if extra else "")
+
+
+def _default_options(head: str) -> dict:
+    try:
+        from lmheads.heads import head_class
+
+        return head_class(head)().options()
+    except Exception:  # a head that is not importable here: show all its options
+        return {}
+
+
+def _event_files(run_dir: Path) -> list[Path]:
+    def created(path: Path) -> float:
+        parts = path.name.split(".")
+        return float(parts[3]) if len(parts) > 3 and parts[3].isdigit() else path.stat().st_mtime
+
+    return sorted(run_dir.glob("events.out.tfevents.*"), key=created)
+
+
+def load_run(run_dir: Path) -> RunLog:
+    scalars: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)
+    offset = 0.0
+    for events in _event_files(run_dir):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})  # 0: keep every point
+        acc.Reload()
+        points = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+        times = [e.wall_time for evs in points.values() for e in evs]
+        if not times:
+            continue
+        start = min(times)
+        for tag, evs in points.items():
+            for e in evs:
+                scalars[tag][e.step] = (e.value, offset + e.wall_time - start)
+        offset += max(times) - start
+    hparams_file = run_dir / "hparams.yaml"
+    hparams = yaml.safe_load(hparams_file.read_text()) if hparams_file.is_file() else {}
+    return RunLog(run_dir, hparams or {}, dict(scalars))
+
+
+def find_runs(roots: list[Path]) -> list[RunLog]:
+    dirs = sorted({p.parent for root in roots for p in root.rglob("events.out.tfevents.*")})
+    runs = [load_run(d) for d in dirs]
+    return [r for r in runs if r.hparams.get("head") and "val/loss" in r.scalars]
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _count(value) -> str:
+    return f"{int(value):,}" if value is not None else "–"
+
+
+def table(groups: dict[str, list[RunLog]]) -> str:
+    any_run = [r for runs in groups.values() for r in runs]
+    has = {tag: any(tag in r.scalars for r in any_run) for tag in ("val/bpb", "val/excess_loss", "test/loss")}
+    header = ["head", "seeds", "params (unique)", "token emb.", "head own", "val loss", "val ppl"]
+    header += ["val bpb"] * has["val/bpb"] + ["excess loss"] * has["val/excess_loss"]
+    header += ["test ppl"] * has["test/loss"] + ["tokens/s", "peak MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, runs in groups.items():
+        hp = runs[0].hparams
+        losses = [r.final("val/loss") for r in runs]
+        row = [
+            label,
+            ",".join(str(r.hparams.get("seed")) for r in runs),
+            _count(hp.get("params/total")),
+            _count(hp.get("params/token_embedding")),
+            _count(hp.get("params/head_own")),
+            _mean_std(losses, 4),
+            _mean_std([math.exp(v) if v is not None else None for v in losses], 2),
+        ]
+        if has["val/bpb"]:
+            row.append(_mean_std([r.final("val/bpb") for r in runs], 4))
+        if has["val/excess_loss"]:
+            row.append(_mean_std([r.final("val/excess_loss") for r in runs], 4))
+        if has["test/loss"]:
+            tests = [r.final("test/loss") for r in runs]
+            row.append(_mean_std([math.exp(v) if v is not None else None for v in tests], 2))
+        speeds = [
+            statistics.fmean(
+                v for _, v, _ in r.series("perf/tokens_per_sec")[1:] or r.series("perf/tokens_per_sec")
+            )
+            if "perf/tokens_per_sec" in r.scalars
+            else None
+            for r in runs
+        ]
+        memory = [
+            max(v for _, v, _ in r.series("perf/peak_mem_mib")) if "perf/peak_mem_mib" in r.scalars else None
+            for r in runs
+        ]
+        row += [_mean_std(speeds, 0), _mean_std(memory, 0)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def budget(groups: dict[str, list[RunLog]]) -> str:
+    """One line stating the training budget, and a warning when runs differ in it."""
+    seen = set()
+    for runs in groups.values():
+        for r in runs:
+            steps = max((s for s, _, _ in r.series("train/loss")), default=0) + 1
+            seen.add((steps, r.hparams.get("tokens_per_step"), r.hparams.get("devices")))
+    parts = [
+        f"{s:,} steps x {t:,} tokens/step = {s * t:,} training tokens on {d} device(s)"
+        for s, t, d in sorted(seen, key=str)
+        if t
+    ]
+    text = "Budget: " + "; ".join(parts) if parts else "Budget: unknown"
+    if len(seen) > 1:
+        text += " (WARNING: runs differ in budget)"
+    return text
+
+
+def plot(groups: dict[str, list[RunLog]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    axes = {"step": "optimizer step", "tokens": "training tokens", "minutes": "wall-clock minutes"}
+    for axis, xlabel in axes.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        for label, runs in groups.items():
+            curves = []
+            for r in runs:
+                points = r.series("val/loss")
+                tokens_per_step = r.hparams.get("tokens_per_step") or 0
+                # logged steps count from 0: after logged step s, s + 1 optimizer steps have run
+                steps = [s + 1 for s, _, _ in points]
+                x = {
+                    "step": steps,
+                    "tokens": [s * tokens_per_step for s in steps],
+                    "minutes": [t / 60 for _, _, t in points],
+                }[axis]
+                curves.append((x, [v for _, v, _ in points]))
+            n = min(len(c[1]) for c in curves)
+            xs = [statistics.fmean(c[0][i] for c in curves) for i in range(n)]
+            ys = [[c[1][i] for c in curves] for i in range(n)]
+            line = ax.plot(xs, [statistics.fmean(y) for y in ys], label=f"{label} (n={len(runs)})")[0]
+            if len(runs) > 1:
+                ax.fill_between(
+                    xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2
+                )
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"val_loss_vs_{axis}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def update_document(doc: Path, text: str) -> None:
+    content = doc.read_text() if doc.is_file() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in content or END not in content:
+        raise SystemExit(f"error: {doc} has no {BEGIN} ... {END} section to replace")
+    head, rest = content.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("roots", nargs="+", type=Path, help="folders holding runs (searched recursively)")
+    parser.add_argument("--out", type=Path, help="folder for the table (table.md) and PNG plots")
+    parser.add_argument("--update", type=Path, help=f"markdown file whose {BEGIN}...{END} section to replace")
+    args = parser.parse_args(argv)
+    runs = find_runs(args.roots)
+    if not runs:
+        print(
+            f"error: no lmheads runs with validation loss under {', '.join(map(str, args.roots))}",
+            file=sys.stderr,
+        )
+        return 2
+    groups: dict[str, list[RunLog]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: (r.label, r.hparams.get("seed", 0))):
+        groups[r.label].append(r)
+    text = f"{budget(groups)}\n\n{table(groups)}"
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(text + "\n")
+        images = plot(groups, args.out)
+        print("wrote " + ", ".join(str(p) for p in [args.out / "table.md", *images]))
+        if args.update:
+            links = "\n".join(
+                f"![{p.stem.replace('_', ' ')}]({os.path.relpath(p, args.update.parent)})" for p in images
+            )
+            update_document(args.update, f"{text}\n\n{links}")
+            print(f"updated {args.update}")
+    elif args.update:
+        update_document(args.update, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Run a grid of heads x seeds x config overrides with identical budgets, resumably.
+
+    python tools/sweep.py --config configs/experiments/wikitext2_tying.yaml \\
+        --heads tied untied tied_bias projected_tied --seeds 0 1 2 \\
+        --grid model.backbone.d_model=128,256 --name wikitext2_tying
+
+Every run is one ``python -m lmheads fit`` process with the same configuration except its head, seed
+and grid values, logged to ``<root>/<name>/<head>-seed<seed>[-<grid values>]``. A run that finished
+leaves ``sweep.json`` there and is skipped next time; a run that was interrupted resumes from its
+``checkpoints/last.ckpt``. ``--jobs N`` runs N at once; with ``--gpus 0,1,...`` each job gets one GPU.
+Afterwards, ``python tools/compare.py <root>/<name>`` tabulates and plots the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Run:
+    head: str
+    seed: int
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        parts = [f"{self.head}-seed{self.seed}"]
+        parts += [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.overrides.items()]
+        return "-".join(parts)
+
+
+def parse_grid(items: list[str]) -> list[dict[str, str]]:
+    """``["a.b=1,2", "c=x"]`` -> every combination as a dict of overrides."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise SystemExit(f"error: --grid expects KEY=V1,V2,..., got {item!r}")
+        axes.append([(key, v) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "lmheads", "fit"]
+    for config in args.config:
+        cmd += ["--config", config]
+    cmd += [
+        f"--model.head={run.head}",
+        f"--seed_everything={run.seed}",
+        f"--trainer.logger.init_args.save_dir={args.root}",
+        f"--trainer.logger.init_args.name={args.name}",
+        f"--trainer.logger.init_args.version={run.name}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    cmd += [f"--{key}={value}" for key, value in run.overrides.items()]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        cmd.append(f"--ckpt_path={last}")
+    return cmd + args.extra
+
+
+def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None) -> tuple[Run, str]:
+    run_dir = Path(args.root) / args.name / run.name
+    marker = run_dir / "sweep.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("status") == "done":
+        return run, "skipped (done)"
+    cmd = command(run, args, run_dir)
+    if args.dry_run:
+        return run, " ".join(cmd)
+    env = None
+    gpu = gpus.get() if gpus is not None else None
+    if gpu is not None:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    try:
+        with (run_dir / "sweep.log").open("a") as log:
+            result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    finally:
+        if gpu is not None:
+            gpus.put(gpu)
+    status = "done" if result.returncode == 0 else "failed"
+    record = {"status": status, "returncode": result.returncode, "seconds": round(time.time() - start, 1)}
+    marker.write_text(json.dumps({**record, "command": cmd}, indent=2))
+    detail = (
+        f"{record['seconds']} s"
+        if status == "done"
+        else f"exit {result.returncode}, see {run_dir / 'sweep.log'}"
+    )
+    return run, f"{status} ({detail})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", action="append", required=True, help="lmheads config file(s), in order")
+    parser.add_argument("--heads", nargs="+", required=True, help="head short names or class paths")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 config overrides to cross")
+    parser.add_argument("--root", default="runs", help="TensorBoard root directory")
+    parser.add_argument("--name", required=True, help="experiment name (a folder under the root)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once")
+    parser.add_argument("--gpus", default=None, help="comma-separated GPU ids, one per concurrent job")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("extra", nargs="*", help="further lmheads options for every run (after --)")
+    args = parser.parse_args(argv)
+    runs = [Run(h, s, o) for o in parse_grid(args.grid) for h in args.heads for s in args.seeds]
+    gpus = None
+    if args.gpus:
+        gpus = queue.Queue()
+        for gpu in args.gpus.split(","):
+            gpus.put(gpu)
+        args.jobs = min(args.jobs, gpus.qsize())
+    print(f"{len(runs)} runs -> {Path(args.root) / args.name}", flush=True)
+    failed = 0
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for run, outcome in pool.map(lambda r: execute(r, args, gpus), runs):
+            print(f"{run.name}: {outcome}", flush=True)
+            failed += outcome.startswith("failed")
+    if failed:
+        print(f"{failed} run(s) failed; run the same command again to retry them", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
