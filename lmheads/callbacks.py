@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -12,8 +14,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from lmheads.errors import Interrupted
 from lmheads.metrics import FREQUENCY_BUCKETS
 
 
@@ -193,3 +197,59 @@ class TextSamples(Callback):
 def _markdown_code(text: str) -> str:
     """Text as a markdown code block, so whitespace and markup characters show as they are."""
     return "\n\n    " + text.replace("\n", "\n    ")
+
+
+class InterruptCheckpoint(Callback):
+    """Ctrl-C or SIGTERM during ``fit``: finish the current step, save ``interrupted.ckpt`` beside the
+    other checkpoints, and stop with exit status 130 (SIGINT) or 143 (SIGTERM).
+
+    Lightning stops all processes at the same step after SIGTERM (it broadcasts rank 0's signal); a
+    first Ctrl-C is routed into that same path, a second one interrupts at once. The checkpoint is
+    taken between steps, so resuming from it continues exactly where training stopped.
+    """
+
+    def __init__(self) -> None:
+        self._previous_handler = None
+        self.signal: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous_handler = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame) -> None:
+            rank_zero_info(
+                "\nCtrl-C: stopping after this step and saving a checkpoint (again to abort at once)"
+            )
+            self.signal = signal.SIGINT
+            trainer._signal_connector.received_sigterm = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_handler()
+        if not isinstance(exception, SIGTERMException):
+            return
+        checkpoint = trainer.checkpoint_callback
+        folder = (
+            Path(checkpoint.dirpath)
+            if checkpoint is not None and checkpoint.dirpath
+            else Path(trainer.default_root_dir)
+        )
+        path = folder / "interrupted.ckpt"
+        trainer.save_checkpoint(path)
+        name, code = ("SIGINT", 130) if self.signal == signal.SIGINT else ("SIGTERM", 143)
+        raise Interrupted(
+            f"{name} at step {trainer.global_step}: saved {path}; resume with --ckpt_path={path}", code
+        ) from exception

@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lmheads.data import LMDataModule
-from lmheads.errors import ConfigError
+from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
 from lmheads.heads import broken_heads, registered_heads
 from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule, SamplingConfig
@@ -68,6 +70,9 @@ class LMHeadsCLI(LightningCLI):
             self.config = parser.parse_args(args)
         else:
             super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint(self.config[subcommand].get("ckpt_path"))
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -75,17 +80,46 @@ class LMHeadsCLI(LightningCLI):
         self.model.sampling = config.sampling
 
     def before_instantiate_classes(self) -> None:
-        """Name each TensorBoard run after its head and seed so runs sit side by side."""
+        """Name each TensorBoard run after its head and seed so runs sit side by side; a fit resumed from
+        a checkpoint inside a run folder continues in that folder."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.trainer.get("logger")
         if not hasattr(logger, "init_args") or "TensorBoardLogger" not in str(logger.get("class_path")):
             return
+        ckpt = config.get("ckpt_path")
+        if (
+            self.subcommand == "fit"
+            and ckpt
+            and Path(ckpt).is_file()
+            and logger.init_args.get("version") is None
+        ):
+            run_dir = Path(ckpt).resolve().parent.parent
+            name_dir = Path(logger.init_args.save_dir, logger.init_args.name or "").resolve()
+            if run_dir.parent == name_dir:
+                logger.init_args.version = run_dir.name
         if logger.init_args.get("version") is None:
             cls_path = str(config.model.head.class_path)
             head = next((n for n, c in registered_heads().items() if cls_path.endswith(c.__qualname__)), None)
             head = head or cls_path.rsplit(".", 1)[-1]
             seed = config.get("seed_everything")
             logger.init_args.version = f"{head}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_checkpoint(path: str | None) -> None:
+    """A one-line error for a checkpoint that is missing or unreadable, before Lightning opens it."""
+    if path is None or path in ("last", "best", "hpc", "registry"):
+        return
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path!r} does not exist; check --ckpt_path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        raise ConfigError(
+            f"checkpoint {path!r} cannot be read ({reason}); it is corrupt or not a checkpoint"
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path!r} is not a Lightning checkpoint (no state_dict in it)")
 
 
 def list_heads(modules: list[str] = ()) -> str:
@@ -111,7 +145,8 @@ def list_heads(modules: list[str] = ()) -> str:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
-    """Entry point of ``python -m lmheads``; bad input ends with one ``error:`` line and exit status 2.
+    """Entry point of ``python -m lmheads``; bad input ends with one ``error:`` line and exit status 2, a
+    non-finite loss with status 3, Ctrl-C / SIGTERM (after saving a checkpoint) with 130 / 143.
 
     ``run=False`` parses and instantiates without a subcommand (the arguments then start with the
     options, e.g. ``["--config", "configs/quickstart.yaml"]``). ``heads [MODULE ...]`` lists the available
@@ -137,6 +172,12 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
             args=args,
             run=run,
         )
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
     except Exception as err:
         config_error = _find_config_error(err)
         if config_error is None:

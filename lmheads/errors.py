@@ -7,3 +7,15 @@ must say what is wrong *and* what to do about it.
 
 class ConfigError(ValueError):
     """Invalid configuration or input data; the message tells the user how to fix it."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; training stops without checkpointing that state."""
+
+
+class Interrupted(RuntimeError):
+    """Training was stopped by SIGINT or SIGTERM after saving a checkpoint to resume from."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lmheads.backbone import Backbone, BackboneConfig
-from lmheads.callbacks import HeadDiagnostics, SampleWriter, TextSamples, TokenThroughput
-from lmheads.errors import ConfigError
+from lmheads.callbacks import HeadDiagnostics, InterruptCheckpoint, SampleWriter, TextSamples, TokenThroughput
+from lmheads.errors import ConfigError, NonFiniteLossError
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.loss import IGNORE_INDEX, TokenLoss, get_backend
 from lmheads.metrics import FREQUENCY_BUCKETS, BucketedNLL, TokenNLL, bits_per_byte, frequency_buckets
@@ -133,6 +135,7 @@ class LMHeadModule(L.LightningModule):
         self.eval_nll = nn.ModuleDict({"val": TokenNLL(), "test": TokenNLL()})
         self.eval_buckets = nn.ModuleDict({"val": BucketedNLL(), "test": BucketedNLL()})
         self._token_bucket: Tensor | None = None  # (V,) frequency bucket of each token id
+        self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
 
     # ----------------------------------------------------------------- model
     def forward(self, idx: Tensor) -> Tensor:
@@ -215,12 +218,77 @@ class LMHeadModule(L.LightningModule):
                 for p in self.head.parameters():
                     optimizer.state.pop(p, None)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Checked every step on CPU (free) and at the logging interval on GPU (one sync per interval).
+        if self.device.type != "cuda" or self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        step = int(self._first_nonfinite_step)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"the training loss became NaN or infinite at step {step}; training stopped and no "
+                "checkpoint of that state was written (the last good one is in the run's checkpoints "
+                "folder). Lower model.lr, raise warmup_steps, try bf16-mixed instead of 16-mixed, or set a "
+                "head softcap or z_loss"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._check_finite()  # never write a checkpoint of a diverged model
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["lmheads_rng"] = {  # tensors and plain types only: loadable with weights_only=True
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_compatible(checkpoint.get("state_dict", {}))
+        rng = checkpoint.get("lmheads_rng")
+        if rng is not None and self._trainer is not None:  # resuming: continue the random streams exactly
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])
+
+    def _check_compatible(self, state: dict) -> None:
+        """A clear message instead of a size-mismatch traceback when a checkpoint belongs to another model."""
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in state.items()}
+        problems = []
+        if own.get("backbone.wte.weight") != theirs.get("backbone.wte.weight"):
+            problems.append(
+                f"token embedding {theirs.get('backbone.wte.weight')} in the checkpoint, "
+                f"{own.get('backbone.wte.weight')} here (another vocabulary or embedding width?)"
+            )
+        missing = sorted(k for k in own if k not in theirs)
+        unexpected = sorted(k for k in theirs if k not in own)
+        if missing or unexpected:
+            problems.append(
+                f"parameters missing from the checkpoint: {missing or 'none'}; not in this model: "
+                f"{unexpected or 'none'} (another head or backbone?)"
+            )
+        shapes = sorted(k for k in own.keys() & theirs.keys() if own[k] != theirs[k] and "wte" not in k)
+        if shapes:
+            problems.append(f"shapes differ for {shapes}")
+        if problems:
+            raise ConfigError(
+                f"the checkpoint does not fit this model (head {head_name(self.head)!r}): "
+                + "; ".join(problems)
+            )
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         idx, targets = batch
         nll, lse = self.token_loss(idx, targets)
         n_tokens = (targets != IGNORE_INDEX).sum().clamp_min(1)
         loss = nll.sum() / n_tokens
         self.log("train/loss", loss, prog_bar=True)
+        # Remember the first non-finite step on the device: no host sync in the step itself.
+        bad = ~torch.isfinite(loss) & (self._first_nonfinite_step < 0)
+        self._first_nonfinite_step = torch.where(bad, self.global_step, self._first_nonfinite_step)
         if self.head.z_loss > 0:  # PaLM (Chowdhery et al. 2022, sec. 5): keeps log Z near 0
             z_loss = self.head.z_loss * (lse.square() * (targets.flatten() != IGNORE_INDEX)).sum() / n_tokens
             self.log("train/z_loss", z_loss)
@@ -352,7 +420,9 @@ class LMHeadModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [TokenThroughput(), SampleWriter(), HeadDiagnostics(), TextSamples()]
+        callbacks: list[Callback] = [
+            TokenThroughput(), SampleWriter(), HeadDiagnostics(), TextSamples(), InterruptCheckpoint()
+        ]  # fmt: skip
         if self.trainer.loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if self.trainer.checkpoint_callback is not None:

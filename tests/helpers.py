@@ -8,6 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lmheads.cli import main
 
+__all__ = ["QUICKSTART", "ROOT", "fit", "main", "only_run", "quick_args", "scalars"]
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 

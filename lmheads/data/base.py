@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import lightning as L
 import numpy as np
 import torch
@@ -9,6 +12,39 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lmheads.errors import ConfigError
+
+
+def _seed() -> int:
+    """The run's seed (set by ``seed_everything``), for data-order generators."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+class ResumableSampler(DistributedSampler):
+    """The distributed sampler (one shard per process, a permutation per epoch from seed + epoch) that can
+    start part-way into an epoch, so a run resumed mid-epoch sees exactly the batches it had left.
+
+    With one process it is simply a seeded per-epoch shuffle. The tail that does not divide evenly
+    among processes is dropped, never padded with duplicates.
+    """
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int, start: int = 0
+    ):
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a new epoch starts at its beginning
+        super().set_epoch(epoch)
 
 
 class BlockDataset(Dataset):
@@ -87,6 +123,17 @@ class LMDataModule(L.LightningDataModule):
         """Text of token ids (data without text shows the ids)."""
         return " ".join(str(int(i)) for i in ids)
 
+    def _train_sampler(self, dataset: Dataset) -> ResumableSampler:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=_seed())
+        if trainer is not None:
+            # Resumed mid-epoch: skip what this epoch already trained on (restored before loaders are built).
+            sampler.set_epoch(trainer.current_epoch)
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            sampler.start = min(done * self.batch_size, sampler.num_samples)
+        return sampler
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.splits:
             raise ConfigError(f"this data module has no {split} split")
@@ -98,7 +145,9 @@ class LMDataModule(L.LightningDataModule):
             )
         sampler = None
         trainer = self.trainer
-        if not train and trainer is not None and trainer.world_size > 1:
+        if train:
+            sampler = self._train_sampler(dataset)
+        elif trainer is not None and trainer.world_size > 1:
             # Evaluate every block exactly once: drop the tail rather than pad it with duplicates.
             sampler = DistributedSampler(
                 dataset,
@@ -110,12 +159,14 @@ class LMDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
             sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # Worker seeds come from this generator, not the global one, which stays the model's alone
+            # (so building loaders on resume does not shift dropout's random stream).
+            generator=torch.Generator().manual_seed(_seed()),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,98 @@
+"""Exact resume, interruption, non-finite losses and checkpoints that do not fit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmheads.errors import ConfigError
+from lmheads.heads import UntiedHead
+from lmheads.module import LMHeadModule
+
+from .helpers import fit, main, only_run, quick_args, scalars
+
+DROPOUT = "--model.backbone.dropout=0.1"  # so the random stream matters too
+
+
+def test_resume_after_ctrl_c_is_bitwise_identical(tmp_path):
+    straight = fit(tmp_path / "a", DROPOUT, steps=6, every=3).model
+    with pytest.raises(SystemExit) as exc:
+        fit(
+            tmp_path / "b",
+            DROPOUT,
+            "--trainer.callbacks+=tests.probes.SignalAt",
+            "--trainer.callbacks.step=4",
+            steps=6,
+            every=3,
+        )
+    assert exc.value.code == 130
+    ckpt = only_run(tmp_path / "b") / "checkpoints" / "interrupted.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4  # saved between steps, mid-epoch
+    resumed = fit(tmp_path / "b", DROPOUT, f"--ckpt_path={ckpt}", steps=6, every=3).model
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    losses = {s: v for s, v in scalars(only_run(tmp_path / "a"))["train/loss"]}
+    again = {s: v for s, v in scalars(only_run(tmp_path / "b"))["train/loss"]}
+    assert losses == again  # the same data in the same order, before and after the interruption
+
+
+def test_sigterm_saves_and_exits_143(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path, "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=2",
+            "--trainer.callbacks.signum=15", steps=6, every=3)  # fmt: skip
+    assert exc.value.code == 143
+    assert "SIGTERM at step 2: saved" in capsys.readouterr().err
+    assert (only_run(tmp_path) / "checkpoints" / "interrupted.ckpt").is_file()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fit(
+            tmp_path,
+            "--trainer.callbacks+=tests.probes.PoisonAt",
+            "--trainer.callbacks.step=4",
+            steps=8,
+            every=2,
+        )
+    assert exc.value.code == 3
+    assert "became NaN or infinite at step 4" in capsys.readouterr().err
+    checkpoints = only_run(tmp_path) / "checkpoints"
+    assert "last.ckpt" in {p.name for p in checkpoints.iterdir()}
+    for path in checkpoints.iterdir():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        assert state["global_step"] <= 4  # nothing written after the loss went bad
+        assert all(torch.isfinite(w).all() for w in state["state_dict"].values())
+
+
+def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys):
+    fit(tmp_path, steps=2, every=2)
+    ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"missing from the checkpoint: \['head.weight'\].*another head"):
+        LMHeadModule.load_from_checkpoint(ckpt, head=UntiedHead())
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", *quick_args(tmp_path), f"--ckpt_path={ckpt}", "--data.init_args.vocab_size=512"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "(1024, 128) in the checkpoint, (512, 128) here" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"), [(b"not a checkpoint", "cannot be read"), (None, "does not exist")]
+)
+def test_corrupt_or_missing_checkpoint(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", *quick_args(tmp_path), f"--ckpt_path={path}"])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resume_continues_lr_schedule_and_step_count(tmp_path):
+    fit(tmp_path, steps=4, every=2)
+    logged = scalars(only_run(tmp_path))
+    assert [s for s, _ in logged["train/loss"]] == [0, 1, 2, 3]
+    assert all(math.isfinite(v) for _, v in logged["train/loss"])
