@@ -87,12 +87,12 @@ def test_fit_each_head(name, tmp_path):
 
 
 def test_quickstart_learns(tmp_path):
-    fit(tmp_path, "--data.init_args.train_tokens=262144", steps=120, every=60)
+    cli = fit(tmp_path, "--data.init_args.train_tokens=262144", steps=240, every=120)
     logged = scalars(only_run(tmp_path))
     first, last = logged["val/loss"][0][1], logged["val/loss"][-1][1]
     optimum = logged["val/optimal_loss"][-1][1]
-    assert last < first < math.log(1024)
-    assert last < optimum + 0.6  # most of the gap to the optimum closes in 120 steps
+    assert last < first - 0.1 and first < math.log(1024)  # falling from the uniform 6.93
+    assert optimum < last < cli.datamodule.unigram_entropy()  # uses context, cannot beat the HMM
 
 
 def test_hparams_have_the_same_keys_for_every_head(tmp_path):
