@@ -87,7 +87,7 @@ def test_fit_each_head(name, tmp_path):
 
 
 def test_quickstart_learns(tmp_path):
-    cli = fit(tmp_path, "--data.init_args.train_tokens=262144", steps=240, every=120)
+    cli = fit(tmp_path, "--data.init_args.train_tokens=262144", steps=240, every=60)
     logged = scalars(only_run(tmp_path))
     first, last = logged["val/loss"][0][1], logged["val/loss"][-1][1]
     optimum = logged["val/optimal_loss"][-1][1]
