@@ -96,3 +96,53 @@ def test_resume_continues_lr_schedule_and_step_count(tmp_path):
     logged = scalars(only_run(tmp_path))
     assert [s for s, _ in logged["train/loss"]] == [0, 1, 2, 3]
     assert all(math.isfinite(v) for _, v in logged["train/loss"])
+
+
+def test_export_safetensors_round_trip(tmp_path):
+    from lmheads.export import export_safetensors, load_safetensors
+
+    cli = fit(tmp_path, "--model.head=tied_bias", steps=2, every=2)
+    model = cli.model.eval()
+    path = tmp_path / "model.safetensors"
+    assert export_safetensors(model, path) == {}  # the tie is not an alias: the embedding is stored once
+    again = load_safetensors(path).eval()
+    idx = torch.randint(0, 1024, (2, 16))
+    torch.testing.assert_close(again(idx), model(idx), rtol=0, atol=0)
+    form = again.head.linear_form(torch.zeros(1, 128), again.backbone.wte)
+    assert form.weight is again.backbone.wte.weight  # still tied
+
+
+def test_export_gives_aliases_one_owner(tmp_path):
+    """A head that registers the embedding itself (a broken alias elsewhere) still exports and reloads."""
+    from lmheads.backbone import BackboneConfig
+    from lmheads.export import export_safetensors, load_safetensors
+    from tests.external_heads import CosineTiedHead
+
+    model = LMHeadModule(
+        head=CosineTiedHead(), backbone=BackboneConfig(n_layer=1, d_model=16, n_head=2), vocab_size=50
+    )
+    model.head.register_parameter("alias", model.backbone.wte.weight)
+    path = tmp_path / "aliased.safetensors"
+    assert export_safetensors(model, path) == {"head.alias": "backbone.wte.weight"}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = set(f.keys())
+    assert "head.alias" not in stored and "backbone.wte.weight" in stored  # one owner
+    again = load_safetensors(path)  # rebuilt from its spec, without the ad-hoc alias
+    idx = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(again(idx), model(idx), rtol=0, atol=0)
+
+
+def test_export_tool(tmp_path, capsys):
+    import importlib.util
+
+    from .helpers import ROOT
+
+    fit(tmp_path, steps=2, every=2)
+    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    assert tool.main([str(ckpt), str(tmp_path / "m.safetensors")]) == 0
+    assert "reloaded logits identical: True" in capsys.readouterr().out
