@@ -57,6 +57,26 @@ class SamplingConfig:
             )
 
 
+def check_fsdp_policy(strategy) -> None:
+    """Refuse an FSDP auto-wrap policy that would put the token embedding, final norm or head in a unit of
+    their own: the tied head reads the embedding in the root unit, so all three must stay there."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(strategy, FSDPStrategy):
+        return
+    policy = strategy.kwargs.get("auto_wrap_policy")
+    classes = policy if isinstance(policy, set | list | tuple) else getattr(policy, "_module_classes", set())
+    split = sorted(
+        c.__name__ for c in classes if issubclass(c, nn.Embedding | nn.LayerNorm | Head | Backbone)
+    )
+    if split:
+        raise ConfigError(
+            f"the FSDP auto_wrap_policy wraps {', '.join(split)}: the token embedding, final norm and head "
+            "must share one FSDP unit for a tie to stay a tie; wrap lmheads.backbone.Block only "
+            "(configs/trainer/fsdp.yaml)"
+        )
+
+
 def warmup_cosine(step: int, warmup: int, total: float, min_ratio: float) -> float:
     """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
     if step < warmup:
@@ -82,6 +102,8 @@ class LMHeadModule(L.LightningModule):
         warmup_steps: Linear warmup steps; then cosine decay to ``min_lr_ratio * lr`` at the last step.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         loss_backend: How the head's cross-entropy is computed (``naive``: full logits).
+        compile: Compile the backbone, head and loss with ``torch.compile`` (``true`` for the default
+            backend, or a backend name such as ``aot_eager``). Parameters keep their names.
 
     Generation settings for ``predict`` live in ``self.sampling`` (a :class:`SamplingConfig`), not in the
     checkpoint: the CLI sets them from ``--sampling.*``.
@@ -98,6 +120,7 @@ class LMHeadModule(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         loss_backend: str = "naive",
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         # A checkpoint stores plain types: the head as its spec, the backbone as a dict.
@@ -136,6 +159,11 @@ class LMHeadModule(L.LightningModule):
         self.eval_buckets = nn.ModuleDict({"val": BucketedNLL(), "test": BucketedNLL()})
         self._token_bucket: Tensor | None = None  # (V,) frequency bucket of each token id
         self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
+        # Compiling a bound method (not assigning a compiled module) keeps the state-dict keys unchanged.
+        self._compiled = None
+        if compile:
+            backend = "inductor" if compile is True else compile
+            self._compiled = torch.compile(self._token_loss, backend=backend)
 
     # ----------------------------------------------------------------- model
     def forward(self, idx: Tensor) -> Tensor:
@@ -144,6 +172,9 @@ class LMHeadModule(L.LightningModule):
 
     def token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
         """Per-token NLL and log-partition (B*T,) through the head's linear form."""
+        return (self._compiled or self._token_loss)(idx, targets)
+
+    def _token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
         h = self.backbone(idx).flatten(0, 1)  # (N, D)
         form = self.head.linear_form(h, self.backbone.wte)
         return self.loss_fn(form, targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -318,6 +349,7 @@ class LMHeadModule(L.LightningModule):
         self._log_eval("test", "test")
 
     def setup(self, stage: str) -> None:
+        check_fsdp_policy(self.trainer.strategy)
         datamodule = self._datamodule()
         if datamodule is not None and "train" in getattr(datamodule, "splits", {}):
             self._token_bucket = frequency_buckets(datamodule.train_token_counts())

@@ -50,8 +50,8 @@ class UntieDuringTrainingHead(Head):
 
     modded-nanogpt's speedrun record untied the head at 2/3 of training. The own matrix W (V, D) exists
     from the start (so the optimizer and distributed wrappers see it); before the switch it enters the
-    logits with weight zero, W's optimizer state is reset at the switch, and the switch is a buffer in
-    the checkpoint, so a resumed run stays untied.
+    logits through a select that gives it zero gradient, W's optimizer state is reset at the switch, and
+    the switch is a buffer in the checkpoint, so a resumed run stays untied.
 
     Args:
         untie_at: Fraction of the training steps after which the head unties, in (0, 1).
@@ -85,7 +85,7 @@ class UntieDuringTrainingHead(Head):
         return True
 
     def project(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
-        if bool(self.untied):
-            return LinearForm(h, self.weight, None)
-        # 0 * W keeps W in the graph with a zero gradient, so DDP needs no unused-parameter search.
-        return LinearForm(h, embedding.weight + 0.0 * self.weight, None)
+        # A select, not a Python branch, so torch.compile traces one graph for both phases; W stays in the
+        # graph (zero gradient while tied), so DDP needs no unused-parameter search.
+        weight = torch.where(self.untied, self.weight, embedding.weight)  # (V, D)
+        return LinearForm(h, weight, None)

@@ -1,0 +1,125 @@
+"""Scaling out: DDP and gradient accumulation match a bigger batch, compile, FSDP wrapping, precision."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lmheads.backbone import BackboneConfig, Block
+from lmheads.errors import ConfigError
+from lmheads.heads import head_class, registered_heads
+from lmheads.module import LMHeadModule, check_fsdp_policy
+
+from .helpers import ROOT, fit, quick_args
+from .test_cli import _run_module
+
+BUILTIN = sorted(n for n, c in registered_heads().items() if c.__module__.startswith("lmheads."))
+DUMP = ["--trainer.callbacks+=tests.probes.GradDump", "--trainer.limit_val_batches=0"]
+
+
+def _grads(folder, world: int, rank: int = 0) -> dict[str, torch.Tensor]:
+    return torch.load(folder / f"grads-rank{rank}-of{world}.pt", weights_only=True)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
+    """Per-device batch b on 2 CPU processes gives the gradients of batch 2b on one (the tied embedding
+    included: reduced once, no unused parameters)."""
+    for world, batch in ((2, 8), (1, 16)):
+        out = tmp_path / f"w{world}"
+        out.mkdir()
+        args = ["fit", *quick_args(out, steps=1, every=1), *DUMP, f"--trainer.callbacks.folder={out}"]
+        args += [f"--data.init_args.batch_size={batch}", f"--trainer.devices={world}"]
+        if world > 1:
+            args.append("--trainer.strategy=ddp")
+        result = _run_module(*args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ddp = _grads(tmp_path / "w2", 2)
+    _assert_same(ddp, _grads(tmp_path / "w2", 2, rank=1))  # all-reduced: identical on both ranks
+    _assert_same(ddp, _grads(tmp_path / "w1", 1))
+    assert ddp["backbone.wte.weight"].abs().sum() > 0
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
+    for name, extra in (("acc", ["--data.init_args.batch_size=8", "--trainer.accumulate_grad_batches=2"]),
+                        ("big", ["--data.init_args.batch_size=16"])):  # fmt: skip
+        out = tmp_path / name
+        out.mkdir()
+        fit(out, *DUMP, f"--trainer.callbacks.folder={out}", *extra, steps=1, every=1)
+    _assert_same(_grads(tmp_path / "acc", 1), _grads(tmp_path / "big", 1))
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_compile_every_head_without_graph_breaks(name):
+    torch.manual_seed(0)
+    cfg = BackboneConfig(n_layer=1, n_head=2, d_model=16, block_size=8)
+    eager = LMHeadModule(head=head_class(name)(), backbone=cfg, vocab_size=40)
+    idx = torch.randint(0, 40, (2, 8))
+    targets = torch.randint(0, 40, (2, 8))
+    explanation = torch._dynamo.explain(eager._token_loss)(idx, targets)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch.manual_seed(0)
+    compiled = LMHeadModule(head=head_class(name)(), backbone=cfg, vocab_size=40, compile="aot_eager")
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # no _orig_mod. prefixes
+    a, b = eager.token_loss(idx, targets), compiled.token_loss(idx, targets)
+    torch.testing.assert_close(a.nll, b.nll)
+    b.nll.mean().backward()
+    assert compiled.backbone.wte.weight.grad is not None
+
+
+def test_compile_option_through_the_cli(tmp_path):
+    cli = fit(tmp_path, "--model.compile=aot_eager", "--trainer.logger=false", steps=2, every=2)
+    assert cli.model._compiled is not None
+    assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
+def test_fsdp_policy_that_splits_the_tie_is_refused():
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    check_fsdp_policy(FSDPStrategy(auto_wrap_policy={Block}))
+    check_fsdp_policy(FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy([Block])))
+    for bad in ({Block, nn.Embedding}, ModuleWrapPolicy([Block, head_class("untied")])):
+        with pytest.raises(ConfigError, match="must share one FSDP unit"):
+            check_fsdp_policy(FSDPStrategy(auto_wrap_policy=bad))
+
+
+# --------------------------------------------------------------------- GPU only (skipped without CUDA)
+GPU = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.logger=false"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_on_gpu(tmp_path, precision):
+    cli = fit(tmp_path, *GPU, f"--trainer.precision={precision}", steps=4, every=2)
+    assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tied", "untied", "untie_during_training"])
+def test_inductor_compile_on_gpu(tmp_path, name):
+    extra = ["--trainer.precision=bf16-mixed", "--model.compile=true", f"--model.head={name}"]
+    cli = fit(tmp_path, *GPU, *extra, steps=4, every=2)
+    assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
+@pytest.mark.gpu
+def test_fsdp_keeps_the_tie_on_gpu(tmp_path):
+    cli = fit(tmp_path, "--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.devices=1",
+              "--trainer.logger=false", "--model.head=tied", steps=4, every=2)  # fmt: skip
+    assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+    loaded = LMHeadModule.load_from_checkpoint(
+        cli.trainer.checkpoint_callback.last_model_path, map_location="cpu"
+    )
+    form = loaded.head.linear_form(torch.zeros(1, loaded.cfg.d_model), loaded.backbone.wte)
+    assert form.weight is loaded.backbone.wte.weight
+    assert loaded.parameter_counts()["total"] == sum(p.numel() for p in loaded.parameters())
