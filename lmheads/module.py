@@ -240,10 +240,9 @@ class LMHeadModule(L.LightningModule):
 
     # ------------------------------------------------------------- training
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        total = (
-            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        )
-        if self.head.on_train_step(self.global_step, int(total), self.backbone.wte):
+        total = self.trainer.estimated_stepping_batches  # accounts for max_steps, epochs and accumulation
+        total = int(total) if math.isfinite(total) else -1
+        if self.head.on_train_step(self.global_step, total, self.backbone.wte):
             rank_zero_info(f"head {head_name(self.head)} changed its parameters at step {self.global_step}")
             for optimizer in self.trainer.optimizers:  # their moments describe the old parameters
                 for p in self.head.parameters():

@@ -179,8 +179,9 @@ class Head(nn.Module, ABC):
         return set()
 
     def on_train_step(self, step: int, total_steps: int, embedding: nn.Embedding) -> bool:
-        """Called before every training step; return True when the head changed its parameters in a way
-        that makes their optimizer state stale (the module then resets it)."""
+        """Called before every training step (``total_steps`` is -1 when training has no set length);
+        return True when the head changed its parameters in a way that makes their optimizer state stale
+        (the module then resets it)."""
         return False
 
     def parameter_report(self, embedding: nn.Embedding) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lmheads.errors import ConfigError
 from lmheads.heads.base import Head, LinearForm
 from lmheads.heads.tied import check_square
 
@@ -77,6 +78,11 @@ class UntieDuringTrainingHead(Head):
         return set() if bool(self.untied) else {"weight"}
 
     def on_train_step(self, step: int, total_steps: int, embedding: nn.Embedding) -> bool:
+        if total_steps < 0:
+            raise ConfigError(
+                f"head {self.name!r}: untie_at={self.untie_at} is a fraction of training, which has no set "
+                "length; set trainer.max_steps or trainer.max_epochs"
+            )
         if bool(self.untied) or step < self.untie_at * total_steps:
             return False
         with torch.no_grad():
