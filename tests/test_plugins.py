@@ -222,7 +222,7 @@ def test_untie_before_the_switch_is_exactly_tied():
     assert model.head.on_train_step(5, 10, model.backbone.wte)
     assert torch.equal(model.head.weight, model.backbone.wte.weight)
     assert not model.head.on_train_step(6, 10, model.backbone.wte)  # only once
-    with pytest.raises(ConfigError, match="set trainer.max_steps"):
+    with pytest.raises(ConfigError, match=r"set trainer\.max_steps"):
         model.head.on_train_step(6, -1, model.backbone.wte)
 
 
