@@ -33,7 +33,6 @@ class TokenThroughput(Callback):
     def __init__(self) -> None:
         self._t0: float | None = None
         self._tokens = 0
-        self.last_tokens_per_sec = float("nan")
 
     def _sync(self, device: torch.device) -> None:
         if device.type == "cuda":
@@ -59,16 +58,16 @@ class TokenThroughput(Callback):
         device = trainer.strategy.root_device
         self._sync(device)
         elapsed = time.perf_counter() - self._t0
-        self.last_tokens_per_sec = self._tokens * trainer.world_size / max(elapsed, 1e-9)
+        tokens_per_sec = self._tokens * trainer.world_size / max(elapsed, 1e-9)
         if device.type == "cuda":
             peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
         else:
             peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         pl_module.log_dict(
             {
-                "perf/tokens_per_sec": self.last_tokens_per_sec,
+                "perf/tokens_per_sec": tokens_per_sec,
                 "perf/peak_mem_mib": float(peak_mib),
-                "hp/tokens_per_sec": self.last_tokens_per_sec,
+                "hp/tokens_per_sec": tokens_per_sec,
             },
             on_step=True,
             on_epoch=False,
