@@ -33,14 +33,10 @@ class PoisonAt(L.Callback):
 
 
 class GradDump(L.Callback):
-    """Saves the (reduced) gradients and this rank's loss of the first optimizer step to a folder."""
+    """Saves the gradients of the first optimizer step (after DDP's all-reduce) to a folder."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        self.loss = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.loss = outputs["loss"].detach() if self.loss is None else self.loss
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0:
