@@ -6,7 +6,8 @@
 
 A run is a folder with TensorBoard event files and the ``hparams.yaml`` lmheads writes. Runs are
 grouped by head and head options; each metric is the *final* value of every run, shown as mean +- std
-over the runs (seeds) of a group. A run resumed from a checkpoint has several event files: they are
+over the runs (seeds) of a group, with the validation loss split by the training frequency of the
+target token where it was logged. A run resumed from a checkpoint has several event files: they are
 read in order, later values win for a repeated step, and wall-clock time excludes the pause between
 them. The plots show validation loss against optimizer step, training tokens and wall-clock time, one
 line per head (the mean over seeds) with a band from the lowest to the highest seed.
@@ -28,6 +29,12 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+#: Validation loss by how frequent the target token is in training (lmheads' diagnostics).
+BUCKETS = {
+    "val_freq/loss_top1pct": "loss, top 1% types",
+    "val_freq/loss_1to10pct": "loss, next 9%",
+    "val_freq/loss_rest": "loss, rarest 90%",
+}
 
 
 @dataclass
@@ -111,9 +118,11 @@ def _count(value) -> str:
 
 def table(groups: dict[str, list[RunLog]]) -> str:
     any_run = [r for runs in groups.values() for r in runs]
-    has = {tag: any(tag in r.scalars for r in any_run) for tag in ("val/bpb", "val/excess_loss", "test/loss")}
+    tags = ("val/bpb", "val/excess_loss", "test/loss", *BUCKETS)
+    has = {tag: any(tag in r.scalars for r in any_run) for tag in tags}
     header = ["head", "seeds", "params (unique)", "token emb.", "head own", "val loss", "val ppl"]
     header += ["val bpb"] * has["val/bpb"] + ["excess loss"] * has["val/excess_loss"]
+    header += [label for tag, label in BUCKETS.items() if has[tag]]
     header += ["test ppl"] * has["test/loss"] + ["tokens/s", "peak MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in groups.items():
@@ -132,6 +141,7 @@ def table(groups: dict[str, list[RunLog]]) -> str:
             row.append(_mean_std([r.final("val/bpb") for r in runs], 4))
         if has["val/excess_loss"]:
             row.append(_mean_std([r.final("val/excess_loss") for r in runs], 4))
+        row += [_mean_std([r.final(tag) for r in runs], 3) for tag in BUCKETS if has[tag]]
         if has["test/loss"]:
             tests = [r.final("test/loss") for r in runs]
             row.append(_mean_std([math.exp(v) if v is not None else None for v in tests], 2))
