@@ -125,6 +125,10 @@ def test_cache_reuse_does_not_tokenize_again(text_files, tmp_path, monkeypatch):
     second.setup("fit")
     assert second.stream_path("train") == path and path.stat().st_mtime_ns == mtime
     assert second.tokenizer.itos == first.tokenizer.itos
+    first.setup("fit")
+    counts = first.train_token_counts()  # counted once, kept beside the stream for later runs
+    assert counts.sum() == len(first.splits["train"]) * first.block_size
+    assert np.array_equal(second.train_token_counts(), counts)
 
 
 def test_changed_file_invalidates_cache(text_files, tmp_path):

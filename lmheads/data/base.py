@@ -27,13 +27,11 @@ class ResumableSampler(DistributedSampler):
     among processes is dropped, never padded with duplicates.
     """
 
-    def __init__(
-        self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int, start: int = 0
-    ):
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
         )
-        self.start = start
+        self.start = 0  # samples of this rank's epoch already trained on
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.start, None)
@@ -105,15 +103,28 @@ class LMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.splits: dict[str, BlockDataset] = {}
         self.bytes_per_token: dict[str, float] = {}
+        self._train_counts: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
         raise NotImplementedError
 
     def train_token_counts(self) -> np.ndarray:
-        """(V,) how often each token id is a training target (every token after the first)."""
-        blocks = np.asarray(self.splits["train"].blocks)
-        return np.bincount(blocks[:, 1:].ravel(), minlength=self.vocab_size)
+        """(V,) how often each token id is a training target (every token after the first).
+
+        Counted once, a chunk of blocks at a time (the training set may be a large memory map), then
+        kept; subclasses may also keep it on disk (:meth:`_count_train_tokens`)."""
+        if self._train_counts is None:
+            self._train_counts = self._count_train_tokens()
+        return self._train_counts
+
+    def _count_train_tokens(self) -> np.ndarray:
+        blocks = self.splits["train"].blocks
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for start in range(0, len(blocks), 8192):
+            chunk = np.asarray(blocks[start : start + 8192, 1:])
+            counts += np.bincount(chunk.ravel(), minlength=self.vocab_size)
+        return counts
 
     def optimal_loss(self, split: str) -> float | None:
         """The lowest achievable mean NLL on a split, where it is known exactly; else None."""

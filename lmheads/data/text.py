@@ -236,6 +236,17 @@ class TextDataModule(LMDataModule):
             self.bytes_per_token[split] = counts["bytes"] / max(1, counts["tokens"])
             self.splits[split] = BlockDataset(stream_blocks(stream, self.block_size, split))
 
+    def _count_train_tokens(self) -> np.ndarray:
+        """Counted once per token stream and block size, and kept beside the stream."""
+        path = self.stream_path("train").with_suffix(f".counts-T{self.block_size}.npy")
+        if path.is_file():
+            return np.load(path)
+        counts = super()._count_train_tokens()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, counts)
+        tmp.replace(path)
+        return counts
+
     def decode(self, ids) -> str:
         return self.tokenizer.decode(int(i) for i in ids)
 
