@@ -124,6 +124,8 @@ class HeadDiagnostics(Callback):
             return
         embedding = pl_module.backbone.wte
         head = pl_module.head
+        if not head.is_linear:  # no single output matrix to describe
+            return
         probe = torch.zeros(1, head.d_model, device=embedding.weight.device, dtype=embedding.weight.dtype)
         form = head.linear_form(probe, embedding)
         weight = form.weight.float()  # (V, K)

@@ -14,14 +14,23 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lmheads.backbone import Backbone, BackboneConfig
 from lmheads.callbacks import HeadDiagnostics, InterruptCheckpoint, SampleWriter, TextSamples, TokenThroughput
 from lmheads.errors import ConfigError, NonFiniteLossError
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
-from lmheads.loss import IGNORE_INDEX, TokenLoss, get_backend
+from lmheads.loss import (
+    IGNORE_INDEX,
+    LossBackend,
+    TokenLoss,
+    TrainLoss,
+    check_backend_name,
+    get_backend,
+    logits_token_loss,
+    reduce_token_loss,
+)
 from lmheads.metrics import FREQUENCY_BUCKETS, BucketedNLL, TokenNLL, bits_per_byte, frequency_buckets
 
 #: Metrics shown in TensorBoard's HParams tab; every run logs all of them (NaN where not applicable) so
@@ -101,7 +110,11 @@ class LMHeadModule(L.LightningModule):
         betas: AdamW betas.
         warmup_steps: Linear warmup steps; then cosine decay to ``min_lr_ratio * lr`` at the last step.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
-        loss_backend: How the head's cross-entropy is computed (``naive``: full logits).
+        loss_backend: How the head's cross-entropy is computed: ``naive`` (full logits), ``chunked``
+            (never holds the full logits), ``liger`` or ``cce`` (fused CUDA kernels, when installed), or
+            ``auto`` (``chunked``). A head that is not a linear form always
+            uses the full logits.
+        loss_chunk_size: Tokens per chunk for ``chunked`` (default: a 256 MiB logit workspace).
         compile: Compile the backbone, head and loss with ``torch.compile`` (``true`` for the default
             backend, or a backend name such as ``aot_eager``). Parameters keep their names.
 
@@ -119,7 +132,8 @@ class LMHeadModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        loss_backend: str = "naive",
+        loss_backend: str = "auto",
+        loss_chunk_size: int | None = None,
         compile: bool | str = False,
     ) -> None:
         super().__init__()
@@ -154,7 +168,10 @@ class LMHeadModule(L.LightningModule):
         self.backbone = Backbone(vocab_size, self.cfg)
         self.head = head
         self.head.build(vocab_size, self.cfg.d_model, self.cfg.embed_width)
-        self.loss_fn = get_backend(loss_backend)
+        check_backend_name(loss_backend)
+        if loss_chunk_size is not None and loss_chunk_size <= 0:
+            raise ConfigError(f"model.loss_chunk_size must be positive or null, got {loss_chunk_size}")
+        self._backend: LossBackend | None = None
         self.eval_nll = nn.ModuleDict({"val": TokenNLL(), "test": TokenNLL()})
         self.eval_buckets = nn.ModuleDict({"val": BucketedNLL(), "test": BucketedNLL()})
         self._token_bucket: Tensor | None = None  # (V,) frequency bucket of each token id
@@ -163,21 +180,62 @@ class LMHeadModule(L.LightningModule):
         self._compiled = None
         if compile:
             backend = "inductor" if compile is True else compile
-            self._compiled = torch.compile(self._token_loss, backend=backend)
+            self._compiled = {
+                "train": torch.compile(self._train_loss, backend=backend),
+                "eval": torch.compile(self._token_loss, backend=backend),
+            }
 
     # ----------------------------------------------------------------- model
     def forward(self, idx: Tensor) -> Tensor:
         """Full logits (B, T, V) for token ids (B, T)."""
         return self.head.logits(self.backbone(idx), self.backbone.wte)
 
+    @torch.no_grad()
+    def resolve_loss_backend(self) -> LossBackend:
+        """The loss backend for the module's current device (``auto`` resolved, availability checked)."""
+        backend = self._backend
+        if backend is None or backend.device != self.device:
+            name = self.hparams.loss_backend
+            if not self.head.is_linear and name not in ("naive", "auto"):
+                rank_zero_warn(
+                    f"head {head_name(self.head)!r} is not a linear form, so loss backend {name!r} cannot "
+                    "serve it; it uses the full logits (naive) instead"
+                )
+            backend = get_backend(name, self.device, self.hparams.loss_chunk_size)
+            if self.head.is_linear:
+                weight = self.backbone.wte.weight
+                probe = torch.zeros(1, self.head.d_model, device=weight.device, dtype=weight.dtype)
+                backend.check_form(self.head.linear_form(probe, self.backbone.wte), self.head.z_loss)
+            backend.device = self.device
+            self._backend = backend
+        return backend
+
+    def train_loss(self, idx: Tensor, targets: Tensor) -> TrainLoss:
+        """Mean training loss (NLL plus the head's z-loss) of a batch, through the loss backend."""
+        self.resolve_loss_backend()  # outside the compiled region
+        return (self._compiled["train"] if self._compiled else self._train_loss)(idx, targets)
+
     def token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
-        """Per-token NLL and log-partition (B*T,) through the head's linear form."""
-        return (self._compiled or self._token_loss)(idx, targets)
+        """Per-token NLL and log-partition (B*T,). Without gradients, fused backends never hold the
+        full logits."""
+        self.resolve_loss_backend()
+        return (self._compiled["eval"] if self._compiled else self._token_loss)(idx, targets)
+
+    def _train_loss(self, idx: Tensor, targets: Tensor) -> TrainLoss:
+        h = self.backbone(idx).flatten(0, 1)  # (N, D)
+        flat = targets.flatten()
+        if not self.head.is_linear:
+            token = logits_token_loss(self.head.logits(h, self.backbone.wte), flat, IGNORE_INDEX)
+            return reduce_token_loss(token, flat, IGNORE_INDEX, self.head.z_loss)
+        form = self.head.linear_form(h, self.backbone.wte)
+        return self._backend.train_loss(form, flat, IGNORE_INDEX, self.head.z_loss)
 
     def _token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
         h = self.backbone(idx).flatten(0, 1)  # (N, D)
+        if not self.head.is_linear:
+            return logits_token_loss(self.head.logits(h, self.backbone.wte), targets.flatten(), IGNORE_INDEX)
         form = self.head.linear_form(h, self.backbone.wte)
-        return self.loss_fn(form, targets.flatten(), ignore_index=IGNORE_INDEX)
+        return self._backend.token_loss(form, targets.flatten(), IGNORE_INDEX)
 
     def token_nll(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Per-token NLL (B*T,); 0 where the target is ignored."""
@@ -312,18 +370,14 @@ class LMHeadModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         idx, targets = batch
-        nll, lse = self.token_loss(idx, targets)
-        n_tokens = (targets != IGNORE_INDEX).sum().clamp_min(1)
-        loss = nll.sum() / n_tokens
-        self.log("train/loss", loss, prog_bar=True)
-        # Remember the first non-finite step on the device: no host sync in the step itself.
-        bad = ~torch.isfinite(loss) & (self._first_nonfinite_step < 0)
-        self._first_nonfinite_step = torch.where(bad, self.global_step, self._first_nonfinite_step)
+        out = self.train_loss(idx, targets)
+        self.log("train/loss", out.nll, prog_bar=True)
         if self.head.z_loss > 0:  # PaLM (Chowdhery et al. 2022, sec. 5): keeps log Z near 0
-            z_loss = self.head.z_loss * (lse.square() * (targets.flatten() != IGNORE_INDEX)).sum() / n_tokens
-            self.log("train/z_loss", z_loss)
-            return loss + z_loss
-        return loss
+            self.log("train/z_loss", out.z_loss)
+        # Remember the first non-finite step on the device: no host sync in the step itself.
+        bad = ~torch.isfinite(out.loss) & (self._first_nonfinite_step < 0)
+        self._first_nonfinite_step = torch.where(bad, self.global_step, self._first_nonfinite_step)
+        return out.loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -207,7 +207,9 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--model.head=tide"], "error: unknown head 'tide'; registered heads: lowrank_tied, projected_tied"),
+        (["--model.head=tide"], "error: unknown head 'tide'; registered heads: lowrank_tied, mos, projected"),
+        (["--model.loss_backend=fused"], "error: unknown loss backend 'fused'; choose one of: auto, naive"),
+        (["--model.loss_backend=liger"], "error: loss backend 'liger' needs the liger-kernel package"),
         (["--model.backbone.d_model=130"], "error: model.backbone.d_model=130 is not divisible by n_head=4"),
         (["--model.backbone.n_layer=0"], "error: model.backbone.n_layer must be positive"),
         (

@@ -31,6 +31,7 @@ def batch(B: int = 3, T: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_builtin_and_external_heads_are_registered():
     builtin = {"tied", "untied", "tied_bias", "projected_tied", "lowrank_tied", "untie_during_training"}
+    builtin |= {"mos"}
     assert builtin | {"test_cosine_tied"} <= set(HEADS)
 
 
@@ -85,8 +86,7 @@ def test_embedding_gradient_from_both_uses_when_shared(name):
         # ...and the input use adds to the rows that were looked up: compare with the head path alone.
         emb.grad = None
         h = model.backbone(idx).detach().flatten(0, 1)
-        form = model.head.project(h, model.backbone.wte)
-        model.loss_fn(form, targets.flatten()).nll.mean().backward()
+        nn.functional.cross_entropy(model.head.logits(h, model.backbone.wte), targets.flatten()).backward()
         head_only = emb.grad.clone()
         emb.grad = None
         model.token_nll(idx, targets).mean().backward()

@@ -10,6 +10,7 @@ from lmheads.heads.base import (
     registered_heads,
 )
 from lmheads.heads.lowrank import LowRankTiedHead, UntieDuringTrainingHead
+from lmheads.heads.mixture import MixtureOfSoftmaxesHead
 from lmheads.heads.projected import ProjectedTiedHead
 from lmheads.heads.tied import TiedBiasHead, TiedHead
 from lmheads.heads.untied import UntiedHead
@@ -18,6 +19,7 @@ __all__ = [
     "Head",
     "LinearForm",
     "LowRankTiedHead",
+    "MixtureOfSoftmaxesHead",
     "ProjectedTiedHead",
     "TiedBiasHead",
     "TiedHead",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-from abc import ABC, abstractmethod
+from abc import ABC
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -154,9 +154,19 @@ class Head(nn.Module, ABC):
         """The logit multiplier as a number (needs the head to be built for ``inv_sqrt_d``)."""
         return self.d_model**-0.5 if self.logit_scale == "inv_sqrt_d" else float(self.logit_scale)
 
-    @abstractmethod
     def project(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
-        """Return (h', W, b) for hidden states ``h`` (..., D) and the backbone's token embedding."""
+        """Return (h', W, b) for hidden states ``h`` (..., D) and the backbone's token embedding.
+
+        A head whose logits are not a linear form overrides :meth:`logits` instead; the loss then uses
+        its full logits."""
+        raise NotImplementedError(
+            f"head {head_name(self)!r} implements neither project (a linear head) nor logits (any head)"
+        )
+
+    @property
+    def is_linear(self) -> bool:
+        """True unless the head overrides :meth:`logits` (then it is not a linear form of h)."""
+        return type(self).logits is Head.logits
 
     def linear_form(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
         """``project`` with the shared options applied: what the loss backends consume."""
@@ -270,9 +280,11 @@ def resolve_head(path: str) -> type[Head]:
         ) from err
     if not (isinstance(cls, type) and issubclass(cls, Head)):
         raise ConfigError(f"{path!r} is not a head: a head subclasses lmheads.heads.Head")
-    if inspect.isabstract(cls):
-        missing = ", ".join(sorted(cls.__abstractmethods__))
-        raise ConfigError(f"head {path!r} does not implement the Head contract: define {missing}()")
+    if cls.project is Head.project and cls.logits is Head.logits:
+        raise ConfigError(
+            f"head {path!r} does not implement the Head contract: define project() (a linear head) or "
+            "logits() (any other head)"
+        )
     return cls
 
 

@@ -1,0 +1,253 @@
+"""Loss backends: every fused path matches the full-logits reference for every head and option."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmheads import loss as loss_module
+from lmheads.backbone import BackboneConfig
+from lmheads.errors import ConfigError
+from lmheads.heads import LinearForm, TiedBiasHead, TiedHead, UntiedHead, head_class, registered_heads
+from lmheads.heads.mixture import MixtureOfSoftmaxesHead
+from lmheads.loss import (
+    IGNORE_INDEX,
+    chunk_tokens,
+    chunked_token_loss,
+    chunked_train_loss,
+    get_backend,
+    naive_linear_cross_entropy,
+    reduce_token_loss,
+)
+from lmheads.module import LMHeadModule
+
+V, D, B, T = 61, 24, 3, 10  # N = 30 tokens: chunks of 7 and 16 do not divide it
+LINEAR = sorted(
+    n for n, c in registered_heads().items() if c.__module__.startswith("lmheads.") and n != "mos"
+)
+OPTIONS = {
+    "plain": {},
+    "softcap": {"softcap": 0.3},
+    "inv_sqrt_d_and_z_loss": {"logit_scale": "inv_sqrt_d", "z_loss": 1e-2},
+    "softcap_and_z_loss": {"softcap": 2.0, "z_loss": 1e-3, "logit_scale": 3.0},
+}
+
+
+def model(head, backend: str, chunk: int | None = None) -> LMHeadModule:
+    torch.manual_seed(0)
+    cfg = BackboneConfig(n_layer=1, n_head=2, d_model=D, block_size=T)
+    module = LMHeadModule(head=head, backbone=cfg, vocab_size=V, loss_backend=backend, loss_chunk_size=chunk)
+    with torch.no_grad():  # move own parameters off their zero initialisation (biases, LoRA factors)
+        for p in module.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return module
+
+
+def batch(ignore: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, V, (B, T + 1), generator=g)
+    targets = idx[:, 1:].clone()
+    if ignore:
+        targets[0, :4] = IGNORE_INDEX  # a padded prefix
+        targets[2, -1] = IGNORE_INDEX
+    return idx[:, :-1], targets
+
+
+def assert_rel_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = ""
+) -> None:
+    """Within ``rtol`` relative to the tensor's scale (elementwise relative error is meaningless near 0)."""
+    scale = expected.abs().max().clamp_min(1e-30)
+    error = ((actual - expected).abs().max() / scale).item()
+    assert error <= rtol, f"{what}: relative error {error:.2e} > {rtol:.0e}"
+
+
+def loss_and_grads(module: LMHeadModule, idx, targets):
+    module.zero_grad()
+    out = module.train_loss(idx, targets)
+    (2.5 * out.loss).backward()  # an upstream gradient other than 1
+    return out, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 1000])
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize("name", LINEAR)
+def test_chunked_matches_naive_for_every_head(name, options, chunk):
+    """Loss and the gradients of every parameter (head, shared embedding, backbone) within 1e-5 in fp32."""
+    idx, targets = batch()
+    ref, ref_grads = loss_and_grads(model(head_class(name)(**OPTIONS[options]), "naive"), idx, targets)
+    out, grads = loss_and_grads(model(head_class(name)(**OPTIONS[options]), "chunked", chunk), idx, targets)
+    assert_rel_close(out.loss, ref.loss)
+    assert_rel_close(out.nll, ref.nll)
+    assert_rel_close(out.z_loss, ref.z_loss)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        assert_rel_close(grads[n], ref_grads[n], what=n)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_form_gradients_for_h_w_b_match(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(45, 8, generator=g, requires_grad=True)
+    w = torch.randn(33, 8, generator=g, requires_grad=True)
+    b = torch.randn(33, generator=g, requires_grad=True)
+    targets = torch.randint(0, 33, (45,), generator=g)
+    targets[::4] = IGNORE_INDEX
+    for softcap in (None, 1.5):
+        form = LinearForm(h, w, b, softcap)
+        ref = reduce_token_loss(naive_linear_cross_entropy(form, targets), targets, z_loss=1e-2)
+        out = chunked_train_loss(form, targets, z_loss=1e-2, chunk_size=chunk)
+        for a, e in zip(
+            torch.autograd.grad(out.loss, (h, w, b)), torch.autograd.grad(ref.loss, (h, w, b)), strict=True
+        ):
+            assert_rel_close(a, e)
+        # Evaluation: per-token NLL and log-partition without gradients.
+        with torch.no_grad():
+            tokens = chunked_token_loss(form, targets, chunk_size=chunk)
+            expected = naive_linear_cross_entropy(form, targets)
+        assert_rel_close(tokens.nll, expected.nll)
+        assert_rel_close(tokens.lse, expected.lse)
+        assert (tokens.nll[targets == IGNORE_INDEX] == 0).all()
+
+
+def test_gradients_only_for_inputs_that_need_them():
+    h = torch.randn(10, 4, requires_grad=True)
+    w = torch.randn(7, 4)  # frozen
+    targets = torch.randint(0, 7, (10,))
+    out = chunked_train_loss(LinearForm(h, w, None), targets, chunk_size=3)
+    (grad,) = torch.autograd.grad(out.loss, (h,))
+    assert grad.shape == h.shape and w.grad is None
+
+
+def test_all_tokens_ignored_gives_zero_loss_and_gradient():
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(9, 4, requires_grad=True)
+    targets = torch.full((6,), IGNORE_INDEX)
+    out = chunked_train_loss(LinearForm(h, w, None), targets, chunk_size=4)
+    out.loss.backward()
+    assert out.loss.item() == 0 and not h.grad.any() and not w.grad.any()
+
+
+def test_mixed_precision_matches_naive_under_autocast():
+    """bf16 products, fp32 sums; gradients come back in the parameters' dtype."""
+    idx, targets = batch()
+    results = []
+    for backend in ("naive", "chunked"):
+        module = model(TiedBiasHead(softcap=5.0), backend, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = loss_and_grads(module, idx, targets)
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        results.append((out, grads))
+    (ref, ref_grads), (out, grads) = results
+    assert_rel_close(out.loss, ref.loss, rtol=1e-2)
+    for n in grads:
+        assert_rel_close(grads[n], ref_grads[n], rtol=5e-2, what=n)
+
+
+def test_evaluation_never_holds_the_full_logits(monkeypatch):
+    """Validation NLL (and so the frequency buckets) comes from chunks of at most C x V logits."""
+    shapes = []
+    linear = F.linear
+
+    def recording_linear(x, weight, bias=None):
+        out = linear(x, weight, bias)
+        if out.size(-1) == V:
+            shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(loss_module.F, "linear", recording_linear)
+    idx, targets = batch()
+    reference = model(UntiedHead(bias=True), "naive")
+    chunked = model(UntiedHead(bias=True), "chunked", 8)
+    with torch.no_grad():
+        expected = reference.token_loss(idx, targets)
+        shapes.clear()
+        got = chunked.token_loss(idx, targets)
+    assert shapes and max(s[0] for s in shapes) <= 8
+    assert_rel_close(got.nll, expected.nll)
+    shapes.clear()
+    chunked.train_loss(idx, targets).loss.backward()
+    assert shapes and max(s[0] for s in shapes) <= 8
+
+
+def test_non_linear_head_falls_back_to_full_logits_with_one_warning():
+    idx, targets = batch()
+    reference = model(MixtureOfSoftmaxesHead(components=3), "naive")
+    fused = model(MixtureOfSoftmaxesHead(components=3), "chunked")
+    assert not fused.head.is_linear and TiedHead().is_linear
+    with pytest.warns(UserWarning, match="'mos' is not a linear form, so loss backend 'chunked'") as record:
+        out, grads = loss_and_grads(fused, idx, targets)
+        loss_and_grads(fused, idx, targets)
+    assert len([w for w in record if "not a linear form" in str(w.message)]) == 1
+    ref, ref_grads = loss_and_grads(reference, idx, targets)
+    assert_rel_close(out.loss, ref.loss)
+    for n in grads:
+        assert_rel_close(grads[n], ref_grads[n], what=n)
+    # A mixture of softmaxes returns log-probabilities.
+    torch.testing.assert_close(fused(idx).logsumexp(-1), torch.zeros(B, T), atol=1e-5, rtol=0)
+
+
+def test_auto_picks_chunked_and_chunk_size_follows_the_vocabulary():
+    assert get_backend("auto", torch.device("cpu")).name == "chunked"
+    assert get_backend("auto", torch.device("cuda")).name == "chunked"  # checking needs no GPU
+    assert chunk_tokens(50304) % 64 == 0 and chunk_tokens(50304) * 50304 * 8 <= 256 * 2**20
+    assert chunk_tokens(10**9) == 64
+
+
+@pytest.mark.parametrize(("name", "package"), [("liger", "liger-kernel"), ("cce", "cut-cross-entropy")])
+def test_optional_backends_say_what_is_missing(name, package, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n.replace("_", "-") == package else real(n, *a)
+    )
+    with pytest.raises(
+        ConfigError, match=rf"loss backend '{name}' needs the {package} package.*pip install {package}"
+    ):
+        get_backend(name, torch.device("cuda"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object())  # "installed"
+    with pytest.raises(
+        ConfigError, match=rf"loss backend '{name}' runs on CUDA GPUs only and this run is on cpu"
+    ):
+        get_backend(name, torch.device("cpu"))
+
+
+def test_cce_refuses_forms_it_cannot_compute():
+    backend = loss_module.BACKENDS["cce"]()
+    form = LinearForm(torch.zeros(1, 4), torch.zeros(5, 4), torch.zeros(5))
+    with pytest.raises(ConfigError, match=r"'cce' does not support an output bias; use .*chunked or liger"):
+        backend.check_form(form, 0.0)
+    with pytest.raises(ConfigError, match="'cce' does not support a z-loss"):
+        backend.check_form(form._replace(bias=None), 1e-4)
+
+
+def test_bad_chunk_size_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"model\.loss_chunk_size must be positive"):
+        model(TiedHead(), "chunked", 0)
+
+
+def _cuda_backend(name: str) -> bool:
+    package = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}.get(name)
+    return torch.cuda.is_available() and (package is None or importlib.util.find_spec(package) is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["chunked", "liger", "cce"])
+@pytest.mark.parametrize("name", ["tied", "untied", "tied_bias"])
+def test_fused_backends_on_gpu_match_naive_in_bf16(name, backend):
+    if not _cuda_backend(backend):
+        pytest.skip(f"needs CUDA and the {backend} backend")
+    if backend == "cce" and name == "tied_bias":
+        pytest.skip("cce has no bias")
+    idx, targets = (t.cuda() for t in batch())
+    results = []
+    for b in ("naive", backend):
+        module = model(head_class(name)(softcap=30.0), b).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results.append(loss_and_grads(module, idx, targets))
+    (ref, ref_grads), (out, grads) = results
+    assert_rel_close(out.loss, ref.loss, rtol=1e-2)
+    for n in grads:
+        assert_rel_close(grads[n], ref_grads[n], rtol=5e-2, what=n)

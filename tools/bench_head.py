@@ -1,0 +1,160 @@
+"""Benchmark the head's loss: every available backend against the compiled full-logits baseline.
+
+    python tools/bench_head.py --n 16384 --d 768 --v 50304 --dtype bfloat16          # on a GPU
+    python tools/bench_head.py --n 2048 --d 256 --v 32768 --dtype float32 --iters 5  # CPU-sized
+
+For hidden states h (N, D) and an output matrix W (V, D), both requiring gradients, each backend runs
+forward+backward of the mean cross-entropy in one process, after warm-up. Per backend it prints the
+time per forward+backward, the peak memory on top of the inputs (gradients included), the ratio of
+the time to the compiled baseline (``naive+compile``) and the ratio of the memory to the gradient
+floor, (N*D + V*D) elements of the compute dtype, which any method must hold. On CUDA memory is the
+allocator's peak; on CPU it is the process's peak resident memory (VmHWM, reset before each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lmheads.heads import LinearForm
+from lmheads.loss import (
+    BACKENDS,
+    chunk_tokens,
+    chunked_train_loss,
+    naive_linear_cross_entropy,
+    reduce_token_loss,
+)
+
+MiB = 2**20
+
+
+def naive(form: LinearForm, targets: torch.Tensor) -> torch.Tensor:
+    return reduce_token_loss(naive_linear_cross_entropy(form, targets), targets).loss
+
+
+class Memory:
+    """Peak memory above the level at :meth:`reset`, from the CUDA allocator or the process's VmHWM."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.status = Path("/proc/self/status")
+        self.clear = Path("/proc/self/clear_refs")
+        self.available = self.cuda or (self.status.exists() and self.clear.exists())
+
+    def _rss(self, key: str) -> int:
+        for line in self.status.read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{key} not in {self.status}")
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        elif self.available:
+            self.clear.write_text("5")  # resets the peak resident set size to the current one
+            self.base = self._rss("VmRSS:")
+
+    def peak(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / MiB
+        return (self._rss("VmHWM:") - self.base) / MiB if self.available else math.nan
+
+
+def run(fn: Callable, h, w, targets, warmup: int, iters: int, memory: Memory) -> dict[str, float]:
+    def step() -> torch.Tensor:
+        h.grad = w.grad = None
+        loss = fn(LinearForm(h, w, None), targets)
+        loss.backward()
+        return loss.detach()
+
+    for _ in range(warmup):
+        loss = step()
+    h.grad = w.grad = None
+    memory.reset()
+    loss = step()
+    peak = memory.peak()
+    sync = torch.cuda.synchronize if h.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    ms = (time.perf_counter() - start) / iters * 1e3
+    return {"ms": ms, "mib": peak, "loss": loss.float().item()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=16384, help="tokens N")
+    parser.add_argument("--d", type=int, default=768, help="hidden width D")
+    parser.add_argument("--v", type=int, default=50304, help="vocabulary V")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--chunk-sizes", type=int, nargs="*", default=None, help="chunked backend chunk sizes"
+    )
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variants")
+    args = parser.parse_args(argv)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    h = (torch.randn(args.n, args.d, device=device, generator=g) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(args.v, args.d, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
+    targets = torch.randint(0, args.v, (args.n,), device=device, generator=g)
+    floor = (args.n * args.d + args.v * args.d) * h.element_size() / MiB
+
+    candidates: dict[str, Callable] = {"naive": naive}
+    if not args.no_compile:
+        candidates["naive+compile"] = torch.compile(naive)
+    for c in args.chunk_sizes or [chunk_tokens(args.v)]:
+        candidates[f"chunked C={c}"] = lambda form, t, c=c: chunked_train_loss(form, t, chunk_size=c).loss
+        if not args.no_compile:
+            fused = torch.compile(lambda form, t, c=c: chunked_train_loss(form, t, chunk_size=c).loss)
+            candidates[f"chunked C={c}+compile"] = fused
+    for name in ("liger", "cce"):
+        backend = BACKENDS[name]()
+        package = backend.package[1]
+        if device.type == "cuda" and importlib.util.find_spec(package) is not None:
+            candidates[name] = lambda form, t, b=backend: b.train_loss(form, t, -100, 0.0).loss
+        else:
+            print(f"# {name}: skipped ({package} not installed or not on CUDA)")
+
+    memory = Memory(device)
+    results = {}
+    for name, fn in candidates.items():
+        results[name] = run(fn, h, w, targets, args.warmup, args.iters, memory)
+        print(f"# {name}: {results[name]['ms']:.2f} ms", flush=True)
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\nN={args.n} D={args.d} V={args.v} {args.dtype} on {gpu}, torch {torch.__version__}; gradient "
+          f"floor {floor:.0f} MiB; {args.iters} timed iterations after {args.warmup} warm-up")  # fmt: skip
+    base = results.get("naive+compile", results["naive"])
+    base_name = "naive+compile" if "naive+compile" in results else "naive"
+    print(f"\n| backend | ms fwd+bwd | x {base_name} | peak extra MiB | x floor | loss - naive |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        cells = [
+            f"{r['ms']:.2f}",
+            f"{r['ms'] / base['ms']:.2f}",
+            f"{r['mib']:.0f}",
+            f"{r['mib'] / floor:.2f}",
+        ]
+        print(f"| {name} | {' | '.join(cells)} | {r['loss'] - results['naive']['loss']:+.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
