@@ -19,6 +19,7 @@ every token. Fused backends evaluate in chunks without gradients, so no path hol
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -116,18 +117,32 @@ def _chunk_grad(
     return nll, lse, grad.to(logits.dtype)
 
 
-#: Compiled per-chunk gradient for CUDA (one fused kernel instead of several passes over C x V).
+#: Compiled per-chunk gradient for CUDA (one fused kernel instead of several passes over C x V);
+#: False once compiling failed.
 _compiled_chunk_grad = None
 
 
-def _chunk_grad_fn(device: torch.device, compile_chunks: bool | None):
+def _compiled_or_eager_chunk_grad(*args):
     global _compiled_chunk_grad
+    if _compiled_chunk_grad is None:
+        _compiled_chunk_grad = torch.compile(_chunk_grad, dynamic=False)
+    if _compiled_chunk_grad is not False:
+        try:
+            return _compiled_chunk_grad(*args)
+        except Exception as err:  # a missing or broken compiler toolchain must not stop training
+            warnings.warn(
+                f"compiling the chunked loss failed ({type(err).__name__}: {err}); it runs uncompiled",
+                stacklevel=2,
+            )
+            _compiled_chunk_grad = False
+    return _chunk_grad(*args)
+
+
+def _chunk_grad_fn(device: torch.device, compile_chunks: bool | None):
     use = device.type == "cuda" if compile_chunks is None else compile_chunks
     if not use or torch.compiler.is_compiling():  # inside a compiled model the whole step is traced
         return _chunk_grad
-    if _compiled_chunk_grad is None:
-        _compiled_chunk_grad = torch.compile(_chunk_grad, dynamic=False)
-    return _compiled_chunk_grad
+    return _compiled_or_eager_chunk_grad
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:

@@ -476,7 +476,7 @@ class LMHeadModule(L.LightningModule):
             "lr": self.hparams.lr,
             "weight_decay": self.hparams.weight_decay,
             "warmup_steps": self.hparams.warmup_steps,
-            "loss_backend": self.hparams.loss_backend,
+            "loss_backend": self.resolve_loss_backend().name if self.head.is_linear else "naive",
         }
         for name, value in vars(self.cfg).items():
             flat[f"backbone/{name}"] = value if value is not None else self.cfg.embed_width

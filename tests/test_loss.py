@@ -251,3 +251,34 @@ def test_fused_backends_on_gpu_match_naive_in_bf16(name, backend):
     assert_rel_close(out.loss, ref.loss, rtol=1e-2)
     for n in grads:
         assert_rel_close(grads[n], ref_grads[n], rtol=5e-2, what=n)
+
+
+def test_compiled_chunk_gradient_matches_eager():
+    """The per-chunk gradient that CUDA runs compiled, compiled here with inductor on CPU."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 8, generator=g, requires_grad=True)
+    w = torch.randn(33, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 33, (40,), generator=g)
+    targets[:3] = IGNORE_INDEX
+    form = LinearForm(h, w, None, 2.0)
+    eager = chunked_train_loss(form, targets, z_loss=1e-3, chunk_size=16, compile_chunks=False)
+    compiled = chunked_train_loss(form, targets, z_loss=1e-3, chunk_size=16, compile_chunks=True)
+    assert_rel_close(compiled.loss, eager.loss)
+    for a, e in zip(
+        torch.autograd.grad(compiled.loss, (h, w)), torch.autograd.grad(eager.loss, (h, w)), strict=True
+    ):
+        assert_rel_close(a, e)
+
+
+def test_a_failing_compiler_falls_back_to_eager_once(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(loss_module, "_compiled_chunk_grad", broken)
+    h, w = torch.randn(20, 4, requires_grad=True), torch.randn(9, 4)
+    targets = torch.randint(0, 9, (20,))
+    with pytest.warns(UserWarning, match="compiling the chunked loss failed .*no compiler here.*uncompiled"):
+        out = chunked_train_loss(LinearForm(h, w, None), targets, chunk_size=8, compile_chunks=True)
+    assert loss_module._compiled_chunk_grad is False
+    expected = chunked_train_loss(LinearForm(h, w, None), targets, chunk_size=8, compile_chunks=False)
+    assert out.loss.item() == expected.loss.item()
