@@ -138,7 +138,7 @@ def list_heads(modules: list[str] = ()) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
     lines += [f"{name}  (failed to load: {why})" for name, why in broken_heads().items()]
-    lines.append("\nV: vocabulary, D: model width, E: embedding width, r: rank.")
+    lines.append("\nV: vocabulary, D: model width, E: embedding width, r: rank, K: mixture components.")
     lines.append("Options of every head: logit_scale, softcap, z_loss, zero_init.")
     lines.append("`python -m lmheads fit --model.head.help NAME` explains a head's options.")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from functools import partial
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -371,9 +371,11 @@ class LMHeadModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         idx, targets = batch
         out = self.train_loss(idx, targets)
-        self.log("train/loss", out.nll, prog_bar=True)
-        if self.head.z_loss > 0:  # PaLM (Chowdhery et al. 2022, sec. 5): keeps log Z near 0
-            self.log("train/z_loss", out.z_loss)
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if every and (self.global_step + 1) % every == 0:  # the steps Lightning writes; self.log is not free
+            self.log("train/loss", out.nll, prog_bar=True)
+            if self.head.z_loss > 0:  # PaLM (Chowdhery et al. 2022, sec. 5): keeps log Z near 0
+                self.log("train/z_loss", out.z_loss)
         # Remember the first non-finite step on the device: no host sync in the step itself.
         bad = ~torch.isfinite(out.loss) & (self._first_nonfinite_step < 0)
         self._first_nonfinite_step = torch.where(bad, self.global_step, self._first_nonfinite_step)
@@ -508,6 +510,14 @@ class LMHeadModule(L.LightningModule):
         callbacks: list[Callback] = [
             TokenThroughput(), SampleWriter(), HeadDiagnostics(), TextSamples(), InterruptCheckpoint()
         ]  # fmt: skip
+        bar = self.trainer.progress_bar_callback
+        if (
+            isinstance(bar, TQDMProgressBar)
+            and bar.refresh_rate == 1
+            and self.trainer.strategy.root_device.type == "cuda"
+        ):
+            # Each refresh reads the loss from the GPU, a host sync: refresh when the loss is logged.
+            callbacks.append(TQDMProgressBar(refresh_rate=max(self.trainer.log_every_n_steps, 1)))
         if self.trainer.loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if self.trainer.checkpoint_callback is not None:

@@ -17,6 +17,7 @@ from lmheads.heads import LowRankTiedHead, TiedBiasHead, TiedHead, UntiedHead, U
 from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule
 
+from . import external_heads  # noqa: F401  (registers a head from outside the package)
 from .helpers import fit, only_run, quick_args, scalars
 
 V, D = 61, 16

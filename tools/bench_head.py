@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -30,46 +28,14 @@ from lmheads.loss import (
     naive_linear_cross_entropy,
     reduce_token_loss,
 )
-
-MiB = 2**20
+from lmheads.perf import MiB, PeakMemory
 
 
 def naive(form: LinearForm, targets: torch.Tensor) -> torch.Tensor:
     return reduce_token_loss(naive_linear_cross_entropy(form, targets), targets).loss
 
 
-class Memory:
-    """Peak memory above the level at :meth:`reset`, from the CUDA allocator or the process's VmHWM."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.status = Path("/proc/self/status")
-        self.clear = Path("/proc/self/clear_refs")
-        self.available = self.cuda or (self.status.exists() and self.clear.exists())
-
-    def _rss(self, key: str) -> int:
-        for line in self.status.read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{key} not in {self.status}")
-
-    def reset(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        elif self.available:
-            self.clear.write_text("5")  # resets the peak resident set size to the current one
-            self.base = self._rss("VmRSS:")
-
-    def peak(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - self.base) / MiB
-        return (self._rss("VmHWM:") - self.base) / MiB if self.available else math.nan
-
-
-def run(fn: Callable, h, w, targets, warmup: int, iters: int, memory: Memory) -> dict[str, float]:
+def run(fn: Callable, h, w, targets, warmup: int, iters: int, memory: PeakMemory) -> dict[str, float]:
     def step() -> torch.Tensor:
         h.grad = w.grad = None
         loss = fn(LinearForm(h, w, None), targets)
@@ -81,7 +47,7 @@ def run(fn: Callable, h, w, targets, warmup: int, iters: int, memory: Memory) ->
     h.grad = w.grad = None
     memory.reset()
     loss = step()
-    peak = memory.peak()
+    peak = memory.peak_mib()
     sync = torch.cuda.synchronize if h.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -132,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"# {name}: skipped ({package} not installed or not on CUDA)")
 
-    memory = Memory(device)
+    memory = PeakMemory(device)
     results = {}
     for name, fn in candidates.items():
         results[name] = run(fn, h, w, targets, args.warmup, args.iters, memory)

@@ -1,0 +1,77 @@
+"""Measuring for the benchmarks: peak memory, a device's matmul peak, model FLOPs per token."""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from pathlib import Path
+
+import torch
+
+MiB = 2**20
+
+
+class PeakMemory:
+    """Peak memory above the level at :meth:`reset`: the CUDA allocator's, or on Linux CPUs the
+    process's peak resident set (VmHWM, which writing 5 to ``/proc/self/clear_refs`` resets). The CPU
+    figure is coarse: memory the C allocator keeps after a free is not seen again."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.status = Path("/proc/self/status")
+        self.clear = Path("/proc/self/clear_refs")
+        self.available = self.cuda or (self.status.exists() and self.clear.exists())
+        self.base = 0
+
+    def _kib(self, key: str) -> int:
+        for line in self.status.read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{key} not in {self.status}")
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        elif self.available:
+            gc.collect()  # garbage freed later would lower the resident set below the baseline
+            self.clear.write_text("5")
+            self.base = self._kib("VmRSS:")
+
+    def peak_mib(self, absolute: bool = False) -> float:
+        """Peak since :meth:`reset`, above the level then (or in total with ``absolute``)."""
+        base = 0 if absolute else self.base
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / MiB
+        return (self._kib("VmHWM:") - base) / MiB if self.available else math.nan
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
+    """Dense matmul throughput measured here and now: the denominator of MFU."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    iters = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync()
+    return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def flops_per_token(model) -> float:
+    """Training FLOPs per token of an :class:`~lmheads.module.LMHeadModule`: 6 per weight of every
+    matrix product (the blocks and the output projection; embedding lookups are not products) plus
+    12 L T D for the attention scores and values, not halved for the causal mask (PaLM, appendix B)."""
+    cfg, head = model.cfg, model.head
+    shape = (head.vocab_size, head.d_embed if head.shares_embedding else head.d_model)  # (V, K)
+    own_output = sum(p.numel() for p in head.parameters() if tuple(p.shape) == shape)  # counted below
+    matmul = model.parameter_counts()["non_embedding"] - own_output + shape[0] * shape[1]
+    return 6 * matmul + 12 * cfg.n_layer * cfg.block_size * cfg.d_model

@@ -1,0 +1,75 @@
+"""The benchmark tools and what they measure with (FLOPs per token, peak memory)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from lmheads.backbone import BackboneConfig
+from lmheads.heads import head_class
+from lmheads.module import LMHeadModule
+from lmheads.perf import flops_per_token
+
+from .helpers import ROOT
+from .test_tools import _tool
+
+V, L_, D, T = 1000, 2, 64, 32
+
+
+def module(name: str) -> LMHeadModule:
+    cfg = BackboneConfig(n_layer=L_, n_head=4, d_model=D, block_size=T)
+    return LMHeadModule(head=head_class(name)(), backbone=cfg, vocab_size=V)
+
+
+def test_flops_count_each_matrix_product_once():
+    block = 12 * D * D + 13 * D  # attention and MLP matrices with biases, two norms
+    tied, untied = module("tied"), module("untied")
+    non_embedding = tied.parameter_counts()["non_embedding"]
+    assert abs(non_embedding - (L_ * block + 2 * D)) < 10 * D  # the layout is what the formula assumes
+    attention = 12 * L_ * T * D
+    assert flops_per_token(tied) == 6 * (non_embedding + V * D) + attention
+    # Untied: its own W is the output product (counted once), the embedding is only a lookup.
+    assert flops_per_token(untied) == flops_per_token(tied)
+    assert flops_per_token(module("untie_during_training")) == flops_per_token(tied)
+    assert flops_per_token(module("tied_bias")) == flops_per_token(tied) + 6 * V
+
+
+def test_peak_memory_sees_a_large_allocation():
+    """In a fresh process: in the test process other tests' threads move the resident set too."""
+    code = (
+        "import torch\n"
+        "from lmheads.perf import PeakMemory\n"
+        "memory = PeakMemory(torch.device('cpu'))\n"
+        "memory.reset()\n"
+        "x = torch.ones(64 * 2**20 // 4)\n"  # 64 MiB, touched
+        "del x\n"
+        "print(memory.peak_mib() if memory.available else 64)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert 60 <= float(result.stdout) < 200, result.stdout
+
+
+def test_bench_head_runs_every_backend(capsys):
+    bench = _tool("bench_head")
+    bench.main(["--n", "96", "--d", "16", "--v", "300", "--dtype", "float32", "--iters", "1", "--warmup", "1",
+                "--chunk-sizes", "32", "--no-compile"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| naive | " in out and "| chunked C=32 | " in out
+    assert "gradient floor" in out
+
+
+def test_bench_train_runs_both_paths(capsys):
+    bench = _tool("bench_train")
+    bench.main(["--preset", "tiny", "--n-layer", "1", "--d-model", "32", "--n-head", "2",
+                "--block-size", "16", "--batch", "2", "--vocab", "128", "--steps", "3", "--warmup", "1",
+                "--no-compile", "--heads", "tied", "untied"])  # fmt: skip
+    out = capsys.readouterr().out
+    for row in (
+        "| plain | tied |",
+        "| lightning | tied |",
+        "| lightning / plain | untied |",
+        "loader alone:",
+    ):
+        assert row in out

@@ -1,0 +1,243 @@
+"""Training throughput: the real LightningModule and Trainer against a plain PyTorch loop, same model.
+
+    python tools/bench_train.py                                  # GPT-2 small, V=50304, T=1024, B=16, bf16
+    python tools/bench_train.py --preset tiny --steps 5 --warmup 2   # a CPU-sized check of the tool
+
+For each head, in one process and on the same data: (1) ``lightning``: ``LMHeadModule`` trained by a
+``lightning.Trainer`` exactly as ``python -m lmheads fit`` does (its callbacks, logging and loss
+backend included; no validation, no checkpoints, no logger); (2) ``plain``: a hand-written loop over the
+same backbone and head with fused AdamW, autocast, ``torch.compile`` of the forward+loss and the full
+logits with ``F.cross_entropy``, as nanoGPT does. Both start from the same weights and read batches
+from the same loader. After ``--warmup`` steps (compilation), ``--steps`` steps are timed with one
+device synchronisation at each end.
+
+Printed per path and head: tokens/s, MFU (model FLOPs per token, 6 per matrix weight plus attention,
+against the dense matmul peak measured in the same run), peak memory, and the ratio lightning / plain.
+The loader alone is timed too (batches to the device), to show whether data could limit the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from contextlib import nullcontext
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lmheads.backbone import BackboneConfig
+from lmheads.data import SyntheticDataModule
+from lmheads.heads import head_class
+from lmheads.module import LMHeadModule
+from lmheads.perf import PeakMemory, flops_per_token, matmul_peak_tflops
+
+PRESETS = {
+    "gpt2": {"n_layer": 12, "n_head": 12, "d_model": 768, "block_size": 1024, "batch": 16, "vocab": 50304},
+    "tiny": {"n_layer": 2, "n_head": 4, "d_model": 128, "block_size": 128, "batch": 8, "vocab": 4096},
+}
+PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": torch.float32}
+
+
+class StepTimer(L.Callback):
+    """Times optimizer steps ``warmup`` to the end, with one synchronisation at each end."""
+
+    def __init__(self, warmup: int, memory: PeakMemory) -> None:
+        self.warmup, self.memory = warmup, memory
+        self.start = self.seconds = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup and not self.start:
+            self.memory.reset()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def make_data(args, vocab: int) -> SyntheticDataModule:
+    tokens = (args.warmup + args.steps + 2) * args.batch * (args.block_size + 1)
+    data = SyntheticDataModule(
+        vocab_size=vocab,
+        train_tokens=tokens,
+        val_tokens=args.block_size + 1,
+        block_size=args.block_size,
+        batch_size=args.batch,
+        num_workers=args.workers,
+    )
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+def lightning_run(model: LMHeadModule, data, args, memory: PeakMemory) -> float:
+    timer = StepTimer(args.warmup, memory)
+    trainer = L.Trainer(
+        accelerator=args.device,
+        devices=1,
+        precision=args.precision,
+        max_steps=args.warmup + args.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+        callbacks=[timer],
+    )
+    trainer.fit(model, datamodule=data)
+    return timer.seconds
+
+
+def plain_run(model: LMHeadModule, data, args, memory: PeakMemory) -> float:
+    device = torch.device(args.device)
+    model = model.to(device)
+    backbone, head = model.backbone, model.head
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=model.hparams.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+
+    def loss_fn(idx, targets):
+        logits = head.logits(backbone(idx), backbone.wte)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    step_loss = torch.compile(loss_fn) if args.compile else loss_fn
+    dtype = PRECISION_DTYPE[args.precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start, step = 0.0, -1
+    data.trainer = None  # a loader from the start of the data, not where an earlier fit stopped
+    for step, (idx, targets) in enumerate(data.train_dataloader()):
+        if step == args.warmup:
+            memory.reset()
+            start = time.perf_counter()
+        if step == args.warmup + args.steps:
+            break
+        idx = idx.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast:
+            loss = step_loss(idx, targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    if step < args.warmup + args.steps:
+        raise RuntimeError(f"the loader ended after {step + 1} batches; the benchmark needs more data")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def loader_tokens_per_sec(data, args, batches: int) -> float:
+    """Batches from the training loader to the device, nothing else."""
+    device = torch.device(args.device)
+    data.trainer = None
+    it = iter(data.train_dataloader())
+    next(it)  # workers started
+    start = time.perf_counter()
+    n = 0
+    for idx, targets in it:
+        idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        n += idx.numel()
+        if n >= batches * args.batch * args.block_size:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=PRESETS, default="gpt2")
+    parser.add_argument("--heads", nargs="+", default=["tied", "untied"])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    parser.add_argument("--precision", default=None, choices=list(PRECISION_DTYPE))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--loss-backend", default="auto", help="the Lightning path's model.loss_backend")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: 4 on CUDA)")
+    for key in ("n_layer", "n_head", "d_model", "block_size", "batch", "vocab"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    cuda = args.device == "cuda"
+    args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    args.workers = (4 if cuda else 0) if args.workers is None else args.workers
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    device = torch.device(args.device)
+    dtype = PRECISION_DTYPE[args.precision]
+    peak = matmul_peak_tflops(device, dtype)
+    data = make_data(args, args.vocab)
+    cfg = BackboneConfig(
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        d_model=args.d_model,
+        block_size=args.block_size,
+        dropout=0.0,
+    )
+    memory = PeakMemory(device)
+    tokens = args.steps * args.batch * args.block_size
+    rows = []
+    for name in args.heads:
+        L.seed_everything(0, verbose=False)
+        model = LMHeadModule(
+            head=head_class(name)(),
+            backbone=cfg,
+            vocab_size=data.vocab_size,
+            warmup_steps=0,
+            loss_backend=args.loss_backend,
+            compile=args.compile,
+        )
+        flops = flops_per_token(model)
+        initial = copy.deepcopy(model.state_dict())
+        results = {}
+        for path, run in (("plain", plain_run), ("lightning", lightning_run)):
+            model.load_state_dict(initial)
+            seconds = run(model, data, args, memory)
+            results[path] = tokens / seconds
+            rows.append(
+                (path, name, tokens / seconds, flops * tokens / seconds / 1e12 / peak, memory.peak_mib(True))
+            )
+            print(f"# {path} {name}: {tokens / seconds:,.0f} tokens/s", flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
+        rows.append(("lightning / plain", name, results["lightning"] / results["plain"], None, None))
+    loader = loader_tokens_per_sec(data, args, batches=max(args.steps, 20))
+
+    where = torch.cuda.get_device_name(device) if cuda else "cpu"
+    print(
+        f"\n{args.preset}: L={args.n_layer} H={args.n_head} D={args.d_model} T={args.block_size} "
+        f"B={args.batch} V={data.vocab_size}, {args.precision}, compile={args.compile}, on {where}, "
+        f"torch {torch.__version__}; {args.steps} steps timed after {args.warmup}; "
+        f"matmul peak measured {peak:.1f} TFLOP/s"
+    )
+    print("\n| path | head | tokens/s | MFU | peak MiB |\n|---|---|---|---|---|")
+    for path, name, value, mfu, mib in rows:
+        if mfu is None:
+            print(f"| {path} | {name} | {value:.3f}x | | |")
+        else:
+            print(f"| {path} | {name} | {value:,.0f} | {100 * mfu:.1f}% | {mib:,.0f} |")
+    fastest = max(r[2] for r in rows if r[3] is not None)
+    print(f"\nloader alone: {loader:,.0f} tokens/s, {loader / fastest:.1f}x the fastest training step")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
