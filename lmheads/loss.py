@@ -274,9 +274,6 @@ class LossBackend:
                 "model.loss_backend=chunked (any device) or auto"
             )
 
-    def check_form(self, form: LinearForm, z_loss: float) -> None:
-        """Raise a :class:`ConfigError` when this backend cannot compute this head's loss."""
-
     def train_loss(self, form: LinearForm, targets: Tensor, ignore_index: int, z_loss: float) -> TrainLoss:
         return chunked_train_loss(form, targets, ignore_index, z_loss, self.chunk_size)
 
@@ -343,6 +340,7 @@ class CutCrossEntropyBackend(LossBackend):
     def train_loss(self, form: LinearForm, targets: Tensor, ignore_index: int, z_loss: float) -> TrainLoss:
         from cut_cross_entropy import linear_cross_entropy
 
+        self.check_form(form, z_loss)
         loss = linear_cross_entropy(
             form.hidden, form.weight, targets, ignore_index=ignore_index, softcap=form.softcap
         )

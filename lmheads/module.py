@@ -112,8 +112,7 @@ class LMHeadModule(L.LightningModule):
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         loss_backend: How the head's cross-entropy is computed: ``naive`` (full logits), ``chunked``
             (never holds the full logits), ``liger`` or ``cce`` (fused CUDA kernels, when installed), or
-            ``auto`` (``chunked``). A head that is not a linear form always
-            uses the full logits.
+            ``auto`` (``chunked``). A head that is not a linear form always uses the full logits.
         loss_chunk_size: Tokens per chunk for ``chunked`` (default: a 256 MiB logit workspace).
         compile: Compile the backbone, head and loss with ``torch.compile`` (``true`` for the default
             backend, or a backend name such as ``aot_eager``). Parameters keep their names.
@@ -190,7 +189,6 @@ class LMHeadModule(L.LightningModule):
         """Full logits (B, T, V) for token ids (B, T)."""
         return self.head.logits(self.backbone(idx), self.backbone.wte)
 
-    @torch.no_grad()
     def resolve_loss_backend(self) -> LossBackend:
         """The loss backend for the module's current device (``auto`` resolved, availability checked)."""
         backend = self._backend
@@ -202,10 +200,6 @@ class LMHeadModule(L.LightningModule):
                     "serve it; it uses the full logits (naive) instead"
                 )
             backend = get_backend(name, self.device, self.hparams.loss_chunk_size)
-            if self.head.is_linear:
-                weight = self.backbone.wte.weight
-                probe = torch.zeros(1, self.head.d_model, device=weight.device, dtype=weight.dtype)
-                backend.check_form(self.head.linear_form(probe, self.backbone.wte), self.head.z_loss)
             backend.device = self.device
             self._backend = backend
         return backend
