@@ -94,6 +94,14 @@ def test_sweep_is_resumable_and_compare_tabulates(tmp_path, capsys):
         assert (out / name).stat().st_size > 1000
         assert f"report/{name}" in text
 
+    # A second, named section of the same document, grouped by one more hyperparameter.
+    begin, end = compare.markers("by_size")
+    doc.write_text(text + f"\n{begin}\n{end}\n")
+    assert compare.main([str(grid), "--update", str(doc), "--section", "by_size", "--by", "batch_size"]) == 0
+    named = doc.read_text().split(begin)[1]
+    assert "| tied, batch_size=32 | 0,1 |" in named and "| untied, batch_size=32 |" in named
+    assert doc.read_text().split(begin)[0] == text + "\n"  # the first section is untouched
+
 
 def test_grid_and_run_names():
     grid = sweep.parse_grid(["model.backbone.d_model=64,128", "model.lr=1e-3"])

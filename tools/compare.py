@@ -29,6 +29,17 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+
+
+def markers(section: str | None) -> tuple[str, str]:
+    """The comment pair around a document's generated section (``compare:<section>:begin`` if named)."""
+    return (
+        (BEGIN, END)
+        if not section
+        else (f"<!-- compare:{section}:begin -->", f"<!-- compare:{section}:end -->")
+    )
+
+
 #: Validation loss by how frequent the target token is in training (lmheads' diagnostics).
 BUCKETS = {
     "val_freq/loss_top1pct": "loss, top 1% types",
@@ -223,13 +234,14 @@ def plot(groups: dict[str, list[RunLog]], out: Path) -> list[Path]:
     return written
 
 
-def update_document(doc: Path, text: str) -> None:
-    content = doc.read_text() if doc.is_file() else f"{BEGIN}\n{END}\n"
-    if BEGIN not in content or END not in content:
-        raise SystemExit(f"error: {doc} has no {BEGIN} ... {END} section to replace")
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+def update_document(doc: Path, text: str, section: str | None = None) -> None:
+    begin, end = markers(section)
+    content = doc.read_text() if doc.is_file() else f"{begin}\n{end}\n"
+    if begin not in content or end not in content:
+        raise SystemExit(f"error: {doc} has no {begin} ... {end} section to replace")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("roots", nargs="+", type=Path, help="folders holding runs (searched recursively)")
     parser.add_argument("--out", type=Path, help="folder for the table (table.md) and PNG plots")
     parser.add_argument("--update", type=Path, help=f"markdown file whose {BEGIN}...{END} section to replace")
+    parser.add_argument(
+        "--section", help="replace <!-- compare:SECTION:begin/end --> instead (several tables in one file)"
+    )
+    parser.add_argument(
+        "--by", nargs="+", default=[], metavar="KEY", help="also group by these hparams (e.g. tokenizer)"
+    )
     args = parser.parse_args(argv)
     runs = find_runs(args.roots)
     if not runs:
@@ -248,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     groups: dict[str, list[RunLog]] = defaultdict(list)
-    for r in sorted(runs, key=lambda r: (r.label, r.hparams.get("seed", 0))):
-        groups[r.label].append(r)
+
+    def label(r: RunLog) -> str:
+        return ", ".join([r.label, *(f"{key}={r.hparams.get(key)}" for key in args.by)])
+
+    for r in sorted(runs, key=lambda r: (label(r), r.hparams.get("seed", 0))):
+        groups[label(r)].append(r)
     text = f"{budget(groups)}\n\n{table(groups)}"
     print(text)
     if args.out:
@@ -261,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             links = "\n".join(
                 f"![{p.stem.replace('_', ' ')}]({os.path.relpath(p, args.update.parent)})" for p in images
             )
-            update_document(args.update, f"{text}\n\n{links}")
+            update_document(args.update, f"{text}\n\n{links}", args.section)
             print(f"updated {args.update}")
     elif args.update:
-        update_document(args.update, text)
+        update_document(args.update, text, args.section)
     return 0
 
 
