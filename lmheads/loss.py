@@ -249,6 +249,13 @@ def chunked_token_loss(
 
 
 # ------------------------------------------------------------------------------------- backends
+def _in_compute_dtype(form: LinearForm) -> tuple[Tensor, Tensor, Tensor | None]:
+    """h', W, b cast to the autocast dtype: fused kernels compute in their inputs' dtype."""
+    dtype = _compute_dtype(form.hidden, form.weight)
+    bias = form.bias.to(dtype) if form.bias is not None else None
+    return form.hidden.to(dtype), form.weight.to(dtype), bias
+
+
 class LossBackend:
     """How training and evaluation compute the cross-entropy of a head's linear form."""
 
@@ -309,11 +316,12 @@ class LigerBackend(LossBackend):
     def train_loss(self, form: LinearForm, targets: Tensor, ignore_index: int, z_loss: float) -> TrainLoss:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
+        hidden, weight, bias = _in_compute_dtype(form)
         out = liger_fused_linear_cross_entropy(
-            form.hidden,
-            form.weight,
+            hidden,
+            weight,
             targets,
-            bias=form.bias,
+            bias=bias,
             ignore_index=ignore_index,
             lse_square_scale=z_loss,
             softcap=form.softcap,
@@ -341,9 +349,8 @@ class CutCrossEntropyBackend(LossBackend):
         from cut_cross_entropy import linear_cross_entropy
 
         self.check_form(form, z_loss)
-        loss = linear_cross_entropy(
-            form.hidden, form.weight, targets, ignore_index=ignore_index, softcap=form.softcap
-        )
+        hidden, weight, _ = _in_compute_dtype(form)
+        loss = linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, softcap=form.softcap)
         return TrainLoss(loss, loss.detach(), torch.zeros_like(loss.detach()))
 
 
