@@ -33,7 +33,8 @@ def _config_args(config: str, shared: Path | None, tmp_path: Path) -> list[str]:
         "--config", QUICKSTART, "--config", str(ROOT / config), "--trainer.logger=false",
         f"--trainer.default_root_dir={tmp_path}",
     ]  # fmt: skip
-    if config.startswith("configs/data/") and "synthetic" not in config:
+    uses_files = config.startswith("configs/data/") or config.startswith("configs/experiments/")
+    if uses_files and "synthetic" not in config:
         if "hub" in config:
             local = tmp_path / "hub_copy"
             local.mkdir()
