@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-from abc import ABC
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -48,7 +47,7 @@ def apply_softcap(logits: Tensor, softcap: float | None) -> Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-class Head(nn.Module, ABC):
+class Head(nn.Module):
     """Base class of all output heads.
 
     Subclasses set ``name`` (the short name used on the command line), ``description`` and
