@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lmheads.errors import Interrupted
 from lmheads.metrics import FREQUENCY_BUCKETS
+from lmheads.perf import synchronize
 
 
 class TokenThroughput(Callback):
@@ -34,12 +35,8 @@ class TokenThroughput(Callback):
         self._t0: float | None = None
         self._tokens = 0
 
-    def _sync(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def _restart(self, trainer: L.Trainer) -> None:
-        self._sync(trainer.strategy.root_device)
+        synchronize(trainer.strategy.root_device)
         self._t0 = time.perf_counter()
         self._tokens = 0
 
@@ -56,7 +53,7 @@ class TokenThroughput(Callback):
         if trainer.global_step % trainer.log_every_n_steps or trainer.fit_loop._should_accumulate():
             return
         device = trainer.strategy.root_device
-        self._sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - self._t0
         tokens_per_sec = self._tokens * trainer.world_size / max(elapsed, 1e-9)
         if device.type == "cuda":

@@ -12,12 +12,19 @@ import torch
 MiB = 2**20
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU, where work is not queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PeakMemory:
     """Peak memory above the level at :meth:`reset`: the CUDA allocator's, or on Linux CPUs the
     process's peak resident set (VmHWM, which writing 5 to ``/proc/self/clear_refs`` resets). The CPU
     figure is coarse: memory the C allocator keeps after a free is not seen again."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         self.status = Path("/proc/self/status")
         self.clear = Path("/proc/self/clear_refs")
@@ -32,7 +39,7 @@ class PeakMemory:
 
     def reset(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
+            synchronize(self.device)
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         elif self.available:
@@ -44,7 +51,7 @@ class PeakMemory:
         """Peak since :meth:`reset`, above the level then (or in total with ``absolute``)."""
         base = 0 if absolute else self.base
         if self.cuda:
-            torch.cuda.synchronize()
+            synchronize(self.device)
             return (torch.cuda.max_memory_allocated() - base) / MiB
         return (self._kib("VmHWM:") - base) / MiB if self.available else math.nan
 
@@ -54,15 +61,14 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int | Non
     size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
-    sync()
+    synchronize(device)
     iters = 20 if device.type == "cuda" else 5
     start = time.perf_counter()
     for _ in range(iters):
         a @ b
-    sync()
+    synchronize(device)
     return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12
 
 

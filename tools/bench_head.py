@@ -28,7 +28,7 @@ from lmheads.loss import (
     naive_linear_cross_entropy,
     reduce_token_loss,
 )
-from lmheads.perf import MiB, PeakMemory
+from lmheads.perf import MiB, PeakMemory, synchronize
 
 
 def naive(form: LinearForm, targets: torch.Tensor) -> torch.Tensor:
@@ -48,12 +48,11 @@ def run(fn: Callable, h, w, targets, warmup: int, iters: int, memory: PeakMemory
     memory.reset()
     loss = step()
     peak = memory.peak_mib()
-    sync = torch.cuda.synchronize if h.is_cuda else (lambda: None)
-    sync()
+    synchronize(h.device)
     start = time.perf_counter()
     for _ in range(iters):
         step()
-    sync()
+    synchronize(h.device)
     ms = (time.perf_counter() - start) / iters * 1e3
     return {"ms": ms, "mib": peak, "loss": loss.float().item()}
 

@@ -31,7 +31,7 @@ from lmheads.backbone import BackboneConfig
 from lmheads.data import SyntheticDataModule
 from lmheads.heads import head_class
 from lmheads.module import LMHeadModule
-from lmheads.perf import PeakMemory, flops_per_token, matmul_peak_tflops
+from lmheads.perf import PeakMemory, flops_per_token, matmul_peak_tflops, synchronize
 
 PRESETS = {
     "gpt2": {"n_layer": 12, "n_head": 12, "d_model": 768, "block_size": 1024, "batch": 16, "vocab": 50304},
@@ -53,8 +53,7 @@ class StepTimer(L.Callback):
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(trainer.strategy.root_device)
         self.seconds = time.perf_counter() - self.start
 
 
@@ -132,8 +131,7 @@ def plain_run(model: LMHeadModule, data, args, memory: PeakMemory) -> float:
         optimizer.zero_grad(set_to_none=True)
     if step < args.warmup + args.steps:
         raise RuntimeError(f"the loader ended after {step + 1} batches; the benchmark needs more data")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -150,8 +148,7 @@ def loader_tokens_per_sec(data, args, batches: int) -> float:
         n += idx.numel()
         if n >= batches * args.batch * args.block_size:
             break
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return n / (time.perf_counter() - start)
 
 
