@@ -81,16 +81,6 @@ def chunk_tokens(vocab_size: int, workspace_bytes: int = CHUNK_WORKSPACE_BYTES) 
     return max(64, workspace_bytes // (8 * vocab_size) // 64 * 64)
 
 
-def _chunk_loss(logits: Tensor, targets: Tensor, valid: Tensor, softcap: float | None):
-    """NLL and log-partition (C,) of one chunk of logits (C, V)."""
-    x = logits.float()
-    if softcap is not None:
-        x = torch.tanh(x / softcap) * softcap
-    lse = x.logsumexp(dim=-1)
-    target_logit = x.gather(1, targets.where(valid, 0).unsqueeze(1)).squeeze(1)
-    return (lse - target_logit) * valid, lse
-
-
 def _chunk_grad(
     logits: Tensor, targets: Tensor, valid: Tensor, softcap: float | None, z_loss: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,20 +222,16 @@ def chunked_train_loss(
 def chunked_token_loss(
     form: LinearForm, targets: Tensor, ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None
 ) -> TokenLoss:
-    """Per-token NLL and log-partition (N,) in chunks, without gradients (evaluation)."""
-    hidden, weight, bias = form.hidden, form.weight, form.bias
-    chunk = chunk_size or chunk_tokens(weight.size(0))
-    valid = targets != ignore_index
+    """Per-token NLL and log-partition (N,) in chunks, without gradients (evaluation): the reference
+    loss on C tokens at a time."""
+    chunk = chunk_size or chunk_tokens(form.weight.size(0))
     parts = [
-        _chunk_loss(
-            F.linear(hidden[s : s + chunk], weight, bias),
-            targets[s : s + chunk],
-            valid[s : s + chunk],
-            form.softcap,
+        naive_linear_cross_entropy(
+            form._replace(hidden=form.hidden[s : s + chunk]), targets[s : s + chunk], ignore_index
         )
-        for s in range(0, hidden.size(0), chunk)
+        for s in range(0, form.hidden.size(0), chunk)
     ]
-    return TokenLoss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return TokenLoss(torch.cat([p.nll for p in parts]), torch.cat([p.lse for p in parts]))
 
 
 # ------------------------------------------------------------------------------------- backends
@@ -372,4 +358,5 @@ def get_backend(name: str, device: torch.device, chunk_size: int | None = None) 
         name = "chunked"
     backend = BACKENDS[name](chunk_size)
     backend.check(device)
+    backend.device = device
     return backend

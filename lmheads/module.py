@@ -200,7 +200,6 @@ class LMHeadModule(L.LightningModule):
                     "serve it; it uses the full logits (naive) instead"
                 )
             backend = get_backend(name, self.device, self.hparams.loss_chunk_size)
-            backend.device = self.device
             self._backend = backend
         return backend
 
