@@ -57,10 +57,10 @@ class StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def make_data(args, vocab: int) -> SyntheticDataModule:
+def make_data(args) -> SyntheticDataModule:
     tokens = (args.warmup + args.steps + 2) * args.batch * (args.block_size + 1)
     data = SyntheticDataModule(
-        vocab_size=vocab,
+        vocab_size=args.vocab,
         train_tokens=tokens,
         val_tokens=args.block_size + 1,
         block_size=args.block_size,
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = PRECISION_DTYPE[args.precision]
     peak = matmul_peak_tflops(device, dtype)
-    data = make_data(args, args.vocab)
+    data = make_data(args)
     cfg = BackboneConfig(
         n_layer=args.n_layer,
         n_head=args.n_head,
