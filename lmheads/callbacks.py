@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -201,34 +202,55 @@ class InterruptCheckpoint(Callback):
     """Ctrl-C or SIGTERM during ``fit``: finish the current step, save ``interrupted.ckpt`` beside the
     other checkpoints, and stop with exit status 130 (SIGINT) or 143 (SIGTERM).
 
-    Lightning stops all processes at the same step after SIGTERM (it broadcasts rank 0's signal); a
-    first Ctrl-C is routed into that same path, a second one interrupts at once. The checkpoint is
-    taken between steps, so resuming from it continues exactly where training stopped.
+    A signal only marks the process; after each training step the processes agree (a maximum over a
+    small gloo all-reduce, which never waits for the GPU) and all stop at that same step, whichever of
+    them received it: one rank (``kill`` of one process), all of them (Ctrl-C in a terminal, SLURM,
+    torchrun), or several at slightly different times. A second Ctrl-C interrupts at once. The
+    checkpoint is taken between steps, so resuming from it continues exactly where training stopped.
     """
 
     def __init__(self) -> None:
-        self._previous_handler = None
+        self._previous_handlers: dict[int, object] = {}
+        self._group = None
         self.signal: int | None = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here rather than in on_fit_start: Lightning installs its own SIGTERM handler in between.
         if threading.current_thread() is not threading.main_thread():
             return
-        self._previous_handler = signal.getsignal(signal.SIGINT)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # every rank creates it, in the same order
 
-        def on_sigint(signum, frame) -> None:
-            rank_zero_info(
-                "\nCtrl-C: stopping after this step and saving a checkpoint (again to abort at once)"
-            )
-            self.signal = signal.SIGINT
-            trainer._signal_connector.received_sigterm = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        def on_signal(signum, frame) -> None:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = " (again to abort at once)" if signum == signal.SIGINT else ""
+            rank_zero_info(f"\n{name}: stopping after this step and saving a checkpoint{again}")
+            self.signal = self.signal or signum
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        signal.signal(signal.SIGINT, on_sigint)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, on_signal)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        received = self.signal or 0
+        if self._group is not None:
+            flag = torch.tensor([received], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            received = int(flag)
+        if received:
+            self.signal = self.signal or received
+            trainer._signal_connector.received_sigterm = True  # Lightning raises after this step
 
     def _restore_handler(self) -> None:
-        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handler()

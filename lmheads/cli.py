@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.data import LMDataModule
 from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
@@ -173,7 +174,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
             run=run,
         )
     except Interrupted as err:
-        print(f"interrupted: {err}", file=sys.stderr)
+        if rank_zero_only.rank == 0:  # every process stops; one says so
+            print(f"interrupted: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,13 +10,13 @@ import torch
 
 
 class SignalAt(L.Callback):
-    """Sends a signal to this process after the given optimizer step."""
+    """Sends a signal to this process after the given optimizer step (on every rank, or on one)."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGINT)) -> None:
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int = int(signal.SIGINT), rank: int | None = None) -> None:
+        self.step, self.signum, self.rank = step, signum, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
 

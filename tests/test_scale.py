@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from lmheads.errors import ConfigError
 from lmheads.heads import head_class, registered_heads
 from lmheads.module import LMHeadModule, check_fsdp_policy
 
-from .helpers import ROOT, fit, quick_args
+from .helpers import ROOT, fit, only_run, quick_args
 from .test_cli import _run_module
 
 BUILTIN = sorted(n for n, c in registered_heads().items() if c.__module__.startswith("lmheads."))
@@ -47,6 +49,40 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     _assert_same(ddp, _grads(tmp_path / "w2", 2, rank=1))  # all-reduced: identical on both ranks
     _assert_same(ddp, _grads(tmp_path / "w1", 1))
     assert ddp["backbone.wte.weight"].abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "rank"), [("ddp", 1)])
+def test_interrupt_and_resume_on_two_processes_reproduce_the_straight_run(tmp_path, strategy, rank):
+    """A SIGTERM that reaches one process (ddp: rank 1 only) stops both at the same step with one
+    checkpoint; resuming from it ends bitwise where the uninterrupted run ends. The head copies the
+    embedding into its own weight half way."""
+    parallel = ["--trainer.devices=2", f"--trainer.strategy={strategy}"]
+    common = [*parallel, "--model.head=untie_during_training", "--model.head.untie_at=0.5"]
+
+    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
+        out = tmp_path / name
+        out.mkdir(exist_ok=True)
+        return _run_module("fit", *quick_args(out, steps=4, every=2), *common, *extra, cwd=tmp_path)
+
+    assert run("straight").returncode == 0
+    stop = run("resumed", "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=1",
+               "--trainer.callbacks.signum=15", f"--trainer.callbacks.rank={json.dumps(rank)}")  # fmt: skip
+    assert stop.returncode == 143, stop.stderr[-3000:]
+    assert stop.stderr.count("interrupted: SIGTERM at step 1") == 1  # said once, by rank 0
+    interrupted = only_run(tmp_path / "resumed") / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(interrupted, map_location="cpu", weights_only=False)["global_step"] == 1
+    again = run("resumed", f"--ckpt_path={interrupted}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    last = {name: only_run(tmp_path / name) / "checkpoints" / "last.ckpt" for name in ("straight", "resumed")}
+    straight, resumed = (
+        torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in last.values()
+    )
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+    model = LMHeadModule.load_from_checkpoint(last["straight"], map_location="cpu")
+    assert bool(model.head.untied) and not torch.equal(model.head.weight, model.backbone.wte.weight)
 
 
 def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
