@@ -21,6 +21,7 @@ from torch import Tensor
 from lmheads.errors import Interrupted
 from lmheads.metrics import FREQUENCY_BUCKETS
 from lmheads.perf import synchronize
+from lmheads.sharding import gathered, is_sharded
 
 
 class TokenThroughput(Callback):
@@ -120,10 +121,14 @@ class HeadDiagnostics(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        if not pl_module.head.is_linear:  # no single output matrix to describe
+            return
+        with gathered(pl_module):  # sharded: every process gathers the embedding and head, then describes
+            self._describe(trainer, pl_module)
+
+    def _describe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         embedding = pl_module.backbone.wte
         head = pl_module.head
-        if not head.is_linear:  # no single output matrix to describe
-            return
         probe = torch.zeros(1, head.d_model, device=embedding.weight.device, dtype=embedding.weight.dtype)
         form = head.linear_form(probe, embedding)
         weight = form.weight.float()  # (V, K)
@@ -174,7 +179,7 @@ class TextSamples(Callback):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if (
             trainer.sanity_checking
-            or not trainer.is_global_zero
+            or not (trainer.is_global_zero or is_sharded(pl_module))  # sharded: all generate, one writes
             or not loggers
             or cfg.validation_samples == 0
         ):
@@ -185,6 +190,8 @@ class TextSamples(Callback):
         prompts = torch.stack([blocks[i][0][: cfg.prompt_tokens] for i in range(n)]).to(device)  # (n, P)
         generator = torch.Generator(device=device).manual_seed(0)
         out = pl_module.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator=generator)
+        if not trainer.is_global_zero:
+            return
         for i in range(n):
             prompt = datamodule.decode(out[i, : prompts.size(1)].tolist())
             completion = datamodule.decode(out[i, prompts.size(1) :].tolist())

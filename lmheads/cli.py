@@ -17,6 +17,7 @@ from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
 from lmheads.heads import broken_heads, registered_heads
 from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule, SamplingConfig
+from lmheads.sharding import check_strategy
 
 HEAD_KEY = "--model.head"
 
@@ -77,6 +78,7 @@ class LMHeadsCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        check_strategy(self.trainer.strategy)  # before any process is launched
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.sampling = config.sampling
 

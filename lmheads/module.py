@@ -32,6 +32,7 @@ from lmheads.loss import (
     reduce_token_loss,
 )
 from lmheads.metrics import FREQUENCY_BUCKETS, BucketedNLL, TokenNLL, bits_per_byte, frequency_buckets
+from lmheads.sharding import check_strategy, is_sharded, shard
 
 #: Metrics shown in TensorBoard's HParams tab; every run logs all of them (NaN where not applicable) so
 #: that runs line up as columns.
@@ -64,26 +65,6 @@ class SamplingConfig:
             raise ConfigError(
                 "sampling.prompt_tokens and sampling.max_new_tokens must be positive, validation_samples >= 0"
             )
-
-
-def check_fsdp_policy(strategy) -> None:
-    """Refuse an FSDP auto-wrap policy that would put the token embedding, final norm or head in a unit of
-    their own: the tied head reads the embedding in the root unit, so all three must stay there."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(strategy, FSDPStrategy):
-        return
-    policy = strategy.kwargs.get("auto_wrap_policy")
-    classes = policy if isinstance(policy, set | list | tuple) else getattr(policy, "_module_classes", set())
-    split = sorted(
-        c.__name__ for c in classes if issubclass(c, nn.Embedding | nn.LayerNorm | Head | Backbone)
-    )
-    if split:
-        raise ConfigError(
-            f"the FSDP auto_wrap_policy wraps {', '.join(split)}: the token embedding, final norm and head "
-            "must share one FSDP unit for a tie to stay a tie; wrap lmheads.backbone.Block only "
-            "(configs/trainer/fsdp.yaml)"
-        )
 
 
 def warmup_cosine(step: int, warmup: int, total: float, min_ratio: float) -> float:
@@ -185,6 +166,12 @@ class LMHeadModule(L.LightningModule):
             }
 
     # ----------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy: FSDP2, with the embedding, final norm and head in the
+        root unit so that a tie stays a tie (:func:`lmheads.sharding.shard`). Nothing otherwise."""
+        if self.device_mesh is not None and not is_sharded(self):
+            shard(self, self.device_mesh)
+
     def forward(self, idx: Tensor) -> Tensor:
         """Full logits (B, T, V) for token ids (B, T)."""
         return self.head.logits(self.backbone(idx), self.backbone.wte)
@@ -325,7 +312,8 @@ class LMHeadModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._check_compatible(checkpoint.get("state_dict", {}))
+        if "state_dict" in checkpoint:  # absent under FSDP2, whose strategy has already loaded the weights
+            self._check_compatible(checkpoint["state_dict"])
         rng = checkpoint.get("lmheads_rng")
         if rng is not None and self._trainer is not None:  # resuming: continue the random streams exactly
             torch.set_rng_state(rng["torch"])
@@ -397,7 +385,7 @@ class LMHeadModule(L.LightningModule):
         self._log_eval("test", "test")
 
     def setup(self, stage: str) -> None:
-        check_fsdp_policy(self.trainer.strategy)
+        check_strategy(self.trainer.strategy)
         datamodule = self._datamodule()
         if datamodule is not None and "train" in getattr(datamodule, "splits", {}):
             self._token_bucket = frequency_buckets(datamodule.train_token_counts())

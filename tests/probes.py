@@ -7,6 +7,7 @@ import signal
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class SignalAt(L.Callback):
@@ -33,13 +34,19 @@ class PoisonAt(L.Callback):
 
 
 class GradDump(L.Callback):
-    """Saves the gradients of the first optimizer step (after DDP's all-reduce) to a folder."""
+    """Saves the gradients of the first optimizer step (after DDP's all-reduce, or gathered from FSDP's
+    shards) to a folder."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0:
-            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+            grads = {n: _full(p.grad).detach().clone() for n, p in pl_module.named_parameters()}
             path = os.path.join(self.folder, f"grads-rank{trainer.global_rank}-of{trainer.world_size}.pt")
             torch.save(grads, path)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective: every process calls it), else the tensor."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

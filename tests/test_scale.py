@@ -13,7 +13,8 @@ from torch import nn
 from lmheads.backbone import BackboneConfig, Block
 from lmheads.errors import ConfigError
 from lmheads.heads import head_class, registered_heads
-from lmheads.module import LMHeadModule, check_fsdp_policy
+from lmheads.module import LMHeadModule
+from lmheads.sharding import check_strategy
 
 from .helpers import ROOT, fit, only_run, quick_args
 from .test_cli import _run_module
@@ -32,32 +33,39 @@ def _assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+#: FSDP2 on 2 CPU processes (gloo), through the shipped config.
+DP = "--trainer.strategy.init_args.data_parallel_size"
+FSDP2 = ["--config", str(ROOT / "configs/trainer/fsdp2.yaml"), "--trainer.accelerator=cpu",
+         "--trainer.devices=2", f"{DP}=2", "--trainer.precision=32-true"]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
-    """Per-device batch b on 2 CPU processes gives the gradients of batch 2b on one (the tied embedding
-    included: reduced once, no unused parameters)."""
-    for world, batch in ((2, 8), (1, 16)):
-        out = tmp_path / f"w{world}"
+def test_two_processes_equal_one_process_with_double_batch(tmp_path):
+    """Per-device batch b on 2 CPU processes, with DDP and with FSDP2, gives the gradients of batch 2b on
+    one (the tied embedding included: reduced once, no unused parameters; FSDP2 keeps it in one unit)."""
+    runs = {"single": (1, 16, []), "ddp": (2, 8, ["--trainer.strategy=ddp"]), "fsdp2": (2, 8, FSDP2)}
+    for name, (world, batch, extra) in runs.items():
+        out = tmp_path / name
         out.mkdir()
         args = ["fit", *quick_args(out, steps=1, every=1), *DUMP, f"--trainer.callbacks.folder={out}"]
-        args += [f"--data.init_args.batch_size={batch}", f"--trainer.devices={world}"]
-        if world > 1:
-            args.append("--trainer.strategy=ddp")
+        args += [f"--data.init_args.batch_size={batch}", f"--trainer.devices={world}", *extra]
         result = _run_module(*args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-    ddp = _grads(tmp_path / "w2", 2)
-    _assert_same(ddp, _grads(tmp_path / "w2", 2, rank=1))  # all-reduced: identical on both ranks
-    _assert_same(ddp, _grads(tmp_path / "w1", 1))
-    assert ddp["backbone.wte.weight"].abs().sum() > 0
+    single = _grads(tmp_path / "single", 1)
+    assert single["backbone.wte.weight"].abs().sum() > 0
+    for name in ("ddp", "fsdp2"):
+        grads = _grads(tmp_path / name, 2)
+        _assert_same(grads, _grads(tmp_path / name, 2, rank=1))  # reduced: identical on both ranks
+        _assert_same(grads, single)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "rank"), [("ddp", 1)])
+@pytest.mark.parametrize(("strategy", "rank"), [("ddp", 1), ("fsdp2", None)])
 def test_interrupt_and_resume_on_two_processes_reproduce_the_straight_run(tmp_path, strategy, rank):
-    """A SIGTERM that reaches one process (ddp: rank 1 only) stops both at the same step with one
-    checkpoint; resuming from it ends bitwise where the uninterrupted run ends. The head copies the
-    embedding into its own weight half way."""
-    parallel = ["--trainer.devices=2", f"--trainer.strategy={strategy}"]
+    """A SIGTERM that reaches one process (ddp: rank 1 only) or all of them (fsdp2) stops both at the same
+    step with one ordinary checkpoint; resuming from it ends bitwise where the uninterrupted run ends. The
+    head copies the embedding into its own weight half way (under FSDP2 a copy between shards)."""
+    parallel = FSDP2 if strategy == "fsdp2" else ["--trainer.devices=2", "--trainer.strategy=ddp"]
     common = [*parallel, "--model.head=untie_during_training", "--model.head.untie_at=0.5"]
 
     def run(name: str, *extra: str) -> subprocess.CompletedProcess:
@@ -130,11 +138,28 @@ def test_fsdp_policy_that_splits_the_tie_is_refused():
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    check_fsdp_policy(FSDPStrategy(auto_wrap_policy={Block}))
-    check_fsdp_policy(FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy([Block])))
+    check_strategy(FSDPStrategy(auto_wrap_policy={Block}))
+    check_strategy(FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy([Block])))
     for bad in ({Block, nn.Embedding}, ModuleWrapPolicy([Block, head_class("untied")])):
         with pytest.raises(ConfigError, match="must share one FSDP unit"):
-            check_fsdp_policy(FSDPStrategy(auto_wrap_policy=bad))
+            check_strategy(FSDPStrategy(auto_wrap_policy=bad))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ([f"{DP}=4"], "data_parallel_size=4, tensor_parallel_size=1 for 2 processes"),
+        ([f"{DP}=1", "--trainer.strategy.init_args.tensor_parallel_size=2"],
+         "data_parallel_size=1, tensor_parallel_size=2 for 2 processes"),
+    ],
+)  # fmt: skip
+def test_fsdp2_sizes_that_leave_processes_out_are_refused_before_launch(tmp_path, capsys, sizes, message):
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path, *FSDP2, *sizes)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "set --trainer.strategy.init_args.data_parallel_size=2" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 # --------------------------------------------------------------------- GPU only (skipped without CUDA)
@@ -157,8 +182,10 @@ def test_inductor_compile_on_gpu(tmp_path, name):
 
 
 @pytest.mark.gpu
-def test_fsdp_keeps_the_tie_on_gpu(tmp_path):
-    cli = fit(tmp_path, "--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.devices=1",
+@pytest.mark.parametrize("config", ["fsdp.yaml", "fsdp2.yaml"])
+def test_fsdp_keeps_the_tie_on_gpu(tmp_path, config):
+    sizes = [f"{DP}=1"] if config == "fsdp2.yaml" else []
+    cli = fit(tmp_path, "--config", str(ROOT / "configs/trainer" / config), "--trainer.devices=1", *sizes,
               "--trainer.logger=false", "--model.head=tied", steps=4, every=2)  # fmt: skip
     assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
     loaded = LMHeadModule.load_from_checkpoint(
