@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 
 import lightning as L
 import numpy as np
@@ -143,6 +144,12 @@ class LMDataModule(L.LightningDataModule):
             sampler.set_epoch(trainer.current_epoch)
             done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
             sampler.start = min(done * self.batch_size, sampler.num_samples)
+            if (
+                sampler.start
+            ):  # Lightning cannot see that this loader resumes, and would warn that it does not
+                warnings.filterwarnings(
+                    "ignore", message="You're resuming from a checkpoint that ended before"
+                )
         return sampler
 
     def _loader(self, split: str, train: bool) -> DataLoader:
