@@ -38,6 +38,11 @@ from lmheads.sharding import check_strategy, is_sharded, shard
 #: that runs line up as columns.
 HP_METRICS = ("hp/val_loss", "hp/val_ppl", "hp/val_bpb", "hp/val_excess_loss", "hp/tokens_per_sec")
 
+# Evaluation metrics are reduced across processes (torchmetrics) before they are logged, and the head
+# diagnostics come from weights equal on every process: Lightning's advice to log them with sync_dist
+# would only average equal numbers, once per metric and process.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test|hp|diag)")
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
