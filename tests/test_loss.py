@@ -131,15 +131,19 @@ def test_all_tokens_ignored_gives_zero_loss_and_gradient():
     assert out.loss.item() == 0 and not h.grad.any() and not w.grad.any()
 
 
-def test_mixed_precision_matches_naive_under_autocast():
-    """bf16 products, fp32 sums; gradients come back in the parameters' dtype."""
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.bfloat16, 1.0), (torch.float16, 2.0**16)])
+def test_mixed_precision_matches_naive_under_autocast(dtype, scale):
+    """bf16 or fp16 products, fp32 sums; gradients come back in the parameters' dtype. fp16 runs under a
+    GradScaler-sized loss scale (what 16-mixed does): nothing overflows, the unscaled gradients agree."""
     idx, targets = batch()
     results = []
     for backend in ("naive", "chunked"):
         module = model(TiedBiasHead(softcap=5.0), backend, 8)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, grads = loss_and_grads(module, idx, targets)
-        assert all(g.dtype == torch.float32 for g in grads.values())
+        with torch.autocast("cpu", dtype=dtype):
+            out = module.train_loss(idx, targets)
+        (scale * out.loss).backward()
+        grads = {n: p.grad / scale for n, p in module.named_parameters() if p.grad is not None}
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
         results.append((out, grads))
     (ref, ref_grads), (out, grads) = results
     assert_rel_close(out.loss, ref.loss, rtol=1e-2)
