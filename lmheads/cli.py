@@ -73,12 +73,17 @@ class LMHeadsCLI(LightningCLI):
         else:
             super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if subcommand:
-            check_checkpoint(self.config[subcommand].get("ckpt_path"))
+        self._checkpoint_state = (
+            check_checkpoint(self.config[subcommand].get("ckpt_path")) if subcommand else None
+        )
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         check_strategy(self.trainer.strategy)  # before any process is launched
+        state = getattr(self, "_checkpoint_state", None)
+        if state is not None:  # here too for strategies that load the weights themselves (FSDP2)
+            self.model.check_compatible(state)
+            self._checkpoint_state = None
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.sampling = config.sampling
 
@@ -108,10 +113,11 @@ class LMHeadsCLI(LightningCLI):
             logger.init_args.version = f"{head}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_checkpoint(path: str | None) -> None:
-    """A one-line error for a checkpoint that is missing or unreadable, before Lightning opens it."""
+def check_checkpoint(path: str | None) -> dict | None:
+    """A one-line error for a checkpoint that is missing or unreadable, before Lightning opens it; its
+    state dict (memory-mapped) to check against the model once that is built."""
     if path is None or path in ("last", "best", "hpc", "registry"):
-        return
+        return None
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint {path!r} does not exist; check --ckpt_path")
     try:
@@ -123,6 +129,7 @@ def check_checkpoint(path: str | None) -> None:
         ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{path!r} is not a Lightning checkpoint (no state_dict in it)")
+    return checkpoint["state_dict"]
 
 
 def list_heads(modules: list[str] = ()) -> str:

@@ -318,7 +318,7 @@ class LMHeadModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "state_dict" in checkpoint:  # absent under FSDP2, whose strategy has already loaded the weights
-            self._check_compatible(checkpoint["state_dict"])
+            self.check_compatible(checkpoint["state_dict"])
         rng = checkpoint.get("lmheads_rng")
         if rng is not None and self._trainer is not None:  # resuming: continue the random streams exactly
             torch.set_rng_state(rng["torch"])
@@ -328,7 +328,7 @@ class LMHeadModule(L.LightningModule):
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(rng["python"])
 
-    def _check_compatible(self, state: dict) -> None:
+    def check_compatible(self, state: dict) -> None:
         """A clear message instead of a size-mismatch traceback when a checkpoint belongs to another model."""
         own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         theirs = {k: tuple(v.shape) for k, v in state.items()}

@@ -162,6 +162,23 @@ def test_fsdp2_sizes_that_leave_processes_out_are_refused_before_launch(tmp_path
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_fsdp2_checkpoint_of_another_vocabulary_is_refused_before_launch(tmp_path, capsys):
+    fit(tmp_path / "small", "--data.init_args.vocab_size=512", steps=2, every=2)
+    ckpt = only_run(tmp_path / "small") / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit) as exc:
+        fit(
+            tmp_path / "big",
+            *FSDP2,
+            "--trainer.devices=1",
+            f"{DP}=1",
+            f"--ckpt_path={ckpt}",
+            steps=4,
+            every=2,
+        )
+    assert exc.value.code == 2
+    assert "(512, 128) in the checkpoint, (1024, 128) here" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------- GPU only (skipped without CUDA)
 GPU = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.logger=false"]
 
