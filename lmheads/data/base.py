@@ -144,9 +144,8 @@ class LMDataModule(L.LightningDataModule):
             sampler.set_epoch(trainer.current_epoch)
             done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
             sampler.start = min(done * self.batch_size, sampler.num_samples)
-            if (
-                sampler.start
-            ):  # Lightning cannot see that this loader resumes, and would warn that it does not
+            # Lightning cannot see that this loader resumes part-way, and would warn that it does not.
+            if sampler.start:
                 warnings.filterwarnings(
                     "ignore", message="You're resuming from a checkpoint that ended before"
                 )
