@@ -471,18 +471,23 @@ class LMHeadModule(L.LightningModule):
         flat.update({f"params/{k}": v for k, v in self.parameter_counts().items()})
         return flat
 
-    def configure_optimizers(self):
+    def make_optimizer(self) -> torch.optim.AdamW:
+        """AdamW with decoupled weight decay on matrices and embeddings only, fused on CUDA."""
         decay, no_decay = [], []
         for p in self.parameters():  # unique tensors: a tied weight lands in exactly one group
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
+        return torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
             betas=tuple(hp.betas),
             fused=self.device.type == "cuda",
         )
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = self.make_optimizer()
         schedule = partial(
             warmup_cosine,
             warmup=hp.warmup_steps,

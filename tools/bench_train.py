@@ -96,14 +96,7 @@ def plain_run(model: LMHeadModule, data, args, memory: PeakMemory) -> float:
     device = torch.device(args.device)
     model = model.to(device)
     backbone, head = model.backbone, model.head
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=model.hparams.lr,
-        betas=(0.9, 0.95),
-        fused=device.type == "cuda",
-    )
+    optimizer = model.make_optimizer()  # the Lightning path's optimizer, without its schedule
 
     def loss_fn(idx, targets):
         logits = head.logits(backbone(idx), backbone.wte)  # (B, T, V)
