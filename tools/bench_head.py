@@ -21,18 +21,13 @@ from collections.abc import Callable
 import torch
 
 from lmheads.heads import LinearForm
-from lmheads.loss import (
-    BACKENDS,
-    chunk_tokens,
-    chunked_train_loss,
-    naive_linear_cross_entropy,
-    reduce_token_loss,
-)
+from lmheads.loss import BACKENDS, IGNORE_INDEX, LossBackend, chunk_tokens
 from lmheads.perf import MiB, PeakMemory, synchronize
 
 
-def naive(form: LinearForm, targets: torch.Tensor) -> torch.Tensor:
-    return reduce_token_loss(naive_linear_cross_entropy(form, targets), targets).loss
+def mean_loss(backend: LossBackend) -> Callable[[LinearForm, torch.Tensor], torch.Tensor]:
+    """The backend's training loss (no z-loss) as a function of the form and the targets."""
+    return lambda form, targets: backend.train_loss(form, targets, IGNORE_INDEX, 0.0).loss
 
 
 def run(fn: Callable, h, w, targets, warmup: int, iters: int, memory: PeakMemory) -> dict[str, float]:
@@ -81,19 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     targets = torch.randint(0, args.v, (args.n,), device=device, generator=g)
     floor = (args.n * args.d + args.v * args.d) * h.element_size() / MiB
 
+    naive = mean_loss(BACKENDS["naive"]())
     candidates: dict[str, Callable] = {"naive": naive}
     if not args.no_compile:
         candidates["naive+compile"] = torch.compile(naive)
     for c in args.chunk_sizes or [chunk_tokens(args.v)]:
-        candidates[f"chunked C={c}"] = lambda form, t, c=c: chunked_train_loss(form, t, chunk_size=c).loss
+        chunked = mean_loss(BACKENDS["chunked"](c))
+        candidates[f"chunked C={c}"] = chunked
         if not args.no_compile:
-            fused = torch.compile(lambda form, t, c=c: chunked_train_loss(form, t, chunk_size=c).loss)
-            candidates[f"chunked C={c}+compile"] = fused
+            candidates[f"chunked C={c}+compile"] = torch.compile(chunked)
     for name in ("liger", "cce"):
         backend = BACKENDS[name]()
         package = backend.package[1]
         if device.type == "cuda" and importlib.util.find_spec(package) is not None:
-            candidates[name] = lambda form, t, b=backend: b.train_loss(form, t, -100, 0.0).loss
+            candidates[name] = mean_loss(backend)
         else:
             print(f"# {name}: skipped ({package} not installed or not on CUDA)")
 
