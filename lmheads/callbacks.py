@@ -21,7 +21,7 @@ from torch import Tensor
 from lmheads.errors import Interrupted
 from lmheads.metrics import FREQUENCY_BUCKETS
 from lmheads.perf import synchronize
-from lmheads.sharding import gathered, is_sharded
+from lmheads.sharding import fsdp1_root, gathered, gathers_collectively
 
 
 class TokenThroughput(Callback):
@@ -179,7 +179,7 @@ class TextSamples(Callback):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if (
             trainer.sanity_checking
-            or not (trainer.is_global_zero or is_sharded(pl_module))  # sharded: all generate, one writes
+            or not (trainer.is_global_zero or gathers_collectively(pl_module))  # sharded: all generate
             or not loggers
             or cfg.validation_samples == 0
         ):
@@ -189,7 +189,8 @@ class TextSamples(Callback):
         device = pl_module.device
         prompts = torch.stack([blocks[i][0][: cfg.prompt_tokens] for i in range(n)]).to(device)  # (n, P)
         generator = torch.Generator(device=device).manual_seed(0)
-        out = pl_module.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator=generator)
+        root = fsdp1_root(pl_module)  # FSDP1: through the root unit, which gathers embedding and head
+        out = pl_module.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, root)
         if not trainer.is_global_zero:
             return
         for i in range(n):

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -14,7 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lmheads.backbone import Backbone, BackboneConfig
@@ -32,7 +33,7 @@ from lmheads.loss import (
     reduce_token_loss,
 )
 from lmheads.metrics import FREQUENCY_BUCKETS, BucketedNLL, TokenNLL, bits_per_byte, frequency_buckets
-from lmheads.sharding import check_strategy, is_sharded, shard
+from lmheads.sharding import check_strategy, fsdp1_root, is_sharded, shard, unwrapped_name
 
 #: Metrics shown in TensorBoard's HParams tab; every run logs all of them (NaN where not applicable) so
 #: that runs line up as columns.
@@ -153,6 +154,9 @@ class LMHeadModule(L.LightningModule):
         self.backbone = Backbone(vocab_size, self.cfg)
         self.head = head
         self.head.build(vocab_size, self.cfg.d_model, self.cfg.embed_width)
+        # Weight decay by name, decided before any wrapper reshapes the parameters (FSDP1 with
+        # use_orig_params shows each one as a 1-D view of its shard).
+        self._decay_names = frozenset(n for n, p in self.named_parameters() if p.ndim >= 2)
         check_backend_name(loss_backend)
         if loss_chunk_size is not None and loss_chunk_size <= 0:
             raise ConfigError(f"model.loss_chunk_size must be positive or null, got {loss_chunk_size}")
@@ -234,15 +238,21 @@ class LMHeadModule(L.LightningModule):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        logits_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Extend prompts (B, T0) by ``max_new_tokens`` sampled tokens; returns (B, T0 + max_new_tokens).
 
         The context is cropped to the last ``block_size`` tokens; no KV cache (sampling is for
-        inspection, not serving)."""
+        inspection, not serving). ``logits_fn`` maps a context (B, T) to full logits (B, T, V) instead of
+        the module's own backbone and head: outside a step, FSDP1's root unit, which gathers the
+        embedding and head around its forward."""
         for _ in range(max_new_tokens):
             context = idx[:, -self.cfg.block_size :]  # (B, <=T)
-            h = self.backbone(context)[:, -1]  # (B, D)
-            logits = self.head.logits(h, self.backbone.wte).float()  # (B, V)
+            if logits_fn is not None:
+                logits = logits_fn(context)[:, -1].float()  # (B, V)
+            else:
+                h = self.backbone(context)[:, -1]  # (B, D)
+                logits = self.head.logits(h, self.backbone.wte).float()  # (B, V)
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
             else:
@@ -323,7 +333,9 @@ class LMHeadModule(L.LightningModule):
         if rng is not None and self._trainer is not None:  # resuming: continue the random streams exactly
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+                # One state per device visible when saving; resuming may see fewer (or more) devices.
+                for device, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+                    torch.cuda.set_rng_state(state, device)
             kind, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(rng["python"])
@@ -471,19 +483,48 @@ class LMHeadModule(L.LightningModule):
         flat.update({f"params/{k}": v for k, v in self.parameter_counts().items()})
         return flat
 
-    def make_optimizer(self) -> torch.optim.AdamW:
-        """AdamW with decoupled weight decay on matrices and embeddings only, fused on CUDA."""
+    def make_optimizer(self, fused: bool | None = None) -> torch.optim.AdamW:
+        """AdamW with decoupled weight decay on matrices and embeddings only; ``fused`` (default: on CUDA)
+        runs the update as one kernel."""
         decay, no_decay = [], []
-        for p in self.parameters():  # unique tensors: a tied weight lands in exactly one group
+        for name, p in self.named_parameters():  # unique tensors: a tied weight lands in exactly one group
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+                (decay if unwrapped_name(name) in self._decay_names else no_decay).append(p)
         hp = self.hparams
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
             betas=tuple(hp.betas),
-            fused=self.device.type == "cuda",
+            fused=self.device.type == "cuda" if fused is None else fused,
         )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``--trainer.gradient_clip_val`` under every precision and strategy.
+
+        Lightning's own clipping refuses two usual settings: mixed precision with a fused AdamW (which
+        would unscale fp16 gradients inside ``step``) and clipping by norm under FSDP1. Here fp16
+        gradients are unscaled first (``GradScaler.unscale_`` before a fused ``step`` is supported: the
+        step then skips its own unscaling), FSDP1 clips through its root unit (the norm over every
+        shard), and everything else through ``torch.nn.utils``, which handles FSDP2's sharded tensors.
+        """
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # for other optimizers Lightning has unscaled before this hook
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        root = fsdp1_root(self)
+        if gradient_clip_algorithm == GradClipAlgorithmType.VALUE:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        elif root is not None:
+            root.clip_grad_norm_(gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_optimizers(self):
         hp = self.hparams

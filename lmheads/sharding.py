@@ -70,6 +70,28 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def fsdp1_root(module: nn.Module):
+    """The FSDP1 unit that Lightning's ``FSDPStrategy`` wrapped around ``module``, or ``None``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    trainer = getattr(module, "_trainer", None)
+    root = getattr(trainer.strategy, "model", None) if trainer is not None else None
+    return root if isinstance(root, FullyShardedDataParallel) else None
+
+
+def gathers_collectively(module: nn.Module) -> bool:
+    """Whether running or reading the root unit outside a step needs every process (FSDP1 or FSDP2)."""
+    return is_sharded(module) or fsdp1_root(module) is not None
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the unwrapped module calls it (FSDP1 and activation checkpointing insert
+    the wrapped module's attribute into the names of the units they wrap)."""
+    for segment in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(segment, "")
+    return name
+
+
 def shard(module: nn.Module, mesh) -> None:
     """FSDP2 over the data-parallel dimension of Lightning's device mesh: one unit per transformer block,
     and the root unit (``module`` itself: token embedding, final norm, head) gathered around ``forward``
@@ -87,13 +109,17 @@ def shard(module: nn.Module, mesh) -> None:
 @contextmanager
 def gathered(module: nn.Module) -> Iterator[None]:
     """The root unit's full parameters (embedding, final norm, head) for code outside ``forward`` that
-    reads them, such as head diagnostics. Every process must enter it (it all-gathers). A no-op for a
-    module that is not sharded."""
-    if not is_sharded(module):
+    reads them without running the model, such as head diagnostics. Every process must enter it (it
+    all-gathers). A no-op for a module that is not sharded."""
+    root = fsdp1_root(module)
+    if root is not None:
+        with type(root).summon_full_params(root, writeback=False, recurse=False):
+            yield
+    elif is_sharded(module):
+        module.unshard()
+        try:
+            yield
+        finally:
+            module.reshard()
+    else:
         yield
-        return
-    module.unshard()
-    try:
-        yield
-    finally:
-        module.reshard()

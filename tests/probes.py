@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torch.distributed.tensor import DTensor
 
+from lmheads.backbone import BackboneConfig
+
 
 class SignalAt(L.Callback):
     """Sends a signal to this process after the given optimizer step (on every rank, or on one)."""
@@ -50,3 +52,42 @@ class GradDump(L.Callback):
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded DTensor (a collective: every process calls it), else the tensor."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+FSDP1_BACKBONE = BackboneConfig(n_layer=2, n_head=2, d_model=16, block_size=8)
+
+
+def fsdp1_worker(rank: int, port: int, folder: str) -> None:
+    """One of two gloo processes: the module wrapped by FSDP1 as Lightning's FSDPStrategy wraps it (blocks
+    in their own units, ``use_orig_params``). Saves its optimizer groups, the embedding's shape inside
+    :func:`lmheads.sharding.gathered` and a greedy continuation through the root unit."""
+    import warnings
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lmheads.backbone import Block
+    from lmheads.module import LMHeadModule
+    from lmheads.sharding import fsdp1_root, gathered
+
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    module = LMHeadModule(backbone=FSDP1_BACKBONE, vocab_size=50)
+    prompt = torch.arange(6).view(2, 3)
+    reference = module.generate(prompt, 4, temperature=0)
+    policy = ModuleWrapPolicy({Block})
+    root = FullyShardedDataParallel(module, auto_wrap_policy=policy, use_orig_params=True, device_id="cpu")
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
+    groups = [len(group["params"]) for group in module.make_optimizer().param_groups]
+    with gathered(module):
+        embedding = tuple(module.backbone.wte.weight.shape)
+    continuation = module.generate(prompt, 4, temperature=0, logits_fn=fsdp1_root(module))
+    torch.save(
+        {"groups": groups, "embedding": embedding, "same": bool((continuation == reference).all())},
+        os.path.join(folder, f"fsdp1-rank{rank}.pt"),
+    )
+    dist.destroy_process_group()

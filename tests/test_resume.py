@@ -146,3 +146,20 @@ def test_export_tool(tmp_path, capsys):
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
     assert tool.main([str(ckpt), str(tmp_path / "m.safetensors")]) == 0
     assert "reloaded logits identical: True" in capsys.readouterr().out
+
+
+def test_resume_on_fewer_gpus_restores_the_states_it_can(monkeypatch):
+    """A checkpoint saved where 2 GPUs were visible, resumed where 1 is: the visible one continues."""
+    model = LMHeadModule(vocab_size=16, backbone={"n_layer": 1, "n_head": 1, "d_model": 8, "block_size": 4})
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
+    checkpoint["lmheads_rng"]["cuda"] = saved
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(("all", states)))
+    model._trainer = object()  # resuming
+    model.on_load_checkpoint(checkpoint)
+    assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], saved[0])

@@ -6,17 +6,21 @@ import json
 import math
 import subprocess
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lmheads.backbone import BackboneConfig, Block
+from lmheads.data import SyntheticDataModule
 from lmheads.errors import ConfigError
 from lmheads.heads import head_class, registered_heads
 from lmheads.module import LMHeadModule
 from lmheads.sharding import check_strategy
 
 from .helpers import ROOT, fit, only_run, quick_args
+from .probes import FSDP1_BACKBONE, fsdp1_worker
 from .test_cli import _run_module
 
 BUILTIN = sorted(n for n, c in registered_heads().items() if c.__module__.startswith("lmheads."))
@@ -132,6 +136,61 @@ def test_compile_option_through_the_cli(tmp_path):
     cli = fit(tmp_path, "--model.compile=aot_eager", "--trainer.logger=false", steps=2, every=2)
     assert cli.model._compiled is not None
     assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
+class _FusedAdamW(LMHeadModule):
+    """The module with the fused AdamW it uses on CUDA (fused AdamW runs on CPU too)."""
+
+    def make_optimizer(self, fused=None):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused)
+
+
+def _clipped_fit(fused: bool, precision, clip: float | None) -> torch.Tensor:
+    L.seed_everything(0, verbose=False)
+    data = SyntheticDataModule(vocab_size=64, train_tokens=4096, val_tokens=512, block_size=16, batch_size=4)
+    cfg = BackboneConfig(n_layer=1, n_head=2, d_model=16, block_size=16)
+    model = _FusedAdamW(backbone=cfg, vocab_size=data.vocab_size, warmup_steps=0)
+    model.fused = fused
+    plugin = {"plugins": [precision]} if not isinstance(precision, str) else {"precision": precision}
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, gradient_clip_val=clip, logger=False, enable_checkpointing=False,
+        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, **plugin,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    return model.backbone.wte.weight.detach().clone()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_gradient_clipping_with_a_fused_optimizer_under_mixed_precision(precision):
+    """Lightning refuses to clip for an optimizer that unscales in its step; here it clips, and exactly as
+    with the unfused optimizer. 16-mixed (fp16 autocast with a loss scale) is built by hand: Lightning turns
+    the string into bf16-mixed on a CPU."""
+
+    def plugin():
+        if precision == "bf16-mixed":
+            return precision
+        return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+
+    fused = _clipped_fit(True, plugin(), clip=0.01)
+    unfused = _clipped_fit(False, plugin(), clip=0.01)
+    unclipped = _clipped_fit(False, plugin(), clip=None)
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-5)
+    assert (unfused - unclipped).abs().max() > 1e-4  # the clip did act
+
+
+@pytest.mark.slow
+def test_fsdp1_groups_samples_and_diagnostics_see_whole_parameters(tmp_path):
+    """FSDP1 with use_orig_params on two gloo processes: every parameter is a 1-D shard view, yet matrices
+    still get weight decay, head diagnostics see the whole embedding, and sampling outside a step (through
+    the root unit) continues a prompt as the unwrapped model does."""
+    torch.multiprocessing.spawn(fsdp1_worker, args=(29641, str(tmp_path)), nprocs=2)
+    model = LMHeadModule(backbone=FSDP1_BACKBONE, vocab_size=50)
+    unwrapped = [len(g["params"]) for g in model.make_optimizer().param_groups]
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"fsdp1-rank{rank}.pt", weights_only=True)
+        assert result["groups"] == unwrapped and unwrapped[0] > 0
+        assert result["embedding"] == (50, 16)
+        assert result["same"]
 
 
 def test_fsdp_policy_that_splits_the_tie_is_refused():
