@@ -293,7 +293,12 @@ class ChunkedBackend(LossBackend):
 
 
 class LigerBackend(LossBackend):
-    """Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024): bias, soft-cap and z-loss."""
+    """Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024): bias, soft-cap and z-loss.
+
+    Gradients of W and b are accumulated over its chunks in fp32 (``accum_dtype``), as in ``chunked``.
+    Liger counts the non-ignored targets with ``.item()`` inside its forward: one host synchronisation
+    per step that no caller can avoid (``chunked`` and ``cce`` have none).
+    """
 
     name = "liger"
     package = ("liger-kernel", "liger_kernel")
@@ -312,13 +317,18 @@ class LigerBackend(LossBackend):
             lse_square_scale=z_loss,
             softcap=form.softcap,
             return_z_loss=True,
+            accum_dtype=torch.float32,
         )
         z = out.z_loss if out.z_loss is not None else torch.zeros_like(out.loss)
         return TrainLoss(out.loss, (out.loss - z).detach(), z.detach())
 
 
 class CutCrossEntropyBackend(LossBackend):
-    """Apple's Cut Cross-Entropy (Wijmans et al. 2025): soft-cap, no bias, no z-loss."""
+    """Apple's Cut Cross-Entropy (Wijmans et al. 2025): soft-cap, no bias, no z-loss, bf16/fp16 only.
+
+    Called with ``filter_eps=None``: its default skips gradient blocks whose softmax values are all below
+    a threshold, which is faster but not the exact gradient the other backends compute.
+    """
 
     name = "cce"
     package = ("cut-cross-entropy", "cut_cross_entropy")
@@ -330,13 +340,21 @@ class CutCrossEntropyBackend(LossBackend):
             raise ConfigError(
                 f"loss backend 'cce' does not support {what}; use model.loss_backend=chunked or liger"
             )
+        dtype = _compute_dtype(form.hidden, form.weight)
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ConfigError(
+                f"loss backend 'cce' computes in bf16 or fp16 only and this run computes in {dtype}: set "
+                "--trainer.precision=bf16-mixed, or use model.loss_backend=chunked or liger"
+            )
 
     def train_loss(self, form: LinearForm, targets: Tensor, ignore_index: int, z_loss: float) -> TrainLoss:
         from cut_cross_entropy import linear_cross_entropy
 
         self.check_form(form, z_loss)
         hidden, weight, _ = _in_compute_dtype(form)
-        loss = linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, softcap=form.softcap)
+        loss = linear_cross_entropy(
+            hidden, weight, targets, ignore_index=ignore_index, softcap=form.softcap, filter_eps=None
+        )
         return TrainLoss(loss, loss.detach(), torch.zeros_like(loss.detach()))
 
 

@@ -227,6 +227,36 @@ def test_cce_refuses_forms_it_cannot_compute():
         backend.check_form(form._replace(bias=None), 1e-4)
 
 
+def test_cce_refuses_fp32_with_what_to_set():
+    """Its backward asserts bf16/fp16 inputs: say so before the kernel does."""
+    backend = loss_module.BACKENDS["cce"]()
+    form = LinearForm(torch.zeros(1, 4), torch.zeros(5, 4), None)
+    with pytest.raises(ConfigError, match=r"'cce' computes in bf16 or fp16 only .*precision=bf16-mixed"):
+        backend.check_form(form, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        backend.check_form(form, 0.0)  # the dtype it will compute in is fine
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["chunked", "liger", "cce"])
+def test_fused_gradients_are_exact_at_a_gpt2_vocabulary(backend):
+    """At V=50304 every softmax value is near 1/V, below cce's default gradient filter: the filter would
+    drop most of W's gradient. Each backend's gradients match the fp32 reference to bf16 accuracy."""
+    if not _cuda_backend(backend):
+        pytest.skip(f"needs CUDA and the {backend} backend")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, d, v = 2048, 64, 50304
+    h = (torch.randn(n, d, device="cuda", generator=g) * 0.1).bfloat16().requires_grad_()
+    w = (torch.randn(v, d, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    reference = F.cross_entropy(F.linear(h.float(), w.float()), targets)
+    ref_h, ref_w = torch.autograd.grad(reference, (h, w))
+    loss = get_backend(backend, h.device).train_loss(LinearForm(h, w, None), targets, -100, 0.0).loss
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w))
+    for grad, ref in ((grad_h, ref_h), (grad_w, ref_w)):
+        assert (grad.float() - ref.float()).norm() / ref.float().norm() < 2e-2
+
+
 def test_bad_chunk_size_is_a_config_error():
     with pytest.raises(ConfigError, match=r"model\.loss_chunk_size must be positive"):
         model(TiedHead(), "chunked", 0)

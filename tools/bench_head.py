@@ -88,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("liger", "cce"):
         backend = BACKENDS[name]()
         package = backend.package[1]
-        if device.type == "cuda" and importlib.util.find_spec(package) is not None:
-            candidates[name] = mean_loss(backend)
-        else:
+        if device.type != "cuda" or importlib.util.find_spec(package) is None:
             print(f"# {name}: skipped ({package} not installed or not on CUDA)")
+        elif name == "cce" and dtype == torch.float32:
+            print("# cce: skipped (bf16 and fp16 only)")
+        else:
+            candidates[name] = mean_loss(backend)
 
     memory = PeakMemory(device)
     results = {}
