@@ -227,6 +227,26 @@ def test_untie_before_the_switch_is_exactly_tied():
         model.head.on_train_step(6, -1, model.backbone.wte)
 
 
+class _NoHostRead(torch.Tensor):
+    """A tensor that fails when the host reads it as a bool (on a GPU, a wait for the device)."""
+
+    def __bool__(self) -> bool:
+        raise AssertionError("the switch was read on the host")
+
+
+def test_untie_switch_is_never_read_from_the_device_in_a_step():
+    model = module(UntieDuringTrainingHead(untie_at=0.5))
+    model.head.untied = model.head.untied.as_subclass(_NoHostRead)
+    switched = [model.head.on_train_step(step, 10, model.backbone.wte) for step in range(10)]
+    assert switched == [False] * 5 + [True] + [False] * 4
+    assert model.head.inactive_parameters() == set()
+    loaded = module(UntieDuringTrainingHead(untie_at=0.5))
+    assert loaded.head.inactive_parameters() == {"weight"}
+    loaded.load_state_dict(model.state_dict())  # a checkpoint's switch is read once, at loading
+    assert loaded.head.inactive_parameters() == set()
+    assert not loaded.head.on_train_step(9, 10, loaded.backbone.wte)  # no second copy after resuming
+
+
 def test_scaled_input_embedding():
     """Gemma: token embeddings enter the residual stream multiplied by sqrt(d_model)."""
     seen = []

@@ -73,9 +73,16 @@ class UntieDuringTrainingHead(Head):
         check_square(self)
         self.weight = nn.Parameter(torch.zeros(self.vocab_size, self.d_model))  # (V, D), set at the switch
         self.register_buffer("untied", torch.zeros((), dtype=torch.bool))
+        # A host copy of the switch: reading the buffer on a GPU every step would wait for the device.
+        self._untied_host = False
+        self.register_load_state_dict_post_hook(self._read_switch)
+
+    @staticmethod
+    def _read_switch(module: UntieDuringTrainingHead, incompatible_keys) -> None:
+        module._untied_host = bool(module.untied)  # once per checkpoint load
 
     def inactive_parameters(self) -> set[str]:
-        return set() if bool(self.untied) else {"weight"}
+        return set() if self._untied_host else {"weight"}
 
     def on_train_step(self, step: int, total_steps: int, embedding: nn.Embedding) -> bool:
         if total_steps < 0:
@@ -83,11 +90,12 @@ class UntieDuringTrainingHead(Head):
                 f"head {self.name!r}: untie_at={self.untie_at} is a fraction of training, which has no set "
                 "length; set trainer.max_steps or trainer.max_epochs"
             )
-        if bool(self.untied) or step < self.untie_at * total_steps:
+        if self._untied_host or step < self.untie_at * total_steps:
             return False
         with torch.no_grad():
             self.weight.copy_(embedding.weight)
             self.untied.fill_(True)
+        self._untied_host = True
         return True
 
     def project(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
