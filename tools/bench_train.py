@@ -3,23 +3,24 @@
     python tools/bench_train.py                                  # GPT-2 small, V=50304, T=1024, B=16, bf16
     python tools/bench_train.py --preset tiny --steps 5 --warmup 2   # a CPU-sized check of the tool
 
-For each head, in one process and on the same data: (1) ``lightning``: ``LMHeadModule`` trained by a
-``lightning.Trainer`` exactly as ``python -m lmheads fit`` does (its callbacks, logging and loss
-backend included; no validation, no checkpoints, no logger); (2) ``plain``: a hand-written loop over the
-same backbone and head with fused AdamW, autocast, ``torch.compile`` of the forward+loss and the full
-logits with ``F.cross_entropy``, as nanoGPT does. Both start from the same weights and read batches
-from the same loader. After ``--warmup`` steps (compilation), ``--steps`` steps are timed with one
-device synchronisation at each end.
+For each head, in one process and on the same data: (1) ``plain``: a hand-written loop over the
+backbone and head with fused AdamW, autocast, ``torch.compile`` of the forward+loss and the full logits
+with ``F.cross_entropy``, as nanoGPT does; (2) ``lightning, B loss`` for each ``--loss-backends`` B:
+``LMHeadModule`` trained by a ``lightning.Trainer`` exactly as ``python -m lmheads fit`` does (its
+callbacks and logging included; no validation, no checkpoints, no logger) with ``model.loss_backend=B``.
+With ``naive`` both paths compute the same full logits, so that ratio is the framework's cost alone;
+with ``chunked`` it is the framework and the loss together. Every path starts from the same weights
+and reads batches from the same loader. After ``--warmup`` steps (compilation), ``--steps`` steps are
+timed with one device synchronisation at each end.
 
 Printed per path and head: tokens/s, MFU (model FLOPs per token, 6 per matrix weight plus attention,
-against the dense matmul peak measured in the same run), peak memory, and the ratio lightning / plain.
+against the dense matmul peak measured in the same run), peak memory, and each ratio lightning / plain.
 The loader alone is timed too (batches to the device), to show whether data could limit the step.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from contextlib import nullcontext
 
@@ -156,7 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default=None, choices=list(PRECISION_DTYPE))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--loss-backend", default="auto", help="the Lightning path's model.loss_backend")
+    parser.add_argument(
+        "--loss-backends",
+        nargs="+",
+        default=["chunked", "naive"],
+        choices=["naive", "chunked", "liger", "cce"],
+        help="the Lightning path's model.loss_backend, one run each: with naive (full logits, as the plain "
+        "loop) the ratio measures the framework alone, with the others the framework and the loss",
+    )
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: 4 on CUDA)")
     for key in ("n_layer", "n_head", "d_model", "block_size", "batch", "vocab"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
@@ -186,20 +194,22 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.steps * args.batch * args.block_size
     rows = []
     for name in args.heads:
-        L.seed_everything(0, verbose=False)
-        model = LMHeadModule(
-            head=head_class(name)(),
-            backbone=cfg,
-            vocab_size=data.vocab_size,
-            warmup_steps=0,
-            loss_backend=args.loss_backend,
-            compile=args.compile,
-        )
-        flops = flops_per_token(model)
-        initial = copy.deepcopy(model.state_dict())
+        models = {}
+        for backend in ("naive", *args.loss_backends):  # the plain loop's model first
+            L.seed_everything(0, verbose=False)  # the same initial weights for every path
+            models[backend] = LMHeadModule(
+                head=head_class(name)(),
+                backbone=cfg,
+                vocab_size=data.vocab_size,
+                warmup_steps=0,
+                loss_backend=backend,
+                compile=args.compile,
+            )
+        flops = flops_per_token(models["naive"])
+        paths = [("plain", plain_run, models["naive"])]
+        paths += [(f"lightning, {b} loss", lightning_run, models[b]) for b in args.loss_backends]
         results = {}
-        for path, run in (("plain", plain_run), ("lightning", lightning_run)):
-            model.load_state_dict(initial)
+        for path, run, model in paths:
             seconds = run(model, data, args, memory)
             results[path] = tokens / seconds
             rows.append(
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {path} {name}: {tokens / seconds:,.0f} tokens/s", flush=True)
             if cuda:
                 torch.cuda.empty_cache()
-        rows.append(("lightning / plain", name, results["lightning"] / results["plain"], None, None))
+        for path, _, _ in paths[1:]:
+            rows.append((f"{path} / plain", name, results[path] / results["plain"], None, None))
     loader = loader_tokens_per_sec(data, args, batches=max(args.steps, 20))
 
     where = torch.cuda.get_device_name(device) if cuda else "cpu"

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Does lmheads work on this GPU machine? One command, about 8 minutes on one H100:
+#
+#     bash tools/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu-check-<date>-<time>
+#
+# Runs, each under its own time limit, with its log in OUT_DIR/<check>.log:
+#   - the GPU tests (pytest -m gpu);
+#   - short fits of the quickstart on the GPU: bf16-mixed with gradient clipping at 1.0 (fused AdamW),
+#     16-mixed with clipping (loss scaling), model.compile=true, FSDP2 and FSDP1 on one device, and every
+#     registered head once;
+#   - tools/bench_head.py at GPT-2 small's head (N=16384 D=768 V=50304) and Llama-3-8B's (N=8192 D=4096
+#     V=128256), bf16;
+#   - tools/bench_train.py: GPT-2 small, tied and untied, Lightning with the chunked and the naive loss
+#     against a plain compiled PyTorch loop.
+# Then prints a table: check, status, seconds, key figure. Exit status: the number of failed checks.
+# Wheels carried in .whl/ (a machine without a package index) are installed first when present.
+#
+#     bash tools/gpu_check.sh --tiny [OUT_DIR]   # the same checks on the CPU at toy sizes (FSDP1 and
+#                                                # 16-mixed left out): tries the script itself
+set -u
+cd "$(dirname "$0")/.."
+tiny=0
+if [ "${1:-}" = "--tiny" ]; then tiny=1; shift; fi
+out=${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$out"
+if [ -f .whl/setup.sh ]; then
+  # shellcheck disable=SC1091
+  . .whl/setup.sh || { echo "error: installing the wheels in .whl/ failed"; exit 1; }
+fi
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+
+if [ "$tiny" = 0 ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "error: no CUDA device is visible to torch; on a machine without a GPU, try the script with --tiny"
+  exit 1
+fi
+{
+  date -u +"%Y-%m-%d %H:%M UTC"
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1
+  else
+    echo "no GPU (--tiny on the CPU)"
+  fi
+  python -c "import torch, lightning; print('torch', torch.__version__, '| lightning', lightning.__version__,
+    '| cuda', torch.version.cuda, '| available', torch.cuda.is_available())"
+} | tee "$out/machine.txt"
+
+rows=()
+failed=0
+# check NAME SECONDS FIGURE COMMAND...: FIGURE is an extended regex; the last log line matching it is the
+# key figure (else the last line).
+check() {
+  local name=$1 secs=$2 figure=$3
+  shift 3
+  echo "=== $name (at most ${secs}s)"
+  local t0=$SECONDS rc
+  timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  local dt=$((SECONDS - t0)) status=ok
+  if [ "$rc" -ne 0 ]; then
+    status="FAIL($rc)"
+    [ "$rc" -eq 124 ] && status="TIMEOUT"
+    failed=$((failed + 1))
+    tail -n 20 "$out/$name.log"
+  fi
+  local key
+  key=$(grep -E "$figure" "$out/$name.log" | tail -n 1)
+  [ -n "$key" ] || key=$(grep -v '^\s*$' "$out/$name.log" | tail -n 1)
+  rows+=("$(printf '| %-22s | %-9s | %5s | %s |' "$name" "$status" "$dt" "$(echo "$key" | cut -c1-90)")")
+}
+
+accelerator=gpu steps=60 head_steps=30 precision=bf16-mixed
+head_gpt2=(--n 16384 --d 768 --v 50304 --dtype bfloat16 --chunk-sizes 1024 4096)
+head_llama3=(--n 8192 --d 4096 --v 128256 --dtype bfloat16 --chunk-sizes 1024 --iters 5)
+train=(--steps 20 --warmup 8)
+if [ "$tiny" = 1 ]; then
+  accelerator=cpu steps=4 head_steps=2
+  head_gpt2=(--n 256 --d 32 --v 1000 --dtype bfloat16 --chunk-sizes 64 --iters 1 --warmup 1 --no-compile)
+  head_llama3=("${head_gpt2[@]}")
+  train=(--preset tiny --steps 2 --warmup 1 --no-compile)
+fi
+
+# A short quickstart fit, into OUT_DIR/runs (later options override earlier ones).
+fit=(python -m lmheads fit --config configs/quickstart.yaml --trainer.accelerator="$accelerator"
+  --trainer.devices=1 --trainer.max_steps="$steps" --trainer.val_check_interval="$steps"
+  --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir="$out/runs"
+  --trainer.precision="$precision")
+FIT_FIGURE='val/loss|error:'
+
+check gpu-tests 150 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider
+check fit-bf16-clip 60 "$FIT_FIGURE" "${fit[@]}" --trainer.gradient_clip_val=1.0
+check fit-compile 120 "$FIT_FIGURE" "${fit[@]}" --model.compile=true
+check fit-fsdp2 90 "$FIT_FIGURE" "${fit[@]}" --config configs/trainer/fsdp2.yaml --trainer.accelerator="$accelerator" \
+  --trainer.devices=1 --trainer.strategy.init_args.data_parallel_size=1
+if [ "$tiny" = 0 ]; then  # CUDA only: Lightning refuses FSDP1 on a CPU and turns 16-mixed into bf16 there
+  check fit-16-mixed-clip 60 "$FIT_FIGURE" "${fit[@]}" --trainer.precision=16-mixed --trainer.gradient_clip_val=1.0
+  check fit-fsdp1 90 "$FIT_FIGURE" "${fit[@]}" --config configs/trainer/fsdp.yaml --trainer.devices=1
+fi
+for head in $(python -c "from lmheads.heads import registered_heads; print(*registered_heads())"); do
+  check "fit-$head" 60 "$FIT_FIGURE" "${fit[@]}" --model.head="$head" --trainer.max_steps="$head_steps" \
+    --trainer.val_check_interval="$head_steps"
+done
+check bench-head-gpt2 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}"
+check bench-head-llama3 120 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
+check bench-train-gpt2 240 '/ plain' python tools/bench_train.py "${train[@]}"
+
+echo
+echo "=== summary ($(head -n 2 "$out/machine.txt" | tail -n 1); logs in $out)"
+echo "| check                  | status    |     s | key figure |"
+echo "|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
+exit "$failed"
