@@ -14,19 +14,27 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.data import LMDataModule
 from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
-from lmheads.heads import broken_heads, registered_heads
+from lmheads.heads import broken_heads, head_name, registered_heads
 from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule, SamplingConfig
+from lmheads.runs import RunFolder, RunSummary, checkpoint_conflicts, evaluation_folder, run_of_checkpoint
 from lmheads.sharding import check_strategy
 
 HEAD_KEY = "--model.head"
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "lmheads", "default_hp_metric": False},
-    },
-}
+#: The TensorBoard logger's folder unless set otherwise; ``trainer.default_root_dir`` replaces it.
+DEFAULT_SAVE_DIR = "runs"
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """TensorBoard and the callbacks every run has (fresh instances for each command)."""
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": DEFAULT_SAVE_DIR, "name": "lmheads", "default_hp_metric": False},
+        },
+        "callbacks": [RunSummary()],
+    }
 
 
 def expand_head_names(args: list[str]) -> list[str]:
@@ -56,7 +64,17 @@ def expand_head_names(args: list[str]) -> list[str]:
 
 
 class LMHeadsCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        self.run_folder: RunFolder | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            if self.run_folder is not None:  # a start that failed leaves no folder behind
+                self.run_folder.release()
+            raise
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self._defaults_parser = parser  # every subcommand's parser has the same model defaults
         parser.set_defaults({"model.head": {"class_path": "lmheads.heads.TiedHead"}})
         parser.link_arguments("model.backbone.block_size", "data.init_args.block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -73,49 +91,80 @@ class LMHeadsCLI(LightningCLI):
         else:
             super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        self._checkpoint_state = (
-            check_checkpoint(self.config[subcommand].get("ckpt_path")) if subcommand else None
-        )
+        self._checkpoint = None
+        if subcommand:
+            config = self.config[subcommand]
+            self._checkpoint = check_checkpoint(config.get("ckpt_path"))
+            if self._checkpoint is not None:
+                self._check_against_checkpoint(subcommand, config, self._checkpoint)
+
+    def _check_against_checkpoint(self, subcommand: str, config, checkpoint: dict) -> None:
+        """Refuse model options that contradict the checkpoint (Lightning would silently apply the
+        checkpoint's over them) and a fit that would train nothing."""
+        defaults = self._defaults_parser.get_defaults().model.as_dict()
+        stored = checkpoint.get("hyper_parameters") or {}
+        conflicts = checkpoint_conflicts(config.model.as_dict(), defaults, stored)
+        if conflicts:
+            raise ConfigError(
+                f"the checkpoint {config.ckpt_path} was trained with other options: {'; '.join(conflicts)}. "
+                "Drop these options to use the checkpoint's, or train a new run without --ckpt_path"
+            )
+        step, max_steps = checkpoint.get("global_step", 0), config.trainer.get("max_steps") or -1
+        if subcommand == "fit" and 0 <= max_steps <= step:
+            raise ConfigError(
+                f"the checkpoint {config.ckpt_path} is at step {step} and trainer.max_steps={max_steps}: "
+                f"nothing to train. To continue it, pass --trainer.max_steps larger than {step}"
+            )
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if self.run_folder is not None:
+            self.run_folder.trainer = self.trainer
         check_strategy(self.trainer.strategy)  # before any process is launched
-        state = getattr(self, "_checkpoint_state", None)
-        if state is not None:  # here too for strategies that load the weights themselves (FSDP2)
-            self.model.check_compatible(state)
-            self._checkpoint_state = None
+        if self._checkpoint is not None:  # here too for strategies that load the weights themselves (FSDP2)
+            self.model.check_compatible(self._checkpoint["state_dict"])
+            self._checkpoint = None
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.sampling = config.sampling
 
     def before_instantiate_classes(self) -> None:
-        """Name each TensorBoard run after its head and seed so runs sit side by side; a fit resumed from
-        a checkpoint inside a run folder continues in that folder."""
+        """Choose and claim the run's folder (:mod:`lmheads.runs`): a new fit gets
+        ``<head>-seed<seed>-<time>``, a fit resuming a checkpoint of a run continues in that run, and an
+        evaluation of a checkpoint of a run goes to ``<run>/<subcommand>/<checkpoint name>``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.trainer.get("logger")
         if not hasattr(logger, "init_args") or "TensorBoardLogger" not in str(logger.get("class_path")):
             return
+        args = logger.init_args
+        root = config.trainer.get("default_root_dir")
+        if root and str(args.save_dir) == DEFAULT_SAVE_DIR:  # logs follow default_root_dir
+            args.save_dir = str(root)
         ckpt = config.get("ckpt_path")
-        if (
-            self.subcommand == "fit"
-            and ckpt
-            and Path(ckpt).is_file()
-            and logger.init_args.get("version") is None
-        ):
-            run_dir = Path(ckpt).resolve().parent.parent
-            name_dir = Path(logger.init_args.save_dir, logger.init_args.name or "").resolve()
-            if run_dir.parent == name_dir:
-                logger.init_args.version = run_dir.name
-        if logger.init_args.get("version") is None:
-            cls_path = str(config.model.head.class_path)
-            head = next((n for n, c in registered_heads().items() if cls_path.endswith(c.__qualname__)), None)
-            head = head or cls_path.rsplit(".", 1)[-1]
-            seed = config.get("seed_everything")
-            logger.init_args.version = f"{head}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run = run_of_checkpoint(ckpt) if self._checkpoint is not None else None
+        if run is not None and args.get("version") is None:  # the checkpoint's own run
+            args.save_dir, args.name, args.version = str(run.parent.parent), run.parent.name, run.name
+            if self.subcommand != "fit":
+                args.sub_dir = evaluation_folder(run, self.subcommand, Path(ckpt))
+        if args.get("version") is None:
+            head = head_name(resolve_head(str(config.model.head.class_path)))
+            evaluation = f"-{self.subcommand}" if self.subcommand not in (None, "fit") else ""
+            args.version = f"{head}-seed{config.get('seed_everything')}-{time.strftime('%Y%m%d-%H%M%S')}"
+            args.version += evaluation
+        folder = Path(args.save_dir, args.name or "", str(args.version), args.get("sub_dir") or "").resolve()
+        resume = self.subcommand == "fit" and run is not None and run == folder
+        if resume:  # the run's config.yaml stays as it was; this start's config goes beside it
+            step = self._checkpoint.get("global_step", 0)
+            self.save_config_kwargs = {
+                **self.save_config_kwargs,
+                "config_filename": f"config-resumed-step{step}-{time.strftime('%Y%m%d-%H%M%S')}.yaml",
+            }
+        self.run_folder = RunFolder(folder, resume=resume)
+        self.run_folder.claim()
 
 
 def check_checkpoint(path: str | None) -> dict | None:
-    """A one-line error for a checkpoint that is missing or unreadable, before Lightning opens it; its
-    state dict (memory-mapped) to check against the model once that is built."""
+    """A one-line error for a checkpoint that is missing or unreadable, before Lightning opens it; the
+    checkpoint (memory-mapped) to check against the options and the model once that is built."""
     if path is None or path in ("last", "best", "hpc", "registry"):
         return None
     if not Path(path).is_file():
@@ -129,7 +178,7 @@ def check_checkpoint(path: str | None) -> dict | None:
         ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{path!r} is not a Lightning checkpoint (no state_dict in it)")
-    return checkpoint["state_dict"]
+    return checkpoint
 
 
 def list_heads(modules: list[str] = ()) -> str:
@@ -173,7 +222,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
             subclass_mode_data=True,
             seed_everything_default=0,
             auto_configure_optimizers=False,
-            trainer_defaults=TRAINER_DEFAULTS,
+            trainer_defaults=trainer_defaults(),
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "description": "Train and compare output heads of decoder-only language models. "

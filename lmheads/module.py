@@ -447,6 +447,9 @@ class LMHeadModule(L.LightningModule):
             f"head {head_name(self.head)}: parameters (a shared tensor counted once) "
             + ", ".join(f"{k}={v:,}" for k, v in counts.items())
         )
+        folder = self.logger.log_dir if self.logger is not None else None
+        if folder and os.path.exists(os.path.join(folder, "hparams.yaml")):
+            return  # resuming in the run's folder: its hyperparameters are logged already
         flat = self.flat_hparams()
         for logger in self.loggers:
             logger.log_hyperparams(flat, metrics=dict.fromkeys(HP_METRICS, math.nan))
@@ -560,6 +563,7 @@ class LMHeadModule(L.LightningModule):
                     save_last=True,
                     filename="step{step}",
                     auto_insert_metric_name=False,
+                    enable_version_counter=False,  # a resumed run updates its last.ckpt
                 )
             )
         return callbacks

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmheads.heads import Head, LinearForm
+from lmheads.heads import Head, LinearForm, UntiedHead
 
 
 class CosineTiedHead(Head):
@@ -31,3 +31,19 @@ class CosineTiedHead(Head):
     def project(self, h, embedding):
         hidden = self.log_tau.exp() * F.normalize(h, dim=-1)  # (..., D)
         return LinearForm(hidden, F.normalize(embedding.weight, dim=-1), None)
+
+
+class SmallInitUntied(UntiedHead):
+    """A built-in head with one change and no short name of its own: used by class path."""
+
+    def _create_parameters(self) -> None:
+        super()._create_parameters()
+        with torch.no_grad():
+            self.weight.mul_(0.1)
+
+
+class NamedUntied(UntiedHead):
+    """A built-in head subclassed under a short name of its own."""
+
+    name = "test_named_untied"
+    description = "untied, under another name"

@@ -29,6 +29,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+#: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
+EVALUATIONS = ("validate", "test", "predict")
 
 
 def markers(section: str | None) -> tuple[str, str]:
@@ -56,6 +58,11 @@ class RunLog:
 
     def series(self, tag: str) -> list[tuple[int, float, float]]:
         return sorted((step, v, t) for step, (v, t) in self.scalars.get(tag, {}).items())
+
+    def steps(self) -> int:
+        """Optimizer steps trained: one more than the last step a value was logged at (logged steps
+        count from 0)."""
+        return max((max(points) for points in self.scalars.values() if points), default=-1) + 1
 
     def final(self, tag: str) -> float | None:
         values = self.series(tag)
@@ -104,12 +111,29 @@ def load_run(run_dir: Path) -> RunLog:
         offset += max(times) - start
     hparams_file = run_dir / "hparams.yaml"
     hparams = yaml.safe_load(hparams_file.read_text()) if hparams_file.is_file() else {}
+    evaluation = test_evaluation(run_dir)
+    if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
+        for tag, points in load_run(evaluation).scalars.items():
+            if tag.startswith(("test/", "test_freq/")):
+                scalars[tag] = points
     return RunLog(run_dir, hparams or {}, dict(scalars))
 
 
+def test_evaluation(run_dir: Path) -> Path | None:
+    """The run's test evaluation: of its last checkpoint if there is one, else the newest."""
+    folders = [p for p in (run_dir / "test").glob("*") if any(p.glob("events.out.tfevents.*"))]
+    last = [p for p in folders if p.name == "last" or p.name.startswith("last-")]
+    return max(last or folders, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _is_evaluation(folder: Path) -> bool:
+    return folder.parent.name in EVALUATIONS and (folder.parent.parent / "hparams.yaml").is_file()
+
+
 def find_runs(roots: list[Path]) -> list[RunLog]:
+    """Runs under the roots; evaluations filed inside a run (``<run>/test/...``) are not runs."""
     dirs = sorted({p.parent for root in roots for p in root.rglob("events.out.tfevents.*")})
-    runs = [load_run(d) for d in dirs]
+    runs = [load_run(d) for d in dirs if not _is_evaluation(d)]
     return [r for r in runs if r.hparams.get("head") and "val/loss" in r.scalars]
 
 
@@ -178,7 +202,7 @@ def budget(groups: dict[str, list[RunLog]]) -> str:
     seen = set()
     for runs in groups.values():
         for r in runs:
-            steps = max((s for s, _, _ in r.series("train/loss")), default=0) + 1
+            steps = r.steps()
             seen.add((steps, r.hparams.get("tokens_per_step"), r.hparams.get("devices")))
     parts = [
         f"{s:,} steps x {t:,} tokens/step = {s * t:,} training tokens on {d} device(s)"

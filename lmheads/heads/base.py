@@ -82,7 +82,7 @@ class Head(nn.Module):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
+        if "name" in vars(cls) and cls.name:  # a subclass without a name of its own is used by class path
             other = _REGISTRY.get(cls.name)
             if other is not None and other.__qualname__ != cls.__qualname__:
                 raise ConfigError(
@@ -293,6 +293,7 @@ def head_from_spec(spec: dict[str, Any]) -> Head:
 
 
 def head_name(head: Head | type[Head]) -> str:
-    """The short name of a head (its class name when it has none)."""
+    """The short name of a head: its class's own ``name`` (not one inherited from a base class), else
+    the class name."""
     cls = head if isinstance(head, type) else type(head)
-    return cls.name or cls.__name__
+    return vars(cls).get("name") or cls.__name__

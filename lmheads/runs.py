@@ -1,0 +1,188 @@
+"""Run folders as records: one run per folder, evaluations filed with their run, nothing left behind by a
+start that fails, and a summary at the end of training.
+
+A run folder is ``<save_dir>/<name>/<version>`` (TensorBoard's layout): ``config.yaml``, ``hparams.yaml``,
+event files, ``checkpoints/`` and, once training ends, ``results.json``. ``validate``, ``test`` and
+``predict`` of a checkpoint inside a run write to ``<run>/<subcommand>/<checkpoint name>/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from lmheads.errors import ConfigError
+from lmheads.heads import head_name
+
+RESULTS_FILE = "results.json"
+
+
+def run_of_checkpoint(ckpt: str | Path) -> Path | None:
+    """The run folder a checkpoint file belongs to (``<run>/checkpoints/x.ckpt``), or ``None``."""
+    path = Path(ckpt).resolve()
+    run = path.parent.parent
+    recorded = any((run / f).is_file() for f in ("hparams.yaml", "config.yaml"))
+    return run if path.parent.name == "checkpoints" and recorded else None
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict with dotted keys; tuples become lists, class paths name the class they
+    import (``lmheads.heads.TiedHead`` and ``lmheads.heads.tied.TiedHead`` are one class)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}{key}."))
+        return out
+    key = prefix[:-1]
+    if isinstance(value, tuple):
+        value = list(value)
+    if key.endswith("class_path") and isinstance(value, str):
+        value = _canonical_class_path(value)
+    return {key: value}
+
+
+def _canonical_class_path(path: str) -> str:
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str = "model") -> list[str]:
+    """Options set in the configuration (different from their defaults) that contradict the values a
+    checkpoint was trained with, as ``key: value here, value in the checkpoint``."""
+    given, defaults, stored = flatten(given), flatten(defaults), flatten(stored)
+    return [
+        f"{section}.{key}: {value!r} here, {stored[key]!r} in the checkpoint"
+        for key, value in given.items()
+        if key in stored and value != defaults.get(key) and value != stored[key]
+    ]
+
+
+#: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
+#: when both start at the same moment.
+CLAIM_FILE = ".lmheads-run"
+#: What a run writes into its folder (besides event files).
+RUN_FILES = {CLAIM_FILE, "config.yaml", "hparams.yaml", "checkpoints", RESULTS_FILE}
+
+
+class RunFolder:
+    """The folder of one run (or one evaluation), claimed before anything is written to it.
+
+    A folder that holds a run already is refused, unless ``resume`` (a fit continuing a checkpoint of
+    that same folder); a folder holding other files (a sweep's log) is fine. :meth:`release` removes
+    what this process added when the command failed before its first training step, so a failed start
+    leaves nothing behind. Only the process of global rank 0 creates or removes anything.
+    """
+
+    def __init__(self, path: Path, resume: bool = False) -> None:
+        self.path = path
+        self.resume = resume
+        self.trainer: L.Trainer | None = None
+        self._before: set[str] | None = None  # the folder's entries when claimed; None: not claimed
+
+    def claim(self) -> None:
+        if rank_zero_only.rank != 0:
+            return
+        existed = self.path.is_dir()
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            return
+        before = set(os.listdir(self.path))
+        try:
+            if before & RUN_FILES or any(name.startswith("events.out.tfevents") for name in before):
+                raise FileExistsError  # a run from before claims were recorded
+            with open(self.path / CLAIM_FILE, "x"):
+                pass
+        except FileExistsError:
+            raise ConfigError(
+                f"run folder {self.path} already holds a run; give this one another "
+                "--trainer.logger.init_args.version, or continue that run with "
+                f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
+            ) from None
+        self._before = before if existed else set()
+        self._created = not existed
+
+    def release(self) -> None:
+        """After a failure before the first training step (and before any checkpoint): remove what this
+        process added to the folder, and the folder if it created it."""
+        trained = self.trainer is not None and self.trainer.global_step > 0
+        if self._before is None or trained or any(self.path.rglob("*.ckpt")) or rank_zero_only.rank != 0:
+            return
+        for entry in set(os.listdir(self.path)) - self._before:
+            target = self.path / entry
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if self._created:
+            self.path.rmdir()
+        self._before = None
+
+
+def evaluation_folder(run: Path, subcommand: str, ckpt: Path) -> str:
+    """``<subcommand>/<checkpoint name>`` inside the run, numbered when that evaluation exists already."""
+    base = f"{subcommand}/{ckpt.stem}"
+    sub, n = base, 2
+    while (run / sub).exists():
+        sub, n = f"{base}-{n}", n + 1
+    return sub
+
+
+class RunSummary(L.Callback):
+    """At the end of ``fit``: prints the run folder, the best and last checkpoints, the last validation
+    metrics, tokens seen and wall-clock, and writes the same to ``<run>/results.json``."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = trainer.logger.log_dir if trainer.logger is not None else None  # not a collective
+        if not trainer.is_global_zero or folder is None:
+            return
+        checkpoint = trainer.checkpoint_callback
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and torch.is_tensor(v) and v.numel() == 1
+        }
+        datamodule = trainer.datamodule
+        tokens_per_step = (
+            getattr(datamodule, "batch_size", 0)
+            * getattr(pl_module.cfg, "block_size", 0)
+            * trainer.world_size
+            * trainer.accumulate_grad_batches
+        )
+        results = {
+            "run": str(Path(folder).resolve()),
+            "head": head_name(pl_module.head),
+            "step": trainer.global_step,
+            "tokens_seen": trainer.global_step * tokens_per_step,
+            "wall_clock_s": round(time.perf_counter() - self._start, 1),
+            "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
+            "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
+            "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},
+        }
+        Path(folder, RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        shown = [k for k in ("val/loss", "val/ppl", "val/bpb", "val/excess_loss") if k in results["metrics"]]
+        lines = [
+            f"run: {results['run']}",
+            f"  head {results['head']}, {results['step']} steps, {results['tokens_seen']:,} tokens, "
+            f"{results['wall_clock_s']:.0f} s",
+            *(f"  {k} {results['metrics'][k]:.4f}" for k in shown),
+            f"  best checkpoint: {results['best_checkpoint'] or 'none'}",
+            f"  last checkpoint: {results['last_checkpoint'] or 'none'}",
+        ]
+        print("\n".join(lines), flush=True)

@@ -1,0 +1,156 @@
+"""Runs as records: no silent override by a checkpoint, one run per folder, evaluations filed with their
+run, nothing left by a failed start, a summary at the end (lmheads.runs and the CLI around it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lmheads.heads import head_name, registered_heads
+
+from . import external_heads
+from .helpers import QUICKSTART, fit, main, only_run, quick_args, scalars
+from .test_tools import _tool
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under a folder with a hash of its content."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def refused(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A tied run of 6 steps, and a snapshot of its folder."""
+    fit(tmp_path, steps=6, every=3)
+    run = only_run(tmp_path)
+    return tmp_path, run, snapshot(run)
+
+
+def test_options_contradicting_the_checkpoint_are_refused_and_the_run_is_untouched(finished_run, capsys):
+    tmp_path, run, before = finished_run
+    last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    capsys.readouterr()
+    for command in ("fit", "validate"):
+        err = refused(
+            capsys, command, *quick_args(tmp_path, steps=10), "--model.head=untied", "--model.lr=0.01", last
+        )
+        assert (
+            "model.head.class_path: 'lmheads.heads.untied.UntiedHead' here, 'lmheads.heads.tied.TiedHead'"
+            in err
+        )
+        assert "model.lr: 0.01 here, 0.003 in the checkpoint" in err
+    err = refused(capsys, "fit", *quick_args(tmp_path, steps=5), last)
+    assert "is at step 6 and trainer.max_steps=5: nothing to train" in err
+    assert snapshot(run) == before
+    assert [p.name for p in (tmp_path / "quickstart").iterdir()] == [run.name]
+
+
+def test_resuming_continues_in_the_run_and_keeps_its_record(finished_run):
+    tmp_path, run, before = finished_run
+    cli = fit(tmp_path, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=9, every=3)
+    assert Path(cli.trainer.logger.log_dir).resolve() == run.resolve()
+    after = snapshot(run)
+    assert after["config.yaml"] == before["config.yaml"] and after["hparams.yaml"] == before["hparams.yaml"]
+    assert any(name.startswith("config-resumed-step6-") for name in after)
+    assert not (run / "checkpoints" / "last-v1.ckpt").exists()  # last.ckpt is the run's latest state
+    assert [s for s, _ in scalars(run)["val/loss"]] == [2, 5, 8]
+    hp = [v for _, v in scalars(run)["hp/val_loss"]]
+    assert sum(math.isnan(v) for v in hp) == 1 and len(hp) == 4  # no second placeholder from the resume
+
+
+def test_a_second_run_into_the_same_folder_is_refused(finished_run, capsys):
+    tmp_path, run, before = finished_run
+    capsys.readouterr()
+    err = refused(
+        capsys,
+        "fit",
+        *quick_args(tmp_path),
+        "--model.head=untied",
+        f"--trainer.logger.init_args.version={run.name}",
+    )
+    assert f"run folder {run.resolve()} already holds a run" in err
+    assert snapshot(run) == before
+
+
+def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(finished_run, capsys):
+    tmp_path, run, before = finished_run
+    last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    for _ in range(2):
+        main(["test", *quick_args(tmp_path), last])
+    main(["validate", *quick_args(tmp_path), last])
+    assert [p.name for p in (tmp_path / "quickstart").iterdir()] == [run.name]
+    assert sorted(p.name for p in (run / "test").iterdir()) == ["last", "last-2"]
+    assert "test/loss" in scalars(run / "test" / "last")
+    assert "val/loss" in scalars(run / "validate" / "last")
+    assert {k: v for k, v in snapshot(run).items() if "/" not in k or k.startswith("checkpoints")} == before
+    compare = _tool("compare")
+    (found,) = compare.find_runs([tmp_path])
+    assert found.path == run and "test/loss" in found.scalars
+    compare.main([str(tmp_path)])
+    assert "| test ppl |" in capsys.readouterr().out
+
+
+def test_a_failed_start_leaves_no_folder(tmp_path, capsys):
+    fit(tmp_path, steps=2, every=2)
+    run = only_run(tmp_path)
+    refused(capsys, "fit", *quick_args(tmp_path), "--model.backbone.d_model=130")  # fails building the model
+    refused(capsys, "test", *quick_args(tmp_path), "--model.backbone.d_model=130")
+    assert [p.name for p in (tmp_path / "quickstart").iterdir()] == [run.name]
+
+
+def test_logs_follow_default_root_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "scratch"
+    args = [a for a in quick_args(tmp_path) if "save_dir" not in a and "default_root_dir" not in a]
+    main(["fit", *args, f"--trainer.default_root_dir={root}"])
+    assert not (tmp_path / "runs").exists()
+    (run,) = (root / "quickstart").iterdir()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_fit_ends_with_a_summary_and_results_json(tmp_path, capsys):
+    fit(tmp_path, steps=4, every=2)
+    out = capsys.readouterr().out
+    run = only_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    assert results["step"] == 4 and results["head"] == "tied"
+    assert results["tokens_seen"] == 4 * 32 * 64
+    assert Path(results["last_checkpoint"]).name == "last.ckpt"
+    assert results["metrics"]["val/loss"] == pytest.approx(scalars(run)["val/loss"][-1][1], rel=1e-6)
+    assert f"run: {run.resolve()}" in out and f"val/loss {results['metrics']['val/loss']:.4f}" in out
+
+
+def test_a_subclass_without_a_name_is_used_by_class_path():
+    assert external_heads.SmallInitUntied not in registered_heads().values()
+    assert registered_heads()["untied"].__name__ == "UntiedHead"
+    assert head_name(external_heads.SmallInitUntied) == "SmallInitUntied"
+
+
+def test_a_run_is_named_after_the_heads_own_name(tmp_path):
+    fit(tmp_path, "--model.head=tests.external_heads.NamedUntied", steps=1, every=1)
+    assert only_run(tmp_path).name.startswith("test_named_untied-seed0-")
+    fit(tmp_path, "--model.head=tests.external_heads.SmallInitUntied", steps=1, every=1)
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / "quickstart").iterdir())
+    assert names == ["SmallInitUntied", "test_named_untied"]
+
+
+def test_quickstart_config_names_no_folder():
+    """The logger's folder is left to the CLI (default_root_dir, else runs)."""
+    assert "save_dir" not in Path(QUICKSTART).read_text()
