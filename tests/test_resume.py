@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from lmheads.errors import ConfigError
 from lmheads.heads import UntiedHead
 from lmheads.module import LMHeadModule
 
-from .helpers import fit, main, only_run, quick_args, scalars
+from .helpers import ROOT, fit, main, only_run, quick_args, scalars
 
 DROPOUT = "--model.backbone.dropout=0.1"  # so the random stream matters too
 
@@ -163,3 +166,21 @@ def test_resume_on_fewer_gpus_restores_the_states_it_can(monkeypatch):
     model._trainer = object()  # resuming
     model.on_load_checkpoint(checkpoint)
     assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], saved[0])
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_the_output_pipe_closed_still_saves(tmp_path):
+    """`fit ... | tee log` and Ctrl-C: the pipe's reader is gone before the signal is handled. Writes to
+    the closed pipe are dropped; the checkpoint is written and the exit status is Ctrl-C's."""
+    args = ["fit", *quick_args(tmp_path, steps=40, every=20), "--trainer.enable_progress_bar=true",
+            "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=3"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lmheads", *args], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    process.stdout.close()  # the reader of stdout is gone from the start
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 130, err[-3000:]
+    assert (only_run(tmp_path) / "checkpoints" / "interrupted.ckpt").is_file()
+    assert "interrupted: SIGINT at step 3" in err and "BrokenPipeError" not in err
