@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import difflib
 import importlib
-import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lmheads.console import ProgressBar, pipe_safe_output, quiet_lightning
 from lmheads.data import LMDataModule
 from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
 from lmheads.heads import broken_heads, head_name, registered_heads
 from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule, SamplingConfig
-from lmheads.runs import RunFolder, RunSummary, checkpoint_conflicts, evaluation_folder, run_of_checkpoint
+from lmheads.runs import (
+    RunFolder,
+    RunSummary,
+    checkpoint_conflicts,
+    evaluation_folder,
+    flatten,
+    run_of_checkpoint,
+)
 from lmheads.sharding import check_strategy
 
 HEAD_KEY = "--model.head"
@@ -35,6 +49,9 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": DEFAULT_SAVE_DIR, "name": "lmheads", "default_hp_metric": False},
         },
+        # The module prints its parameter counts (a shared tensor once); Lightning's table adds a FLOPs
+        # column that stays zero without an example input.
+        "enable_model_summary": False,
         "callbacks": [RunSummary()],
     }
 
@@ -78,6 +95,8 @@ class LMHeadsCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         self._defaults_parser = parser  # every subcommand's parser has the same model defaults
         parser.set_defaults({"model.head": {"class_path": "lmheads.heads.TiedHead"}})
+        if "weights_only" in parser.get_defaults():  # checkpoints hold tensors and plain types only
+            parser.set_defaults({"weights_only": True})
         parser.link_arguments("model.backbone.block_size", "data.init_args.block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.add_class_arguments(
@@ -87,11 +106,14 @@ class LMHeadsCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         if args is None:
             args = sys.argv[1:]
-        if isinstance(args, list):
-            args = expand_head_names(args)
-            self.config = parser.parse_args(args)
-        else:
-            super().parse_arguments(parser, args)
+        try:
+            if isinstance(args, list):
+                check_config_files(args)
+                self.config = parser.parse_args(expand_head_names(args))
+            else:
+                super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise ConfigError(explain_parse_error(str(err), self._defaults_parser)) from None
         subcommand = self.config.get("subcommand")
         self._checkpoint = None
         if subcommand:
@@ -117,6 +139,34 @@ class LMHeadsCLI(LightningCLI):
                 f"the checkpoint {config.ckpt_path} is at step {step} and trainer.max_steps={max_steps}: "
                 f"nothing to train. To continue it, pass --trainer.max_steps larger than {step}"
             )
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The trainer, with lmheads' checkpointing, learning-rate monitor and progress bar unless the
+        configuration brings its own (or turns them off)."""
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
+        given = config.get("callbacks") or []
+        given = list(given) if isinstance(given, list | tuple) else [given]
+
+        def has(kind: type) -> bool:
+            return any(isinstance(c, kind) for c in given)
+
+        defaults = []
+        if config.get("enable_checkpointing", True) is not False and not has(ModelCheckpoint):
+            defaults.append(
+                ModelCheckpoint(
+                    monitor="val/loss",
+                    mode="min",
+                    save_last=True,
+                    filename="step{step}",
+                    auto_insert_metric_name=False,
+                    enable_version_counter=False,  # a resumed run updates its last.ckpt
+                )
+            )
+        if config.get("logger") not in (False, None) and not has(LearningRateMonitor):
+            defaults.append(LearningRateMonitor(logging_interval="step"))
+        if config.get("enable_progress_bar", True) is not False and not has(ProgressBarBase):
+            defaults.append(ProgressBar())
+        return super().instantiate_trainer(callbacks=[*given, *defaults], **kwargs)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -153,7 +203,7 @@ class LMHeadsCLI(LightningCLI):
             args.version = f"{head}-seed{config.get('seed_everything')}-{time.strftime('%Y%m%d-%H%M%S')}"
             args.version += evaluation
         folder = Path(args.save_dir, args.name or "", str(args.version), args.get("sub_dir") or "").resolve()
-        resume = self.subcommand == "fit" and run is not None and run == folder
+        resume = self.subcommand == "fit" and run is not None and run.resolve() == folder
         if resume:  # the run's config.yaml stays as it was; this start's config goes beside it
             step = self._checkpoint.get("global_step", 0)
             self.save_config_kwargs = {
@@ -162,6 +212,58 @@ class LMHeadsCLI(LightningCLI):
             }
         self.run_folder = RunFolder(folder, resume=resume)
         self.run_folder.claim()
+
+
+def check_config_files(args: list[str]) -> None:
+    """A YAML syntax error in a ``--config`` file, named with the file, line and column."""
+    for i, arg in enumerate(args):
+        path = arg.partition("=")[2] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        if path is None or not Path(path).is_file():
+            continue  # not a file (inline YAML) or missing: the parser says so
+        try:
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}{where}: {problem} (YAML syntax)") from None
+
+
+def explain_parse_error(message: str, parser: LightningArgumentParser) -> str:
+    """The parser's complaint in one line; an unknown option with the closest valid ones."""
+    unknown = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", message)
+    if unknown is None:
+        return _explain_bad_value(message)
+    key = unknown.group(1) or unknown.group(2)
+    known = {prefix for k in flatten(parser.get_defaults().as_dict()) for prefix in _prefixes(k)}
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = (
+        f"; did you mean {', '.join('--' + k for k in close)}?" if close else "; see --help for the options"
+    )
+    return f"unknown option --{key}{hint}"
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _explain_bad_value(message: str) -> str:
+    """jsonargparse's multi-line report of a value of the wrong type, as one line."""
+    keys = re.findall(r'Parser key "([\w.]+)"', message)
+    if not keys:
+        return " ".join(message.split()) + " (see --help)"
+    expected = []
+    for what in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", message, flags=re.MULTILINE):
+        what = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", what)
+        what = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", what)
+        if what != "NoneType" and what not in expected:
+            expected.append(what)
+    given = re.findall(r"(?:Got value|Given value): (.*)$", message, flags=re.MULTILINE)
+    value = f" {given[0].strip()!r}" if given else ""
+    return f"invalid value{value} for --{'.'.join(keys)}: expected {' or '.join(expected) or 'another value'}"
 
 
 def check_checkpoint(path: str | None) -> dict | None:
@@ -205,52 +307,6 @@ def list_heads(modules: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
-class PipeSafeStream:
-    """A text stream that goes quiet, instead of raising, once its reader has gone: ``fit ... | tee log``
-    stopped with Ctrl-C closes the pipe first, and a progress bar's next write must not cost the run its
-    checkpoint. The file descriptor then points to /dev/null, so later writes and the flush at exit pass."""
-
-    def __init__(self, stream) -> None:
-        self._stream = stream
-        self._gone = False
-
-    def write(self, text: str) -> int:
-        if not self._gone:
-            try:
-                return self._stream.write(text)
-            except BrokenPipeError:
-                self._reader_gone()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self._gone:
-            try:
-                self._stream.flush()
-            except BrokenPipeError:
-                self._reader_gone()
-
-    def _reader_gone(self) -> None:
-        self._gone = True
-        with contextlib.suppress(OSError, ValueError):  # a stream without a descriptor (captured)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
-@contextlib.contextmanager
-def pipe_safe_output():
-    """``sys.stdout`` and ``sys.stderr`` wrapped in :class:`PipeSafeStream` for the command's duration."""
-    saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = PipeSafeStream(sys.stdout), PipeSafeStream(sys.stderr)
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = saved
-
-
 def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
     """Entry point of ``python -m lmheads``; bad input ends with one ``error:`` line and exit status 2, a
     non-finite loss with status 3, Ctrl-C / SIGTERM (after saving a checkpoint) with 130 / 143.
@@ -259,6 +315,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
     options, e.g. ``["--config", "configs/quickstart.yaml"]``). ``heads [MODULE ...]`` lists the available
     heads, after importing the given modules.
     """
+    quiet_lightning()
     with pipe_safe_output():
         return _main(args, run)
 
@@ -278,8 +335,10 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
             trainer_defaults=trainer_defaults(),
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
+                "exit_on_error": False,  # bad options become one error line (explain_parse_error)
+                "allow_abbrev": False,  # --trainer.max_step must not silently mean max_steps
                 "description": "Train and compare output heads of decoder-only language models. "
-                "`python -m lmheads heads [MODULE ...]` lists the available heads."
+                "`python -m lmheads heads [MODULE ...]` lists the available heads.",
             },
             args=args,
             run=run,
@@ -292,19 +351,28 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
     except Exception as err:
-        config_error = _find_config_error(err)
-        if config_error is None:
+        message = _user_error(err)
+        if message is None:
             raise
-        print(f"error: {config_error}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
-def _find_config_error(err: BaseException | None) -> ConfigError | None:
-    """The ``ConfigError`` behind ``err``; jsonargparse wraps errors raised while instantiating."""
+def _user_error(err: BaseException | None) -> str | None:
+    """What to tell the user about ``err`` in one line: a ``ConfigError`` behind it (jsonargparse wraps
+    errors raised while instantiating) or Lightning's complaint about the trainer's settings; ``None``
+    for anything else (a bug: its traceback is shown)."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, ConfigError):
-            return err
+            return str(err)
+        if isinstance(err, MisconfigurationException):
+            if "gpu" in str(err).lower() and not torch.cuda.is_available():
+                return (
+                    "trainer.accelerator asks for a GPU and torch sees none here; use "
+                    "--trainer.accelerator=cpu (or auto)"
+                )
+            return " ".join(str(err).split()) + " (a trainer setting)"
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

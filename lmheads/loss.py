@@ -256,15 +256,15 @@ class LossBackend:
 
     def check(self, device: torch.device) -> None:
         """Raise a :class:`ConfigError` saying what to do when this backend cannot run on ``device``."""
+        if self.cuda_only and device.type != "cuda":  # first: installing the package would not help
+            raise ConfigError(
+                f"loss backend {self.name!r} runs on CUDA GPUs only and this run is on {device.type}: use "
+                "model.loss_backend=chunked (any device) or auto"
+            )
         if self.package is not None and importlib.util.find_spec(self.package[1]) is None:
             raise ConfigError(
                 f"loss backend {self.name!r} needs the {self.package[0]} package, which is not installed: "
                 f"pip install {self.package[0]}, or use model.loss_backend=chunked (no extra package)"
-            )
-        if self.cuda_only and device.type != "cuda":
-            raise ConfigError(
-                f"loss backend {self.name!r} runs on CUDA GPUs only and this run is on {device.type}: use "
-                "model.loss_backend=chunked (any device) or auto"
             )
 
     def train_loss(self, form: LinearForm, targets: Tensor, ignore_index: int, z_loss: float) -> TrainLoss:

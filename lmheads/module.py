@@ -14,7 +14,7 @@ from functools import partial
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -542,28 +542,6 @@ class LMHeadModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [
-            TokenThroughput(), SampleWriter(), HeadDiagnostics(), TextSamples(), InterruptCheckpoint()
-        ]  # fmt: skip
-        bar = self.trainer.progress_bar_callback
-        if (
-            isinstance(bar, TQDMProgressBar)
-            and bar.refresh_rate == 1
-            and self.trainer.strategy.root_device.type == "cuda"
-        ):
-            # Each refresh reads the loss from the GPU, a host sync: refresh when the loss is logged.
-            callbacks.append(TQDMProgressBar(refresh_rate=max(self.trainer.log_every_n_steps, 1)))
-        if self.trainer.loggers:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        if self.trainer.checkpoint_callback is not None:
-            callbacks.append(
-                ModelCheckpoint(
-                    monitor="val/loss",
-                    mode="min",
-                    save_last=True,
-                    filename="step{step}",
-                    auto_insert_metric_name=False,
-                    enable_version_counter=False,  # a resumed run updates its last.ckpt
-                )
-            )
-        return callbacks
+        """What every run of this module measures and how it stops; checkpointing, the progress bar and
+        the learning-rate monitor are the trainer's (the CLI's defaults, or a user's own)."""
+        return [TokenThroughput(), SampleWriter(), HeadDiagnostics(), TextSamples(), InterruptCheckpoint()]

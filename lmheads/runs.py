@@ -29,7 +29,9 @@ RESULTS_FILE = "results.json"
 
 def run_of_checkpoint(ckpt: str | Path) -> Path | None:
     """The run folder a checkpoint file belongs to (``<run>/checkpoints/x.ckpt``), or ``None``."""
-    path = Path(ckpt).resolve()
+    path = Path(ckpt)  # as given: the run's checkpoint callback then sees its folder under the same name
+    if len(path.parts) < 4:  # <name>/<version>/checkpoints/<file> at least
+        path = path.resolve()
     run = path.parent.parent
     recorded = any((run / f).is_file() for f in ("hparams.yaml", "config.yaml"))
     return run if path.parent.name == "checkpoints" and recorded else None
@@ -97,6 +99,7 @@ class RunFolder:
         if rank_zero_only.rank != 0:
             return
         existed = self.path.is_dir()
+        self._top = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
         self.path.mkdir(parents=True, exist_ok=True)
         if self.resume:
             return
@@ -124,8 +127,13 @@ class RunFolder:
         for entry in set(os.listdir(self.path)) - self._before:
             target = self.path / entry
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-        if self._created:
-            self.path.rmdir()
+        if self._created:  # and the parents it made (runs/<name>), as far as they are empty
+            for folder in [self.path, *self.path.parents]:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
+                if folder == self._top:
+                    break
         self._before = None
 
 

@@ -212,7 +212,17 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     [
         (["--model.head=tide"], "error: unknown head 'tide'; registered heads: lowrank_tied, mos, projected"),
         (["--model.loss_backend=fused"], "error: unknown loss backend 'fused'; choose one of: auto, naive"),
-        (["--model.loss_backend=liger"], "error: loss backend 'liger' needs the liger-kernel package"),
+        (["--model.loss_backend=liger"], "error: loss backend 'liger' runs on CUDA GPUs only"),
+        (["--trainer.accelerator=gpu"], "error: trainer.accelerator asks for a GPU and torch sees none"),
+        (
+            ["--trainer.max_stpes=3"],
+            "error: unknown option --trainer.max_stpes; did you mean --trainer.max_steps",
+        ),
+        (
+            ["--trainer.max_step=3"],
+            "error: unknown option --trainer.max_step; did you mean --trainer.max_steps",
+        ),
+        (["--model.lr=abc"], "error: invalid value 'abc' for --model.lr: expected float"),
         (["--model.backbone.d_model=130"], "error: model.backbone.d_model=130 is not divisible by n_head=4"),
         (["--model.backbone.n_layer=0"], "error: model.backbone.n_layer must be positive"),
         (
@@ -223,13 +233,36 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
+    if "accelerator=gpu" in extra[0] and torch.cuda.is_available():
+        pytest.skip("a GPU is available here")
     if "block_size=100000" in extra[0]:
         (tmp_path / "t.txt").write_text("just a few words\n" * 20)
         extra = [*extra, "--data=lmheads.data.TextDataModule", f"--data.train_file={tmp_path / 't.txt'}"]
-    result = _run_module("fit", *quick_args(tmp_path), *extra, cwd=tmp_path)
+    _assert_one_error_line(_run_module("fit", *quick_args(tmp_path), *extra, cwd=tmp_path), message)
+    assert not (tmp_path / "quickstart").exists()  # nothing created by a failed start
+
+
+def _assert_one_error_line(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.count("error:") == 1
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: 3\n   oops: [\n")
+    result = _run_module("fit", "--config", QUICKSTART, "--config", str(bad), cwd=tmp_path)
+    _assert_one_error_line(result, f"error: {bad}, line 3, column 8: mapping values are not allowed here")
+
+
+def test_text_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    text = tmp_path / "latin1.txt"
+    good = "caf\u00e9 au lait\n".encode() * 50
+    text.write_bytes(good + "na\u00efve\n".encode("latin-1"))  # the first bad byte follows "na"
+    args = ["--data=lmheads.data.TextDataModule", f"--data.train_file={text}"]
+    result = _run_module("fit", *quick_args(tmp_path), *args, cwd=tmp_path)
+    _assert_one_error_line(result, f"is not UTF-8 text (byte {len(good) + 2}:")
 
 
 @pytest.mark.slow

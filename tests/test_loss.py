@@ -203,6 +203,7 @@ def test_auto_picks_chunked_and_chunk_size_follows_the_vocabulary():
 
 @pytest.mark.parametrize(("name", "package"), [("liger", "liger-kernel"), ("cce", "cut-cross-entropy")])
 def test_optional_backends_say_what_is_missing(name, package, monkeypatch):
+    """The package on a GPU; on a CPU that it needs a GPU, installed or not."""
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n.replace("_", "-") == package else real(n, *a)
@@ -211,7 +212,6 @@ def test_optional_backends_say_what_is_missing(name, package, monkeypatch):
         ConfigError, match=rf"loss backend '{name}' needs the {package} package.*pip install {package}"
     ):
         get_backend(name, torch.device("cuda"))
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object())  # "installed"
     with pytest.raises(
         ConfigError, match=rf"loss backend '{name}' runs on CUDA GPUs only and this run is on cpu"
     ):

@@ -14,6 +14,7 @@ from lmheads.heads import head_name, registered_heads
 
 from . import external_heads
 from .helpers import QUICKSTART, fit, main, only_run, quick_args, scalars
+from .test_cli import _run_module
 from .test_tools import _tool
 
 
@@ -154,3 +155,46 @@ def test_a_run_is_named_after_the_heads_own_name(tmp_path):
 def test_quickstart_config_names_no_folder():
     """The logger's folder is left to the CLI (default_root_dir, else runs)."""
     assert "save_dir" not in Path(QUICKSTART).read_text()
+
+
+@pytest.mark.slow
+def test_a_run_prints_nothing_a_user_cannot_act_on(tmp_path):
+    """No tips, no notices about Lightning's internals or deprecations inside it, no zero FLOPs column, no
+    v_num; a resumed run's bar counts steps towards max_steps from where it stands."""
+    base = [*quick_args(tmp_path, steps=4, every=2), "--trainer.enable_progress_bar=true"]
+    first = _run_module("fit", *base, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    base = [*quick_args(tmp_path, steps=8, every=2), "--trainer.enable_progress_bar=true"]
+    resumed = _run_module("fit", *base, f"--ckpt_path={last}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for result in (first, resumed):
+        out = result.stdout + result.stderr
+        for noise in ("Tip:", "LeafSpec", "configure_callbacks", "weights_only", "v_num", "Total Flops"):
+            assert noise not in out, noise
+    bar = resumed.stdout.replace("\r", "\n") + resumed.stderr.replace("\r", "\n")
+    assert "8/8 [" in bar and "4/8 [" in bar  # from where it stood to max_steps
+
+
+def test_a_users_own_checkpoint_callback_is_honoured(tmp_path):
+    cli = fit(tmp_path, "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.filename=mine-{step}",
+              "--trainer.callbacks.save_last=false", steps=2, every=2)  # fmt: skip
+    checkpoints = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
+    assert len(checkpoints) == 1 and checkpoints[0].filename == "mine-{step}"
+    assert [p.name for p in (only_run(tmp_path) / "checkpoints").iterdir()] == ["mine-step=2.ckpt"]
+
+
+def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_path, capsys):
+    fit(tmp_path, steps=2, every=2)
+    fit(tmp_path, "--model.head=untied", steps=4, every=2)
+    compare = _tool("compare")
+    assert compare.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: runs differ in budget" in out
+    assert "2 steps x 2,048 tokens/step = 4,096 training tokens on 1 device(s): tied seed 0" in out
+    assert (tmp_path / "report" / "train_loss_vs_step.png").is_file()
+    groups = {
+        "tied": compare.find_runs([tmp_path])[:1],
+        "tied (softcap=30)": compare.find_runs([tmp_path])[:1],
+    }
+    assert len(set(compare.colours(groups).values())) == 1  # one colour per head

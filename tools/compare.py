@@ -198,21 +198,41 @@ def table(groups: dict[str, list[RunLog]]) -> str:
 
 
 def budget(groups: dict[str, list[RunLog]]) -> str:
-    """One line stating the training budget, and a warning when runs differ in it."""
-    seen = set()
-    for runs in groups.values():
+    """One line stating the training budget; when runs differ in it, which runs have which."""
+    budgets: dict[tuple, list[str]] = defaultdict(list)
+    for label, runs in groups.items():
         for r in runs:
-            steps = r.steps()
-            seen.add((steps, r.hparams.get("tokens_per_step"), r.hparams.get("devices")))
-    parts = [
-        f"{s:,} steps x {t:,} tokens/step = {s * t:,} training tokens on {d} device(s)"
-        for s, t, d in sorted(seen, key=str)
-        if t
-    ]
-    text = "Budget: " + "; ".join(parts) if parts else "Budget: unknown"
-    if len(seen) > 1:
-        text += " (WARNING: runs differ in budget)"
-    return text
+            key = (r.steps(), r.hparams.get("tokens_per_step"), r.hparams.get("devices"))
+            budgets[key].append(f"{label} seed {r.hparams.get('seed')}")
+
+    def describe(steps, tokens, devices) -> str:
+        if not tokens:
+            return f"{steps:,} steps"
+        total = f"{steps * tokens:,} training tokens"
+        return f"{steps:,} steps x {tokens:,} tokens/step = {total} on {devices} device(s)"
+
+    if len(budgets) == 1:
+        return "Budget: " + describe(*next(iter(budgets)))
+    parts = [f"{describe(*key)}: {', '.join(names)}" for key, names in sorted(budgets.items(), key=str)]
+    return "Budget: WARNING: runs differ in budget; " + "; ".join(parts)
+
+
+def colours(groups: dict[str, list[RunLog]]) -> dict[str, str]:
+    """One colour per head, the same in every plot (and across reports: by the head's name)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    heads = sorted({str(r.hparams.get("head")) for runs in groups.values() for r in runs})
+    by_head = {head: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, head in enumerate(heads)}
+    return {label: by_head[str(runs[0].hparams.get("head"))] for label, runs in groups.items()}
+
+
+#: Each plot: file name, the series, its y label and the x axes it is drawn against.
+PLOTS = (
+    ("val_loss", "val/loss", "validation loss (nats/token)", ("step", "tokens", "minutes")),
+    ("train_loss", "train/loss", "training loss (nats/token)", ("step",)),
+)
+AXES = {"step": "optimizer step", "tokens": "training tokens", "minutes": "wall-clock minutes"}
 
 
 def plot(groups: dict[str, list[RunLog]], out: Path) -> list[Path]:
@@ -221,41 +241,59 @@ def plot(groups: dict[str, list[RunLog]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colour = colours(groups)
     written = []
-    axes = {"step": "optimizer step", "tokens": "training tokens", "minutes": "wall-clock minutes"}
-    for axis, xlabel in axes.items():
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        for label, runs in groups.items():
-            curves = []
-            for r in runs:
-                points = r.series("val/loss")
-                tokens_per_step = r.hparams.get("tokens_per_step") or 0
-                # logged steps count from 0: after logged step s, s + 1 optimizer steps have run
-                steps = [s + 1 for s, _, _ in points]
-                x = {
-                    "step": steps,
-                    "tokens": [s * tokens_per_step for s in steps],
-                    "minutes": [t / 60 for _, _, t in points],
-                }[axis]
-                curves.append((x, [v for _, v, _ in points]))
-            n = min(len(c[1]) for c in curves)
-            xs = [statistics.fmean(c[0][i] for c in curves) for i in range(n)]
-            ys = [[c[1][i] for c in curves] for i in range(n)]
-            line = ax.plot(xs, [statistics.fmean(y) for y in ys], label=f"{label} (n={len(runs)})")[0]
-            if len(runs) > 1:
-                ax.fill_between(
-                    xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2
-                )
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out / f"val_loss_vs_{axis}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+    for name, tag, ylabel, axes in PLOTS:
+        if not any(tag in r.scalars for runs in groups.values() for r in runs):
+            continue
+        for axis in axes:
+            fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
+            for label, runs in groups.items():
+                curves = [_curve(r, tag, axis) for r in runs if tag in r.scalars]
+                if not curves:
+                    continue
+                n = min(len(c[1]) for c in curves)
+                xs = [statistics.fmean(c[0][i] for c in curves) for i in range(n)]
+                ys = [[c[1][i] for c in curves] for i in range(n)]
+                means = [statistics.fmean(y) for y in ys]
+                ax.plot(xs, means, color=colour[label], label=f"{label} (n={len(curves)})")
+                if len(curves) > 1:
+                    lows, highs = [min(y) for y in ys], [max(y) for y in ys]
+                    ax.fill_between(xs, lows, highs, color=colour[label], alpha=0.2)
+            optimum = _optimum(groups)
+            if optimum is not None and tag == "val/loss":
+                ax.axhline(optimum, color="black", linestyle="--", linewidth=1, label="exact optimum")
+            ax.set_xlabel(AXES[axis])
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+            fig.tight_layout()
+            path = out / f"{name}_vs_{axis}.png"
+            fig.savefig(path, bbox_inches="tight")
+            plt.close(fig)
+            written.append(path)
     return written
+
+
+def _curve(r: RunLog, tag: str, axis: str) -> tuple[list[float], list[float]]:
+    """A run's series against an axis; Lightning logs at its step counter before it advances, so a value
+    logged at step s comes after s + 1 optimizer steps (validation) or from the (s + 1)-th (training)."""
+    points = r.series(tag)
+    steps = [s + 1 for s, _, _ in points]
+    tokens_per_step = r.hparams.get("tokens_per_step") or 0
+    x = {
+        "step": steps,
+        "tokens": [s * tokens_per_step for s in steps],
+        "minutes": [t / 60 for _, _, t in points],
+    }[axis]
+    return x, [v for _, v, _ in points]
+
+
+def _optimum(groups: dict[str, list[RunLog]]) -> float | None:
+    """The exact optimal validation loss, where the data has one (the synthetic language) and all runs
+    share it."""
+    values = {r.final("val/optimal_loss") for runs in groups.values() for r in runs}
+    return values.pop() if len(values) == 1 and None not in values else None
 
 
 def update_document(doc: Path, text: str, section: str | None = None) -> None:

@@ -14,6 +14,7 @@ Pipeline, identical on every process so that only the first one does the work:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -114,6 +115,7 @@ class TextDataModule(LMDataModule):
                     raise ConfigError(f"data.{split}_file {path!r} does not exist; check the path")
                 if p.stat().st_size == 0:
                     raise ConfigError(f"data.{split}_file {path!r} is empty; give a file with text in it")
+                check_utf8(p, f"data.{split}_file")
             raw = datasets.load_dataset(
                 "text",
                 data_files={k: str(Path(v).resolve()) for k, v in files.items()},
@@ -249,6 +251,28 @@ class TextDataModule(LMDataModule):
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(int(i) for i in ids)
+
+
+def check_utf8(path: Path, option: str, block: int = 1 << 20) -> None:
+    """Refuse a file that is not UTF-8 text, naming the byte offset of the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            pending = len(decoder.getstate()[0])  # bytes of a character split by the last block
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                bad = offset - pending + err.start
+                raise ConfigError(
+                    f"{option} {str(path)!r} is not UTF-8 text (byte {bad}: {err.reason}); convert it, e.g. "
+                    f"iconv -f latin1 -t utf-8, or give a text file"
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{option} {str(path)!r} ends inside a UTF-8 character ({err.reason})") from None
 
 
 def _digest(obj: dict) -> str:
