@@ -3,35 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lmheads.console import ProgressBar, pipe_safe_output, quiet_lightning
+from lmheads.checkpointing import check_compatible, read_checkpoint
+from lmheads.console import (
+    ProgressBar,
+    check_config_files,
+    explain_parse_error,
+    pipe_safe_output,
+    quiet_lightning,
+    user_error,
+)
 from lmheads.data import LMDataModule
 from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
+from lmheads.generation import SamplingConfig
 from lmheads.heads import broken_heads, head_name, registered_heads
 from lmheads.heads.base import resolve_head
-from lmheads.module import LMHeadModule, SamplingConfig
+from lmheads.module import LMHeadModule
 from lmheads.runs import (
     RunFolder,
     RunSummary,
     checkpoint_conflicts,
     evaluation_folder,
-    flatten,
     run_of_checkpoint,
 )
 from lmheads.sharding import check_strategy
@@ -118,7 +121,7 @@ class LMHeadsCLI(LightningCLI):
         self._checkpoint = None
         if subcommand:
             config = self.config[subcommand]
-            self._checkpoint = check_checkpoint(config.get("ckpt_path"))
+            self._checkpoint = read_checkpoint(config.get("ckpt_path"))
             if self._checkpoint is not None:
                 self._check_against_checkpoint(subcommand, config, self._checkpoint)
 
@@ -174,7 +177,7 @@ class LMHeadsCLI(LightningCLI):
             self.run_folder.trainer = self.trainer
         check_strategy(self.trainer.strategy)  # before any process is launched
         if self._checkpoint is not None:  # here too for strategies that load the weights themselves (FSDP2)
-            self.model.check_compatible(self._checkpoint["state_dict"])
+            check_compatible(self.model, self._checkpoint["state_dict"])
             self._checkpoint = None
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.sampling = config.sampling
@@ -212,77 +215,6 @@ class LMHeadsCLI(LightningCLI):
             }
         self.run_folder = RunFolder(folder, resume=resume)
         self.run_folder.claim()
-
-
-def check_config_files(args: list[str]) -> None:
-    """A YAML syntax error in a ``--config`` file, named with the file, line and column."""
-    for i, arg in enumerate(args):
-        path = arg.partition("=")[2] if arg.startswith("--config=") else None
-        if arg == "--config" and i + 1 < len(args):
-            path = args[i + 1]
-        if path is None or not Path(path).is_file():
-            continue  # not a file (inline YAML) or missing: the parser says so
-        try:
-            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"{path}{where}: {problem} (YAML syntax)") from None
-
-
-def explain_parse_error(message: str, parser: LightningArgumentParser) -> str:
-    """The parser's complaint in one line; an unknown option with the closest valid ones."""
-    unknown = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", message)
-    if unknown is None:
-        return _explain_bad_value(message)
-    key = unknown.group(1) or unknown.group(2)
-    known = {prefix for k in flatten(parser.get_defaults().as_dict()) for prefix in _prefixes(k)}
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    hint = (
-        f"; did you mean {', '.join('--' + k for k in close)}?" if close else "; see --help for the options"
-    )
-    return f"unknown option --{key}{hint}"
-
-
-def _prefixes(key: str) -> list[str]:
-    parts = key.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-
-
-def _explain_bad_value(message: str) -> str:
-    """jsonargparse's multi-line report of a value of the wrong type, as one line."""
-    keys = re.findall(r'Parser key "([\w.]+)"', message)
-    if not keys:
-        return " ".join(message.split()) + " (see --help)"
-    expected = []
-    for what in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", message, flags=re.MULTILINE):
-        what = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", what)
-        what = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", what)
-        if what != "NoneType" and what not in expected:
-            expected.append(what)
-    given = re.findall(r"(?:Got value|Given value): (.*)$", message, flags=re.MULTILINE)
-    value = f" {given[0].strip()!r}" if given else ""
-    return f"invalid value{value} for --{'.'.join(keys)}: expected {' or '.join(expected) or 'another value'}"
-
-
-def check_checkpoint(path: str | None) -> dict | None:
-    """A one-line error for a checkpoint that is missing or unreadable, before Lightning opens it; the
-    checkpoint (memory-mapped) to check against the options and the model once that is built."""
-    if path is None or path in ("last", "best", "hpc", "registry"):
-        return None
-    if not Path(path).is_file():
-        raise ConfigError(f"checkpoint {path!r} does not exist; check --ckpt_path")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as err:
-        reason = f"{type(err).__name__}: {err}"
-        raise ConfigError(
-            f"checkpoint {path!r} cannot be read ({reason}); it is corrupt or not a checkpoint"
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{path!r} is not a Lightning checkpoint (no state_dict in it)")
-    return checkpoint
 
 
 def list_heads(modules: list[str] = ()) -> str:
@@ -351,28 +283,8 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
     except Exception as err:
-        message = _user_error(err)
+        message = user_error(err)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-def _user_error(err: BaseException | None) -> str | None:
-    """What to tell the user about ``err`` in one line: a ``ConfigError`` behind it (jsonargparse wraps
-    errors raised while instantiating) or Lightning's complaint about the trainer's settings; ``None``
-    for anything else (a bug: its traceback is shown)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, ConfigError):
-            return str(err)
-        if isinstance(err, MisconfigurationException):
-            if "gpu" in str(err).lower() and not torch.cuda.is_available():
-                return (
-                    "trainer.accelerator asks for a GPU and torch sees none here; use "
-                    "--trainer.accelerator=cpu (or auto)"
-                )
-            return " ".join(str(err).split()) + " (a trainer setting)"
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None

@@ -1,16 +1,26 @@
-"""What a command prints: a progress bar over the whole run, output that survives a closed pipe, and no
-notices a user cannot act on."""
+"""What a command prints: one line for bad input instead of a traceback or a page of usage, a progress
+bar over the whole run, output that survives a closed pipe, and no notices a user cannot act on."""
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
+import re
 import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
+import torch
+import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lmheads.errors import ConfigError
+from lmheads.runs import flatten
 
 #: Lightning messages (through its rank-zero logger) that advertise or describe its own internals.
 QUIET_MESSAGES = (
@@ -31,6 +41,10 @@ def quiet_lightning() -> None:
     if not any(isinstance(f, _DropMessages) for f in logger.filters):
         logger.addFilter(_DropMessages())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Evaluation metrics are reduced across processes by torchmetrics before they are logged, and the
+    # head diagnostics come from weights equal on every process: Lightning's advice to log them with
+    # sync_dist would only average equal numbers, once per metric and process.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test|hp|diag)")
     # Only a resumed run writes into a checkpoint folder that has files (lmheads.runs refuses others).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
@@ -128,3 +142,75 @@ def pipe_safe_output():
         yield
     finally:
         sys.stdout, sys.stderr = saved
+
+
+def check_config_files(args: list[str]) -> None:
+    """A YAML syntax error in a ``--config`` file, named with the file, line and column."""
+    for i, arg in enumerate(args):
+        path = arg.partition("=")[2] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        if path is None or not Path(path).is_file():
+            continue  # not a file (inline YAML) or missing: the parser says so
+        try:
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}{where}: {problem} (YAML syntax)") from None
+
+
+def explain_parse_error(message: str, parser: LightningArgumentParser) -> str:
+    """The parser's complaint in one line; an unknown option with the closest valid ones."""
+    unknown = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", message)
+    if unknown is None:
+        return _explain_bad_value(message)
+    key = unknown.group(1) or unknown.group(2)
+    known = {prefix for k in flatten(parser.get_defaults().as_dict()) for prefix in _prefixes(k)}
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = (
+        f"; did you mean {', '.join('--' + k for k in close)}?" if close else "; see --help for the options"
+    )
+    return f"unknown option --{key}{hint}"
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _explain_bad_value(message: str) -> str:
+    """jsonargparse's multi-line report of a value of the wrong type, as one line."""
+    keys = re.findall(r'Parser key "([\w.]+)"', message)
+    if not keys:
+        return " ".join(message.split()) + " (see --help)"
+    expected = []
+    for what in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", message, flags=re.MULTILINE):
+        what = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", what)
+        what = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", what)
+        if what != "NoneType" and what not in expected:
+            expected.append(what)
+    given = re.findall(r"(?:Got value|Given value): (.*)$", message, flags=re.MULTILINE)
+    value = f" {given[0].strip()!r}" if given else ""
+    return f"invalid value{value} for --{'.'.join(keys)}: expected {' or '.join(expected) or 'another value'}"
+
+
+def user_error(err: BaseException | None) -> str | None:
+    """What to tell the user about ``err`` in one line: a ``ConfigError`` behind it (jsonargparse wraps
+    errors raised while instantiating) or Lightning's complaint about the trainer's settings; ``None``
+    for anything else (a bug: its traceback is shown)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return str(err)
+        if isinstance(err, MisconfigurationException):
+            if "gpu" in str(err).lower() and not torch.cuda.is_available():
+                return (
+                    "trainer.accelerator asks for a GPU and torch sees none here; use "
+                    "--trainer.accelerator=cpu (or auto)"
+                )
+            return " ".join(str(err).split()) + " (a trainer setting)"
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -1,7 +1,8 @@
-"""The one exception type for bad user input.
+"""The exceptions that end a command with a message instead of a traceback.
 
-The CLI turns a ``ConfigError`` into a single ``error: ...`` line and exit status 2, so every message
-must say what is wrong *and* what to do about it.
+The CLI turns a ``ConfigError`` (bad user input) into a single ``error: ...`` line and exit status 2, so
+every message must say what is wrong *and* what to do about it; a ``NonFiniteLossError`` into an
+``error:`` line and status 3; an ``Interrupted`` into an ``interrupted:`` line and 130 or 143.
 """
 
 

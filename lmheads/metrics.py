@@ -49,6 +49,17 @@ def bits_per_byte(loss: float | Tensor, bytes_per_token: float) -> float | Tenso
 #: Token types ranked by training-set frequency: the most frequent 1%, the next 9%, the rest. The
 #: tying papers argue from the rare words (Press & Wolf 2017, sec. 4): this is where heads differ.
 FREQUENCY_BUCKETS = ("top1pct", "1to10pct", "rest")
+#: How reports name each bucket.
+FREQUENCY_BUCKET_LABELS = {"top1pct": "top 1% types", "1to10pct": "next 9%", "rest": "rarest 90%"}
+
+#: Metrics shown in TensorBoard's HParams tab; every run logs all of them (NaN where not applicable) so
+#: that runs line up as columns.
+HP_METRICS = ("hp/val_loss", "hp/val_ppl", "hp/val_bpb", "hp/val_excess_loss", "hp/tokens_per_sec")
+
+
+def bucket_loss_metric(prefix: str, bucket: str) -> str:
+    """The logged name of an evaluation's loss on one frequency bucket, e.g. ``val_freq/loss_rest``."""
+    return f"{prefix}_freq/loss_{bucket}"
 
 
 def frequency_buckets(counts: np.ndarray) -> Tensor:

@@ -1,13 +1,18 @@
-"""Measuring for the benchmarks: peak memory, a device's matmul peak, model FLOPs per token."""
+"""Measuring speed and memory: the throughput every run logs, and for the benchmarks peak memory, a
+device's matmul peak and model FLOPs per token."""
 
 from __future__ import annotations
 
 import gc
 import math
+import resource
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
+
+from lmheads.reporting import parameter_counts
 
 MiB = 2**20
 
@@ -79,5 +84,63 @@ def flops_per_token(model) -> float:
     cfg, head = model.cfg, model.head
     shape = (head.vocab_size, head.d_embed if head.shares_embedding else head.d_model)  # (V, K)
     own_output = sum(p.numel() for p in head.parameters() if tuple(p.shape) == shape)  # counted below
-    matmul = model.parameter_counts()["non_embedding"] - own_output + shape[0] * shape[1]
+    matmul = parameter_counts(model)["non_embedding"] - own_output + shape[0] * shape[1]
     return 6 * matmul + 12 * cfg.n_layer * cfg.block_size * cfg.d_model
+
+
+class TokenThroughput(L.Callback):
+    """Logs ``perf/tokens_per_sec`` (all devices together) and ``perf/peak_mem_mib`` every
+    ``log_every_n_steps`` optimizer steps.
+
+    A window of steps is timed with one device synchronisation at its end, so the training step itself
+    never waits for the host. Validation time is excluded: a window restarts after each validation.
+    Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the process's peak RSS on CPU.
+    """
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+        self._tokens = 0
+        self._step = -1  # the optimizer step counted last
+
+    def _restart(self, trainer: L.Trainer) -> None:
+        synchronize(trainer.strategy.root_device)
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        if self._t0 is None:
+            self._restart(trainer)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        self._tokens += batch[0].numel()
+        step = trainer.global_step  # advances only when the optimizer stepped (not while accumulating)
+        if step == self._step or step % trainer.log_every_n_steps:
+            return
+        self._step = step
+        device = trainer.strategy.root_device
+        synchronize(device)
+        elapsed = time.perf_counter() - self._t0
+        tokens_per_sec = self._tokens * trainer.world_size / max(elapsed, 1e-9)
+        if device.type == "cuda":
+            peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        pl_module.log_dict(
+            {
+                "perf/tokens_per_sec": tokens_per_sec,
+                "perf/peak_mem_mib": float(peak_mib),
+                "hp/tokens_per_sec": tokens_per_sec,
+            },
+            on_step=True,
+            on_epoch=False,
+            sync_dist=False,
+            rank_zero_only=True,
+        )
+        self._restart(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = None

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmheads.heads import Head, LinearForm, UntiedHead
+from lmheads.heads import LinearForm, LinearHead, UntiedHead
 
 
-class CosineTiedHead(Head):
+class CosineTiedHead(LinearHead):
     """logits = tau * cos(h, E_v): tied, on the unit sphere, with a learned temperature tau.
 
     Args:

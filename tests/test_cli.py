@@ -17,7 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lmheads.cli import expand_head_names, main
 from lmheads.errors import ConfigError
 from lmheads.heads import registered_heads
-from lmheads.module import HP_METRICS, LMHeadModule
+from lmheads.metrics import HP_METRICS
+from lmheads.module import LMHeadModule
+from lmheads.reporting import flat_hparams, parameter_counts
 
 from .helpers import QUICKSTART, ROOT, fit, only_run, quick_args, scalars
 
@@ -94,7 +96,7 @@ def test_fit_each_head(name, tmp_path):
     logged = scalars(run)
     for tag in ("train/loss", "val/loss", "val/ppl", "val/excess_loss", "perf/tokens_per_sec", *HP_METRICS):
         assert tag in logged, tag
-    counts = cli.model.parameter_counts()
+    counts = parameter_counts(cli.model)
     assert logged["params/total"] == [(0, counts["total"])]
     assert logged["params/head_own"] == [(0, counts["head_own"])]
     # the HParams tab: one session with the head and the parameter counts
@@ -125,10 +127,10 @@ def test_hparams_have_the_same_keys_for_every_head(tmp_path):
         cli = main([*quick_args(tmp_path), f"--model.head={name}"], run=False)
         cli.model.trainer = cli.trainer
         cli.trainer.datamodule = cli.datamodule
-        flat = cli.model.flat_hparams()
+        flat = flat_hparams(cli.model, cli.trainer)
         keys.append({k: type(v) for k, v in flat.items()})
         assert flat["head"] == name
-        assert flat["params/total"] == cli.model.parameter_counts()["total"]
+        assert flat["params/total"] == parameter_counts(cli.model)["total"]
     assert all(k == keys[0] for k in keys)
 
 
@@ -143,7 +145,7 @@ def test_checkpoint_reload_keeps_ties_and_outputs(tmp_path):
     cli.model.eval()
     loaded.eval()
     torch.testing.assert_close(loaded(idx), cli.model.cpu()(idx))
-    assert sum(p.numel() for p in loaded.parameters()) == cli.model.parameter_counts()["total"]
+    assert sum(p.numel() for p in loaded.parameters()) == parameter_counts(cli.model)["total"]
 
 
 def test_python_api_checkpoint_round_trip(tmp_path):
@@ -211,7 +213,7 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("extra", "message"),
     [
         (["--model.head=tide"], "error: unknown head 'tide'; registered heads: lowrank_tied, mos, projected"),
-        (["--model.loss_backend=fused"], "error: unknown loss backend 'fused'; choose one of: auto, naive"),
+        (["--model.loss_backend=fused"], "invalid value 'fused' for --model.loss_backend: expected one of"),
         (["--model.loss_backend=liger"], "error: loss backend 'liger' runs on CUDA GPUs only"),
         (["--trainer.accelerator=gpu"], "error: trainer.accelerator asks for a GPU and torch sees none"),
         (

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from lmheads.heads import base, registered_heads
+from lmheads.reporting import parameter_counts
 
 from .helpers import ROOT, fit, only_run, scalars
 
@@ -31,7 +32,7 @@ def test_readme_custom_head_trains_through_the_cli(tmp_path, monkeypatch):
         head = cli.model.head
         state = cli.trainer.optimizers[0].state[head.scale]  # the optimizer trained the new parameter
         assert state["step"] == 3 and state["exp_avg"] != 0
-        assert cli.model.parameter_counts()["head_own"] == 1
+        assert parameter_counts(cli.model)["head_own"] == 1
         idx = torch.randint(0, 1024, (1, 8))
         h = cli.model.backbone(idx)
         torch.testing.assert_close(cli.model(idx), head.scale * h @ cli.model.backbone.wte.weight.T)

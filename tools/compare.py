@@ -28,6 +28,8 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
+
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 #: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
 EVALUATIONS = ("validate", "test", "predict")
@@ -43,11 +45,7 @@ def markers(section: str | None) -> tuple[str, str]:
 
 
 #: Validation loss by how frequent the target token is in training (lmheads' diagnostics).
-BUCKETS = {
-    "val_freq/loss_top1pct": "loss, top 1% types",
-    "val_freq/loss_1to10pct": "loss, next 9%",
-    "val_freq/loss_rest": "loss, rarest 90%",
-}
+BUCKETS = {bucket_loss_metric("val", b): f"loss, {FREQUENCY_BUCKET_LABELS[b]}" for b in FREQUENCY_BUCKETS}
 
 
 @dataclass

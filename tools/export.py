@@ -14,6 +14,7 @@ import torch
 
 from lmheads.export import export_safetensors, load_safetensors
 from lmheads.module import LMHeadModule
+from lmheads.reporting import parameter_counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     idx = torch.randint(0, model.backbone.vocab_size, (2, min(16, model.cfg.block_size)))
     with torch.no_grad():
         same = torch.equal(model(idx), again(idx))
-    counts = model.parameter_counts()
+    counts = parameter_counts(model)
     head = model.head.spec()["class_path"]
     alias_note = f", aliases {aliases}" if aliases else ""
     print(f"wrote {args.output}: {counts['total']:,} unique parameters, head {head}{alias_note}; "

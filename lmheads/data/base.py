@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lmheads.errors import ConfigError
+from lmheads.lightning_internals import batches_done_this_epoch
 
 
 def _seed() -> int:
@@ -142,7 +143,7 @@ class LMDataModule(L.LightningDataModule):
         if trainer is not None:
             # Resumed mid-epoch: skip what this epoch already trained on (restored before loaders are built).
             sampler.set_epoch(trainer.current_epoch)
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            done = batches_done_this_epoch(trainer)
             sampler.start = min(done * self.batch_size, sampler.num_samples)
             # Lightning cannot see that this loader resumes part-way, and would warn that it does not.
             if sampler.start:

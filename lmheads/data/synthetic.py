@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from lmheads.data.base import BlockDataset, LMDataModule
 from lmheads.errors import ConfigError
@@ -208,6 +207,3 @@ class SyntheticDataModule(LMDataModule):
         """Entropy (nats) of the stationary token distribution: the loss of the best context-free model."""
         p = self.language.initial @ self.language.emission  # (V,)
         return float(-(p * np.log(p)).sum())
-
-    def sample_tokens(self, n: int, length: int, seed: int = 0) -> torch.Tensor:
-        return torch.from_numpy(self.language.sample(n, length, seed=seed).astype(np.int64))

@@ -3,6 +3,7 @@
 from lmheads.heads.base import (
     Head,
     LinearForm,
+    LinearHead,
     broken_heads,
     head_class,
     head_from_spec,
@@ -18,6 +19,7 @@ from lmheads.heads.untied import UntiedHead
 __all__ = [
     "Head",
     "LinearForm",
+    "LinearHead",
     "LowRankTiedHead",
     "MixtureOfSoftmaxesHead",
     "ProjectedTiedHead",

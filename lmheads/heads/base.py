@@ -1,12 +1,14 @@
 """The head contract.
 
-Every head reduces to one linear form on a (possibly transformed) hidden state (DESIGN.md):
+Almost every head reduces to one linear form on a (possibly transformed) hidden state:
 
     logits = transform(h' @ W.T + b)        with   (h', W, b) = head.project(h, embedding)
 
-so logits, the loss (naive or memory-saving backends), the options every head shares (logit scale,
-soft-cap, z-loss, zero initialisation) and parameter accounting are written once, here and in
-:mod:`lmheads.loss`, and a new head only says how it forms (h', W, b).
+Such a head is a :class:`LinearHead`; a head that is not (a mixture of softmaxes) is a :class:`Head`
+that computes its logits itself, and its loss uses the full logits. For linear heads the logits, the
+loss (naive or memory-saving backends), the options every head shares (logit scale, soft-cap, z-loss,
+zero initialisation) and parameter accounting are written once, here and in :mod:`lmheads.loss`, and a
+new head only says how it forms (h', W, b).
 
 A head never stores a reference to the token embedding: it receives it at every call. That keeps a
 tie a tie through meta-device initialisation, FSDP wrapping and checkpoint loading, where aliases made
@@ -15,6 +17,7 @@ at construction break.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -47,12 +50,39 @@ def apply_softcap(logits: Tensor, softcap: float | None) -> Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
+def _recording_options(init):
+    """Wrap a head's ``__init__`` so that the outermost call records every option by argument name:
+    the defaults of each constructor in the class hierarchy, then the arguments given."""
+
+    @functools.wraps(init)
+    def recording_init(self, *args, **kwargs) -> None:
+        if "_options" not in self.__dict__:
+            options: dict[str, Any] = {}
+            for cls in reversed(type(self).__mro__):
+                if "__init__" in vars(cls) and issubclass(cls, Head):
+                    for p in inspect.signature(cls.__init__).parameters.values():
+                        if p.default is not p.empty:
+                            options[p.name] = p.default
+            signature = inspect.signature(init)
+            for name, value in list(signature.bind(self, *args, **kwargs).arguments.items())[1:]:  # not self
+                if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    options.update(value)
+                else:
+                    options[name] = value
+            object.__setattr__(self, "_options", options)
+        init(self, *args, **kwargs)
+
+    return recording_init
+
+
 class Head(nn.Module):
-    """Base class of all output heads.
+    """Base class of all output heads: a head maps hidden states to logits (:meth:`logits`).
 
     Subclasses set ``name`` (the short name used on the command line), ``description`` and
-    ``formula`` (their own parameter count in terms of V, D, E, r), create their parameters in
-    ``_create_parameters`` and implement ``project``. Defining a subclass with a ``name`` registers it.
+    ``formula`` (their own parameter count in terms of V, D, E, r) and create their parameters in
+    ``_create_parameters``. A head whose logits are a linear form of h subclasses :class:`LinearHead`
+    and implements ``project``; any other head implements ``logits``. Defining a subclass with a
+    ``name`` of its own registers it.
     A subclass with options of its own takes ``**kwargs`` and passes them to ``super().__init__`` so
     that the options below stay available.
 
@@ -82,6 +112,8 @@ class Head(nn.Module):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__ = _recording_options(cls.__init__)
         if "name" in vars(cls) and cls.name:  # a subclass without a name of its own is used by class path
             other = _REGISTRY.get(cls.name)
             if other is not None and other.__qualname__ != cls.__qualname__:
@@ -153,19 +185,48 @@ class Head(nn.Module):
         """The logit multiplier as a number (needs the head to be built for ``inv_sqrt_d``)."""
         return self.d_model**-0.5 if self.logit_scale == "inv_sqrt_d" else float(self.logit_scale)
 
+    def logits(self, h: Tensor, embedding: nn.Embedding) -> Tensor:
+        """Full logits (..., V) for hidden states ``h`` (..., D) and the backbone's token embedding. A
+        head that is not a linear form implements this; its loss then uses the full logits."""
+        raise NotImplementedError(f"head {head_name(self)!r} implements no logits()")
+
+    def on_train_step(self, step: int, total_steps: int, embedding: nn.Embedding) -> bool:
+        """Called before every training step (``total_steps`` is -1 when training has no set length);
+        return True when the head changed its parameters in a way that makes their optimizer state stale
+        (the module then resets it)."""
+        return False
+
+    def parameter_report(self, embedding: nn.Embedding) -> dict[str, int]:
+        """``own``: parameters only the head has; ``shared``: embedding parameters it reuses.
+        A tensor that is both (a head that registered the embedding) counts as shared only."""
+        own = sum(p.numel() for p in self.parameters() if p is not embedding.weight)
+        return {"own": own, "shared": embedding.weight.numel() if self.shares_embedding else 0}
+
+    def options(self) -> dict[str, Any]:
+        """The head's constructor options, its own and the shared ones, under their argument names: the
+        values it was built with, recorded by the outermost constructor (for logging and checkpoints)."""
+        return dict(self._options)
+
+    def spec(self) -> dict[str, Any]:
+        """``class_path``/``init_args`` that rebuild this head (what a checkpoint stores)."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.options()}
+
+    def extra_repr(self) -> str:
+        return f"V={self.vocab_size}, D={self.d_model}, E={self.d_embed}" if self.built else "unbuilt"
+
+
+Head.__init__ = _recording_options(Head.__init__)  # subclasses are wrapped in __init_subclass__
+
+
+class LinearHead(Head):
+    """A head whose logits are a linear form of (a transform of) h: it implements :meth:`project`, which
+    returns (h', W, b) with logits = h' W^T + b. One loss serves every such head without holding the full
+    logits (:mod:`lmheads.loss`)."""
+
     def project(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
-        """Return (h', W, b) for hidden states ``h`` (..., D) and the backbone's token embedding.
-
-        A head whose logits are not a linear form overrides :meth:`logits` instead; the loss then uses
-        its full logits."""
-        raise NotImplementedError(
-            f"head {head_name(self)!r} implements neither project (a linear head) nor logits (any head)"
-        )
-
-    @property
-    def is_linear(self) -> bool:
-        """True unless the head overrides :meth:`logits` (then it is not a linear form of h)."""
-        return type(self).logits is Head.logits
+        """Return (h', W, b) for hidden states ``h`` (..., D) and the backbone's token embedding."""
+        raise NotImplementedError(f"linear head {head_name(self)!r} implements no project()")
 
     def linear_form(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
         """``project`` with the shared options applied: what the loss backends consume."""
@@ -182,41 +243,6 @@ class Head(nn.Module):
         return apply_softcap(
             nn.functional.linear(form.hidden, form.weight, form.bias), form.softcap
         )  # (..., V)
-
-    def inactive_parameters(self) -> set[str]:
-        """Names of own parameters that do not affect the logits right now (they get zero gradient)."""
-        return set()
-
-    def on_train_step(self, step: int, total_steps: int, embedding: nn.Embedding) -> bool:
-        """Called before every training step (``total_steps`` is -1 when training has no set length);
-        return True when the head changed its parameters in a way that makes their optimizer state stale
-        (the module then resets it)."""
-        return False
-
-    def parameter_report(self, embedding: nn.Embedding) -> dict[str, int]:
-        """``own``: parameters only the head has; ``shared``: embedding parameters it reuses.
-        A tensor that is both (a head that registered the embedding) counts as shared only."""
-        own = sum(p.numel() for p in self.parameters() if p is not embedding.weight)
-        return {"own": own, "shared": embedding.weight.numel() if self.shares_embedding else 0}
-
-    def options(self) -> dict[str, Any]:
-        """The head's constructor options (its own and the shared ones), for logging and checkpoints;
-        heads store each under its argument's name or override this."""
-        names: dict[str, None] = {}
-        for cls in type(self).__mro__:
-            if "__init__" in vars(cls) and issubclass(cls, Head):
-                for p in inspect.signature(cls.__init__).parameters.values():
-                    if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                        names[p.name] = None
-        return {n: getattr(self, n) for n in names if hasattr(self, n)}
-
-    def spec(self) -> dict[str, Any]:
-        """``class_path``/``init_args`` that rebuild this head (what a checkpoint stores)."""
-        cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.options()}
-
-    def extra_repr(self) -> str:
-        return f"V={self.vocab_size}, D={self.d_model}, E={self.d_embed}" if self.built else "unbuilt"
 
 
 def _load_entry_points() -> None:
@@ -279,10 +305,11 @@ def resolve_head(path: str) -> type[Head]:
         ) from err
     if not (isinstance(cls, type) and issubclass(cls, Head)):
         raise ConfigError(f"{path!r} is not a head: a head subclasses lmheads.heads.Head")
-    if cls.project is Head.project and cls.logits is Head.logits:
+    linear = issubclass(cls, LinearHead)
+    if (cls.project is LinearHead.project) if linear else (cls.logits is Head.logits):
         raise ConfigError(
-            f"head {path!r} does not implement the Head contract: define project() (a linear head) or "
-            "logits() (any other head)"
+            f"head {path!r} does not implement the head contract: a LinearHead defines project(), any "
+            "other Head defines logits()"
         )
     return cls
 

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from lmheads.errors import ConfigError
-from lmheads.heads.base import Head, LinearForm
+from lmheads.heads.base import LinearForm, LinearHead
 from lmheads.heads.tied import check_square
 
 
-class LowRankTiedHead(Head):
+class LowRankTiedHead(LinearHead):
     """logits = h (E + A B^T)^T: the embedding plus a learned rank-r correction.
 
     r = 0 would be ``tied`` and r = D is as expressive as ``untied``, so the rank spans the continuum
@@ -46,7 +46,7 @@ class LowRankTiedHead(Head):
         return LinearForm(h, weight, None)
 
 
-class UntieDuringTrainingHead(Head):
+class UntieDuringTrainingHead(LinearHead):
     """Starts tied; at a fraction of training it takes its own copy of E and the two train apart.
 
     modded-nanogpt's speedrun record untied the head at 2/3 of training. The own matrix W (V, D) exists
@@ -80,9 +80,6 @@ class UntieDuringTrainingHead(Head):
     @staticmethod
     def _read_switch(module: UntieDuringTrainingHead, incompatible_keys) -> None:
         module._untied_host = bool(module.untied)  # once per checkpoint load
-
-    def inactive_parameters(self) -> set[str]:
-        return set() if self._untied_host else {"weight"}
 
     def on_train_step(self, step: int, total_steps: int, embedding: nn.Embedding) -> bool:
         if total_steps < 0:

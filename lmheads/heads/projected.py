@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmheads.heads.base import Head, LinearForm
+from lmheads.heads.base import LinearForm, LinearHead
 
 
-class ProjectedTiedHead(Head):
+class ProjectedTiedHead(LinearHead):
     """logits = (h P) E^T with a learned P (D -> E).
 
     With E = D this is Press & Wolf's projected tying (2017, sec. 5); with E < D it is the output side of

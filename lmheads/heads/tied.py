@@ -6,10 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from lmheads.errors import ConfigError
-from lmheads.heads.base import Head, LinearForm
+from lmheads.heads.base import LinearForm, LinearHead
 
 
-def check_square(head: Head) -> None:
+def check_square(head: LinearHead) -> None:
     if head.d_embed != head.d_model:
         raise ConfigError(
             f"head {head.name!r} needs d_embed == d_model, got d_embed={head.d_embed}, "
@@ -17,7 +17,7 @@ def check_square(head: Head) -> None:
         )
 
 
-class TiedHead(Head):
+class TiedHead(LinearHead):
     """logits = h E^T: the output matrix is the input embedding (Press & Wolf 2017; Inan et al. 2017)."""
 
     name = "tied"
@@ -31,7 +31,7 @@ class TiedHead(Head):
         return LinearForm(h, embedding.weight, None)  # W: (V, D)
 
 
-class TiedBiasHead(Head):
+class TiedBiasHead(LinearHead):
     """logits = h E^T + b with a learned per-token bias b, zero-initialised."""
 
     name = "tied_bias"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmheads.heads.base import Head, LinearForm
+from lmheads.heads.base import LinearForm, LinearHead
 
 
-class UntiedHead(Head):
+class UntiedHead(LinearHead):
     """logits = h W^T (+ b) with its own matrix W (V, D), N(0, 0.02) like the embedding (or zero).
 
     Args:
@@ -30,9 +30,6 @@ class UntiedHead(Head):
         self.weight = nn.Parameter(torch.empty(self.vocab_size, self.d_model))  # (V, D)
         self._init_output_matrix(self.weight)
         self.bias = nn.Parameter(torch.zeros(self.vocab_size)) if self.use_bias else None  # (V,)
-
-    def options(self) -> dict:
-        return {**super().options(), "bias": self.use_bias}
 
     def project(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
         return LinearForm(h, self.weight, self.bias)

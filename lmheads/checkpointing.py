@@ -1,0 +1,169 @@
+"""Checkpoints: whether one fits a model, the random state that makes a resumed run exact, and a
+checkpoint written when training is interrupted."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lmheads.errors import ConfigError, Interrupted
+from lmheads.heads import head_name
+from lmheads.lightning_internals import stop_after_this_step
+
+#: Where lmheads keeps the random state in a checkpoint (tensors and plain types: weights_only loads it).
+RNG_KEY = "lmheads_rng"
+
+
+def read_checkpoint(path: str | None) -> dict | None:
+    """The checkpoint at ``path``, memory-mapped, or a one-line error when it is missing or unreadable,
+    before Lightning opens it (``None`` for no path or Lightning's ``last``/``best``/... keywords)."""
+    if path is None or path in ("last", "best", "hpc", "registry"):
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path!r} does not exist; check --ckpt_path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        raise ConfigError(
+            f"checkpoint {path!r} cannot be read ({reason}); it is corrupt or not a checkpoint"
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path!r} is not a Lightning checkpoint (no state_dict in it)")
+    return checkpoint
+
+
+def check_compatible(model: torch.nn.Module, state: dict) -> None:
+    """A clear message instead of a size-mismatch traceback when a checkpoint's state dict belongs to
+    another model: the CLI calls it before training starts, and the module when a checkpoint loads."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    problems = []
+    if own.get("backbone.wte.weight") != theirs.get("backbone.wte.weight"):
+        problems.append(
+            f"token embedding {theirs.get('backbone.wte.weight')} in the checkpoint, "
+            f"{own.get('backbone.wte.weight')} here (another vocabulary or embedding width?)"
+        )
+    missing = sorted(k for k in own if k not in theirs)
+    unexpected = sorted(k for k in theirs if k not in own)
+    if missing or unexpected:
+        problems.append(
+            f"parameters missing from the checkpoint: {missing or 'none'}; not in this model: "
+            f"{unexpected or 'none'} (another head or backbone?)"
+        )
+    shapes = sorted(k for k in own.keys() & theirs.keys() if own[k] != theirs[k] and "wte" not in k)
+    if shapes:
+        problems.append(f"shapes differ for {shapes}")
+    if problems:
+        raise ConfigError(
+            f"the checkpoint does not fit this model (head {head_name(model.head)!r}): " + "; ".join(problems)
+        )
+
+
+def rng_state() -> dict:
+    """The random state of torch (CPU and every visible GPU), numpy and Python."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Continue the random streams of :func:`rng_state` exactly."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        # One state per device visible when saving; resuming may see fewer (or more) devices.
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+class InterruptCheckpoint(L.Callback):
+    """Ctrl-C or SIGTERM during ``fit``: finish the current step, save ``interrupted.ckpt`` beside the
+    other checkpoints, and stop with exit status 130 (SIGINT) or 143 (SIGTERM).
+
+    A signal only marks the process; after each training step the processes agree (a maximum over a
+    small gloo all-reduce, which never waits for the GPU) and all stop at that same step, whichever of
+    them received it: one rank (``kill`` of one process), all of them (Ctrl-C in a terminal, SLURM,
+    torchrun), or several at slightly different times. A second Ctrl-C interrupts at once. The
+    checkpoint is taken between steps, so resuming from it continues exactly where training stopped.
+    """
+
+    def __init__(self) -> None:
+        self._previous_handlers: dict[int, object] = {}
+        self._group = None
+        self.signal: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here rather than in on_fit_start: Lightning installs its own SIGTERM handler in between.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # every rank creates it, in the same order
+
+        def on_signal(signum, frame) -> None:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = " (again to abort at once)" if signum == signal.SIGINT else ""
+            rank_zero_info(f"\n{name}: stopping after this step and saving a checkpoint{again}")
+            self.signal = self.signal or signum
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, on_signal)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        received = self.signal or 0
+        if self._group is not None:
+            flag = torch.tensor([received], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            received = int(flag)
+        if received:
+            self.signal = self.signal or received
+            stop_after_this_step(trainer)
+
+    def _restore_handler(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_handler()
+        if not isinstance(exception, SIGTERMException):
+            return
+        checkpoint = trainer.checkpoint_callback
+        folder = (
+            Path(checkpoint.dirpath)
+            if checkpoint is not None and checkpoint.dirpath
+            else Path(trainer.default_root_dir)
+        )
+        path = folder / "interrupted.ckpt"
+        trainer.save_checkpoint(path)
+        name, code = ("SIGINT", 130) if self.signal == signal.SIGINT else ("SIGTERM", 143)
+        raise Interrupted(
+            f"{name} at step {trainer.global_step}: saved {path}; resume with --ckpt_path={path}", code
+        ) from exception

@@ -1,0 +1,176 @@
+"""The chunked linear cross-entropy: tokens in chunks of C; each chunk's logits, loss and logit gradient
+are formed and consumed at once, so memory is O(C x V) instead of O(N x V). The gradients for h', W and
+b are computed in the forward pass (three matrix products in all, as for the reference) and scaled by
+the incoming gradient in the backward pass. Pure PyTorch: runs on CPU and GPU and under
+``torch.compile``."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmheads.heads.base import LinearForm
+from lmheads.loss.reference import IGNORE_INDEX, TokenLoss, TrainLoss, naive_linear_cross_entropy
+
+#: Default logit workspace of the chunked backend; the chunk length C follows from it and V.
+CHUNK_WORKSPACE_BYTES = 256 * 2**20
+
+
+def chunk_tokens(vocab_size: int, workspace_bytes: int = CHUNK_WORKSPACE_BYTES) -> int:
+    """Tokens per chunk so that a chunk's logits and their gradient (about 8 bytes per logit in
+    mixed precision) fit ``workspace_bytes``; a multiple of 64, at least 64."""
+    return max(64, workspace_bytes // (8 * vocab_size) // 64 * 64)
+
+
+def _chunk_grad(
+    logits: Tensor, targets: Tensor, valid: Tensor, softcap: float | None, z_loss: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """NLL, log-partition (C,) and the gradient of sum(nll + z_loss * lse^2) over counted tokens with
+    respect to the uncapped logits (C, V), in the logits' dtype. ``logits`` is overwritten when fp32.
+
+    d/dx [lse(x) - x_t + z lse(x)^2] = softmax(x) (1 + 2 z lse) - onehot(t), times the soft-cap's
+    derivative 1 - tanh^2 when x = c tanh(l / c). Not divided by the token count, so fp16 logits keep
+    their precision; the caller scales the products once.
+    """
+    x = logits.float()
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(x / softcap)
+        x = tanh * softcap
+    lse = x.logsumexp(dim=-1)  # (C,)
+    safe = targets.where(valid, 0).unsqueeze(1)  # (C, 1)
+    nll = (lse - x.gather(1, safe).squeeze(1)) * valid
+    weight = ((1 + 2 * z_loss * lse) * valid).unsqueeze(1)  # (C, 1)
+    grad = x.sub_(lse.unsqueeze(1)).exp_().mul_(weight)  # softmax, weighted, in place
+    grad.scatter_add_(1, safe, -valid.to(grad.dtype).unsqueeze(1))
+    if tanh is not None:
+        grad.mul_(1 - tanh.square_())
+    return nll, lse, grad.to(logits.dtype)
+
+
+class ChunkGrad:
+    """The per-chunk softmax gradient, compiled into one kernel instead of several passes over C x V
+    where ``compile`` says so (default: on CUDA). When compiling fails (a missing or broken compiler
+    toolchain) it warns once and runs uncompiled from then on."""
+
+    def __init__(self, compile: bool | None = None) -> None:
+        self.compile = compile
+        self._compiled = None  # the compiled function, made at the first compiled call
+        self._failed = False
+
+    def __call__(self, logits: Tensor, targets: Tensor, valid: Tensor, softcap: float | None, z_loss: float):
+        use = logits.device.type == "cuda" if self.compile is None else self.compile
+        if not use or self._failed or torch.compiler.is_compiling():  # a compiled model traces it anyway
+            return _chunk_grad(logits, targets, valid, softcap, z_loss)
+        if self._compiled is None:
+            self._compiled = torch.compile(_chunk_grad, dynamic=False)
+        try:
+            return self._compiled(logits, targets, valid, softcap, z_loss)
+        except Exception as err:
+            warnings.warn(
+                f"compiling the chunked loss failed ({type(err).__name__}: {err}); it runs uncompiled",
+                stacklevel=2,
+            )
+            self._failed = True
+            return _chunk_grad(logits, targets, valid, softcap, z_loss)
+
+
+def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, targets, ignore_index, softcap, z_loss, chunk_size, dtype, chunk_grad
+    ):
+        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        valid = targets != ignore_index  # (N,)
+        count = valid.sum().clamp_min(1)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_all = hidden.to(dtype)  # (N, K)
+            w = weight.to(dtype)  # (V, K)
+            b = bias.to(dtype) if bias is not None else None
+            grad_h = torch.empty_like(hidden) if needs_h else None
+            grad_w = torch.zeros_like(weight) if needs_w else None
+            grad_b = torch.zeros_like(bias, dtype=torch.float32) if needs_b else None
+            nll_sum = hidden.new_zeros((), dtype=torch.float32)
+            z_sum = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, hidden.size(0), chunk_size):
+                stop = min(start + chunk_size, hidden.size(0))
+                h = h_all[start:stop]  # (C, K)
+                logits = F.linear(h, w, b)  # (C, V)
+                nll, lse, grad = chunk_grad(logits, targets[start:stop], valid[start:stop], softcap, z_loss)
+                nll_sum += nll.sum()
+                if z_loss:
+                    z_sum += (lse.square() * valid[start:stop]).sum()
+                if needs_h:
+                    grad_h[start:stop] = grad @ w
+                if needs_w:
+                    if grad_w.dtype == dtype:
+                        grad_w.addmm_(grad.t(), h)
+                    else:  # fp32 parameters under autocast: products in the compute dtype, sums in fp32
+                        grad_w += grad.t() @ h
+                if needs_b:
+                    grad_b += grad.sum(0, dtype=torch.float32)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, count)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        nll_mean = nll_sum / count
+        z_term = z_loss * z_sum / count
+        ctx.mark_non_differentiable(nll_mean, z_term)
+        return nll_mean + z_term, nll_mean, z_term
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll, _grad_z):
+        grad_h, grad_w, grad_b, count = ctx.saved_tensors
+        scale = grad_loss / count  # the products were summed over tokens, not averaged
+        # In place: the saved gradients are this function's own buffers and are used once.
+        grad_h = grad_h.mul_(scale) if grad_h is not None else None
+        grad_w = grad_w.mul_(scale) if grad_w is not None else None
+        grad_b = grad_b.mul_(scale).to(ctx.bias_dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def chunked_train_loss(
+    form: LinearForm,
+    targets: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    chunk_grad: ChunkGrad | None = None,
+) -> TrainLoss:
+    """Mean NLL (+ z-loss) of a linear form without materialising the (N, V) logits.
+
+    ``chunk_size`` tokens per chunk (default: :func:`chunk_tokens`); ``chunk_grad`` computes each
+    chunk's softmax gradient (default: a :class:`ChunkGrad` that compiles it on CUDA).
+    """
+    hidden, weight, bias = form.hidden, form.weight, form.bias
+    chunk = chunk_size or chunk_tokens(weight.size(0))
+    dtype = compute_dtype(hidden, weight)
+    loss, nll, z = _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, bias, targets, ignore_index, form.softcap, float(z_loss), chunk, dtype,
+        chunk_grad or ChunkGrad(),
+    )  # fmt: skip
+    return TrainLoss(loss, nll, z)
+
+
+@torch.no_grad()
+def chunked_token_loss(
+    form: LinearForm, targets: Tensor, ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None
+) -> TokenLoss:
+    """Per-token NLL and log-partition (N,) in chunks, without gradients (evaluation): the reference
+    loss on C tokens at a time."""
+    chunk = chunk_size or chunk_tokens(form.weight.size(0))
+    parts = [
+        naive_linear_cross_entropy(
+            form._replace(hidden=form.hidden[s : s + chunk]), targets[s : s + chunk], ignore_index
+        )
+        for s in range(0, form.hidden.size(0), chunk)
+    ]
+    return TokenLoss(torch.cat([p.nll for p in parts]), torch.cat([p.lse for p in parts]))

@@ -1,0 +1,53 @@
+"""The reference cross-entropy: full logits (N, V), upcast to fp32, then log-softmax. Every other loss is
+tested against it; a head that is not a linear form always uses it."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmheads.heads.base import LinearForm, apply_softcap
+
+IGNORE_INDEX = -100
+
+
+class TokenLoss(NamedTuple):
+    nll: Tensor  # (N,) -log p(target), 0 where the target is ignored
+    lse: Tensor  # (N,) logsumexp of the logits
+
+
+class TrainLoss(NamedTuple):
+    loss: Tensor  # scalar to differentiate: mean NLL over counted tokens + the z-loss term
+    nll: Tensor  # mean NLL, detached (what is logged as the training loss)
+    z_loss: Tensor  # z-loss term, detached (0 without a coefficient)
+
+
+def logits_token_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> TokenLoss:
+    """Per-token NLL and log-partition from full logits (N, V), in fp32."""
+    logits = logits.float()
+    lse = logits.logsumexp(dim=-1)  # (N,)
+    valid = targets != ignore_index
+    target_logit = logits.gather(1, targets.where(valid, 0).unsqueeze(1)).squeeze(1)  # (N,)
+    return TokenLoss((lse - target_logit) * valid, lse)
+
+
+def naive_linear_cross_entropy(
+    form: LinearForm, targets: Tensor, ignore_index: int = IGNORE_INDEX
+) -> TokenLoss:
+    """Full logits, upcast to fp32, then log-softmax."""
+    logits = apply_softcap(F.linear(form.hidden, form.weight, form.bias).float(), form.softcap)  # (N, V)
+    return logits_token_loss(logits, targets, ignore_index)
+
+
+def reduce_token_loss(
+    token: TokenLoss, targets: Tensor, ignore_index: int = IGNORE_INDEX, z_loss: float = 0.0
+) -> TrainLoss:
+    """Mean NLL over counted tokens plus ``z_loss`` times the mean squared log-partition (PaLM)."""
+    valid = targets != ignore_index
+    count = valid.sum().clamp_min(1)
+    nll = token.nll.sum() / count
+    z = z_loss * (token.lse.square() * valid).sum() / count if z_loss else torch.zeros_like(nll)
+    return TrainLoss(nll + z, nll.detach(), z.detach())

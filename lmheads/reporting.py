@@ -1,0 +1,173 @@
+"""What a run reports beyond its loss: parameter counts, the HParams row, the metrics derived from the
+evaluation loss (perplexity, bits per byte, excess loss, loss per frequency bucket) and the head
+diagnostics after each validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lmheads.heads import LinearHead, head_name
+from lmheads.metrics import FREQUENCY_BUCKETS, HP_METRICS, bits_per_byte, bucket_loss_metric
+from lmheads.sharding import gathered
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Parameter counts of an :class:`~lmheads.module.LMHeadModule` in which a shared tensor counts once.
+
+    ``total``: unique parameters of the whole model; ``token_embedding``: V x E; ``head_own``: parameters
+    only the head has; ``head_shared``: embedding parameters the head reuses; ``non_embedding``: total
+    minus token and position embeddings (Kaplan et al. 2020).
+    """
+    report = model.head.parameter_report(model.backbone.wte)
+    total = sum(p.numel() for p in model.parameters())  # Module.parameters() yields each tensor once
+    embedding = model.backbone.wte.weight.numel()
+    positions = model.backbone.wpe.weight.numel() if model.backbone.wpe is not None else 0
+    return {
+        "total": total,
+        "token_embedding": embedding,
+        "head_own": report["own"],
+        "head_shared": report["shared"],
+        "non_embedding": total - embedding - positions,
+    }
+
+
+def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
+    """One flat dict with the same keys and types in every run (TensorBoard's HParams needs that)."""
+    datamodule = trainer.datamodule
+    data_hp = getattr(datamodule, "hparams", {})
+    batch_size = int(getattr(datamodule, "batch_size", 0))
+    cfg = model.cfg
+    flat: dict[str, int | float | str] = {
+        "head": head_name(model.head),
+        "head_options": json.dumps(model.head.options(), sort_keys=True),
+        "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
+        "data": type(datamodule).__name__ if datamodule is not None else "none",
+        "tokenizer": str(data_hp.get("tokenizer", "none")),
+        "vocab_size": model.backbone.vocab_size,
+        "batch_size": batch_size,
+        "devices": trainer.world_size,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "tokens_per_step": batch_size * cfg.block_size * trainer.world_size * trainer.accumulate_grad_batches,
+        "precision": str(trainer.precision),
+        "max_steps": trainer.max_steps,
+        "lr": model.hparams.lr,
+        "weight_decay": model.hparams.weight_decay,
+        "warmup_steps": model.hparams.warmup_steps,
+        "loss_backend": model.head_loss.name,
+    }
+    for name, value in vars(cfg).items():
+        flat[f"backbone/{name}"] = value if value is not None else cfg.embed_width
+    flat.update({f"params/{k}": v for k, v in parameter_counts(model).items()})
+    return flat
+
+
+def log_run_start(model, trainer: L.Trainer) -> None:
+    """Print the parameter counts; give a new run its HParams row (every metric NaN until measured) and
+    its parameter counts as scalars. A resumed run's folder has them already."""
+    counts = parameter_counts(model)
+    rank_zero_info(
+        f"head {head_name(model.head)}: parameters (a shared tensor counted once) "
+        + ", ".join(f"{k}={v:,}" for k, v in counts.items())
+    )
+    folder = trainer.logger.log_dir if trainer.logger is not None else None
+    if folder and os.path.exists(os.path.join(folder, "hparams.yaml")):
+        return
+    flat = flat_hparams(model, trainer)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(flat, metrics=dict.fromkeys(HP_METRICS, math.nan))
+        logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
+
+
+def eval_metrics(
+    prefix: str, split: str, result: dict[str, Tensor], buckets: dict[str, Tensor] | None, datamodule
+) -> dict[str, Tensor]:
+    """What an evaluation logs besides ``<prefix>/loss``: perplexity, loss and token share per training
+    frequency bucket, bits per byte (text data), the exact optimum and excess loss (synthetic data),
+    and for validation the HParams columns (NaN where a metric does not apply)."""
+    logs = {f"{prefix}/ppl": result["ppl"]}
+    if buckets is not None:
+        for i, name in enumerate(FREQUENCY_BUCKETS):
+            logs[bucket_loss_metric(prefix, name)] = buckets["loss"][i]
+            logs[f"{prefix}_freq/token_share_{name}"] = buckets["share"][i]
+    bytes_per_token = getattr(datamodule, "bytes_per_token", {}).get(split)
+    bpb = bits_per_byte(result["loss"], bytes_per_token) if bytes_per_token else torch.tensor(math.nan)
+    if bytes_per_token:
+        logs[f"{prefix}/bpb"] = bpb
+    optimum = datamodule.optimal_loss(split) if hasattr(datamodule, "optimal_loss") else None
+    if optimum is not None:
+        logs[f"{prefix}/optimal_loss"] = torch.tensor(optimum)
+        logs[f"{prefix}/excess_loss"] = result["loss"] - optimum
+    if prefix == "val":
+        logs.update(
+            {
+                "hp/val_loss": result["loss"],
+                "hp/val_ppl": result["ppl"],
+                "hp/val_bpb": bpb,
+                "hp/val_excess_loss": logs.get("val/excess_loss", torch.tensor(math.nan)),
+            }
+        )
+    return {k: torch.as_tensor(v).float() for k, v in logs.items()}
+
+
+class HeadDiagnostics(L.Callback):
+    """After each validation, describes a linear head's effective output matrix W and bias b.
+
+    For every linear head: norms of the output rows (mean, std, and mean per training-frequency bucket).
+    For heads whose W is not the embedding E itself: the cosine similarity of each W row to the same
+    token's E row. For heads with a bias: its mean, spread, range and correlation with the log of the
+    training frequency (a bias that learns the unigram distribution correlates strongly). Scalars go to
+    ``diag/...``; with TensorBoard, the per-token distributions also go to its histograms.
+    """
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not isinstance(pl_module.head, LinearHead):
+            return  # a head that is not linear has no single output matrix to describe
+        with gathered(pl_module):  # sharded: every process gathers the embedding and head, then describes
+            self._describe(trainer, pl_module)
+
+    def _describe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        embedding = pl_module.backbone.wte
+        head = pl_module.head
+        probe = torch.zeros(1, head.d_model, device=embedding.weight.device, dtype=embedding.weight.dtype)
+        form = head.linear_form(probe, embedding)
+        weight = form.weight.float()  # (V, K)
+        distributions: dict[str, Tensor] = {"row_norm": weight.norm(dim=1)}  # (V,)
+        if form.weight is not embedding.weight and weight.shape == embedding.weight.shape:
+            distributions["cos_to_embedding"] = torch.cosine_similarity(
+                weight, embedding.weight.float(), dim=1
+            )
+        if form.bias is not None:
+            distributions["bias"] = form.bias.float()
+        scalars: dict[str, float | Tensor] = {}
+        for name, values in distributions.items():
+            scalars[f"diag/{name}_mean"] = values.mean()
+            scalars[f"diag/{name}_std"] = values.std()
+        if "bias" in distributions:
+            scalars["diag/bias_min"] = distributions["bias"].min()
+            scalars["diag/bias_max"] = distributions["bias"].max()
+        bucket = pl_module.token_bucket
+        if bucket is not None:
+            bucket = bucket.to(weight.device)
+            for i, name in enumerate(FREQUENCY_BUCKETS):
+                scalars[f"diag/row_norm_mean_{name}"] = distributions["row_norm"][bucket == i].mean()
+            counts = getattr(trainer.datamodule, "train_token_counts", None)
+            if "bias" in distributions and counts is not None:
+                log_freq = torch.log1p(torch.as_tensor(counts(), dtype=torch.float32, device=weight.device))
+                scalars["diag/bias_corr_log_freq"] = torch.corrcoef(
+                    torch.stack((distributions["bias"], log_freq))
+                )[0, 1]
+        pl_module.log_dict({k: torch.as_tensor(v).float() for k, v in scalars.items()}, rank_zero_only=True)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    for name, values in distributions.items():
+                        logger.experiment.add_histogram(f"diag/{name}", values.cpu(), trainer.global_step)
