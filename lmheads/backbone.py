@@ -13,6 +13,19 @@ from torch import Tensor, nn
 from lmheads.errors import ConfigError
 
 
+class ScaleGradient(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the gradient by ``scale`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """Shape of the decoder backbone.
@@ -33,6 +46,9 @@ class BackboneConfig:
         scale_embedding: Multiply the input embeddings by sqrt(d_model), as Gemma does (Gemma Team
             2024): with a tied head the same matrix then serves inputs at O(1) scale and outputs at
             N(0, 0.02) scale.
+        input_grad_scale: Multiplies the gradient that reaches the token embedding through the input
+            lookup; the forward pass is unchanged. With a tied head, values below 1 weaken the input
+            side's pull on the shared matrix (Lopardo et al. 2026); 0 leaves only the output side's.
     """
 
     n_layer: int = 4
@@ -46,6 +62,7 @@ class BackboneConfig:
     mlp_ratio: int = 4
     rope_base: float = 10000.0
     scale_embedding: bool = False
+    input_grad_scale: float = 1.0
 
     @property
     def embed_width(self) -> int:
@@ -56,6 +73,8 @@ class BackboneConfig:
         for name in ("n_layer", "n_head", "d_model", "block_size", "mlp_ratio"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.backbone.{name} must be positive, got {getattr(self, name)}")
+        if not self.input_grad_scale >= 0:
+            raise ConfigError(f"model.backbone.input_grad_scale must be >= 0, got {self.input_grad_scale}")
         if self.d_embed is not None and self.d_embed <= 0:
             raise ConfigError(f"model.backbone.d_embed must be positive or null, got {self.d_embed}")
         if self.d_model % self.n_head:
@@ -188,6 +207,8 @@ class Backbone(nn.Module):
         if self.cfg.block_size < T:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.cfg.block_size}")
         x = self.wte(idx)  # (B, T, E)
+        if self.cfg.input_grad_scale != 1.0:
+            x = ScaleGradient.apply(x, self.cfg.input_grad_scale)  # identity forward
         if self.w_in is not None:
             x = self.w_in(x)  # (B, T, D)
         if self.cfg.scale_embedding:

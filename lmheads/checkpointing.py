@@ -21,6 +21,8 @@ from lmheads.lightning_internals import stop_after_this_step
 
 #: Where lmheads keeps the random state in a checkpoint (tensors and plain types: weights_only loads it).
 RNG_KEY = "lmheads_rng"
+#: The training-frequency bucket of each token id (lmheads.metrics.FREQUENCY_BUCKETS), int8 (V,).
+TOKEN_BUCKET_KEY = "lmheads_token_bucket"
 
 
 def read_checkpoint(path: str | None) -> dict | None:

@@ -213,8 +213,9 @@ class LMHeadsCLI(LightningCLI):
                 **self.save_config_kwargs,
                 "config_filename": f"config-resumed-step{step}-{time.strftime('%Y%m%d-%H%M%S')}.yaml",
             }
-        self.run_folder = RunFolder(folder, resume=resume)
-        self.run_folder.claim()
+        if self.subcommand is not None:  # a command runs: it owns the folder (run=False only builds)
+            self.run_folder = RunFolder(folder, resume=resume)
+            self.run_folder.claim()
 
 
 def list_heads(modules: list[str] = ()) -> str:

@@ -15,7 +15,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lmheads.backbone import Backbone, BackboneConfig
-from lmheads.checkpointing import RNG_KEY, InterruptCheckpoint, check_compatible, restore_rng_state, rng_state
+from lmheads.checkpointing import (
+    RNG_KEY,
+    TOKEN_BUCKET_KEY,
+    InterruptCheckpoint,
+    check_compatible,
+    restore_rng_state,
+    rng_state,
+)
 from lmheads.errors import ConfigError, NonFiniteLossError
 from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, sample
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
@@ -23,7 +30,7 @@ from lmheads.loss import IGNORE_INDEX, BackendName, TokenLoss, TrainLoss, head_l
 from lmheads.metrics import BucketedNLL, TokenNLL, frequency_buckets
 from lmheads.optim import adamw, clip_gradients, decay_names, warmup_cosine
 from lmheads.perf import TokenThroughput
-from lmheads.reporting import HeadDiagnostics, eval_metrics, log_run_start
+from lmheads.reporting import EmbeddingGradientTap, HeadDiagnostics, eval_metrics, log_run_start
 from lmheads.sharding import check_strategy, is_sharded, shard
 
 
@@ -106,6 +113,7 @@ class LMHeadModule(L.LightningModule):
         self.eval_nll = nn.ModuleDict({"val": TokenNLL(), "test": TokenNLL()})
         self.eval_buckets = nn.ModuleDict({"val": BucketedNLL(), "test": BucketedNLL()})
         self.token_bucket: Tensor | None = None  # (V,) training-frequency bucket of each token id
+        self._gradient_tap: EmbeddingGradientTap | None = None  # at logging steps of a tied head
         self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
         # Compiling a bound method (not assigning a compiled module) keeps the state-dict keys unchanged.
         self._compiled = None
@@ -127,18 +135,23 @@ class LMHeadModule(L.LightningModule):
         """Full logits (B, T, V) for token ids (B, T)."""
         return self.head.logits(self.backbone(idx), self.backbone.wte)
 
-    def train_loss(self, idx: Tensor, targets: Tensor) -> TrainLoss:
-        """Mean training loss (NLL plus the head's z-loss) of a batch, through the head's loss."""
-        return (self._compiled["train"] if self._compiled else self._train_loss)(idx, targets)
+    def train_loss(self, idx: Tensor, targets: Tensor, embedding=None) -> TrainLoss:
+        """Mean training loss (NLL plus the head's z-loss) of a batch, through the head's loss.
+        ``embedding``: what the head reads as the token embedding instead of the backbone's own (the
+        output side of an :class:`~lmheads.reporting.EmbeddingGradientTap`; uncompiled)."""
+        if self._compiled and embedding is None:
+            return self._compiled["train"](idx, targets)
+        return self._train_loss(idx, targets, embedding)
 
     def token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
         """Per-token NLL and log-partition (B*T,). Without gradients, no backend but ``naive`` holds the
         full logits."""
         return (self._compiled["eval"] if self._compiled else self._token_loss)(idx, targets)
 
-    def _train_loss(self, idx: Tensor, targets: Tensor) -> TrainLoss:
+    def _train_loss(self, idx: Tensor, targets: Tensor, embedding=None) -> TrainLoss:
         h = self.backbone(idx).flatten(0, 1)  # (N, D)
-        return self.head_loss.train_loss(self.head, h, self.backbone.wte, targets.flatten())
+        embedding = self.backbone.wte if embedding is None else embedding
+        return self.head_loss.train_loss(self.head, h, embedding, targets.flatten())
 
     def _token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
         h = self.backbone(idx).flatten(0, 1)  # (N, D)
@@ -201,9 +214,15 @@ class LMHeadModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         idx, targets = batch
-        out = self.train_loss(idx, targets)
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        if every and (self.global_step + 1) % every == 0:  # the steps Lightning writes; self.log is not free
+        logging = every and (self.global_step + 1) % every == 0  # the steps Lightning writes
+        if logging and self.head.shares_embedding and not self._compiled:
+            self._gradient_tap = EmbeddingGradientTap(self.backbone.wte)
+            with self._gradient_tap.input_side():
+                out = self.train_loss(idx, targets, self._gradient_tap.output_side)
+        else:
+            out = self.train_loss(idx, targets)
+        if logging:  # self.log is not free
             self.log("train/loss", out.nll, prog_bar=True)
             if self.head.z_loss > 0:  # PaLM (Chowdhery et al. 2022, sec. 5): keeps log Z near 0
                 self.log("train/z_loss", out.z_loss)
@@ -211,6 +230,12 @@ class LMHeadModule(L.LightningModule):
         bad = ~torch.isfinite(out.loss) & (self._first_nonfinite_step < 0)
         self._first_nonfinite_step = torch.where(bad, self.global_step, self._first_nonfinite_step)
         return out.loss
+
+    def on_after_backward(self) -> None:
+        tap, self._gradient_tap = self._gradient_tap, None
+        share = tap.output_share() if tap is not None else None
+        if share is not None:
+            self.log("diag/grad_share_output", share)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Checked every step on CPU (free) and at the logging interval on GPU (one sync per interval).
@@ -264,6 +289,8 @@ class LMHeadModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._check_finite()  # never write a checkpoint of a diverged model
         checkpoint[RNG_KEY] = rng_state()
+        if self.token_bucket is not None:  # for tools that read a checkpoint without its data
+            checkpoint[TOKEN_BUCKET_KEY] = self.token_bucket.to("cpu", torch.int8)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "state_dict" in checkpoint:  # absent under FSDP2, whose strategy has already loaded the weights

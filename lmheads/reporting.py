@@ -1,9 +1,10 @@
 """What a run reports beyond its loss: parameter counts, the HParams row, the metrics derived from the
-evaluation loss (perplexity, bits per byte, excess loss, loss per frequency bucket) and the head
-diagnostics after each validation."""
+evaluation loss (perplexity, bits per byte, excess loss, loss per frequency bucket), the head
+diagnostics after each validation, and where the tied embedding's gradient comes from."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmheads.heads import LinearHead, head_name
 from lmheads.metrics import FREQUENCY_BUCKETS, HP_METRICS, bits_per_byte, bucket_loss_metric
@@ -51,6 +52,7 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
         "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
         "data": type(datamodule).__name__ if datamodule is not None else "none",
         "tokenizer": str(data_hp.get("tokenizer", "none")),
+        "train_set_tokens": _train_set_tokens(datamodule),
         "vocab_size": model.backbone.vocab_size,
         "batch_size": batch_size,
         "devices": trainer.world_size,
@@ -67,6 +69,14 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
         flat[f"backbone/{name}"] = value if value is not None else cfg.embed_width
     flat.update({f"params/{k}": v for k, v in parameter_counts(model).items()})
     return flat
+
+
+def _train_set_tokens(datamodule) -> int:
+    """Tokens in the training split (-1 when the data module does not say)."""
+    counts = getattr(datamodule, "train_token_counts", None)
+    if counts is None or "train" not in getattr(datamodule, "splits", {}):
+        return -1
+    return int(counts().sum())
 
 
 def log_run_start(model, trainer: L.Trainer) -> None:
@@ -171,3 +181,70 @@ class HeadDiagnostics(L.Callback):
                 if isinstance(logger, TensorBoardLogger):
                     for name, values in distributions.items():
                         logger.experiment.add_histogram(f"diag/{name}", values.cpu(), trainer.global_step)
+
+
+class EmbeddingGradientTap:
+    """The gradient on the token embedding E from its two uses, captured separately in one backward
+    pass: through the input lookup and through the output side (a head whose W is E or a function of
+    it). :meth:`output_share` is the fraction of the squared gradient norm that comes through the
+    output side, ``|g_out|^2 / (|g_in|^2 + |g_out|^2)``: Lopardo et al. (2026) trace a tied matrix's
+    drift towards the output space to this share being high early in training.
+
+    Use :meth:`input_side` around the forward pass and hand :attr:`output_side` to the head as its
+    embedding; after the backward pass, :meth:`output_share` (a tensor: no host synchronisation).
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        self.embedding = embedding
+        self.input_grad: Tensor | None = None  # (V, E)
+        self.output_grad: Tensor | None = None  # (V, E)
+        self.output_side = _OutputSide(self)
+
+    @contextlib.contextmanager
+    def input_side(self):
+        """Capture the gradient of the lookups made inside this block, summed into E's rows."""
+
+        def on_lookup(module: nn.Embedding, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            idx = inputs[0].flatten()
+
+            def on_grad(grad: Tensor) -> None:
+                rows = torch.zeros_like(module.weight).index_add_(0, idx, grad.reshape(idx.numel(), -1))
+                self.input_grad = rows if self.input_grad is None else self.input_grad + rows
+
+            if output.requires_grad:
+                output.register_hook(on_grad)
+
+        handle = self.embedding.register_forward_hook(on_lookup)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _on_output_grad(self, grad: Tensor) -> None:
+        self.output_grad = grad if self.output_grad is None else self.output_grad + grad
+
+    def output_share(self) -> Tensor | None:
+        if self.input_grad is None and self.output_grad is None:
+            return None
+        squares = [
+            g.float().square().sum() if g is not None else None for g in (self.input_grad, self.output_grad)
+        ]
+        zero = next(s for s in squares if s is not None) * 0
+        inp, out = (s if s is not None else zero for s in squares)
+        return out / (inp + out).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class _OutputSide:
+    """What a head reads as the embedding while tapped: ``weight`` is an alias of E whose gradient (the
+    output side's) is recorded; made when read, so a sharded E is read after it was gathered."""
+
+    def __init__(self, tap: EmbeddingGradientTap) -> None:
+        self._tap = tap
+
+    @property
+    def weight(self) -> Tensor:
+        weight = self._tap.embedding.weight
+        alias = weight.view_as(weight)
+        if alias.requires_grad:
+            alias.register_hook(self._tap._on_output_grad)
+        return alias

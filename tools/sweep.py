@@ -39,6 +39,40 @@ class Run:
         return "-".join(parts)
 
 
+def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> dict[str, int]:
+    """For each head the model width (a multiple of the attention heads) whose unique parameter count is
+    closest to the largest count among the heads at the configured width; an error beyond 2%."""
+    from dataclasses import replace
+
+    import torch
+
+    from lmheads.cli import expand_head_names, main
+    from lmheads.heads.base import resolve_head
+    from lmheads.module import LMHeadModule
+    from lmheads.reporting import parameter_counts
+
+    cli = main([arg for c in configs for arg in ("--config", c)] + list(extra), run=False)
+    backbone, vocab = cli.model.cfg, cli.datamodule.vocab_size
+
+    def count(head: str, width: int) -> int:
+        cls = resolve_head(expand_head_names([f"--model.head={head}"])[0].partition("=")[2])
+        with torch.device("meta"):  # sizes only, no memory
+            model = LMHeadModule(head=cls(), backbone=replace(backbone, d_model=width), vocab_size=vocab)
+        return parameter_counts(model)["total"]
+
+    target = max(count(h, backbone.d_model) for h in heads)
+    step = backbone.n_head * (2 if backbone.positions == "rope" else 1)
+    widths = {}
+    for head in heads:
+        candidates = range(step, 4 * backbone.d_model + step, step)
+        width = min(candidates, key=lambda w: abs(count(head, w) - target))
+        if abs(count(head, width) - target) > 0.02 * target:
+            raise SystemExit(f"error: no width gives head {head} within 2% of {target:,} parameters")
+        widths[head] = width
+        print(f"{head}: d_model={width}, {count(head, width):,} parameters (target {target:,})", flush=True)
+    return widths
+
+
 def parse_grid(items: list[str]) -> list[dict[str, str]]:
     """``["a.b=1,2", "c=x"]`` -> every combination as a dict of overrides."""
     axes = []
@@ -69,6 +103,15 @@ def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
     return cmd + args.extra
 
 
+def thread_env(jobs: int, on_gpus: bool) -> dict[str, str]:
+    """CPU threads for each of ``jobs`` runs at once on the CPU: an equal share of the cores (two runs
+    with every core each on 2 cores take about 5x as long in total as one after the other)."""
+    if jobs <= 1 or on_gpus:
+        return {}
+    share = str(max(1, (os.cpu_count() or 1) // jobs))
+    return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
+
+
 def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None) -> tuple[Run, str]:
     run_dir = Path(args.root) / args.name / run.name
     marker = run_dir / "sweep.json"
@@ -77,10 +120,10 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None) -> tup
     cmd = command(run, args, run_dir)
     if args.dry_run:
         return run, " ".join(cmd)
-    env = None
+    env = {**os.environ, **thread_env(args.jobs, gpus is not None)}
     gpu = gpus.get() if gpus is not None else None
     if gpu is not None:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     try:
@@ -110,12 +153,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 config overrides to cross")
     parser.add_argument("--root", default="runs", help="TensorBoard root directory")
     parser.add_argument("--name", required=True, help="experiment name (a folder under the root)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once")
-    parser.add_argument("--gpus", default=None, help="comma-separated GPU ids, one per concurrent job")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once; on the CPU each gets its share of the cores"
+    )
+    parser.add_argument(
+        "--gpus",
+        default=None,
+        help="comma-separated GPU ids, one per concurrent job; repeat an id to share a GPU among small "
+        "runs (--gpus 0,0,0,0 --jobs 4)",
+    )
+    parser.add_argument(
+        "--match-params",
+        action="store_true",
+        help="set model.backbone.d_model of each head so that every model has the unique parameter count "
+        "of the largest one at the configured width (within 2%%)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("extra", nargs="*", help="further lmheads options for every run (after --)")
     args = parser.parse_args(argv)
-    runs = [Run(h, s, o) for o in parse_grid(args.grid) for h in args.heads for s in args.seeds]
+    grid = parse_grid(args.grid)
+    widths = matched_widths(args.config, args.heads, args.extra) if args.match_params else {}
+    runs = [
+        Run(h, s, {**o, **({"model.backbone.d_model": str(widths[h])} if h in widths else {})})
+        for o in grid
+        for h in args.heads
+        for s in args.seeds
+    ]
     gpus = None
     if args.gpus:
         gpus = queue.Queue()
