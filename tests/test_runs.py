@@ -188,9 +188,11 @@ def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_pa
     fit(tmp_path, steps=2, every=2)
     fit(tmp_path, "--model.head=untied", steps=4, every=2)
     compare = _tool("compare")
-    assert compare.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    report = tmp_path / "report"
+    assert compare.main([str(tmp_path), "--out", str(report), "--plot", "diag/grad_share_output"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: runs differ in budget" in out
+    assert (report / "diag_grad_share_output_vs_step.png").is_file()
     assert "2 steps x 2,048 tokens/step = 4,096 training tokens on 1 device(s): tied seed 0" in out
     assert (tmp_path / "report" / "train_loss_vs_step.png").is_file()
     groups = {

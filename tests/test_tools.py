@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .helpers import ROOT, scalars
+from .helpers import ROOT, fit, scalars
 
 
 def _tool(name: str):
@@ -117,3 +117,55 @@ def test_grid_and_run_names():
 def test_compare_without_runs_fails_clearly(tmp_path, capsys):
     assert compare.main([str(tmp_path)]) == 2
     assert "no lmheads runs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path, monkeypatch):
+    """Two runs at once, each told to use half the cores; both finish and are recorded."""
+    seen = []
+    real = sweep.subprocess.run
+
+    def recording_run(cmd, **kwargs):
+        seen.append(kwargs["env"].get("OMP_NUM_THREADS"))
+        return real(cmd, **kwargs)
+
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sweep.subprocess, "run", recording_run)
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--heads", "tied", "untied", "--seeds", "0"]
+    rc = sweep.main([*args, "--root", str(tmp_path), "--name", "jobs", "--jobs", "2", "--",
+                     "--trainer.max_steps=2", *TINY])  # fmt: skip
+    assert rc == 0 and seen == ["1", "1"]
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["tied-seed0", "untied-seed0"]
+    assert sweep.thread_env(1, False) == {} and sweep.thread_env(4, True) == {}
+
+
+def test_match_params_reaches_two_percent(capsys):
+    widths = sweep.matched_widths(
+        [str(ROOT / "configs/quickstart.yaml")], ["tied", "untied", "tied_bias"], []
+    )
+    assert widths["untied"] == 128 and widths["tied"] > 128 and widths["tied"] % 4 == 0
+    counts = {}
+    for line in capsys.readouterr().out.splitlines():
+        head, _, rest = line.partition(": d_model=")
+        if rest:
+            counts[head] = int(rest.split(", ")[1].split(" ")[0].replace(",", ""))
+    assert set(counts) == {"tied", "untied", "tied_bias"}
+    assert max(counts.values()) - min(counts.values()) <= 0.02 * max(counts.values())
+
+
+@pytest.mark.slow
+def test_data_regime_and_bucket_reports(tmp_path, capsys):
+    for head in ("tied", "untied"):
+        for tokens in (4096, 65536):
+            data = f"--data.init_args.train_tokens={tokens}"
+            fit(tmp_path / f"{head}-{tokens}", f"--model.head={head}", data, steps=4, every=2)
+    regime, buckets = _tool("data_regime"), _tool("buckets")
+    assert regime.main([str(tmp_path), "--out", str(tmp_path / "regime")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| tied |", "| untied |"))]
+    assert len(rows) == 4 and "| 4,096 | 2.0 |" in out  # 4 steps x 32 x 64 tokens over 4,096
+    assert (tmp_path / "regime" / "excess_loss_vs_training_tokens.png").is_file()
+    assert buckets.main([str(tmp_path), "--by", "train_set_tokens", "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "| train_set_tokens=4,096 | 1 |" in out and "rarest 90%" in out
+    assert (tmp_path / "b" / "bucket_differences.png").is_file()

@@ -233,7 +233,8 @@ PLOTS = (
 AXES = {"step": "optimizer step", "tokens": "training tokens", "minutes": "wall-clock minutes"}
 
 
-def plot(groups: dict[str, list[RunLog]], out: Path) -> list[Path]:
+def plot(groups: dict[str, list[RunLog]], out: Path, extra: tuple[str, ...] = ()) -> list[Path]:
+    """The standard plots, and each tag in ``extra`` against optimizer steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,7 +242,8 @@ def plot(groups: dict[str, list[RunLog]], out: Path) -> list[Path]:
 
     colour = colours(groups)
     written = []
-    for name, tag, ylabel, axes in PLOTS:
+    plots = [*PLOTS, *((tag.replace("/", "_"), tag, tag, ("step",)) for tag in extra)]
+    for name, tag, ylabel, axes in plots:
         if not any(tag in r.scalars for runs in groups.values() for r in runs):
             continue
         for axis in axes:
@@ -317,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--by", nargs="+", default=[], metavar="KEY", help="also group by these hparams (e.g. tokenizer)"
     )
+    parser.add_argument(
+        "--plot", nargs="+", default=[], metavar="TAG", help="also plot these scalars against steps"
+    )
     args = parser.parse_args(argv)
     runs = find_runs(args.roots)
     if not runs:
@@ -337,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "table.md").write_text(text + "\n")
-        images = plot(groups, args.out)
+        images = plot(groups, args.out, tuple(args.plot))
         print("wrote " + ", ".join(str(p) for p in [args.out / "table.md", *images]))
         if args.update:
             links = "\n".join(

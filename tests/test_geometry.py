@@ -1,0 +1,138 @@
+"""Measures of the tying question: CKA and neighbour overlap, the embedding's gradient by side, and the
+input-gradient scale (lmheads.geometry, lmheads.reporting.EmbeddingGradientTap, backbone option)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmheads.backbone import BackboneConfig
+from lmheads.geometry import linear_cka, neighbour_overlap
+from lmheads.heads import head_class
+from lmheads.module import LMHeadModule
+from lmheads.reporting import EmbeddingGradientTap
+
+from .helpers import fit, only_run, scalars
+from .test_tools import _tool
+
+V, D = 300, 16
+
+
+def matrices(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
+
+
+def test_cka_is_one_for_the_same_geometry_and_near_zero_for_unrelated_matrices():
+    x, y = matrices()
+    rotation, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.0 * x @ rotation) == pytest.approx(1.0)  # invariant to rotation and scale
+    assert linear_cka(x, torch.cat([x, x], 1)) == pytest.approx(1.0)  # and to the width
+    assert linear_cka(x, y) < 0.1  # independent: about D / V
+    assert linear_cka(x, y) == pytest.approx(linear_cka(y, x))
+
+
+def test_neighbour_overlap_is_one_for_the_same_geometry_and_chance_for_unrelated_matrices():
+    x, y = matrices()
+    rotation, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(neighbour_overlap(x, 2.0 * x @ rotation, k=10), torch.ones(V))
+    assert float(neighbour_overlap(x, y, k=10).mean()) < 0.1  # chance: 10 / 299
+    assert float(neighbour_overlap(x, x + 0.1 * y, k=10).mean()) > 0.6  # close geometry, most shared
+
+
+def _model(scale: float = 1.0, head: str = "tied") -> LMHeadModule:
+    torch.manual_seed(0)
+    cfg = BackboneConfig(n_layer=1, n_head=2, d_model=D, block_size=8, input_grad_scale=scale)
+    return LMHeadModule(head=head_class(head)(), backbone=cfg, vocab_size=V)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, V, (4, 8), generator=g), torch.randint(0, V, (4, 8), generator=g)
+
+
+def _side_gradients(model: LMHeadModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: E's gradient from the input lookup and from the output side, in two passes, each
+    with the other use of E detached."""
+    idx, targets = _batch()
+    weight = model.backbone.wte.weight
+    grads = []
+    for detach_input in (False, True):
+        model.zero_grad()
+        original = model.backbone.wte.forward
+        if detach_input:
+            model.backbone.wte.forward = lambda i: torch.nn.functional.embedding(i, weight.detach())
+        out_embedding = model.backbone.wte if detach_input else _Detached(weight)
+        model.train_loss(idx, targets, out_embedding).loss.backward()
+        model.backbone.wte.forward = original
+        grads.append(weight.grad.clone())
+    return grads[0], grads[1]  # input side, output side
+
+
+class _Detached:
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach()
+
+
+@pytest.mark.parametrize("head", ["tied", "tied_bias", "projected_tied", "lowrank_tied"])
+def test_gradient_share_matches_two_separate_passes(head):
+    model = _model(head=head)
+    if head == "projected_tied":
+        model = LMHeadModule(
+            head=head_class(head)(), backbone=BackboneConfig(n_layer=1, n_head=2, d_model=D, d_embed=8,
+                                                             block_size=8), vocab_size=V)  # fmt: skip
+    g_in, g_out = _side_gradients(model)
+    model.zero_grad()
+    tap = EmbeddingGradientTap(model.backbone.wte)
+    idx, targets = _batch()
+    with tap.input_side():
+        model.train_loss(idx, targets, tap.output_side).loss.backward()
+    torch.testing.assert_close(tap.input_grad, g_in)
+    torch.testing.assert_close(tap.output_grad, g_out)
+    torch.testing.assert_close(model.backbone.wte.weight.grad, g_in + g_out)  # the tap changes nothing
+    expected = g_out.square().sum() / (g_in.square().sum() + g_out.square().sum())
+    assert float(tap.output_share()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_input_grad_scale_zero_leaves_only_the_output_side_and_one_changes_nothing():
+    idx, targets = _batch()
+    reference = _model()
+    reference.train_loss(idx, targets).loss.backward()
+    one = _model(1.0)
+    one.train_loss(idx, targets).loss.backward()
+    assert torch.equal(one.backbone.wte.weight.grad, reference.backbone.wte.weight.grad)  # bit for bit
+    _, g_out = _side_gradients(_model())
+    zero = _model(0.0)
+    loss = zero.train_loss(idx, targets).loss
+    assert torch.equal(loss, reference.train_loss(idx, targets).loss)  # forward unchanged
+    loss.backward()
+    torch.testing.assert_close(zero.backbone.wte.weight.grad, g_out)
+    half_in, _ = _side_gradients(_model(0.5))
+    full_in, _ = _side_gradients(_model())
+    torch.testing.assert_close(half_in, 0.5 * full_in)
+
+
+def test_training_logs_the_gradient_share_for_a_tied_head_only(tmp_path):
+    fit(tmp_path, steps=4, every=2)
+    share = [v for _, v in scalars(only_run(tmp_path))["diag/grad_share_output"]]
+    assert len(share) == 4 and all(0.0 < v < 1.0 for v in share)  # log_every_n_steps=1
+    untied = tmp_path / "untied"
+    fit(untied, "--model.head=untied", steps=2, every=2)
+    assert "diag/grad_share_output" not in scalars(only_run(untied))
+
+
+def test_embeddings_tool_compares_runs_and_refuses_other_vocabularies(tmp_path, capsys):
+    fit(tmp_path, steps=2, every=2)
+    fit(tmp_path, "--model.head=untied", steps=2, every=2)
+    runs = sorted((tmp_path / "quickstart").iterdir())
+    tool = _tool("embeddings")
+    assert tool.main([*map(str, runs), "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| tied-") or line.startswith("| untied-")]
+    assert len(rows) == 3  # tied E, untied E, untied W: three pairs
+    assert "top 1% types" in out and (tmp_path / "report" / "embeddings.png").is_file()
+    other = tmp_path / "other"
+    fit(other, "--data.init_args.vocab_size=512", steps=1, every=1)
+    assert tool.main([str(runs[0]), str(only_run(other))]) == 2
+    assert "different vocabularies" in capsys.readouterr().out

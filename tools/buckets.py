@@ -1,0 +1,128 @@
+"""Where does tying help or hurt? The loss difference between two heads per training-frequency bucket.
+
+    python tools/buckets.py runs/wikitext2_tying --heads tied untied --out docs/results/buckets \\
+        --update docs/results.md --section rare_tokens
+
+Pairs the runs of the two heads by seed (and by every ``--by`` hyperparameter, e.g. ``train_set_tokens``)
+and reports, for all tokens and for each bucket of target tokens (the most frequent 1% of types, the
+next 9%, the rarest 90%), the mean over pairs of the final validation-loss difference ``first head -
+second head`` with its standard deviation and the number of pairs: negative where the first head is
+better. Plots the differences as bars with the seeds' spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
+import compare
+
+from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
+
+TAGS = {"val/loss": "all tokens"} | {
+    bucket_loss_metric("val", b): FREQUENCY_BUCKET_LABELS[b] for b in FREQUENCY_BUCKETS
+}
+
+
+def differences(runs: list[compare.RunLog], first: str, second: str, by: list[str]) -> dict[str, dict]:
+    """``{group: {tag: [difference per seed]}}`` of ``first - second``, paired by seed within a group."""
+    pairs: dict[tuple, dict[str, compare.RunLog]] = defaultdict(dict)
+    for r in runs:
+        if r.hparams.get("head") in (first, second):
+            key = (tuple(r.hparams.get(k) for k in by), r.hparams.get("seed"))
+            pairs[key][r.hparams["head"]] = r
+    out: dict[str, dict] = defaultdict(lambda: defaultdict(list))
+    for (group, _seed), members in sorted(pairs.items(), key=str):
+        if first not in members or second not in members:
+            continue
+        name = ", ".join(
+            f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in zip(by, group, strict=True)
+        )
+        for tag in TAGS:
+            a, b = members[first].final(tag), members[second].final(tag)
+            if a is not None and b is not None:
+                out[name or "all runs"][tag].append(a - b)
+    return out
+
+
+def table(diffs: dict[str, dict], first: str, second: str) -> str:
+    header = ["runs", "pairs", *(f"{label}" for label in TAGS.values())]
+    title = f"Validation loss of {first} minus {second} (nats/token; negative: {first} is better), mean ± std"
+    lines = [f"{title} over seeds:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, per_tag in diffs.items():
+        n = len(per_tag["val/loss"])
+        cells = [
+            group,
+            str(n),
+            *(compare._mean_std(per_tag[tag], 4) if per_tag[tag] else "–" for tag in TAGS),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(diffs: dict[str, dict], first: str, second: str, out: Path, name: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(diffs)
+    width = 0.8 / max(len(groups), 1)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
+    for i, group in enumerate(groups):
+        xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(TAGS))]
+        values = [diffs[group][tag] for tag in TAGS]
+        means = [statistics.fmean(v) if v else float("nan") for v in values]
+        errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        ax.bar(xs, means, width=width, yerr=errs, capsize=3, label=group)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(TAGS)), list(TAGS.values()))
+    ax.set_ylabel(f"val loss, {first} - {second} (nats)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    path = out / f"{name}.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("roots", nargs="+", type=Path, help="folders holding runs")
+    parser.add_argument("--heads", nargs=2, default=["tied", "untied"], metavar=("FIRST", "SECOND"))
+    parser.add_argument("--by", nargs="*", default=[], help="hyperparameters that must match within a pair")
+    parser.add_argument("--out", type=Path, help="folder for the table and the plot")
+    parser.add_argument("--name", default="bucket_differences", help="file name of the table and plot")
+    parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
+    parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
+    args = parser.parse_args(argv)
+    first, second = args.heads
+    diffs = differences(compare.find_runs(args.roots), first, second, args.by)
+    if not diffs:
+        print(f"error: no pairs of {first} and {second} runs with the same seed", file=sys.stderr)
+        return 2
+    text = table(diffs, first, second)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.name}.md").write_text(text + "\n")
+        image = plot(diffs, first, second, args.out, args.name)
+        print(f"wrote {args.out / (args.name + '.md')}, {image}")
+        if args.update:
+            link = (
+                f"![{first} minus {second} by frequency bucket]({os.path.relpath(image, args.update.parent)})"
+            )
+            compare.update_document(args.update, f"{text}\n\n{link}", args.section)
+            print(f"updated {args.update}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Excess loss against training-set size, per head: when does tying help?
+
+    python tools/data_regime.py runs/synthetic_data_regime --out docs/results/synthetic_data_regime \\
+        --update docs/results.md --section data_regime
+
+Reads the runs under the given folders (``tools/compare.py`` finds them), groups them by head and by
+the number of tokens in their training split (``train_set_tokens``), and reports, as mean ± std over
+seeds: the excess loss at the end of training and at its best validation (the best checkpoint's), the
+epochs trained, and the gap between validation and training loss at the end. Plots excess loss against
+training tokens, one colour per head, final (solid) and best (dashed). Needs data with a known optimum
+(the synthetic language logs ``val/excess_loss``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
+import compare
+
+
+def final_train_loss(run: compare.RunLog, last: int = 3) -> float | None:
+    """Mean of the last few logged training losses (one batch each)."""
+    values = [v for _, v, _ in run.series("train/loss")][-last:]
+    return statistics.fmean(values) if values else None
+
+
+def summarise(runs: list[compare.RunLog]) -> dict[tuple[str, int], dict]:
+    groups: dict[tuple[str, int], list[compare.RunLog]] = defaultdict(list)
+    for r in runs:
+        if "val/excess_loss" in r.scalars:
+            groups[(r.label, int(r.hparams.get("train_set_tokens", -1)))].append(r)
+    out = {}
+    for key, members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1])):
+        finals = [r.final("val/excess_loss") for r in members]
+        bests = [min(v for _, v, _ in r.series("val/excess_loss")) for r in members]
+        gaps = [r.final("val/loss") - final_train_loss(r) for r in members if final_train_loss(r) is not None]
+        tokens_seen = [r.steps() * (r.hparams.get("tokens_per_step") or 0) for r in members]
+        out[key] = {
+            "seeds": [r.hparams.get("seed") for r in members],
+            "final": finals,
+            "best": bests,
+            "gap": gaps,
+            "epochs": statistics.fmean(tokens_seen) / key[1] if key[1] > 0 else float("nan"),
+        }
+    return out
+
+
+def table(summary: dict[tuple[str, int], dict]) -> str:
+    lines = [
+        "| head | training tokens | epochs | excess loss, final | excess loss, best | val - train loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (label, tokens), s in summary.items():
+        cells = [
+            label,
+            f"{tokens:,}",
+            f"{s['epochs']:.1f}",
+            compare._mean_std(s["final"], 3),
+            compare._mean_std(s["best"], 3),
+            compare._mean_std(s["gap"], 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[tuple[str, int], dict], runs: list[compare.RunLog], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[compare.RunLog]] = defaultdict(list)
+    for r in runs:
+        groups[r.label].append(r)
+    colour = compare.colours(dict(groups))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
+    for label in sorted({key[0] for key in summary}):
+        keys = sorted(k for k in summary if k[0] == label)
+        xs = [k[1] for k in keys]
+        for field, style, name in (("final", "-", "final"), ("best", "--", "best checkpoint")):
+            means = [statistics.fmean(summary[k][field]) for k in keys]
+            errs = [statistics.stdev(summary[k][field]) if len(summary[k][field]) > 1 else 0 for k in keys]
+            ax.errorbar(xs, means, yerr=errs, color=colour[label], linestyle=style, marker="o", markersize=3,
+                        capsize=2, label=f"{label}, {name}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens in the training set")
+    ax.set_ylabel("excess validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    path = out / "excess_loss_vs_training_tokens.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("roots", nargs="+", type=Path, help="folders holding runs")
+    parser.add_argument("--out", type=Path, help="folder for table.md and the plot")
+    parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
+    parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
+    args = parser.parse_args(argv)
+    runs = [r for r in compare.find_runs(args.roots) if "val/excess_loss" in r.scalars]
+    if not runs:
+        print(f"error: no runs with an excess loss under {', '.join(map(str, args.roots))}", file=sys.stderr)
+        return 2
+    summary = summarise(runs)
+    text = table(summary)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(text + "\n")
+        image = plot(summary, runs, args.out)
+        print(f"wrote {args.out / 'table.md'}, {image}")
+        if args.update:
+            link = f"![excess loss against training tokens]({os.path.relpath(image, args.update.parent)})"
+            compare.update_document(args.update, f"{text}\n\n{link}", args.section)
+            print(f"updated {args.update}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

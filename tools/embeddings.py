@@ -1,0 +1,150 @@
+"""What the token matrices of trained heads have become: are they alike, and where?
+
+    python tools/embeddings.py runs/synthetic/tied-seed0 runs/synthetic/untied-seed0 --out report/
+
+Each argument is a run folder (its ``checkpoints/last.ckpt``) or a checkpoint file. From every
+checkpoint it takes the input embedding E and, for a linear head, the effective output matrix W of
+``logits = h' W^T + b`` when W is not E itself (untied: its own matrix; low-rank: E + A B^T). For every
+pair of matrices it prints linear CKA (Kornblith et al. 2019) and the mean overlap of each token's
+nearest neighbours by cosine, over all tokens and per training-frequency bucket (top 1% of types, the
+next 9%, the rest: the buckets the run's validation metrics use), and with ``--out`` writes the table
+and a heat-map. Press & Wolf (2017, sec. 4) found a tied matrix closer to an untied model's output
+matrix than to its input embedding; this is the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+from lmheads.checkpointing import TOKEN_BUCKET_KEY
+from lmheads.geometry import linear_cka, neighbour_overlap
+from lmheads.heads import LinearHead, head_name
+from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS
+from lmheads.module import LMHeadModule
+
+
+def load(path: Path) -> tuple[str, dict[str, torch.Tensor], torch.Tensor | None]:
+    """The checkpoint's name, its token matrices by label, and the token buckets it was trained with."""
+    ckpt_path = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if not ckpt_path.is_file():
+        raise SystemExit(f"error: {path} is neither a checkpoint nor a run folder with checkpoints/last.ckpt")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # CLI's own
+    model = LMHeadModule(**hparams)
+    model.load_state_dict(checkpoint["state_dict"])
+    name = path.name if path.is_dir() else f"{path.parent.parent.name}/{path.stem}"
+    embedding = model.backbone.wte
+    matrices = {"E": embedding.weight.detach()}
+    if isinstance(model.head, LinearHead):
+        with torch.no_grad():
+            probe = torch.zeros(1, model.head.d_model)
+            weight = model.head.linear_form(probe, embedding).weight
+        if weight is not embedding.weight:
+            matrices["W"] = weight.detach()
+    label = f"{name} ({head_name(model.head)})"
+    return label, matrices, checkpoint.get(TOKEN_BUCKET_KEY)
+
+
+def compare(matrices: dict[str, torch.Tensor], bucket: torch.Tensor | None, k: int) -> list[dict]:
+    rows = []
+    for (a, x), (b, y) in combinations(matrices.items(), 2):
+        overlap = neighbour_overlap(x, y, k)  # (V,)
+        row = {"pair": f"{a} ~ {b}", "cka": linear_cka(x, y), "overlap": float(overlap.mean())}
+        for i, name in enumerate(FREQUENCY_BUCKETS):
+            if bucket is None:
+                continue
+            rows_in = bucket == i
+            row[f"overlap_{name}"] = float(overlap[rows_in].mean())
+            # CKA on fewer tokens than dimensions says little (it is near 1 for any matrices).
+            enough = int(rows_in.sum()) > 2 * max(x.size(1), y.size(1))
+            row[f"cka_{name}"] = linear_cka(x[rows_in], y[rows_in]) if enough else None
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], k: int, bucketed: bool) -> str:
+    header = ["pair", "CKA", f"{k}-NN overlap"]
+    if bucketed:
+        for name in FREQUENCY_BUCKETS:
+            header += [f"CKA, {FREQUENCY_BUCKET_LABELS[name]}", f"overlap, {FREQUENCY_BUCKET_LABELS[name]}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["pair"], f"{row['cka']:.3f}", f"{row['overlap']:.3f}"]
+        if bucketed:
+            for name in FREQUENCY_BUCKETS:
+                cka = row[f"cka_{name}"]
+                cells += ["–" if cka is None else f"{cka:.3f}", f"{row[f'overlap_{name}']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(matrices)
+    n = len(names)
+    values = {"CKA": torch.eye(n), "10-NN overlap": torch.eye(n)}
+    pairs = list(combinations(range(n), 2))
+    for (i, j), row in zip(pairs, rows, strict=True):
+        for key, field in (("CKA", "cka"), ("10-NN overlap", "overlap")):
+            values[key][i, j] = values[key][j, i] = row[field]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * n, 0.9 * n + 2.5), dpi=120)
+    for ax, (title, grid) in zip(axes, values.items(), strict=True):
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize="small")
+        ax.set_yticks(range(n), names, fontsize="small")
+        for i in range(n):
+            for j in range(n):
+                colour = "white" if grid[i, j] < 0.6 else "black"
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize="x-small", color=colour)
+        ax.set_title(title)
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    path = out / "embeddings.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="run folders or checkpoint files")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per token")
+    parser.add_argument("--out", type=Path, help="folder for table.md and embeddings.png")
+    args = parser.parse_args(argv)
+    matrices: dict[str, torch.Tensor] = {}
+    bucket = None
+    for path in args.paths:
+        label, found, buckets = load(path)
+        for kind, matrix in found.items():
+            matrices[f"{label} {kind}"] = matrix
+        bucket = buckets if bucket is None else bucket
+    sizes = {name: m.size(0) for name, m in matrices.items()}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name}: {v:,}" for name, v in sizes.items())
+        print(f"error: the matrices have different vocabularies ({listed}); compare runs on the same data")
+        return 2
+    if len(matrices) < 2:
+        print("error: one matrix only; give two runs, or a run whose head has an output matrix of its own")
+        return 2
+    rows = compare(matrices, bucket, args.k)
+    text = table(rows, args.k, bucket is not None)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(text + "\n")
+        print(f"wrote {args.out / 'table.md'}, {heatmap(matrices, rows, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
