@@ -195,8 +195,9 @@ def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_pa
     assert (report / "diag_grad_share_output_vs_step.png").is_file()
     assert "2 steps x 2,048 tokens/step = 4,096 training tokens on 1 device(s): tied seed 0" in out
     assert (tmp_path / "report" / "train_loss_vs_step.png").is_file()
-    groups = {
-        "tied": compare.find_runs([tmp_path])[:1],
-        "tied (softcap=30)": compare.find_runs([tmp_path])[:1],
-    }
-    assert len(set(compare.colours(groups).values())) == 1  # one colour per head
+    tied, untied = sorted(compare.find_runs([tmp_path]), key=lambda r: r.hparams["head"])
+    one = compare.colours({"tied": [tied], "untied": [untied]})
+    assert one == compare.colours({"untied": [untied], "tied": [tied]})  # by head, whatever the order
+    assert len(set(one.values())) == 2
+    split = compare.colours({"tied, a=1": [tied], "tied, a=2": [tied]})  # --by splits a head: one each
+    assert len(set(split.values())) == 2

@@ -140,15 +140,17 @@ def test_sweep_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path, monkey
 
 
 def test_match_params_reaches_two_percent(capsys):
-    widths = sweep.matched_widths(
-        [str(ROOT / "configs/quickstart.yaml")], ["tied", "untied", "tied_bias"], []
-    )
-    assert widths["untied"] == 128 and widths["tied"] > 128 and widths["tied"] % 4 == 0
+    heads = ["tied", "untied", "tied_bias"]
+    matched = sweep.matched_widths([str(ROOT / "configs/quickstart.yaml")], heads, [])
+    width = {head: int(options["model.backbone.d_model"]) for head, options in matched.items()}
+    assert width["untied"] == 128 and width["tied"] > 128
+    for options in matched.values():  # the attention heads divide the width
+        assert int(options["model.backbone.d_model"]) % int(options["model.backbone.n_head"]) == 0
     counts = {}
     for line in capsys.readouterr().out.splitlines():
         head, _, rest = line.partition(": d_model=")
         if rest:
-            counts[head] = int(rest.split(", ")[1].split(" ")[0].replace(",", ""))
+            counts[head] = int(rest.split(", ")[2].split(" ")[0].replace(",", ""))
     assert set(counts) == {"tied", "untied", "tied_bias"}
     assert max(counts.values()) - min(counts.values()) <= 0.02 * max(counts.values())
 

@@ -37,7 +37,12 @@ def differences(runs: list[compare.RunLog], first: str, second: str, by: list[st
             key = (tuple(r.hparams.get(k) for k in by), r.hparams.get("seed"))
             pairs[key][r.hparams["head"]] = r
     out: dict[str, dict] = defaultdict(lambda: defaultdict(list))
-    for (group, _seed), members in sorted(pairs.items(), key=str):
+
+    def order(item) -> tuple:
+        (group, seed), _ = item
+        return (*((0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in group), str(seed))
+
+    for (group, _seed), members in sorted(pairs.items(), key=order):
         if first not in members or second not in members:
             continue
         name = ", ".join(

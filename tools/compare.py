@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -216,13 +217,23 @@ def budget(groups: dict[str, list[RunLog]]) -> str:
 
 
 def colours(groups: dict[str, list[RunLog]]) -> dict[str, str]:
-    """One colour per head, the same in every plot (and across reports: by the head's name)."""
+    """One colour per head, the same in every plot; one per group where groups split a head further
+    (``--by``)."""
     import matplotlib
 
     palette = matplotlib.colormaps["tab10"].colors
-    heads = sorted({str(r.hparams.get("head")) for runs in groups.values() for r in runs})
-    by_head = {head: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, head in enumerate(heads)}
-    return {label: by_head[str(runs[0].hparams.get("head"))] for label, runs in groups.items()}
+    heads = [str(runs[0].hparams.get("head")) for runs in groups.values()]
+    keys = heads if len(set(heads)) == len(heads) else list(groups)
+    index = {key: i for i, key in enumerate(sorted(set(keys), key=natural))}
+    return {
+        label: matplotlib.colors.to_hex(palette[index[key] % len(palette)])
+        for label, key in zip(groups, keys, strict=True)
+    }
+
+
+def natural(text: str) -> list:
+    """Sort key in which numbers compare as numbers (``tokens=16384`` before ``tokens=131072``)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
 #: Each plot: file name, the series, its y label and the x axes it is drawn against.
@@ -335,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     def label(r: RunLog) -> str:
         return ", ".join([r.label, *(f"{key}={r.hparams.get(key)}" for key in args.by)])
 
-    for r in sorted(runs, key=lambda r: (label(r), r.hparams.get("seed", 0))):
+    for r in sorted(runs, key=lambda r: (natural(label(r)), r.hparams.get("seed", 0))):
         groups[label(r)].append(r)
     text = f"{budget(groups)}\n\n{table(groups)}"
     print(text)

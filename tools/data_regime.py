@@ -89,6 +89,7 @@ def plot(summary: dict[tuple[str, int], dict], runs: list[compare.RunLog], out: 
             ax.errorbar(xs, means, yerr=errs, color=colour[label], linestyle=style, marker="o", markersize=3,
                         capsize=2, label=f"{label}, {name}")  # fmt: skip
     ax.set_xscale("log")
+    ax.set_yscale("log")  # from overfitting (several nats) to near the optimum (a tenth of one)
     ax.set_xlabel("tokens in the training set")
     ax.set_ylabel("excess validation loss (nats/token)")
     ax.grid(alpha=0.3)

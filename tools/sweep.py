@@ -39,9 +39,12 @@ class Run:
         return "-".join(parts)
 
 
-def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> dict[str, int]:
-    """For each head the model width (a multiple of the attention heads) whose unique parameter count is
-    closest to the largest count among the heads at the configured width; an error beyond 2%."""
+def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> dict[str, dict[str, str]]:
+    """For each head the width ``d_model`` whose unique parameter count is closest to the largest count
+    among the heads at the configured width, as option overrides; an error beyond 1% of it, so that any
+    two heads are within 2% of each other. Any width is
+    allowed; the number of attention heads becomes the divisor of it nearest the configured one (it
+    does not change the parameter count)."""
     from dataclasses import replace
 
     import torch
@@ -54,23 +57,30 @@ def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> di
     cli = main([arg for c in configs for arg in ("--config", c)] + list(extra), run=False)
     backbone, vocab = cli.model.cfg, cli.datamodule.vocab_size
 
+    def attention_heads(width: int) -> int:
+        even = backbone.positions == "rope"  # rotary embeddings need an even head width
+        ok = [n for n in range(1, width + 1) if width % n == 0 and not (even and (width // n) % 2)]
+        return min(ok, key=lambda n: (abs(n - backbone.n_head), -n))
+
     def count(head: str, width: int) -> int:
         cls = resolve_head(expand_head_names([f"--model.head={head}"])[0].partition("=")[2])
+        cfg = replace(backbone, d_model=width, n_head=attention_heads(width))
         with torch.device("meta"):  # sizes only, no memory
-            model = LMHeadModule(head=cls(), backbone=replace(backbone, d_model=width), vocab_size=vocab)
-        return parameter_counts(model)["total"]
+            return parameter_counts(LMHeadModule(head=cls(), backbone=cfg, vocab_size=vocab))["total"]
 
     target = max(count(h, backbone.d_model) for h in heads)
-    step = backbone.n_head * (2 if backbone.positions == "rope" else 1)
-    widths = {}
+    overrides = {}
     for head in heads:
-        candidates = range(step, 4 * backbone.d_model + step, step)
-        width = min(candidates, key=lambda w: abs(count(head, w) - target))
-        if abs(count(head, width) - target) > 0.02 * target:
-            raise SystemExit(f"error: no width gives head {head} within 2% of {target:,} parameters")
-        widths[head] = width
-        print(f"{head}: d_model={width}, {count(head, width):,} parameters (target {target:,})", flush=True)
-    return widths
+        width = min(range(1, 4 * backbone.d_model + 1), key=lambda w: abs(count(head, w) - target))
+        params = count(head, width)
+        if abs(params - target) > 0.01 * target:  # so that any two heads are within 2% of each other
+            raise SystemExit(f"error: no width gives head {head} within 1% of {target:,} parameters")
+        n_head = attention_heads(width)
+        overrides[head] = {"model.backbone.d_model": str(width), "model.backbone.n_head": str(n_head)}
+        print(
+            f"{head}: d_model={width}, n_head={n_head}, {params:,} parameters (target {target:,})", flush=True
+        )
+    return overrides
 
 
 def parse_grid(items: list[str]) -> list[dict[str, str]]:
@@ -165,20 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--match-params",
         action="store_true",
-        help="set model.backbone.d_model of each head so that every model has the unique parameter count "
-        "of the largest one at the configured width (within 2%%)",
+        help="set model.backbone.d_model (and n_head, to divide it) of each head so that every model has "
+        "the unique parameter count of the largest one at the configured width (within 2%%)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("extra", nargs="*", help="further lmheads options for every run (after --)")
     args = parser.parse_args(argv)
     grid = parse_grid(args.grid)
-    widths = matched_widths(args.config, args.heads, args.extra) if args.match_params else {}
-    runs = [
-        Run(h, s, {**o, **({"model.backbone.d_model": str(widths[h])} if h in widths else {})})
-        for o in grid
-        for h in args.heads
-        for s in args.seeds
-    ]
+    matched = matched_widths(args.config, args.heads, args.extra) if args.match_params else {}
+    runs = [Run(h, s, {**o, **matched.get(h, {})}) for o in grid for h in args.heads for s in args.seeds]
     gpus = None
     if args.gpus:
         gpus = queue.Queue()
