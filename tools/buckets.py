@@ -35,6 +35,12 @@ def differences(runs: list[compare.RunLog], first: str, second: str, by: list[st
     for r in runs:
         if r.hparams.get("head") in (first, second):
             key = (tuple(r.hparams.get(k) for k in by), r.hparams.get("seed"))
+            other = pairs[key].get(r.hparams["head"])
+            if other is not None:
+                raise SystemExit(
+                    f"error: two {r.hparams['head']} runs with seed {key[1]} ({other.path} and {r.path}); "
+                    "tell them apart with --by, or give the runs to compare as folders"
+                )
             pairs[key][r.hparams["head"]] = r
     out: dict[str, dict] = defaultdict(lambda: defaultdict(list))
 
@@ -86,6 +92,7 @@ def plot(diffs: dict[str, dict], first: str, second: str, out: Path, name: str) 
         errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         ax.bar(xs, means, width=width, yerr=errs, capsize=3, label=group)
     ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_yscale("symlog", linthresh=0.01)  # linear within +-0.01 nats, logarithmic beyond
     ax.set_xticks(range(len(TAGS)), list(TAGS.values()))
     ax.set_ylabel(f"val loss, {first} - {second} (nats)")
     ax.grid(alpha=0.3, axis="y")

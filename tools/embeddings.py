@@ -96,11 +96,11 @@ def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], out: Path) -> P
     for (i, j), row in zip(pairs, rows, strict=True):
         for key, field in (("CKA", "cka"), ("10-NN overlap", "overlap")):
             values[key][i, j] = values[key][j, i] = row[field]
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * n, 0.9 * n + 2.5), dpi=120)
-    for ax, (title, grid) in zip(axes, values.items(), strict=True):
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * n, 0.9 * n + 2.5), dpi=120, layout="constrained")
+    for k, (ax, (title, grid)) in enumerate(zip(axes, values.items(), strict=True)):
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize="small")
-        ax.set_yticks(range(n), names, fontsize="small")
+        ax.set_yticks(range(n), names if k == 0 else [], fontsize="small")  # the names once, on the left
         for i in range(n):
             for j in range(n):
                 colour = "white" if grid[i, j] < 0.6 else "black"
