@@ -96,11 +96,7 @@ def plot(diffs: dict[str, dict], first: str, second: str, out: Path, name: str) 
     ax.set_xticks(range(len(TAGS)), list(TAGS.values()))
     ax.set_ylabel(f"val loss, {first} - {second} (nats)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
-    path = out / f"{name}.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return compare.save_plot(fig, ax, out / f"{name}.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -277,13 +277,18 @@ def plot(groups: dict[str, list[RunLog]], out: Path, extra: tuple[str, ...] = ()
             ax.set_xlabel(AXES[axis])
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
-            fig.tight_layout()
-            path = out / f"{name}_vs_{axis}.png"
-            fig.savefig(path, bbox_inches="tight")
-            plt.close(fig)
-            written.append(path)
+            written.append(save_plot(fig, ax, out / f"{name}_vs_{axis}.png"))
     return written
+
+
+def save_plot(fig, ax, path: Path) -> Path:
+    """The legend outside the axes (it never hides a curve), the figure written and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _curve(r: RunLog, tag: str, axis: str) -> tuple[list[float], list[float]]:

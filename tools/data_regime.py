@@ -93,11 +93,7 @@ def plot(summary: dict[tuple[str, int], dict], runs: list[compare.RunLog], out: 
     ax.set_xlabel("tokens in the training set")
     ax.set_ylabel("excess validation loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
-    path = out / "excess_loss_vs_training_tokens.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return compare.save_plot(fig, ax, out / "excess_loss_vs_training_tokens.png")
 
 
 def main(argv: list[str] | None = None) -> int:
