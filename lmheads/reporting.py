@@ -40,6 +40,12 @@ def parameter_counts(model) -> dict[str, int]:
     }
 
 
+def tokens_per_step(model, trainer: L.Trainer) -> int:
+    """Training tokens per optimizer step, all devices and accumulated batches together."""
+    batch_size = int(getattr(trainer.datamodule, "batch_size", 0))
+    return batch_size * model.cfg.block_size * trainer.world_size * trainer.accumulate_grad_batches
+
+
 def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
     """One flat dict with the same keys and types in every run (TensorBoard's HParams needs that)."""
     datamodule = trainer.datamodule
@@ -57,7 +63,7 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
         "batch_size": batch_size,
         "devices": trainer.world_size,
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
-        "tokens_per_step": batch_size * cfg.block_size * trainer.world_size * trainer.accumulate_grad_batches,
+        "tokens_per_step": tokens_per_step(model, trainer),
         "precision": str(trainer.precision),
         "max_steps": trainer.max_steps,
         "lr": model.hparams.lr,

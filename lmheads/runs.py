@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.errors import ConfigError
 from lmheads.heads import head_name
+from lmheads.reporting import tokens_per_step
 
 RESULTS_FILE = "results.json"
 
@@ -166,18 +167,11 @@ class RunSummary(L.Callback):
             for k, v in trainer.callback_metrics.items()
             if k.startswith("val/") and torch.is_tensor(v) and v.numel() == 1
         }
-        datamodule = trainer.datamodule
-        tokens_per_step = (
-            getattr(datamodule, "batch_size", 0)
-            * getattr(pl_module.cfg, "block_size", 0)
-            * trainer.world_size
-            * trainer.accumulate_grad_batches
-        )
         results = {
             "run": str(Path(folder).resolve()),
             "head": head_name(pl_module.head),
             "step": trainer.global_step,
-            "tokens_seen": trainer.global_step * tokens_per_step,
+            "tokens_seen": trainer.global_step * tokens_per_step(pl_module, trainer),
             "wall_clock_s": round(time.perf_counter() - self._start, 1),
             "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
             "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,

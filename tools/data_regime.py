@@ -39,7 +39,8 @@ def summarise(runs: list[compare.RunLog]) -> dict[tuple[str, int], dict]:
     for key, members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1])):
         finals = [r.final("val/excess_loss") for r in members]
         bests = [min(v for _, v, _ in r.series("val/excess_loss")) for r in members]
-        gaps = [r.final("val/loss") - final_train_loss(r) for r in members if final_train_loss(r) is not None]
+        trains = [(r.final("val/loss"), final_train_loss(r)) for r in members]
+        gaps = [val - train for val, train in trains if train is not None]
         tokens_seen = [r.steps() * (r.hparams.get("tokens_per_step") or 0) for r in members]
         out[key] = {
             "seeds": [r.hparams.get("seed") for r in members],
