@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -169,3 +170,27 @@ class InterruptCheckpoint(L.Callback):
         raise Interrupted(
             f"{name} at step {trainer.global_step}: saved {path}; resume with --ckpt_path={path}", code
         ) from exception
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always where ``fit`` ended. Lightning's writes it at
+    validations, and at the end only if it never wrote one: a run whose last steps came after its last
+    validation would leave a ``last.ckpt`` that is behind the run, and continuing from it would train
+    those steps twice."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._written_at: int | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._written_at = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self.save_last or self._written_at == trainer.global_step or self.dirpath is None:
+            return
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        self.last_model_path = str(path)

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmheads.checkpointing import check_compatible, read_checkpoint
+from lmheads.checkpointing import RunCheckpoint, check_compatible, read_checkpoint
 from lmheads.console import (
     ProgressBar,
     check_config_files,
@@ -156,7 +156,7 @@ class LMHeadsCLI(LightningCLI):
         defaults = []
         if config.get("enable_checkpointing", True) is not False and not has(ModelCheckpoint):
             defaults.append(
-                ModelCheckpoint(
+                RunCheckpoint(
                     monitor="val/loss",
                     mode="min",
                     save_last=True,

@@ -17,3 +17,41 @@ def stop_after_this_step(trainer: L.Trainer) -> None:
     out of the loop, which the interruption callback turns into a checkpoint. (``trainer.should_stop``
     would end the fit normally, and not before ``min_steps``.)"""
     trainer._signal_connector.received_sigterm = True
+
+
+def resume_where_fit_ended(checkpoint: dict) -> None:
+    """A checkpoint taken after ``fit`` ended (or was interrupted) between epochs' bookkeeping counts the
+    epoch it was in as finished, whether or not its batches were: Lightning would resume into the next
+    epoch with this one's batch count, and skip data. Make the counters say where training stood: after
+    an epoch's last batch, the next epoch not begun; after ``max_steps`` part-way through one, that epoch
+    still in progress (as a checkpoint taken at a mid-epoch validation says)."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop:
+        return
+    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+    total = epochs["total"]
+    if not batches["current"]["completed"] or not total["ready"] == total["started"] == total["processed"]:
+        return
+    if total["completed"] == total["processed"] - 1 and batches["is_last_batch"]:
+        # taken in the epoch-end hooks (ModelCheckpoint there): Lightning would resume with the sampler
+        # one epoch ahead of the epoch counter; the epoch is done but for its bookkeeping
+        for progress in (epochs["total"], epochs["current"]):
+            progress["completed"] += 1
+    if total["completed"] != total["processed"]:
+        return
+    if batches["is_last_batch"]:
+        batches["current"] = dict.fromkeys(batches["current"], 0)
+        batches["is_last_batch"] = False
+    else:
+        for progress in (epochs["total"], epochs["current"]):
+            progress["processed"] -= 1
+            progress["completed"] -= 1
+
+
+def align_logging_step(trainer: L.Trainer) -> None:
+    """Keep the step the loggers use equal to the optimizer step. Lightning's count of stepped batches
+    comes one ahead after some resumes (it skips a validation it believes was due by advancing the count
+    without a batch), and every value after it would be logged at the wrong step."""
+    loop = trainer.fit_loop.epoch_loop
+    if loop._batches_that_stepped != trainer.global_step:
+        loop._batches_that_stepped = trainer.global_step

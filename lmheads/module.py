@@ -26,6 +26,7 @@ from lmheads.checkpointing import (
 from lmheads.errors import ConfigError, NonFiniteLossError
 from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, sample
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
+from lmheads.lightning_internals import align_logging_step, resume_where_fit_ended
 from lmheads.loss import IGNORE_INDEX, BackendName, TokenLoss, TrainLoss, head_loss
 from lmheads.metrics import BucketedNLL, TokenNLL, frequency_buckets
 from lmheads.optim import adamw, clip_gradients, decay_names, warmup_cosine
@@ -204,6 +205,7 @@ class LMHeadModule(L.LightningModule):
         log_run_start(self, self.trainer)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        align_logging_step(self.trainer)
         total = self.trainer.estimated_stepping_batches  # accounts for max_steps, epochs and accumulation
         total = int(total) if math.isfinite(total) else -1
         if self.head.on_train_step(self.global_step, total, self.backbone.wte):
@@ -293,6 +295,7 @@ class LMHeadModule(L.LightningModule):
             checkpoint[TOKEN_BUCKET_KEY] = self.token_bucket.to("cpu", torch.int8)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        resume_where_fit_ended(checkpoint)  # before Lightning restores its loops from it
         if "state_dict" in checkpoint:  # absent under FSDP2, whose strategy has already loaded the weights
             check_compatible(self, checkpoint["state_dict"])
         if RNG_KEY in checkpoint and self._trainer is not None:  # resuming: continue the streams exactly

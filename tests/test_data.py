@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import lmheads.data.text as text_module
-from lmheads.data.base import stream_blocks
+from lmheads.data.base import ResumableSampler, StreamBlocks, stream_blocks
 from lmheads.data.text import TextDataModule
 from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from lmheads.errors import ConfigError
@@ -72,6 +72,42 @@ def test_packing_scores_every_token_once():
     assert np.array_equal(targets, np.arange(1, 21))  # each token after the first exactly once
     with pytest.raises(ConfigError, match="fewer than block_size"):
         stream_blocks(np.arange(5), 5, "validation")
+
+
+def test_random_offsets_cut_each_epoch_at_its_own_offset():
+    T, seed = 10, 3
+    data = StreamBlocks(np.arange(1000), T, "train")  # token i is i: a window shows where it was cut
+    fixed = ResumableSampler(data, 1, 0, shuffle=True, seed=seed)
+    assert sorted(fixed) == list(range(len(data)))  # without offsets: the blocks, as before
+    offsets = []
+    for epoch in range(6):
+        sampler = ResumableSampler(data, 1, 0, shuffle=True, seed=seed, random_offsets=True)
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert len(keys) == len(sampler) == data.blocks_at_any_offset() == 99  # 99 fit at every offset
+        assert len({offset for offset, _ in keys}) == 1  # one offset an epoch
+        offsets.append(keys[0][0])
+        targets = []
+        for key in keys:
+            x, y = data[key]
+            start = key[0] + key[1] * T
+            assert x.tolist() == list(range(start, start + T))
+            assert y.tolist() == list(range(start + 1, start + T + 1))
+            targets += y.tolist()
+        assert len(targets) == len(set(targets))  # no token is a target twice in an epoch
+        again = ResumableSampler(data, 1, 0, shuffle=True, seed=seed, random_offsets=True)
+        again.set_epoch(epoch)
+        again.start = 40  # resumed part-way: the same epoch's remaining blocks, at the same offset
+        assert list(again) == keys[40:]
+    assert len(set(offsets)) > 1 and all(0 <= o < T for o in offsets)
+    # two processes: the same offset, disjoint shards
+    ranks = []
+    for rank in (0, 1):
+        sampler = ResumableSampler(data, 2, rank, shuffle=True, seed=seed, random_offsets=True)
+        sampler.set_epoch(4)
+        ranks.append(list(sampler))
+    assert {o for o, _ in ranks[0]} == {o for o, _ in ranks[1]} == {offsets[4]}
+    assert not {i for _, i in ranks[0]} & {i for _, i in ranks[1]}
 
 
 @pytest.fixture

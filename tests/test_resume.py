@@ -42,6 +42,53 @@ def test_resume_after_ctrl_c_is_bitwise_identical(tmp_path):
     assert losses == again  # the same data in the same order, before and after the interruption
 
 
+@pytest.mark.parametrize(
+    ("validation", "offsets"),
+    [
+        (["--trainer.check_val_every_n_epoch=null", "--trainer.val_check_interval=4"], "true"),
+        (["--trainer.check_val_every_n_epoch=1", "--trainer.val_check_interval=1.0"], "false"),
+    ],
+    ids=["every-4-steps-random-offsets", "every-epoch"],
+)
+def test_resume_at_any_step_of_a_short_epoch_is_exact(tmp_path, validation, offsets):
+    """Text in epochs of 3 batches, validated every 4 steps or at each epoch's end: a run interrupted
+    after an epoch's last batch (3, 6), at a validation (4), or stopped by max_steps (3, 5) and continued
+    from last.ckpt, ends with the weights of an uninterrupted 8-step run and logs at the same steps."""
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i}: the {i % 7} cats sat on {i % 11} mats\n" for i in range(150)))
+    data = [
+        "--data=lmheads.data.TextDataModule", f"--data.train_file={text}", "--data.tokenizer=char",
+        f"--data.random_offsets={offsets}", "--data.batch_size=20", f"--data.cache_dir={tmp_path / 'cache'}",
+        *validation,
+    ]  # fmt: skip
+
+    def run(folder, *extra, steps=8):
+        return fit(tmp_path / folder, DROPOUT, *data, *extra, steps=steps, every=4)
+
+    straight = run("straight")
+    assert straight.trainer.current_epoch >= 2  # 8 steps of 3-batch epochs
+    expected = scalars(only_run(tmp_path / "straight"))
+    for stop in (3, 4, 6):
+        with pytest.raises(SystemExit):
+            signal_at = f"--trainer.callbacks.step={stop}"
+            run(f"interrupt{stop}", "--trainer.callbacks+=tests.probes.SignalAt", signal_at)
+    for stop in (3, 5):
+        run(f"stop{stop}", steps=stop)
+        last = only_run(tmp_path / f"stop{stop}") / "checkpoints" / "last.ckpt"
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        assert state["global_step"] == stop  # where fit ended, also between validations
+    for folder in ("interrupt3", "interrupt4", "interrupt6", "stop3", "stop5"):
+        checkpoints = only_run(tmp_path / folder) / "checkpoints"
+        ckpt = checkpoints / ("interrupted.ckpt" if folder.startswith("interrupt") else "last.ckpt")
+        resumed = run(folder, f"--ckpt_path={ckpt}")
+        weights = zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True)
+        for (name, a), b in weights:
+            assert torch.equal(a, b), (folder, name)
+        logged = scalars(only_run(tmp_path / folder))
+        for tag in ("train/loss", "val/loss"):
+            assert dict(logged[tag]) == dict(expected[tag]), (folder, tag)
+
+
 def test_sigterm_saves_and_exits_143(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         fit(tmp_path, "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=2",

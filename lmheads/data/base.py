@@ -27,19 +27,48 @@ class ResumableSampler(DistributedSampler):
 
     With one process it is simply a seeded per-epoch shuffle. The tail that does not divide evenly
     among processes is dropped, never padded with duplicates.
+
+    With ``random_offsets`` (a :class:`StreamBlocks` dataset) every epoch cuts the token stream into
+    blocks starting at its own offset in [0, T), drawn from seed and epoch alone (so the same on every
+    process and after a resume), and yields ``(offset, i)`` pairs: epochs see different windows of the
+    text, and within an epoch every token is still a target at most once.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        random_offsets: bool = False,
+    ):
+        if random_offsets and not isinstance(dataset, StreamBlocks):
+            raise ConfigError("random offsets need blocks cut from a token stream (text data)")
+        self.block_size = dataset.block_size if random_offsets else None
+        blocks = range(dataset.blocks_at_any_offset()) if random_offsets else dataset
         super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+            blocks, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
         )
         self.start = 0  # samples of this rank's epoch already trained on
 
+    def offset(self) -> int:
+        """This epoch's first window start (0 without random offsets)."""
+        if self.block_size is None:
+            return 0
+        return int(np.random.default_rng([self.seed, self.epoch]).integers(self.block_size))
+
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
+        indices = itertools.islice(super().__iter__(), self.start, None)
+        if self.block_size is None:
+            return indices
+        offset = self.offset()
+        return ((offset, i) for i in indices)
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        # The whole epoch's length, also when resuming part-way: Lightning sizes every epoch from the
+        # length it reads once, and counts the resumed epoch's batches from the restored progress.
+        return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -61,8 +90,12 @@ class BlockDataset(Dataset):
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        row = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))  # (T + 1,)
-        return row[:-1], row[1:]
+        return _pair(self.blocks[i])
+
+
+def _pair(window: np.ndarray) -> tuple[Tensor, Tensor]:
+    row = torch.from_numpy(np.array(window, dtype=np.int64))  # (T + 1,), a copy of the (mapped) stream
+    return row[:-1], row[1:]
 
 
 def stream_blocks(stream: np.ndarray, block_size: int, split: str) -> np.ndarray:
@@ -70,13 +103,38 @@ def stream_blocks(stream: np.ndarray, block_size: int, split: str) -> np.ndarray
 
     Consecutive windows share one token, so every token after the first is a target exactly once.
     """
+    return _windows(stream, block_size, split)[::block_size]
+
+
+def _windows(stream: np.ndarray, block_size: int, split: str) -> np.ndarray:
+    """Every window of T + 1 tokens of the stream, stride 1: (L - T, T + 1), a view."""
     if len(stream) < block_size + 1:
         raise ConfigError(
             f"the {split} split has {len(stream)} tokens, fewer than block_size + 1 = {block_size + 1}; "
             "lower --model.backbone.block_size or provide more text"
         )
-    windows = np.lib.stride_tricks.sliding_window_view(stream, block_size + 1)  # (L - T, T + 1)
-    return windows[::block_size]
+    return np.lib.stride_tricks.sliding_window_view(stream, block_size + 1)
+
+
+class StreamBlocks(BlockDataset):
+    """The blocks of a token stream (:func:`stream_blocks`), which can also be cut at another offset:
+    item ``i`` is block i at offset 0, item ``(offset, i)`` the window starting at ``offset + i * T``."""
+
+    def __init__(self, stream: np.ndarray, block_size: int, split: str) -> None:
+        self.windows = _windows(stream, block_size, split)
+        self.block_size = block_size
+        super().__init__(self.windows[::block_size])
+
+    def blocks_at_any_offset(self) -> int:
+        """Blocks that fit whatever the offset in [0, T): one fewer than at offset 0 where the stream's
+        tail is short."""
+        return (len(self.windows) - self.block_size) // self.block_size + 1
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
+        if isinstance(key, tuple):
+            offset, i = key
+            return _pair(self.windows[offset + i * self.block_size])
+        return super().__getitem__(key)
 
 
 class LMDataModule(L.LightningDataModule):
@@ -103,6 +161,7 @@ class LMDataModule(L.LightningDataModule):
         self.block_size = block_size
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.random_offsets = False  # data cut from a token stream may set it (TextDataModule)
         self.splits: dict[str, BlockDataset] = {}
         self.bytes_per_token: dict[str, float] = {}
         self._train_counts: np.ndarray | None = None
@@ -139,7 +198,9 @@ class LMDataModule(L.LightningDataModule):
     def _train_sampler(self, dataset: Dataset) -> ResumableSampler:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=_seed())
+        sampler = ResumableSampler(
+            dataset, world, rank, shuffle=True, seed=_seed(), random_offsets=self.random_offsets
+        )
         if trainer is not None:
             # Resumed mid-epoch: skip what this epoch already trained on (restored before loaders are built).
             sampler.set_epoch(trainer.current_epoch)
@@ -156,9 +217,10 @@ class LMDataModule(L.LightningDataModule):
         if split not in self.splits:
             raise ConfigError(f"this data module has no {split} split")
         dataset = self.splits[split]
-        if train and len(dataset) < self.batch_size:
+        blocks = dataset.blocks_at_any_offset() if train and self.random_offsets else len(dataset)
+        if train and blocks < self.batch_size:
             raise ConfigError(
-                f"the {split} split has {len(dataset)} blocks of {self.block_size} tokens, fewer than one "
+                f"the {split} split has {blocks} blocks of {self.block_size} tokens, fewer than one "
                 f"batch of {self.batch_size}; lower data.batch_size or model.backbone.block_size, or add text"
             )
         sampler = None

@@ -24,7 +24,7 @@ from typing import Literal
 import datasets
 import numpy as np
 
-from lmheads.data.base import BlockDataset, LMDataModule, stream_blocks
+from lmheads.data.base import LMDataModule, StreamBlocks
 from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from lmheads.errors import ConfigError
 
@@ -67,6 +67,10 @@ class TextDataModule(LMDataModule):
         block_size: Context length T; set from the model by the CLI.
         batch_size: Sequences per batch on each device.
         num_workers: DataLoader worker processes.
+        random_offsets: Training only: each epoch cuts the text into blocks from its own random offset
+            in [0, T) (drawn from the seed and the epoch, so resumable), so that later epochs do not
+            repeat the same windows; nanoGPT draws random windows for the same reason. Off: every epoch
+            reshuffles the same blocks.
     """
 
     def __init__(
@@ -87,9 +91,11 @@ class TextDataModule(LMDataModule):
         block_size: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
+        random_offsets: bool = False,
     ) -> None:
         super().__init__(block_size=block_size, batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters(logger=False)
+        self.random_offsets = random_offsets
         if (train_file is None) == (dataset_name is None):
             raise ConfigError("give exactly one of data.train_file (local text) or data.dataset_name (hub)")
         if not 0.0 < val_fraction < 1.0:
@@ -236,7 +242,7 @@ class TextDataModule(LMDataModule):
             stream = np.load(path, mmap_mode="r")
             counts = json.loads(path.with_suffix(".json").read_text())
             self.bytes_per_token[split] = counts["bytes"] / max(1, counts["tokens"])
-            self.splits[split] = BlockDataset(stream_blocks(stream, self.block_size, split))
+            self.splits[split] = StreamBlocks(stream, self.block_size, split)
 
     def _count_train_tokens(self) -> np.ndarray:
         """Counted once per token stream and block size, and kept beside the stream."""
