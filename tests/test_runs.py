@@ -108,6 +108,31 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     assert "| test ppl |" in capsys.readouterr().out
 
 
+def test_compare_best_reports_the_lowest_validation_and_tests_that_checkpoint(finished_run, capsys):
+    tmp_path, run, _ = finished_run
+    compare = _tool("compare")
+    best = json.loads((run / "results.json").read_text())["best_checkpoint"]
+    main(["test", *quick_args(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    (found,) = compare.find_runs([tmp_path], "best")
+    assert "test/loss" not in found.scalars  # the best checkpoint was not tested yet: no test column
+    main(["test", *quick_args(tmp_path), f"--ckpt_path={best}"])
+    main(["test", *quick_args(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])  # newer
+    assert compare.test_evaluation(run, "best") == run / "test" / Path(best).stem
+    assert compare.test_evaluation(run, "last") == run / "test" / "last-2"
+    (found,) = compare.find_runs([tmp_path], "best")
+    losses = dict((s + 1, v) for s, v in scalars(run)["val/loss"])
+    step = min(losses, key=losses.get)
+    assert found.best("val/loss") == (losses[step], step) and Path(best).stem == f"step{step}"
+    capsys.readouterr()
+    compare.main([str(tmp_path), "--best"])
+    header, _, row = capsys.readouterr().out.strip().splitlines()[-3:]
+    names, values = ([c.strip() for c in line.strip("|").split("|")] for line in (header, row))
+    cells = dict(zip(names, values, strict=True))
+    assert cells["best val loss"] == f"{losses[step]:.4f}" and cells["at step"] == str(step)
+    assert cells["test ppl (best ckpt)"] == f"{math.exp(found.final('test/loss')):.2f}"
+    assert float(cells["minutes"]) >= 0
+
+
 def test_a_failed_start_leaves_no_folder(tmp_path, capsys):
     fit(tmp_path, steps=2, every=2)
     run = only_run(tmp_path)

@@ -114,6 +114,25 @@ def test_grid_and_run_names():
         sweep.parse_grid(["model.lr"])
 
 
+def test_sweep_resumes_from_the_newer_of_last_and_interrupted(tmp_path):
+    import argparse
+    import os
+
+    args = argparse.Namespace(config=["c.yaml"], root=str(tmp_path), name="grid", extra=[])
+    run = sweep.Run("tied", 0)
+    folder = tmp_path / "grid" / run.name / "checkpoints"
+    assert not any(a.startswith("--ckpt_path") for a in sweep.command(run, args, folder.parent))
+    folder.mkdir(parents=True)
+    last, interrupted = folder / "last.ckpt", folder / "interrupted.ckpt"
+    last.write_bytes(b"")
+    assert f"--ckpt_path={last}" in sweep.command(run, args, folder.parent)
+    interrupted.write_bytes(b"")
+    os.utime(last, (1, 1))  # interrupted after the last validation
+    assert f"--ckpt_path={interrupted}" in sweep.command(run, args, folder.parent)
+    os.utime(interrupted, (0, 0))  # a stale interruption from before a later validation
+    assert f"--ckpt_path={last}" in sweep.command(run, args, folder.parent)
+
+
 def test_compare_without_runs_fails_clearly(tmp_path, capsys):
     assert compare.main([str(tmp_path)]) == 2
     assert "no lmheads runs" in capsys.readouterr().err

@@ -30,6 +30,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
+from lmheads.runs import RESULTS_FILE
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 #: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
@@ -67,6 +68,19 @@ class RunLog:
         values = self.series(tag)
         return values[-1][1] if values else None
 
+    def best(self, tag: str) -> tuple[float, int] | tuple[None, None]:
+        """The lowest value of a series and the optimizer steps trained when it was logged."""
+        values = self.series(tag)
+        if not values:
+            return None, None
+        step, value, _ = min(values, key=lambda point: point[1])
+        return value, step + 1  # a validation logged at step s follows s + 1 optimizer steps
+
+    def minutes(self) -> float | None:
+        """Wall-clock minutes from the first logged value to the last, pauses between sessions excluded."""
+        times = [t for points in self.scalars.values() for _, t in points.values()]
+        return max(times) / 60 if times else None
+
     @property
     def label(self) -> str:
         options = json.loads(self.hparams.get("head_options", "{}") or "{}")
@@ -93,7 +107,7 @@ def _event_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("events.out.tfevents.*"), key=created)
 
 
-def load_run(run_dir: Path) -> RunLog:
+def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
     scalars: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)
     offset = 0.0
     for events in _event_files(run_dir):
@@ -110,7 +124,7 @@ def load_run(run_dir: Path) -> RunLog:
         offset += max(times) - start
     hparams_file = run_dir / "hparams.yaml"
     hparams = yaml.safe_load(hparams_file.read_text()) if hparams_file.is_file() else {}
-    evaluation = test_evaluation(run_dir)
+    evaluation = test_evaluation(run_dir, test_checkpoint)
     if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
         for tag, points in load_run(evaluation).scalars.items():
             if tag.startswith(("test/", "test_freq/")):
@@ -118,9 +132,18 @@ def load_run(run_dir: Path) -> RunLog:
     return RunLog(run_dir, hparams or {}, dict(scalars))
 
 
-def test_evaluation(run_dir: Path) -> Path | None:
-    """The run's test evaluation: of its last checkpoint if there is one, else the newest."""
+def test_evaluation(run_dir: Path, checkpoint: str = "last") -> Path | None:
+    """The run's newest test evaluation of a checkpoint: ``last`` (else the newest of any), or ``best``,
+    the checkpoint of the lowest validation loss that ``fit`` recorded in results.json (else none)."""
     folders = [p for p in (run_dir / "test").glob("*") if any(p.glob("events.out.tfevents.*"))]
+    if checkpoint == "best":
+        results = run_dir / RESULTS_FILE
+        best = json.loads(results.read_text()).get("best_checkpoint") if results.is_file() else None
+        if not best:
+            return None
+        name = Path(best).stem
+        folders = [p for p in folders if p.name == name or re.fullmatch(rf"{re.escape(name)}-\d+", p.name)]
+        return max(folders, key=lambda p: p.stat().st_mtime, default=None)
     last = [p for p in folders if p.name == "last" or p.name.startswith("last-")]
     return max(last or folders, key=lambda p: p.stat().st_mtime, default=None)
 
@@ -129,10 +152,10 @@ def _is_evaluation(folder: Path) -> bool:
     return folder.parent.name in EVALUATIONS and (folder.parent.parent / "hparams.yaml").is_file()
 
 
-def find_runs(roots: list[Path]) -> list[RunLog]:
+def find_runs(roots: list[Path], test_checkpoint: str = "last") -> list[RunLog]:
     """Runs under the roots; evaluations filed inside a run (``<run>/test/...``) are not runs."""
     dirs = sorted({p.parent for root in roots for p in root.rglob("events.out.tfevents.*")})
-    runs = [load_run(d) for d in dirs if not _is_evaluation(d)]
+    runs = [load_run(d, test_checkpoint) for d in dirs if not _is_evaluation(d)]
     return [r for r in runs if r.hparams.get("head") and "val/loss" in r.scalars]
 
 
@@ -150,14 +173,18 @@ def _count(value) -> str:
     return f"{int(value):,}" if value is not None else "–"
 
 
-def table(groups: dict[str, list[RunLog]]) -> str:
+def table(groups: dict[str, list[RunLog]], best: bool = False) -> str:
+    """One row per group. With ``best``, also each run's lowest validation loss and the step it came at,
+    and the test column is that checkpoint's (early stopping on validation, as the literature reports)."""
     any_run = [r for runs in groups.values() for r in runs]
     tags = ("val/bpb", "val/excess_loss", "test/loss", *BUCKETS)
     has = {tag: any(tag in r.scalars for r in any_run) for tag in tags}
     header = ["head", "seeds", "params (unique)", "token emb.", "head own", "val loss", "val ppl"]
+    header += ["best val loss", "best val ppl", "at step"] * best
     header += ["val bpb"] * has["val/bpb"] + ["excess loss"] * has["val/excess_loss"]
     header += [label for tag, label in BUCKETS.items() if has[tag]]
-    header += ["test ppl"] * has["test/loss"] + ["tokens/s", "peak MiB"]
+    header += [f"test ppl{' (best ckpt)' if best else ''}"] * has["test/loss"]
+    header += ["tokens/s", "peak MiB", "minutes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in groups.items():
         hp = runs[0].hparams
@@ -171,6 +198,13 @@ def table(groups: dict[str, list[RunLog]]) -> str:
             _mean_std(losses, 4),
             _mean_std([math.exp(v) if v is not None else None for v in losses], 2),
         ]
+        if best:
+            lowest = [r.best("val/loss") for r in runs]
+            row += [
+                _mean_std([v for v, _ in lowest], 4),
+                _mean_std([math.exp(v) if v is not None else None for v, _ in lowest], 2),
+                ",".join(f"{s:,}" if s is not None else "–" for _, s in lowest),
+            ]
         if has["val/bpb"]:
             row.append(_mean_std([r.final("val/bpb") for r in runs], 4))
         if has["val/excess_loss"]:
@@ -191,7 +225,7 @@ def table(groups: dict[str, list[RunLog]]) -> str:
             max(v for _, v, _ in r.series("perf/peak_mem_mib")) if "perf/peak_mem_mib" in r.scalars else None
             for r in runs
         ]
-        row += [_mean_std(speeds, 0), _mean_std(memory, 0)]
+        row += [_mean_std(speeds, 0), _mean_std(memory, 0), _mean_std([r.minutes() for r in runs], 1)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -338,8 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plot", nargs="+", default=[], metavar="TAG", help="also plot these scalars against steps"
     )
+    parser.add_argument(
+        "--best",
+        action="store_true",
+        help="also the lowest validation loss of each run and its step; the test column from the test of "
+        "that (best) checkpoint instead of the last",
+    )
     args = parser.parse_args(argv)
-    runs = find_runs(args.roots)
+    runs = find_runs(args.roots, "best" if args.best else "last")
     if not runs:
         print(
             f"error: no lmheads runs with validation loss under {', '.join(map(str, args.roots))}",
@@ -353,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for r in sorted(runs, key=lambda r: (natural(label(r)), r.hparams.get("seed", 0))):
         groups[label(r)].append(r)
-    text = f"{budget(groups)}\n\n{table(groups)}"
+    text = f"{budget(groups)}\n\n{table(groups, args.best)}"
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

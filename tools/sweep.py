@@ -6,8 +6,9 @@
 
 Every run is one ``python -m lmheads fit`` process with the same configuration except its head, seed
 and grid values, logged to ``<root>/<name>/<head>-seed<seed>[-<grid values>]``. A run that finished
-leaves ``sweep.json`` there and is skipped next time; a run that was interrupted resumes from its
-``checkpoints/last.ckpt``. ``--jobs N`` runs N at once; with ``--gpus 0,1,...`` each job gets one GPU.
+leaves ``sweep.json`` there and is skipped next time; a run that was interrupted resumes from the newer
+of its ``checkpoints/last.ckpt`` and ``checkpoints/interrupted.ckpt``. ``--jobs N`` runs N at once; with
+``--gpus 0,1,...`` each job gets one GPU.
 Afterwards, ``python tools/compare.py <root>/<name>`` tabulates and plots the runs.
 """
 
@@ -107,9 +108,10 @@ def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
         "--trainer.enable_progress_bar=false",
     ]
     cmd += [f"--{key}={value}" for key, value in run.overrides.items()]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        cmd.append(f"--ckpt_path={last}")
+    saved = [run_dir / "checkpoints" / name for name in ("last.ckpt", "interrupted.ckpt")]
+    saved = [p for p in saved if p.is_file()]
+    if saved:  # the newer: an interruption after the last validation is further on
+        cmd.append(f"--ckpt_path={max(saved, key=lambda p: p.stat().st_mtime)}")
     return cmd + args.extra
 
 
