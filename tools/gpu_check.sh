@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Does lmheads work on this GPU machine? One command, about 8 minutes on one H100:
+# Does lmheads work on this GPU machine? One command, about 6 minutes on one H100 (at most 9.5):
 #
 #     bash tools/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu-check-<date>-<time>
 #
 # Runs, each under its own time limit, with its log in OUT_DIR/<check>.log:
+#   - short fits of the quickstart on the GPU, all at once (they are small; the GPU is shared):
+#     bf16-mixed with gradient clipping at 1.0 (fused AdamW), 16-mixed with clipping (loss scaling),
+#     model.compile=true, FSDP2 and FSDP1 on one device, and every registered head once;
 #   - the GPU tests (pytest -m gpu);
-#   - short fits of the quickstart on the GPU: bf16-mixed with gradient clipping at 1.0 (fused AdamW),
-#     16-mixed with clipping (loss scaling), model.compile=true, FSDP2 and FSDP1 on one device, and every
-#     registered head once;
-#   - tools/bench_head.py at GPT-2 small's head (N=16384 D=768 V=50304) and Llama-3-8B's (N=8192 D=4096
-#     V=128256), bf16;
-#   - tools/bench_train.py: GPT-2 small, tied and untied, Lightning with the chunked and the naive loss
-#     against a plain compiled PyTorch loop.
+#   - then alone on the GPU, since they time it: tools/bench_head.py at GPT-2 small's head (N=16384
+#     D=768 V=50304) and Llama-3-8B's (N=8192 D=4096 V=128256), bf16; tools/bench_train.py: GPT-2
+#     small, tied and untied, Lightning with the chunked and the naive loss against a plain compiled
+#     PyTorch loop.
 # Then prints a table: check, status, seconds, key figure. Exit status: the number of failed checks.
+# Everything ends by LMHEADS_CHECK_SECONDS (default 570): a check that would run past it gets the time
+# left, and one that cannot start in time is reported as SKIPPED, so the table always comes out.
 # Wheels carried in .whl/ (a machine without a package index) are installed first when present.
 #
 #     bash tools/gpu_check.sh --tiny [OUT_DIR]   # the same checks on the CPU at toy sizes (FSDP1 and
@@ -46,26 +48,61 @@ fi
 
 rows=()
 failed=0
-# check NAME SECONDS FIGURE COMMAND...: FIGURE is an extended regex; the last log line matching it is the
-# key figure (else the last line).
+deadline=${LMHEADS_CHECK_SECONDS:-570}
+# limit SECONDS: the time a check may take, capped by what is left before the deadline (0: none left).
+limit() {
+  local left=$((deadline - SECONDS - 5))
+  if [ "$left" -lt 15 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+# row NAME RC SECONDS FIGURE: one row of the table. FIGURE is an extended regex; the last log line
+# matching it is the key figure (else the last line).
+row() {
+  local name=$1 rc=$2 dt=$3 figure=$4 status=ok key
+  if [ "$rc" = skipped ]; then
+    status=SKIPPED key="no time left before the deadline (LMHEADS_CHECK_SECONDS=$deadline)"
+  else
+    if [ "$rc" -ne 0 ]; then
+      status="FAIL($rc)"
+      [ "$rc" -eq 124 ] && status="TIMEOUT"
+      tail -n 20 "$out/$name.log"
+    fi
+    key=$(grep -E "$figure" "$out/$name.log" | tail -n 1)
+    [ -n "$key" ] || key=$(grep -v '^\s*$' "$out/$name.log" | tail -n 1)
+  fi
+  [ "$status" = ok ] || failed=$((failed + 1))
+  rows+=("$(printf '| %-22s | %-9s | %5s | %s |' "$name" "$status" "$dt" "$(echo "$key" | cut -c1-90)")")
+}
+# check NAME SECONDS FIGURE COMMAND...: runs COMMAND now, alone.
 check() {
-  local name=$1 secs=$2 figure=$3
+  local name=$1 secs figure=$3 t0=$SECONDS rc
+  secs=$(limit "$2")
   shift 3
+  if [ "$secs" = 0 ]; then row "$name" skipped 0 "$figure"; return; fi
   echo "=== $name (at most ${secs}s)"
-  local t0=$SECONDS rc
   timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1
   rc=$?
-  local dt=$((SECONDS - t0)) status=ok
-  if [ "$rc" -ne 0 ]; then
-    status="FAIL($rc)"
-    [ "$rc" -eq 124 ] && status="TIMEOUT"
-    failed=$((failed + 1))
-    tail -n 20 "$out/$name.log"
-  fi
-  local key
-  key=$(grep -E "$figure" "$out/$name.log" | tail -n 1)
-  [ -n "$key" ] || key=$(grep -v '^\s*$' "$out/$name.log" | tail -n 1)
-  rows+=("$(printf '| %-22s | %-9s | %5s | %s |' "$name" "$status" "$dt" "$(echo "$key" | cut -c1-90)")")
+  row "$name" "$rc" $((SECONDS - t0)) "$figure"
+}
+# start NAME SECONDS FIGURE COMMAND...: runs COMMAND in the background; `finish` waits for all of them
+# and adds their rows in the order they were started.
+started=()
+start() {
+  local name=$1 secs figure=$3
+  secs=$(limit "$2")
+  shift 3
+  echo "=== $name (at most ${secs}s, in the background)"
+  timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1 &
+  started+=("$!|$name|$SECONDS|$figure")
+}
+finish() {
+  local entry pid name t0 figure rc
+  for entry in "${started[@]}"; do
+    IFS='|' read -r pid name t0 figure <<< "$entry"
+    wait "$pid"
+    rc=$?
+    row "$name" "$rc" $((SECONDS - t0)) "$figure"
+  done
+  started=()
 }
 
 accelerator=gpu steps=60 head_steps=30 precision=bf16-mixed
@@ -86,23 +123,31 @@ fit=(python -m lmheads fit --config configs/quickstart.yaml --trainer.accelerato
   --trainer.precision="$precision")
 FIT_FIGURE='val/loss|error:'
 
-check gpu-tests 150 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider
-check fit-bf16-clip 60 "$FIT_FIGURE" "${fit[@]}" --trainer.gradient_clip_val=1.0
-check fit-compile 120 "$FIT_FIGURE" "${fit[@]}" --model.compile=true
-check fit-fsdp2 90 "$FIT_FIGURE" "${fit[@]}" --config configs/trainer/fsdp2.yaml --trainer.accelerator="$accelerator" \
+# Fits, all at once, each into its own run folder (named after the check).
+start_fit() {
+  local name=$1 secs=$2
+  shift 2
+  start "$name" "$secs" "$FIT_FIGURE" "${fit[@]}" "$@" --trainer.logger.init_args.version="$name"
+}
+start_fit fit-bf16-clip 120 --trainer.gradient_clip_val=1.0
+start_fit fit-compile 180 --model.compile=true
+start_fit fit-fsdp2 120 --config configs/trainer/fsdp2.yaml --trainer.accelerator="$accelerator" \
   --trainer.devices=1 --trainer.strategy.init_args.data_parallel_size=1
 if [ "$tiny" = 0 ]; then  # CUDA only: Lightning refuses FSDP1 on a CPU and turns 16-mixed into bf16 there
-  check fit-16-mixed-clip 60 "$FIT_FIGURE" "${fit[@]}" --trainer.precision=16-mixed --trainer.gradient_clip_val=1.0
-  check fit-fsdp1 90 "$FIT_FIGURE" "${fit[@]}" --config configs/trainer/fsdp.yaml --trainer.devices=1
+  start_fit fit-16-mixed-clip 120 --trainer.precision=16-mixed --trainer.gradient_clip_val=1.0
+  start_fit fit-fsdp1 120 --config configs/trainer/fsdp.yaml --trainer.devices=1
 fi
 for head in $(python -c "from lmheads.heads import registered_heads; print(*registered_heads())"); do
-  check "fit-$head" 60 "$FIT_FIGURE" "${fit[@]}" --model.head="$head" --trainer.max_steps="$head_steps" \
+  start_fit "fit-$head" 120 --model.head="$head" --trainer.max_steps="$head_steps" \
     --trainer.val_check_interval="$head_steps"
 done
+finish
+find "$out/runs" -name '*.ckpt' -delete 2> /dev/null  # the logs stay; the checkpoints were for the fits
+check gpu-tests 150 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider
+# Benchmarks last, one at a time, with the GPU to themselves.
 check bench-head-gpt2 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}"
 check bench-head-llama3 120 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
 check bench-train-gpt2 240 '/ plain' python tools/bench_train.py "${train[@]}"
-
 echo
 echo "=== summary ($(head -n 2 "$out/machine.txt" | tail -n 1); logs in $out)"
 echo "| check                  | status    |     s | key figure |"
