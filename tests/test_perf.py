@@ -63,6 +63,13 @@ def test_bench_head_runs_every_backend(capsys):
     out = capsys.readouterr().out
     assert "| naive | " in out and "| chunked C=32 | " in out
     assert "gradient floor" in out
+    # as in bf16-mixed training: fp32 weights, bf16 products; the chunked loss matches the reference
+    bench.main(["--n", "96", "--d", "16", "--v", "300", "--dtype", "bfloat16", "--mixed", "--iters", "1",
+                "--warmup", "1", "--chunk-sizes", "32", "--no-compile"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "fp32 under bfloat16 autocast" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| chunked C=32 |")]
+    assert abs(float(row.rstrip(" |").rsplit("| ", 1)[1])) < 1e-2  # loss - naive
 
 
 def test_bench_train_runs_both_paths(capsys):

@@ -4,11 +4,14 @@
     python tools/bench_head.py --n 2048 --d 256 --v 32768 --dtype float32 --iters 5  # CPU-sized
 
 For hidden states h (N, D) and an output matrix W (V, D), both requiring gradients, each backend runs
-forward+backward of the mean cross-entropy in one process, after warm-up. Per backend it prints the
-time per forward+backward, the peak memory on top of the inputs (gradients included), the ratio of
-the time to the compiled baseline (``naive+compile``) and the ratio of the memory to the gradient
-floor, (N*D + V*D) elements of the compute dtype, which any method must hold. On CUDA memory is the
-allocator's peak; on CPU it is the process's peak resident memory (VmHWM, reset before each run).
+forward+backward of the mean cross-entropy in one process, after warm-up. By default h and W are
+tensors of ``--dtype``; with ``--mixed`` they are fp32 and every step runs under autocast to
+``--dtype``, as in ``bf16-mixed`` training (fp32 weights and their fp32 gradient, products in bf16).
+Per backend it prints the time per forward+backward, the peak memory on top of the inputs (gradients
+included), the ratio of the time to the compiled baseline (``naive+compile``) and the ratio of the
+memory to the gradient floor, (N*D + V*D) elements of the inputs' dtype, which any method must hold.
+On CUDA memory is the allocator's peak; on CPU it is the process's peak resident memory (VmHWM, reset
+before each run).
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ def mean_loss(backend: LossBackend) -> Callable[[LinearForm, torch.Tensor], torc
     return lambda form, targets: backend.train_loss(form, targets, IGNORE_INDEX, 0.0).loss
 
 
-def run(fn: Callable, h, w, targets, warmup: int, iters: int, memory: PeakMemory) -> dict[str, float]:
+def run(
+    fn: Callable, h, w, targets, warmup: int, iters: int, memory: PeakMemory, autocast: torch.dtype | None
+) -> dict[str, float]:
     def step() -> torch.Tensor:
         h.grad = w.grad = None
-        loss = fn(LinearForm(h, w, None), targets)
+        with torch.autocast(h.device.type, dtype=autocast, enabled=autocast is not None):
+            loss = fn(LinearForm(h, w, None), targets)
         loss.backward()
         return loss.detach()
 
@@ -67,12 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variants")
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="fp32 h and W under autocast to --dtype (bf16-mixed training) instead of --dtype tensors",
+    )
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    autocast = dtype if args.mixed and dtype != torch.float32 else None
+    stored = torch.float32 if args.mixed else dtype
     g = torch.Generator(device=device).manual_seed(0)
-    h = (torch.randn(args.n, args.d, device=device, generator=g) * 0.5).to(dtype).requires_grad_()
-    w = (torch.randn(args.v, args.d, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
+    h = (torch.randn(args.n, args.d, device=device, generator=g) * 0.5).to(stored).requires_grad_()
+    w = (torch.randn(args.v, args.d, device=device, generator=g) * 0.02).to(stored).requires_grad_()
     targets = torch.randint(0, args.v, (args.n,), device=device, generator=g)
     floor = (args.n * args.d + args.v * args.d) * h.element_size() / MiB
 
@@ -98,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     memory = PeakMemory(device)
     results = {}
     for name, fn in candidates.items():
-        results[name] = run(fn, h, w, targets, args.warmup, args.iters, memory)
+        results[name] = run(fn, h, w, targets, args.warmup, args.iters, memory, autocast)
         print(f"# {name}: {results[name]['ms']:.2f} ms", flush=True)
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\nN={args.n} D={args.d} V={args.v} {args.dtype} on {gpu}, torch {torch.__version__}; gradient "
+    precision = f"fp32 under {args.dtype} autocast" if autocast is not None else args.dtype
+    print(f"\nN={args.n} D={args.d} V={args.v} {precision} on {gpu}, torch {torch.__version__}; gradient "
           f"floor {floor:.0f} MiB; {args.iters} timed iterations after {args.warmup} warm-up")  # fmt: skip
     base = results.get("naive+compile", results["naive"])
     base_name = "naive+compile" if "naive+compile" in results else "naive"

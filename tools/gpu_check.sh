@@ -9,7 +9,8 @@
 #     model.compile=true, FSDP2 and FSDP1 on one device, and every registered head once;
 #   - the GPU tests (pytest -m gpu);
 #   - then alone on the GPU, since they time it: tools/bench_head.py at GPT-2 small's head (N=16384
-#     D=768 V=50304) and Llama-3-8B's (N=8192 D=4096 V=128256), bf16; tools/bench_train.py: GPT-2
+#     D=768 V=50304; bf16 tensors, and fp32 weights under bf16 autocast as in training) and
+#     Llama-3-8B's (N=8192 D=4096 V=128256, bf16); tools/bench_train.py: GPT-2
 #     small, tied and untied, Lightning with the chunked and the naive loss against a plain compiled
 #     PyTorch loop.
 # Then prints a table: check, status, seconds, key figure. Exit status: the number of failed checks.
@@ -146,6 +147,7 @@ find "$out/runs" -name '*.ckpt' -delete 2> /dev/null  # the logs stay; the check
 check gpu-tests 150 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider
 # Benchmarks last, one at a time, with the GPU to themselves.
 check bench-head-gpt2 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}"
+check bench-head-gpt2-mixed 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" --mixed
 check bench-head-llama3 120 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
 check bench-train-gpt2 240 '/ plain' python tools/bench_train.py "${train[@]}"
 echo
