@@ -26,85 +26,10 @@ tiny=0
 if [ "${1:-}" = "--tiny" ]; then tiny=1; shift; fi
 out=${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-if [ -f .whl/setup.sh ]; then
-  # shellcheck disable=SC1091
-  . .whl/setup.sh || { echo "error: installing the wheels in .whl/ failed"; exit 1; }
-fi
-export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-
-if [ "$tiny" = 0 ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  echo "error: no CUDA device is visible to torch; on a machine without a GPU, try the script with --tiny"
-  exit 1
-fi
-{
-  date -u +"%Y-%m-%d %H:%M UTC"
-  if command -v nvidia-smi > /dev/null; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1
-  else
-    echo "no GPU (--tiny on the CPU)"
-  fi
-  python -c "import torch, lightning; print('torch', torch.__version__, '| lightning', lightning.__version__,
-    '| cuda', torch.version.cuda, '| available', torch.cuda.is_available())"
-} | tee "$out/machine.txt"
-
-rows=()
-failed=0
 deadline=${LMHEADS_CHECK_SECONDS:-570}
-# limit SECONDS: the time a check may take, capped by what is left before the deadline (0: none left).
-limit() {
-  local left=$((deadline - SECONDS - 5))
-  if [ "$left" -lt 15 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
-}
-# row NAME RC SECONDS FIGURE: one row of the table. FIGURE is an extended regex; the last log line
-# matching it is the key figure (else the last line).
-row() {
-  local name=$1 rc=$2 dt=$3 figure=$4 status=ok key
-  if [ "$rc" = skipped ]; then
-    status=SKIPPED key="no time left before the deadline (LMHEADS_CHECK_SECONDS=$deadline)"
-  else
-    if [ "$rc" -ne 0 ]; then
-      status="FAIL($rc)"
-      [ "$rc" -eq 124 ] && status="TIMEOUT"
-      tail -n 20 "$out/$name.log"
-    fi
-    key=$(grep -E "$figure" "$out/$name.log" | tail -n 1)
-    [ -n "$key" ] || key=$(grep -v '^\s*$' "$out/$name.log" | tail -n 1)
-  fi
-  [ "$status" = ok ] || failed=$((failed + 1))
-  rows+=("$(printf '| %-22s | %-9s | %5s | %s |' "$name" "$status" "$dt" "$(echo "$key" | cut -c1-90)")")
-}
-# check NAME SECONDS FIGURE COMMAND...: runs COMMAND now, alone.
-check() {
-  local name=$1 secs figure=$3 t0=$SECONDS rc
-  secs=$(limit "$2")
-  shift 3
-  if [ "$secs" = 0 ]; then row "$name" skipped 0 "$figure"; return; fi
-  echo "=== $name (at most ${secs}s)"
-  timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1
-  rc=$?
-  row "$name" "$rc" $((SECONDS - t0)) "$figure"
-}
-# start NAME SECONDS FIGURE COMMAND...: runs COMMAND in the background; `finish` waits for all of them
-# and adds their rows in the order they were started.
-started=()
-start() {
-  local name=$1 secs figure=$3
-  secs=$(limit "$2")
-  shift 3
-  echo "=== $name (at most ${secs}s, in the background)"
-  timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1 &
-  started+=("$!|$name|$SECONDS|$figure")
-}
-finish() {
-  local entry pid name t0 figure rc
-  for entry in "${started[@]}"; do
-    IFS='|' read -r pid name t0 figure <<< "$entry"
-    wait "$pid"
-    rc=$?
-    row "$name" "$rc" $((SECONDS - t0)) "$figure"
-  done
-  started=()
-}
+# shellcheck source=tools/gpu_lib.sh
+. tools/gpu_lib.sh
+gpu_setup
 
 accelerator=gpu steps=60 head_steps=30 precision=bf16-mixed
 head_gpt2=(--n 16384 --d 768 --v 50304 --dtype bfloat16 --chunk-sizes 1024 4096)
@@ -150,9 +75,4 @@ check bench-head-gpt2 90 '^\| (chunked|naive\+compile)' python tools/bench_head.
 check bench-head-gpt2-mixed 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" --mixed
 check bench-head-llama3 120 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
 check bench-train-gpt2 240 '/ plain' python tools/bench_train.py "${train[@]}"
-echo
-echo "=== summary ($(head -n 2 "$out/machine.txt" | tail -n 1); logs in $out)"
-echo "| check                  | status    |     s | key figure |"
-echo "|---|---|---|---|"
-printf '%s\n' "${rows[@]}"
-exit "$failed"
+summary check

@@ -12,11 +12,12 @@
 #      (tied - untied per frequency bucket), tools/embeddings.py (the token matrices' geometry), and
 #      the runs' logs without their checkpoints (OUT_DIR/runs), then prints a summary.
 #
-# Training stops at LMHEADS_STUDY_SECONDS (default 330) whatever remains: each run then saves
-# interrupted.ckpt, the report covers what finished, and running the sweep command of the config
-# again with the same runs folder resumes the rest. Checkpoints stay in LMHEADS_STUDY_RUNS (default
-# /tmp/lmheads-study), out of OUT_DIR. The corpora are read from LMHEADS_DATA (default: .data if it
-# exists, else ../shared/data), with wikitext-2/{train,valid,test}.txt and tinyshakespeare/input.txt.
+# Everything ends by LMHEADS_STUDY_SECONDS (default 570) after the start: training stops 180 s before
+# that, whatever remains (each run then saves interrupted.ckpt), the report covers what finished, and
+# calling the script again with the same runs folder resumes the rest. Checkpoints stay in
+# LMHEADS_STUDY_RUNS (default /tmp/lmheads-study), out of OUT_DIR. The corpora are read from
+# LMHEADS_DATA (default: .data if it exists, else ../shared/data): wikitext-2/{train,valid,test}.txt
+# and tinyshakespeare/input.txt.
 # Wheels carried in .whl/ (a machine without a package index) are installed first when present.
 #
 #     bash tools/gpu_study.sh --tiny [OUT_DIR]   # the same steps on the CPU at toy sizes: tries the script
@@ -29,33 +30,18 @@ mkdir -p "$out" && out=$(cd "$out" && pwd)
 runs=${LMHEADS_STUDY_RUNS:-/tmp/lmheads-study}
 data=${LMHEADS_DATA:-}
 [ -n "$data" ] || { [ -d .data ] && data=.data; } || data=../shared/data
-train_seconds=${LMHEADS_STUDY_SECONDS:-330}
-if [ -f .whl/setup.sh ]; then
-  # shellcheck disable=SC1091
-  . .whl/setup.sh || { echo "error: installing the wheels in .whl/ failed"; exit 1; }
-fi
-export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+deadline=${LMHEADS_STUDY_SECONDS:-570}
+reserve=180  # seconds kept after training for the tests and the report
 for file in wikitext-2/train.txt wikitext-2/valid.txt wikitext-2/test.txt tinyshakespeare/input.txt; do
   [ -f "$data/$file" ] || { echo "error: $data/$file not found; set LMHEADS_DATA to the corpora's folder"; exit 1; }
 done
-if [ "$tiny" = 0 ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  echo "error: no CUDA device is visible to torch; on a machine without a GPU, try the script with --tiny"
-  exit 1
-fi
 if [ -e "$runs" ] && [ -n "$(ls -A "$runs" 2> /dev/null)" ]; then
   echo "note: $runs holds earlier runs: finished ones are kept, interrupted ones resume"
 fi
 mkdir -p "$runs"
-{
-  date -u +"%Y-%m-%d %H:%M UTC"
-  if [ "$tiny" = 0 ]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1
-  else
-    echo "no GPU (--tiny on the CPU)"
-  fi
-  python -c "import torch, lightning; print('torch', torch.__version__, '| lightning', lightning.__version__,
-    '| cuda', torch.version.cuda, '| available', torch.cuda.is_available())"
-} | tee "$out/machine.txt"
+# shellcheck source=tools/gpu_lib.sh
+. tools/gpu_lib.sh
+gpu_setup
 
 wikitext_config=(--config configs/experiments/wikitext2_converged.yaml)
 wikitext_data=(--data.init_args.train_file="$data/wikitext-2/train.txt"
@@ -74,34 +60,8 @@ if [ "$tiny" = 1 ]; then
     --model.backbone.d_model=32 --model.backbone.block_size=32 --data.init_args.batch_size=4
     --sampling.validation_samples=0 --trainer.limit_val_batches=4 --trainer.limit_test_batches=4)
   placement=(--jobs 2) nano_placement=() parallel=2
-  train_seconds=${LMHEADS_STUDY_SECONDS:-240}
+  deadline=${LMHEADS_STUDY_SECONDS:-900} reserve=300
 fi
-
-rows=()
-failed=0
-# record NAME STATUS SECONDS FIGURE: one row of the summary.
-record() {
-  rows+=("$(printf '| %-22s | %-9s | %5s | %s |' "$1" "$2" "$3" "$(echo "$4" | cut -c1-100)")")
-  [ "$2" = ok ] || failed=$((failed + 1))
-}
-# check NAME SECONDS FIGURE COMMAND...: COMMAND under a time limit, its log in OUT_DIR/NAME.log; FIGURE
-# is an extended regex, the last log line matching it is the key figure (else the last line).
-check() {
-  local name=$1 secs=$2 figure=$3
-  shift 3
-  echo "=== $name (at most ${secs}s)"
-  local t0=$SECONDS rc status=ok key
-  timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1
-  rc=$?
-  if [ "$rc" -ne 0 ]; then
-    status="FAIL($rc)"
-    [ "$rc" -eq 124 ] && status="TIMEOUT"
-    tail -n 20 "$out/$name.log"
-  fi
-  key=$(grep -E "$figure" "$out/$name.log" | tail -n 1)
-  [ -n "$key" ] || key=$(grep -v '^\s*$' "$out/$name.log" | tail -n 1)
-  record "$name" "$status" $((SECONDS - t0)) "$key"
-}
 
 # 1. Tokenize once (each run would otherwise tokenize the corpus itself, all at the same time).
 prepare='import sys
@@ -116,6 +76,7 @@ check prepare-shakespeare 60 'vocabulary' python -c "$prepare" "${shakespeare[@]
 # 2. Train: both sweeps side by side (a sweep skips finished runs and resumes interrupted ones), each in
 # its own process group so that the deadline reaches every training process (on SIGTERM each saves
 # interrupted.ckpt and stops).
+train_seconds=$((deadline - reserve - SECONDS))
 echo "=== train (at most ${train_seconds}s)"
 t0=$SECONDS
 setsid python tools/sweep.py "${wikitext_config[@]}" --name wikitext2_converged --root "$runs" \
@@ -153,7 +114,8 @@ record train-shakespeare "$(status "$nano_rc")" "$dt" \
 
 # 3. Test each WikiText-2 run's best checkpoint (the one ModelCheckpoint kept for its validation loss),
 # several at once.
-echo "=== test (at most 150s)"
+test_seconds=$(limit 150)
+echo "=== test (at most ${test_seconds}s)"
 t0=$SECONDS
 tested=0 untested=() pids=() names=()
 shopt -s nullglob
@@ -164,7 +126,7 @@ for run in "$runs"/wikitext2_converged/*/; do
     untested+=("$(basename "$run")")
     continue
   fi
-  timeout -k 10 150 python -m lmheads test "${wikitext[@]}" "${small[@]}" --ckpt_path="$best" \
+  timeout -k 10 "$test_seconds" python -m lmheads test "${wikitext[@]}" "${small[@]}" --ckpt_path="$best" \
     --trainer.enable_progress_bar=false > "$out/test-$(basename "$run").log" 2>&1 &
   pids+=($!) names+=("$(basename "$run")")
   while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do sleep 1; done
@@ -179,12 +141,12 @@ record test-wikitext2 "$([ ${#untested[@]} = 0 ] && echo ok || echo FAIL)" $((SE
 report="$out/wikitext2_converged"
 check compare-wikitext2 120 '^\| tied ' python tools/compare.py "$runs/wikitext2_converged" --best --out "$report" \
   --plot diag/grad_share_output
+check compare-shakespeare 60 '^\| tied ' python tools/compare.py "$runs/shakespeare_char" --best \
+  --out "$out/shakespeare_char"
 check buckets-wikitext2 60 '^\| ' python tools/buckets.py "$runs/wikitext2_converged" --heads tied untied --out "$report"
 check geometry-wikitext2 120 '^\| ' python tools/embeddings.py "$runs/wikitext2_converged/tied-seed0" \
   "$runs/wikitext2_converged/untied-seed0" "$runs/wikitext2_converged/tied_bias-seed0" \
   "$runs/wikitext2_converged/projected_tied-seed0" --out "$report/geometry"
-check compare-shakespeare 60 '^\| tied ' python tools/compare.py "$runs/shakespeare_char" --best \
-  --out "$out/shakespeare_char"
 mkdir -p "$out/runs"
 tar -C "$runs" --exclude='*.ckpt' -cf - . | tar -C "$out/runs" -xf -
 
@@ -192,8 +154,4 @@ echo
 for table in "$report/table.md" "$report/bucket_differences.md" "$out/shakespeare_char/table.md"; do
   [ -f "$table" ] && { echo "=== $table"; cat "$table"; echo; }
 done
-echo "=== summary ($(head -n 2 "$out/machine.txt" | tail -n 1); logs and report in $out)"
-echo "| step                   | status    |     s | key figure |"
-echo "|---|---|---|---|"
-printf '%s\n' "${rows[@]}"
-exit "$failed"
+summary step

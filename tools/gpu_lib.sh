@@ -1,0 +1,106 @@
+# shellcheck shell=bash
+# Sourced by tools/gpu_check.sh and tools/gpu_study.sh: the machine's set-up, steps under time limits
+# and one deadline, and the summary table. The caller sets `out` (its output folder), `tiny` (1: on the
+# CPU at toy sizes) and `deadline` (seconds after its start by which every step must have ended).
+
+rows=()
+failed=0
+started=()
+
+# gpu_setup: installs the wheels carried in .whl/ (a machine without a package index), refuses a
+# machine without CUDA unless tiny, and writes the date, card and versions to OUT/machine.txt.
+gpu_setup() {
+  if [ -f .whl/setup.sh ]; then
+    # shellcheck disable=SC1091
+    . .whl/setup.sh || { echo "error: installing the wheels in .whl/ failed"; exit 1; }
+  fi
+  export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+  if [ "$tiny" = 0 ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "error: no CUDA device is visible to torch; on a machine without a GPU, try the script with --tiny"
+    exit 1
+  fi
+  {
+    date -u +"%Y-%m-%d %H:%M UTC"
+    if [ "$tiny" = 0 ]; then
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1
+    else
+      echo "no GPU (--tiny on the CPU)"
+    fi
+    python -c "import torch, lightning; print('torch', torch.__version__, '| lightning', lightning.__version__,
+      '| cuda', torch.version.cuda, '| available', torch.cuda.is_available())"
+  } | tee "$out/machine.txt"
+}
+
+# record NAME STATUS SECONDS KEY: one row of the summary (a status other than ok counts as a failure).
+record() {
+  [ "$2" = ok ] || failed=$((failed + 1))
+  rows+=("$(printf '| %-22s | %-9s | %5s | %s |' "$1" "$2" "$3" "$(echo "$4" | cut -c1-100)")")
+}
+
+# row NAME RC SECONDS FIGURE: the row of a step whose log is OUT/NAME.log. FIGURE is an extended regex;
+# the last log line matching it is the key figure (else the last line). RC `skipped`: no time was left.
+row() {
+  local name=$1 rc=$2 dt=$3 figure=$4 status=ok key
+  if [ "$rc" = skipped ]; then
+    record "$name" SKIPPED 0 "no time left before the deadline (${deadline}s)"
+    return
+  fi
+  if [ "$rc" -ne 0 ]; then
+    status="FAIL($rc)"
+    { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && status="TIMEOUT"  # 137: killed after the TERM
+    tail -n 20 "$out/$name.log"
+  fi
+  key=$(grep -E "$figure" "$out/$name.log" | tail -n 1)
+  [ -n "$key" ] || key=$(grep -v '^\s*$' "$out/$name.log" | tail -n 1)
+  record "$name" "$status" "$dt" "$key"
+}
+
+# limit SECONDS: the time a step may take, capped by what is left before the deadline (0: none left).
+limit() {
+  local left=$((deadline - SECONDS - 5))
+  if [ "$left" -lt 15 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+
+# check NAME SECONDS FIGURE COMMAND...: runs COMMAND now, under its time limit, its output in OUT/NAME.log.
+check() {
+  local name=$1 secs figure=$3 t0=$SECONDS rc
+  secs=$(limit "$2")
+  shift 3
+  if [ "$secs" = 0 ]; then row "$name" skipped 0 "$figure"; return; fi
+  echo "=== $name (at most ${secs}s)"
+  timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  row "$name" "$rc" $((SECONDS - t0)) "$figure"
+}
+
+# start NAME SECONDS FIGURE COMMAND...: the same in the background; `finish` waits for every started
+# step and adds their rows in the order they were started.
+start() {
+  local name=$1 secs figure=$3
+  secs=$(limit "$2")
+  shift 3
+  if [ "$secs" = 0 ]; then row "$name" skipped 0 "$figure"; return; fi
+  echo "=== $name (at most ${secs}s, in the background)"
+  timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1 &
+  started+=("$!|$name|$SECONDS|$figure")
+}
+finish() {
+  local entry pid name t0 figure rc
+  for entry in "${started[@]}"; do
+    IFS='|' read -r pid name t0 figure <<< "$entry"
+    wait "$pid"
+    rc=$?
+    row "$name" "$rc" $((SECONDS - t0)) "$figure"
+  done
+  started=()
+}
+
+# summary WHAT: the table, after the card; the exit status is the number of failed steps.
+summary() {
+  echo
+  echo "=== summary ($(head -n 2 "$out/machine.txt" | tail -n 1); logs in $out)"
+  printf '| %-22s | %-9s | %5s | %s |\n' "$1" status s "key figure"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+  exit "$failed"
+}
