@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does lmheads work on this GPU machine? One command, about 6 minutes on one H100 (at most 9.5):
+# Does lmheads work on this GPU machine? One command that ends within 9.5 minutes (its deadline):
 #
 #     bash tools/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu-check-<date>-<time>
 #

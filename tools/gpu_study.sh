@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The converged answer on one GPU, in one command (about 6 minutes on one H100, at most 9.5):
+# The converged answer on one GPU, in one command that ends within 9.5 minutes (its deadline):
 #
 #     bash tools/gpu_study.sh [OUT_DIR]          # default OUT_DIR: gpu-study-<date>-<time>
 #
