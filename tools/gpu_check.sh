@@ -72,7 +72,8 @@ find "$out/runs" -name '*.ckpt' -delete 2> /dev/null  # the logs stay; the check
 check gpu-tests 150 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider
 # Benchmarks last, one at a time, with the GPU to themselves.
 check bench-head-gpt2 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}"
-check bench-head-gpt2-mixed 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" --mixed
+check bench-head-gpt2-mixed 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" \
+  --mixed
 check bench-head-llama3 120 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
 check bench-train-gpt2 240 '/ plain' python tools/bench_train.py "${train[@]}"
 summary check

@@ -33,7 +33,10 @@ data=${LMHEADS_DATA:-}
 deadline=${LMHEADS_STUDY_SECONDS:-570}
 reserve=180  # seconds kept after training for the tests and the report
 for file in wikitext-2/train.txt wikitext-2/valid.txt wikitext-2/test.txt tinyshakespeare/input.txt; do
-  [ -f "$data/$file" ] || { echo "error: $data/$file not found; set LMHEADS_DATA to the corpora's folder"; exit 1; }
+  if [ ! -f "$data/$file" ]; then
+    echo "error: $data/$file not found; set LMHEADS_DATA to the corpora's folder"
+    exit 1
+  fi
 done
 if [ -e "$runs" ] && [ -n "$(ls -A "$runs" 2> /dev/null)" ]; then
   echo "note: $runs holds earlier runs: finished ones are kept, interrupted ones resume"
@@ -69,7 +72,8 @@ from lmheads.cli import main
 data = main(sys.argv[1:], run=False).datamodule
 data.prepare_data()
 data.setup("fit")
-print(f"{type(data).__name__}: vocabulary {data.vocab_size:,}, training tokens {int(data.train_token_counts().sum()):,}")'
+tokens = int(data.train_token_counts().sum())
+print(f"{type(data).__name__}: vocabulary {data.vocab_size:,}, training tokens {tokens:,}")'
 check prepare-wikitext2 180 'vocabulary' python -c "$prepare" "${wikitext[@]}" "${small[@]}"
 check prepare-shakespeare 60 'vocabulary' python -c "$prepare" "${shakespeare[@]}" "${small[@]}"
 
@@ -139,11 +143,12 @@ record test-wikitext2 "$([ ${#untested[@]} = 0 ] && echo ok || echo FAIL)" $((SE
 
 # 4. The report.
 report="$out/wikitext2_converged"
-check compare-wikitext2 120 '^\| tied ' python tools/compare.py "$runs/wikitext2_converged" --best --out "$report" \
-  --plot diag/grad_share_output
+check compare-wikitext2 120 '^\| tied ' python tools/compare.py "$runs/wikitext2_converged" --best \
+  --out "$report" --plot diag/grad_share_output
 check compare-shakespeare 60 '^\| tied ' python tools/compare.py "$runs/shakespeare_char" --best \
   --out "$out/shakespeare_char"
-check buckets-wikitext2 60 '^\| ' python tools/buckets.py "$runs/wikitext2_converged" --heads tied untied --out "$report"
+check buckets-wikitext2 60 '^\| ' python tools/buckets.py "$runs/wikitext2_converged" --heads tied untied \
+  --out "$report"
 check geometry-wikitext2 120 '^\| ' python tools/embeddings.py "$runs/wikitext2_converged/tied-seed0" \
   "$runs/wikitext2_converged/untied-seed0" "$runs/wikitext2_converged/tied_bias-seed0" \
   "$runs/wikitext2_converged/projected_tied-seed0" --out "$report/geometry"
