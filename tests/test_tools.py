@@ -114,6 +114,43 @@ def test_grid_and_run_names():
         sweep.parse_grid(["model.lr"])
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_sweep_stops_its_runs_with_a_checkpoint_and_the_next_call_resumes(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    def sweep_command(steps: int) -> list[str]:
+        return [
+            sys.executable, str(ROOT / "tools/sweep.py"), "--config", str(ROOT / "configs/quickstart.yaml"),
+            "--heads", "tied", "untied", "--seeds", "0", "--root", str(tmp_path), "--name", "grid", "--",
+            f"--trainer.max_steps={steps}", "--trainer.val_check_interval=20", *TINY[1:],
+        ]  # fmt: skip
+
+    sweep_process = subprocess.Popen(sweep_command(100_000), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "grid" / "tied-seed0" / "sweep.log"
+    deadline = time.time() + 120
+    while not (log.is_file() and "parameters" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # training under way
+    sweep_process.send_signal(signal.SIGTERM)
+    out, _ = sweep_process.communicate(timeout=120)
+    assert sweep_process.returncode == 128 + signal.SIGTERM, out
+    assert "tied-seed0: interrupted" in out and "untied-seed0: not started" in out
+    assert not (tmp_path / "grid" / "untied-seed0").exists()
+    ckpt = tmp_path / "grid" / "tied-seed0" / "checkpoints" / "interrupted.ckpt"
+    step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    assert json.loads((ckpt.parents[1] / "sweep.json").read_text())["status"] == "interrupted"
+    # the same sweep again: the interrupted run continues from its checkpoint, the other starts
+    again = subprocess.run(sweep_command(step + 2), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    record = json.loads((ckpt.parents[1] / "sweep.json").read_text())
+    assert record["status"] == "done" and f"--ckpt_path={ckpt}" in record["command"]
+    assert [s for s, _ in scalars(ckpt.parents[1])["train/loss"]][-1] == step + 1
+
+
 def test_sweep_resumes_from_the_newer_of_last_and_interrupted(tmp_path):
     import argparse
     import os

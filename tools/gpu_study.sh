@@ -77,29 +77,26 @@ print(f"{type(data).__name__}: vocabulary {data.vocab_size:,}, training tokens {
 check prepare-wikitext2 180 'vocabulary' python -c "$prepare" "${wikitext[@]}" "${small[@]}"
 check prepare-shakespeare 60 'vocabulary' python -c "$prepare" "${shakespeare[@]}" "${small[@]}"
 
-# 2. Train: both sweeps side by side (a sweep skips finished runs and resumes interrupted ones), each in
-# its own process group so that the deadline reaches every training process (on SIGTERM each saves
-# interrupted.ckpt and stops).
+# 2. Train: both sweeps side by side (a sweep skips finished runs and resumes interrupted ones). At the
+# deadline each sweep gets SIGTERM and passes it on to its runs, which save interrupted.ckpt and stop.
 train_seconds=$((deadline - reserve - SECONDS))
 echo "=== train (at most ${train_seconds}s)"
 t0=$SECONDS
-setsid python tools/sweep.py "${wikitext_config[@]}" --name wikitext2_converged --root "$runs" \
+python tools/sweep.py "${wikitext_config[@]}" --name wikitext2_converged --root "$runs" \
   --heads "${heads[@]}" --seeds "${seeds[@]}" "${placement[@]}" -- "${wikitext_data[@]}" "${small[@]}" \
   > "$out/sweep.log" 2>&1 &
 sweep=$!
-setsid python tools/sweep.py "${shakespeare_config[@]}" --name shakespeare_char --root "$runs" --heads tied \
+python tools/sweep.py "${shakespeare_config[@]}" --name shakespeare_char --root "$runs" --heads tied \
   --seeds 1337 ${nano_placement[@]+"${nano_placement[@]}"} -- "${shakespeare_data[@]}" "${small[@]}" \
   > "$out/shakespeare.log" 2>&1 &
 nano=$!
-# Ctrl-C or a TERM to this script stops the runs the same way (they are not in its process group).
-trap 'kill -TERM -- "-$sweep" "-$nano" 2> /dev/null' INT TERM
+trap 'kill -TERM "$sweep" "$nano" 2> /dev/null' INT TERM  # stopping this script stops them the same way
 stopped=""
 while kill -0 "$sweep" 2> /dev/null || kill -0 "$nano" 2> /dev/null; do
   if [ $((SECONDS - t0)) -ge "$train_seconds" ] && [ -z "$stopped" ]; then
     stopped=" (stopped at ${train_seconds}s)"
     echo "deadline: stopping the runs (each saves interrupted.ckpt)"
-    kill -TERM -- "-$sweep" "-$nano" 2> /dev/null
-    (sleep 60 && kill -KILL -- "-$sweep" "-$nano" 2> /dev/null) &
+    kill -TERM "$sweep" "$nano" 2> /dev/null
   fi
   sleep 2
 done

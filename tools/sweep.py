@@ -19,8 +19,10 @@ import itertools
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -124,7 +126,37 @@ def thread_env(jobs: int, on_gpus: bool) -> dict[str, str]:
     return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
 
 
-def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None) -> tuple[Run, str]:
+class Runs:
+    """The runs in progress, each in a session of its own. SIGINT or SIGTERM to the sweep (Ctrl-C, a
+    scheduler) is passed on to each of them exactly once, so each saves ``interrupted.ckpt`` and stops
+    (a second Ctrl-C aborts them at once), the next call resumes them, and no further run starts."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopped: int | None = None  # the signal that stopped the sweep
+
+    def stop(self, signum: int, frame=None) -> None:
+        with self.lock:
+            self.stopped = self.stopped or signum
+            for process in self.running:
+                process.send_signal(signum)
+
+    def run(self, cmd: list[str], **kwargs) -> int | None:
+        """The command's exit status; None if the sweep was stopped before it started."""
+        with self.lock:
+            if self.stopped:
+                return None
+            process = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+            self.running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.running.discard(process)
+
+
+def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: Runs) -> tuple[Run, str]:
     run_dir = Path(args.root) / args.name / run.name
     marker = run_dir / "sweep.json"
     if marker.is_file() and json.loads(marker.read_text()).get("status") == "done":
@@ -136,22 +168,26 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None) -> tup
     gpu = gpus.get() if gpus is not None else None
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     try:
+        if runs.stopped:
+            return run, "not started (the sweep was stopped)"
+        run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "sweep.log").open("a") as log:
-            result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            returncode = runs.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     finally:
         if gpu is not None:
             gpus.put(gpu)
-    status = "done" if result.returncode == 0 else "failed"
-    record = {"status": status, "returncode": result.returncode, "seconds": round(time.time() - start, 1)}
+    if returncode is None:
+        return run, "not started (the sweep was stopped)"
+    status = "done" if returncode == 0 else "interrupted" if returncode in (130, 143) else "failed"
+    record = {"status": status, "returncode": returncode, "seconds": round(time.time() - start, 1)}
     marker.write_text(json.dumps({**record, "command": cmd}, indent=2))
-    detail = (
-        f"{record['seconds']} s"
-        if status == "done"
-        else f"exit {result.returncode}, see {run_dir / 'sweep.log'}"
-    )
+    detail = {
+        "done": f"{record['seconds']} s",
+        "interrupted": f"after {record['seconds']} s; the next call resumes it",
+        "failed": f"exit {returncode}, see {run_dir / 'sweep.log'}",
+    }[status]
     return run, f"{status} ({detail})"
 
 
@@ -194,12 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs = min(args.jobs, gpus.qsize())
     print(f"{len(runs)} runs -> {Path(args.root) / args.name}", flush=True)
     failed = 0
+    running = Runs()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, running.stop)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for run, outcome in pool.map(lambda r: execute(r, args, gpus), runs):
+        for run, outcome in pool.map(lambda r: execute(r, args, gpus, running), runs):
             print(f"{run.name}: {outcome}", flush=True)
-            failed += outcome.startswith("failed")
+            failed += not outcome.startswith(("done", "skipped")) and not args.dry_run
     if failed:
-        print(f"{failed} run(s) failed; run the same command again to retry them", file=sys.stderr)
+        print(f"{failed} run(s) not done; the same command again resumes or retries them", file=sys.stderr)
+    if running.stopped:
+        return 128 + running.stopped
     return 1 if failed else 0
 
 
