@@ -179,14 +179,14 @@ def test_compare_without_runs_fails_clearly(tmp_path, capsys):
 def test_sweep_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path, monkeypatch):
     """Two runs at once, each told to use half the cores; both finish and are recorded."""
     seen = []
-    real = sweep.subprocess.run
+    real = sweep.subprocess.Popen
 
-    def recording_run(cmd, **kwargs):
+    def recording_popen(cmd, **kwargs):
         seen.append(kwargs["env"].get("OMP_NUM_THREADS"))
         return real(cmd, **kwargs)
 
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(sweep.subprocess, "run", recording_run)
+    monkeypatch.setattr(sweep.subprocess, "Popen", recording_popen)
     args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--heads", "tied", "untied", "--seeds", "0"]
     rc = sweep.main([*args, "--root", str(tmp_path), "--name", "jobs", "--jobs", "2", "--",
                      "--trainer.max_steps=2", *TINY])  # fmt: skip

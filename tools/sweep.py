@@ -231,13 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(runs)} runs -> {Path(args.root) / args.name}", flush=True)
     failed = 0
     running = Runs()
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, running.stop)
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for run, outcome in pool.map(lambda r: execute(r, args, gpus, running), runs):
-            print(f"{run.name}: {outcome}", flush=True)
-            failed += not outcome.startswith(("done", "skipped")) and not args.dry_run
+        previous = {signum: signal.signal(signum, running.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for run, outcome in pool.map(lambda r: execute(r, args, gpus, running), runs):
+                print(f"{run.name}: {outcome}", flush=True)
+                failed += not outcome.startswith(("done", "skipped")) and not args.dry_run
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if failed:
         print(f"{failed} run(s) not done; the same command again resumes or retries them", file=sys.stderr)
     if running.stopped:
