@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -253,8 +255,17 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
         return _main(args, run)
 
 
+def _stopped_outside_training(signum, frame) -> None:
+    raise Interrupted("SIGTERM outside training: nothing was saved", 143)
+
+
 def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
     argv = sys.argv[1:] if args is None else args
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # Until training starts (where the interruption callback takes SIGTERM over), SIGTERM ends the
+        # command like any failed start: what it created is removed (a sweep can then start it again).
+        previous = signal.signal(signal.SIGTERM, _stopped_outside_training)
     try:
         if argv[:1] == ["heads"]:  # python -m lmheads heads [MODULE ...]
             print(list_heads(argv[1:]))
@@ -289,3 +300,6 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

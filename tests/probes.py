@@ -23,6 +23,13 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalInSetup(L.Callback):
+    """Sends SIGTERM to this process while the trainer sets up, before training starts."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class PoisonAt(L.Callback):
     """Makes the weights NaN before the given optimizer step."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -96,6 +97,17 @@ def test_sigterm_saves_and_exits_143(tmp_path, capsys):
     assert exc.value.code == 143
     assert "SIGTERM at step 2: saved" in capsys.readouterr().err
     assert (only_run(tmp_path) / "checkpoints" / "interrupted.ckpt").is_file()
+
+
+def test_sigterm_before_training_leaves_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path, "--trainer.callbacks+=tests.probes.SignalInSetup", steps=6, every=3)
+    assert exc.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "interrupted: SIGTERM outside training: nothing was saved"
+    )
+    assert not (tmp_path / "quickstart").exists()  # the run folder it had claimed is gone
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # and the handler is given back
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
