@@ -119,6 +119,10 @@ def test_compare_best_reports_the_lowest_validation_and_tests_that_checkpoint(fi
     main(["test", *quick_args(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])  # newer
     assert compare.test_evaluation(run, "best") == run / "test" / Path(best).stem
     assert compare.test_evaluation(run, "last") == run / "test" / "last-2"
+    results = (run / "results.json").read_text()
+    (run / "results.json").unlink()  # as for a run stopped before the end: the step<N> checkpoint's
+    assert compare.test_evaluation(run, "best") == run / "test" / Path(best).stem
+    (run / "results.json").write_text(results)
     (found,) = compare.find_runs([tmp_path], "best")
     losses = dict((s + 1, v) for s, v in scalars(run)["val/loss"])
     step = min(losses, key=losses.get)

@@ -134,15 +134,15 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
 
 def test_evaluation(run_dir: Path, checkpoint: str = "last") -> Path | None:
     """The run's newest test evaluation of a checkpoint: ``last`` (else the newest of any), or ``best``,
-    the checkpoint of the lowest validation loss that ``fit`` recorded in results.json (else none)."""
+    the checkpoint of the lowest validation loss that ``fit`` recorded in results.json (a run stopped
+    before the end has none: then the newest evaluation of a ``step<N>`` checkpoint, which is what the
+    checkpoint callback keeps for the lowest validation loss)."""
     folders = [p for p in (run_dir / "test").glob("*") if any(p.glob("events.out.tfevents.*"))]
     if checkpoint == "best":
         results = run_dir / RESULTS_FILE
         best = json.loads(results.read_text()).get("best_checkpoint") if results.is_file() else None
-        if not best:
-            return None
-        name = Path(best).stem
-        folders = [p for p in folders if p.name == name or re.fullmatch(rf"{re.escape(name)}-\d+", p.name)]
+        name = re.escape(Path(best).stem) if best else r"step\d+"
+        folders = [p for p in folders if re.fullmatch(rf"{name}(-\d+)?", p.name)]
         return max(folders, key=lambda p: p.stat().st_mtime, default=None)
     last = [p for p in folders if p.name == "last" or p.name.startswith("last-")]
     return max(last or folders, key=lambda p: p.stat().st_mtime, default=None)

@@ -127,6 +127,7 @@ for run in "$runs"/wikitext2_converged/*/; do
     untested+=("$(basename "$run")")
     continue
   fi
+  [ "$test_seconds" -gt 0 ] || { untested+=("$(basename "$run") (no time left)"); continue; }
   timeout -k 10 "$test_seconds" python -m lmheads test "${wikitext[@]}" "${small[@]}" --ckpt_path="$best" \
     --trainer.enable_progress_bar=false > "$out/test-$(basename "$run").log" 2>&1 &
   pids+=($!) names+=("$(basename "$run")")
