@@ -100,6 +100,7 @@ def test_sigterm_saves_and_exits_143(tmp_path, capsys):
 
 
 def test_sigterm_before_training_leaves_nothing(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exc:
         fit(tmp_path, "--trainer.callbacks+=tests.probes.SignalInSetup", steps=6, every=3)
     assert exc.value.code == 143
@@ -107,7 +108,7 @@ def test_sigterm_before_training_leaves_nothing(tmp_path, capsys):
         "interrupted: SIGTERM outside training: nothing was saved"
     )
     assert not (tmp_path / "quickstart").exists()  # the run folder it had claimed is gone
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # and the handler is given back
+    assert signal.getsignal(signal.SIGTERM) is before  # and the handler is given back
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
