@@ -48,11 +48,13 @@ def test_resume_after_ctrl_c_is_bitwise_identical(tmp_path):
     [
         (["--trainer.check_val_every_n_epoch=null", "--trainer.val_check_interval=4"], "true"),
         (["--trainer.check_val_every_n_epoch=1", "--trainer.val_check_interval=1.0"], "false"),
+        (["--trainer.check_val_every_n_epoch=1", "--trainer.val_check_interval=2"], "true"),
     ],
-    ids=["every-4-steps-random-offsets", "every-epoch"],
+    ids=["every-4-steps-random-offsets", "every-epoch", "within-each-epoch-random-offsets"],
 )
 def test_resume_at_any_step_of_a_short_epoch_is_exact(tmp_path, validation, offsets):
-    """Text in epochs of 3 batches, validated every 4 steps or at each epoch's end: a run interrupted
+    """Text in epochs of 3 batches, validated every 4 steps, at each epoch's end, or every 2 batches of
+    each epoch (the quickstart's way): a run interrupted
     after an epoch's last batch (3, 6), at a validation (4), or stopped by max_steps (3, 5) and continued
     from last.ckpt, ends with the weights of an uninterrupted 8-step run and logs at the same steps."""
     text = tmp_path / "t.txt"
