@@ -189,7 +189,7 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if not self.save_last or self._written_at == trainer.global_step or self.dirpath is None:
             return
-        if trainer.fast_dev_run or trainer.sanity_checking:
+        if trainer.fast_dev_run:  # writes no checkpoints
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
