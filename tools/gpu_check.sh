@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does lmheads work on this GPU machine? One command that ends within 9.5 minutes (its deadline):
+# Does lmheads work on this GPU machine? One command that ends within 8 minutes (its deadline):
 #
 #     bash tools/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu-check-<date>-<time>
 #
@@ -14,7 +14,7 @@
 #     small, tied and untied, Lightning with the chunked and the naive loss against a plain compiled
 #     PyTorch loop.
 # Then prints a table: check, status, seconds, key figure. Exit status: the number of failed checks.
-# Everything ends by LMHEADS_CHECK_SECONDS (default 570): a check that would run past it gets the time
+# Everything ends by LMHEADS_CHECK_SECONDS (default 480): a check that would run past it gets the time
 # left, and one that cannot start in time is reported as SKIPPED, so the table always comes out.
 # Wheels carried in .whl/ (a machine without a package index) are installed first when present.
 #
@@ -26,7 +26,7 @@ tiny=0
 if [ "${1:-}" = "--tiny" ]; then tiny=1; shift; fi
 out=${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-deadline=${LMHEADS_CHECK_SECONDS:-570}
+deadline=${LMHEADS_CHECK_SECONDS:-480}
 # shellcheck source=tools/gpu_lib.sh
 . tools/gpu_lib.sh
 gpu_setup
