@@ -126,6 +126,9 @@ def thread_env(jobs: int, on_gpus: bool) -> dict[str, str]:
     return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
 
 
+NOT_STARTED = "not started (the sweep was stopped)"
+
+
 class Runs:
     """The runs in progress, each in a session of its own. SIGINT or SIGTERM to the sweep (Ctrl-C, a
     scheduler) is passed on to each of them exactly once, so each saves ``interrupted.ckpt`` and stops
@@ -171,7 +174,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     start = time.time()
     try:
         if runs.stopped:
-            return run, "not started (the sweep was stopped)"
+            return run, NOT_STARTED
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "sweep.log").open("a") as log:
             returncode = runs.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -179,7 +182,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
         if gpu is not None:
             gpus.put(gpu)
     if returncode is None:
-        return run, "not started (the sweep was stopped)"
+        return run, NOT_STARTED
     status = "done" if returncode == 0 else "interrupted" if returncode in (130, 143) else "failed"
     record = {"status": status, "returncode": returncode, "seconds": round(time.time() - start, 1)}
     marker.write_text(json.dumps({**record, "command": cmd}, indent=2))
