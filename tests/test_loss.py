@@ -328,3 +328,69 @@ def test_a_failing_compiler_falls_back_to_eager_once():
         chunked_train_loss(LinearForm(h, w, None), targets, chunk_size=8, chunk_grad=chunk_grad)
     expected = chunked_train_loss(LinearForm(h, w, None), targets, chunk_size=8, chunk_grad=ChunkGrad(False))
     assert out.loss.item() == expected.loss.item()
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_one_hot_by_comparison_equals_the_scatter(softcap):
+    """The compiled chunk step subtracts the one-hot as a comparison (fusible); eager scatters it."""
+    from lmheads.loss.chunked import _chunk_grad
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 33, generator=g)
+    targets = torch.randint(0, 33, (12,), generator=g)
+    targets[[0, 5]] = IGNORE_INDEX
+    valid = targets != IGNORE_INDEX
+    scatter = _chunk_grad(logits.clone(), targets, valid, softcap, 1e-2, onehot_by_compare=False)
+    compare = _chunk_grad(logits.clone(), targets, valid, softcap, 1e-2, onehot_by_compare=True)
+    for a, b in zip(scatter, compare, strict=True):
+        assert torch.equal(a, b)
+    if softcap is None:  # a row sums to (1 + 2 z lse) - 1: the one-hot took its 1 from each counted row
+        lse = scatter[1][valid]
+        torch.testing.assert_close(scatter[2][valid].sum(1), 2e-2 * lse, atol=1e-5, rtol=1e-4)
+    assert not scatter[2][~valid].any()  # ignored tokens add nothing
+
+
+def test_fp32_out_gemm_falls_back_to_product_and_sum_once_where_missing():
+    """CPU has no GEMM with fp32 output from bf16 operands: asked for one, it warns once and adds."""
+    chunk_grad = ChunkGrad(compile=False, fp32_out_gemm=True)
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(9, 4, generator=g)
+    a, b = torch.randn(9, 6, generator=g).bfloat16(), torch.randn(6, 4, generator=g).bfloat16()
+    expected = acc + (a @ b).float()
+    ptr = acc.data_ptr()
+    with pytest.warns(UserWarning, match="GEMM with fp32 output is not available here"):
+        chunk_grad.add_product(acc, a, b)
+    assert torch.equal(acc, expected) and acc.data_ptr() == ptr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chunk_grad.add_product(acc, a, b)
+    assert torch.equal(acc, expected + (a @ b).float())
+
+
+def test_chunk_grad_rejects_an_unknown_one_hot():
+    with pytest.raises(ValueError, match="onehot must be 'scatter', 'compare' or None"):
+        ChunkGrad(onehot="gather")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp32_out_gemm", [True, False])
+def test_chunked_w_gradient_in_fp32_under_autocast_on_gpu(fp32_out_gemm):
+    """bf16-mixed training: fp32 W, bf16 products, W's gradient summed over 8 chunks in fp32, by one GEMM
+    with fp32 output into the accumulator or by a product then a sum; both match the fp32 reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, d, v = 2048, 64, 50304
+    h = (torch.randn(n, d, device="cuda", generator=g) * 0.1).requires_grad_()
+    w = (torch.randn(v, d, device="cuda", generator=g) * 0.02).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    ref_h, ref_w = torch.autograd.grad(F.cross_entropy(F.linear(h, w), targets), (h, w))
+    chunk_grad = ChunkGrad(fp32_out_gemm=fp32_out_gemm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the GEMM with fp32 output exists on CUDA: no fallback
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = chunked_train_loss(LinearForm(h, w, None), targets, chunk_size=256, chunk_grad=chunk_grad)
+        grad_h, grad_w = torch.autograd.grad(loss.loss, (h, w))
+    assert grad_w.dtype == torch.float32
+    for grad, ref in ((grad_h, ref_h), (grad_w, ref_w)):
+        assert (grad - ref).norm() / ref.norm() < 1e-2

@@ -72,6 +72,25 @@ def test_bench_head_runs_every_backend(capsys):
     assert abs(float(row.rstrip(" |").rsplit("| ", 1)[1])) < 1e-2  # loss - naive
 
 
+def test_bench_head_times_the_chunk_steps_alternatives(capsys, monkeypatch):
+    """--variants: the CUDA alternatives to the chunk step's defaults, each a row; none on a CPU."""
+    bench = _tool("bench_head")
+    args = ["--n", "96", "--d", "16", "--v", "300", "--dtype", "bfloat16", "--mixed", "--iters", "1",
+            "--warmup", "1", "--chunk-sizes", "32", "--no-compile", "--variants",
+            "--device", "cpu"]  # fmt: skip
+    bench.main(args)
+    assert "# variants: none here" in capsys.readouterr().out
+    on_cuda = bench.variants(torch.device("cuda"), mixed=True)
+    assert [label for label, _ in on_cuda] == ["one-hot by scatter", "product, then sum"]
+    assert [label for label, _ in bench.variants(torch.device("cuda"), mixed=False)] == ["one-hot by scatter"]
+    monkeypatch.setattr(bench, "variants", lambda device, mixed: on_cuda)  # their options run on a CPU too
+    bench.main(args)
+    out = capsys.readouterr().out
+    for label in ("one-hot by scatter", "product, then sum"):
+        (row,) = [line for line in out.splitlines() if line.startswith(f"| chunked C=32 [{label}] |")]
+        assert abs(float(row.rstrip(" |").rsplit("| ", 1)[1])) < 1e-2  # loss - naive
+
+
 def test_bench_train_runs_both_paths(capsys):
     bench = _tool("bench_train")
     bench.main(["--preset", "tiny", "--n-layer", "1", "--d-model", "32", "--n-head", "2",

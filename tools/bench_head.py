@@ -10,8 +10,9 @@ tensors of ``--dtype``; with ``--mixed`` they are fp32 and every step runs under
 Per backend it prints the time per forward+backward, the peak memory on top of the inputs (gradients
 included), the ratio of the time to the compiled baseline (``naive+compile``) and the ratio of the
 memory to the gradient floor, (N*D + V*D) elements of the inputs' dtype, which any method must hold.
-On CUDA memory is the allocator's peak; on CPU it is the process's peak resident memory (VmHWM, reset
-before each run).
+With ``--variants`` (CUDA) the chunked backend is also timed with each alternative to its chunk step's
+defaults, so that the defaults rest on a measurement. On CUDA memory is the allocator's peak; on CPU
+it is the process's peak resident memory (VmHWM, reset before each run).
 """
 
 from __future__ import annotations
@@ -24,13 +25,25 @@ from collections.abc import Callable
 import torch
 
 from lmheads.heads import LinearForm
-from lmheads.loss import BACKENDS, IGNORE_INDEX, LossBackend, chunk_tokens
+from lmheads.loss import BACKENDS, IGNORE_INDEX, ChunkGrad, LossBackend, chunk_tokens
 from lmheads.perf import MiB, PeakMemory, synchronize
 
 
 def mean_loss(backend: LossBackend) -> Callable[[LinearForm, torch.Tensor], torch.Tensor]:
     """The backend's training loss (no z-loss) as a function of the form and the targets."""
     return lambda form, targets: backend.train_loss(form, targets, IGNORE_INDEX, 0.0).loss
+
+
+def variants(device: torch.device, mixed: bool) -> list[tuple[str, dict]]:
+    """The chunk step's alternatives to its defaults (:class:`ChunkGrad`) that apply here: on CUDA the
+    one-hot by scatter in the compiled softmax gradient (default: by comparison); under autocast, W's
+    fp32 gradient summed by a product then an addition (default on CUDA: one GEMM with fp32 output)."""
+    if device.type != "cuda":
+        return []
+    out = [("one-hot by scatter", {"onehot": "scatter"})]
+    if mixed:
+        out.append(("product, then sum", {"fp32_out_gemm": False}))
+    return out
 
 
 def run(
@@ -74,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variants")
     parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also time the chunked step's alternatives to its defaults (CUDA), with the same chunk sizes",
+    )
+    parser.add_argument(
         "--mixed",
         action="store_true",
         help="fp32 h and W under autocast to --dtype (bf16-mixed training) instead of --dtype tensors",
@@ -93,11 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     candidates: dict[str, Callable] = {"naive": naive}
     if not args.no_compile:
         candidates["naive+compile"] = torch.compile(naive)
+    alternatives = variants(device, autocast is not None) if args.variants else []
+    if args.variants and not alternatives:
+        print("# variants: none here (the chunk step's alternatives are CUDA paths)")
     for c in args.chunk_sizes or [chunk_tokens(args.v)]:
         chunked = mean_loss(BACKENDS["chunked"](c))
         candidates[f"chunked C={c}"] = chunked
         if not args.no_compile:
             candidates[f"chunked C={c}+compile"] = torch.compile(chunked)
+        for label, options in alternatives:  # each against the default row above
+            backend = BACKENDS["chunked"](c)
+            backend.chunk_grad = ChunkGrad(**options)
+            candidates[f"chunked C={c} [{label}]"] = mean_loss(backend)
     for name in ("liger", "cce"):
         backend = BACKENDS[name]()
         package = backend.package[1]

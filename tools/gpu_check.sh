@@ -9,10 +9,10 @@
 #     model.compile=true, FSDP2 and FSDP1 on one device, and every registered head once;
 #   - the GPU tests (pytest -m gpu);
 #   - then alone on the GPU, since they time it: tools/bench_head.py at GPT-2 small's head (N=16384
-#     D=768 V=50304; bf16 tensors, and fp32 weights under bf16 autocast as in training) and
-#     Llama-3-8B's (N=8192 D=4096 V=128256, bf16); tools/bench_train.py: GPT-2
-#     small, tied and untied, Lightning with the chunked and the naive loss against a plain compiled
-#     PyTorch loop.
+#     D=768 V=50304; bf16 tensors, and fp32 weights under bf16 autocast as in training, there with the
+#     chunked step's alternatives to its defaults) and Llama-3-8B's (N=8192 D=4096 V=128256, bf16);
+#     tools/bench_train.py: GPT-2 small, tied and untied, Lightning with the chunked and the naive loss
+#     against a plain compiled PyTorch loop.
 # Then prints a table: check, status, seconds, key figure. Exit status: the number of failed checks.
 # Everything ends by LMHEADS_CHECK_SECONDS (default 480): a check that would run past it gets the time
 # left, and one that cannot start in time is reported as SKIPPED, so the table always comes out.
@@ -72,8 +72,8 @@ find "$out/runs" -name '*.ckpt' -delete 2> /dev/null  # the logs stay; the check
 check gpu-tests 150 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider
 # Benchmarks last, one at a time, with the GPU to themselves.
 check bench-head-gpt2 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}"
-check bench-head-gpt2-mixed 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" \
-  --mixed
+check bench-head-gpt2-mixed 180 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" \
+  --mixed --variants
 check bench-head-llama3 120 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
 check bench-train-gpt2 240 '/ plain' python tools/bench_train.py "${train[@]}"
 summary check

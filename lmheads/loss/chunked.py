@@ -7,6 +7,8 @@ the incoming gradient in the backward pass. Pure PyTorch: runs on CPU and GPU an
 from __future__ import annotations
 
 import warnings
+from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,12 @@ def chunk_tokens(vocab_size: int, workspace_bytes: int = CHUNK_WORKSPACE_BYTES) 
 
 
 def _chunk_grad(
-    logits: Tensor, targets: Tensor, valid: Tensor, softcap: float | None, z_loss: float
+    logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    softcap: float | None,
+    z_loss: float,
+    onehot_by_compare: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """NLL, log-partition (C,) and the gradient of sum(nll + z_loss * lse^2) over counted tokens with
     respect to the uncapped logits (C, V), in the logits' dtype. ``logits`` is overwritten when fp32.
@@ -34,6 +41,11 @@ def _chunk_grad(
     d/dx [lse(x) - x_t + z lse(x)^2] = softmax(x) (1 + 2 z lse) - onehot(t), times the soft-cap's
     derivative 1 - tanh^2 when x = c tanh(l / c). Not divided by the token count, so fp16 logits keep
     their precision; the caller scales the products once.
+
+    The one-hot is subtracted by a scatter (eager: C writes), or with ``onehot_by_compare`` as an
+    elementwise comparison with the column index, which a compiler fuses with the softmax into one pass
+    over C x V where a scatter would need the fp32 gradient written out and read back. Both subtract
+    the same numbers: the results are equal.
     """
     x = logits.float()
     tanh = None
@@ -45,28 +57,55 @@ def _chunk_grad(
     nll = (lse - x.gather(1, safe).squeeze(1)) * valid
     weight = ((1 + 2 * z_loss * lse) * valid).unsqueeze(1)  # (C, 1)
     grad = x.sub_(lse.unsqueeze(1)).exp_().mul_(weight)  # softmax, weighted, in place
-    grad.scatter_add_(1, safe, -valid.to(grad.dtype).unsqueeze(1))
+    if onehot_by_compare:
+        hit = (torch.arange(grad.size(1), device=grad.device) == safe) & valid.unsqueeze(1)  # (C, V)
+        grad = grad - hit.to(grad.dtype)
+    else:
+        grad.scatter_add_(1, safe, -valid.to(grad.dtype).unsqueeze(1))
     if tanh is not None:
         grad.mul_(1 - tanh.square_())
     return nll, lse, grad.to(logits.dtype)
 
 
 class ChunkGrad:
-    """The per-chunk softmax gradient, compiled into one kernel instead of several passes over C x V
-    where ``compile`` says so (default: on CUDA). When compiling fails (a missing or broken compiler
-    toolchain) it warns once and runs uncompiled from then on."""
+    """How each chunk's step runs: its softmax gradient, and the sum of the fp32 gradient of W.
 
-    def __init__(self, compile: bool | None = None) -> None:
+    ``compile``: the softmax gradient compiled into one kernel instead of several passes over C x V
+    (default: on CUDA). When compiling fails (a missing or broken compiler toolchain) it warns once and
+    runs uncompiled from then on. ``onehot``: how the target's one is subtracted, ``"scatter"`` or
+    ``"compare"`` (see :func:`_chunk_grad`; default: compare where compiled, scatter in eager).
+
+    ``fp32_out_gemm``: with fp32 parameters under autocast, each chunk adds its product grad^T h (V, K)
+    to W's fp32 gradient. With it, one GEMM of bf16/fp16 operands writes its fp32 sum into the
+    accumulator (``torch.addmm`` with ``out_dtype``, CUDA only, and more exact: the product is not
+    rounded to bf16 first); without it the product is formed in the compute dtype, then added, which
+    writes and reads a (V, K) temporary and reads the accumulator once more per chunk. Default: on CUDA,
+    except inside a compiled graph; where the operator is missing it warns once and adds instead.
+    """
+
+    def __init__(
+        self,
+        compile: bool | None = None,
+        onehot: Literal["scatter", "compare"] | None = None,
+        fp32_out_gemm: bool | None = None,
+    ) -> None:
+        if onehot not in (None, "scatter", "compare"):
+            raise ValueError(f"onehot must be 'scatter', 'compare' or None, not {onehot!r}")
         self.compile = compile
+        self.onehot = onehot
+        self.fp32_out_gemm = fp32_out_gemm
         self._compiled = None  # the compiled function, made at the first compiled call
         self._failed = False
+        self._gemm_failed = False
 
     def __call__(self, logits: Tensor, targets: Tensor, valid: Tensor, softcap: float | None, z_loss: float):
         use = logits.device.type == "cuda" if self.compile is None else self.compile
         if not use or self._failed or torch.compiler.is_compiling():  # a compiled model traces it anyway
-            return _chunk_grad(logits, targets, valid, softcap, z_loss)
+            compare = self.onehot == "compare" or (self.onehot is None and torch.compiler.is_compiling())
+            return _chunk_grad(logits, targets, valid, softcap, z_loss, compare)
         if self._compiled is None:
-            self._compiled = torch.compile(_chunk_grad, dynamic=False)
+            compare = self.onehot != "scatter"
+            self._compiled = torch.compile(partial(_chunk_grad, onehot_by_compare=compare), dynamic=False)
         try:
             return self._compiled(logits, targets, valid, softcap, z_loss)
         except Exception as err:
@@ -75,7 +114,23 @@ class ChunkGrad:
                 stacklevel=2,
             )
             self._failed = True
-            return _chunk_grad(logits, targets, valid, softcap, z_loss)
+            return _chunk_grad(logits, targets, valid, softcap, z_loss, self.onehot == "compare")
+
+    def add_product(self, acc: Tensor, a: Tensor, b: Tensor) -> None:
+        """``acc += a @ b`` for an fp32 ``acc`` and ``a``, ``b`` in a lower compute dtype."""
+        use = acc.device.type == "cuda" if self.fp32_out_gemm is None else self.fp32_out_gemm
+        if use and not self._gemm_failed and not torch.compiler.is_compiling():
+            try:
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+                return
+            except (TypeError, RuntimeError, NotImplementedError) as err:  # an older torch, or no kernel
+                warnings.warn(
+                    f"a GEMM with fp32 output is not available here ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0]}); the chunked loss adds each product instead",
+                    stacklevel=3,
+                )
+                self._gemm_failed = True
+        acc += a @ b
 
 
 def compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -116,7 +171,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     if grad_w.dtype == dtype:
                         grad_w.addmm_(grad.t(), h)
                     else:  # fp32 parameters under autocast: products in the compute dtype, sums in fp32
-                        grad_w += grad.t() @ h
+                        chunk_grad.add_product(grad_w, grad.t(), h)
                 if needs_b:
                     grad_b += grad.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_h, grad_w, grad_b, count)
