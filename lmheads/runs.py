@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,17 @@ CLAIM_FILE = ".lmheads-run"
 RUN_FILES = {CLAIM_FILE, "config.yaml", "hparams.yaml", "checkpoints", RESULTS_FILE}
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process of that number runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class RunFolder:
     """The folder of one run (or one evaluation), claimed before anything is written to it.
 
@@ -108,16 +120,38 @@ class RunFolder:
         try:
             if before & RUN_FILES or any(name.startswith("events.out.tfevents") for name in before):
                 raise FileExistsError  # a run from before claims were recorded
-            with open(self.path / CLAIM_FILE, "x"):
-                pass
+            with open(self.path / CLAIM_FILE, "x") as claim:
+                started = time.strftime("%Y-%m-%d %H:%M:%S")
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": started}, claim)
         except FileExistsError:
-            raise ConfigError(
-                f"run folder {self.path} already holds a run; give this one another "
-                "--trainer.logger.init_args.version, or continue that run with "
-                f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
-            ) from None
+            raise ConfigError(self._taken()) from None
         self._before = before if existed else set()
         self._created = not existed
+
+    def _taken(self) -> str:
+        """Why the folder cannot be claimed, and what to do. A run with a checkpoint or results can be
+        continued; one without either is running, or stopped before its first checkpoint (SIGKILL, a lost
+        machine, a crash of a process that trained several runs), which its claim tells apart."""
+        other = "give this one another --trainer.logger.init_args.version"
+        if (self.path / RESULTS_FILE).exists() or any(self.path.rglob("*.ckpt")):
+            holder = None
+        else:
+            try:
+                holder = json.loads((self.path / CLAIM_FILE).read_text())
+                pid, host, started = int(holder["pid"]), holder["host"], holder["started"]
+            except (OSError, ValueError, KeyError, TypeError):  # no claim (an older run) or an empty one
+                holder = None
+        if holder is not None and host == socket.gethostname():
+            if pid != os.getpid() and _alive(pid):
+                return f"run folder {self.path} is in use by process {pid} (started {started}): {other}"
+            return (
+                f"run folder {self.path} was claimed by process {pid} at {started}, which stopped before "
+                f"its first checkpoint: {other}, or delete that folder to start it again"
+            )
+        return (
+            f"run folder {self.path} already holds a run; {other}, or continue that run with "
+            f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
+        )
 
     def release(self) -> None:
         """After a failure before the first training step (and before any checkpoint): remove what this

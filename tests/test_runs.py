@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import pytest
 from lmheads.heads import head_name, registered_heads
 
 from . import external_heads
-from .helpers import QUICKSTART, fit, main, only_run, quick_args, scalars
+from .helpers import QUICKSTART, ROOT, fit, main, only_run, quick_args, scalars
 from .test_cli import _run_module
 from .test_tools import _tool
 
@@ -135,6 +138,32 @@ def test_compare_best_reports_the_lowest_validation_and_tests_that_checkpoint(fi
     assert cells["best val loss"] == f"{losses[step]:.4f}" and cells["at step"] == str(step)
     assert cells["test ppl (best ckpt)"] == f"{math.exp(found.final('test/loss')):.2f}"
     assert float(cells["minutes"]) >= 0
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_named_when_its_folder_is_refused(tmp_path, capsys):
+    """SIGKILL (nothing can catch it) after the first step: the folder stays claimed. A second fit into
+    it is refused with what happened, and a claim by a live process says it is in use."""
+    version = "--trainer.logger.init_args.version=v0"
+    killed = _run_module(
+        "fit", *quick_args(tmp_path), version, "--trainer.callbacks+=tests.probes.SignalAt",
+        "--trainer.callbacks.step=1", "--trainer.callbacks.signum=9", cwd=ROOT,
+    )  # fmt: skip
+    assert killed.returncode == -9
+    run = tmp_path / "quickstart" / "v0"
+    pid = json.loads((run / ".lmheads-run").read_text())["pid"]
+    before = snapshot(run)
+    err = refused(capsys, "fit", *quick_args(tmp_path), version)
+    assert f"run folder {run.resolve()} was claimed by process {pid} at " in err
+    assert "which stopped before its first checkpoint: give this one another " in err
+    assert snapshot(run) == before
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim = {"pid": live.pid, "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
+        (run / ".lmheads-run").write_text(json.dumps(claim))
+        err = refused(capsys, "fit", *quick_args(tmp_path), version)
+    finally:
+        live.kill()
+    assert f"run folder {run.resolve()} is in use by process {live.pid} (started 2026-01-01 00:00:00)" in err
 
 
 def test_a_failed_start_leaves_no_folder(tmp_path, capsys):
