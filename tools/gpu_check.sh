@@ -7,7 +7,7 @@
 #   - short fits of the quickstart on the GPU, all at once (they are small; the GPU is shared):
 #     bf16-mixed with gradient clipping at 1.0 (fused AdamW), 16-mixed with clipping (loss scaling),
 #     model.compile=true, FSDP2 and FSDP1 on one device, and every registered head once;
-#   - the GPU tests (pytest -m gpu);
+#   - the GPU tests (pytest -m gpu), beside the fits;
 #   - then alone on the GPU, since they time it: tools/bench_head.py at GPT-2 small's head (N=16384
 #     D=768 V=50304; bf16 tensors, and fp32 weights under bf16 autocast as in training, there with the
 #     chunked step's alternatives to its defaults) and Llama-3-8B's (N=8192 D=4096 V=128256, bf16);
@@ -67,9 +67,9 @@ for head in $(python -c "from lmheads.heads import registered_heads; print(*regi
   start_fit "fit-$head" 120 --model.head="$head" --trainer.max_steps="$head_steps" \
     --trainer.val_check_interval="$head_steps"
 done
+start gpu-tests 150 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider  # beside the fits
 finish
 find "$out/runs" -name '*.ckpt' -delete 2> /dev/null  # the logs stay; the checkpoints were for the fits
-check gpu-tests 150 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider
 # Benchmarks last, one at a time, with the GPU to themselves.
 check bench-head-gpt2 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}"
 check bench-head-gpt2-mixed 180 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" \

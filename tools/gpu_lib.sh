@@ -81,16 +81,20 @@ start() {
   shift 3
   if [ "$secs" = 0 ]; then row "$name" skipped 0 "$figure"; return; fi
   echo "=== $name (at most ${secs}s, in the background)"
-  timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1 &
+  {
+    timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1
+    echo "$? $SECONDS" > "$out/.$name.end"  # its exit status, and when it ended (a subshell's SECONDS)
+  } &
   started+=("$!|$name|$SECONDS|$figure")
 }
 finish() {
-  local entry pid name t0 figure rc
+  local entry pid name t0 figure rc end
   for entry in "${started[@]}"; do
     IFS='|' read -r pid name t0 figure <<< "$entry"
     wait "$pid"
-    rc=$?
-    row "$name" "$rc" $((SECONDS - t0)) "$figure"
+    read -r rc end < "$out/.$name.end"
+    rm -f "$out/.$name.end"
+    row "$name" "$rc" $((end - t0)) "$figure"
   done
   started=()
 }
