@@ -79,8 +79,8 @@ class ChunkGrad:
     to W's fp32 gradient. With it, one GEMM of bf16/fp16 operands writes its fp32 sum into the
     accumulator (``torch.addmm`` with ``out_dtype``, CUDA only, and more exact: the product is not
     rounded to bf16 first); without it the product is formed in the compute dtype, then added, which
-    writes and reads a (V, K) temporary and reads the accumulator once more per chunk. Default: on CUDA,
-    except inside a compiled graph; where the operator is missing it warns once and adds instead.
+    writes and reads back a (V, K) temporary per chunk. Default: on CUDA, except inside a compiled
+    graph; where the operator is missing it warns once and adds instead.
     """
 
     def __init__(
