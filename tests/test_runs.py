@@ -163,6 +163,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_named_when_its_folder_is_re
         err = refused(capsys, "fit", *quick_args(tmp_path), version)
     finally:
         live.kill()
+        live.wait()
     assert f"run folder {run.resolve()} is in use by process {live.pid} (started 2026-01-01 00:00:00)" in err
 
 
