@@ -101,10 +101,10 @@ class ChunkGrad:
     def __call__(self, logits: Tensor, targets: Tensor, valid: Tensor, softcap: float | None, z_loss: float):
         use = logits.device.type == "cuda" if self.compile is None else self.compile
         if not use or self._failed or torch.compiler.is_compiling():  # a compiled model traces it anyway
-            compare = self.onehot == "compare" or (self.onehot is None and torch.compiler.is_compiling())
+            compare = self._by_compare(compiled=torch.compiler.is_compiling())
             return _chunk_grad(logits, targets, valid, softcap, z_loss, compare)
         if self._compiled is None:
-            compare = self.onehot != "scatter"
+            compare = self._by_compare(compiled=True)
             self._compiled = torch.compile(partial(_chunk_grad, onehot_by_compare=compare), dynamic=False)
         try:
             return self._compiled(logits, targets, valid, softcap, z_loss)
@@ -114,7 +114,10 @@ class ChunkGrad:
                 stacklevel=2,
             )
             self._failed = True
-            return _chunk_grad(logits, targets, valid, softcap, z_loss, self.onehot == "compare")
+            return _chunk_grad(logits, targets, valid, softcap, z_loss, self._by_compare(compiled=False))
+
+    def _by_compare(self, compiled: bool) -> bool:
+        return self.onehot == "compare" or (self.onehot is None and compiled)
 
     def add_product(self, acc: Tensor, a: Tensor, b: Tensor) -> None:
         """``acc += a @ b`` for an fp32 ``acc`` and ``a``, ``b`` in a lower compute dtype."""
