@@ -20,10 +20,19 @@
 #
 #     bash tools/gpu_check.sh --tiny [OUT_DIR]   # the same checks on the CPU at toy sizes (FSDP1 and
 #                                                # 16-mixed left out): tries the script itself
+#     bash tools/gpu_check.sh --only REGEX [OUT_DIR]  # only the checks whose names match (bash regex):
+#                                                # 'fit|gpu-tests' or 'bench', to split it over two calls
 set -u
 cd "$(dirname "$0")/.."
-tiny=0
-if [ "${1:-}" = "--tiny" ]; then tiny=1; shift; fi
+tiny=0 only=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --tiny) tiny=1; shift ;;
+    --only) only=${2:?--only needs a pattern}; shift 2 ;;
+    -*) echo "error: unknown option $1; usage: bash tools/gpu_check.sh [--tiny] [--only REGEX] [OUT_DIR]"; exit 2 ;;
+    *) break ;;
+  esac
+done
 out=${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 deadline=${LMHEADS_CHECK_SECONDS:-480}

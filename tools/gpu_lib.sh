@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Sourced by tools/gpu_check.sh and tools/gpu_study.sh: the machine's set-up, steps under time limits
 # and one deadline, and the summary table. The caller sets `out` (its output folder), `tiny` (1: on the
-# CPU at toy sizes) and `deadline` (seconds after its start by which every step must have ended).
+# CPU at toy sizes), `deadline` (seconds after its start by which every step must have ended) and may
+# set `only` (a bash regex: steps whose names do not match it are left out, without a row).
 
 rows=()
 failed=0
@@ -61,9 +62,15 @@ limit() {
   if [ "$left" -lt 15 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
 }
 
+# selected NAME: whether the step NAME is to run (see `only`).
+selected() {
+  [ -z "${only:-}" ] || [[ $1 =~ $only ]]
+}
+
 # check NAME SECONDS FIGURE COMMAND...: runs COMMAND now, under its time limit, its output in OUT/NAME.log.
 check() {
   local name=$1 secs figure=$3 t0=$SECONDS rc
+  selected "$name" || return 0
   secs=$(limit "$2")
   shift 3
   if [ "$secs" = 0 ]; then row "$name" skipped 0 "$figure"; return; fi
@@ -77,6 +84,7 @@ check() {
 # step and adds their rows in the order they were started.
 start() {
   local name=$1 secs figure=$3
+  selected "$name" || return 0
   secs=$(limit "$2")
   shift 3
   if [ "$secs" = 0 ]; then row "$name" skipped 0 "$figure"; return; fi
