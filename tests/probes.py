@@ -30,6 +30,26 @@ class SignalInSetup(L.Callback):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class NoHostSync(L.Callback):
+    """Makes every host synchronisation of a CUDA training step an error (``torch.cuda.set_sync_debug_mode``)
+    from the start of its batch to its end: the module's step, backward, clipping and optimizer step, and
+    the batch-start hooks of lmheads' callbacks, which run after this one (a callback given on the
+    command line comes first). Steps that log (one sync per logging interval, by design) and the first
+    step (lazy initialisation) are not watched."""
+
+    def __init__(self) -> None:
+        self.watched = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step + 1  # the optimizer step this batch makes
+        if trainer.global_step > 0 and step % trainer.log_every_n_steps:
+            torch.cuda.set_sync_debug_mode("error")
+            self.watched += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 class PoisonAt(L.Callback):
     """Makes the weights NaN before the given optimizer step."""
 

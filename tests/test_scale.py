@@ -258,6 +258,26 @@ def test_inductor_compile_on_gpu(tmp_path, name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("name", "backend"), [("tied", "chunked"), ("untie_during_training", "chunked"), ("tied", "naive")]
+)
+def test_a_gpu_training_step_never_waits_for_the_host(tmp_path, name, backend):
+    """bf16-mixed, clipping, fused AdamW: between logging steps no training step synchronises with the
+    host (the probe turns any synchronisation into an error at the line that made it)."""
+    extra = ["--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=1.0", f"--model.head={name}",
+             f"--model.loss_backend={backend}", "--trainer.log_every_n_steps=4",
+             "--trainer.callbacks+=tests.probes.NoHostSync"]  # fmt: skip
+    try:
+        cli = fit(tmp_path, *GPU, *extra, steps=8, every=8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    probe = cli.trainer.callbacks[0]
+    assert type(probe).__name__ == "NoHostSync"  # first: the other callbacks' batch starts are watched
+    assert probe.watched == 5  # steps 2, 3, 5, 6 and 7 of 8
+    assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", ["fsdp.yaml", "fsdp2.yaml"])
 def test_fsdp_keeps_the_tie_on_gpu(tmp_path, config):
     sizes = [f"{DP}=1"] if config == "fsdp2.yaml" else []
