@@ -126,7 +126,7 @@ class ChunkGrad:
             try:
                 torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
                 return
-            except (TypeError, RuntimeError, NotImplementedError) as err:  # an older torch, or no kernel
+            except (TypeError, RuntimeError) as err:  # an older torch, or no kernel (NotImplementedError)
                 warnings.warn(
                     f"a GEMM with fp32 output is not available here ({type(err).__name__}: "
                     f"{str(err).splitlines()[0]}); the chunked loss adds each product instead",
