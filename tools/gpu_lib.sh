@@ -67,28 +67,15 @@ selected() {
   [ -z "${only:-}" ] || [[ $1 =~ $only ]]
 }
 
-# check NAME SECONDS FIGURE COMMAND...: runs COMMAND now, under its time limit, its output in OUT/NAME.log.
-check() {
-  local name=$1 secs figure=$3 t0=$SECONDS rc
-  selected "$name" || return 0
-  secs=$(limit "$2")
-  shift 3
-  if [ "$secs" = 0 ]; then row "$name" skipped 0 "$figure"; return; fi
-  echo "=== $name (at most ${secs}s)"
-  timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1
-  rc=$?
-  row "$name" "$rc" $((SECONDS - t0)) "$figure"
-}
-
-# start NAME SECONDS FIGURE COMMAND...: the same in the background; `finish` waits for every started
-# step and adds their rows in the order they were started.
+# start NAME SECONDS FIGURE COMMAND...: runs COMMAND in the background, under its time limit, its output
+# in OUT/NAME.log; `finish` waits for every started step and adds their rows in the order they started.
 start() {
   local name=$1 secs figure=$3
   selected "$name" || return 0
   secs=$(limit "$2")
   shift 3
   if [ "$secs" = 0 ]; then row "$name" skipped 0 "$figure"; return; fi
-  echo "=== $name (at most ${secs}s, in the background)"
+  echo "=== $name (at most ${secs}s)"
   {
     timeout -k 10 "$secs" "$@" > "$out/$name.log" 2>&1
     echo "$? $SECONDS" > "$out/.$name.end"  # its exit status, and when it ended (a subshell's SECONDS)
@@ -105,6 +92,12 @@ finish() {
     row "$name" "$rc" $((end - t0)) "$figure"
   done
   started=()
+}
+
+# check NAME SECONDS FIGURE COMMAND...: the same, waited for (with any other step still running).
+check() {
+  start "$@"
+  finish
 }
 
 # summary WHAT: the table, after the card; the exit status is the number of failed steps.
