@@ -6,7 +6,8 @@
 #   1. tokenizes WikiText-2 (word level) and Tiny Shakespeare (characters) once, for every run;
 #   2. trains, all at once on the one GPU: configs/experiments/wikitext2_converged.yaml with the heads
 #      tied, untied, tied_bias and projected_tied, seeds 0 and 1 (tools/sweep.py), and nanoGPT's
-#      Shakespeare run (configs/experiments/shakespeare_char.yaml);
+#      Shakespeare run (configs/experiments/shakespeare_char.yaml) on nanoGPT's own split of the text
+#      (the first 90% of the characters for training, the rest for validation);
 #   3. tests each WikiText-2 run's best checkpoint (lowest validation loss) on the test split;
 #   4. writes the report to OUT_DIR: tools/compare.py tables and plots (--best), tools/buckets.py
 #      (tied - untied per frequency bucket), tools/embeddings.py (the token matrices' geometry), and
@@ -52,7 +53,20 @@ wikitext_data=(--data.init_args.train_file="$data/wikitext-2/train.txt"
   --data.init_args.test_file="$data/wikitext-2/test.txt")
 wikitext=("${wikitext_config[@]}" "${wikitext_data[@]}")
 shakespeare_config=(--config configs/experiments/shakespeare_char.yaml)
-shakespeare_data=(--data.init_args.train_file="$data/tinyshakespeare/input.txt")
+# nanoGPT's split (data/shakespeare_char/prepare.py): the first 90% of the characters train, the rest
+# validate. Written once: a resumed run reads the same files.
+split="$runs/data/tinyshakespeare"
+if [ ! -f "$split/val.txt" ]; then
+  mkdir -p "$split"
+  python -c 'import sys, pathlib
+text = pathlib.Path(sys.argv[1]).read_text(encoding="utf-8")
+n = int(len(text) * 0.9)
+for name, part in (("train.txt", text[:n]), ("val.txt", text[n:])):
+    pathlib.Path(sys.argv[2], name).write_text(part, encoding="utf-8", newline="")
+print(f"nanoGPT split: {n:,} training and {len(text) - n:,} validation characters")' \
+    "$data/tinyshakespeare/input.txt" "$split" || exit 1
+fi
+shakespeare_data=(--data.init_args.train_file="$split/train.txt" --data.init_args.validation_file="$split/val.txt")
 shakespeare=("${shakespeare_config[@]}" "${shakespeare_data[@]}")
 heads=(tied untied tied_bias projected_tied)
 seeds=(0 1)
