@@ -117,10 +117,12 @@ def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
     return cmd + args.extra
 
 
-def thread_env(jobs: int, on_gpus: bool) -> dict[str, str]:
-    """CPU threads for each of ``jobs`` runs at once on the CPU: an equal share of the cores (two runs
-    with every core each on 2 cores take about 5x as long in total as one after the other)."""
-    if jobs <= 1 or on_gpus:
+def thread_env(jobs: int) -> dict[str, str]:
+    """CPU threads for each of ``jobs`` runs at once: an equal share of the cores (two runs with every
+    core each on 2 cores take about 5x as long in total as one after the other). Runs on GPUs get their
+    share too, as torchrun gives its processes one thread each: their CPU work is small, but N runs with
+    a thread per core each would oversubscribe the cores."""
+    if jobs <= 1:
         return {}
     share = str(max(1, (os.cpu_count() or 1) // jobs))
     return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
@@ -167,7 +169,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     cmd = command(run, args, run_dir)
     if args.dry_run:
         return run, " ".join(cmd)
-    env = {**os.environ, **thread_env(args.jobs, gpus is not None)}
+    env = {**os.environ, **thread_env(args.jobs)}
     gpu = gpus.get() if gpus is not None else None
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
