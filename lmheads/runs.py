@@ -89,7 +89,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
@@ -133,24 +133,24 @@ class RunFolder:
         continued; one without either is running, or stopped before its first checkpoint (SIGKILL, a lost
         machine, a crash of a process that trained several runs), which its claim tells apart."""
         other = "give this one another --trainer.logger.init_args.version"
-        if (self.path / RESULTS_FILE).exists() or any(self.path.rglob("*.ckpt")):
-            holder = None
-        else:
-            try:
-                holder = json.loads((self.path / CLAIM_FILE).read_text())
-                pid, host, started = int(holder["pid"]), holder["host"], holder["started"]
-            except (OSError, ValueError, KeyError, TypeError):  # no claim (an older run) or an empty one
-                holder = None
-        if holder is not None and host == socket.gethostname():
-            if pid != os.getpid() and _alive(pid):
-                return f"run folder {self.path} is in use by process {pid} (started {started}): {other}"
-            return (
-                f"run folder {self.path} was claimed by process {pid} at {started}, which stopped before "
-                f"its first checkpoint: {other}, or delete that folder to start it again"
-            )
-        return (
+        holds_a_run = (
             f"run folder {self.path} already holds a run; {other}, or continue that run with "
             f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
+        )
+        if (self.path / RESULTS_FILE).exists() or any(self.path.rglob("*.ckpt")):
+            return holds_a_run
+        try:
+            claim = json.loads((self.path / CLAIM_FILE).read_text())
+            pid, host, started = int(claim["pid"]), claim["host"], claim["started"]
+        except (OSError, ValueError, KeyError, TypeError):  # no claim (an older run) or an empty one
+            return holds_a_run
+        if host != socket.gethostname():
+            return holds_a_run
+        if pid != os.getpid() and _alive(pid):
+            return f"run folder {self.path} is in use by process {pid} (started {started}): {other}"
+        return (
+            f"run folder {self.path} was claimed by process {pid} at {started}, which stopped before "
+            f"its first checkpoint: {other}, or delete that folder to start it again"
         )
 
     def release(self) -> None:
