@@ -49,5 +49,9 @@ def reduce_token_loss(
     valid = targets != ignore_index
     count = valid.sum().clamp_min(1)
     nll = token.nll.sum() / count
-    z = z_loss * (token.lse.square() * valid).sum() / count if z_loss else torch.zeros_like(nll)
+    if not z_loss:
+        # Not nll + 0: inductor folds the zero away, and the sum, returned beside nll.detach(), then comes
+        # out of the compiled graph without a gradient (torch 2.11 and 2.13).
+        return TrainLoss(nll, nll.detach(), torch.zeros_like(nll.detach()))
+    z = z_loss * (token.lse.square() * valid).sum() / count
     return TrainLoss(nll + z, nll.detach(), z.detach())
