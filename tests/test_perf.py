@@ -9,6 +9,7 @@ import torch
 
 from lmheads.backbone import BackboneConfig
 from lmheads.heads import head_class
+from lmheads.loss.chunked import chunk_tokens
 from lmheads.module import LMHeadModule
 from lmheads.perf import flops_per_token
 from lmheads.reporting import parameter_counts
@@ -62,6 +63,7 @@ def test_bench_head_runs_every_backend(capsys):
                 "--chunk-sizes", "32", "--no-compile"])  # fmt: skip
     out = capsys.readouterr().out
     assert "| naive | " in out and "| chunked C=32 | " in out
+    assert f"| chunked C={chunk_tokens(300)} (default) | " in out  # what training uses, always timed
     assert "gradient floor" in out
     # as in bf16-mixed training: fp32 weights, bf16 products; the chunked loss matches the reference
     bench.main(["--n", "96", "--d", "16", "--v", "300", "--dtype", "bfloat16", "--mixed", "--iters", "1",

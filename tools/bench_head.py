@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--chunk-sizes", type=int, nargs="*", default=None, help="chunked backend chunk sizes"
+        "--chunk-sizes", type=int, nargs="*", default=None, help="chunk sizes timed besides the default"
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -114,15 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     alternatives = variants(device, autocast is not None) if args.variants else []
     if args.variants and not alternatives:
         print("# variants: none here (the chunk step's alternatives are CUDA paths)")
-    for c in args.chunk_sizes or [chunk_tokens(args.v)]:
+    default = chunk_tokens(args.v)  # what training uses without model.loss_chunk_size: always timed
+    for c in sorted({default, *(args.chunk_sizes or [])}):
+        size = f"C={c} (default)" if c == default else f"C={c}"
         chunked = mean_loss(BACKENDS["chunked"](c))
-        candidates[f"chunked C={c}"] = chunked
+        candidates[f"chunked {size}"] = chunked
         if not args.no_compile:
-            candidates[f"chunked C={c}+compile"] = torch.compile(chunked)
+            candidates[f"chunked {size}+compile"] = torch.compile(chunked)
         for label, options in alternatives:  # each against the default row above
             backend = BACKENDS["chunked"](c)
             backend.chunk_grad = ChunkGrad(**options)
-            candidates[f"chunked C={c} [{label}]"] = mean_loss(backend)
+            candidates[f"chunked {size} [{label}]"] = mean_loss(backend)
     for name in ("liger", "cce"):
         backend = BACKENDS[name]()
         package = backend.package[1]

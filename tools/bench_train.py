@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = PRECISION_DTYPE[args.precision]
     peak = matmul_peak_tflops(device, dtype)
+    print(f"# matmul peak measured: {peak:.1f} TFLOP/s", flush=True)  # each line below stands alone
     data = make_data(args)
     cfg = BackboneConfig(
         n_layer=args.n_layer,
@@ -212,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         for path, run, model in paths:
             seconds = run(model, data, args, memory)
             results[path] = tokens / seconds
-            rows.append(
-                (path, name, tokens / seconds, flops * tokens / seconds / 1e12 / peak, memory.peak_mib(True))
-            )
-            print(f"# {path} {name}: {tokens / seconds:,.0f} tokens/s", flush=True)
+            mfu, mib = flops * tokens / seconds / 1e12 / peak, memory.peak_mib(True)
+            rows.append((path, name, tokens / seconds, mfu, mib))
+            rate = f"{tokens / seconds:,.0f} tokens/s, MFU {100 * mfu:.1f}%, peak {mib:,.0f} MiB"
+            print(f"# {path} {name}: {rate}", flush=True)
             if cuda:
                 torch.cuda.empty_cache()
         for path, _, _ in paths[1:]:

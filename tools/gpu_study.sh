@@ -13,7 +13,7 @@
 #      (tied - untied per frequency bucket), tools/embeddings.py (the token matrices' geometry), and
 #      the runs' logs without their checkpoints (OUT_DIR/runs), then prints a summary.
 #
-# Everything ends by LMHEADS_STUDY_SECONDS (default 570) after the start: training stops 180 s before
+# Everything ends by LMHEADS_STUDY_SECONDS (default 570) after the start: training stops 150 s before
 # that, whatever remains (each run then saves interrupted.ckpt), the report covers what finished, and
 # calling the script again with the same runs folder resumes the rest. Checkpoints stay in
 # LMHEADS_STUDY_RUNS (default /tmp/lmheads-study), out of OUT_DIR. The corpora are read from
@@ -32,7 +32,7 @@ runs=${LMHEADS_STUDY_RUNS:-/tmp/lmheads-study}
 data=${LMHEADS_DATA:-}
 [ -n "$data" ] || { [ -d .data ] && data=.data; } || data=../shared/data
 deadline=${LMHEADS_STUDY_SECONDS:-570}
-reserve=180  # seconds kept after training for the tests and the report
+reserve=150  # seconds kept after training for the tests and the report (103 s on an H200)
 for file in wikitext-2/train.txt wikitext-2/valid.txt wikitext-2/test.txt tinyshakespeare/input.txt; do
   if [ ! -f "$data/$file" ]; then
     echo "error: $data/$file not found; set LMHEADS_DATA to the corpora's folder"
