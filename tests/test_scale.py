@@ -132,17 +132,18 @@ def test_compile_every_head_without_graph_breaks(name, backend):
         torch.testing.assert_close(eager.token_loss(idx, targets).nll, compiled.token_loss(idx, targets).nll)
 
 
-@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
-def test_the_full_logits_loss_compiled_by_inductor_keeps_its_gradient(z_loss):
+@pytest.mark.parametrize(("name", "z_loss"), [("tied", 0.0), ("tied", 1e-3), ("mos", 0.0)])
+def test_the_full_logits_loss_compiled_by_inductor_keeps_its_gradient(name, z_loss):
     """Inductor, the compiler model.compile=true uses (aot_eager above does not simplify): it folded the
-    loss's `nll + 0` away, and the loss came out of the graph without a gradient."""
+    loss's `nll + 0` away, and the loss came out of the graph without a gradient. `mos` has no linear
+    form: it always takes the full logits."""
     cfg = BackboneConfig(n_layer=1, n_head=2, d_model=16, block_size=8)
     options = {"backbone": cfg, "vocab_size": 40, "loss_backend": "naive"}
     idx, targets = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
     torch.manual_seed(0)
-    eager = LMHeadModule(head=head_class("tied")(z_loss=z_loss), **options)
+    eager = LMHeadModule(head=head_class(name)(z_loss=z_loss), **options)
     torch.manual_seed(0)
-    compiled = LMHeadModule(head=head_class("tied")(z_loss=z_loss), compile=True, **options)
+    compiled = LMHeadModule(head=head_class(name)(z_loss=z_loss), compile=True, **options)
     a, b = eager.train_loss(idx, targets), compiled.train_loss(idx, targets)
     assert b.loss.requires_grad
     torch.testing.assert_close(b.loss, a.loss)
