@@ -120,7 +120,9 @@ wait "$nano"
 nano_rc=$?
 trap - INT TERM
 dt=$((SECONDS - t0))
-status() { [ "$1" = 0 ] && echo ok || echo "FAIL($1)"; }
+status() {  # a sweep stopped at the deadline exits 143 (SIGTERM): a timeout, as gpu_lib.sh says it
+  if [ "$1" = 0 ]; then echo ok; elif [ "$1" = 143 ] && [ -n "$stopped" ]; then echo TIMEOUT; else echo "FAIL($1)"; fi
+}
 record train-wikitext2 "$(status "$sweep_rc")" "$dt" \
   "$(grep -cE ': (done|skipped)' "$out/sweep.log") of $((${#heads[@]} * ${#seeds[@]})) runs done$stopped"
 nano_log=$(ls "$runs"/shakespeare_char/*/sweep.log 2> /dev/null | head -n 1)
