@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         candidates[f"chunked {size}"] = chunked
         if not args.no_compile:
             candidates[f"chunked {size}+compile"] = torch.compile(chunked)
-        for label, options in alternatives:  # each against the default row above
+        for label, options in alternatives:  # each against the row above, the step's defaults
             backend = BACKENDS["chunked"](c)
             backend.chunk_grad = ChunkGrad(**options)
             candidates[f"chunked {size} [{label}]"] = mean_loss(backend)

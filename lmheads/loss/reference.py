@@ -52,6 +52,6 @@ def reduce_token_loss(
     if not z_loss:
         # Not nll + 0: inductor folds the zero away, and the sum, returned beside nll.detach(), then comes
         # out of the compiled graph without a gradient (torch 2.11 and 2.13).
-        return TrainLoss(nll, nll.detach(), torch.zeros_like(nll.detach()))
+        return TrainLoss(nll, nll.detach(), torch.zeros_like(nll))  # zeros_like carries no gradient
     z = z_loss * (token.lse.square() * valid).sum() / count
     return TrainLoss(nll + z, nll.detach(), z.detach())
