@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lmheads.backbone import BackboneConfig
@@ -93,18 +94,24 @@ def test_bench_head_times_the_chunk_steps_alternatives(capsys, monkeypatch):
         assert abs(float(row.rstrip(" |").rsplit("| ", 1)[1])) < 1e-2  # loss - naive
 
 
-def test_bench_train_runs_both_paths(capsys):
+def test_bench_train_runs_every_path(capsys):
     bench = _tool("bench_train")
     bench.main(["--preset", "tiny", "--n-layer", "1", "--d-model", "32", "--n-head", "2",
                 "--block-size", "16", "--batch", "2", "--vocab", "128", "--steps", "3", "--warmup", "1",
-                "--no-compile", "--heads", "tied", "untied"])  # fmt: skip
+                "--no-compile", "--heads", "tied", "untied", "--chunk-sizes", "default", "8"])  # fmt: skip
     out = capsys.readouterr().out
+    default = f"lightning, chunked loss C={chunk_tokens(128)} (default)"
     for row in (
         "| plain | tied |",
-        "| lightning, chunked loss | tied |",
+        f"| {default} | tied |",
+        "| lightning, chunked loss C=8 | tied |",
         "| lightning, naive loss | tied |",
-        "| lightning, chunked loss / plain | untied |",
+        f"| {default} / plain | untied |",
+        "| lightning, chunked loss C=8 / plain | untied |",
         "| lightning, naive loss / plain | untied |",
         "loader alone:",
     ):
         assert row in out
+    with pytest.raises(SystemExit):
+        bench.main(["--chunk-sizes", "0"])
+    assert "a chunk size is a positive integer or 'default', got '0'" in capsys.readouterr().err

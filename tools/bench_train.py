@@ -9,7 +9,8 @@ with ``F.cross_entropy``, as nanoGPT does; (2) ``lightning, B loss`` for each ``
 ``LMHeadModule`` trained by a ``lightning.Trainer`` exactly as ``python -m lmheads fit`` does (its
 callbacks and logging included; no validation, no checkpoints, no logger) with ``model.loss_backend=B``.
 With ``naive`` both paths compute the same full logits, so that ratio is the framework's cost alone;
-with ``chunked`` it is the framework and the loss together. Every path starts from the same weights
+with ``chunked`` it is the framework and the loss together, once for each ``--chunk-sizes`` C (``default``:
+the workspace rule that training uses). Every path starts from the same weights
 and reads batches from the same loader. After ``--warmup`` steps (compilation), ``--steps`` steps are
 timed with one device synchronisation at each end.
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from lmheads.backbone import BackboneConfig
 from lmheads.data import SyntheticDataModule
 from lmheads.heads import head_class
+from lmheads.loss.chunked import chunk_tokens
 from lmheads.module import LMHeadModule
 from lmheads.perf import PeakMemory, flops_per_token, matmul_peak_tflops, synchronize
 
@@ -146,6 +148,15 @@ def loader_tokens_per_sec(data, args, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def chunk_size_arg(value: str) -> int | None:
+    """A chunk size on the command line: a positive integer, or ``default`` (None)."""
+    if value == "default":
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(f"a chunk size is a positive integer or 'default', got {value!r}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=["naive", "chunked", "liger", "cce"],
         help="the Lightning path's model.loss_backend, one run each: with naive (full logits, as the plain "
         "loop) the ratio measures the framework alone, with the others the framework and the loss",
+    )
+    parser.add_argument(
+        "--chunk-sizes",
+        nargs="+",
+        type=chunk_size_arg,
+        default=[None],
+        metavar="C",
+        help="tokens per chunk of the chunked loss, one Lightning run each; 'default' is the size training "
+        "uses when model.loss_chunk_size is null (default: default)",
     )
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: 4 on CUDA)")
     for key in ("n_layer", "n_head", "d_model", "block_size", "batch", "vocab"):
@@ -195,20 +215,27 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.steps * args.batch * args.block_size
     rows = []
     for name in args.heads:
-        models = {}
-        for backend in ("naive", *args.loss_backends):  # the plain loop's model first
+        variants = [("plain", "naive", None)]  # the plain loop's model first
+        for backend in args.loss_backends:
+            for chunk in args.chunk_sizes if backend == "chunked" else [None]:
+                label = f"lightning, {backend} loss"
+                if backend == "chunked":
+                    label += f" C={chunk}" if chunk else f" C={chunk_tokens(data.vocab_size)} (default)"
+                variants.append((label, backend, chunk))
+        paths = []
+        for label, backend, chunk in variants:
             L.seed_everything(0, verbose=False)  # the same initial weights for every path
-            models[backend] = LMHeadModule(
+            model = LMHeadModule(
                 head=head_class(name)(),
                 backbone=cfg,
                 vocab_size=data.vocab_size,
                 warmup_steps=0,
                 loss_backend=backend,
+                loss_chunk_size=chunk,
                 compile=args.compile,
             )
-        flops = flops_per_token(models["naive"])
-        paths = [("plain", plain_run, models["naive"])]
-        paths += [(f"lightning, {b} loss", lightning_run, models[b]) for b in args.loss_backends]
+            paths.append((label, plain_run if label == "plain" else lightning_run, model))
+        flops = flops_per_token(paths[0][2])
         results = {}
         for path, run, model in paths:
             seconds = run(model, data, args, memory)

@@ -11,8 +11,8 @@
 #   - then alone on the GPU, since they time it: tools/bench_head.py at GPT-2 small's head (N=16384
 #     D=768 V=50304; bf16 tensors, and fp32 weights under bf16 autocast as in training, there with the
 #     chunked step's alternatives to its defaults) and Llama-3-8B's (N=8192 D=4096 V=128256, bf16);
-#     tools/bench_train.py: GPT-2 small, tied and untied, Lightning with the chunked and the naive loss
-#     against a plain compiled PyTorch loop.
+#     tools/bench_train.py: GPT-2 small, tied and untied, Lightning with the chunked loss (the default
+#     chunk size and 4096) and the naive loss against a plain compiled PyTorch loop.
 # Then prints a table: check, status, seconds, key figure. Exit status: the number of failed checks.
 # Everything ends by LMHEADS_CHECK_SECONDS (default 480): a check that would run past it gets the time
 # left, and one that cannot start in time is reported as SKIPPED, so the table always comes out.
@@ -43,7 +43,7 @@ gpu_setup
 accelerator=gpu steps=60 head_steps=30 precision=bf16-mixed
 head_gpt2=(--n 16384 --d 768 --v 50304 --dtype bfloat16 --chunk-sizes 1024 2048 4096)  # and the default
 head_llama3=(--n 8192 --d 4096 --v 128256 --dtype bfloat16 --chunk-sizes 512 1024 2048 --iters 5)
-train=(--steps 20 --warmup 8)
+train=(--steps 20 --warmup 8 --chunk-sizes default 4096)
 if [ "$tiny" = 1 ]; then
   accelerator=cpu steps=4 head_steps=2
   head_gpt2=(--n 256 --d 32 --v 1000 --dtype bfloat16 --chunk-sizes 64 --iters 1 --warmup 1 --no-compile)
@@ -84,6 +84,6 @@ check bench-head-gpt2 90 '^\| (chunked|naive\+compile)' python tools/bench_head.
 check bench-head-gpt2-mixed 180 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" \
   --mixed --variants
 check bench-head-llama3 120 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
-# Last: it compiles six times (two heads x three paths) and takes whatever time is left.
+# Last: it compiles eight times (two heads x four paths) and takes whatever time is left.
 check bench-train-gpt2 570 '/ plain' python tools/bench_train.py "${train[@]}"
 summary check
