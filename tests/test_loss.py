@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 
 import pytest
@@ -208,6 +209,57 @@ def test_auto_picks_chunked_and_chunk_size_follows_the_vocabulary():
     assert get_backend("auto").name == "chunked"
     assert chunk_tokens(50304) % 64 == 0 and chunk_tokens(50304) * 50304 * 8 <= 256 * 2**20
     assert chunk_tokens(10**9) == 64
+    # Training's default fills 256 MiB with what its step holds: 2 bytes a logit compiled in bf16 (CUDA's
+    # default), 8 uncompiled in fp32 (a CPU's).
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ChunkGrad().chunk_tokens(50304, torch.bfloat16, cuda, softcap=False) == 2624
+    assert ChunkGrad().chunk_tokens(128256, torch.bfloat16, cuda, softcap=False) == 1024
+    assert ChunkGrad().chunk_tokens(50304, torch.float32, cpu, softcap=False) == chunk_tokens(50304) == 640
+    assert ChunkGrad(compile=False).chunk_tokens(50304, torch.bfloat16, cuda, softcap=True) == 256
+
+
+def _peak_bytes(fn, trace) -> int:
+    """The most memory allocated on the CPU while ``fn`` runs, above what was allocated before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
+    before = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - before
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize(
+    ("dtype", "compiled"), [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+)
+def test_the_chunked_loss_holds_one_chunk_at_a_time(dtype, compiled, softcap, tmp_path):
+    """Peak memory of forward and backward, beyond the gradients of h and W: one chunk's step, as
+    ChunkGrad.bytes_per_logit counts it and the default chunk size assumes. The gradient is written over
+    the logits and each chunk's buffer is freed before the next is formed; holding the next chunk's
+    logits beside the last one's (three buffers, as before) fails this. (The compiled step in bf16 is
+    measured on CUDA: on a CPU the bf16 matrix product adds a scratch copy of its operand.)"""
+    n, k, v, c = 256, 16, 4096, 64
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, k, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, k, generator=g) * 0.1).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    chunk_grad = ChunkGrad(compile=compiled)
+
+    def step():
+        out = chunked_train_loss(
+            LinearForm(h, w, None, softcap), targets, chunk_size=c, chunk_grad=chunk_grad
+        )
+        out.loss.backward()
+
+    step()  # compiled: the compilation, outside the measurement
+    h.grad = w.grad = None
+    floor = (n + v) * k * dtype.itemsize  # the gradients of h and W
+    held = _peak_bytes(step, tmp_path / "trace.json") - floor
+    bound = chunk_grad.bytes_per_logit(dtype, torch.device("cpu"), softcap is not None)
+    assert held <= bound * c * v + 16 * 1024, f"{held / (c * v):.2f} bytes a logit, counted {bound}"
 
 
 @pytest.mark.parametrize(("name", "package"), [("liger", "liger-kernel"), ("cce", "cut-cross-entropy")])
@@ -394,3 +446,33 @@ def test_chunked_w_gradient_in_fp32_under_autocast_on_gpu(fp32_out_gemm):
     assert grad_w.dtype == torch.float32
     for grad, ref in ((grad_h, ref_h), (grad_w, ref_w)):
         assert (grad - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.gpu
+def test_the_compiled_chunk_step_holds_only_its_logits_on_gpu():
+    """CUDA's default step, compiled, in bf16: beyond the gradients of h and W, one chunk's logits
+    (2 bytes a logit), which the gradient's kernel overwrites. Three buffers (6 bytes) before."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    n, k, v, c = 4096, 768, 50304, 1024
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = (torch.randn(n, k, device="cuda", generator=g) * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(v, k, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    chunk_grad = ChunkGrad()
+    assert chunk_grad.bytes_per_logit(torch.bfloat16, h.device, softcap=False) == 2
+
+    def step():
+        chunked_train_loss(
+            LinearForm(h, w, None), targets, chunk_size=c, chunk_grad=chunk_grad
+        ).loss.backward()
+
+    step()  # compiles
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    held = torch.cuda.max_memory_allocated() - before - (n + v) * k * 2
+    assert held <= 2 * c * v + 8 * 2**20, f"{held / (c * v):.2f} bytes a logit"

@@ -10,7 +10,7 @@ import torch
 
 from lmheads.backbone import BackboneConfig
 from lmheads.heads import head_class
-from lmheads.loss.chunked import chunk_tokens
+from lmheads.loss.chunked import ChunkGrad
 from lmheads.module import LMHeadModule
 from lmheads.perf import flops_per_token
 from lmheads.reporting import parameter_counts
@@ -64,7 +64,9 @@ def test_bench_head_runs_every_backend(capsys):
                 "--chunk-sizes", "32", "--no-compile"])  # fmt: skip
     out = capsys.readouterr().out
     assert "| naive | " in out and "| chunked C=32 | " in out
-    assert f"| chunked C={chunk_tokens(300)} (default) | " in out  # what training uses, always timed
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default = ChunkGrad().chunk_tokens(300, getattr(torch, dtype), device, softcap=False)
+    assert f"| chunked C={default} (default) | " in out  # what training uses, always timed
     assert "gradient floor" in out
     # as in bf16-mixed training: fp32 weights, bf16 products; the chunked loss matches the reference
     bench.main(["--n", "96", "--d", "16", "--v", "300", "--dtype", "bfloat16", "--mixed", "--iters", "1",
@@ -100,7 +102,8 @@ def test_bench_train_runs_every_path(capsys):
                 "--block-size", "16", "--batch", "2", "--vocab", "128", "--steps", "3", "--warmup", "1",
                 "--no-compile", "--heads", "tied", "untied", "--chunk-sizes", "default", "8"])  # fmt: skip
     out = capsys.readouterr().out
-    default = f"lightning, chunked loss C={chunk_tokens(128)} (default)"
+    chunk = ChunkGrad().chunk_tokens(128, torch.float32, torch.device("cpu"), softcap=False)
+    default = f"lightning, chunked loss C={chunk} (default)"
     for row in (
         "| plain | tied |",
         f"| {default} | tied |",

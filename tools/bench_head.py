@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from lmheads.heads import LinearForm
-from lmheads.loss import BACKENDS, IGNORE_INDEX, ChunkGrad, LossBackend, chunk_tokens
+from lmheads.loss import BACKENDS, IGNORE_INDEX, ChunkGrad, LossBackend
 from lmheads.perf import MiB, PeakMemory, synchronize
 
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     alternatives = variants(device, autocast is not None) if args.variants else []
     if args.variants and not alternatives:
         print("# variants: none here (the chunk step's alternatives are CUDA paths)")
-    default = chunk_tokens(args.v)  # what training uses without model.loss_chunk_size: always timed
+    default = ChunkGrad().chunk_tokens(args.v, dtype, device, softcap=False)  # training's: always timed
     for c in sorted({default, *(args.chunk_sizes or [])}):
         size = f"C={c} (default)" if c == default else f"C={c}"
         chunked = mean_loss(BACKENDS["chunked"](c))

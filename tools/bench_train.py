@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from lmheads.backbone import BackboneConfig
 from lmheads.data import SyntheticDataModule
 from lmheads.heads import head_class
-from lmheads.loss.chunked import chunk_tokens
+from lmheads.loss.chunked import ChunkGrad
 from lmheads.module import LMHeadModule
 from lmheads.perf import PeakMemory, flops_per_token, matmul_peak_tflops, synchronize
 
@@ -214,13 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     memory = PeakMemory(device)
     tokens = args.steps * args.batch * args.block_size
     rows = []
+    default_chunk = ChunkGrad().chunk_tokens(data.vocab_size, dtype, device, softcap=False)  # training's
     for name in args.heads:
         variants = [("plain", "naive", None)]  # the plain loop's model first
         for backend in args.loss_backends:
             for chunk in args.chunk_sizes if backend == "chunked" else [None]:
                 label = f"lightning, {backend} loss"
                 if backend == "chunked":
-                    label += f" C={chunk}" if chunk else f" C={chunk_tokens(data.vocab_size)} (default)"
+                    label += f" C={chunk}" if chunk else f" C={default_chunk} (default)"
                 variants.append((label, backend, chunk))
         paths = []
         for label, backend, chunk in variants:

@@ -2,7 +2,15 @@
 are formed and consumed at once, so memory is O(C x V) instead of O(N x V). The gradients for h', W and
 b are computed in the forward pass (three matrix products in all, as for the reference) and scaled by
 the incoming gradient in the backward pass. Pure PyTorch: runs on CPU and GPU and under
-``torch.compile``."""
+``torch.compile``.
+
+Memory, step by step, for one chunk:
+  1. its logits (C, V) in the compute dtype: the compiled step's only (C, V) buffer without a soft-cap;
+  2. the softmax gradient is computed from them and written over them (the compiled step does both in
+     one kernel; uncompiled, the steps in between need fp32 temporaries: ChunkGrad.bytes_per_logit);
+  3. the gradients of h', W and b are read off that buffer by two matrix products and a sum;
+  4. the buffer is freed before the next chunk's logits are formed, so only one chunk is ever held.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +29,12 @@ from lmheads.loss.reference import IGNORE_INDEX, TokenLoss, TrainLoss, naive_lin
 CHUNK_WORKSPACE_BYTES = 256 * 2**20
 
 
-def chunk_tokens(vocab_size: int, workspace_bytes: int = CHUNK_WORKSPACE_BYTES) -> int:
-    """Tokens per chunk so that a chunk's logits and their gradient (about 8 bytes per logit in
-    mixed precision) fit ``workspace_bytes``; a multiple of 64, at least 64."""
-    return max(64, workspace_bytes // (8 * vocab_size) // 64 * 64)
+def chunk_tokens(
+    vocab_size: int, bytes_per_logit: int = 8, workspace_bytes: int = CHUNK_WORKSPACE_BYTES
+) -> int:
+    """Tokens per chunk so that a chunk's ``bytes_per_logit`` (8: the full-logits loss of a chunk in
+    mixed precision, as evaluation computes it) fit ``workspace_bytes``; a multiple of 64, at least 64."""
+    return max(64, workspace_bytes // (bytes_per_logit * vocab_size) // 64 * 64)
 
 
 def _chunk_grad(
@@ -36,7 +46,7 @@ def _chunk_grad(
     onehot_by_compare: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """NLL, log-partition (C,) and the gradient of sum(nll + z_loss * lse^2) over counted tokens with
-    respect to the uncapped logits (C, V), in the logits' dtype. ``logits`` is overwritten when fp32.
+    respect to the uncapped logits (C, V), written over ``logits`` (the third value is ``logits``).
 
     d/dx [lse(x) - x_t + z lse(x)^2] = softmax(x) (1 + 2 z lse) - onehot(t), times the soft-cap's
     derivative 1 - tanh^2 when x = c tanh(l / c). Not divided by the token count, so fp16 logits keep
@@ -64,7 +74,9 @@ def _chunk_grad(
         grad.scatter_add_(1, safe, -valid.to(grad.dtype).unsqueeze(1))
     if tanh is not None:
         grad.mul_(1 - tanh.square_())
-    return nll, lse, grad.to(logits.dtype)
+    if grad is not logits:  # compiled, the gradient's kernel stores into the logits' buffer directly
+        logits.copy_(grad)
+    return nll, lse, logits
 
 
 class ChunkGrad:
@@ -118,6 +130,23 @@ class ChunkGrad:
 
     def _by_compare(self, compiled: bool) -> bool:
         return self.onehot == "compare" or (self.onehot is None and compiled)
+
+    def bytes_per_logit(self, dtype: torch.dtype, device: torch.device, softcap: bool) -> int:
+        """What a chunk's step holds at its peak per logit (see the module's docstring), at most.
+
+        Compiled: the logits in ``dtype``, which the gradient overwrites, and with a soft-cap its tanh in
+        fp32. Uncompiled: also the fp32 working copy of lower-precision logits, the fp32 temporary of
+        ``logsumexp``, and with a soft-cap two fp32 temporaries. (Measured by tests/test_loss.py.)
+        """
+        compiled = (device.type == "cuda" if self.compile is None else self.compile) and not self._failed
+        cap = 4 if softcap else 0
+        if compiled or torch.compiler.is_compiling():
+            return dtype.itemsize + cap
+        return dtype.itemsize + 4 + (4 if dtype.itemsize < 4 else 0) + 2 * cap
+
+    def chunk_tokens(self, vocab_size: int, dtype: torch.dtype, device: torch.device, softcap: bool) -> int:
+        """The default chunk length: a chunk's step fills the 256 MiB workspace."""
+        return chunk_tokens(vocab_size, self.bytes_per_logit(dtype, device, softcap))
 
     def add_product(self, acc: Tensor, a: Tensor, b: Tensor) -> None:
         """``acc += a @ b`` for an fp32 ``acc`` and ``a``, ``b`` in a lower compute dtype."""
@@ -177,6 +206,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         chunk_grad.add_product(grad_w, grad.t(), h)
                 if needs_b:
                     grad_b += grad.sum(0, dtype=torch.float32)
+                del logits, grad  # one buffer, freed before the next chunk's logits are formed
         ctx.save_for_backward(grad_h, grad_w, grad_b, count)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         nll_mean = nll_sum / count
@@ -205,16 +235,18 @@ def chunked_train_loss(
 ) -> TrainLoss:
     """Mean NLL (+ z-loss) of a linear form without materialising the (N, V) logits.
 
-    ``chunk_size`` tokens per chunk (default: :func:`chunk_tokens`); ``chunk_grad`` computes each
-    chunk's softmax gradient (default: a :class:`ChunkGrad` that compiles it on CUDA).
+    ``chunk_size`` tokens per chunk (default: :meth:`ChunkGrad.chunk_tokens`, a 256 MiB workspace);
+    ``chunk_grad`` computes each chunk's softmax gradient (default: a :class:`ChunkGrad` that compiles
+    it on CUDA).
     """
     hidden, weight, bias = form.hidden, form.weight, form.bias
-    chunk = chunk_size or chunk_tokens(weight.size(0))
     dtype = compute_dtype(hidden, weight)
+    chunk_grad = chunk_grad or ChunkGrad()
+    softcap = form.softcap is not None
+    chunk = chunk_size or chunk_grad.chunk_tokens(weight.size(0), dtype, hidden.device, softcap)
     loss, nll, z = _ChunkedLinearCrossEntropy.apply(
-        hidden, weight, bias, targets, ignore_index, form.softcap, float(z_loss), chunk, dtype,
-        chunk_grad or ChunkGrad(),
-    )  # fmt: skip
+        hidden, weight, bias, targets, ignore_index, form.softcap, float(z_loss), chunk, dtype, chunk_grad
+    )
     return TrainLoss(loss, nll, z)
 
 
