@@ -132,13 +132,18 @@ def test_compile_every_head_without_graph_breaks(name, backend):
         torch.testing.assert_close(eager.token_loss(idx, targets).nll, compiled.token_loss(idx, targets).nll)
 
 
-@pytest.mark.parametrize(("name", "z_loss"), [("tied", 0.0), ("tied", 1e-3), ("mos", 0.0)])
-def test_the_full_logits_loss_compiled_by_inductor_keeps_its_gradient(name, z_loss):
+@pytest.mark.parametrize(
+    ("name", "z_loss", "backend"),
+    [("tied", 0.0, "naive"), ("tied", 1e-3, "naive"), ("mos", 0.0, "naive"), ("tied", 1e-3, "chunked"),
+     ("tied_bias", 0.0, "chunked")],
+)  # fmt: skip
+def test_a_model_compiled_by_inductor_keeps_its_loss_and_gradients(name, z_loss, backend):
     """Inductor, the compiler model.compile=true uses (aot_eager above does not simplify): it folded the
-    loss's `nll + 0` away, and the loss came out of the graph without a gradient. `mos` has no linear
-    form: it always takes the full logits."""
+    full-logits loss's `nll + 0` away, and the loss came out of the graph without a gradient. `mos` has
+    no linear form: it always takes the full logits. The chunked loss's step writes each chunk's
+    gradient over its logits inside the traced graph (chunks of 5 do not divide the 16 tokens)."""
     cfg = BackboneConfig(n_layer=1, n_head=2, d_model=16, block_size=8)
-    options = {"backbone": cfg, "vocab_size": 40, "loss_backend": "naive"}
+    options = {"backbone": cfg, "vocab_size": 40, "loss_backend": backend, "loss_chunk_size": 5}
     idx, targets = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
     torch.manual_seed(0)
     eager = LMHeadModule(head=head_class(name)(z_loss=z_loss), **options)
