@@ -22,6 +22,7 @@ The loader alone is timed too (batches to the device), to show whether data coul
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from contextlib import nullcontext
 
@@ -223,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "chunked":
                     label += f" C={chunk}" if chunk else f" C={default_chunk} (default)"
                 variants.append((label, backend, chunk))
-        paths = []
+        results, flops = {}, None
         for label, backend, chunk in variants:
+            # Built just before its run and dropped after it: no earlier path's model or optimizer is on
+            # the device while a path runs, so each peak is its own.
             L.seed_everything(0, verbose=False)  # the same initial weights for every path
             model = LMHeadModule(
                 head=head_class(name)(),
@@ -235,20 +238,20 @@ def main(argv: list[str] | None = None) -> int:
                 loss_chunk_size=chunk,
                 compile=args.compile,
             )
-            paths.append((label, plain_run if label == "plain" else lightning_run, model))
-        flops = flops_per_token(paths[0][2])
-        results = {}
-        for path, run, model in paths:
-            seconds = run(model, data, args, memory)
-            results[path] = tokens / seconds
+            flops = flops or flops_per_token(model)
+            seconds = (plain_run if label == "plain" else lightning_run)(model, data, args, memory)
+            results[label] = tokens / seconds
             mfu, mib = flops * tokens / seconds / 1e12 / peak, memory.peak_mib(True)
-            rows.append((path, name, tokens / seconds, mfu, mib))
+            rows.append((label, name, tokens / seconds, mfu, mib))
             rate = f"{tokens / seconds:,.0f} tokens/s, MFU {100 * mfu:.1f}%, peak {mib:,.0f} MiB"
-            print(f"# {path} {name}: {rate}", flush=True)
+            print(f"# {label} {name}: {rate}", flush=True)
+            del model
+            torch.compiler.reset()  # compiled code holds no model, and no path counts to the recompile limit
+            gc.collect()  # the Trainer and its optimizer hold the model in reference cycles
             if cuda:
                 torch.cuda.empty_cache()
-        for path, _, _ in paths[1:]:
-            rows.append((f"{path} / plain", name, results[path] / results["plain"], None, None))
+        for label, _, _ in variants[1:]:
+            rows.append((f"{label} / plain", name, results[label] / results["plain"], None, None))
     loader = loader_tokens_per_sec(data, args, batches=max(args.steps, 20))
 
     where = torch.cuda.get_device_name(device) if cuda else "cpu"
