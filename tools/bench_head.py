@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in candidates.items():
         results[name] = run(fn, h, w, targets, args.warmup, args.iters, memory, autocast)
         print(f"# {name}: {results[name]['ms']:.2f} ms", flush=True)
+        # The candidates share code (the loss closure, the chunk step): without a reset their shapes and
+        # options would add up to the recompile limit, past which a compiled candidate runs eager.
+        torch.compiler.reset()
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     precision = f"fp32 under {args.dtype} autocast" if autocast is not None else args.dtype
