@@ -21,6 +21,15 @@ def _isolated_cache(tmp_path_factory):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compiler():
+    """Each test compiles from scratch: torch counts the compilations of one function across the whole
+    process and, past its recompile limit (8), silently runs that function eager, so later tests of the
+    compiled chunk step (many shapes, one function) would test eager code."""
+    torch.compiler.reset()
+    yield
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The reference corpora (WikiText-2, Tiny Shakespeare); tests needing them skip without them."""
