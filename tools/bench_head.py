@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     memory = PeakMemory(device)
     results = {}
     for name, fn in candidates.items():
-        results[name] = run(fn, h, w, targets, args.warmup, args.iters, memory, autocast)
-        print(f"# {name}: {results[name]['ms']:.2f} ms", flush=True)
+        r = results[name] = run(fn, h, w, targets, args.warmup, args.iters, memory, autocast)
+        print(f"# {name}: {r['ms']:.2f} ms, peak extra {r['mib']:,.0f} MiB", flush=True)  # if cut short
         # The candidates share code (the loss closure, the chunk step): without a reset their shapes and
         # options would add up to the recompile limit, past which a compiled candidate runs eager.
         torch.compiler.reset()

@@ -80,10 +80,10 @@ start gpu-tests 240 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cac
 finish
 find "$out/runs" -name '*.ckpt' -delete 2> /dev/null  # the logs stay; the checkpoints were for the fits
 # Benchmarks last, one at a time, with the GPU to themselves.
-check bench-head-gpt2 90 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}"
+check bench-head-gpt2 150 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}"
 check bench-head-gpt2-mixed 180 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" \
   --mixed --variants
-check bench-head-llama3 120 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
+check bench-head-llama3 150 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
 # Last: it compiles eight times (two heads x four paths) and takes whatever time is left.
 check bench-train-gpt2 570 '/ plain' python tools/bench_train.py "${train[@]}"
 summary check
