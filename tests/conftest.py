@@ -27,7 +27,6 @@ def _fresh_compiler():
     process and, past its recompile limit (8), silently runs that function eager, so later tests of the
     compiled chunk step (many shapes, one function) would test eager code."""
     torch.compiler.reset()
-    yield
 
 
 @pytest.fixture
