@@ -111,8 +111,7 @@ class ChunkGrad:
         self._gemm_failed = False
 
     def __call__(self, logits: Tensor, targets: Tensor, valid: Tensor, softcap: float | None, z_loss: float):
-        use = logits.device.type == "cuda" if self.compile is None else self.compile
-        if not use or self._failed or torch.compiler.is_compiling():  # a compiled model traces it anyway
+        if not self._compiles(logits.device) or torch.compiler.is_compiling():  # a compiled model traces it
             compare = self._by_compare(compiled=torch.compiler.is_compiling())
             return _chunk_grad(logits, targets, valid, softcap, z_loss, compare)
         if self._compiled is None:
@@ -128,6 +127,11 @@ class ChunkGrad:
             self._failed = True
             return _chunk_grad(logits, targets, valid, softcap, z_loss, self._by_compare(compiled=False))
 
+    def _compiles(self, device: torch.device) -> bool:
+        """Whether the step runs compiled on ``device`` (on its own, not traced into a compiled model)."""
+        use = device.type == "cuda" if self.compile is None else self.compile
+        return use and not self._failed
+
     def _by_compare(self, compiled: bool) -> bool:
         return self.onehot == "compare" or (self.onehot is None and compiled)
 
@@ -138,9 +142,8 @@ class ChunkGrad:
         fp32. Uncompiled: also the fp32 working copy of lower-precision logits, the fp32 temporary of
         ``logsumexp``, and with a soft-cap two fp32 temporaries. (Measured by tests/test_loss.py.)
         """
-        compiled = (device.type == "cuda" if self.compile is None else self.compile) and not self._failed
         cap = 4 if softcap else 0
-        if compiled or torch.compiler.is_compiling():
+        if self._compiles(device) or torch.compiler.is_compiling():
             return dtype.itemsize + cap
         return dtype.itemsize + 4 + (4 if dtype.itemsize < 4 else 0) + 2 * cap
 
