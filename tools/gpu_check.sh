@@ -77,7 +77,8 @@ for head in $(python -c "from lmheads.heads import registered_heads; print(*regi
   start_fit "fit-$head" 120 --model.head="$head" --trainer.max_steps="$head_steps" \
     --trainer.val_check_interval="$head_steps"
 done
-start gpu-tests 240 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider  # beside the fits
+start gpu-tests 240 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider \
+  --durations=10  # beside the fits; the log lists the ten slowest
 finish
 find "$out/runs" -name '*.ckpt' -delete 2> /dev/null  # the logs stay; the checkpoints were for the fits
 # Benchmarks last, one at a time, with the GPU to themselves.
