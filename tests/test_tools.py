@@ -194,6 +194,7 @@ def test_sweep_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["tied-seed0", "untied-seed0"]
     assert sweep.thread_env(1) == {}
     assert sweep.thread_env(16)["OMP_NUM_THREADS"] == "1"  # more runs than cores (here 2): one each
+    assert sweep.thread_env(16)["TORCHINDUCTOR_COMPILE_THREADS"] == "1"  # and no pool of compile workers
 
 
 def test_match_params_reaches_two_percent(capsys):

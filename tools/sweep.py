@@ -121,11 +121,12 @@ def thread_env(jobs: int) -> dict[str, str]:
     """CPU threads for each of ``jobs`` runs at once: an equal share of the cores (two runs with every
     core each on 2 cores take about 5x as long in total as one after the other). Runs on GPUs get their
     share too, as torchrun gives its processes one thread each: their CPU work is small, but N runs with
-    a thread per core each would oversubscribe the cores."""
+    a thread per core each would oversubscribe the cores. The share also bounds each run's pool of
+    ``torch.compile`` workers (a worker process per core by default; with 1, it compiles in-process)."""
     if jobs <= 1:
         return {}
     share = str(max(1, (os.cpu_count() or 1) // jobs))
-    return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
+    return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share, "TORCHINDUCTOR_COMPILE_THREADS": share}
 
 
 NOT_STARTED = "not started (the sweep was stopped)"
