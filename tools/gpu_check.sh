@@ -8,43 +8,55 @@
 #     bf16-mixed with gradient clipping at 1.0 (fused AdamW), 16-mixed with clipping (loss scaling),
 #     model.compile=true, FSDP2 and FSDP1 on one device, and every registered head once;
 #   - the GPU tests (pytest -m gpu), beside the fits;
-#   - then alone on the GPU, since they time it: tools/bench_head.py at GPT-2 small's head (N=16384
-#     D=768 V=50304; bf16 tensors, and fp32 weights under bf16 autocast as in training, there with the
-#     chunked step's alternatives to its defaults) and Llama-3-8B's (N=8192 D=4096 V=128256, bf16);
-#     tools/bench_train.py: GPT-2 small, tied and untied, Lightning with the chunked loss (the default
-#     chunk size and 4096) and the naive loss against a plain compiled PyTorch loop.
+#   - then alone on the GPU, since they time it: tools/bench_head.py (bf16) at GPT-2 small's head
+#     (N=16384 D=768 V=50304; the default chunk size, 256 and 4096) and Llama-3-8B's (N=8192 D=4096
+#     V=128256; the default chunk size); tools/bench_train.py: GPT-2 small, tied and untied, Lightning
+#     with the chunked loss (the default chunk size) and with the naive loss against a plain compiled
+#     PyTorch loop.
 # Then prints a table: check, status, seconds, key figure. Exit status: the number of failed checks.
 # Everything ends by LMHEADS_CHECK_SECONDS (default 480): a check that would run past it gets the time
 # left, and one that cannot start in time is reported as SKIPPED, so the table always comes out.
 # Wheels carried in .whl/ (a machine without a package index) are installed first when present.
 #
+#     bash tools/gpu_check.sh --extended [OUT_DIR]  # also the measurements behind docs/performance.md:
+#                                                # more chunk sizes in both benchmarks, GPT-2's head with
+#                                                # fp32 weights under bf16 autocast (as in training) and
+#                                                # the chunk step's alternatives to its defaults; its
+#                                                # deadline is 15 minutes
 #     bash tools/gpu_check.sh --tiny [OUT_DIR]   # the same checks on the CPU at toy sizes (FSDP1 and
 #                                                # 16-mixed left out): tries the script itself
 #     bash tools/gpu_check.sh --only REGEX [OUT_DIR]  # only the checks whose names match (bash regex):
 #                                                # 'fit|gpu-tests' or 'bench', to split it over two calls
 set -u
 cd "$(dirname "$0")/.."
-tiny=0 only=""
+tiny=0 only="" extended=0
 while [ $# -gt 0 ]; do
   case $1 in
     --tiny) tiny=1; shift ;;
+    --extended) extended=1; shift ;;
     --only) only=${2:?--only needs a pattern}; shift 2 ;;
-    -*) echo "error: unknown option $1; usage: bash tools/gpu_check.sh [--tiny] [--only REGEX] [OUT_DIR]"; exit 2 ;;
+    -*)
+      echo "error: unknown option $1; usage: bash tools/gpu_check.sh [--tiny] [--extended] [--only REGEX]" \
+        "[OUT_DIR]"
+      exit 2 ;;
     *) break ;;
   esac
 done
 out=${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-deadline=${LMHEADS_CHECK_SECONDS:-480}
+deadline=${LMHEADS_CHECK_SECONDS:-$([ "$extended" = 1 ] && echo 900 || echo 480)}
 # shellcheck source=tools/gpu_lib.sh
 . tools/gpu_lib.sh
 gpu_setup
 
 accelerator=gpu steps=60 head_steps=30 precision=bf16-mixed
-# and the default; 256: the largest chunk that fits the 125 MiB target beside the gradients
-head_gpt2=(--n 16384 --d 768 --v 50304 --dtype bfloat16 --chunk-sizes 256 1024 2048 4096)
-head_llama3=(--n 8192 --d 4096 --v 128256 --dtype bfloat16 --chunk-sizes 512 1024 2048 --iters 5)
-train=(--steps 20 --warmup 8 --chunk-sizes default 4096)
+# Chunk sizes besides the default (always timed). 256: the largest chunk whose logits fit GPT-2's 125 MiB
+# target beside the gradients; 4096: the fastest measured.
+gpt2_sizes=(256 4096) llama3_sizes=() train_sizes=(default)
+[ "$extended" = 1 ] && gpt2_sizes=(256 1024 2048 4096) llama3_sizes=(512 2048) train_sizes=(default 4096)
+head_gpt2=(--n 16384 --d 768 --v 50304 --dtype bfloat16 --chunk-sizes "${gpt2_sizes[@]}")
+head_llama3=(--n 8192 --d 4096 --v 128256 --dtype bfloat16 --chunk-sizes "${llama3_sizes[@]}" --iters 5)
+train=(--steps 20 --warmup 8 --chunk-sizes "${train_sizes[@]}")
 if [ "$tiny" = 1 ]; then
   accelerator=cpu steps=4 head_steps=2
   head_gpt2=(--n 256 --d 32 --v 1000 --dtype bfloat16 --chunk-sizes 64 --iters 1 --warmup 1 --no-compile)
@@ -83,9 +95,11 @@ finish
 find "$out/runs" -name '*.ckpt' -delete 2> /dev/null  # the logs stay; the checkpoints were for the fits
 # Benchmarks last, one at a time, with the GPU to themselves.
 check bench-head-gpt2 150 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}"
-check bench-head-gpt2-mixed 180 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_gpt2[@]}" \
-  --mixed --variants
+if [ "$extended" = 1 ]; then
+  check bench-head-gpt2-mixed 180 '^\| (chunked|naive\+compile)' \
+    python tools/bench_head.py "${head_gpt2[@]}" --mixed --variants
+fi
 check bench-head-llama3 150 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
-# Last: it compiles eight times (two heads x four paths) and takes whatever time is left.
+# Last: it compiles once a path (two heads x three paths; four with --extended) and takes the time left.
 check bench-train-gpt2 570 '/ plain' python tools/bench_train.py "${train[@]}"
 summary check
