@@ -14,8 +14,9 @@
 #     with the chunked loss (the default chunk size) and with the naive loss against a plain compiled
 #     PyTorch loop.
 # Then prints a table: check, status, seconds, key figure. Exit status: the number of failed checks.
-# Everything ends by LMHEADS_CHECK_SECONDS (default 480): a check that would run past it gets the time
-# left, and one that cannot start in time is reported as SKIPPED, so the table always comes out.
+# Everything ends by LMHEADS_CHECK_SECONDS (default 480, 900 with --extended): a check that would run
+# past it gets the time left, and one that cannot start in time is reported as SKIPPED, so the table
+# always comes out.
 # Wheels carried in .whl/ (a machine without a package index) are installed first when present.
 #
 #     bash tools/gpu_check.sh --extended [OUT_DIR]  # also the measurements behind docs/performance.md:
