@@ -67,7 +67,8 @@ for name, part in (("train.txt", text[:n]), ("val.txt", text[n:])):
 print(f"nanoGPT split: {n:,} training and {len(text) - n:,} validation characters")' \
     "$data/tinyshakespeare/input.txt" "$split" || exit 1
 fi
-shakespeare_data=(--data.init_args.train_file="$split/train.txt" --data.init_args.validation_file="$split/val.txt")
+shakespeare_data=(--data.init_args.train_file="$split/train.txt"
+  --data.init_args.validation_file="$split/val.txt")
 shakespeare=("${shakespeare_config[@]}" "${shakespeare_data[@]}")
 # Without a text sample at each of its 20 validations (200 tokens one at a time: about 2 s each on a
 # shared GPU), as nanoGPT trains. Samples draw from their own generator: training is the same either way.
@@ -126,7 +127,9 @@ nano_rc=$?
 trap - INT TERM
 dt=$((SECONDS - t0))
 status() {  # a sweep stopped at the deadline exits 143 (SIGTERM): a timeout, as gpu_lib.sh says it
-  if [ "$1" = 0 ]; then echo ok; elif [ "$1" = 143 ] && [ -n "$stopped" ]; then echo TIMEOUT; else echo "FAIL($1)"; fi
+  if [ "$1" = 0 ]; then echo ok
+  elif [ "$1" = 143 ] && [ -n "$stopped" ]; then echo TIMEOUT
+  else echo "FAIL($1)"; fi
 }
 record train-wikitext2 "$(status "$sweep_rc")" "$dt" \
   "$(grep -cE ': (done|skipped)' "$out/sweep.log") of $((${#heads[@]} * ${#seeds[@]})) runs done$stopped"
