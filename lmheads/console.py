@@ -181,19 +181,40 @@ def _prefixes(key: str) -> list[str]:
 
 
 def _explain_bad_value(message: str) -> str:
-    """jsonargparse's multi-line report of a value of the wrong type, as one line."""
+    """jsonargparse's multi-line report of a bad value, as one line: the option, the value given, and what
+    it expected (a type, or what was wrong with a file or a class's options)."""
     keys = re.findall(r'Parser key "([\w.]+)"', message)
     if not keys:
         return " ".join(message.split()) + " (see --help)"
+    option = "--" + ".".join(dict.fromkeys(keys))  # an option of a class given: its key within the class
+    given = re.findall(r"(?:Got value|Given value): (.*)$", message, flags=re.MULTILINE)
+    value = f" {given[0].strip()!r}" if given and "NestedArg(" not in given[0] else ""
+    refused = re.search(
+        r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message
+    )
+    if refused:
+        cls, name = refused.groups()
+        return (
+            f"{cls.rsplit('.', 1)[-1]} has no option '{name}' ({option}.{name}); "
+            f"{option}.help {cls.rsplit('.', 1)[-1]} lists its options"
+        )
     expected = []
     for what in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", message, flags=re.MULTILINE):
+        if what.startswith("path but "):
+            what = "config file"
+        elif what.startswith("dot import path string"):
+            what = "class path"
         what = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", what)
         what = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", what)
         if what != "NoneType" and what not in expected:
             expected.append(what)
-    given = re.findall(r"(?:Got value|Given value): (.*)$", message, flags=re.MULTILINE)
-    value = f" {given[0].strip()!r}" if given else ""
-    return f"invalid value{value} for --{'.'.join(keys)}: expected {' or '.join(expected) or 'another value'}"
+    if expected:
+        return f"invalid value{value} for {option}: expected {' or '.join(expected)}"
+    # No type to name: the parser's first reason (a missing file, a config it could not load).
+    after = message.split(f'Parser key "{keys[-1]}":', 1)[1]
+    reasons = [line.strip().removeprefix("- ") for line in after.splitlines() if line.strip()]
+    reason = f": {reasons[0]}" if reasons else ""
+    return f"invalid value{value} for {option}{reason}"
 
 
 def user_error(err: BaseException | None) -> str | None:

@@ -225,6 +225,15 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "error: unknown option --trainer.max_step; did you mean --trainer.max_steps",
         ),
         (["--model.lr=abc"], "error: invalid value 'abc' for --model.lr: expected float"),
+        (["--config", "missing.yaml"], "error: invalid value for --config: File does not exist:"),
+        (
+            ["--model.head.bias=true"],
+            "error: TiedHead has no option 'bias' (--model.head.bias); --model.head.help",
+        ),
+        (
+            ["--model.head=untied", "--model.head.bias=maybe"],
+            "error: invalid value 'maybe' for --model.head.bias: expected bool",
+        ),
         (["--model.backbone.d_model=130"], "error: model.backbone.d_model=130 is not divisible by n_head=4"),
         (["--model.backbone.n_layer=0"], "error: model.backbone.n_layer must be positive"),
         (
