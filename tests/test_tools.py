@@ -170,6 +170,22 @@ def test_sweep_resumes_from_the_newer_of_last_and_interrupted(tmp_path):
     assert f"--ckpt_path={last}" in sweep.command(run, args, folder.parent)
 
 
+@pytest.mark.parametrize(
+    ("config", "head", "message"),
+    [
+        ("configs/quickstart.yaml", "tide", "error: unknown head 'tide'; registered heads:"),
+        ("configs/quickstart.yaml", "mine.Head", "error: head class 'mine.Head' cannot be imported"),
+        ("configs/missing.yaml", "tied", "error: config file "),
+    ],
+)
+def test_sweep_refuses_bad_input_before_any_run(tmp_path, config, head, message):
+    args = ["--config", str(ROOT / config), "--heads", "tied", head, "--seeds", "0"]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([*args, "--root", str(tmp_path / "runs"), "--name", "bad"])
+    assert str(stop.value).startswith(message)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_compare_without_runs_fails_clearly(tmp_path, capsys):
     assert compare.main([str(tmp_path)]) == 2
     assert "no lmheads runs" in capsys.readouterr().err

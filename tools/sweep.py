@@ -86,6 +86,25 @@ def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> di
     return overrides
 
 
+def check_input(configs: list[str], heads: list[str]) -> None:
+    """Stops the sweep before any run starts (and before anything is written) on a config file that does
+    not exist or a head that the runs could not build."""
+    for config in configs:
+        if not Path(config).is_file():
+            raise SystemExit(f"error: config file {config} not found")
+    from lmheads.cli import expand_head_names
+    from lmheads.errors import ConfigError
+
+    sys.path.insert(0, os.getcwd())  # where `python -m lmheads`, in each run, finds a head of your own
+    try:
+        for head in heads:
+            expand_head_names([f"--model.head={head}"])
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        sys.path.remove(os.getcwd())
+
+
 def parse_grid(items: list[str]) -> list[dict[str, str]]:
     """``["a.b=1,2", "c=x"]`` -> every combination as a dict of overrides."""
     axes = []
@@ -225,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("extra", nargs="*", help="further lmheads options for every run (after --)")
     args = parser.parse_args(argv)
+    check_input(args.config, args.heads)
     grid = parse_grid(args.grid)
     matched = matched_widths(args.config, args.heads, args.extra) if args.match_params else {}
     runs = [Run(h, s, {**o, **matched.get(h, {})}) for o in grid for h in args.heads for s in args.seeds]
