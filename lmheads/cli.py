@@ -118,7 +118,8 @@ class LMHeadsCLI(LightningCLI):
             else:
                 super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
-            raise ConfigError(explain_parse_error(str(err), self._defaults_parser)) from None
+            message = explain_parse_error(str(err), self._defaults_parser)
+            raise ConfigError(message + _run_config_hint(str(err), args)) from None
         subcommand = self.config.get("subcommand")
         self._checkpoint = None
         if subcommand:
@@ -198,7 +199,10 @@ class LMHeadsCLI(LightningCLI):
             args.save_dir = str(root)
         ckpt = config.get("ckpt_path")
         run = run_of_checkpoint(ckpt) if self._checkpoint is not None else None
-        if run is not None and args.get("version") is None:  # the checkpoint's own run
+        version = args.get("version")
+        named = None if version is None else Path(args.save_dir, args.name or "", str(version)).resolve()
+        if run is not None and named in (None, run.resolve()):  # the checkpoint's own run (the run's
+            # config.yaml names its folder)
             args.save_dir, args.name, args.version = str(run.parent.parent), run.parent.name, run.name
             if self.subcommand != "fit":
                 args.sub_dir = evaluation_folder(run, self.subcommand, Path(ckpt))
@@ -218,6 +222,19 @@ class LMHeadsCLI(LightningCLI):
         if self.subcommand is not None:  # a command runs: it owns the folder (run=False only builds)
             self.run_folder = RunFolder(folder, resume=resume)
             self.run_folder.claim()
+
+
+def _run_config_hint(message: str, args) -> str:
+    """For options missing from a command given a run's checkpoint: the run's own configuration."""
+    if "arguments are required" not in message or not isinstance(args, list):
+        return ""
+    ckpt = next((a.partition("=")[2] for a in args if a.startswith("--ckpt_path=")), None)
+    if ckpt is None and "--ckpt_path" in args[:-1]:
+        ckpt = args[args.index("--ckpt_path") + 1]
+    run = run_of_checkpoint(ckpt) if ckpt else None
+    if run is None or not (run / "config.yaml").is_file():
+        return ""
+    return f"; for the run's own configuration, put --config {run / 'config.yaml'} before --ckpt_path"
 
 
 def list_heads(modules: list[str] = ()) -> str:

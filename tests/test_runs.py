@@ -111,6 +111,22 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     assert "| test ppl |" in capsys.readouterr().out
 
 
+def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):
+    """The run's config.yaml names the run's folder: an evaluation with it is filed in the run, as without
+    it, and one without any config is told to give it."""
+    _, run, before = finished_run
+    last, config = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", str(run / "config.yaml")
+    main(["test", "--config", config, last, "--trainer.enable_progress_bar=false"])
+    assert sorted(p.name for p in (run / "test").iterdir()) == ["last"]
+    assert "test/loss" in scalars(run / "test" / "last")
+    assert {k: v for k, v in snapshot(run).items() if "/" not in k or k.startswith("checkpoints")} == before
+    capsys.readouterr()
+    err = refused(capsys, "validate", last)
+    assert f"the following arguments are required: validate.data (see --help); for the run's own " \
+        f"configuration, put --config {config} before --ckpt_path" in err  # fmt: skip
+    assert not (run / "validate").exists()
+
+
 def test_compare_best_reports_the_lowest_validation_and_tests_that_checkpoint(finished_run, capsys):
     tmp_path, run, _ = finished_run
     compare = _tool("compare")
