@@ -221,7 +221,14 @@ class LMHeadsCLI(LightningCLI):
             }
         if self.subcommand is not None:  # a command runs: it owns the folder (run=False only builds)
             self.run_folder = RunFolder(folder, resume=resume)
-            self.run_folder.claim()
+            try:
+                self.run_folder.claim()
+            except ConfigError as err:
+                if self.subcommand == "fit" or ckpt:
+                    raise
+                raise ConfigError(  # the run's config.yaml without a checkpoint (or one it reset to null)
+                    f"{err}. To {self.subcommand} a checkpoint of that run, give --ckpt_path after --config"
+                ) from None
 
 
 def _run_config_hint(message: str, args) -> str:

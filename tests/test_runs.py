@@ -124,6 +124,8 @@ def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):
     err = refused(capsys, "validate", last)
     assert f"the following arguments are required: validate.data (see --help); for the run's own " \
         f"configuration, put --config {config} before --ckpt_path" in err  # fmt: skip
+    err = refused(capsys, "validate", last, "--config", config)  # the config resets ckpt_path to null
+    assert "To validate a checkpoint of that run, give --ckpt_path after --config" in err
     assert not (run / "validate").exists()
 
 
