@@ -193,11 +193,8 @@ def _explain_bad_value(message: str) -> str:
         r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message
     )
     if refused:
-        cls, name = refused.groups()
-        return (
-            f"{cls.rsplit('.', 1)[-1]} has no option '{name}' ({option}.{name}); "
-            f"{option}.help {cls.rsplit('.', 1)[-1]} lists its options"
-        )
+        cls, name = refused.group(1).rsplit(".", 1)[-1], refused.group(2)
+        return f"{cls} has no option '{name}' ({option}.{name}); {option}.help {cls} lists its options"
     expected = []
     for what in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", message, flags=re.MULTILINE):
         if what.startswith("path but "):
