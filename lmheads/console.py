@@ -163,6 +163,8 @@ def check_config_files(args: list[str]) -> None:
 
 def explain_parse_error(message: str, parser: LightningArgumentParser) -> str:
     """The parser's complaint in one line; an unknown option with the closest valid ones."""
+    if 'expected "subcommand"' in message:
+        return "no command given: python -m lmheads fit, validate, test, predict or heads (see --help)"
     unknown = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", message)
     if unknown is None:
         return _explain_bad_value(message)

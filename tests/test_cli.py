@@ -260,6 +260,13 @@ def _assert_one_error_line(result: subprocess.CompletedProcess, message: str) ->
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr
 
 
+def test_no_command_names_the_commands(tmp_path):
+    result = _run_module("--config", QUICKSTART, cwd=tmp_path)
+    _assert_one_error_line(
+        result, "error: no command given: python -m lmheads fit, validate, test, predict or heads"
+    )
+
+
 def test_yaml_syntax_error_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_steps: 3\n   oops: [\n")
