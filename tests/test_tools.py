@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .helpers import ROOT, fit, scalars
+from .helpers import ROOT, fit, only_run, scalars
 
 
 def _tool(name: str):
@@ -245,3 +245,13 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| train_set_tokens=4,096 | 1 |" in out and "rarest 90%" in out
     assert (tmp_path / "b" / "bucket_differences.png").is_file()
+    over = ["--by", "train_set_tokens", "--over-steps", "--out", str(tmp_path / "s")]
+    assert buckets.main([str(tmp_path), "--heads", "untied", "tied", *over]) == 0
+    out = capsys.readouterr().out
+    loss = {
+        head: dict(scalars(only_run(tmp_path / f"{head}-4096"))["val/loss"]) for head in ("tied", "untied")
+    }
+    for step, epochs in ((2, 1.0), (4, 2.0)):  # validations logged at steps 1 and 3; 2,048 tokens a step
+        difference = loss["untied"][step - 1] - loss["tied"][step - 1]
+        assert f"| {step} | {epochs:.1f} | {difference:+.3f} | {difference:+.3f} |" in out
+    assert "train_set_tokens=65,536:" in out and (tmp_path / "s" / "differences_over_steps.png").is_file()

@@ -8,6 +8,12 @@ and reports, for all tokens and for each bucket of target tokens (the most frequ
 next 9%, the rarest 90%), the mean over pairs of the final validation-loss difference ``first head -
 second head`` with its standard deviation and the number of pairs: negative where the first head is
 better. Plots the differences as bars with the seeds' spread.
+
+    python tools/buckets.py runs/wikitext2_converged --heads untied tied --over-steps
+
+``--over-steps`` tabulates instead how the difference in validation loss (all tokens) developed: at each
+validation that every pair logged, the difference for each seed, their mean, and the epochs of the
+training set seen by then; the plot shows it against the optimizer step.
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ TAGS = {"val/loss": "all tokens"} | {
 }
 
 
-def differences(runs: list[compare.RunLog], first: str, second: str, by: list[str]) -> dict[str, dict]:
-    """``{group: {tag: [difference per seed]}}`` of ``first - second``, paired by seed within a group."""
+def pairs_by_group(
+    runs: list[compare.RunLog], first: str, second: str, by: list[str]
+) -> dict[str, dict[object, tuple[compare.RunLog, compare.RunLog]]]:
+    """``{group: {seed: (first's run, second's run)}}``: the runs of the two heads paired by seed within a
+    group of equal ``by`` hyperparameters, groups and seeds in order."""
     pairs: dict[tuple, dict[str, compare.RunLog]] = defaultdict(dict)
     for r in runs:
         if r.hparams.get("head") in (first, second):
@@ -42,23 +51,98 @@ def differences(runs: list[compare.RunLog], first: str, second: str, by: list[st
                     "tell them apart with --by, or give the runs to compare as folders"
                 )
             pairs[key][r.hparams["head"]] = r
-    out: dict[str, dict] = defaultdict(lambda: defaultdict(list))
+    out: dict[str, dict] = defaultdict(dict)
 
     def order(item) -> tuple:
         (group, seed), _ = item
         return (*((0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in group), str(seed))
 
-    for (group, _seed), members in sorted(pairs.items(), key=order):
+    for (group, seed), members in sorted(pairs.items(), key=order):
         if first not in members or second not in members:
             continue
         name = ", ".join(
             f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in zip(by, group, strict=True)
         )
-        for tag in TAGS:
-            a, b = members[first].final(tag), members[second].final(tag)
-            if a is not None and b is not None:
-                out[name or "all runs"][tag].append(a - b)
+        out[name or "all runs"][seed] = (members[first], members[second])
     return out
+
+
+def differences(paired: dict[str, dict]) -> dict[str, dict]:
+    """``{group: {tag: [difference per seed]}}`` of the final values, ``first - second``."""
+    out: dict[str, dict] = defaultdict(lambda: defaultdict(list))
+    for group, seeds in paired.items():
+        for a_run, b_run in seeds.values():
+            for tag in TAGS:
+                a, b = a_run.final(tag), b_run.final(tag)
+                if a is not None and b is not None:
+                    out[group][tag].append(a - b)
+    return out
+
+
+def over_steps(paired: dict[str, dict]) -> dict[str, dict]:
+    """``{group: {"steps": [...], "epochs": [...], "seeds": {seed: [difference at each step]}}}``: the
+    validation loss of ``first - second`` at the validations every pair of the group logged, as optimizer
+    steps trained (a validation logged at step s follows s + 1 steps)."""
+    out = {}
+    for group, seeds in paired.items():
+        curves = {seed: (_val_loss(a), _val_loss(b)) for seed, (a, b) in seeds.items()}
+        common = sorted(set.intersection(*(set(a) & set(b) for a, b in curves.values())))
+        if not common:
+            continue
+        run = next(iter(seeds.values()))[0]
+        per_step, train = run.hparams.get("tokens_per_step"), run.hparams.get("train_set_tokens")
+        out[group] = {
+            "steps": [s + 1 for s in common],
+            "epochs": [(s + 1) * per_step / train if per_step and train else None for s in common],
+            "seeds": {seed: [a[s] - b[s] for s in common] for seed, (a, b) in curves.items()},
+        }
+    return out
+
+
+def _val_loss(run: compare.RunLog) -> dict[int, float]:
+    return {step: value for step, value, _ in run.series("val/loss")}
+
+
+def steps_table(trajectories: dict[str, dict], first: str, second: str) -> str:
+    title = (
+        f"Validation loss of {first} minus {second} at each validation (nats/token; negative: {first} is "
+        "better), per seed"
+    )
+    lines = [f"{title}:"]
+    for group, t in trajectories.items():
+        seeds = list(t["seeds"])
+        header = ["step", "epochs", *(f"seed {seed}" for seed in seeds), "mean"]
+        lines += ["", f"{group}:"] if len(trajectories) > 1 else [""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for i, step in enumerate(t["steps"]):
+            values = [t["seeds"][seed][i] for seed in seeds]
+            epochs = "–" if t["epochs"][i] is None else f"{t['epochs'][i]:.1f}"
+            cells = [f"{step:,}", epochs, *(f"{v:+.3f}" for v in values), f"{statistics.fmean(values):+.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def steps_plot(trajectories: dict[str, dict], first: str, second: str, out: Path, name: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
+    for group, t in trajectories.items():
+        label = "" if len(trajectories) == 1 else f"{group}, "
+        at_step = list(zip(*t["seeds"].values(), strict=True))  # the seeds' differences at each step
+        mean = [statistics.fmean(values) for values in at_step]
+        line = ax.plot(
+            t["steps"], mean, marker="o", label=f"{label}mean of {len(t['seeds'])} seeds (band: their range)"
+        )[0]
+        low, high = [min(values) for values in at_step], [max(values) for values in at_step]
+        ax.fill_between(t["steps"], low, high, color=line.get_color(), alpha=0.2)  # the seeds' range
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"val loss, {first} - {second} (nats)")
+    ax.grid(alpha=0.3)
+    return compare.save_plot(fig, ax, out / f"{name}.png")
 
 
 def table(diffs: dict[str, dict], first: str, second: str) -> str:
@@ -107,26 +191,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", nargs=2, default=["tied", "untied"], metavar=("FIRST", "SECOND"))
     parser.add_argument("--by", nargs="*", default=[], help="hyperparameters that must match within a pair")
     parser.add_argument("--out", type=Path, help="folder for the table and the plot")
-    parser.add_argument("--name", default="bucket_differences", help="file name of the table and plot")
+    parser.add_argument(
+        "--name",
+        help="file name of the table and plot (bucket_differences; with --over-steps differences_over_steps)",
+    )
+    parser.add_argument(
+        "--over-steps", action="store_true", help="the difference at each validation instead of per bucket"
+    )
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
     first, second = args.heads
-    diffs = differences(compare.find_runs(args.roots), first, second, args.by)
-    if not diffs:
+    paired = pairs_by_group(compare.find_runs(args.roots), first, second, args.by)
+    if not paired:
         print(f"error: no pairs of {first} and {second} runs with the same seed", file=sys.stderr)
         return 2
-    text = table(diffs, first, second)
+    if args.over_steps:
+        result = over_steps(paired)
+        if not result:
+            print(f"error: the pairs of {first} and {second} runs share no validation step", file=sys.stderr)
+            return 2
+        name, text, draw, what = args.name or "differences_over_steps", steps_table, steps_plot, "over steps"
+    else:
+        result = differences(paired)
+        name, text, draw, what = args.name or "bucket_differences", table, plot, "by frequency bucket"
+    text = text(result, first, second)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.name}.md").write_text(text + "\n")
-        image = plot(diffs, first, second, args.out, args.name)
-        print(f"wrote {args.out / (args.name + '.md')}, {image}")
+        (args.out / f"{name}.md").write_text(text + "\n")
+        image = draw(result, first, second, args.out, name)
+        print(f"wrote {args.out / (name + '.md')}, {image}")
         if args.update:
-            link = (
-                f"![{first} minus {second} by frequency bucket]({os.path.relpath(image, args.update.parent)})"
-            )
+            link = f"![{first} minus {second} {what}]({os.path.relpath(image, args.update.parent)})"
             compare.update_document(args.update, f"{text}\n\n{link}", args.section)
             print(f"updated {args.update}")
     return 0

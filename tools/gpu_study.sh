@@ -10,8 +10,9 @@
 #      (the first 90% of the characters for training, the rest for validation);
 #   3. tests each WikiText-2 run's best checkpoint (lowest validation loss) on the test split;
 #   4. writes the report to OUT_DIR: tools/compare.py tables and plots (--best), tools/buckets.py
-#      (tied - untied per frequency bucket), tools/embeddings.py (the token matrices' geometry), and
-#      the runs' logs without their checkpoints (OUT_DIR/runs), then prints a summary.
+#      (tied - untied per frequency bucket, and untied - tied at each validation), tools/embeddings.py
+#      (the token matrices' geometry), and the runs' logs without their checkpoints (OUT_DIR/runs), then
+#      prints a summary.
 #
 # Everything ends by LMHEADS_STUDY_SECONDS (default 570) after the start: training stops 110 s before
 # that, whatever remains (each run then saves interrupted.ckpt), the report covers what finished, and
@@ -171,6 +172,8 @@ start compare-shakespeare 60 '^\| tied ' python tools/compare.py "$runs/shakespe
   --out "$out/shakespeare_char"
 start buckets-wikitext2 60 '^\| ' python tools/buckets.py "$runs/wikitext2_converged" --heads tied untied \
   --out "$report"
+start steps-wikitext2 60 '^\| [0-9]' python tools/buckets.py "$runs/wikitext2_converged" --heads untied tied \
+  --over-steps --out "$report"
 start geometry-wikitext2 120 '^\| ' python tools/embeddings.py "$runs/wikitext2_converged/tied-seed0" \
   "$runs/wikitext2_converged/untied-seed0" "$runs/wikitext2_converged/tied_bias-seed0" \
   "$runs/wikitext2_converged/projected_tied-seed0" --out "$report/geometry"
@@ -179,7 +182,8 @@ mkdir -p "$out/runs"
 tar -C "$runs" --exclude='*.ckpt' -cf - . | tar -C "$out/runs" -xf -
 
 echo
-for table in "$report/table.md" "$report/bucket_differences.md" "$out/shakespeare_char/table.md"; do
+for table in "$report/table.md" "$report/differences_over_steps.md" "$report/bucket_differences.md" \
+  "$out/shakespeare_char/table.md"; do
   [ -f "$table" ] && { echo "=== $table"; cat "$table"; echo; }
 done
 summary step
