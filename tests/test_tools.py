@@ -61,9 +61,11 @@ def test_sweep_is_resumable_and_compare_tabulates(tmp_path, capsys):
     capsys.readouterr()
     assert run_sweep(tmp_path, 2) == 0
     assert capsys.readouterr().out.count("skipped (done)") == 4
-    # an interrupted run (no marker) resumes from its last checkpoint, in the same run folder
+    # an interrupted run (no marker) resumes from its last checkpoint, in the same run folder; the finished
+    # runs, asked for 4 steps now, are refused, not skipped as if they were those runs
     (grid / "tied-seed0" / "sweep.json").unlink()
-    assert run_sweep(tmp_path, 4) == 0
+    assert run_sweep(tmp_path, 4) == 1
+    assert capsys.readouterr().out.count("(--trainer.max_steps=2 then; --trainer.max_steps=4 now)") == 3
     record = json.loads((grid / "tied-seed0" / "sweep.json").read_text())
     assert any(arg.startswith("--ckpt_path=") for arg in record["command"])
     resumed = grid / "tied-seed0"
@@ -103,6 +105,33 @@ def test_sweep_is_resumable_and_compare_tabulates(tmp_path, capsys):
     assert doc.read_text().split(begin)[0] == text + "\n"  # the first section is untouched
 
 
+@pytest.mark.slow
+def test_a_run_there_with_other_options_is_refused_not_skipped(tmp_path, capsys):
+    """A finished run is skipped only when this call asks for the same run: other options, or an edited
+    config file, leave it as it was and fail the sweep, naming what differs."""
+    config = tmp_path / "quickstart.yaml"
+    config.write_text((ROOT / "configs/quickstart.yaml").read_text())
+
+    def call(*extra: str) -> tuple[int, str]:
+        args = ["--config", str(config), "--heads", "tied", "--seeds", "0", "--root", str(tmp_path)]
+        code = sweep.main([*args, "--name", "grid", "--", *TINY, *extra])
+        return code, capsys.readouterr().out
+
+    assert call("--trainer.max_steps=2")[0] == 0
+    run = tmp_path / "grid" / "tied-seed0"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert call("--trainer.max_steps=2")[1].count("skipped (done)") == 1
+    config.write_text(config.read_text() + "# a comment changes nothing\n")
+    assert call("--trainer.max_steps=2")[1].count("skipped (done)") == 1
+    code, out = call("--trainer.max_steps=4")
+    assert code == 1 and "refused: " in out
+    assert "(--trainer.max_steps=2 then; --trainer.max_steps=4 now)" in out
+    config.write_text(config.read_text().replace("lr: 3.0e-3", "lr: 1.0e-3"))
+    code, out = call("--trainer.max_steps=2")
+    assert code == 1 and f"({config} edited since)" in out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_grid_and_run_names():
     grid = sweep.parse_grid(["model.backbone.d_model=64,128", "model.lr=1e-3"])
     assert grid == [
@@ -129,26 +158,28 @@ def test_sigterm_to_a_sweep_stops_its_runs_with_a_checkpoint_and_the_next_call_r
             f"--trainer.max_steps={steps}", "--trainer.val_check_interval=20", *TINY[1:],
         ]  # fmt: skip
 
-    sweep_process = subprocess.Popen(sweep_command(100_000), cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    log = tmp_path / "grid" / "tied-seed0" / "sweep.log"
+    steps = 160  # the signal lands after the first validation (step 20), well before the end
+    sweep_process = subprocess.Popen(sweep_command(steps), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    first_checkpoint = tmp_path / "grid" / "tied-seed0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
-    while not (log.is_file() and "parameters" in log.read_text()) and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)  # training under way
+    while not first_checkpoint.is_file() and time.time() < deadline:
+        time.sleep(0.2)
     sweep_process.send_signal(signal.SIGTERM)
     out, _ = sweep_process.communicate(timeout=120)
     assert sweep_process.returncode == 128 + signal.SIGTERM, out
     assert "tied-seed0: interrupted" in out and "untied-seed0: not started" in out
     assert not (tmp_path / "grid" / "untied-seed0").exists()
     ckpt = tmp_path / "grid" / "tied-seed0" / "checkpoints" / "interrupted.ckpt"
-    step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    stopped_at = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    assert 20 <= stopped_at < steps
     assert json.loads((ckpt.parents[1] / "sweep.json").read_text())["status"] == "interrupted"
     # the same sweep again: the interrupted run continues from its checkpoint, the other starts
-    again = subprocess.run(sweep_command(step + 2), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(sweep_command(steps), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     record = json.loads((ckpt.parents[1] / "sweep.json").read_text())
     assert record["status"] == "done" and f"--ckpt_path={ckpt}" in record["command"]
-    assert [s for s, _ in scalars(ckpt.parents[1])["train/loss"]][-1] == step + 1
+    logged = [s for s, _ in scalars(ckpt.parents[1])["train/loss"]]
+    assert logged[-1] == steps - 1 and stopped_at in logged  # both sessions of the one run
 
 
 def test_sweep_resumes_from_the_newer_of_last_and_interrupted(tmp_path):

@@ -7,7 +7,10 @@
 Every run is one ``python -m lmheads fit`` process with the same configuration except its head, seed
 and grid values, logged to ``<root>/<name>/<head>-seed<seed>[-<grid values>]``. A run that finished
 leaves ``sweep.json`` there and is skipped next time; a run that was interrupted resumes from the newer
-of its ``checkpoints/last.ckpt`` and ``checkpoints/interrupted.ckpt``. ``--jobs N`` runs N at once; with
+of its ``checkpoints/last.ckpt`` and ``checkpoints/interrupted.ckpt``. ``sweep.json`` records the run's
+options and its config files' contents: a later call with other options (or an edited config) for a run
+already there is refused for that run, which is left as it was, rather than skipped or resumed as if it
+were the run asked for. ``--jobs N`` runs N at once; with
 ``--gpus 0,1,...`` each job gets one GPU.
 Afterwards, ``python tools/compare.py <root>/<name>`` tabulates and plots the runs.
 """
@@ -15,6 +18,8 @@ Afterwards, ``python tools/compare.py <root>/<name>`` tabulates and plots the ru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -136,6 +141,35 @@ def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
     return cmd + args.extra
 
 
+def config_digests(configs: list[str]) -> dict[str, str]:
+    """A SHA-256 of what each config file says (its parsed YAML: comments and layout aside): the options a
+    run was given include its config files'."""
+    import yaml
+
+    def digest(text: str) -> str:
+        with contextlib.suppress(yaml.YAMLError):  # else the run reports the error; its text stands for it
+            text = json.dumps(yaml.safe_load(text), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    return {config: digest(Path(config).read_text(encoding="utf-8")) for config in configs}
+
+
+def changed_options(record: dict, cmd: list[str], digests: dict[str, str]) -> str | None:
+    """What differs between the options a run was recorded with and those of this call (the checkpoint
+    it resumes from and the Python executable aside); ``None`` when nothing does."""
+
+    def options(command: list[str]) -> list[str]:
+        return [arg for arg in command[1:] if not arg.startswith("--ckpt_path=")]
+
+    before, now = options(record.get("command", cmd)), options(cmd)
+    changes = [f"{arg} then" for arg in before if arg not in now] + [
+        f"{arg} now" for arg in now if arg not in before
+    ]
+    edited = [c for c, digest in record.get("configs", {}).items() if digests.get(c, digest) != digest]
+    changes += [f"{config} edited since" for config in edited]
+    return "; ".join(changes) or None
+
+
 def thread_env(jobs: int) -> dict[str, str]:
     """CPU threads for each of ``jobs`` runs at once: an equal share of the cores (two runs with every
     core each on 2 cores take about 5x as long in total as one after the other). Runs on GPUs get their
@@ -184,9 +218,18 @@ class Runs:
 def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: Runs) -> tuple[Run, str]:
     run_dir = Path(args.root) / args.name / run.name
     marker = run_dir / "sweep.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("status") == "done":
-        return run, "skipped (done)"
     cmd = command(run, args, run_dir)
+    digests = config_digests(args.config)
+    record = json.loads(marker.read_text()) if marker.is_file() else None
+    if record is not None:
+        changed = changed_options(record, cmd, digests)
+        if changed:
+            return run, (
+                f"refused: {run_dir} was {record.get('status', 'started')} with other options ({changed}); "
+                "give the sweep another --name, or move that run away"
+            )
+        if record.get("status") == "done":
+            return run, "skipped (done)"
     if args.dry_run:
         return run, " ".join(cmd)
     env = {**os.environ, **thread_env(args.jobs)}
@@ -206,11 +249,11 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     if returncode is None:
         return run, NOT_STARTED
     status = "done" if returncode == 0 else "interrupted" if returncode in (130, 143) else "failed"
-    record = {"status": status, "returncode": returncode, "seconds": round(time.time() - start, 1)}
-    marker.write_text(json.dumps({**record, "command": cmd}, indent=2))
+    outcome = {"status": status, "returncode": returncode, "seconds": round(time.time() - start, 1)}
+    marker.write_text(json.dumps({**outcome, "command": cmd, "configs": digests}, indent=2))
     detail = {
-        "done": f"{record['seconds']} s",
-        "interrupted": f"after {record['seconds']} s; the next call resumes it",
+        "done": f"{outcome['seconds']} s",
+        "interrupted": f"after {outcome['seconds']} s; the next call resumes it",
         "failed": f"exit {returncode}, see {run_dir / 'sweep.log'}",
     }[status]
     return run, f"{status} ({detail})"
@@ -255,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             gpus.put(gpu)
         args.jobs = min(args.jobs, gpus.qsize())
     print(f"{len(runs)} runs -> {Path(args.root) / args.name}", flush=True)
-    failed = 0
+    failed = refused = 0
     running = Runs()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -264,15 +307,18 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for run, outcome in pool.map(lambda r: execute(r, args, gpus, running), runs):
                 print(f"{run.name}: {outcome}", flush=True)
-                failed += not outcome.startswith(("done", "skipped")) and not args.dry_run
+                refused += outcome.startswith("refused")
+                failed += not outcome.startswith(("done", "skipped", "refused")) and not args.dry_run
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if failed:
         print(f"{failed} run(s) not done; the same command again resumes or retries them", file=sys.stderr)
+    if refused:
+        print(f"error: {refused} run(s) refused: their folders hold runs with other options", file=sys.stderr)
     if running.stopped:
         return 128 + running.stopped
-    return 1 if failed else 0
+    return 1 if failed or refused else 0
 
 
 if __name__ == "__main__":
