@@ -261,6 +261,21 @@ def test_a_users_own_checkpoint_callback_is_honoured(tmp_path):
     assert [p.name for p in (only_run(tmp_path) / "checkpoints").iterdir()] == ["mine-step=2.ckpt"]
 
 
+def test_compare_refuses_to_average_runs_of_other_configurations_as_seeds(tmp_path, capsys):
+    fit(tmp_path, steps=2, every=2)
+    fit(tmp_path, "--model.lr=0.01", "--trainer.logger.init_args.version=tied-lr", steps=2, every=2)
+    compare = _tool("compare")
+    report = tmp_path / "report"
+    assert compare.main([str(tmp_path), "--out", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the runs of tied are not seeds of one configuration: lr (0.003, 0.01); ")
+    assert "seed 0 twice. To compare them, give --by lr to tell them apart" in err
+    assert not report.exists()
+    assert compare.main([str(tmp_path), "--by", "lr"]) == 0
+    out = capsys.readouterr().out
+    assert "| tied, lr=0.003 | 0 |" in out and "| tied, lr=0.01 | 0 |" in out
+
+
 def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_path, capsys):
     fit(tmp_path, steps=2, every=2)
     fit(tmp_path, "--model.head=untied", steps=4, every=2)

@@ -250,6 +250,41 @@ def budget(groups: dict[str, list[RunLog]]) -> str:
     return "Budget: WARNING: runs differ in budget; " + "; ".join(parts)
 
 
+def _hashable(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+
+
+def _order(value) -> tuple:
+    """Numbers by value before anything else by its text."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return (0, value, "") if number else (1, 0, str(value))
+
+
+def mixed(groups: dict[str, list[RunLog]]) -> str | None:
+    """Why a group is not seeds of one configuration, if it is not: its runs differ in a hyperparameter
+    other than the seed (the budget aside, which :func:`budget` reports), or two of them have one seed.
+    Averaged as seeds, such runs would make a row that no configuration trained."""
+    for label, runs in groups.items():
+        keys = sorted(set().union(*(r.hparams for r in runs)) - {"seed", "max_steps"})
+        values = {k: sorted({_hashable(r.hparams.get(k)) for r in runs}, key=_order) for k in keys}
+        differ = {k: v for k, v in values.items() if len(v) > 1}
+        seeds = [r.hparams.get("seed") for r in runs]
+        repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1}, key=natural)
+        if not differ and not repeated:
+            continue
+        chosen = [k for k in differ if not k.startswith("params/")] or list(differ)  # counts follow options
+        reasons = [f"{k} ({', '.join(map(str, differ[k]))})" for k in chosen] + [
+            f"seed {seed} twice" for seed in repeated
+        ]
+        hint = next((k for k in chosen if not k.startswith("params/")), None)
+        advice = f"give --by {hint} to tell them apart, or" if hint else "give"
+        return (
+            f"the runs of {label} are not seeds of one configuration: {'; '.join(reasons)}. To compare them, "
+            f"{advice} their folders in separate calls"
+        )
+    return None
+
+
 def colours(groups: dict[str, list[RunLog]]) -> dict[str, str]:
     """One colour per head, the same in every plot; one per group where groups split a head further
     (``--by``)."""
@@ -393,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for r in sorted(runs, key=lambda r: (natural(label(r)), r.hparams.get("seed", 0))):
         groups[label(r)].append(r)
+    problem = mixed(groups)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     text = f"{budget(groups)}\n\n{table(groups, args.best)}"
     print(text)
     if args.out:
