@@ -260,10 +260,11 @@ def _order(value) -> tuple:
     return (0, value, "") if number else (1, 0, str(value))
 
 
-def mixed(groups: dict[str, list[RunLog]]) -> str | None:
+def mixed(groups: dict[str, list[RunLog]]) -> tuple[str, str | None] | None:
     """Why a group is not seeds of one configuration, if it is not: its runs differ in a hyperparameter
     other than the seed (the budget aside, which :func:`budget` reports), or two of them have one seed.
-    Averaged as seeds, such runs would make a row that no configuration trained."""
+    Averaged as seeds, such runs would make a row that no configuration trained. Returns the reason and
+    the hyperparameter that would tell the runs apart (``None`` when only seeds repeat)."""
     for label, runs in groups.items():
         keys = sorted(set().union(*(r.hparams for r in runs)) - {"seed", "max_steps"})
         values = {k: sorted({_hashable(r.hparams.get(k)) for r in runs}, key=_order) for k in keys}
@@ -273,15 +274,10 @@ def mixed(groups: dict[str, list[RunLog]]) -> str | None:
         if not differ and not repeated:
             continue
         chosen = [k for k in differ if not k.startswith("params/")] or list(differ)  # counts follow options
-        reasons = [f"{k} ({', '.join(map(str, differ[k]))})" for k in chosen] + [
-            f"seed {seed} twice" for seed in repeated
-        ]
+        reasons = [f"{k} ({', '.join(map(str, differ[k]))})" for k in chosen]
+        reasons += [f"seed {seed} twice" for seed in repeated]
         hint = next((k for k in chosen if not k.startswith("params/")), None)
-        advice = f"give --by {hint} to tell them apart, or" if hint else "give"
-        return (
-            f"the runs of {label} are not seeds of one configuration: {'; '.join(reasons)}. To compare them, "
-            f"{advice} their folders in separate calls"
-        )
+        return f"the runs of {label} are not seeds of one configuration: {'; '.join(reasons)}", hint
     return None
 
 
@@ -430,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         groups[label(r)].append(r)
     problem = mixed(groups)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        reason, key = problem
+        advice = f"give --by {key} to tell them apart, or" if key else "give"
+        print(f"error: {reason}. To compare them, {advice} their folders in separate calls", file=sys.stderr)
         return 2
     text = f"{budget(groups)}\n\n{table(groups, args.best)}"
     print(text)

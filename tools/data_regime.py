@@ -30,11 +30,16 @@ def final_train_loss(run: compare.RunLog, last: int = 3) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def summarise(runs: list[compare.RunLog]) -> dict[tuple[str, int], dict]:
+def grouped(runs: list[compare.RunLog]) -> dict[tuple[str, int], list[compare.RunLog]]:
+    """The runs with an excess loss by head and training-set size: the seeds of one point."""
     groups: dict[tuple[str, int], list[compare.RunLog]] = defaultdict(list)
     for r in runs:
         if "val/excess_loss" in r.scalars:
             groups[(r.label, int(r.hparams.get("train_set_tokens", -1)))].append(r)
+    return groups
+
+
+def summarise(groups: dict[tuple[str, int], list[compare.RunLog]]) -> dict[tuple[str, int], dict]:
     out = {}
     for key, members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1])):
         finals = [r.final("val/excess_loss") for r in members]
@@ -110,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: no runs with an excess loss under {', '.join(map(str, args.roots))}", file=sys.stderr)
         return 2
-    summary = summarise(runs)
+    groups = grouped(runs)
+    problem = compare.mixed(
+        {f"{head} with {tokens:,} training tokens": g for (head, tokens), g in groups.items()}
+    )
+    if problem:
+        print(f"error: {problem[0]}; give their folders in separate calls", file=sys.stderr)
+        return 2
+    summary = summarise(groups)
     text = table(summary)
     print(text)
     if args.out:
