@@ -286,12 +286,15 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
         difference = loss["untied"][step - 1] - loss["tied"][step - 1]
         assert f"| {step} | {epochs:.1f} | {difference:+.3f} | {difference:+.3f} |" in out
     assert "train_set_tokens=65,536:" in out and (tmp_path / "s" / "differences_over_steps.png").is_file()
-    # a run of another learning rate at the same size is not one more seed of that point
-    fit(tmp_path / "tied-4096-lr", "--model.lr=0.01", "--data.init_args.train_tokens=4096", steps=4, every=2)
+    # seed 1 of untied, and of tied with another learning rate: not one more seed of tied at that size
+    for head, lr in (("untied", "0.003"), ("tied", "0.01")):
+        options = (f"--model.head={head}", f"--model.lr={lr}", "--seed_everything=1")
+        fit(tmp_path / f"{head}-4096-1", *options, "--data.init_args.train_tokens=4096", steps=4, every=2)
     assert regime.main([str(tmp_path), "--out", str(tmp_path / "mixed")]) == 2
-    err = capsys.readouterr().err
-    assert (
-        "error: the runs of tied with 4,096 training tokens are not seeds of one configuration: lr (0.003, "
-        in err
+    mixed = (
+        "error: the runs of tied with 4,096 training tokens are not seeds of one configuration: lr (0.003,"
     )
+    assert mixed in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"error: the runs of tied \(train_set_tokens=4,096\) are not seeds"):
+        buckets.main([str(tmp_path), "--by", "train_set_tokens", "--out", str(tmp_path / "mixed")])
     assert not (tmp_path / "mixed").exists()

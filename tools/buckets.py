@@ -64,6 +64,13 @@ def pairs_by_group(
             f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in zip(by, group, strict=True)
         )
         out[name or "all runs"][seed] = (members[first], members[second])
+    for group, seeds in out.items():  # each head's runs in a group: the seeds of one configuration
+        for i, head in enumerate((first, second)):
+            problem = compare.mixed({f"{head} ({group})": [pair[i] for pair in seeds.values()]})
+            if problem:
+                reason, key = problem
+                advice = f"tell them apart with --by {key}, or give" if key else "give"
+                raise SystemExit(f"error: {reason}; {advice} their folders in separate calls")
     return out
 
 
