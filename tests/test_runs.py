@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import socket
 import subprocess
 import sys
@@ -137,6 +138,10 @@ def test_compare_best_reports_the_lowest_validation_and_tests_that_checkpoint(fi
     (found,) = compare.find_runs([tmp_path], "best")
     assert "test/loss" not in found.scalars  # the best checkpoint was not tested yet: no test column
     main(["test", *quick_args(tmp_path), f"--ckpt_path={best}"])
+    shutil.move(run / "test" / "last", tmp_path / "aside")
+    (found,) = compare.find_runs([tmp_path])
+    assert "test/loss" not in found.scalars  # nor a test of the best for the last state's columns
+    shutil.move(tmp_path / "aside", run / "test" / "last")
     main(["test", *quick_args(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])  # newer
     assert compare.test_evaluation(run, "best") == run / "test" / Path(best).stem
     assert compare.test_evaluation(run, "last") == run / "test" / "last-2"

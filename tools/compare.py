@@ -133,10 +133,11 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
 
 
 def test_evaluation(run_dir: Path, checkpoint: str = "last") -> Path | None:
-    """The run's newest test evaluation of a checkpoint: ``last`` (else the newest of any), or ``best``,
-    the checkpoint of the lowest validation loss that ``fit`` recorded in results.json (a run stopped
-    before the end has none: then the newest evaluation of a ``step<N>`` checkpoint, which is what the
-    checkpoint callback keeps for the lowest validation loss)."""
+    """The run's newest test evaluation of a checkpoint: ``last`` (the state the table's other columns
+    end at; an evaluation of another checkpoint is not it), or ``best``, the checkpoint of the lowest
+    validation loss that ``fit`` recorded in results.json (a run stopped before the end has none: then the
+    newest evaluation of a ``step<N>`` checkpoint, which is what the checkpoint callback keeps for the
+    lowest validation loss)."""
     folders = [p for p in (run_dir / "test").glob("*") if any(p.glob("events.out.tfevents.*"))]
     if checkpoint == "best":
         results = run_dir / RESULTS_FILE
@@ -144,8 +145,8 @@ def test_evaluation(run_dir: Path, checkpoint: str = "last") -> Path | None:
         name = re.escape(Path(best).stem) if best else r"step\d+"
         folders = [p for p in folders if re.fullmatch(rf"{name}(-\d+)?", p.name)]
         return max(folders, key=lambda p: p.stat().st_mtime, default=None)
-    last = [p for p in folders if p.name == "last" or p.name.startswith("last-")]
-    return max(last or folders, key=lambda p: p.stat().st_mtime, default=None)
+    last = [p for p in folders if re.fullmatch(r"last(-\d+)?", p.name)]
+    return max(last, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def _is_evaluation(folder: Path) -> bool:
