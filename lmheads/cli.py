@@ -36,6 +36,7 @@ from lmheads.runs import (
     RunFolder,
     RunSummary,
     checkpoint_conflicts,
+    data_conflicts,
     evaluation_folder,
     run_of_checkpoint,
 )
@@ -139,6 +140,15 @@ class LMHeadsCLI(LightningCLI):
                 f"the checkpoint {config.ckpt_path} was trained with other options: {'; '.join(conflicts)}. "
                 "Drop these options to use the checkpoint's, or train a new run without --ckpt_path"
             )
+        data = config.get("data")
+        if subcommand == "fit" and data is not None and hasattr(data, "as_dict"):
+            differ = data_conflicts(data.as_dict(), checkpoint.get("datamodule_hyper_parameters"))
+            if differ:
+                raise ConfigError(
+                    f"the checkpoint {config.ckpt_path} was trained on other data: {'; '.join(differ)}. "
+                    "Resuming would continue that run on this data: give the checkpoint's (its run's "
+                    "config.yaml has them), or train a new run without --ckpt_path"
+                )
         step, max_steps = checkpoint.get("global_step", 0), config.trainer.get("max_steps") or -1
         if subcommand == "fit" and 0 <= max_steps <= step:
             raise ConfigError(

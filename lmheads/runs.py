@@ -75,6 +75,30 @@ def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str
     ]
 
 
+#: Data options that change how the data is loaded, not which data or in what batches.
+DATA_LOADING_OPTIONS = {"num_workers"}
+
+
+def data_conflicts(given: dict, stored: dict | None) -> list[str]:
+    """Data options of this configuration (``{"class_path": ..., "init_args": {...}}``) that differ from
+    those a checkpoint's run trained with (its datamodule's saved hyperparameters), as ``key: value here,
+    value in the checkpoint``. Unlike the model's, Lightning does not restore these: a resumed run reads
+    whatever data this configuration describes."""
+    if not stored:
+        return []
+    stored = {k: v for k, v in stored.items() if k != "_instantiator"}
+    theirs = flatten({"class_path": stored.pop("_class_path", None), "init_args": stored})
+    ours = flatten({"class_path": given.get("class_path"), "init_args": given.get("init_args") or {}})
+    return [
+        f"data.{key.removeprefix('init_args.')}: {value!r} here, {theirs[key]!r} in the checkpoint"
+        for key, value in ours.items()
+        if key in theirs
+        and theirs[key] is not None
+        and key.rpartition(".")[2] not in DATA_LOADING_OPTIONS
+        and value != theirs[key]
+    ]
+
+
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
 #: when both start at the same moment.
 CLAIM_FILE = ".lmheads-run"
