@@ -75,8 +75,8 @@ def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str
     ]
 
 
-#: Data options that change how the data is loaded, not which data or in what batches.
-DATA_LOADING_OPTIONS = {"num_workers"}
+#: Data options a resumed run may change: neither its training and validation data nor their batches.
+FREE_ON_RESUME = {"num_workers", "test_file"}
 
 
 def data_conflicts(given: dict, stored: dict | None) -> list[str]:
@@ -87,15 +87,13 @@ def data_conflicts(given: dict, stored: dict | None) -> list[str]:
     if not stored:
         return []
     stored = {k: v for k, v in stored.items() if k != "_instantiator"}
-    theirs = flatten({"class_path": stored.pop("_class_path", None), "init_args": stored})
+    cls = stored.pop("_class_path", None)
+    theirs = flatten({"init_args": stored} | ({"class_path": cls} if cls else {}))
     ours = flatten({"class_path": given.get("class_path"), "init_args": given.get("init_args") or {}})
     return [
         f"data.{key.removeprefix('init_args.')}: {value!r} here, {theirs[key]!r} in the checkpoint"
         for key, value in ours.items()
-        if key in theirs
-        and theirs[key] is not None
-        and key.rpartition(".")[2] not in DATA_LOADING_OPTIONS
-        and value != theirs[key]
+        if key in theirs and key.rpartition(".")[2] not in FREE_ON_RESUME and value != theirs[key]
     ]
 
 
