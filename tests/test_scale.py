@@ -20,7 +20,7 @@ from lmheads.module import LMHeadModule
 from lmheads.reporting import parameter_counts
 from lmheads.sharding import check_strategy
 
-from .helpers import ROOT, fit, only_run, quick_args
+from .helpers import ROOT, fit, main, only_run, quick_args
 from .probes import FSDP1_BACKBONE, fsdp1_worker
 from .test_cli import _run_module
 
@@ -250,16 +250,13 @@ def test_fsdp2_sizes_that_leave_processes_out_are_refused_before_launch(tmp_path
 def test_fsdp2_checkpoint_of_another_vocabulary_is_refused_before_launch(tmp_path, capsys):
     fit(tmp_path / "small", "--data.init_args.vocab_size=512", steps=2, every=2)
     ckpt = only_run(tmp_path / "small") / "checkpoints" / "last.ckpt"
-    with pytest.raises(SystemExit) as exc:
-        fit(
-            tmp_path / "big",
-            *FSDP2,
-            "--trainer.devices=1",
-            f"{DP}=1",
-            f"--ckpt_path={ckpt}",
-            steps=4,
-            every=2,
-        )
+    options = [*FSDP2, "--trainer.devices=1", f"{DP}=1", f"--ckpt_path={ckpt}"]
+    with pytest.raises(SystemExit) as exc:  # a resume: its data are not the checkpoint's
+        fit(tmp_path / "big", *options, steps=4, every=2)
+    assert exc.value.code == 2
+    assert "data.vocab_size: 1024 here, 512 in the checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # an evaluation takes other data, not other weights
+        main(["validate", *quick_args(tmp_path / "big"), *options])
     assert exc.value.code == 2
     assert "(512, 128) in the checkpoint, (1024, 128) here" in capsys.readouterr().err
 
