@@ -142,12 +142,12 @@ class LMHeadsCLI(LightningCLI):
             )
         data = config.get("data")
         if subcommand == "fit" and data is not None and hasattr(data, "as_dict"):
-            differ = data_conflicts(data.as_dict(), checkpoint.get("datamodule_hyper_parameters"))
+            differ = data_conflicts(data.as_dict(), checkpoint)
             if differ:
                 raise ConfigError(
                     f"the checkpoint {config.ckpt_path} was trained on other data: {'; '.join(differ)}. "
-                    "Resuming would continue that run on this data: give the checkpoint's (its run's "
-                    "config.yaml has them), or train a new run without --ckpt_path"
+                    "Resuming would continue that run on other data: give the data it trained on (its "
+                    "options are in the run's config.yaml), or train a new run without --ckpt_path"
                 )
         step, max_steps = checkpoint.get("global_step", 0), config.trainer.get("max_steps") or -1
         if subcommand == "fit" and 0 <= max_steps <= step:

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from lmheads.data.base import file_digest
 from lmheads.errors import ConfigError
 from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
@@ -76,25 +77,38 @@ def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str
 
 
 #: Data options a resumed run may change: neither its training and validation data nor their batches.
-FREE_ON_RESUME = {"num_workers", "test_file"}
+FREE_ON_RESUME = {"num_workers", "num_proc", "cache_dir", "test_file"}
 
 
-def data_conflicts(given: dict, stored: dict | None) -> list[str]:
+def data_conflicts(given: dict, checkpoint: dict) -> list[str]:
     """Data options of this configuration (``{"class_path": ..., "init_args": {...}}``) that differ from
     those a checkpoint's run trained with (its datamodule's saved hyperparameters), as ``key: value here,
     value in the checkpoint``. Unlike the model's, Lightning does not restore these: a resumed run reads
-    whatever data this configuration describes."""
+    whatever data this configuration describes. A data file counts by what it holds, not by its path,
+    where the checkpoint kept the digests of the files its run read."""
+    stored = {
+        k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k != "_instantiator"
+    }
     if not stored:
         return []
-    stored = {k: v for k, v in stored.items() if k != "_instantiator"}
     cls = stored.pop("_class_path", None)
+    state = checkpoint.get(cls.rpartition(".")[2]) if cls else None  # Lightning keys it by class name
+    sources = (state.get("sources") or {}) if isinstance(state, dict) else {}
     theirs = flatten({"init_args": stored} | ({"class_path": cls} if cls else {}))
     ours = flatten({"class_path": given.get("class_path"), "init_args": given.get("init_args") or {}})
-    return [
-        f"data.{key.removeprefix('init_args.')}: {value!r} here, {theirs[key]!r} in the checkpoint"
-        for key, value in ours.items()
-        if key in theirs and key.rpartition(".")[2] not in FREE_ON_RESUME and value != theirs[key]
-    ]
+    out = []
+    for key, value in ours.items():
+        name = key.removeprefix("init_args.")
+        if key not in theirs or name in FREE_ON_RESUME:
+            continue
+        if name in sources and value is not None:  # the file it read, wherever it lies now (a file
+            # that is missing gets its own error when the data module is built)
+            if Path(value).is_file() and file_digest(value) != sources[name]:
+                what = f"{value!r} holds other text than {theirs[key]!r} held"
+                out.append(f"data.{name}: {what} when the checkpoint's run read it")
+        elif value != theirs[key]:
+            out.append(f"data.{name}: {value!r} here, {theirs[key]!r} in the checkpoint")
+    return out
 
 
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even

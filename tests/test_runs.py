@@ -71,6 +71,30 @@ def test_options_contradicting_the_checkpoint_are_refused_and_the_run_is_untouch
     assert [p.name for p in (tmp_path / "quickstart").iterdir()] == [run.name]
 
 
+def test_a_resume_reads_the_same_text_wherever_it_lies(tmp_path, capsys):
+    """A data file counts by what it holds: a copy elsewhere continues the run, an edited one is refused."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    text = "\n".join(" ".join(words[(i * j) % 6] for j in range(10)) for i in range(3000)) + "\n"
+    original, moved = tmp_path / "a.txt", tmp_path / "elsewhere" / "a.txt"
+    original.write_text(text)
+    data = ["--data=lmheads.data.TextDataModule", "--data.tokenizer=word", f"--data.cache_dir={tmp_path}"]
+    fit(tmp_path, *data, f"--data.train_file={original}", steps=2, every=2)
+    last = only_run(tmp_path) / "checkpoints" / "last.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(original, moved)
+    fit(tmp_path, *data, f"--data.train_file={moved}", f"--ckpt_path={last}", steps=4, every=2)
+    moved.write_text(text + "alpha beta\n")
+    capsys.readouterr()
+    args = [
+        *quick_args(tmp_path, steps=6, every=2),
+        *data,
+        f"--data.train_file={moved}",
+        f"--ckpt_path={last}",
+    ]
+    err = refused(capsys, "fit", *args)
+    assert f"data.train_file: '{moved}' holds other text than '{moved}' held when the checkpoint's run" in err
+
+
 def test_resuming_continues_in_the_run_and_keeps_its_record(finished_run):
     tmp_path, run, before = finished_run
     cli = fit(tmp_path, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=9, every=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import warnings
@@ -14,6 +15,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lmheads.errors import ConfigError
 from lmheads.lightning_internals import batches_done_this_epoch
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: what a data file said, wherever it lies."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _seed() -> int:
@@ -163,8 +173,14 @@ class LMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.random_offsets = False  # data cut from a token stream may set it (TextDataModule)
         self.splits: dict[str, BlockDataset] = {}
+        self.sources: dict[str, str] = {}  # data option -> file_digest of the file it named, when read
         self.bytes_per_token: dict[str, float] = {}
         self._train_counts: np.ndarray | None = None
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the data: the digests of the files read, by which a resume tells
+        whether it reads the same data (:func:`lmheads.runs.data_conflicts`)."""
+        return {"sources": dict(self.sources)}
 
     @property
     def vocab_size(self) -> int:

@@ -24,7 +24,7 @@ from typing import Literal
 import datasets
 import numpy as np
 
-from lmheads.data.base import LMDataModule, StreamBlocks
+from lmheads.data.base import LMDataModule, StreamBlocks, file_digest
 from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from lmheads.errors import ConfigError
 
@@ -122,6 +122,8 @@ class TextDataModule(LMDataModule):
                 if p.stat().st_size == 0:
                     raise ConfigError(f"data.{split}_file {path!r} is empty; give a file with text in it")
                 check_utf8(p, f"data.{split}_file")
+                if split != "test":  # the data a run trains and validates on
+                    self.sources[f"{split}_file"] = file_digest(p)
             raw = datasets.load_dataset(
                 "text",
                 data_files={k: str(Path(v).resolve()) for k, v in files.items()},
