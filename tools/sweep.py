@@ -10,8 +10,7 @@ leaves ``sweep.json`` there and is skipped next time; a run that was interrupted
 of its ``checkpoints/last.ckpt`` and ``checkpoints/interrupted.ckpt``. ``sweep.json`` records the run's
 options and its config files' contents: a later call with other options (or an edited config) for a run
 already there is refused for that run, which is left as it was, rather than skipped or resumed as if it
-were the run asked for. ``--jobs N`` runs N at once; with
-``--gpus 0,1,...`` each job gets one GPU.
+were the run asked for. ``--jobs N`` runs N at once; with ``--gpus 0,1,...`` each job gets one GPU.
 Afterwards, ``python tools/compare.py <root>/<name>`` tabulates and plots the runs.
 """
 
