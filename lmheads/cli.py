@@ -22,6 +22,7 @@ from lmheads.console import (
     ProgressBar,
     check_config_files,
     explain_parse_error,
+    option_values,
     pipe_safe_output,
     quiet_lightning,
     user_error,
@@ -245,10 +246,8 @@ def _run_config_hint(message: str, args) -> str:
     """For options missing from a command given a run's checkpoint: the run's own configuration."""
     if "arguments are required" not in message or not isinstance(args, list):
         return ""
-    ckpt = next((a.partition("=")[2] for a in args if a.startswith("--ckpt_path=")), None)
-    if ckpt is None and "--ckpt_path" in args[:-1]:
-        ckpt = args[args.index("--ckpt_path") + 1]
-    run = run_of_checkpoint(ckpt) if ckpt else None
+    given = option_values(args, "--ckpt_path")
+    run = run_of_checkpoint(given[-1]) if given and given[-1] else None  # the last one given counts
     if run is None or not (run / "config.yaml").is_file():
         return ""
     return f"; for the run's own configuration, put --config {run / 'config.yaml'} before --ckpt_path"

@@ -144,13 +144,22 @@ def pipe_safe_output():
         sys.stdout, sys.stderr = saved
 
 
+def option_values(args: list[str], option: str) -> list[str]:
+    """The values given to ``option`` on a command line (``--option=value`` or ``--option value``), in
+    order."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{option}="):
+            values.append(arg.partition("=")[2])
+        elif arg == option and i + 1 < len(args):
+            values.append(args[i + 1])
+    return values
+
+
 def check_config_files(args: list[str]) -> None:
     """A YAML syntax error in a ``--config`` file, named with the file, line and column."""
-    for i, arg in enumerate(args):
-        path = arg.partition("=")[2] if arg.startswith("--config=") else None
-        if arg == "--config" and i + 1 < len(args):
-            path = args[i + 1]
-        if path is None or not Path(path).is_file():
+    for path in option_values(args, "--config"):
+        if not Path(path).is_file():
             continue  # not a file (inline YAML) or missing: the parser says so
         try:
             yaml.safe_load(Path(path).read_text(encoding="utf-8"))

@@ -55,7 +55,7 @@ def pairs_by_group(
 
     def order(item) -> tuple:
         (group, seed), _ = item
-        return (*((0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in group), str(seed))
+        return (*(compare._order(v) for v in group), str(seed))
 
     for (group, seed), members in sorted(pairs.items(), key=order):
         if first not in members or second not in members:
