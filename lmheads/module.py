@@ -6,7 +6,6 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
-from functools import partial
 
 import lightning as L
 import torch
@@ -29,7 +28,7 @@ from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.lightning_internals import align_logging_step, resume_where_fit_ended
 from lmheads.loss import IGNORE_INDEX, BackendName, TokenLoss, TrainLoss, head_loss
 from lmheads.metrics import BucketedNLL, TokenNLL, frequency_buckets
-from lmheads.optim import adamw, clip_gradients, decay_names, warmup_cosine
+from lmheads.optim import WarmupCosine, adamw, clip_gradients, decay_names
 from lmheads.perf import TokenThroughput
 from lmheads.reporting import EmbeddingGradientTap, HeadDiagnostics, eval_metrics, log_run_start
 from lmheads.sharding import check_strategy, is_sharded, shard
@@ -49,6 +48,10 @@ class LMHeadModule(L.LightningModule):
         betas: AdamW betas.
         warmup_steps: Linear warmup steps; then cosine decay to ``min_lr_ratio * lr`` at the last step.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        lr_decay_steps: Steps the learning rate decays over, after which it stays at ``min_lr_ratio * lr``
+            (default: the whole run, from ``trainer.max_steps`` or its epochs). Fixed when a run starts: a
+            run continued past its ``max_steps`` keeps the schedule it started with. Set it to train part
+            of a longer schedule now and continue later.
         loss_backend: How the head's cross-entropy is computed: ``naive`` (full logits), ``chunked``
             (never holds the full logits), ``liger`` or ``cce`` (fused CUDA kernels, when installed), or
             ``auto`` (``chunked``). A head that is not a linear form always uses the full logits.
@@ -70,6 +73,7 @@ class LMHeadModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        lr_decay_steps: int | None = None,
         loss_backend: BackendName = "auto",
         loss_chunk_size: int | None = None,
         compile: bool | str = False,
@@ -97,6 +101,11 @@ class LMHeadModule(L.LightningModule):
             raise ConfigError(
                 "need model.lr > 0, weight_decay >= 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1"
             )
+        if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:
+            raise ConfigError(
+                f"model.lr_decay_steps={lr_decay_steps} leaves nothing to decay after "
+                f"warmup_steps={warmup_steps}; set it above warmup_steps, or null for the whole run"
+            )
         if loss_chunk_size is not None and loss_chunk_size <= 0:
             raise ConfigError(f"model.loss_chunk_size must be positive or null, got {loss_chunk_size}")
         head = TiedHead() if head is None else head
@@ -115,6 +124,7 @@ class LMHeadModule(L.LightningModule):
         self.eval_buckets = nn.ModuleDict({"val": BucketedNLL(), "test": BucketedNLL()})
         self.token_bucket: Tensor | None = None  # (V,) training-frequency bucket of each token id
         self._gradient_tap: EmbeddingGradientTap | None = None  # at logging steps of a tied head
+        self.schedule: WarmupCosine | None = None  # with the optimizer; a resumed run's from its checkpoint
         self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
         # Compiling a bound method (not assigning a compiled module) keeps the state-dict keys unchanged.
         self._compiled = None
@@ -204,11 +214,14 @@ class LMHeadModule(L.LightningModule):
     def on_fit_start(self) -> None:
         log_run_start(self, self.trainer)
 
+    def on_train_start(self) -> None:
+        note = self.schedule.note(self.trainer.estimated_stepping_batches)  # the checkpoint's is restored now
+        if note:
+            rank_zero_info(note)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         align_logging_step(self.trainer)
-        total = self.trainer.estimated_stepping_batches  # accounts for max_steps, epochs and accumulation
-        total = int(total) if math.isfinite(total) else -1
-        if self.head.on_train_step(self.global_step, total, self.backbone.wte):
+        if self.head.on_train_step(self.global_step, self.schedule_steps(), self.backbone.wte):
             rank_zero_info(f"head {head_name(self.head)} changed its parameters at step {self.global_step}")
             for optimizer in self.trainer.optimizers:  # their moments describe the old parameters
                 for p in self.head.parameters():
@@ -309,16 +322,21 @@ class LMHeadModule(L.LightningModule):
             self, self._decay_names, self.hparams, self.device.type == "cuda" if fused is None else fused
         )
 
+    def schedule_steps(self) -> int:
+        """The optimizer steps the learning rate decays over, which heads that act at a fraction of
+        training count in too (-1: training of no set length)."""
+        if self.schedule is None:
+            total = self.hparams.lr_decay_steps or self.trainer.estimated_stepping_batches
+            return int(total) if math.isfinite(total) else -1
+        return self.schedule.steps
+
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = self.make_optimizer()
-        schedule = partial(
-            warmup_cosine,
-            warmup=hp.warmup_steps,
-            total=self.trainer.estimated_stepping_batches,
-            min_ratio=hp.min_lr_ratio,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # estimated_stepping_batches accounts for max_steps, epochs and gradient accumulation
+        total = hp.lr_decay_steps or self.trainer.estimated_stepping_batches
+        self.schedule = WarmupCosine(hp.warmup_steps, total, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(

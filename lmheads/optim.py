@@ -12,14 +12,45 @@ from torch import nn
 from lmheads.sharding import fsdp1_root, unwrapped_name
 
 
-def warmup_cosine(step: int, warmup: int, total: float, min_ratio: float) -> float:
-    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if not math.isfinite(total) or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+class WarmupCosine:
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at step
+    ``total``, and ``min_ratio`` after it (nanoGPT's ``lr_decay_iters``); a ``total`` that is not finite
+    (training of no set length) keeps the peak after warmup.
+
+    An object, not a function: ``LambdaLR`` saves a callable object's attributes in its state, so a
+    checkpoint holds the length the schedule decays over and a resumed run keeps it, whatever
+    ``max_steps`` it continues to (rebuilt from the new ``max_steps``, a run that had decayed to 10% would
+    jump back to a learning rate that neither a short nor a long run ever had at that step).
+    """
+
+    def __init__(self, warmup: int, total: float, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if not math.isfinite(self.total) or self.total <= self.warmup:
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / (self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    @property
+    def steps(self) -> int:
+        """The steps the learning rate decays over (-1: no set length)."""
+        return int(self.total) if math.isfinite(self.total) else -1
+
+    def note(self, run_steps: float) -> str | None:
+        """What a run of ``run_steps`` optimizer steps should be told about this schedule, if its length
+        is not the run's."""
+        steps, run = self.steps, int(run_steps) if math.isfinite(run_steps) else -1
+        if steps < 0 or run < 0 or steps == run:
+            return None
+        if steps < run:
+            return (
+                f"learning rate: decays over the first {steps:,} steps (the schedule this run started with), "
+                f"then stays at min_lr_ratio x lr = {self.min_ratio:g} x lr to step {run:,}"
+            )
+        return f"learning rate: this run stops at step {run:,} of the {steps:,} its schedule decays over"
 
 
 def decay_names(module: nn.Module) -> frozenset[str]:

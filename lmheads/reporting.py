@@ -69,6 +69,7 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
         "lr": model.hparams.lr,
         "weight_decay": model.hparams.weight_decay,
         "warmup_steps": model.hparams.warmup_steps,
+        "lr_decay_steps": model.schedule_steps(),
         "loss_backend": model.head_loss.name,
     }
     for name, value in vars(cfg).items():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.cli import main
 
-__all__ = ["QUICKSTART", "ROOT", "fit", "main", "only_run", "quick_args", "scalars"]
+__all__ = ["QUICKSTART", "ROOT", "fit", "main", "only_run", "quick_args", "scalars", "tool"]
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -44,3 +46,12 @@ def only_run(save_dir: Path) -> Path:
     runs = [p for p in (save_dir / "quickstart").iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def tool(name: str):
+    """``tools/<name>.py`` imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -12,8 +12,7 @@ from lmheads.heads import head_class
 from lmheads.module import LMHeadModule
 from lmheads.reporting import EmbeddingGradientTap
 
-from .helpers import fit, only_run, scalars
-from .test_tools import _tool
+from .helpers import fit, only_run, scalars, tool
 
 V, D = 300, 16
 
@@ -126,13 +125,13 @@ def test_embeddings_tool_compares_runs_and_refuses_other_vocabularies(tmp_path, 
     fit(tmp_path, steps=2, every=2)
     fit(tmp_path, "--model.head=untied", steps=2, every=2)
     runs = sorted((tmp_path / "quickstart").iterdir())
-    tool = _tool("embeddings")
-    assert tool.main([*map(str, runs), "--out", str(tmp_path / "report")]) == 0
+    embeddings = tool("embeddings")
+    assert embeddings.main([*map(str, runs), "--out", str(tmp_path / "report")]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tied-") or line.startswith("| untied-")]
     assert len(rows) == 3  # tied E, untied E, untied W: three pairs
     assert "top 1% types" in out and (tmp_path / "report" / "embeddings.png").is_file()
     other = tmp_path / "other"
     fit(other, "--data.init_args.vocab_size=512", steps=1, every=1)
-    assert tool.main([str(runs[0]), str(only_run(other))]) == 2
+    assert embeddings.main([str(runs[0]), str(only_run(other))]) == 2
     assert "different vocabularies" in capsys.readouterr().out

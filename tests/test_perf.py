@@ -15,8 +15,7 @@ from lmheads.module import LMHeadModule
 from lmheads.perf import flops_per_token
 from lmheads.reporting import parameter_counts
 
-from .helpers import ROOT
-from .test_tools import _tool
+from .helpers import ROOT, tool
 
 V, L_, D, T = 1000, 2, 64, 32
 
@@ -58,7 +57,7 @@ def test_peak_memory_sees_a_large_allocation():
 
 def test_bench_head_runs_every_backend(capsys):
     """On the default device of the machine: fp32 on a CPU, bf16 on a GPU (where cce needs it)."""
-    bench = _tool("bench_head")
+    bench = tool("bench_head")
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     bench.main(["--n", "96", "--d", "16", "--v", "300", "--dtype", dtype, "--iters", "1", "--warmup", "1",
                 "--chunk-sizes", "32", "--no-compile"])  # fmt: skip
@@ -79,7 +78,7 @@ def test_bench_head_runs_every_backend(capsys):
 
 def test_bench_head_times_the_chunk_steps_alternatives(capsys, monkeypatch):
     """--variants: the CUDA alternatives to the chunk step's defaults, each a row; none on a CPU."""
-    bench = _tool("bench_head")
+    bench = tool("bench_head")
     args = ["--n", "96", "--d", "16", "--v", "300", "--dtype", "bfloat16", "--mixed", "--iters", "1",
             "--warmup", "1", "--chunk-sizes", "32", "--no-compile", "--variants",
             "--device", "cpu"]  # fmt: skip
@@ -97,7 +96,7 @@ def test_bench_head_times_the_chunk_steps_alternatives(capsys, monkeypatch):
 
 
 def test_bench_train_runs_every_path(capsys):
-    bench = _tool("bench_train")
+    bench = tool("bench_train")
     bench.main(["--preset", "tiny", "--n-layer", "1", "--d-model", "32", "--n-head", "2",
                 "--block-size", "16", "--batch", "2", "--vocab", "128", "--steps", "3", "--warmup", "1",
                 "--no-compile", "--heads", "tied", "untied", "--chunk-sizes", "default", "8"])  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -14,8 +13,9 @@ import torch
 from lmheads.errors import ConfigError
 from lmheads.heads import UntiedHead
 from lmheads.module import LMHeadModule
+from lmheads.optim import WarmupCosine
 
-from .helpers import ROOT, fit, main, only_run, quick_args, scalars
+from .helpers import ROOT, fit, main, only_run, quick_args, scalars, tool
 
 DROPOUT = "--model.backbone.dropout=0.1"  # so the random stream matters too
 
@@ -56,7 +56,8 @@ def test_resume_at_any_step_of_a_short_epoch_is_exact(tmp_path, validation, offs
     """Text in epochs of 3 batches, validated every 4 steps, at each epoch's end, or every 2 batches of
     each epoch (the quickstart's way): a run interrupted
     after an epoch's last batch (3, 6), at a validation (4), or stopped by max_steps (3, 5) and continued
-    from last.ckpt, ends with the weights of an uninterrupted 8-step run and logs at the same steps."""
+    from last.ckpt, ends with the weights of an uninterrupted 8-step run and logs at the same steps. (All
+    8 steps are in the warmup, where the stopped runs' shorter schedules do not differ.)"""
     text = tmp_path / "t.txt"
     text.write_text("".join(f"line {i}: the {i % 7} cats sat on {i % 11} mats\n" for i in range(150)))
     data = [
@@ -156,11 +157,51 @@ def test_corrupt_or_missing_checkpoint(tmp_path, capsys, content, message):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_resume_continues_lr_schedule_and_step_count(tmp_path):
-    fit(tmp_path, steps=4, every=2)
-    logged = scalars(only_run(tmp_path))
-    assert [s for s, _ in logged["train/loss"]] == [0, 1, 2, 3]
-    assert all(math.isfinite(v) for _, v in logged["train/loss"])
+def _lr(run) -> dict[int, float]:
+    return dict(scalars(run)["lr-AdamW/pg1"])  # the learning rate each step trained with
+
+
+def test_continuing_a_finished_run_keeps_its_learning_rate_schedule(tmp_path, caplog):
+    """A 6-step run continued to 10 trains steps 6-9 at its final learning rate, not on a cosine rebuilt
+    for 10 steps (which would jump back up); the run, its hparams and compare's budget line say so."""
+    schedule = WarmupCosine(warmup=2, total=6, min_ratio=0.1)
+    fit(tmp_path, "--model.warmup_steps=2", steps=6, every=3)
+    run = only_run(tmp_path)
+    with caplog.at_level("INFO"):
+        fit(tmp_path, "--model.warmup_steps=2", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=10)
+    lr = _lr(run)
+    assert sorted(lr) == list(range(10))
+    for step, value in lr.items():
+        assert value == pytest.approx(3e-3 * schedule(step), rel=1e-6), step
+    assert lr[6] == lr[9] == pytest.approx(3e-4)  # min_lr_ratio x lr, where the 6-step run ended
+    assert "decays over the first 6 steps (the schedule this run started with)" in caplog.text
+    assert (run / "hparams.yaml").read_text().count("lr_decay_steps: 6\n") == 1
+    compare = tool("compare")
+    budget = compare.budget({"tied": compare.find_runs([tmp_path])})
+    assert budget.endswith("; the learning rate decayed over the first 6 steps, then held at its minimum")
+
+
+def test_part_of_a_longer_schedule_continues_as_one_run(tmp_path, caplog):
+    """``lr_decay_steps`` plans the schedule of a longer run: 4 of 8 steps now and the rest later end
+    where an 8-step run does, bitwise, after warmup too."""
+    straight = fit(tmp_path / "straight", DROPOUT, "--model.warmup_steps=2", steps=8, every=4)
+    planned = [DROPOUT, "--model.warmup_steps=2", "--model.lr_decay_steps=8"]
+    with caplog.at_level("INFO"):
+        fit(tmp_path / "parts", *planned, steps=4, every=4)
+    assert "this run stops at step 4 of the 8 its schedule decays over" in caplog.text
+    run = only_run(tmp_path / "parts")
+    assert (
+        tool("compare")
+        .budget({"tied": tool("compare").find_runs([run])})
+        .endswith("; stopped at step 4 of its 8-step learning-rate schedule")
+    )
+    last = run / "checkpoints" / "last.ckpt"
+    resumed = fit(tmp_path / "parts", *planned, f"--ckpt_path={last}", steps=8, every=4).model
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert _lr(run) == _lr(only_run(tmp_path / "straight"))
+    with pytest.raises(ConfigError, match=r"lr_decay_steps=2 leaves nothing to decay after warmup_steps=2"):
+        LMHeadModule(vocab_size=16, warmup_steps=2, lr_decay_steps=2)
 
 
 def test_export_safetensors_round_trip(tmp_path):
@@ -200,16 +241,9 @@ def test_export_gives_aliases_one_owner(tmp_path):
 
 
 def test_export_tool(tmp_path, capsys):
-    import importlib.util
-
-    from .helpers import ROOT
-
     fit(tmp_path, steps=2, every=2)
-    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
-    assert tool.main([str(ckpt), str(tmp_path / "m.safetensors")]) == 0
+    assert tool("export").main([str(ckpt), str(tmp_path / "m.safetensors")]) == 0
     assert "reloaded logits identical: True" in capsys.readouterr().out
 
 

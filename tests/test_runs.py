@@ -17,9 +17,8 @@ import pytest
 from lmheads.heads import head_name, registered_heads
 
 from . import external_heads
-from .helpers import QUICKSTART, ROOT, fit, main, only_run, quick_args, scalars
+from .helpers import QUICKSTART, ROOT, fit, main, only_run, quick_args, scalars, tool
 from .test_cli import _run_module
-from .test_tools import _tool
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -133,7 +132,7 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     assert "test/loss" in scalars(run / "test" / "last")
     assert "val/loss" in scalars(run / "validate" / "last")
     assert {k: v for k, v in snapshot(run).items() if "/" not in k or k.startswith("checkpoints")} == before
-    compare = _tool("compare")
+    compare = tool("compare")
     (found,) = compare.find_runs([tmp_path])
     assert found.path == run and "test/loss" in found.scalars
     compare.main([str(tmp_path)])
@@ -160,7 +159,7 @@ def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):
 
 def test_compare_best_reports_the_lowest_validation_and_tests_that_checkpoint(finished_run, capsys):
     tmp_path, run, _ = finished_run
-    compare = _tool("compare")
+    compare = tool("compare")
     best = json.loads((run / "results.json").read_text())["best_checkpoint"]
     main(["test", *quick_args(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     (found,) = compare.find_runs([tmp_path], "best")
@@ -297,7 +296,7 @@ def test_a_users_own_checkpoint_callback_is_honoured(tmp_path):
 def test_compare_refuses_to_average_runs_of_other_configurations_as_seeds(tmp_path, capsys):
     fit(tmp_path, steps=2, every=2)
     fit(tmp_path, "--model.lr=0.01", "--trainer.logger.init_args.version=tied-lr", steps=2, every=2)
-    compare = _tool("compare")
+    compare = tool("compare")
     report = tmp_path / "report"
     assert compare.main([str(tmp_path), "--out", str(report)]) == 2
     err = capsys.readouterr().err
@@ -312,7 +311,7 @@ def test_compare_refuses_to_average_runs_of_other_configurations_as_seeds(tmp_pa
 def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_path, capsys):
     fit(tmp_path, steps=2, every=2)
     fit(tmp_path, "--model.head=untied", steps=4, every=2)
-    compare = _tool("compare")
+    compare = tool("compare")
     report = tmp_path / "report"
     assert compare.main([str(tmp_path), "--out", str(report), "--plot", "diag/grad_share_output"]) == 0
     out = capsys.readouterr().out

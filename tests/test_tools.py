@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 
 import pytest
 
-from .helpers import ROOT, fit, only_run, scalars
+from .helpers import ROOT, fit, only_run, scalars, tool
 
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep, compare = _tool("sweep"), _tool("compare")
+sweep, compare = tool("sweep"), tool("compare")
 
 TINY = [
     "--trainer.val_check_interval=2",
@@ -266,7 +256,7 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
         for tokens in (4096, 65536):
             data = f"--data.init_args.train_tokens={tokens}"
             fit(tmp_path / f"{head}-{tokens}", f"--model.head={head}", data, steps=4, every=2)
-    regime, buckets = _tool("data_regime"), _tool("buckets")
+    regime, buckets = tool("data_regime"), tool("buckets")
     assert regime.main([str(tmp_path), "--out", str(tmp_path / "regime")]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("| tied |", "| untied |"))]

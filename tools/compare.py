@@ -55,14 +55,16 @@ class RunLog:
     path: Path
     hparams: dict
     scalars: dict[str, dict[int, tuple[float, float]]]  # tag -> step -> (value, seconds since start)
+    final_step: int = 0  # where fit last ended (results.json), beyond the last logged step when not logged
 
     def series(self, tag: str) -> list[tuple[int, float, float]]:
         return sorted((step, v, t) for step, (v, t) in self.scalars.get(tag, {}).items())
 
     def steps(self) -> int:
         """Optimizer steps trained: one more than the last step a value was logged at (logged steps
-        count from 0)."""
-        return max((max(points) for points in self.scalars.values() if points), default=-1) + 1
+        count from 0), or the step ``fit`` ended at if later."""
+        logged = max((max(points) for points in self.scalars.values() if points), default=-1) + 1
+        return max(logged, self.final_step)
 
     def final(self, tag: str) -> float | None:
         values = self.series(tag)
@@ -129,7 +131,9 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
         for tag, points in load_run(evaluation).scalars.items():
             if tag.startswith(("test/", "test_freq/")):
                 scalars[tag] = points
-    return RunLog(run_dir, hparams or {}, dict(scalars))
+    results = run_dir / RESULTS_FILE
+    final_step = json.loads(results.read_text()).get("step", 0) if results.is_file() else 0
+    return RunLog(run_dir, hparams or {}, dict(scalars), final_step)
 
 
 def test_evaluation(run_dir: Path, checkpoint: str = "last") -> Path | None:
@@ -236,14 +240,20 @@ def budget(groups: dict[str, list[RunLog]]) -> str:
     budgets: dict[tuple, list[str]] = defaultdict(list)
     for label, runs in groups.items():
         for r in runs:
-            key = (r.steps(), r.hparams.get("tokens_per_step"), r.hparams.get("devices"))
+            decay = r.hparams.get("lr_decay_steps")  # -1: no set length; absent in older runs
+            decay = decay if isinstance(decay, int) and decay > 0 else None
+            key = (r.steps(), r.hparams.get("tokens_per_step"), r.hparams.get("devices"), decay)
             budgets[key].append(f"{label} seed {r.hparams.get('seed')}")
 
-    def describe(steps, tokens, devices) -> str:
-        if not tokens:
-            return f"{steps:,} steps"
-        total = f"{steps * tokens:,} training tokens"
-        return f"{steps:,} steps x {tokens:,} tokens/step = {total} on {devices} device(s)"
+    def describe(steps, tokens, devices, decay) -> str:
+        text = f"{steps:,} steps"
+        if tokens:
+            text += f" x {tokens:,} tokens/step = {steps * tokens:,} training tokens on {devices} device(s)"
+        if decay is not None and decay < steps:  # a run continued past the schedule it started with
+            text += f"; the learning rate decayed over the first {decay:,} steps, then held at its minimum"
+        elif decay is not None and decay > steps:
+            text += f"; stopped at step {steps:,} of its {decay:,}-step learning-rate schedule"
+        return text
 
     if len(budgets) == 1:
         return "Budget: " + describe(*next(iter(budgets)))
@@ -267,7 +277,7 @@ def mixed(groups: dict[str, list[RunLog]]) -> tuple[str, str | None] | None:
     Averaged as seeds, such runs would make a row that no configuration trained. Returns the reason and
     the hyperparameter that would tell the runs apart (``None`` when only seeds repeat)."""
     for label, runs in groups.items():
-        keys = sorted(set().union(*(r.hparams for r in runs)) - {"seed", "max_steps"})
+        keys = sorted(set().union(*(r.hparams for r in runs)) - {"seed", "max_steps", "lr_decay_steps"})
         values = {k: sorted({_hashable(r.hparams.get(k)) for r in runs}, key=_order) for k in keys}
         differ = {k: v for k, v in values.items() if len(v) > 1}
         seeds = [r.hparams.get("seed") for r in runs]

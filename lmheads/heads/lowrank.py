@@ -55,7 +55,8 @@ class UntieDuringTrainingHead(LinearHead):
     the switch is a buffer in the checkpoint, so a resumed run stays untied.
 
     Args:
-        untie_at: Fraction of the training steps after which the head unties, in (0, 1).
+        untie_at: Fraction of the training steps (those the learning rate decays over) after which the
+            head unties, in (0, 1).
         **kwargs: Options shared by all heads (see :class:`~lmheads.heads.Head`).
     """
 
