@@ -39,6 +39,7 @@ from lmheads.runs import (
     checkpoint_conflicts,
     data_conflicts,
     evaluation_folder,
+    furthest_checkpoint,
     run_of_checkpoint,
 )
 from lmheads.sharding import check_strategy
@@ -226,6 +227,14 @@ class LMHeadsCLI(LightningCLI):
         resume = self.subcommand == "fit" and run is not None and run.resolve() == folder
         if resume:  # the run's config.yaml stays as it was; this start's config goes beside it
             step = self._checkpoint.get("global_step", 0)
+            furthest = furthest_checkpoint(run)
+            if furthest is not None and furthest[0] > step:
+                raise ConfigError(
+                    f"the checkpoint {ckpt} is at step {step}, but its run went on to step {furthest[0]} "
+                    f"({furthest[1].name}): continuing from it would write over steps {step}-{furthest[0]} "
+                    f"of that run. Continue the run with --ckpt_path={furthest[1]}, or start a new run from "
+                    "this checkpoint with another --trainer.logger.init_args.version"
+                )
             self.save_config_kwargs = {
                 **self.save_config_kwargs,
                 "config_filename": f"config-resumed-step{step}-{time.strftime('%Y%m%d-%H%M%S')}.yaml",

@@ -76,6 +76,21 @@ def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str
     ]
 
 
+def furthest_checkpoint(run: Path) -> tuple[int, Path] | None:
+    """The furthest state a run's checkpoints hold: the highest global step among
+    ``<run>/checkpoints/*.ckpt`` and its file (memory-mapped: the tensors are not read)."""
+    furthest: tuple[int, Path] | None = None
+    for path in sorted((run / "checkpoints").glob("*.ckpt")):
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            step = int(state.get("global_step", 0))
+        except Exception:  # a folder (a sharded checkpoint) or an unreadable file: no state to compare
+            continue
+        if furthest is None or step > furthest[0]:
+            furthest = (step, path)
+    return furthest
+
+
 #: Data options a resumed run may change: neither its training and validation data nor their batches.
 FREE_ON_RESUME = {"num_workers", "num_proc", "cache_dir", "test_file"}
 

@@ -107,6 +107,30 @@ def test_resuming_continues_in_the_run_and_keeps_its_record(finished_run):
     assert sum(math.isnan(v) for v in hp) == 1 and len(hp) == 4  # no second placeholder from the resume
 
 
+def test_a_checkpoint_its_run_went_past_continues_only_as_a_new_run(tmp_path, capsys):
+    """Interrupted at step 4, continued to 6: continuing again from interrupted.ckpt would write steps 4-6
+    over the run's own; refused, nothing changes, and the same checkpoint starts a new run instead."""
+    signal_at = ["--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=4"]
+    with pytest.raises(SystemExit):
+        fit(tmp_path, *signal_at, steps=6, every=3)
+    run = only_run(tmp_path)
+    interrupted = run / "checkpoints" / "interrupted.ckpt"
+    fit(tmp_path, f"--ckpt_path={interrupted}", steps=6, every=3)
+    before = snapshot(run)
+    capsys.readouterr()
+    err = refused(capsys, "fit", *quick_args(tmp_path, steps=8, every=3), f"--ckpt_path={interrupted}")
+    assert (
+        f"the checkpoint {interrupted} is at step 4, but its run went on to step 6 (last.ckpt): continuing "
+        "from it would write over steps 4-6 of that run. Continue the run with "
+        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}, or start a new run" in err
+    )
+    assert snapshot(run) == before
+    branch = "--trainer.logger.init_args.version=from-step4"
+    cli = fit(tmp_path, f"--ckpt_path={interrupted}", branch, steps=8, every=3)
+    assert cli.trainer.global_step == 8 and snapshot(run) == before
+    assert [s for s, _ in scalars(tmp_path / "quickstart" / "from-step4")["train/loss"]] == [4, 5, 6, 7]
+
+
 def test_a_second_run_into_the_same_folder_is_refused(finished_run, capsys):
     tmp_path, run, before = finished_run
     capsys.readouterr()
