@@ -99,6 +99,9 @@ class LMHeadsCLI(LightningCLI):
             if self.run_folder is not None:  # a start that failed leaves no folder behind
                 self.run_folder.release()
             raise
+        finally:
+            if self.run_folder is not None:
+                self.run_folder.ended()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         self._defaults_parser = parser  # every subcommand's parser has the same model defaults

@@ -144,13 +144,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> float | None:
+    """When a process started, in seconds since the epoch, where ``/proc`` says (Linux); else ``None``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(float(line.split()[1]) for line in lines if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, in ticks after boot
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 class RunFolder:
     """The folder of one run (or one evaluation), claimed before anything is written to it.
 
     A folder that holds a run already is refused, unless ``resume`` (a fit continuing a checkpoint of
-    that same folder); a folder holding other files (a sweep's log) is fine. :meth:`release` removes
-    what this process added when the command failed before its first training step, so a failed start
-    leaves nothing behind. Only the process of global rank 0 creates or removes anything.
+    that same folder); a folder holding other files (a sweep's log) is fine. The claim names the process
+    that writes into the folder until the command ends, so a run is continued by one process at a time.
+    :meth:`release` removes what this process added when the command failed before its first training
+    step, so a failed start leaves nothing behind. Only the process of global rank 0 creates or removes
+    anything.
     """
 
     def __init__(self, path: Path, resume: bool = False) -> None:
@@ -158,26 +171,69 @@ class RunFolder:
         self.resume = resume
         self.trainer: L.Trainer | None = None
         self._before: set[str] | None = None  # the folder's entries when claimed; None: not claimed
+        self._claimed = False
 
     def claim(self) -> None:
         if rank_zero_only.rank != 0:
             return
         existed = self.path.is_dir()
         self._top = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
-        self.path.mkdir(parents=True, exist_ok=True)
         if self.resume:
+            holder = self._holder()
+            if holder is not None:
+                raise ConfigError(
+                    f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}), which "
+                    "trains that run: continuing it at the same time would mix the two. Wait for it to end"
+                )
+            self._write_claim("w")
             return
+        self.path.mkdir(parents=True, exist_ok=True)
         before = set(os.listdir(self.path))
         try:
             if before & RUN_FILES or any(name.startswith("events.out.tfevents") for name in before):
                 raise FileExistsError  # a run from before claims were recorded
-            with open(self.path / CLAIM_FILE, "x") as claim:
-                started = time.strftime("%Y-%m-%d %H:%M:%S")
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": started}, claim)
+            self._write_claim("x")
         except FileExistsError:
             raise ConfigError(self._taken()) from None
         self._before = before if existed else set()
         self._created = not existed
+
+    def _write_claim(self, mode: str) -> None:
+        """``x``: only if no claim exists (two runs that start at the same moment: one gets it)."""
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        claim = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "at": time.time()}
+        with open(self.path / CLAIM_FILE, mode) as file:
+            json.dump(claim, file)
+        self._claimed = True
+
+    def ended(self) -> None:
+        """The command is over: its claim no longer holds the folder (a process that stays, such as a
+        notebook's, does not keep it from being continued elsewhere)."""
+        if not self._claimed or rank_zero_only.rank != 0 or not self.path.is_dir():
+            return
+        try:
+            claim = json.loads((self.path / CLAIM_FILE).read_text())
+            if claim.get("pid") == os.getpid():
+                (self.path / CLAIM_FILE).write_text(json.dumps({**claim, "ended": time.time()}))
+        except (OSError, ValueError, AttributeError):
+            pass
+        self._claimed = False
+
+    def _holder(self) -> tuple[int, str] | None:
+        """The process and start time of the claim, if another process on this machine holds it now: one
+        that has not ended its command, is alive, and is the one that claimed (not a later process that
+        got its number, where the machine says when processes started)."""
+        try:
+            claim = json.loads((self.path / CLAIM_FILE).read_text())
+            pid, host, started = int(claim["pid"]), claim["host"], claim["started"]
+        except (OSError, ValueError, KeyError, TypeError):  # no claim (an older run) or an empty one
+            return None
+        if host != socket.gethostname() or "ended" in claim or pid == os.getpid() or not _alive(pid):
+            return None
+        began, at = _process_start(pid), claim.get("at")
+        if began is not None and isinstance(at, int | float) and began > at + 2:  # boot time is in seconds
+            return None
+        return pid, started
 
     def _taken(self) -> str:
         """Why the folder cannot be claimed, and what to do. A run with a checkpoint or results can be
@@ -188,17 +244,18 @@ class RunFolder:
             f"run folder {self.path} already holds a run; {other}, or continue that run with "
             f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
         )
+        holder = self._holder()
+        if holder is not None:
+            return f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}): {other}"
         if (self.path / RESULTS_FILE).exists() or any(self.path.rglob("*.ckpt")):
             return holds_a_run
         try:
             claim = json.loads((self.path / CLAIM_FILE).read_text())
             pid, host, started = int(claim["pid"]), claim["host"], claim["started"]
-        except (OSError, ValueError, KeyError, TypeError):  # no claim (an older run) or an empty one
+        except (OSError, ValueError, KeyError, TypeError):
             return holds_a_run
         if host != socket.gethostname():
             return holds_a_run
-        if pid != os.getpid() and _alive(pid):
-            return f"run folder {self.path} is in use by process {pid} (started {started}): {other}"
         return (
             f"run folder {self.path} was claimed by process {pid} at {started}, which stopped before "
             f"its first checkpoint: {other}, or delete that folder to start it again"

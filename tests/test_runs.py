@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +241,35 @@ def test_a_run_killed_before_its_first_checkpoint_is_named_when_its_folder_is_re
         live.kill()
         live.wait()
     assert f"run folder {run.resolve()} is in use by process {live.pid} (started 2026-01-01 00:00:00)" in err
+
+
+def test_a_run_is_continued_by_one_process_at_a_time(finished_run, capsys):
+    """A run's claim names the process training it until its command ends: a second process continuing
+    the run meanwhile is refused; a claim whose command ended, or whose process number a later process
+    got, holds nothing."""
+    tmp_path, run, before = finished_run
+    claim_file = run / ".lmheads-run"
+    assert "ended" in json.loads(claim_file.read_text())  # the fit that trained it is over
+    last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        claim = {"pid": live.pid, "host": socket.gethostname(), "started": "now", "at": time.time()}
+        claim_file.write_text(json.dumps(claim))
+        before = snapshot(run)
+        capsys.readouterr()
+        err = refused(capsys, "fit", *quick_args(tmp_path, steps=8), last)
+        assert f"run folder {run} is in use by process {live.pid} (started now), which trains that run" in err
+        assert snapshot(run) == before
+        if Path("/proc/self/stat").is_file():  # the machine says when a process started
+            claim_file.write_text(json.dumps({**claim, "at": time.time() - 3600}))  # claimed before it began
+            fit(tmp_path, last, steps=8)
+    finally:
+        live.kill()
+        live.wait()
+    claim_file.write_text(json.dumps({**claim, "ended": time.time()}))
+    fit(tmp_path, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=10)
+    assert json.loads(claim_file.read_text())["pid"] == os.getpid()
 
 
 def test_a_failed_start_leaves_no_folder(tmp_path, capsys):
