@@ -33,6 +33,7 @@ from lmheads.generation import SamplingConfig
 from lmheads.heads import broken_heads, head_name, registered_heads
 from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule
+from lmheads.reporting import tokens_per_step
 from lmheads.runs import (
     RunFolder,
     RunSummary,
@@ -41,6 +42,7 @@ from lmheads.runs import (
     evaluation_folder,
     furthest_checkpoint,
     run_of_checkpoint,
+    training_conflicts,
 )
 from lmheads.sharding import check_strategy
 
@@ -194,11 +196,31 @@ class LMHeadsCLI(LightningCLI):
         if self.run_folder is not None:
             self.run_folder.trainer = self.trainer
         check_strategy(self.trainer.strategy)  # before any process is launched
+        if self.run_folder is not None and self.run_folder.resume:
+            self._check_training_of(self.run_folder.path)
         if self._checkpoint is not None:  # here too for strategies that load the weights themselves (FSDP2)
             check_compatible(self.model, self._checkpoint["state_dict"])
             self._checkpoint = None
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.sampling = config.sampling
+
+    def _check_training_of(self, run: Path) -> None:
+        """Refuse a fit that would continue ``run`` with another batch or precision: Lightning restores no
+        trainer option, and the run would go on under this start's."""
+        trainer = self.trainer
+        now = {
+            "tokens_per_step": tokens_per_step(self.model, trainer, self.datamodule),
+            "devices": trainer.world_size,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "precision": str(trainer.precision),
+        }
+        differ = training_conflicts(run, now)
+        if differ:
+            raise ConfigError(
+                f"{'; '.join(differ)}. Continuing would change how the run trains: give the devices, "
+                "--trainer.accumulate_grad_batches and --trainer.precision it trained with (its "
+                "hparams.yaml), or train a new run"
+            )
 
     def before_instantiate_classes(self) -> None:
         """Choose and claim the run's folder (:mod:`lmheads.runs`): a new fit gets

@@ -40,9 +40,10 @@ def parameter_counts(model) -> dict[str, int]:
     }
 
 
-def tokens_per_step(model, trainer: L.Trainer) -> int:
-    """Training tokens per optimizer step, all devices and accumulated batches together."""
-    batch_size = int(getattr(trainer.datamodule, "batch_size", 0))
+def tokens_per_step(model, trainer: L.Trainer, datamodule=None) -> int:
+    """Training tokens per optimizer step, all devices and accumulated batches together (``datamodule``:
+    the trainer's)."""
+    batch_size = int(getattr(datamodule or trainer.datamodule, "batch_size", 0))
     return batch_size * model.cfg.block_size * trainer.world_size * trainer.accumulate_grad_batches
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.data.base import file_digest
@@ -89,6 +90,29 @@ def furthest_checkpoint(run: Path) -> tuple[int, Path] | None:
         if furthest is None or step > furthest[0]:
             furthest = (step, path)
     return furthest
+
+
+def training_conflicts(run: Path, now: dict[str, int | str]) -> list[str]:
+    """How this start would train a run it continues otherwise than the run trained, by the run's
+    ``hparams.yaml``: another number of tokens a step (devices x accumulated batches; the data's batch
+    is checked with the data) or another precision. Trading devices for accumulation keeps the budget."""
+    try:
+        then = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+
+    def shape(hp: dict) -> str:
+        return (
+            f"{hp['tokens_per_step']:,} tokens a step ({hp.get('devices')} device(s) x "
+            f"accumulate_grad_batches={hp.get('accumulate_grad_batches')})"
+        )
+
+    out = []
+    if then.get("tokens_per_step") not in (None, now["tokens_per_step"]):
+        out.append(f"the run trained {shape(then)}, this start would train {shape(now)}")
+    if then.get("precision") not in (None, now["precision"]):
+        out.append(f"the run trained in precision {then['precision']}, this start in {now['precision']}")
+    return out
 
 
 #: Data options a resumed run may change: neither its training and validation data nor their batches.
@@ -172,12 +196,11 @@ class RunFolder:
         self.trainer: L.Trainer | None = None
         self._before: set[str] | None = None  # the folder's entries when claimed; None: not claimed
         self._claimed = False
+        self._previous_claim: str | None = None
 
     def claim(self) -> None:
         if rank_zero_only.rank != 0:
             return
-        existed = self.path.is_dir()
-        self._top = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
         if self.resume:
             holder = self._holder()
             if holder is not None:
@@ -185,8 +208,12 @@ class RunFolder:
                     f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}), which "
                     "trains that run: continuing it at the same time would mix the two. Wait for it to end"
                 )
+            claim = self.path / CLAIM_FILE
+            self._previous_claim = claim.read_text() if claim.is_file() else None  # back if the start fails
             self._write_claim("w")
             return
+        existed = self.path.is_dir()
+        self._top = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
         self.path.mkdir(parents=True, exist_ok=True)
         before = set(os.listdir(self.path))
         try:
@@ -211,29 +238,34 @@ class RunFolder:
         notebook's, does not keep it from being continued elsewhere)."""
         if not self._claimed or rank_zero_only.rank != 0 or not self.path.is_dir():
             return
+        claim = self._claim()
+        if claim is not None and claim["pid"] == os.getpid():
+            (self.path / CLAIM_FILE).write_text(json.dumps({**claim, "ended": time.time()}))
+        self._claimed = False
+
+    def _claim(self) -> dict | None:
+        """The folder's claim, if it has a readable one (runs from before claims were recorded have none)."""
         try:
             claim = json.loads((self.path / CLAIM_FILE).read_text())
-            if claim.get("pid") == os.getpid():
-                (self.path / CLAIM_FILE).write_text(json.dumps({**claim, "ended": time.time()}))
-        except (OSError, ValueError, AttributeError):
-            pass
-        self._claimed = False
+            claim["pid"] = int(claim["pid"])
+            return claim if {"host", "started"} <= claim.keys() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _holder(self) -> tuple[int, str] | None:
         """The process and start time of the claim, if another process on this machine holds it now: one
         that has not ended its command, is alive, and is the one that claimed (not a later process that
         got its number, where the machine says when processes started)."""
-        try:
-            claim = json.loads((self.path / CLAIM_FILE).read_text())
-            pid, host, started = int(claim["pid"]), claim["host"], claim["started"]
-        except (OSError, ValueError, KeyError, TypeError):  # no claim (an older run) or an empty one
+        claim = self._claim()
+        if claim is None or claim["host"] != socket.gethostname() or "ended" in claim:
             return None
-        if host != socket.gethostname() or "ended" in claim or pid == os.getpid() or not _alive(pid):
+        pid = claim["pid"]
+        if pid == os.getpid() or not _alive(pid):
             return None
         began, at = _process_start(pid), claim.get("at")
         if began is not None and isinstance(at, int | float) and began > at + 2:  # boot time is in seconds
             return None
-        return pid, started
+        return pid, claim["started"]
 
     def _taken(self) -> str:
         """Why the folder cannot be claimed, and what to do. A run with a checkpoint or results can be
@@ -249,22 +281,23 @@ class RunFolder:
             return f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}): {other}"
         if (self.path / RESULTS_FILE).exists() or any(self.path.rglob("*.ckpt")):
             return holds_a_run
-        try:
-            claim = json.loads((self.path / CLAIM_FILE).read_text())
-            pid, host, started = int(claim["pid"]), claim["host"], claim["started"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return holds_a_run
-        if host != socket.gethostname():
+        claim = self._claim()
+        if claim is None or claim["host"] != socket.gethostname():
             return holds_a_run
         return (
-            f"run folder {self.path} was claimed by process {pid} at {started}, which stopped before "
-            f"its first checkpoint: {other}, or delete that folder to start it again"
+            f"run folder {self.path} was claimed by process {claim['pid']} at {claim['started']}, which "
+            f"stopped before its first checkpoint: {other}, or delete that folder to start it again"
         )
 
     def release(self) -> None:
         """After a failure before the first training step (and before any checkpoint): remove what this
-        process added to the folder, and the folder if it created it."""
+        process added to the folder, and the folder if it created it; a run it was to continue gets its
+        claim back as it was."""
         trained = self.trainer is not None and self.trainer.global_step > 0
+        if self.resume and self._claimed and not trained and rank_zero_only.rank == 0:  # the run as it was
+            claim = self.path / CLAIM_FILE
+            claim.write_text(self._previous_claim) if self._previous_claim is not None else claim.unlink()
+            self._claimed = False
         if self._before is None or trained or any(self.path.rglob("*.ckpt")) or rank_zero_only.rank != 0:
             return
         for entry in set(os.listdir(self.path)) - self._before:

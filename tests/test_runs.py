@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lmheads.heads import head_name, registered_heads
+from lmheads.runs import training_conflicts
 
 from . import external_heads
 from .helpers import QUICKSTART, ROOT, fit, main, only_run, quick_args, scalars, tool
@@ -107,6 +109,28 @@ def test_resuming_continues_in_the_run_and_keeps_its_record(finished_run):
     assert [s for s, _ in scalars(run)["val/loss"]] == [2, 5, 8]
     hp = [v for _, v in scalars(run)["hp/val_loss"]]
     assert sum(math.isnan(v) for v in hp) == 1 and len(hp) == 4  # no second placeholder from the resume
+
+
+def test_a_run_continues_with_the_batch_and_precision_it_trained_with(finished_run, capsys):
+    """Lightning restores no trainer option: continuing a run with gradient accumulation or another
+    precision would change how it trains. Refused; devices traded for accumulation keep the budget."""
+    tmp_path, run, before = finished_run
+    last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    capsys.readouterr()
+    err = refused(
+        capsys, "fit", *quick_args(tmp_path, steps=8), last,
+        "--trainer.accumulate_grad_batches=2", "--trainer.precision=bf16-mixed",
+    )  # fmt: skip
+    assert (
+        "error: the run trained 2,048 tokens a step (1 device(s) x accumulate_grad_batches=1), this start "
+        "would train 4,096 tokens a step (1 device(s) x accumulate_grad_batches=2); the run trained in "
+        "precision 32-true, this start in bf16-mixed. Continuing would change how the run trains" in err
+    )
+    assert snapshot(run) == before
+    now = {"tokens_per_step": 2048, "devices": 2, "accumulate_grad_batches": 1, "precision": "32-true"}
+    hparams = yaml.safe_load((run / "hparams.yaml").read_text())
+    (run / "hparams.yaml").write_text(yaml.safe_dump({**hparams, "devices": 1, "accumulate_grad_batches": 2}))
+    assert training_conflicts(run, now) == []  # 1 device x 2 batches, continued on 2 devices x 1
 
 
 def test_a_checkpoint_its_run_went_past_continues_only_as_a_new_run(tmp_path, capsys):
