@@ -3,7 +3,8 @@ start that fails, and a summary at the end of training.
 
 A run folder is ``<save_dir>/<name>/<version>`` (TensorBoard's layout): ``config.yaml``, ``hparams.yaml``,
 event files, ``checkpoints/`` and, once training ends, ``results.json``. ``validate``, ``test`` and
-``predict`` of a checkpoint inside a run write to ``<run>/<subcommand>/<checkpoint name>/``.
+``predict`` of a checkpoint inside a run write to ``<run>/<subcommand>/<checkpoint name>/``, with
+``checkpoint.json`` (the checkpoint and the step it was saved at).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.data.base import file_digest
@@ -29,6 +31,9 @@ from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
 
 RESULTS_FILE = "results.json"
+#: In an evaluation's folder: the checkpoint it read and the step that checkpoint was saved at (the
+#: evaluation's metrics are logged at step 0).
+EVALUATED_FILE = "checkpoint.json"
 
 
 def run_of_checkpoint(ckpt: str | Path) -> Path | None:
@@ -77,14 +82,18 @@ def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str
     ]
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint file was saved at (memory-mapped: its tensors are not read)."""
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step", 0))
+
+
 def furthest_checkpoint(run: Path) -> tuple[int, Path] | None:
     """The furthest state a run's checkpoints hold: the highest global step among
-    ``<run>/checkpoints/*.ckpt`` and its file (memory-mapped: the tensors are not read)."""
+    ``<run>/checkpoints/*.ckpt`` and its file."""
     furthest: tuple[int, Path] | None = None
     for path in sorted((run / "checkpoints").glob("*.ckpt")):
         try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-            step = int(state.get("global_step", 0))
+            step = checkpoint_step(path)
         except Exception:  # a folder (a sharded checkpoint) or an unreadable file: no state to compare
             continue
         if furthest is None or step > furthest[0]:
@@ -324,13 +333,37 @@ def evaluation_folder(run: Path, subcommand: str, ckpt: Path) -> str:
 
 class RunSummary(L.Callback):
     """At the end of ``fit``: prints the run folder, the best and last checkpoints, the last validation
-    metrics, tokens seen and wall-clock, and writes the same to ``<run>/results.json``."""
+    metrics, tokens seen and wall-clock, and writes the same to ``<run>/results.json``. An evaluation of a
+    checkpoint records which one it read and the step that checkpoint was at (``checkpoint.json``): a
+    ``last.ckpt`` tested before its run went on is then not taken for the run's last state."""
 
     def __init__(self) -> None:
         self._start = 0.0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._record_checkpoint(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record_checkpoint(trainer)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record_checkpoint(trainer)
+
+    @staticmethod
+    def _record_checkpoint(trainer: L.Trainer) -> None:
+        folder = trainer.logger.log_dir if trainer.logger is not None else None
+        if not trainer.ckpt_path or folder is None or not trainer.is_global_zero:
+            return
+        record = {
+            "checkpoint": str(Path(trainer.ckpt_path).resolve()),
+            "step": checkpoint_step(trainer.ckpt_path),
+        }
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, EVALUATED_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = trainer.logger.log_dir if trainer.logger is not None else None  # not a collective

@@ -187,6 +187,18 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     assert found.path == run and "test/loss" in found.scalars
     compare.main([str(tmp_path)])
     assert "| test ppl |" in capsys.readouterr().out
+    assert json.loads((run / "test" / "last" / "checkpoint.json").read_text()) == {
+        "checkpoint": str((run / "checkpoints" / "last.ckpt").resolve()),
+        "step": 6,
+    }
+    # The run goes on: its last state is no longer the one tested, so no test column until it is again.
+    fit(tmp_path, last, steps=9, every=3)
+    (found,) = compare.find_runs([tmp_path])
+    assert "test/loss" not in found.scalars
+    main(["test", *quick_args(tmp_path), last])
+    (found,) = compare.find_runs([tmp_path])
+    assert "test/loss" in found.scalars
+    assert json.loads((run / "test" / "last-3" / "checkpoint.json").read_text())["step"] == 9
 
 
 def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):

@@ -30,7 +30,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
-from lmheads.runs import RESULTS_FILE
+from lmheads.runs import EVALUATED_FILE, RESULTS_FILE
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 #: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
@@ -124,24 +124,34 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
             for e in evs:
                 scalars[tag][e.step] = (e.value, offset + e.wall_time - start)
         offset += max(times) - start
-    hparams_file = run_dir / "hparams.yaml"
-    hparams = yaml.safe_load(hparams_file.read_text()) if hparams_file.is_file() else {}
-    evaluation = test_evaluation(run_dir, test_checkpoint)
+    results = run_dir / RESULTS_FILE
+    final_step = json.loads(results.read_text()).get("step", 0) if results.is_file() else 0
+    run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step)
+    evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
     if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
         for tag, points in load_run(evaluation).scalars.items():
             if tag.startswith(("test/", "test_freq/")):
-                scalars[tag] = points
-    results = run_dir / RESULTS_FILE
-    final_step = json.loads(results.read_text()).get("step", 0) if results.is_file() else 0
-    return RunLog(run_dir, hparams or {}, dict(scalars), final_step)
+                run.scalars[tag] = points
+    return run
 
 
-def test_evaluation(run_dir: Path, checkpoint: str = "last") -> Path | None:
+def _evaluated_step(folder: Path) -> int | None:
+    """The step of the checkpoint an evaluation read, where it recorded it."""
+    path = folder / EVALUATED_FILE
+    return json.loads(path.read_text()).get("step") if path.is_file() else None
+
+
+def _hparams(folder: Path) -> dict:
+    path = folder / "hparams.yaml"
+    return (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+
+
+def test_evaluation(run_dir: Path, checkpoint: str = "last", last_step: int | None = None) -> Path | None:
     """The run's newest test evaluation of a checkpoint: ``last`` (the state the table's other columns
-    end at; an evaluation of another checkpoint is not it), or ``best``, the checkpoint of the lowest
-    validation loss that ``fit`` recorded in results.json (a run stopped before the end has none: then the
-    newest evaluation of a ``step<N>`` checkpoint, which is what the checkpoint callback keeps for the
-    lowest validation loss)."""
+    end at, ``last_step``; an evaluation of another checkpoint, or of ``last.ckpt`` before the run went on,
+    is not it), or ``best``, the checkpoint of the lowest validation loss that ``fit`` recorded in
+    results.json (a run stopped before the end has none: then the newest evaluation of a ``step<N>``
+    checkpoint, which is what the checkpoint callback keeps for the lowest validation loss)."""
     folders = [p for p in (run_dir / "test").glob("*") if any(p.glob("events.out.tfevents.*"))]
     if checkpoint == "best":
         results = run_dir / RESULTS_FILE
@@ -150,6 +160,8 @@ def test_evaluation(run_dir: Path, checkpoint: str = "last") -> Path | None:
         folders = [p for p in folders if re.fullmatch(rf"{name}(-\d+)?", p.name)]
         return max(folders, key=lambda p: p.stat().st_mtime, default=None)
     last = [p for p in folders if re.fullmatch(r"last(-\d+)?", p.name)]
+    if last_step is not None:  # evaluations that recorded their checkpoint's step (older ones did not)
+        last = [p for p in last if _evaluated_step(p) in (None, last_step)]
     return max(last, key=lambda p: p.stat().st_mtime, default=None)
 
 
