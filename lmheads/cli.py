@@ -34,16 +34,8 @@ from lmheads.heads import broken_heads, head_name, registered_heads
 from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule
 from lmheads.reporting import tokens_per_step
-from lmheads.runs import (
-    RunFolder,
-    RunSummary,
-    checkpoint_conflicts,
-    data_conflicts,
-    evaluation_folder,
-    furthest_checkpoint,
-    run_of_checkpoint,
-    training_conflicts,
-)
+from lmheads.resume import checkpoint_conflicts, data_conflicts, furthest_checkpoint, training_conflicts
+from lmheads.runs import RunFolder, RunSummary, evaluation_folder, run_of_checkpoint
 from lmheads.sharding import check_strategy
 
 HEAD_KEY = "--model.head"

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lmheads.errors import ConfigError
-from lmheads.runs import flatten
+from lmheads.resume import flatten
 
 #: Lightning messages (through its rank-zero logger) that advertise or describe its own internals.
 QUIET_MESSAGES = (

@@ -9,7 +9,6 @@ event files, ``checkpoints/`` and, once training ends, ``results.json``. ``valid
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -17,18 +16,16 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmheads.data.base import file_digest
 from lmheads.errors import ConfigError
 from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
+from lmheads.resume import checkpoint_step
 
 RESULTS_FILE = "results.json"
 #: In an evaluation's folder: the checkpoint it read and the step that checkpoint was saved at (the
@@ -44,119 +41,6 @@ def run_of_checkpoint(ckpt: str | Path) -> Path | None:
     run = path.parent.parent
     recorded = any((run / f).is_file() for f in ("hparams.yaml", "config.yaml"))
     return run if path.parent.name == "checkpoints" and recorded else None
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict with dotted keys; tuples become lists, class paths name the class they
-    import (``lmheads.heads.TiedHead`` and ``lmheads.heads.tied.TiedHead`` are one class)."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(flatten(item, f"{prefix}{key}."))
-        return out
-    key = prefix[:-1]
-    if isinstance(value, tuple):
-        value = list(value)
-    if key.endswith("class_path") and isinstance(value, str):
-        value = _canonical_class_path(value)
-    return {key: value}
-
-
-def _canonical_class_path(path: str) -> str:
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return path
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str = "model") -> list[str]:
-    """Options set in the configuration (different from their defaults) that contradict the values a
-    checkpoint was trained with, as ``key: value here, value in the checkpoint``."""
-    given, defaults, stored = flatten(given), flatten(defaults), flatten(stored)
-    return [
-        f"{section}.{key}: {value!r} here, {stored[key]!r} in the checkpoint"
-        for key, value in given.items()
-        if key in stored and value != defaults.get(key) and value != stored[key]
-    ]
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The optimizer step a checkpoint file was saved at (memory-mapped: its tensors are not read)."""
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step", 0))
-
-
-def furthest_checkpoint(run: Path) -> tuple[int, Path] | None:
-    """The furthest state a run's checkpoints hold: the highest global step among
-    ``<run>/checkpoints/*.ckpt`` and its file."""
-    furthest: tuple[int, Path] | None = None
-    for path in sorted((run / "checkpoints").glob("*.ckpt")):
-        try:
-            step = checkpoint_step(path)
-        except Exception:  # a folder (a sharded checkpoint) or an unreadable file: no state to compare
-            continue
-        if furthest is None or step > furthest[0]:
-            furthest = (step, path)
-    return furthest
-
-
-def training_conflicts(run: Path, now: dict[str, int | str]) -> list[str]:
-    """How this start would train a run it continues otherwise than the run trained, by the run's
-    ``hparams.yaml``: another number of tokens a step (devices x accumulated batches; the data's batch
-    is checked with the data) or another precision. Trading devices for accumulation keeps the budget."""
-    try:
-        then = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-
-    def shape(hp: dict) -> str:
-        return (
-            f"{hp['tokens_per_step']:,} tokens a step ({hp.get('devices')} device(s) x "
-            f"accumulate_grad_batches={hp.get('accumulate_grad_batches')})"
-        )
-
-    out = []
-    if then.get("tokens_per_step") not in (None, now["tokens_per_step"]):
-        out.append(f"the run trained {shape(then)}, this start would train {shape(now)}")
-    if then.get("precision") not in (None, now["precision"]):
-        out.append(f"the run trained in precision {then['precision']}, this start in {now['precision']}")
-    return out
-
-
-#: Data options a resumed run may change: neither its training and validation data nor their batches.
-FREE_ON_RESUME = {"num_workers", "num_proc", "cache_dir", "test_file"}
-
-
-def data_conflicts(given: dict, checkpoint: dict) -> list[str]:
-    """Data options of this configuration (``{"class_path": ..., "init_args": {...}}``) that differ from
-    those a checkpoint's run trained with (its datamodule's saved hyperparameters), as ``key: value here,
-    value in the checkpoint``. Unlike the model's, Lightning does not restore these: a resumed run reads
-    whatever data this configuration describes. A data file counts by what it holds, not by its path,
-    where the checkpoint kept the digests of the files its run read."""
-    stored = {
-        k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k != "_instantiator"
-    }
-    if not stored:
-        return []
-    cls = stored.pop("_class_path", None)
-    state = checkpoint.get(cls.rpartition(".")[2]) if cls else None  # Lightning keys it by class name
-    sources = (state.get("sources") or {}) if isinstance(state, dict) else {}
-    theirs = flatten({"init_args": stored} | ({"class_path": cls} if cls else {}))
-    ours = flatten({"class_path": given.get("class_path"), "init_args": given.get("init_args") or {}})
-    out = []
-    for key, value in ours.items():
-        name = key.removeprefix("init_args.")
-        if key not in theirs or name in FREE_ON_RESUME:
-            continue
-        if name in sources and value is not None:  # the file it read, wherever it lies now (a file
-            # that is missing gets its own error when the data module is built)
-            if Path(value).is_file() and file_digest(value) != sources[name]:
-                what = f"{value!r} holds other text than {theirs[key]!r} held"
-                out.append(f"data.{name}: {what} when the checkpoint's run read it")
-        elif value != theirs[key]:
-            out.append(f"data.{name}: {value!r} here, {theirs[key]!r} in the checkpoint")
-    return out
 
 
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even

@@ -1,5 +1,6 @@
 """Runs as records: no silent override by a checkpoint, one run per folder, evaluations filed with their
-run, nothing left by a failed start, a summary at the end (lmheads.runs and the CLI around it)."""
+run, nothing left by a failed start, a summary at the end (lmheads.runs, lmheads.resume and the CLI
+around them)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from lmheads.heads import head_name, registered_heads
-from lmheads.runs import training_conflicts
+from lmheads.resume import training_conflicts
 
 from . import external_heads
 from .helpers import QUICKSTART, ROOT, fit, main, only_run, quick_args, scalars, tool
