@@ -15,7 +15,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lmheads.checkpointing import RunCheckpoint, check_compatible, read_checkpoint
 from lmheads.console import (
@@ -34,8 +34,14 @@ from lmheads.heads import broken_heads, head_name, registered_heads
 from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule
 from lmheads.reporting import tokens_per_step
-from lmheads.resume import checkpoint_conflicts, data_conflicts, furthest_checkpoint, training_conflicts
-from lmheads.runs import RunFolder, RunSummary, evaluation_folder, run_of_checkpoint
+from lmheads.resume import (
+    FREE_ON_EVALUATION,
+    checkpoint_conflicts,
+    data_conflicts,
+    furthest_checkpoint,
+    training_conflicts,
+)
+from lmheads.runs import RunFolder, RunSummary, evaluation_folder, record_evaluation, run_of_checkpoint
 from lmheads.sharding import check_strategy
 
 HEAD_KEY = "--model.head"
@@ -122,6 +128,7 @@ class LMHeadsCLI(LightningCLI):
             raise ConfigError(message + _run_config_hint(str(err), args)) from None
         subcommand = self.config.get("subcommand")
         self._checkpoint = None
+        self._other_data: list[str] = []
         if subcommand:
             config = self.config[subcommand]
             self._checkpoint = read_checkpoint(config.get("ckpt_path"))
@@ -140,8 +147,16 @@ class LMHeadsCLI(LightningCLI):
                 "Drop these options to use the checkpoint's, or train a new run without --ckpt_path"
             )
         data = config.get("data")
-        if subcommand == "fit" and data is not None and hasattr(data, "as_dict"):
-            differ = data_conflicts(data.as_dict(), checkpoint)
+        given = data.as_dict() if data is not None and hasattr(data, "as_dict") else None
+        if subcommand != "fit" and given is not None:  # evaluated on other data: said, and recorded
+            self._other_data = data_conflicts(given, checkpoint, FREE_ON_EVALUATION)
+            if self._other_data:
+                rank_zero_info(
+                    f"not the data the checkpoint's run trained on: {'; '.join(self._other_data)}; filed "
+                    "with the run, this evaluation is not the run's own for compare.py"
+                )
+        if subcommand == "fit" and given is not None:
+            differ = data_conflicts(given, checkpoint)
             if differ:
                 raise ConfigError(
                     f"the checkpoint {config.ckpt_path} was trained on other data: {'; '.join(differ)}. "
@@ -266,6 +281,9 @@ class LMHeadsCLI(LightningCLI):
                 raise ConfigError(  # the run's config.yaml without a checkpoint (or one it reset to null)
                     f"{err}. To {self.subcommand} a checkpoint of that run, give --ckpt_path after --config"
                 ) from None
+            if args.get("sub_dir"):  # an evaluation filed in its run
+                step = self._checkpoint.get("global_step", 0)
+                record_evaluation(folder, ckpt, step, self._other_data)
 
 
 def _run_config_hint(message: str, args) -> str:

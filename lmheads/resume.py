@@ -94,15 +94,19 @@ def training_conflicts(run: Path, now: dict[str, int | str]) -> list[str]:
 
 
 #: Data options a resumed run may change: neither its training and validation data nor their batches.
-FREE_ON_RESUME = {"num_workers", "num_proc", "cache_dir", "test_file"}
+FREE_ON_RESUME = frozenset({"num_workers", "num_proc", "cache_dir", "test_file"})
+#: Data options an evaluation of a run's checkpoint may change and still evaluate the run's data (the
+#: metrics are token-weighted, whatever the batch); a test file counts where the run named one.
+FREE_ON_EVALUATION = frozenset({"num_workers", "num_proc", "cache_dir", "batch_size"})
 
 
-def data_conflicts(given: dict, checkpoint: dict) -> list[str]:
+def data_conflicts(given: dict, checkpoint: dict, free: frozenset[str] = FREE_ON_RESUME) -> list[str]:
     """Data options of this configuration (``{"class_path": ..., "init_args": {...}}``) that differ from
     those a checkpoint's run trained with (its datamodule's saved hyperparameters), as ``key: value here,
-    value in the checkpoint``. Unlike the model's, Lightning does not restore these: a resumed run reads
-    whatever data this configuration describes. A data file counts by what it holds, not by its path,
-    where the checkpoint kept the digests of the files its run read."""
+    value in the checkpoint``; options in ``free`` aside, and those the run left unset. Unlike the model's,
+    Lightning does not restore these: a resumed run reads whatever data this configuration describes. A
+    data file counts by what it holds, not by its path, where the checkpoint kept the digests of the files
+    its run read."""
     stored = {
         k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if k != "_instantiator"
     }
@@ -116,7 +120,7 @@ def data_conflicts(given: dict, checkpoint: dict) -> list[str]:
     out = []
     for key, value in ours.items():
         name = key.removeprefix("init_args.")
-        if key not in theirs or name in FREE_ON_RESUME:
+        if key not in theirs or name in free or (theirs[key] is None and name == "test_file"):
             continue
         if name in sources and value is not None:  # the file it read, wherever it lies now (a file
             # that is missing gets its own error when the data module is built)

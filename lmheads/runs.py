@@ -19,13 +19,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.errors import ConfigError
 from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
-from lmheads.resume import checkpoint_step
 
 RESULTS_FILE = "results.json"
 #: In an evaluation's folder: the checkpoint it read and the step that checkpoint was saved at (the
@@ -206,6 +204,16 @@ class RunFolder:
         self._before = None
 
 
+def record_evaluation(folder: Path, ckpt: str | Path, step: int, other_data: list[str]) -> None:
+    """Write ``checkpoint.json`` into an evaluation's folder: the checkpoint it reads, the step that
+    checkpoint was saved at (evaluations log at step 0), and how its data differs from the run's, if it
+    does. ``compare.py`` then takes no test of an earlier ``last.ckpt`` or of other data for the run's."""
+    if rank_zero_only.rank != 0:
+        return
+    record = {"checkpoint": str(Path(ckpt).resolve()), "step": step, "other_data": other_data}
+    (folder / EVALUATED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def evaluation_folder(run: Path, subcommand: str, ckpt: Path) -> str:
     """``<subcommand>/<checkpoint name>`` inside the run, numbered when that evaluation exists already."""
     base = f"{subcommand}/{ckpt.stem}"
@@ -217,37 +225,13 @@ def evaluation_folder(run: Path, subcommand: str, ckpt: Path) -> str:
 
 class RunSummary(L.Callback):
     """At the end of ``fit``: prints the run folder, the best and last checkpoints, the last validation
-    metrics, tokens seen and wall-clock, and writes the same to ``<run>/results.json``. An evaluation of a
-    checkpoint records which one it read and the step that checkpoint was at (``checkpoint.json``): a
-    ``last.ckpt`` tested before its run went on is then not taken for the run's last state."""
+    metrics, tokens seen and wall-clock, and writes the same to ``<run>/results.json``."""
 
     def __init__(self) -> None:
         self._start = 0.0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn != TrainerFn.FITTING:
-            self._record_checkpoint(trainer)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record_checkpoint(trainer)
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record_checkpoint(trainer)
-
-    @staticmethod
-    def _record_checkpoint(trainer: L.Trainer) -> None:
-        folder = trainer.logger.log_dir if trainer.logger is not None else None
-        if not trainer.ckpt_path or folder is None or not trainer.is_global_zero:
-            return
-        record = {
-            "checkpoint": str(Path(trainer.ckpt_path).resolve()),
-            "step": checkpoint_step(trainer.ckpt_path),
-        }
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        Path(folder, EVALUATED_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = trainer.logger.log_dir if trainer.logger is not None else None  # not a collective

@@ -172,7 +172,7 @@ def test_a_second_run_into_the_same_folder_is_refused(finished_run, capsys):
     assert snapshot(run) == before
 
 
-def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(finished_run, capsys):
+def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(finished_run, capsys, caplog):
     tmp_path, run, before = finished_run
     last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     for _ in range(2):
@@ -191,6 +191,7 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     assert json.loads((run / "test" / "last" / "checkpoint.json").read_text()) == {
         "checkpoint": str((run / "checkpoints" / "last.ckpt").resolve()),
         "step": 6,
+        "other_data": [],
     }
     # The run goes on: its last state is no longer the one tested, so no test column until it is again.
     fit(tmp_path, last, steps=9, every=3)
@@ -200,6 +201,14 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     (found,) = compare.find_runs([tmp_path])
     assert "test/loss" in found.scalars
     assert json.loads((run / "test" / "last-3" / "checkpoint.json").read_text())["step"] == 9
+    # A test on other data is filed with the run, said and recorded, but not the run's test column.
+    with caplog.at_level("INFO"):
+        main(["test", *quick_args(tmp_path), last, "--data.init_args.val_tokens=8192"])
+    assert "not the data the checkpoint's run trained on: data.val_tokens: 8192 here, 4096" in caplog.text
+    other = json.loads((run / "test" / "last-4" / "checkpoint.json").read_text())["other_data"]
+    assert other == ["data.val_tokens: 8192 here, 4096 in the checkpoint"]
+    (found,) = compare.find_runs([tmp_path])
+    assert found.scalars["test/loss"] == compare.load_run(run / "test" / "last-3").scalars["test/loss"]
 
 
 def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):

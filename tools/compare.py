@@ -135,10 +135,11 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
     return run
 
 
-def _evaluated_step(folder: Path) -> int | None:
-    """The step of the checkpoint an evaluation read, where it recorded it."""
+def _evaluated(folder: Path) -> dict:
+    """What an evaluation recorded of the checkpoint it read: its step, and any data other than the run's
+    (evaluations from before lmheads recorded it have nothing)."""
     path = folder / EVALUATED_FILE
-    return json.loads(path.read_text()).get("step") if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _hparams(folder: Path) -> dict:
@@ -147,12 +148,16 @@ def _hparams(folder: Path) -> dict:
 
 
 def test_evaluation(run_dir: Path, checkpoint: str = "last", last_step: int | None = None) -> Path | None:
-    """The run's newest test evaluation of a checkpoint: ``last`` (the state the table's other columns
-    end at, ``last_step``; an evaluation of another checkpoint, or of ``last.ckpt`` before the run went on,
-    is not it), or ``best``, the checkpoint of the lowest validation loss that ``fit`` recorded in
-    results.json (a run stopped before the end has none: then the newest evaluation of a ``step<N>``
-    checkpoint, which is what the checkpoint callback keeps for the lowest validation loss)."""
-    folders = [p for p in (run_dir / "test").glob("*") if any(p.glob("events.out.tfevents.*"))]
+    """The run's newest test evaluation of a checkpoint on the run's data: ``last`` (the state the table's
+    other columns end at, ``last_step``; an evaluation of another checkpoint, or of ``last.ckpt`` before
+    the run went on, is not it), or ``best``, the checkpoint of the lowest validation loss that ``fit``
+    recorded in results.json (a run stopped before the end has none: then the newest evaluation of a
+    ``step<N>`` checkpoint, which is what the checkpoint callback keeps for the lowest validation loss)."""
+    folders = [
+        p
+        for p in (run_dir / "test").glob("*")
+        if any(p.glob("events.out.tfevents.*")) and not _evaluated(p).get("other_data")  # the run's data
+    ]
     if checkpoint == "best":
         results = run_dir / RESULTS_FILE
         best = json.loads(results.read_text()).get("best_checkpoint") if results.is_file() else None
@@ -161,7 +166,7 @@ def test_evaluation(run_dir: Path, checkpoint: str = "last", last_step: int | No
         return max(folders, key=lambda p: p.stat().st_mtime, default=None)
     last = [p for p in folders if re.fullmatch(r"last(-\d+)?", p.name)]
     if last_step is not None:  # evaluations that recorded their checkpoint's step (older ones did not)
-        last = [p for p in last if _evaluated_step(p) in (None, last_step)]
+        last = [p for p in last if _evaluated(p).get("step", last_step) == last_step]
     return max(last, key=lambda p: p.stat().st_mtime, default=None)
 
 
