@@ -33,7 +33,7 @@ from lmheads.generation import SamplingConfig
 from lmheads.heads import broken_heads, head_name, registered_heads
 from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule
-from lmheads.reporting import tokens_per_step
+from lmheads.reporting import tokens_per_step, training_settings
 from lmheads.resume import (
     FREE_ON_EVALUATION,
     checkpoint_conflicts,
@@ -212,21 +212,20 @@ class LMHeadsCLI(LightningCLI):
         self.model.sampling = config.sampling
 
     def _check_training_of(self, run: Path) -> None:
-        """Refuse a fit that would continue ``run`` with another batch or precision: Lightning restores no
-        trainer option, and the run would go on under this start's."""
+        """Refuse a fit that would continue ``run`` with another batch, precision, clipping or seed:
+        Lightning restores no trainer option, and the run would go on under this start's."""
         trainer = self.trainer
         now = {
             "tokens_per_step": tokens_per_step(self.model, trainer, self.datamodule),
             "devices": trainer.world_size,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "precision": str(trainer.precision),
+            **training_settings(trainer),
         }
         differ = training_conflicts(run, now)
         if differ:
             raise ConfigError(
-                f"{'; '.join(differ)}. Continuing would change how the run trains: give the devices, "
-                "--trainer.accumulate_grad_batches and --trainer.precision it trained with (its "
-                "hparams.yaml), or train a new run"
+                f"{'; '.join(differ)}. Continuing would change how the run trains or what its record says: "
+                "give the settings it trained with (its hparams.yaml), or train a new run"
             )
 
     def before_instantiate_classes(self) -> None:

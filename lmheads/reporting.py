@@ -47,6 +47,15 @@ def tokens_per_step(model, trainer: L.Trainer, datamodule=None) -> int:
     return batch_size * model.cfg.block_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
+def training_settings(trainer: L.Trainer) -> dict[str, int | float | str]:
+    """The trainer's settings a run records that change how it trains (or, the seed, its record)."""
+    return {
+        "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
+        "precision": str(trainer.precision),
+        "gradient_clip_val": float(trainer.gradient_clip_val or 0.0),
+    }
+
+
 def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
     """One flat dict with the same keys and types in every run (TensorBoard's HParams needs that)."""
     datamodule = trainer.datamodule
@@ -56,7 +65,6 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
     flat: dict[str, int | float | str] = {
         "head": head_name(model.head),
         "head_options": json.dumps(model.head.options(), sort_keys=True),
-        "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
         "data": type(datamodule).__name__ if datamodule is not None else "none",
         "tokenizer": str(data_hp.get("tokenizer", "none")),
         "train_set_tokens": _train_set_tokens(datamodule),
@@ -65,7 +73,6 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
         "devices": trainer.world_size,
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "tokens_per_step": tokens_per_step(model, trainer),
-        "precision": str(trainer.precision),
         "max_steps": trainer.max_steps,
         "lr": model.hparams.lr,
         "weight_decay": model.hparams.weight_decay,
@@ -73,6 +80,7 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
         "lr_decay_steps": model.schedule_steps(),
         "loss_backend": model.head_loss.name,
     }
+    flat.update(training_settings(trainer))
     for name, value in vars(cfg).items():
         flat[f"backbone/{name}"] = value if value is not None else cfg.embed_width
     flat.update({f"params/{k}": v for k, v in parameter_counts(model).items()})

@@ -70,10 +70,12 @@ def furthest_checkpoint(run: Path) -> tuple[int, Path] | None:
     return furthest
 
 
-def training_conflicts(run: Path, now: dict[str, int | str]) -> list[str]:
+def training_conflicts(run: Path, now: dict[str, int | float | str]) -> list[str]:
     """How this start would train a run it continues otherwise than the run trained, by the run's
     ``hparams.yaml``: another number of tokens a step (devices x accumulated batches; the data's batch
-    is checked with the data) or another precision. Trading devices for accumulation keeps the budget."""
+    is checked with the data), precision or gradient clipping, or another seed (which a resume does not
+    use: it restores the run's random state, so only the record would change). Trading devices for
+    accumulation keeps the budget. Settings the run did not record are not compared."""
     try:
         then = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -88,8 +90,9 @@ def training_conflicts(run: Path, now: dict[str, int | str]) -> list[str]:
     out = []
     if then.get("tokens_per_step") not in (None, now["tokens_per_step"]):
         out.append(f"the run trained {shape(then)}, this start would train {shape(now)}")
-    if then.get("precision") not in (None, now["precision"]):
-        out.append(f"the run trained in precision {then['precision']}, this start in {now['precision']}")
+    for key in ("precision", "gradient_clip_val", "seed"):
+        if then.get(key) not in (None, now[key]):
+            out.append(f"{key}: {then[key]} in the run, {now[key]} here")
     return out
 
 

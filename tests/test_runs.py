@@ -113,22 +113,25 @@ def test_resuming_continues_in_the_run_and_keeps_its_record(finished_run):
 
 
 def test_a_run_continues_with_the_batch_and_precision_it_trained_with(finished_run, capsys):
-    """Lightning restores no trainer option: continuing a run with gradient accumulation or another
-    precision would change how it trains. Refused; devices traded for accumulation keep the budget."""
+    """Lightning restores no trainer option: continuing a run with gradient accumulation, another
+    precision or clipping would change how it trains, another seed what its record says (the resume
+    restores the run's random state). Refused; devices traded for accumulation keep the budget."""
     tmp_path, run, before = finished_run
     last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     capsys.readouterr()
     err = refused(
-        capsys, "fit", *quick_args(tmp_path, steps=8), last,
-        "--trainer.accumulate_grad_batches=2", "--trainer.precision=bf16-mixed",
+        capsys, "fit", *quick_args(tmp_path, steps=8), last, "--trainer.accumulate_grad_batches=2",
+        "--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=0.5", "--seed_everything=3",
     )  # fmt: skip
     assert (
         "error: the run trained 2,048 tokens a step (1 device(s) x accumulate_grad_batches=1), this start "
-        "would train 4,096 tokens a step (1 device(s) x accumulate_grad_batches=2); the run trained in "
-        "precision 32-true, this start in bf16-mixed. Continuing would change how the run trains" in err
+        "would train 4,096 tokens a step (1 device(s) x accumulate_grad_batches=2); precision: 32-true in "
+        "the run, bf16-mixed here; gradient_clip_val: 0.0 in the run, 0.5 here; seed: 0 in the run, 3 here. "
+        "Continuing would change how the run trains or what its record says" in err
     )
     assert snapshot(run) == before
     now = {"tokens_per_step": 2048, "devices": 2, "accumulate_grad_batches": 1, "precision": "32-true"}
+    now |= {"seed": 0, "gradient_clip_val": 0.0}
     hparams = yaml.safe_load((run / "hparams.yaml").read_text())
     (run / "hparams.yaml").write_text(yaml.safe_dump({**hparams, "devices": 1, "accumulate_grad_batches": 2}))
     assert training_conflicts(run, now) == []  # 1 device x 2 batches, continued on 2 devices x 1
@@ -407,6 +410,15 @@ def test_compare_refuses_to_average_runs_of_other_configurations_as_seeds(tmp_pa
     assert compare.main([str(tmp_path), "--by", "lr"]) == 0
     out = capsys.readouterr().out
     assert "| tied, lr=0.003 | 0 |" in out and "| tied, lr=0.01 | 0 |" in out
+
+
+def test_compare_takes_a_setting_older_runs_did_not_record_for_unknown_not_different():
+    compare = tool("compare")
+    old = compare.RunLog(Path("old"), {"head": "tied", "seed": 0, "lr": 0.01}, {})
+    new = compare.RunLog(Path("new"), {"head": "tied", "seed": 1, "lr": 0.01, "gradient_clip_val": 1.0}, {})
+    assert compare.mixed({"tied": [old, new]}) is None
+    other = compare.RunLog(Path("other"), {**new.hparams, "seed": 2, "gradient_clip_val": 0.0}, {})
+    assert compare.mixed({"tied": [old, new, other]})[1] == "gradient_clip_val"
 
 
 def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_path, capsys):

@@ -295,7 +295,10 @@ def mixed(groups: dict[str, list[RunLog]]) -> tuple[str, str | None] | None:
     the hyperparameter that would tell the runs apart (``None`` when only seeds repeat)."""
     for label, runs in groups.items():
         keys = sorted(set().union(*(r.hparams for r in runs)) - {"seed", "max_steps", "lr_decay_steps"})
-        values = {k: sorted({_hashable(r.hparams.get(k)) for r in runs}, key=_order) for k in keys}
+        # a key some runs lack was not recorded by them (older lmheads), not set otherwise
+        values = {
+            k: sorted({_hashable(r.hparams[k]) for r in runs if k in r.hparams}, key=_order) for k in keys
+        }
         differ = {k: v for k, v in values.items() if len(v) > 1}
         seeds = [r.hparams.get("seed") for r in runs]
         repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1}, key=natural)
