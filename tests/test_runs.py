@@ -419,6 +419,12 @@ def test_compare_takes_a_setting_older_runs_did_not_record_for_unknown_not_diffe
     assert compare.mixed({"tied": [old, new]}) is None
     other = compare.RunLog(Path("other"), {**new.hparams, "seed": 2, "gradient_clip_val": 0.0}, {})
     assert compare.mixed({"tied": [old, new, other]})[1] == "gradient_clip_val"
+    # ...and a schedule length that older runs did not record does not split the budget
+    logged = {"val/loss": {199: (5.0, 1.0)}}
+    old = compare.RunLog(Path("old"), {"seed": 0, "tokens_per_step": 64, "devices": 1}, logged)
+    new = compare.RunLog(Path("new"), {**old.hparams, "seed": 1, "lr_decay_steps": 200}, logged)
+    one = "Budget: 200 steps x 64 tokens/step = 12,800 training tokens on 1 device(s)"
+    assert compare.budget({"tied": [old, new]}) == one
 
 
 def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_path, capsys):

@@ -257,25 +257,31 @@ def budget(groups: dict[str, list[RunLog]]) -> str:
     budgets: dict[tuple, list[str]] = defaultdict(list)
     for label, runs in groups.items():
         for r in runs:
-            decay = r.hparams.get("lr_decay_steps")  # -1: no set length; absent in older runs
-            decay = decay if isinstance(decay, int) and decay > 0 else None
-            key = (r.steps(), r.hparams.get("tokens_per_step"), r.hparams.get("devices"), decay)
+            steps = r.steps()
+            key = (steps, r.hparams.get("tokens_per_step"), r.hparams.get("devices"), _schedule(r, steps))
             budgets[key].append(f"{label} seed {r.hparams.get('seed')}")
 
-    def describe(steps, tokens, devices, decay) -> str:
+    def describe(steps, tokens, devices, schedule) -> str:
         text = f"{steps:,} steps"
         if tokens:
             text += f" x {tokens:,} tokens/step = {steps * tokens:,} training tokens on {devices} device(s)"
-        if decay is not None and decay < steps:  # a run continued past the schedule it started with
-            text += f"; the learning rate decayed over the first {decay:,} steps, then held at its minimum"
-        elif decay is not None and decay > steps:
-            text += f"; stopped at step {steps:,} of its {decay:,}-step learning-rate schedule"
-        return text
+        return text + schedule
 
     if len(budgets) == 1:
         return "Budget: " + describe(*next(iter(budgets)))
     parts = [f"{describe(*key)}: {', '.join(names)}" for key, names in sorted(budgets.items(), key=str)]
     return "Budget: WARNING: runs differ in budget; " + "; ".join(parts)
+
+
+def _schedule(run: RunLog, steps: int) -> str:
+    """What the budget line says of a run's learning-rate schedule: nothing where it spans the run (or the
+    run did not record its length: older runs, training of no set length)."""
+    decay = run.hparams.get("lr_decay_steps")
+    if not isinstance(decay, int) or decay <= 0 or decay == steps:
+        return ""
+    if decay < steps:  # a run continued past the schedule it started with
+        return f"; the learning rate decayed over the first {decay:,} steps, then held at its minimum"
+    return f"; stopped at step {steps:,} of its {decay:,}-step learning-rate schedule"
 
 
 def _hashable(value):
