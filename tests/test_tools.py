@@ -288,3 +288,38 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"error: the runs of tied \(train_set_tokens=4,096\) are not seeds"):
         buckets.main([str(tmp_path), "--by", "train_set_tokens", "--out", str(tmp_path / "mixed")])
     assert not (tmp_path / "mixed").exists()
+
+
+def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsys, monkeypatch):
+    def run(head: str, seed: int, loss: float) -> compare.RunLog:
+        hparams = {"head": head, "seed": seed, "lr": 0.01}
+        return compare.RunLog(tmp_path / f"{head}-{seed}", hparams, {"val/loss": {9: (loss, 1.0)}})
+
+    runs = [run("tied", 0, 5.0), run("tied", 1, 5.5), run("untied", 0, 4.75), run("untied", 1, 5.5)]
+    runs += [run("tied_bias", 0, 5.25), run("tied_bias", 1, 6.0), run("mos", 1, 5.0)]  # mos: seed 1 only
+    buckets = tool("buckets")
+    rows = buckets.against(runs, "tied", [])
+    assert rows == {"mos": {1: -0.5}, "untied": {0: -0.25, 1: 0.0}, "tied_bias": {0: 0.25, 1: 0.5}}
+    assert list(rows) == ["mos", "untied", "tied_bias"]  # by the mean difference
+    text = buckets.against_table(rows, "each head", "tied")
+    assert "| head | seed 0 | seed 1 | mean |" in text
+    assert "| mos | – | -0.500 | -0.500 |" in text and "| tied_bias | +0.250 | +0.500 | +0.375 |" in text
+    monkeypatch.setattr(compare, "find_runs", lambda roots: runs)
+    doc = tmp_path / "results.md"
+    begin, end = compare.markers("versus")
+    doc.write_text(f"{begin}\nold\n{end}\n")
+    out = tmp_path / "report"
+    command = [
+        str(tmp_path),
+        "--against",
+        "tied",
+        "--out",
+        str(out),
+        "--update",
+        str(doc),
+        "--section",
+        "versus",
+    ]
+    assert buckets.main(command) == 0
+    assert "| untied | -0.250 | +0.000 | -0.125 |" in doc.read_text() and (out / "against_tied.png").is_file()
+    assert buckets.main([str(tmp_path), "--against", "nohead"]) == 2

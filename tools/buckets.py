@@ -14,6 +14,11 @@ better. Plots the differences as bars with the seeds' spread.
 ``--over-steps`` tabulates instead how the difference in validation loss (all tokens) developed: at each
 validation that every pair logged, the difference for each seed, their mean, and the epochs of the
 training set seen by then; the plot shows it against the optimizer step.
+
+    python tools/buckets.py runs/wikitext2_tying --against tied
+
+``--against HEAD`` sets every other head of the runs against one: the final validation-loss difference
+(all tokens) of each head minus HEAD, per seed, and their mean, heads in order of the mean.
 """
 
 from __future__ import annotations
@@ -104,6 +109,51 @@ def over_steps(paired: dict[str, dict]) -> dict[str, dict]:
             "seeds": {seed: [a[s] - b[s] for s in common] for seed, (a, b) in curves.items()},
         }
     return out
+
+
+def against(runs: list[compare.RunLog], reference: str, by: list[str]) -> dict[str, dict[object, float]]:
+    """``{row: {seed: difference}}``: the final validation loss of each other head minus ``reference``'s,
+    paired by seed (rows ``head`` or, with ``by``, ``head (group)``), in order of the mean difference."""
+    rows = {}
+    for head in sorted({str(r.hparams.get("head")) for r in runs} - {reference}, key=compare.natural):
+        for group, seeds in pairs_by_group(runs, head, reference, by).items():
+            values = {seed: a.final("val/loss") - b.final("val/loss") for seed, (a, b) in seeds.items()}
+            rows[head if group == "all runs" else f"{head} ({group})"] = values
+    return dict(sorted(rows.items(), key=lambda item: statistics.fmean(item[1].values())))
+
+
+def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
+    seeds = sorted({seed for values in rows.values() for seed in values}, key=compare._order)
+    header = ["head", *(f"seed {seed}" for seed in seeds), "mean"]
+    lines = [
+        f"Final validation loss of each head minus {reference} (nats/token; negative: better than "
+        f"{reference}), per seed:",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row, values in rows.items():
+        cells = [f"{values[seed]:+.3f}" if seed in values else "–" for seed in seeds]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {statistics.fmean(values.values()):+.3f} |")
+    return "\n".join(lines)
+
+
+def against_plot(rows: dict[str, dict], _: str, reference: str, out: Path, name: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
+    means = [statistics.fmean(values.values()) for values in rows.values()]
+    ax.bar(range(len(rows)), means, width=0.6, color="tab:blue", alpha=0.5, label="mean over seeds")
+    xs = [i for i, values in enumerate(rows.values()) for _ in values]
+    ax.plot(xs, [v for values in rows.values() for v in values.values()], "o", color="black", label="a seed")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), list(rows), rotation=20, ha="right")
+    ax.set_ylabel(f"val loss, head - {reference} (nats)")
+    ax.grid(alpha=0.3, axis="y")
+    return compare.save_plot(fig, ax, out / f"{name}.png")
 
 
 def _val_loss(run: compare.RunLog) -> dict[int, float]:
@@ -200,16 +250,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for the table and the plot")
     parser.add_argument(
         "--name",
-        help="file name of the table and plot (bucket_differences; with --over-steps differences_over_steps)",
+        help="file name of the table and plot (bucket_differences; with --over-steps differences_over_steps, "
+        "with --against against_HEAD)",
     )
     parser.add_argument(
         "--over-steps", action="store_true", help="the difference at each validation instead of per bucket"
     )
+    parser.add_argument("--against", metavar="HEAD", help="every other head minus this one, per seed")
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
     first, second = args.heads
-    paired = pairs_by_group(compare.find_runs(args.roots), first, second, args.by)
+    runs = compare.find_runs(args.roots)
+    if args.against:
+        result = against(runs, args.against, args.by)
+        if not result:
+            print(f"error: no other head's runs pair with {args.against}'s by seed", file=sys.stderr)
+            return 2
+        name = args.name or f"against_{args.against}"
+        return _write(args, result, "each head", args.against, name, against_table, against_plot, "per seed")
+    paired = pairs_by_group(runs, first, second, args.by)
     if not paired:
         print(f"error: no pairs of {first} and {second} runs with the same seed", file=sys.stderr)
         return 2
@@ -222,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = differences(paired)
         name, text, draw, what = args.name or "bucket_differences", table, plot, "by frequency bucket"
+    return _write(args, result, first, second, name, text, draw, what)
+
+
+def _write(args, result, first: str, second: str, name: str, text, draw, what: str) -> int:
+    """Print the table; with ``--out`` write it and its plot there, with ``--update`` into the document."""
     text = text(result, first, second)
     print(text)
     if args.out:
