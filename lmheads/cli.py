@@ -148,13 +148,8 @@ class LMHeadsCLI(LightningCLI):
             )
         data = config.get("data")
         given = data.as_dict() if data is not None and hasattr(data, "as_dict") else None
-        if subcommand != "fit" and given is not None:  # evaluated on other data: said, and recorded
+        if subcommand != "fit" and given is not None:  # recorded with an evaluation filed in the run
             self._other_data = data_conflicts(given, checkpoint, FREE_ON_EVALUATION)
-            if self._other_data:
-                rank_zero_info(
-                    f"not the data the checkpoint's run trained on: {'; '.join(self._other_data)}; filed "
-                    "with the run, this evaluation is not the run's own for compare.py"
-                )
         if subcommand == "fit" and given is not None:
             differ = data_conflicts(given, checkpoint)
             if differ:
@@ -283,6 +278,11 @@ class LMHeadsCLI(LightningCLI):
             if args.get("sub_dir"):  # an evaluation filed in its run
                 step = self._checkpoint.get("global_step", 0)
                 record_evaluation(folder, ckpt, step, self._other_data)
+                if self._other_data:
+                    rank_zero_info(
+                        f"{self.subcommand} on data other than the run's ({'; '.join(self._other_data)}): "
+                        f"filed in {folder}, but compare.py does not take it for the run's own"
+                    )
 
 
 def _run_config_hint(message: str, args) -> str:

@@ -215,6 +215,8 @@ class LMHeadModule(L.LightningModule):
         log_run_start(self, self.trainer)
 
     def on_train_start(self) -> None:
+        if self.schedule is None:  # a subclass's own optimizers
+            return
         note = self.schedule.note(self.trainer.estimated_stepping_batches)  # the checkpoint's is restored now
         if note:
             rank_zero_info(note)

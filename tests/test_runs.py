@@ -207,7 +207,10 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     # A test on other data is filed with the run, said and recorded, but not the run's test column.
     with caplog.at_level("INFO"):
         main(["test", *quick_args(tmp_path), last, "--data.init_args.val_tokens=8192"])
-    assert "not the data the checkpoint's run trained on: data.val_tokens: 8192 here, 4096" in caplog.text
+    assert "test on data other than the run's (data.val_tokens: 8192 here, 4096 in the checkpoint)" in (
+        caplog.text
+    )
+    assert f"filed in {run.resolve() / 'test' / 'last-4'}, but compare.py does not take it" in caplog.text
     other = json.loads((run / "test" / "last-4" / "checkpoint.json").read_text())["other_data"]
     assert other == ["data.val_tokens: 8192 here, 4096 in the checkpoint"]
     (found,) = compare.find_runs([tmp_path])
