@@ -304,7 +304,7 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
     text = buckets.against_table(rows, "each head", "tied")
     assert "| head | seed 0 | seed 1 | mean |" in text
     assert "| mos | – | -0.500 | -0.500 |" in text and "| tied_bias | +0.250 | +0.500 | +0.375 |" in text
-    monkeypatch.setattr(compare, "find_runs", lambda roots: runs)
+    monkeypatch.setattr(buckets.compare, "find_runs", lambda roots: runs)  # the compare buckets imported
     doc = tmp_path / "results.md"
     begin, end = compare.markers("versus")
     doc.write_text(f"{begin}\nold\n{end}\n")
