@@ -9,10 +9,11 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from lmheads.checkpointing import read_checkpoint
 from lmheads.data.base import file_digest
+from lmheads.errors import ConfigError
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -51,19 +52,16 @@ def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str
     ]
 
 
-def checkpoint_step(path: str | Path) -> int:
-    """The optimizer step a checkpoint file was saved at (memory-mapped: its tensors are not read)."""
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step", 0))
-
-
 def furthest_checkpoint(run: Path) -> tuple[int, Path] | None:
     """The furthest state a run's checkpoints hold: the highest global step among
     ``<run>/checkpoints/*.ckpt`` and its file."""
     furthest: tuple[int, Path] | None = None
     for path in sorted((run / "checkpoints").glob("*.ckpt")):
+        if not path.is_file():  # a sharded checkpoint's folder
+            continue
         try:
-            step = checkpoint_step(path)
-        except Exception:  # a folder (a sharded checkpoint) or an unreadable file: no state to compare
+            step = int(read_checkpoint(str(path)).get("global_step", 0))  # memory-mapped: tensors unread
+        except ConfigError:  # unreadable: no state to compare
             continue
         if furthest is None or step > furthest[0]:
             furthest = (step, path)
