@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -324,20 +323,20 @@ class LMHeadModule(L.LightningModule):
             self, self._decay_names, self.hparams, self.device.type == "cuda" if fused is None else fused
         )
 
+    def _new_schedule(self) -> WarmupCosine:
+        hp = self.hparams
+        # estimated_stepping_batches accounts for max_steps, epochs and gradient accumulation
+        total = hp.lr_decay_steps or self.trainer.estimated_stepping_batches
+        return WarmupCosine(hp.warmup_steps, total, hp.min_lr_ratio)
+
     def schedule_steps(self) -> int:
         """The optimizer steps the learning rate decays over, which heads that act at a fraction of
         training count in too (-1: training of no set length)."""
-        if self.schedule is None:
-            total = self.hparams.lr_decay_steps or self.trainer.estimated_stepping_batches
-            return int(total) if math.isfinite(total) else -1
-        return self.schedule.steps
+        return (self.schedule or self._new_schedule()).steps
 
     def configure_optimizers(self):
-        hp = self.hparams
         optimizer = self.make_optimizer()
-        # estimated_stepping_batches accounts for max_steps, epochs and gradient accumulation
-        total = hp.lr_decay_steps or self.trainer.estimated_stepping_batches
-        self.schedule = WarmupCosine(hp.warmup_steps, total, hp.min_lr_ratio)
+        self.schedule = self._new_schedule()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
