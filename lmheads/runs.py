@@ -4,7 +4,7 @@ start that fails, and a summary at the end of training.
 A run folder is ``<save_dir>/<name>/<version>`` (TensorBoard's layout): ``config.yaml``, ``hparams.yaml``,
 event files, ``checkpoints/`` and, once training ends, ``results.json``. ``validate``, ``test`` and
 ``predict`` of a checkpoint inside a run write to ``<run>/<subcommand>/<checkpoint name>/``, with
-``checkpoint.json`` (the checkpoint and the step it was saved at).
+``checkpoint.json`` (the checkpoint, the step it was saved at, and data options other than the run's).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
 
 RESULTS_FILE = "results.json"
-#: In an evaluation's folder: the checkpoint it read and the step that checkpoint was saved at (the
-#: evaluation's metrics are logged at step 0).
+#: In an evaluation's folder: the checkpoint it read, the step that checkpoint was saved at (the
+#: evaluation's metrics are logged at step 0) and its data options other than the run's.
 EVALUATED_FILE = "checkpoint.json"
 
 
