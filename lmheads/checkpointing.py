@@ -165,7 +165,7 @@ class InterruptCheckpoint(L.Callback):
             else Path(trainer.default_root_dir)
         )
         path = folder / "interrupted.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
         name, code = ("SIGINT", 130) if self.signal == signal.SIGINT else ("SIGTERM", 143)
         raise Interrupted(
             f"{name} at step {trainer.global_step}: saved {path}; resume with --ckpt_path={path}", code
@@ -192,5 +192,5 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.fast_dev_run:  # writes no checkpoints
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
         self.last_model_path = str(path)

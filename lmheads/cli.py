@@ -35,19 +35,25 @@ from lmheads.heads.base import resolve_head
 from lmheads.module import LMHeadModule
 from lmheads.reporting import tokens_per_step, training_settings
 from lmheads.resume import (
-    FREE_ON_EVALUATION,
-    checkpoint_conflicts,
-    data_conflicts,
+    check_against_checkpoint,
+    checkpoint_by_keyword,
     furthest_checkpoint,
+    is_checkpoint_keyword,
     training_conflicts,
 )
-from lmheads.runs import RunFolder, RunSummary, evaluation_folder, record_evaluation, run_of_checkpoint
+from lmheads.runs import (
+    DEFAULT_SAVE_DIR,
+    RunFolder,
+    RunSummary,
+    evaluation_folder,
+    record_evaluation,
+    refuse_requeue_checkpoint,
+    run_of_checkpoint,
+    tensorboard_args,
+)
 from lmheads.sharding import check_strategy
 
 HEAD_KEY = "--model.head"
-
-#: The TensorBoard logger's folder unless set otherwise; ``trainer.default_root_dir`` replaces it.
-DEFAULT_SAVE_DIR = "runs"
 
 
 def trainer_defaults() -> dict[str, Any]:
@@ -131,39 +137,26 @@ class LMHeadsCLI(LightningCLI):
         self._other_data: list[str] = []
         if subcommand:
             config = self.config[subcommand]
+            if is_checkpoint_keyword(config.get("ckpt_path")):
+                self._resolve_keyword(subcommand, config)
             self._checkpoint = read_checkpoint(config.get("ckpt_path"))
             if self._checkpoint is not None:
-                self._check_against_checkpoint(subcommand, config, self._checkpoint)
+                defaults = self._defaults_parser.get_defaults().model.as_dict()
+                self._other_data = check_against_checkpoint(subcommand, config, self._checkpoint, defaults)
 
-    def _check_against_checkpoint(self, subcommand: str, config, checkpoint: dict) -> None:
-        """Refuse model options that contradict the checkpoint (Lightning would silently apply the
-        checkpoint's over them) and a fit that would train nothing."""
-        defaults = self._defaults_parser.get_defaults().model.as_dict()
-        stored = checkpoint.get("hyper_parameters") or {}
-        conflicts = checkpoint_conflicts(config.model.as_dict(), defaults, stored)
-        if conflicts:
-            raise ConfigError(
-                f"the checkpoint {config.ckpt_path} was trained with other options: {'; '.join(conflicts)}. "
-                "Drop these options to use the checkpoint's, or train a new run without --ckpt_path"
-            )
-        data = config.get("data")
-        given = data.as_dict() if data is not None and hasattr(data, "as_dict") else None
-        if subcommand != "fit" and given is not None:  # recorded with an evaluation filed in the run
-            self._other_data = data_conflicts(given, checkpoint, FREE_ON_EVALUATION)
-        if subcommand == "fit" and given is not None:
-            differ = data_conflicts(given, checkpoint)
-            if differ:
-                raise ConfigError(
-                    f"the checkpoint {config.ckpt_path} was trained on other data: {'; '.join(differ)}. "
-                    "Resuming would continue that run on other data: give the data it trained on (its "
-                    "options are in the run's config.yaml), or train a new run without --ckpt_path"
-                )
-        step, max_steps = checkpoint.get("global_step", 0), config.trainer.get("max_steps") or -1
-        if subcommand == "fit" and 0 <= max_steps <= step:
-            raise ConfigError(
-                f"the checkpoint {config.ckpt_path} is at step {step} and trainer.max_steps={max_steps}: "
-                f"nothing to train. To continue it, pass --trainer.max_steps larger than {step}"
-            )
+    def _resolve_keyword(self, subcommand: str, config) -> None:
+        """``--ckpt_path=last`` / ``best`` of the run the logger's version names, as that checkpoint's file
+        (``None``: a fit that starts the run). A repeated command (a requeued job) so continues its run."""
+        args = tensorboard_args(config)
+        version = None if args is None else args.get("version")
+        run = None if version is None else Path(args.save_dir, args.name or "", str(version))
+        keyword = config.ckpt_path
+        found = checkpoint_by_keyword(keyword, subcommand, run)
+        config.ckpt_path = None if found is None else str(found)
+        if found is None:
+            rank_zero_info(f"--ckpt_path=last: {run} holds no checkpoint; this fit starts that run")
+        else:
+            rank_zero_info(f"--ckpt_path={keyword}: {found}")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """The trainer, with lmheads' checkpointing, learning-rate monitor and progress bar unless the
@@ -191,6 +184,9 @@ class LMHeadsCLI(LightningCLI):
             defaults.append(LearningRateMonitor(logging_interval="step"))
         if config.get("enable_progress_bar", True) is not False and not has(ProgressBarBase):
             defaults.append(ProgressBar())
+        if self.run_folder is not None:  # Lightning's SLURM requeue checkpoints go into the run, and no
+            # fit or evaluation of another run picks one up from a shared folder in place of its own start
+            kwargs.setdefault("default_root_dir", str(self.run_folder.path))
         return super().instantiate_trainer(callbacks=[*given, *defaults], **kwargs)
 
     def instantiate_classes(self) -> None:
@@ -205,6 +201,8 @@ class LMHeadsCLI(LightningCLI):
             self._checkpoint = None
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.sampling = config.sampling
+        if self.subcommand and self.run_folder is None and config.get("ckpt_path") is None:
+            refuse_requeue_checkpoint(Path(self.trainer.default_root_dir), self.subcommand)
 
     def _check_training_of(self, run: Path) -> None:
         """Refuse a fit that would continue ``run`` with another batch, precision, clipping or seed:
@@ -228,13 +226,9 @@ class LMHeadsCLI(LightningCLI):
         ``<head>-seed<seed>-<time>``, a fit resuming a checkpoint of a run continues in that run, and an
         evaluation of a checkpoint of a run goes to ``<run>/<subcommand>/<checkpoint name>``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        logger = config.trainer.get("logger")
-        if not hasattr(logger, "init_args") or "TensorBoardLogger" not in str(logger.get("class_path")):
+        args = tensorboard_args(config)
+        if args is None:
             return
-        args = logger.init_args
-        root = config.trainer.get("default_root_dir")
-        if root and str(args.save_dir) == DEFAULT_SAVE_DIR:  # logs follow default_root_dir
-            args.save_dir = str(root)
         ckpt = config.get("ckpt_path")
         run = run_of_checkpoint(ckpt) if self._checkpoint is not None else None
         version = args.get("version")

@@ -52,13 +52,22 @@ def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str
     ]
 
 
+#: What Lightning's SLURM auto-requeue saves when it requeues a job (``#SBATCH --signal=SIGUSR1@90``), in
+#: the trainer's ``default_root_dir``: for lmheads the run's folder.
+REQUEUE_CHECKPOINTS = "hpc_ckpt_*.ckpt"
+
+
+def run_checkpoints(run: Path) -> list[Path]:
+    """A run's checkpoint files: ``<run>/checkpoints/*.ckpt``, and requeue checkpoints in the run's folder."""
+    found = [*(run / "checkpoints").glob("*.ckpt"), *run.glob(REQUEUE_CHECKPOINTS)]
+    return sorted(p for p in found if p.is_file())  # a sharded checkpoint is a folder
+
+
 def furthest_checkpoint(run: Path) -> tuple[int, Path] | None:
     """The furthest state a run's checkpoints hold: the highest global step among
-    ``<run>/checkpoints/*.ckpt`` and its file."""
+    :func:`run_checkpoints` and its file."""
     furthest: tuple[int, Path] | None = None
-    for path in sorted((run / "checkpoints").glob("*.ckpt")):
-        if not path.is_file():  # a sharded checkpoint's folder
-            continue
+    for path in run_checkpoints(run):
         try:
             step = int(read_checkpoint(str(path)).get("global_step", 0))  # memory-mapped: tensors unread
         except ConfigError:  # unreadable: no state to compare
@@ -66,6 +75,61 @@ def furthest_checkpoint(run: Path) -> tuple[int, Path] | None:
         if furthest is None or step > furthest[0]:
             furthest = (step, path)
     return furthest
+
+
+#: Lightning's names for a checkpoint it finds by itself (``registry:<name>`` too).
+CHECKPOINT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def is_checkpoint_keyword(ckpt: object) -> bool:
+    return isinstance(ckpt, str) and (ckpt in CHECKPOINT_KEYWORDS or ckpt.startswith("registry:"))
+
+
+def checkpoint_by_keyword(keyword: str, subcommand: str, run: Path | None) -> Path | None:
+    """The file ``--ckpt_path=last`` or ``--ckpt_path=best`` stands for in ``run``, the run the logger's
+    ``version`` names: ``last`` is the run's furthest state (``None`` when it has no checkpoint yet: a
+    fit then starts the run, so that one command, run again, continues it), ``best`` its checkpoint with
+    the lowest validation loss. Lightning would look in the folder of the run this command starts, find
+    nothing and start from scratch: without a named run, and for its other keywords, the keyword is
+    refused."""
+    example = "runs/<name>/<run>/checkpoints/last.ckpt"
+    if keyword not in ("last", "best"):
+        raise ConfigError(
+            f"--ckpt_path={keyword} is not supported: give a checkpoint file ({example}), or "
+            "--ckpt_path=last with --trainer.logger.init_args.version=<run> for a run's furthest state"
+        )
+    if run is None:
+        raise ConfigError(
+            f"--ckpt_path={keyword} needs the run it refers to: name it with "
+            "--trainer.logger.init_args.version=<run> (with the run's save_dir and name), or give a "
+            f"checkpoint file ({example})"
+        )
+    furthest = furthest_checkpoint(run)
+    if keyword == "last":
+        if furthest is None and subcommand != "fit":
+            raise ConfigError(f"--ckpt_path=last: the run {run} has no checkpoint to {subcommand}")
+        return None if furthest is None else furthest[1]
+    if subcommand == "fit":
+        raise ConfigError(
+            "--ckpt_path=best does not continue a run (training from it would write over the run's later "
+            "steps): continue the run with --ckpt_path=last, or give the best checkpoint's file and "
+            "another --trainer.logger.init_args.version to start a new run from it"
+        )
+    best = _best_checkpoint(run, furthest[1]) if furthest is not None else None
+    if best is None:
+        raise ConfigError(f"--ckpt_path=best: the run {run} has no checkpoint chosen by validation loss yet")
+    return best
+
+
+def _best_checkpoint(run: Path, latest: Path) -> Path | None:
+    """The best checkpoint by validation loss that the checkpoint callback's state in ``latest`` names, in
+    the run's ``checkpoints`` folder (where the run lies now, not where it was written)."""
+    states = (read_checkpoint(str(latest)).get("callbacks") or {}).values()
+    for state in states:
+        if isinstance(state, dict) and state.get("monitor") == "val/loss" and state.get("best_model_path"):
+            path = run / "checkpoints" / Path(state["best_model_path"]).name
+            return path if path.is_file() else None
+    return None
 
 
 def training_conflicts(run: Path, now: dict[str, int | float | str]) -> list[str]:
@@ -131,3 +195,36 @@ def data_conflicts(given: dict, checkpoint: dict, free: frozenset[str] = FREE_ON
         elif value != theirs[key]:
             out.append(f"data.{name}: {value!r} here, {theirs[key]!r} in the checkpoint")
     return out
+
+
+def check_against_checkpoint(subcommand: str, config, checkpoint: dict, model_defaults: dict) -> list[str]:
+    """Refuse model options that contradict the checkpoint (Lightning would silently apply the
+    checkpoint's over them), a fit on other data, and a fit that would train nothing. For an evaluation:
+    its data options other than the run's (it may evaluate other data, and its record says so)."""
+    stored = checkpoint.get("hyper_parameters") or {}
+    conflicts = checkpoint_conflicts(config.model.as_dict(), model_defaults, stored)
+    if conflicts:
+        raise ConfigError(
+            f"the checkpoint {config.ckpt_path} was trained with other options: {'; '.join(conflicts)}. "
+            "Drop these options to use the checkpoint's, or train a new run without --ckpt_path"
+        )
+    data = config.get("data")
+    given = data.as_dict() if data is not None and hasattr(data, "as_dict") else None
+    if given is None:
+        return []
+    if subcommand != "fit":  # recorded with an evaluation filed in the run
+        return data_conflicts(given, checkpoint, FREE_ON_EVALUATION)
+    differ = data_conflicts(given, checkpoint)
+    if differ:
+        raise ConfigError(
+            f"the checkpoint {config.ckpt_path} was trained on other data: {'; '.join(differ)}. "
+            "Resuming would continue that run on other data: give the data it trained on (its "
+            "options are in the run's config.yaml), or train a new run without --ckpt_path"
+        )
+    step, max_steps = checkpoint.get("global_step", 0), config.trainer.get("max_steps") or -1
+    if 0 <= max_steps <= step:
+        raise ConfigError(
+            f"the checkpoint {config.ckpt_path} is at step {step} and trainer.max_steps={max_steps}: "
+            f"nothing to train. To continue it, pass --trainer.max_steps larger than {step}"
+        )
+    return []

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.errors import ConfigError
 from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
+from lmheads.resume import REQUEUE_CHECKPOINTS
 
 RESULTS_FILE = "results.json"
 #: In an evaluation's folder: the checkpoint it read, the step that checkpoint was saved at (the
@@ -32,14 +34,18 @@ EVALUATED_FILE = "checkpoint.json"
 
 
 def run_of_checkpoint(ckpt: str | Path) -> Path | None:
-    """The run folder a checkpoint file belongs to (``<run>/checkpoints/x.ckpt``), or ``None``."""
+    """The run folder a checkpoint file belongs to (``<run>/checkpoints/x.ckpt``, or a SLURM requeue
+    checkpoint ``<run>/hpc_ckpt_N.ckpt``), or ``None``."""
     path = Path(ckpt)  # as given: the run's checkpoint callback then sees its folder under the same name
     if len(path.parts) < 4:  # <name>/<version>/checkpoints/<file> at least
         path = path.resolve()
-    run = path.parent.parent
+    run = path.parent if path.match(REQUEUE_CHECKPOINTS) else path.parent.parent
     recorded = any((run / f).is_file() for f in ("hparams.yaml", "config.yaml"))
-    return run if path.parent.name == "checkpoints" and recorded else None
+    return run if (run == path.parent or path.parent.name == "checkpoints") and recorded else None
 
+
+#: The TensorBoard logger's folder unless set otherwise; ``trainer.default_root_dir`` replaces it.
+DEFAULT_SAVE_DIR = "runs"
 
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
 #: when both start at the same moment.
@@ -264,3 +270,29 @@ class RunSummary(L.Callback):
             f"  last checkpoint: {results['last_checkpoint'] or 'none'}",
         ]
         print("\n".join(lines), flush=True)
+
+
+def refuse_requeue_checkpoint(folder: Path, subcommand: str) -> None:
+    """On SLURM, Lightning starts a command without a checkpoint from the newest requeue checkpoint in
+    ``default_root_dir``, whichever run saved it. With a run folder that is the run's own folder; without
+    one (another logger, or none) the command is refused while such a file lies there."""
+    leftover = sorted(folder.glob(REQUEUE_CHECKPOINTS))
+    if leftover and SLURMEnvironment.detect():
+        raise ConfigError(
+            f"{folder} holds {leftover[-1].name}, a SLURM requeue checkpoint: on SLURM Lightning would "
+            f"{subcommand} from it, not from what this command says. Give it as --ckpt_path to continue "
+            "from it, or move it out of trainer.default_root_dir"
+        )
+
+
+def tensorboard_args(config):
+    """The TensorBoard logger's ``init_args`` (its ``save_dir`` following ``trainer.default_root_dir``),
+    or ``None`` for another logger or none: lmheads keeps run folders for TensorBoard runs."""
+    logger = config.trainer.get("logger")
+    if not hasattr(logger, "init_args") or "TensorBoardLogger" not in str(logger.get("class_path")):
+        return None
+    args = logger.init_args
+    root = config.trainer.get("default_root_dir")
+    if root and str(args.save_dir) == DEFAULT_SAVE_DIR:  # logs follow default_root_dir
+        args.save_dir = str(root)
+    return args

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lmheads.heads import head_name, registered_heads
@@ -376,7 +377,8 @@ def test_quickstart_config_names_no_folder():
 @pytest.mark.slow
 def test_a_run_prints_nothing_a_user_cannot_act_on(tmp_path):
     """No tips, no notices about Lightning's internals or deprecations inside it, no zero FLOPs column, no
-    v_num; a resumed run's bar counts steps towards max_steps from where it stands."""
+    v_num, also when a run is interrupted; a resumed run's bar counts steps towards max_steps from where it
+    stands."""
     base = [*quick_args(tmp_path, steps=4, every=2), "--trainer.enable_progress_bar=true"]
     first = _run_module("fit", *base, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -384,7 +386,13 @@ def test_a_run_prints_nothing_a_user_cannot_act_on(tmp_path):
     base = [*quick_args(tmp_path, steps=8, every=2), "--trainer.enable_progress_bar=true"]
     resumed = _run_module("fit", *base, f"--ckpt_path={last}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for result in (first, resumed):
+    signal_at = ["--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=9"]
+    base = [*quick_args(tmp_path, steps=12, every=2), "--trainer.enable_progress_bar=true", *signal_at]
+    interrupted = _run_module(
+        "fit", *base, "--trainer.callbacks.signum=15", f"--ckpt_path={last}", cwd=tmp_path
+    )
+    assert interrupted.returncode == 143, interrupted.stderr[-2000:]
+    for result in (first, resumed, interrupted):
         out = result.stdout + result.stderr
         for noise in ("Tip:", "LeafSpec", "configure_callbacks", "weights_only", "v_num", "Total Flops"):
             assert noise not in out, noise
@@ -447,3 +455,90 @@ def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_pa
     assert len(set(one.values())) == 2
     split = compare.colours({"tied, a=1": [tied], "tied, a=2": [tied]})  # --by splits a head: one each
     assert len(set(split.values())) == 2
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch):
+    """This process as one task of a SLURM job, with an ``scontrol`` that records what it is asked."""
+    for key, value in {
+        "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path / "scontrol.log"
+
+
+def test_on_slurm_no_command_starts_from_a_requeue_checkpoint_it_was_not_given(tmp_path, slurm, capsys):
+    """Lightning starts a command without a checkpoint from the newest ``hpc_ckpt_N.ckpt`` in
+    ``default_root_dir`` when on SLURM, whichever run left it there. A new run starts from scratch."""
+    fit(tmp_path / "first", steps=3)
+    shared = tmp_path / "second"
+    shared.mkdir()
+    shutil.copy(only_run(tmp_path / "first") / "checkpoints" / "last.ckpt", shared / "hpc_ckpt_1.ckpt")
+    cli = fit(shared, "--seed_everything=1", steps=6)  # default_root_dir is `shared`
+    assert min(s for s, _ in scalars(only_run(shared))["train/loss"]) == 0  # not step 3 of the other run
+    assert cli.trainer.global_step == 6
+    # without a run folder (another logger, or none) the command is refused while the file lies there
+    before = snapshot(shared)
+    err = refused(capsys, "fit", *quick_args(shared), "--trainer.logger=false")
+    assert "hpc_ckpt_1.ckpt, a SLURM requeue checkpoint" in err
+    assert snapshot(shared) == before
+
+
+def test_a_requeued_command_continues_its_run(tmp_path, slurm, capsys):
+    """The same command, run again by a requeued job, continues its named run from the run's furthest
+    state (here the interruption after Lightning's requeue checkpoint), exactly as if never stopped."""
+    dropout = "--model.backbone.dropout=0.1"
+    straight = fit(tmp_path / "straight", dropout, steps=6).model
+    command = [dropout, "--trainer.logger.init_args.version=r", "--ckpt_path=last"]
+    signals = [
+        "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=2",
+        "--trainer.callbacks.signum=10",  # SIGUSR1: Lightning saves hpc_ckpt_1.ckpt and requeues
+        "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=4",
+        "--trainer.callbacks.signum=15",  # SIGTERM: SLURM stops the job it requeued
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path / "b", *command, *signals, steps=6)
+    assert exc.value.code == 143
+    run = tmp_path / "b" / "quickstart" / "r"
+    assert slurm.read_text().split() == ["requeue", "4242"]
+    requeued = run / "hpc_ckpt_1.ckpt"  # in the run's folder, not in the shared default_root_dir
+    assert torch.load(requeued, map_location="cpu", weights_only=False)["global_step"] == 2
+    assert not list((tmp_path / "b").glob("hpc_ckpt_*"))
+    resumed = fit(tmp_path / "b", *command, steps=6).model  # the job again, the same command
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    straight_losses = scalars(only_run(tmp_path / "straight"))["train/loss"]
+    assert dict(scalars(run)["train/loss"]) == dict(straight_losses)
+    assert "nothing to train" in refused(capsys, "fit", *quick_args(tmp_path / "b"), *command)
+
+
+def test_checkpoint_keywords_name_a_file_of_a_named_run(tmp_path, capsys):
+    """``last`` and ``best`` resolve in the run the logger's version names; Lightning would look in the
+    folder this command starts and find nothing. Without a name, and its other keywords, are refused."""
+    version = "--trainer.logger.init_args.version=r"
+    fit(tmp_path, version, steps=6)
+    run = tmp_path / "quickstart" / "r"
+    best = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    best = next(s for s in best["callbacks"].values() if "best_model_path" in s)["best_model_path"]
+    before = snapshot(tmp_path)
+    for args, message in [
+        (["test", "--ckpt_path=best"], "--ckpt_path=best needs the run it refers to"),
+        (["fit", "--ckpt_path=hpc"], "--ckpt_path=hpc is not supported"),
+        (["fit", "--ckpt_path=best", version], "--ckpt_path=best does not continue a run"),
+        (["validate", "--ckpt_path=last", "--trainer.logger.init_args.version=none"], "has no checkpoint"),
+    ]:
+        assert message in refused(capsys, args[0], *quick_args(tmp_path), *args[1:])
+    assert snapshot(tmp_path) == before
+    main(["test", *quick_args(tmp_path), "--ckpt_path=best", version])
+    main(["validate", *quick_args(tmp_path), "--ckpt_path=last", version])
+    tested = json.loads((run / "test" / Path(best).stem / "checkpoint.json").read_text())
+    assert Path(tested["checkpoint"]).name == Path(best).name
+    validated = json.loads((run / "validate" / "last" / "checkpoint.json").read_text())
+    assert validated["step"] == 6

@@ -172,23 +172,35 @@ def test_sigterm_to_a_sweep_stops_its_runs_with_a_checkpoint_and_the_next_call_r
     assert logged[-1] == steps - 1 and stopped_at in logged  # both sessions of the one run
 
 
-def test_sweep_resumes_from_the_newer_of_last_and_interrupted(tmp_path):
+def test_sweep_resumes_from_the_furthest_checkpoint(tmp_path):
     import argparse
     import os
+
+    import torch
 
     args = argparse.Namespace(config=["c.yaml"], root=str(tmp_path), name="grid", extra=[])
     run = sweep.Run("tied", 0)
     folder = tmp_path / "grid" / run.name / "checkpoints"
     assert not any(a.startswith("--ckpt_path") for a in sweep.command(run, args, folder.parent))
     folder.mkdir(parents=True)
-    last, interrupted = folder / "last.ckpt", folder / "interrupted.ckpt"
-    last.write_bytes(b"")
+
+    def save(path, step):
+        torch.save({"state_dict": {}, "global_step": step}, path)
+
+    last, interrupted, requeued = (
+        folder / "last.ckpt",
+        folder / "interrupted.ckpt",
+        folder.parent / "hpc_ckpt_1.ckpt",
+    )
+    save(last, 20)
     assert f"--ckpt_path={last}" in sweep.command(run, args, folder.parent)
-    interrupted.write_bytes(b"")
-    os.utime(last, (1, 1))  # interrupted after the last validation
+    save(interrupted, 27)  # interrupted after the last validation
     assert f"--ckpt_path={interrupted}" in sweep.command(run, args, folder.parent)
-    os.utime(interrupted, (0, 0))  # a stale interruption from before a later validation
+    save(interrupted, 12)  # a stale interruption from before a later validation, written last
+    os.utime(last, (0, 0))
     assert f"--ckpt_path={last}" in sweep.command(run, args, folder.parent)
+    save(requeued, 25)  # Lightning's SLURM requeue checkpoint, in the run's folder
+    assert f"--ckpt_path={requeued}" in sweep.command(run, args, folder.parent)
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@
 
 Every run is one ``python -m lmheads fit`` process with the same configuration except its head, seed
 and grid values, logged to ``<root>/<name>/<head>-seed<seed>[-<grid values>]``. A run that finished
-leaves ``sweep.json`` there and is skipped next time; a run that was interrupted resumes from the newer
-of its ``checkpoints/last.ckpt`` and ``checkpoints/interrupted.ckpt``. ``sweep.json`` records the run's
-options and its config files' contents: a later call with other options (or an edited config) for a run
+leaves ``sweep.json`` there and is skipped next time; a run that was interrupted resumes from its
+furthest checkpoint (``last.ckpt``, ``interrupted.ckpt`` or a SLURM requeue's). ``sweep.json`` records the
+run's options and its config files' contents: a later call with other options (or an edited config) for a run
 already there is refused for that run, which is left as it was, rather than skipped or resumed as if it
 were the run asked for. ``--jobs N`` runs N at once; with ``--gpus 0,1,...`` each job gets one GPU.
 Afterwards, ``python tools/compare.py <root>/<name>`` tabulates and plots the runs.
@@ -133,10 +133,11 @@ def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
         "--trainer.enable_progress_bar=false",
     ]
     cmd += [f"--{key}={value}" for key, value in run.overrides.items()]
-    saved = [run_dir / "checkpoints" / name for name in ("last.ckpt", "interrupted.ckpt")]
-    saved = [p for p in saved if p.is_file()]
-    if saved:  # the newer: an interruption after the last validation is further on
-        cmd.append(f"--ckpt_path={max(saved, key=lambda p: p.stat().st_mtime)}")
+    from lmheads.resume import furthest_checkpoint
+
+    furthest = furthest_checkpoint(run_dir)  # by step: the newest file can be a stale interruption
+    if furthest is not None:
+        cmd.append(f"--ckpt_path={furthest[1]}")
     return cmd + args.extra
 
 
