@@ -227,13 +227,14 @@ def _explain_bad_value(message: str) -> str:
 
 def user_error(err: BaseException | None) -> str | None:
     """What to tell the user about ``err`` in one line: a ``ConfigError`` behind it (jsonargparse wraps
-    errors raised while instantiating) or Lightning's complaint about the trainer's settings; ``None``
-    for anything else (a bug: its traceback is shown)."""
+    errors raised while instantiating) or Lightning's complaint about the trainer's settings (its
+    ``MisconfigurationException``, or a ``ValueError`` its trainer or loops raise when they check them);
+    ``None`` for anything else (a bug: its traceback is shown)."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, ConfigError):
             return str(err)
-        if isinstance(err, MisconfigurationException):
+        if isinstance(err, MisconfigurationException) or _trainer_value_error(err):
             if "gpu" in str(err).lower() and not torch.cuda.is_available():
                 return (
                     "trainer.accelerator asks for a GPU and torch sees none here; use "
@@ -243,3 +244,18 @@ def user_error(err: BaseException | None) -> str | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def _trainer_value_error(err: BaseException) -> bool:
+    """A ``ValueError`` raised in Lightning's trainer or loops: how they refuse settings that do not fit
+    together (``val_check_interval`` longer than an epoch, ``ckpt_path`` keywords with nothing to find)."""
+    if not isinstance(err, ValueError) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    parts = Path(tb.tb_frame.f_code.co_filename).parts
+    return any(
+        parts[i : i + 3] in (("lightning", "pytorch", "trainer"), ("lightning", "pytorch", "loops"))
+        for i in range(len(parts) - 2)
+    )

@@ -241,6 +241,10 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "does not exist; check the path",
         ),
         (["--model.backbone.block_size=100000"], "fewer than block_size + 1"),
+        (
+            ["--trainer.val_check_interval=1000"],
+            "`val_check_interval` (1000) must be less than or equal to the number of the training batches",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
