@@ -186,10 +186,10 @@ class RunCheckpoint(ModelCheckpoint):
         self._written_at = trainer.global_step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:  # a dry run writes no checkpoint (Lightning's would write last.ckpt)
+            return
         super().on_train_end(trainer, pl_module)
         if not self.save_last or self._written_at == trainer.global_step or self.dirpath is None:
-            return
-        if trainer.fast_dev_run:  # writes no checkpoints
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume

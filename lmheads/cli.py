@@ -105,6 +105,9 @@ class LMHeadsCLI(LightningCLI):
             if self.run_folder is not None:  # a start that failed leaves no folder behind
                 self.run_folder.release()
             raise
+        else:
+            if self.run_folder is not None and getattr(self, "trainer", None) and self.trainer.fast_dev_run:
+                self.run_folder.release()  # a dry run: Lightning logs and saves nothing, nor does lmheads
         finally:
             if self.run_folder is not None:
                 self.run_folder.ended()

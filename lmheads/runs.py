@@ -187,10 +187,11 @@ class RunFolder:
         )
 
     def release(self) -> None:
-        """After a failure before the first training step (and before any checkpoint): remove what this
-        process added to the folder, and the folder if it created it; a run it was to continue gets its
-        claim back as it was."""
-        trained = self.trainer is not None and self.trainer.global_step > 0
+        """After a failure before the first training step (and before any checkpoint), or a
+        ``fast_dev_run``: remove what this process added to the folder, and the folder if it created it;
+        a run it was to continue gets its claim back as it was."""
+        trainer = self.trainer
+        trained = trainer is not None and trainer.global_step > 0 and not trainer.fast_dev_run
         if self.resume and self._claimed and not trained and rank_zero_only.rank == 0:  # the run as it was
             claim = self.path / CLAIM_FILE
             claim.write_text(self._previous_claim) if self._previous_claim is not None else claim.unlink()

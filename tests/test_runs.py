@@ -542,3 +542,22 @@ def test_checkpoint_keywords_name_a_file_of_a_named_run(tmp_path, capsys):
     assert Path(tested["checkpoint"]).name == Path(best).name
     validated = json.loads((run / "validate" / "last" / "checkpoint.json").read_text())
     assert validated["step"] == 6
+
+
+def test_a_fast_dev_run_leaves_no_trace(finished_run):
+    """Lightning's dry run logs and saves nothing; its folder goes, and a run it resumed stays as it was
+    (Lightning's own checkpoint callback would write last.ckpt of the dry run's state)."""
+    tmp_path, run, before = finished_run
+    main(
+        [
+            "fit",
+            *quick_args(tmp_path),
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger.init_args.version=dry",
+        ]
+    )
+    assert not (run.parent / "dry").exists()
+    last = run / "checkpoints" / "last.ckpt"
+    main(["fit", *quick_args(tmp_path, steps=12), "--trainer.fast_dev_run=true", f"--ckpt_path={last}"])
+    assert snapshot(run) == before
+    assert [p.name for p in run.parent.iterdir()] == [run.name]
