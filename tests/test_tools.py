@@ -302,6 +302,25 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     assert not (tmp_path / "mixed").exists()
 
 
+def test_buckets_paired_t_test_matches_the_t_table():
+    """Two-sided 5% critical values of Student's t for 1 to 5, 10 and 30 degrees of freedom."""
+    buckets = tool("buckets")
+    for dof, critical in (
+        (1, 12.706),
+        (2, 4.303),
+        (3, 3.182),
+        (4, 2.776),
+        (5, 2.571),
+        (10, 2.228),
+        (30, 2.042),
+    ):
+        assert abs(1 - buckets._t_within(critical, dof) - 0.05) < 2e-4, dof
+    # three seeds that differ by -0.130, -0.044 and -0.086: t = 3.50 with 2 degrees of freedom
+    assert abs(buckets.paired_p([-0.130, -0.044, -0.086]) - 0.0732) < 1e-4
+    assert buckets.paired_p([0.1]) is None
+    assert buckets.paired_p([0.0, 0.0]) == 1.0 and buckets.paired_p([0.1, 0.1]) == 0.0
+
+
 def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsys, monkeypatch):
     def run(head: str, seed: int, loss: float) -> compare.RunLog:
         hparams = {"head": head, "seed": seed, "lr": 0.01}
@@ -314,8 +333,12 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
     assert rows == {"mos": {1: -0.5}, "untied": {0: -0.25, 1: 0.0}, "tied_bias": {0: 0.25, 1: 0.5}}
     assert list(rows) == ["mos", "untied", "tied_bias"]  # by the mean difference
     text = buckets.against_table(rows, "each head", "tied")
-    assert "| head | seed 0 | seed 1 | mean |" in text
-    assert "| mos | – | -0.500 | -0.500 |" in text and "| tied_bias | +0.250 | +0.500 | +0.375 |" in text
+    assert "| head | seed 0 | seed 1 | mean | p |" in text
+    # a paired t-test with one degree of freedom: t = 0.375 / (0.177 / sqrt 2) = 3, p = 1 - 2 atan(3) / pi
+    assert (
+        "| mos | – | -0.500 | -0.500 | – |" in text
+        and "| tied_bias | +0.250 | +0.500 | +0.375 | 0.205 |" in text
+    )
     monkeypatch.setattr(buckets.compare, "find_runs", lambda roots: runs)  # the compare buckets imported
     doc = tmp_path / "results.md"
     begin, end = compare.markers("versus")

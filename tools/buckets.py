@@ -7,7 +7,9 @@ Pairs the runs of the two heads by seed (and by every ``--by`` hyperparameter, e
 and reports, for all tokens and for each bucket of target tokens (the most frequent 1% of types, the
 next 9%, the rarest 90%), the mean over pairs of the final validation-loss difference ``first head -
 second head`` with its standard deviation and the number of pairs: negative where the first head is
-better. Plots the differences as bars with the seeds' spread.
+better. Plots the differences as bars with the seeds' spread. Every mean difference comes with the p-value
+of a two-sided paired t-test over the seeds (is it zero?); with two or three seeds that test has one or
+two degrees of freedom, assumes normally distributed differences, and is weak.
 
     python tools/buckets.py runs/wikitext2_converged --heads untied tied --over-steps
 
@@ -24,6 +26,7 @@ training set seen by then; the plot shows it against the optimizer step.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -38,6 +41,44 @@ from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_l
 TAGS = {"val/loss": "all tokens"} | {
     bucket_loss_metric("val", b): FREQUENCY_BUCKET_LABELS[b] for b in FREQUENCY_BUCKETS
 }
+
+
+def paired_p(differences: list[float]) -> float | None:
+    """Two-sided p-value of a paired t-test that the mean of ``differences`` (one per seed) is zero, with
+    n - 1 degrees of freedom; ``None`` for fewer than two."""
+    n = len(differences)
+    if n < 2:
+        return None
+    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return 1.0 - _t_within(abs(mean) / (sd / math.sqrt(n)), n - 1)
+
+
+def _t_within(t: float, dof: int) -> float:
+    """P(|T| <= t) for Student's t with a whole number of degrees of freedom, in closed form (Abramowitz &
+    Stegun 26.7.3 for odd, 26.7.4 for even degrees)."""
+    theta = math.atan(t / math.sqrt(dof))
+    cos2 = math.cos(theta) ** 2
+    if dof % 2:  # (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), dof - 2 powers at most
+        term = total = math.cos(theta) if dof > 1 else 0.0
+        for k in range(1, (dof - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * cos2
+            total += term
+        return 2 / math.pi * (theta + math.sin(theta) * total)
+    term = total = 1.0  # sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+    for k in range(1, dof // 2):
+        term *= (2 * k - 1) / (2 * k) * cos2
+        total += term
+    return math.sin(theta) * total
+
+
+def _p(differences: list[float]) -> str:
+    p = paired_p(differences)
+    return "–" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+P_NOTE = "p: two-sided paired t-test over the seeds that the mean difference is zero"
 
 
 def pairs_by_group(
@@ -124,17 +165,18 @@ def against(runs: list[compare.RunLog], reference: str, by: list[str]) -> dict[s
 
 def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
     seeds = sorted({seed for values in rows.values() for seed in values}, key=compare._order)
-    header = ["head", *(f"seed {seed}" for seed in seeds), "mean"]
+    header = ["head", *(f"seed {seed}" for seed in seeds), "mean", "p"]
     lines = [
         f"Final validation loss of each head minus {reference} (nats/token; negative: better than "
-        f"{reference}), per seed:",
+        f"{reference}), per seed ({P_NOTE}):",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for row, values in rows.items():
         cells = [f"{values[seed]:+.3f}" if seed in values else "–" for seed in seeds]
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {statistics.fmean(values.values()):+.3f} |")
+        mean, p = statistics.fmean(values.values()), _p(list(values.values()))
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean:+.3f} | {p} |")
     return "\n".join(lines)
 
 
@@ -163,18 +205,19 @@ def _val_loss(run: compare.RunLog) -> dict[int, float]:
 def steps_table(trajectories: dict[str, dict], first: str, second: str) -> str:
     title = (
         f"Validation loss of {first} minus {second} at each validation (nats/token; negative: {first} is "
-        "better), per seed"
+        f"better), per seed ({P_NOTE})"
     )
     lines = [f"{title}:"]
     for group, t in trajectories.items():
         seeds = list(t["seeds"])
-        header = ["step", "epochs", *(f"seed {seed}" for seed in seeds), "mean"]
+        header = ["step", "epochs", *(f"seed {seed}" for seed in seeds), "mean", "p"]
         lines += ["", f"{group}:"] if len(trajectories) > 1 else [""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for i, step in enumerate(t["steps"]):
             values = [t["seeds"][seed][i] for seed in seeds]
             epochs = "–" if t["epochs"][i] is None else f"{t['epochs'][i]:.1f}"
-            cells = [f"{step:,}", epochs, *(f"{v:+.3f}" for v in values), f"{statistics.fmean(values):+.3f}"]
+            mean = f"{statistics.fmean(values):+.3f}"
+            cells = [f"{step:,}", epochs, *(f"{v:+.3f}" for v in values), mean, _p(values)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -205,13 +248,17 @@ def steps_plot(trajectories: dict[str, dict], first: str, second: str, out: Path
 def table(diffs: dict[str, dict], first: str, second: str) -> str:
     header = ["runs", "pairs", *(f"{label}" for label in TAGS.values())]
     title = f"Validation loss of {first} minus {second} (nats/token; negative: {first} is better), mean ± std"
-    lines = [f"{title} over seeds:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"{title} over seeds, p in brackets ({P_NOTE}):", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "---|" * len(header))
     for group, per_tag in diffs.items():
         n = len(per_tag["val/loss"])
         cells = [
             group,
             str(n),
-            *(compare._mean_std(per_tag[tag], 4) if per_tag[tag] else "–" for tag in TAGS),
+            *(
+                f"{compare._mean_std(per_tag[tag], 4)} ({_p(per_tag[tag])})" if per_tag[tag] else "–"
+                for tag in TAGS
+            ),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
