@@ -46,6 +46,7 @@ from lmheads.runs import (
     RunFolder,
     RunSummary,
     evaluation_folder,
+    named_run_folder,
     record_evaluation,
     refuse_requeue_checkpoint,
     run_of_checkpoint,
@@ -151,8 +152,7 @@ class LMHeadsCLI(LightningCLI):
         """``--ckpt_path=last`` / ``best`` of the run the logger's version names, as that checkpoint's file
         (``None``: a fit that starts the run). A repeated command (a requeued job) so continues its run."""
         args = tensorboard_args(config)
-        version = None if args is None else args.get("version")
-        run = None if version is None else Path(args.save_dir, args.name or "", str(version))
+        run = None if args is None else named_run_folder(args)
         keyword = config.ckpt_path
         found = checkpoint_by_keyword(keyword, subcommand, run)
         config.ckpt_path = None if found is None else str(found)
@@ -234,10 +234,9 @@ class LMHeadsCLI(LightningCLI):
             return
         ckpt = config.get("ckpt_path")
         run = run_of_checkpoint(ckpt) if self._checkpoint is not None else None
-        version = args.get("version")
-        named = None if version is None else Path(args.save_dir, args.name or "", str(version)).resolve()
-        if run is not None and named in (None, run.resolve()):  # the checkpoint's own run (the run's
-            # config.yaml names its folder)
+        named = named_run_folder(args)
+        # the checkpoint's own run (the run's config.yaml names its folder)
+        if run is not None and (named is None or named.resolve() == run.resolve()):
             args.save_dir, args.name, args.version = str(run.parent.parent), run.parent.name, run.name
             if self.subcommand != "fit":
                 args.sub_dir = evaluation_folder(run, self.subcommand, Path(ckpt))

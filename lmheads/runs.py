@@ -39,9 +39,14 @@ def run_of_checkpoint(ckpt: str | Path) -> Path | None:
     path = Path(ckpt)  # as given: the run's checkpoint callback then sees its folder under the same name
     if len(path.parts) < 4:  # <name>/<version>/checkpoints/<file> at least
         path = path.resolve()
-    run = path.parent if path.match(REQUEUE_CHECKPOINTS) else path.parent.parent
+    if path.match(REQUEUE_CHECKPOINTS):
+        run = path.parent
+    elif path.parent.name == "checkpoints":
+        run = path.parent.parent
+    else:
+        return None
     recorded = any((run / f).is_file() for f in ("hparams.yaml", "config.yaml"))
-    return run if (run == path.parent or path.parent.name == "checkpoints") and recorded else None
+    return run if recorded else None
 
 
 #: The TensorBoard logger's folder unless set otherwise; ``trainer.default_root_dir`` replaces it.
@@ -297,3 +302,10 @@ def tensorboard_args(config):
     if root and str(args.save_dir) == DEFAULT_SAVE_DIR:  # logs follow default_root_dir
         args.save_dir = str(root)
     return args
+
+
+def named_run_folder(args) -> Path | None:
+    """The run folder the TensorBoard logger's arguments name (``save_dir/name/version``), or ``None``
+    when they leave the version to be chosen."""
+    version = args.get("version")
+    return None if version is None else Path(args.save_dir, args.name or "", str(version))
