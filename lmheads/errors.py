@@ -11,7 +11,12 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; training stops without checkpointing that state."""
+    """The training loss became NaN or infinite at ``step``; training stops without checkpointing that
+    state."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class Interrupted(RuntimeError):

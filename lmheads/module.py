@@ -265,7 +265,8 @@ class LMHeadModule(L.LightningModule):
                 f"the training loss became NaN or infinite at step {step}; training stopped and no "
                 "checkpoint of that state was written (the last good one is in the run's checkpoints "
                 "folder). Lower model.lr, raise warmup_steps, try bf16-mixed instead of 16-mixed, or set a "
-                "head softcap or z_loss"
+                "head softcap or z_loss",
+                step,
             )
 
     # ----------------------------------------------------------- evaluation

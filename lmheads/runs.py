@@ -2,7 +2,8 @@
 start that fails, and a summary at the end of training.
 
 A run folder is ``<save_dir>/<name>/<version>`` (TensorBoard's layout): ``config.yaml``, ``hparams.yaml``,
-event files, ``checkpoints/`` and, once training ends, ``results.json``. ``validate``, ``test`` and
+event files, ``checkpoints/`` and, once training ends, ``results.json`` (``diverged.json`` if its loss
+became NaN or infinite). ``validate``, ``test`` and
 ``predict`` of a checkpoint inside a run write to ``<run>/<subcommand>/<checkpoint name>/``, with
 ``checkpoint.json`` (the checkpoint, the step it was saved at, and data options other than the run's).
 """
@@ -22,12 +23,14 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmheads.errors import ConfigError
+from lmheads.errors import ConfigError, NonFiniteLossError
 from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
 from lmheads.resume import REQUEUE_CHECKPOINTS
 
 RESULTS_FILE = "results.json"
+#: Written when the training loss became NaN or infinite: the step, and the message the run ended with.
+DIVERGED_FILE = "diverged.json"
 #: In an evaluation's folder: the checkpoint it read, the step that checkpoint was saved at (the
 #: evaluation's metrics are logged at step 0) and its data options other than the run's.
 EVALUATED_FILE = "checkpoint.json"
@@ -56,7 +59,7 @@ DEFAULT_SAVE_DIR = "runs"
 #: when both start at the same moment.
 CLAIM_FILE = ".lmheads-run"
 #: What a run writes into its folder (besides event files).
-RUN_FILES = {CLAIM_FILE, "config.yaml", "hparams.yaml", "checkpoints", RESULTS_FILE}
+RUN_FILES = {CLAIM_FILE, "config.yaml", "hparams.yaml", "checkpoints", RESULTS_FILE, DIVERGED_FILE}
 
 
 def _alive(pid: int) -> bool:
@@ -237,7 +240,9 @@ def evaluation_folder(run: Path, subcommand: str, ckpt: Path) -> str:
 
 class RunSummary(L.Callback):
     """At the end of ``fit``: prints the run folder, the best and last checkpoints, the last validation
-    metrics, tokens seen and wall-clock, and writes the same to ``<run>/results.json``."""
+    metrics, tokens seen and wall-clock, and writes the same to ``<run>/results.json``. A run whose loss
+    became NaN or infinite records the step in ``<run>/diverged.json`` instead, so that a comparison does
+    not take it for a run stopped early."""
 
     def __init__(self) -> None:
         self._start = 0.0
@@ -245,10 +250,19 @@ class RunSummary(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        folder = trainer.logger.log_dir if trainer.logger is not None else None
+        if isinstance(exception, NonFiniteLossError) and trainer.is_global_zero and folder is not None:
+            record = {"step": exception.step, "message": str(exception)}
+            Path(folder, DIVERGED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = trainer.logger.log_dir if trainer.logger is not None else None  # not a collective
         if not trainer.is_global_zero or folder is None:
             return
+        Path(folder, DIVERGED_FILE).unlink(missing_ok=True)  # this session trained to its end
         checkpoint = trainer.checkpoint_callback
         metrics = {
             k: float(v)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -131,6 +132,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         state = torch.load(path, map_location="cpu", weights_only=False)
         assert state["global_step"] <= 4  # nothing written after the loss went bad
         assert all(torch.isfinite(w).all() for w in state["state_dict"].values())
+    # the run records that it diverged, and a comparison leaves it out rather than read it as stopped early
+    assert json.loads((checkpoints.parent / "diverged.json").read_text())["step"] == 4
+    fit(tmp_path, "--seed_everything=1", steps=8, every=2)
+    compare = tool("compare")
+    assert compare.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Diverged (training loss NaN or infinite; not in the tables): tied seed 0 at step 4" in out
+    assert "| tied | 1 |" in out and "Budget: 8 steps" in out  # seed 1 alone
 
 
 def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys):

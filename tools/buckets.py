@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
     first, second = args.heads
-    runs = compare.find_runs(args.roots)
+    runs, diverged = compare.split_diverged(compare.find_runs(args.roots))
+    args.note = diverged
     if args.against:
         result = against(runs, args.against, args.by)
         if not result:
@@ -333,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(args, result, first: str, second: str, name: str, text, draw, what: str) -> int:
-    """Print the table; with ``--out`` write it and its plot there, with ``--update`` into the document."""
-    text = text(result, first, second)
+    """Print the table (after the runs left out as diverged, if any); with ``--out`` write it and its plot
+    there, with ``--update`` into the document."""
+    text = "\n\n".join(filter(None, [args.note, text(result, first, second)]))
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
-from lmheads.runs import EVALUATED_FILE, RESULTS_FILE
+from lmheads.runs import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 #: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
@@ -56,6 +56,7 @@ class RunLog:
     hparams: dict
     scalars: dict[str, dict[int, tuple[float, float]]]  # tag -> step -> (value, seconds since start)
     final_step: int = 0  # where fit last ended (results.json), beyond the last logged step when not logged
+    diverged_at: int | None = None  # the step its training loss became NaN or infinite (diverged.json)
 
     def series(self, tag: str) -> list[tuple[int, float, float]]:
         return sorted((step, v, t) for step, (v, t) in self.scalars.get(tag, {}).items())
@@ -126,7 +127,9 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
         offset += max(times) - start
     results = run_dir / RESULTS_FILE
     final_step = json.loads(results.read_text()).get("step", 0) if results.is_file() else 0
-    run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step)
+    diverged = run_dir / DIVERGED_FILE
+    diverged_at = json.loads(diverged.read_text()).get("step") if diverged.is_file() else None
+    run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at)
     evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
     if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
         for tag, points in load_run(evaluation).scalars.items():
@@ -179,6 +182,18 @@ def find_runs(roots: list[Path], test_checkpoint: str = "last") -> list[RunLog]:
     dirs = sorted({p.parent for root in roots for p in root.rglob("events.out.tfevents.*")})
     runs = [load_run(d, test_checkpoint) for d in dirs if not _is_evaluation(d)]
     return [r for r in runs if r.hparams.get("head") and "val/loss" in r.scalars]
+
+
+def split_diverged(runs: list[RunLog]) -> tuple[list[RunLog], str]:
+    """The runs that trained without their loss becoming NaN or infinite, and a line naming the others
+    ("" if none): a diverged run's last values come from before it diverged, and averaged with the others
+    they would read as a run stopped early."""
+    kept = [r for r in runs if r.diverged_at is None]
+    diverged = sorted((r for r in runs if r.diverged_at is not None), key=lambda r: natural(r.path.name))
+    if not diverged:
+        return kept, ""
+    names = ", ".join(f"{r.label} seed {r.hparams.get('seed')} at step {r.diverged_at:,}" for r in diverged)
+    return kept, f"Diverged (training loss NaN or infinite; not in the tables): {names}"
 
 
 def _mean_std(values: list[float], digits: int) -> str:
@@ -447,12 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         "that (best) checkpoint instead of the last",
     )
     args = parser.parse_args(argv)
-    runs = find_runs(args.roots, "best" if args.best else "last")
+    runs, diverged = split_diverged(find_runs(args.roots, "best" if args.best else "last"))
     if not runs:
-        print(
-            f"error: no lmheads runs with validation loss under {', '.join(map(str, args.roots))}",
-            file=sys.stderr,
-        )
+        where = ", ".join(map(str, args.roots)) + (f"; {diverged}" if diverged else "")
+        print(f"error: no lmheads runs with validation loss under {where}", file=sys.stderr)
         return 2
     groups: dict[str, list[RunLog]] = defaultdict(list)
 
@@ -467,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         advice = f"give --by {key} to tell them apart, or" if key else "give"
         print(f"error: {reason}. To compare them, {advice} their folders in separate calls", file=sys.stderr)
         return 2
-    text = f"{budget(groups)}\n\n{table(groups, args.best)}"
+    text = "\n\n".join(filter(None, [budget(groups), diverged, table(groups, args.best)]))
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
-    runs = [r for r in compare.find_runs(args.roots) if "val/excess_loss" in r.scalars]
+    runs, diverged = compare.split_diverged(compare.find_runs(args.roots))
+    runs = [r for r in runs if "val/excess_loss" in r.scalars]
     if not runs:
         print(f"error: no runs with an excess loss under {', '.join(map(str, args.roots))}", file=sys.stderr)
         return 2
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem[0]}; give their folders in separate calls", file=sys.stderr)
         return 2
     summary = summarise(groups)
-    text = table(summary)
+    text = "\n\n".join(filter(None, [diverged, table(summary)]))
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
