@@ -3,9 +3,9 @@ start that fails, and a summary at the end of training.
 
 A run folder is ``<save_dir>/<name>/<version>`` (TensorBoard's layout): ``config.yaml``, ``hparams.yaml``,
 event files, ``checkpoints/`` and, once training ends, ``results.json`` (``diverged.json`` if its loss
-became NaN or infinite). ``validate``, ``test`` and
-``predict`` of a checkpoint inside a run write to ``<run>/<subcommand>/<checkpoint name>/``, with
-``checkpoint.json`` (the checkpoint, the step it was saved at, and data options other than the run's).
+became NaN or infinite). ``validate``, ``test`` and ``predict`` of a checkpoint inside a run write to
+``<run>/<subcommand>/<checkpoint name>/``, with ``checkpoint.json`` (the checkpoint, the step it was
+saved at, and data options other than the run's).
 """
 
 from __future__ import annotations

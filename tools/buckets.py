@@ -309,14 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     first, second = args.heads
     runs, diverged = compare.split_diverged(compare.find_runs(args.roots))
-    args.note = diverged
     if args.against:
         result = against(runs, args.against, args.by)
         if not result:
             print(f"error: no other head's runs pair with {args.against}'s by seed", file=sys.stderr)
             return 2
         name = args.name or f"against_{args.against}"
-        return _write(args, result, "each head", args.against, name, against_table, against_plot, "per seed")
+        parts = (against_table, against_plot, "per seed")
+        return _write(args, result, "each head", args.against, name, *parts, note=diverged)
     paired = pairs_by_group(runs, first, second, args.by)
     if not paired:
         print(f"error: no pairs of {first} and {second} runs with the same seed", file=sys.stderr)
@@ -330,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = differences(paired)
         name, text, draw, what = args.name or "bucket_differences", table, plot, "by frequency bucket"
-    return _write(args, result, first, second, name, text, draw, what)
+    return _write(args, result, first, second, name, text, draw, what, note=diverged)
 
 
-def _write(args, result, first: str, second: str, name: str, text, draw, what: str) -> int:
+def _write(args, result, first: str, second: str, name: str, text, draw, what: str, note: str = "") -> int:
     """Print the table (after the runs left out as diverged, if any); with ``--out`` write it and its plot
     there, with ``--update`` into the document."""
-    text = "\n\n".join(filter(None, [args.note, text(result, first, second)]))
+    text = "\n\n".join(filter(None, [note, text(result, first, second)]))
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
