@@ -107,7 +107,7 @@ class LMHeadsCLI(LightningCLI):
                 self.run_folder.release()
             raise
         else:
-            if self.run_folder is not None and getattr(self, "trainer", None) and self.trainer.fast_dev_run:
+            if self.run_folder is not None and self.trainer.fast_dev_run:
                 self.run_folder.release()  # a dry run: Lightning logs and saves nothing, nor does lmheads
         finally:
             if self.run_folder is not None:
