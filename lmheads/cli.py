@@ -365,7 +365,7 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
         sys.exit(err.exit_code)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(err.exit_code)
     except Exception as err:
         message = user_error(err)
         if message is None:

@@ -14,6 +14,8 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite at ``step``; training stops without checkpointing that
     state."""
 
+    exit_code = 3
+
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step

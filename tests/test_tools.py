@@ -122,6 +122,30 @@ def test_a_run_there_with_other_options_is_refused_not_skipped(tmp_path, capsys)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
+def test_a_diverged_run_is_a_result_the_next_call_leaves_alone(tmp_path, capsys, monkeypatch):
+    """A run whose loss became NaN is recorded as diverged, not as a failure to retry: the same sweep
+    again would train it from its last good checkpoint into the same divergence."""
+    monkeypatch.chdir(ROOT)  # where each run finds tests.probes
+
+    def call() -> tuple[int, str]:
+        args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--heads", "tied", "--seeds", "0"]
+        poison = ["--trainer.callbacks+=tests.probes.PoisonAt", "--trainer.callbacks.step=3"]
+        code = sweep.main(
+            [*args, "--root", str(tmp_path), "--name", "grid", "--", *TINY, "--trainer.max_steps=6", *poison]
+        )
+        return code, capsys.readouterr().out
+
+    code, out = call()
+    assert code == 0 and "tied-seed0: diverged (at step 3, after " in out
+    run = tmp_path / "grid" / "tied-seed0"
+    assert json.loads((run / "sweep.json").read_text())["status"] == "diverged"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out = call()
+    assert code == 0 and "tied-seed0: skipped (diverged at step 3; move the run away" in out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_grid_and_run_names():
     grid = sweep.parse_grid(["model.backbone.d_model=64,128", "model.lr=1e-3"])
     assert grid == [

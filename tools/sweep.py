@@ -6,12 +6,14 @@
 
 Every run is one ``python -m lmheads fit`` process with the same configuration except its head, seed
 and grid values, logged to ``<root>/<name>/<head>-seed<seed>[-<grid values>]``. A run that finished
-leaves ``sweep.json`` there and is skipped next time; a run that was interrupted resumes from its
-furthest checkpoint (``last.ckpt``, ``interrupted.ckpt`` or a SLURM requeue's). ``sweep.json`` records the
-run's options and its config files' contents: a later call with other options (or an edited config) for a run
-already there is refused for that run, which is left as it was, rather than skipped or resumed as if it
-were the run asked for. ``--jobs N`` runs N at once; with ``--gpus 0,1,...`` each job gets one GPU.
-Afterwards, ``python tools/compare.py <root>/<name>`` tabulates and plots the runs.
+leaves ``sweep.json`` there and is skipped next time, and so is a run whose loss became NaN or infinite
+(a result: ``compare.py`` names it and leaves it out; training it again from its last good checkpoint
+would diverge again). A run that was interrupted resumes from its furthest checkpoint (``last.ckpt``,
+``interrupted.ckpt`` or a SLURM requeue's). ``sweep.json`` records the run's options and its config
+files' contents: a later call with other options (or an edited config) for a run already there is
+refused for that run, which is left as it was, rather than skipped or resumed as if it were the run
+asked for. ``--jobs N`` runs N at once; with ``--gpus 0,1,...`` each job gets one GPU. Afterwards,
+``python tools/compare.py <root>/<name>`` tabulates and plots the runs.
 """
 
 from __future__ import annotations
@@ -170,6 +172,13 @@ def changed_options(record: dict, cmd: list[str], digests: dict[str, str]) -> st
     return "; ".join(changes) or None
 
 
+def diverged_step(run_dir: Path) -> int | None:
+    """The step at which the run's training loss became NaN or infinite, from its ``diverged.json``."""
+    from lmheads.runs import DIVERGED_FILE
+
+    return json.loads((run_dir / DIVERGED_FILE).read_text()).get("step")
+
+
 def thread_env(jobs: int) -> dict[str, str]:
     """CPU threads for each of ``jobs`` runs at once: an equal share of the cores (two runs with every
     core each on 2 cores take about 5x as long in total as one after the other). Runs on GPUs get their
@@ -183,6 +192,7 @@ def thread_env(jobs: int) -> dict[str, str]:
 
 
 NOT_STARTED = "not started (the sweep was stopped)"
+SETTLED = ("done", "skipped", "refused", "diverged")  # outcomes the same call again would not change
 
 
 class Runs:
@@ -230,6 +240,11 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
             )
         if record.get("status") == "done":
             return run, "skipped (done)"
+        if record.get("status") == "diverged":
+            return (
+                run,
+                f"skipped (diverged at step {diverged_step(run_dir)}; move the run away to train it again)",
+            )
     if args.dry_run:
         return run, " ".join(cmd)
     env = {**os.environ, **thread_env(args.jobs)}
@@ -248,14 +263,23 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
             gpus.put(gpu)
     if returncode is None:
         return run, NOT_STARTED
+    from lmheads.errors import NonFiniteLossError
+    from lmheads.runs import DIVERGED_FILE
+
     status = "done" if returncode == 0 else "interrupted" if returncode in (130, 143) else "failed"
+    if returncode == NonFiniteLossError.exit_code and (run_dir / DIVERGED_FILE).is_file():
+        status = "diverged"  # a result, kept as it is
     outcome = {"status": status, "returncode": returncode, "seconds": round(time.time() - start, 1)}
     marker.write_text(json.dumps({**outcome, "command": cmd, "configs": digests}, indent=2))
-    detail = {
-        "done": f"{outcome['seconds']} s",
-        "interrupted": f"after {outcome['seconds']} s; the next call resumes it",
-        "failed": f"exit {returncode}, see {run_dir / 'sweep.log'}",
-    }[status]
+    seconds = outcome["seconds"]
+    if status == "done":
+        detail = f"{seconds} s"
+    elif status == "interrupted":
+        detail = f"after {seconds} s; the next call resumes it"
+    elif status == "diverged":
+        detail = f"at step {diverged_step(run_dir)}, after {seconds} s; compare.py names it"
+    else:
+        detail = f"exit {returncode}, see {run_dir / 'sweep.log'}"
     return run, f"{status} ({detail})"
 
 
@@ -308,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             for run, outcome in pool.map(lambda r: execute(r, args, gpus, running), runs):
                 print(f"{run.name}: {outcome}", flush=True)
                 refused += outcome.startswith("refused")
-                failed += not outcome.startswith(("done", "skipped", "refused")) and not args.dry_run
+                failed += not outcome.startswith(SETTLED) and not args.dry_run
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
