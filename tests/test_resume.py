@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from lmheads import runlog
 from lmheads.errors import ConfigError
 from lmheads.heads import UntiedHead
 from lmheads.module import LMHeadModule
@@ -186,7 +187,7 @@ def test_continuing_a_finished_run_keeps_its_learning_rate_schedule(tmp_path, ca
     assert "decays over the first 6 steps (the schedule this run started with)" in caplog.text
     assert (run / "hparams.yaml").read_text().count("lr_decay_steps: 6\n") == 1
     compare = tool("compare")
-    budget = compare.budget({"tied": compare.find_runs([tmp_path])})
+    budget = compare.budget({"tied": runlog.find_runs([tmp_path])})
     assert budget.endswith("; the learning rate decayed over the first 6 steps, then held at its minimum")
 
 

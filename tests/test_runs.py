@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from lmheads import runlog
 from lmheads.heads import head_name, registered_heads
 from lmheads.resume import training_conflicts
 
@@ -188,7 +189,7 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     assert "val/loss" in scalars(run / "validate" / "last")
     assert {k: v for k, v in snapshot(run).items() if "/" not in k or k.startswith("checkpoints")} == before
     compare = tool("compare")
-    (found,) = compare.find_runs([tmp_path])
+    (found,) = runlog.find_runs([tmp_path])
     assert found.path == run and "test/loss" in found.scalars
     compare.main([str(tmp_path)])
     assert "| test ppl |" in capsys.readouterr().out
@@ -199,10 +200,10 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     }
     # The run goes on: its last state is no longer the one tested, so no test column until it is again.
     fit(tmp_path, last, steps=9, every=3)
-    (found,) = compare.find_runs([tmp_path])
+    (found,) = runlog.find_runs([tmp_path])
     assert "test/loss" not in found.scalars
     main(["test", *quick_args(tmp_path), last])
-    (found,) = compare.find_runs([tmp_path])
+    (found,) = runlog.find_runs([tmp_path])
     assert "test/loss" in found.scalars
     assert json.loads((run / "test" / "last-3" / "checkpoint.json").read_text())["step"] == 9
     # A test on other data is filed with the run, said and recorded, but not the run's test column.
@@ -214,8 +215,8 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     assert f"filed in {run.resolve() / 'test' / 'last-4'}, but compare.py does not take it" in caplog.text
     other = json.loads((run / "test" / "last-4" / "checkpoint.json").read_text())["other_data"]
     assert other == ["data.val_tokens: 8192 here, 4096 in the checkpoint"]
-    (found,) = compare.find_runs([tmp_path])
-    assert found.scalars["test/loss"] == compare.load_run(run / "test" / "last-3").scalars["test/loss"]
+    (found,) = runlog.find_runs([tmp_path])
+    assert found.scalars["test/loss"] == runlog.load_run(run / "test" / "last-3").scalars["test/loss"]
 
 
 def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):
@@ -241,21 +242,21 @@ def test_compare_best_reports_the_lowest_validation_and_tests_that_checkpoint(fi
     compare = tool("compare")
     best = json.loads((run / "results.json").read_text())["best_checkpoint"]
     main(["test", *quick_args(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
-    (found,) = compare.find_runs([tmp_path], "best")
+    (found,) = runlog.find_runs([tmp_path], "best")
     assert "test/loss" not in found.scalars  # the best checkpoint was not tested yet: no test column
     main(["test", *quick_args(tmp_path), f"--ckpt_path={best}"])
     shutil.move(run / "test" / "last", tmp_path / "aside")
-    (found,) = compare.find_runs([tmp_path])
+    (found,) = runlog.find_runs([tmp_path])
     assert "test/loss" not in found.scalars  # nor a test of the best for the last state's columns
     shutil.move(tmp_path / "aside", run / "test" / "last")
     main(["test", *quick_args(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])  # newer
-    assert compare.test_evaluation(run, "best") == run / "test" / Path(best).stem
-    assert compare.test_evaluation(run, "last") == run / "test" / "last-2"
+    assert runlog.test_evaluation(run, "best") == run / "test" / Path(best).stem
+    assert runlog.test_evaluation(run, "last") == run / "test" / "last-2"
     results = (run / "results.json").read_text()
     (run / "results.json").unlink()  # as for a run stopped before the end: the step<N> checkpoint's
-    assert compare.test_evaluation(run, "best") == run / "test" / Path(best).stem
+    assert runlog.test_evaluation(run, "best") == run / "test" / Path(best).stem
     (run / "results.json").write_text(results)
-    (found,) = compare.find_runs([tmp_path], "best")
+    (found,) = runlog.find_runs([tmp_path], "best")
     losses = dict((s + 1, v) for s, v in scalars(run)["val/loss"])
     step = min(losses, key=losses.get)
     assert found.best("val/loss") == (losses[step], step) and Path(best).stem == f"step{step}"
@@ -425,15 +426,15 @@ def test_compare_refuses_to_average_runs_of_other_configurations_as_seeds(tmp_pa
 
 def test_compare_takes_a_setting_older_runs_did_not_record_for_unknown_not_different():
     compare = tool("compare")
-    old = compare.RunLog(Path("old"), {"head": "tied", "seed": 0, "lr": 0.01}, {})
-    new = compare.RunLog(Path("new"), {"head": "tied", "seed": 1, "lr": 0.01, "gradient_clip_val": 1.0}, {})
+    old = runlog.RunLog(Path("old"), {"head": "tied", "seed": 0, "lr": 0.01}, {})
+    new = runlog.RunLog(Path("new"), {"head": "tied", "seed": 1, "lr": 0.01, "gradient_clip_val": 1.0}, {})
     assert compare.mixed({"tied": [old, new]}) is None
-    other = compare.RunLog(Path("other"), {**new.hparams, "seed": 2, "gradient_clip_val": 0.0}, {})
+    other = runlog.RunLog(Path("other"), {**new.hparams, "seed": 2, "gradient_clip_val": 0.0}, {})
     assert compare.mixed({"tied": [old, new, other]})[1] == "gradient_clip_val"
     # ...and a schedule length that older runs did not record does not split the budget
     logged = {"val/loss": {199: (5.0, 1.0)}}
-    old = compare.RunLog(Path("old"), {"seed": 0, "tokens_per_step": 64, "devices": 1}, logged)
-    new = compare.RunLog(Path("new"), {**old.hparams, "seed": 1, "lr_decay_steps": 200}, logged)
+    old = runlog.RunLog(Path("old"), {"seed": 0, "tokens_per_step": 64, "devices": 1}, logged)
+    new = runlog.RunLog(Path("new"), {**old.hparams, "seed": 1, "lr_decay_steps": 200}, logged)
     one = "Budget: 200 steps x 64 tokens/step = 12,800 training tokens on 1 device(s)"
     assert compare.budget({"tied": [old, new]}) == one
 
@@ -449,7 +450,7 @@ def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_pa
     assert (report / "diag_grad_share_output_vs_step.png").is_file()
     assert "2 steps x 2,048 tokens/step = 4,096 training tokens on 1 device(s): tied seed 0" in out
     assert (tmp_path / "report" / "train_loss_vs_step.png").is_file()
-    tied, untied = sorted(compare.find_runs([tmp_path]), key=lambda r: r.hparams["head"])
+    tied, untied = sorted(runlog.find_runs([tmp_path]), key=lambda r: r.hparams["head"])
     one = compare.colours({"tied": [tied], "untied": [untied]})
     assert one == compare.colours({"untied": [untied], "tied": [tied]})  # by head, whatever the order
     assert len(set(one.values())) == 2

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from lmheads import runlog
+
 from .helpers import ROOT, fit, only_run, scalars, tool
 
 sweep, compare = tool("sweep"), tool("compare")
@@ -63,7 +65,7 @@ def test_sweep_is_resumable_and_compare_tabulates(tmp_path, capsys):
     steps = [s for s, _ in scalars(resumed)["train/loss"]]
     assert max(steps) == 3
 
-    runs = compare.find_runs([grid])
+    runs = runlog.find_runs([grid])
     run = next(r for r in runs if r.path == resumed)
     assert [s for s, _, _ in run.series("val/loss")] == [1, 3]  # both sessions, stitched
     minutes = [t for _, _, t in run.series("val/loss")]
@@ -346,9 +348,9 @@ def test_buckets_paired_t_test_matches_the_t_table():
 
 
 def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsys, monkeypatch):
-    def run(head: str, seed: int, loss: float) -> compare.RunLog:
+    def run(head: str, seed: int, loss: float) -> runlog.RunLog:
         hparams = {"head": head, "seed": seed, "lr": 0.01}
-        return compare.RunLog(tmp_path / f"{head}-{seed}", hparams, {"val/loss": {9: (loss, 1.0)}})
+        return runlog.RunLog(tmp_path / f"{head}-{seed}", hparams, {"val/loss": {9: (loss, 1.0)}})
 
     runs = [run("tied", 0, 5.0), run("tied", 1, 5.5), run("untied", 0, 4.75), run("untied", 1, 5.5)]
     runs += [run("tied_bias", 0, 5.25), run("tied_bias", 1, 6.0), run("mos", 1, 5.0)]  # mos: seed 1 only
@@ -363,7 +365,7 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
         "| mos | – | -0.500 | -0.500 | – |" in text
         and "| tied_bias | +0.250 | +0.500 | +0.375 | 0.205 |" in text
     )
-    monkeypatch.setattr(buckets.compare, "find_runs", lambda roots: runs)  # the compare buckets imported
+    monkeypatch.setattr(buckets, "find_runs", lambda roots: runs)
     doc = tmp_path / "results.md"
     begin, end = compare.markers("versus")
     doc.write_text(f"{begin}\nold\n{end}\n")

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 import compare
 
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
+from lmheads.runlog import RunLog, find_runs, natural, split_diverged
 
 TAGS = {"val/loss": "all tokens"} | {
     bucket_loss_metric("val", b): FREQUENCY_BUCKET_LABELS[b] for b in FREQUENCY_BUCKETS
@@ -82,11 +83,11 @@ P_NOTE = "p: two-sided paired t-test over the seeds that the mean difference is 
 
 
 def pairs_by_group(
-    runs: list[compare.RunLog], first: str, second: str, by: list[str]
-) -> dict[str, dict[object, tuple[compare.RunLog, compare.RunLog]]]:
+    runs: list[RunLog], first: str, second: str, by: list[str]
+) -> dict[str, dict[object, tuple[RunLog, RunLog]]]:
     """``{group: {seed: (first's run, second's run)}}``: the runs of the two heads paired by seed within a
     group of equal ``by`` hyperparameters, groups and seeds in order."""
-    pairs: dict[tuple, dict[str, compare.RunLog]] = defaultdict(dict)
+    pairs: dict[tuple, dict[str, RunLog]] = defaultdict(dict)
     for r in runs:
         if r.hparams.get("head") in (first, second):
             key = (tuple(r.hparams.get(k) for k in by), r.hparams.get("seed"))
@@ -101,7 +102,7 @@ def pairs_by_group(
 
     def order(item) -> tuple:
         (group, seed), _ = item
-        return (*(compare._order(v) for v in group), str(seed))
+        return (*(compare.order(v) for v in group), str(seed))
 
     for (group, seed), members in sorted(pairs.items(), key=order):
         if first not in members or second not in members:
@@ -152,11 +153,11 @@ def over_steps(paired: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def against(runs: list[compare.RunLog], reference: str, by: list[str]) -> dict[str, dict[object, float]]:
+def against(runs: list[RunLog], reference: str, by: list[str]) -> dict[str, dict[object, float]]:
     """``{row: {seed: difference}}``: the final validation loss of each other head minus ``reference``'s,
     paired by seed (rows ``head`` or, with ``by``, ``head (group)``), in order of the mean difference."""
     rows = {}
-    for head in sorted({str(r.hparams.get("head")) for r in runs} - {reference}, key=compare.natural):
+    for head in sorted({str(r.hparams.get("head")) for r in runs} - {reference}, key=natural):
         for group, seeds in pairs_by_group(runs, head, reference, by).items():
             values = {seed: a.final("val/loss") - b.final("val/loss") for seed, (a, b) in seeds.items()}
             rows[head if group == "all runs" else f"{head} ({group})"] = values
@@ -164,7 +165,7 @@ def against(runs: list[compare.RunLog], reference: str, by: list[str]) -> dict[s
 
 
 def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
-    seeds = sorted({seed for values in rows.values() for seed in values}, key=compare._order)
+    seeds = sorted({seed for values in rows.values() for seed in values}, key=compare.order)
     header = ["head", *(f"seed {seed}" for seed in seeds), "mean", "p"]
     lines = [
         f"Final validation loss of each head minus {reference} (nats/token; negative: better than "
@@ -198,7 +199,7 @@ def against_plot(rows: dict[str, dict], _: str, reference: str, out: Path, name:
     return compare.save_plot(fig, ax, out / f"{name}.png")
 
 
-def _val_loss(run: compare.RunLog) -> dict[int, float]:
+def _val_loss(run: RunLog) -> dict[int, float]:
     return {step: value for step, value, _ in run.series("val/loss")}
 
 
@@ -256,7 +257,7 @@ def table(diffs: dict[str, dict], first: str, second: str) -> str:
             group,
             str(n),
             *(
-                f"{compare._mean_std(per_tag[tag], 4)} ({_p(per_tag[tag])})" if per_tag[tag] else "–"
+                f"{compare.mean_std(per_tag[tag], 4)} ({_p(per_tag[tag])})" if per_tag[tag] else "–"
                 for tag in TAGS
             ),
         ]
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
     first, second = args.heads
-    runs, diverged = compare.split_diverged(compare.find_runs(args.roots))
+    runs, diverged = split_diverged(find_runs(args.roots))
     if args.against:
         result = against(runs, args.against, args.by)
         if not result:

@@ -4,13 +4,12 @@
     python tools/compare.py runs/wikitext2_tying --out docs/results/wikitext2_tying \\
         --update docs/results.md                                        # + PNG plots, and the doc
 
-A run is a folder with TensorBoard event files and the ``hparams.yaml`` lmheads writes. Runs are
-grouped by head and head options; each metric is the *final* value of every run, shown as mean +- std
-over the runs (seeds) of a group, with the validation loss split by the training frequency of the
-target token where it was logged. A run resumed from a checkpoint has several event files: they are
-read in order, later values win for a repeated step, and wall-clock time excludes the pause between
-them. The plots show validation loss against optimizer step, training tokens and wall-clock time, one
-line per head (the mean over seeds) with a band from the lowest to the highest seed.
+A run is a folder with TensorBoard event files and the ``hparams.yaml`` lmheads writes (read by
+``lmheads.runlog``). Runs are grouped by head and head options; each metric is the *final* value of
+every run, shown as mean +- std over the runs (seeds) of a group, with the validation loss split by
+the training frequency of the target token where it was logged. The plots show validation loss against
+optimizer step, training tokens and wall-clock time, one line per head (the mean over seeds) with a
+band from the lowest to the highest seed.
 """
 
 from __future__ import annotations
@@ -19,22 +18,15 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
-from lmheads.runs import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
+from lmheads.runlog import RunLog, find_runs, natural, split_diverged
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
-#: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
-EVALUATIONS = ("validate", "test", "predict")
 
 
 def markers(section: str | None) -> tuple[str, str]:
@@ -50,153 +42,7 @@ def markers(section: str | None) -> tuple[str, str]:
 BUCKETS = {bucket_loss_metric("val", b): f"loss, {FREQUENCY_BUCKET_LABELS[b]}" for b in FREQUENCY_BUCKETS}
 
 
-@dataclass
-class RunLog:
-    path: Path
-    hparams: dict
-    scalars: dict[str, dict[int, tuple[float, float]]]  # tag -> step -> (value, seconds since start)
-    final_step: int = 0  # where fit last ended (results.json), beyond the last logged step when not logged
-    diverged_at: int | None = None  # the step its training loss became NaN or infinite (diverged.json)
-
-    def series(self, tag: str) -> list[tuple[int, float, float]]:
-        return sorted((step, v, t) for step, (v, t) in self.scalars.get(tag, {}).items())
-
-    def steps(self) -> int:
-        """Optimizer steps trained: one more than the last step a value was logged at (logged steps
-        count from 0), or the step ``fit`` ended at if later."""
-        logged = max((max(points) for points in self.scalars.values() if points), default=-1) + 1
-        return max(logged, self.final_step)
-
-    def final(self, tag: str) -> float | None:
-        values = self.series(tag)
-        return values[-1][1] if values else None
-
-    def best(self, tag: str) -> tuple[float, int] | tuple[None, None]:
-        """The lowest value of a series and the optimizer steps trained when it was logged."""
-        values = self.series(tag)
-        if not values:
-            return None, None
-        step, value, _ = min(values, key=lambda point: point[1])
-        return value, step + 1  # a validation logged at step s follows s + 1 optimizer steps
-
-    def minutes(self) -> float | None:
-        """Wall-clock minutes from the first logged value to the last, pauses between sessions excluded."""
-        times = [t for points in self.scalars.values() for _, t in points.values()]
-        return max(times) / 60 if times else None
-
-    @property
-    def label(self) -> str:
-        options = json.loads(self.hparams.get("head_options", "{}") or "{}")
-        defaults = _default_options(str(self.hparams.get("head")))
-        changed = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
-        extra = ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
-        return f"{self.hparams.get('head')}" + (f" ({extra})" if extra else "")
-
-
-def _default_options(head: str) -> dict:
-    try:
-        from lmheads.heads import head_class
-
-        return head_class(head)().options()
-    except Exception:  # a head that is not importable here: show all its options
-        return {}
-
-
-def _event_files(run_dir: Path) -> list[Path]:
-    def created(path: Path) -> float:
-        parts = path.name.split(".")
-        return float(parts[3]) if len(parts) > 3 and parts[3].isdigit() else path.stat().st_mtime
-
-    return sorted(run_dir.glob("events.out.tfevents.*"), key=created)
-
-
-def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
-    scalars: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)
-    offset = 0.0
-    for events in _event_files(run_dir):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})  # 0: keep every point
-        acc.Reload()
-        points = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
-        times = [e.wall_time for evs in points.values() for e in evs]
-        if not times:
-            continue
-        start = min(times)
-        for tag, evs in points.items():
-            for e in evs:
-                scalars[tag][e.step] = (e.value, offset + e.wall_time - start)
-        offset += max(times) - start
-    results = run_dir / RESULTS_FILE
-    final_step = json.loads(results.read_text()).get("step", 0) if results.is_file() else 0
-    diverged = run_dir / DIVERGED_FILE
-    diverged_at = json.loads(diverged.read_text()).get("step") if diverged.is_file() else None
-    run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at)
-    evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
-    if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
-        for tag, points in load_run(evaluation).scalars.items():
-            if tag.startswith(("test/", "test_freq/")):
-                run.scalars[tag] = points
-    return run
-
-
-def _evaluated(folder: Path) -> dict:
-    """What an evaluation recorded of the checkpoint it read: its step, and any data other than the run's
-    (evaluations from before lmheads recorded it have nothing)."""
-    path = folder / EVALUATED_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _hparams(folder: Path) -> dict:
-    path = folder / "hparams.yaml"
-    return (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
-
-
-def test_evaluation(run_dir: Path, checkpoint: str = "last", last_step: int | None = None) -> Path | None:
-    """The run's newest test evaluation of a checkpoint on the run's data: ``last`` (the state the table's
-    other columns end at, ``last_step``; an evaluation of another checkpoint, or of ``last.ckpt`` before
-    the run went on, is not it), or ``best``, the checkpoint of the lowest validation loss that ``fit``
-    recorded in results.json (a run stopped before the end has none: then the newest evaluation of a
-    ``step<N>`` checkpoint, which is what the checkpoint callback keeps for the lowest validation loss)."""
-    folders = [
-        p
-        for p in (run_dir / "test").glob("*")
-        if any(p.glob("events.out.tfevents.*")) and not _evaluated(p).get("other_data")  # the run's data
-    ]
-    if checkpoint == "best":
-        results = run_dir / RESULTS_FILE
-        best = json.loads(results.read_text()).get("best_checkpoint") if results.is_file() else None
-        name = re.escape(Path(best).stem) if best else r"step\d+"
-        folders = [p for p in folders if re.fullmatch(rf"{name}(-\d+)?", p.name)]
-        return max(folders, key=lambda p: p.stat().st_mtime, default=None)
-    last = [p for p in folders if re.fullmatch(r"last(-\d+)?", p.name)]
-    if last_step is not None:  # evaluations that recorded their checkpoint's step (older ones did not)
-        last = [p for p in last if _evaluated(p).get("step", last_step) == last_step]
-    return max(last, key=lambda p: p.stat().st_mtime, default=None)
-
-
-def _is_evaluation(folder: Path) -> bool:
-    return folder.parent.name in EVALUATIONS and (folder.parent.parent / "hparams.yaml").is_file()
-
-
-def find_runs(roots: list[Path], test_checkpoint: str = "last") -> list[RunLog]:
-    """Runs under the roots; evaluations filed inside a run (``<run>/test/...``) are not runs."""
-    dirs = sorted({p.parent for root in roots for p in root.rglob("events.out.tfevents.*")})
-    runs = [load_run(d, test_checkpoint) for d in dirs if not _is_evaluation(d)]
-    return [r for r in runs if r.hparams.get("head") and "val/loss" in r.scalars]
-
-
-def split_diverged(runs: list[RunLog]) -> tuple[list[RunLog], str]:
-    """The runs that trained without their loss becoming NaN or infinite, and a line naming the others
-    ("" if none): a diverged run's last values come from before it diverged, and averaged with the others
-    they would read as a run stopped early."""
-    kept = [r for r in runs if r.diverged_at is None]
-    diverged = sorted((r for r in runs if r.diverged_at is not None), key=lambda r: natural(r.path.name))
-    if not diverged:
-        return kept, ""
-    names = ", ".join(f"{r.label} seed {r.hparams.get('seed')} at step {r.diverged_at:,}" for r in diverged)
-    return kept, f"Diverged (training loss NaN or infinite; not in the tables): {names}"
-
-
-def _mean_std(values: list[float], digits: int) -> str:
+def mean_std(values: list[float], digits: int) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "–"
@@ -232,24 +78,24 @@ def table(groups: dict[str, list[RunLog]], best: bool = False) -> str:
             _count(hp.get("params/total")),
             _count(hp.get("params/token_embedding")),
             _count(hp.get("params/head_own")),
-            _mean_std(losses, 4),
-            _mean_std([math.exp(v) if v is not None else None for v in losses], 2),
+            mean_std(losses, 4),
+            mean_std([math.exp(v) if v is not None else None for v in losses], 2),
         ]
         if best:
             lowest = [r.best("val/loss") for r in runs]
             row += [
-                _mean_std([v for v, _ in lowest], 4),
-                _mean_std([math.exp(v) if v is not None else None for v, _ in lowest], 2),
+                mean_std([v for v, _ in lowest], 4),
+                mean_std([math.exp(v) if v is not None else None for v, _ in lowest], 2),
                 ",".join(f"{s:,}" if s is not None else "–" for _, s in lowest),
             ]
         if has["val/bpb"]:
-            row.append(_mean_std([r.final("val/bpb") for r in runs], 4))
+            row.append(mean_std([r.final("val/bpb") for r in runs], 4))
         if has["val/excess_loss"]:
-            row.append(_mean_std([r.final("val/excess_loss") for r in runs], 4))
-        row += [_mean_std([r.final(tag) for r in runs], 3) for tag in BUCKETS if has[tag]]
+            row.append(mean_std([r.final("val/excess_loss") for r in runs], 4))
+        row += [mean_std([r.final(tag) for r in runs], 3) for tag in BUCKETS if has[tag]]
         if has["test/loss"]:
             tests = [r.final("test/loss") for r in runs]
-            row.append(_mean_std([math.exp(v) if v is not None else None for v in tests], 2))
+            row.append(mean_std([math.exp(v) if v is not None else None for v in tests], 2))
         speeds = [
             statistics.fmean(
                 v for _, v, _ in r.series("perf/tokens_per_sec")[1:] or r.series("perf/tokens_per_sec")
@@ -262,7 +108,7 @@ def table(groups: dict[str, list[RunLog]], best: bool = False) -> str:
             max(v for _, v, _ in r.series("perf/peak_mem_mib")) if "perf/peak_mem_mib" in r.scalars else None
             for r in runs
         ]
-        row += [_mean_std(speeds, 0), _mean_std(memory, 0), _mean_std([r.minutes() for r in runs], 1)]
+        row += [mean_std(speeds, 0), mean_std(memory, 0), mean_std([r.minutes() for r in runs], 1)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -303,7 +149,7 @@ def _hashable(value):
     return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
 
 
-def _order(value) -> tuple:
+def order(value) -> tuple:
     """Numbers by value before anything else by its text."""
     number = isinstance(value, int | float) and not isinstance(value, bool)
     return (0, value, "") if number else (1, 0, str(value))
@@ -318,7 +164,7 @@ def mixed(groups: dict[str, list[RunLog]]) -> tuple[str, str | None] | None:
         keys = sorted(set().union(*(r.hparams for r in runs)) - {"seed", "max_steps", "lr_decay_steps"})
         # a key some runs lack was not recorded by them (older lmheads), not set otherwise
         values = {
-            k: sorted({_hashable(r.hparams[k]) for r in runs if k in r.hparams}, key=_order) for k in keys
+            k: sorted({_hashable(r.hparams[k]) for r in runs if k in r.hparams}, key=order) for k in keys
         }
         differ = {k: v for k, v in values.items() if len(v) > 1}
         seeds = [r.hparams.get("seed") for r in runs]
@@ -346,11 +192,6 @@ def colours(groups: dict[str, list[RunLog]]) -> dict[str, str]:
         label: matplotlib.colors.to_hex(palette[index[key] % len(palette)])
         for label, key in zip(groups, keys, strict=True)
     }
-
-
-def natural(text: str) -> list:
-    """Sort key in which numbers compare as numbers (``tokens=16384`` before ``tokens=131072``)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
 #: Each plot: file name, the series, its y label and the x axes it is drawn against.

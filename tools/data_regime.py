@@ -23,23 +23,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 import compare
 
+from lmheads.runlog import RunLog, find_runs, split_diverged
 
-def final_train_loss(run: compare.RunLog, last: int = 3) -> float | None:
+
+def final_train_loss(run: RunLog, last: int = 3) -> float | None:
     """Mean of the last few logged training losses (one batch each)."""
     values = [v for _, v, _ in run.series("train/loss")][-last:]
     return statistics.fmean(values) if values else None
 
 
-def grouped(runs: list[compare.RunLog]) -> dict[tuple[str, int], list[compare.RunLog]]:
+def grouped(runs: list[RunLog]) -> dict[tuple[str, int], list[RunLog]]:
     """The runs with an excess loss by head and training-set size: the seeds of one point."""
-    groups: dict[tuple[str, int], list[compare.RunLog]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[RunLog]] = defaultdict(list)
     for r in runs:
         if "val/excess_loss" in r.scalars:
             groups[(r.label, int(r.hparams.get("train_set_tokens", -1)))].append(r)
     return groups
 
 
-def summarise(groups: dict[tuple[str, int], list[compare.RunLog]]) -> dict[tuple[str, int], dict]:
+def summarise(groups: dict[tuple[str, int], list[RunLog]]) -> dict[tuple[str, int], dict]:
     out = {}
     for key, members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1])):
         finals = [r.final("val/excess_loss") for r in members]
@@ -67,21 +69,21 @@ def table(summary: dict[tuple[str, int], dict]) -> str:
             label,
             f"{tokens:,}",
             f"{s['epochs']:.1f}",
-            compare._mean_std(s["final"], 3),
-            compare._mean_std(s["best"], 3),
-            compare._mean_std(s["gap"], 3),
+            compare.mean_std(s["final"], 3),
+            compare.mean_std(s["best"], 3),
+            compare.mean_std(s["gap"], 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(summary: dict[tuple[str, int], dict], runs: list[compare.RunLog], out: Path) -> Path:
+def plot(summary: dict[tuple[str, int], dict], runs: list[RunLog], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[str, list[compare.RunLog]] = defaultdict(list)
+    groups: dict[str, list[RunLog]] = defaultdict(list)
     for r in runs:
         groups[r.label].append(r)
     colour = compare.colours(dict(groups))
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
-    runs, diverged = compare.split_diverged(compare.find_runs(args.roots))
+    runs, diverged = split_diverged(find_runs(args.roots))
     runs = [r for r in runs if "val/excess_loss" in r.scalars]
     if not runs:
         print(f"error: no runs with an excess loss under {', '.join(map(str, args.roots))}", file=sys.stderr)

@@ -1,0 +1,185 @@
+"""Runs read back from their folders, for analysis: the logged scalars, the hyperparameters, the test of
+a checkpoint filed in the run, and whether the run diverged.
+
+    from lmheads.runlog import find_runs
+    runs = find_runs([Path("runs/wikitext2_tying")])
+    {r.path.name: r.final("val/loss") for r in runs}
+
+A run resumed from a checkpoint has several event files: they are read in order, later values win for a
+repeated step, and wall-clock time excludes the pause between them. ``tools/compare.py``,
+``tools/buckets.py`` and ``tools/data_regime.py`` build their tables on these.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lmheads.runs import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
+
+#: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
+EVALUATIONS = ("validate", "test", "predict")
+
+
+@dataclass
+class RunLog:
+    """One run as its folder records it: its ``hparams.yaml`` and every scalar it logged (with the test
+    of its checkpoint, where one is filed in the run)."""
+
+    path: Path
+    hparams: dict
+    scalars: dict[str, dict[int, tuple[float, float]]]  # tag -> step -> (value, seconds since start)
+    final_step: int = 0  # where fit last ended (results.json), beyond the last logged step when not logged
+    diverged_at: int | None = None  # the step its training loss became NaN or infinite (diverged.json)
+
+    def series(self, tag: str) -> list[tuple[int, float, float]]:
+        """(step, value, seconds since the run started) for each logged value of ``tag``, by step."""
+        return sorted((step, v, t) for step, (v, t) in self.scalars.get(tag, {}).items())
+
+    def steps(self) -> int:
+        """Optimizer steps trained: one more than the last step a value was logged at (logged steps
+        count from 0), or the step ``fit`` ended at if later."""
+        logged = max((max(points) for points in self.scalars.values() if points), default=-1) + 1
+        return max(logged, self.final_step)
+
+    def final(self, tag: str) -> float | None:
+        """The last logged value of ``tag`` (None if the run never logged it)."""
+        values = self.series(tag)
+        return values[-1][1] if values else None
+
+    def best(self, tag: str) -> tuple[float, int] | tuple[None, None]:
+        """The lowest value of a series and the optimizer steps trained when it was logged."""
+        values = self.series(tag)
+        if not values:
+            return None, None
+        step, value, _ = min(values, key=lambda point: point[1])
+        return value, step + 1  # a validation logged at step s follows s + 1 optimizer steps
+
+    def minutes(self) -> float | None:
+        """Wall-clock minutes from the first logged value to the last, pauses between sessions excluded."""
+        times = [t for points in self.scalars.values() for _, t in points.values()]
+        return max(times) / 60 if times else None
+
+    @property
+    def label(self) -> str:
+        """The head and the options it was given other than its defaults: ``untied (bias=True)``."""
+        options = json.loads(self.hparams.get("head_options", "{}") or "{}")
+        defaults = _default_options(str(self.hparams.get("head")))
+        changed = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
+        extra = ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
+        return f"{self.hparams.get('head')}" + (f" ({extra})" if extra else "")
+
+
+def _default_options(head: str) -> dict:
+    try:
+        from lmheads.heads import head_class
+
+        return head_class(head)().options()
+    except Exception:  # a head that is not importable here: show all its options
+        return {}
+
+
+def _event_files(run_dir: Path) -> list[Path]:
+    def created(path: Path) -> float:
+        parts = path.name.split(".")
+        return float(parts[3]) if len(parts) > 3 and parts[3].isdigit() else path.stat().st_mtime
+
+    return sorted(run_dir.glob("events.out.tfevents.*"), key=created)
+
+
+def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
+    """The run in ``run_dir``, with the test of its ``test_checkpoint`` (see :func:`test_evaluation`)."""
+    scalars: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)
+    offset = 0.0
+    for events in _event_files(run_dir):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})  # 0: keep every point
+        acc.Reload()
+        points = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+        times = [e.wall_time for evs in points.values() for e in evs]
+        if not times:
+            continue
+        start = min(times)
+        for tag, evs in points.items():
+            for e in evs:
+                scalars[tag][e.step] = (e.value, offset + e.wall_time - start)
+        offset += max(times) - start
+    results = run_dir / RESULTS_FILE
+    final_step = json.loads(results.read_text()).get("step", 0) if results.is_file() else 0
+    diverged = run_dir / DIVERGED_FILE
+    diverged_at = json.loads(diverged.read_text()).get("step") if diverged.is_file() else None
+    run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at)
+    evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
+    if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
+        for tag, points in load_run(evaluation).scalars.items():
+            if tag.startswith(("test/", "test_freq/")):
+                run.scalars[tag] = points
+    return run
+
+
+def _evaluated(folder: Path) -> dict:
+    """What an evaluation recorded of the checkpoint it read: its step, and any data other than the run's
+    (evaluations from before lmheads recorded it have nothing)."""
+    path = folder / EVALUATED_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _hparams(folder: Path) -> dict:
+    path = folder / "hparams.yaml"
+    return (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+
+
+def test_evaluation(run_dir: Path, checkpoint: str = "last", last_step: int | None = None) -> Path | None:
+    """The run's newest test evaluation of a checkpoint on the run's data: ``last`` (the state the table's
+    other columns end at, ``last_step``; an evaluation of another checkpoint, or of ``last.ckpt`` before
+    the run went on, is not it), or ``best``, the checkpoint of the lowest validation loss that ``fit``
+    recorded in results.json (a run stopped before the end has none: then the newest evaluation of a
+    ``step<N>`` checkpoint, which is what the checkpoint callback keeps for the lowest validation loss)."""
+    folders = [
+        p
+        for p in (run_dir / "test").glob("*")
+        if any(p.glob("events.out.tfevents.*")) and not _evaluated(p).get("other_data")  # the run's data
+    ]
+    if checkpoint == "best":
+        results = run_dir / RESULTS_FILE
+        best = json.loads(results.read_text()).get("best_checkpoint") if results.is_file() else None
+        name = re.escape(Path(best).stem) if best else r"step\d+"
+        folders = [p for p in folders if re.fullmatch(rf"{name}(-\d+)?", p.name)]
+        return max(folders, key=lambda p: p.stat().st_mtime, default=None)
+    last = [p for p in folders if re.fullmatch(r"last(-\d+)?", p.name)]
+    if last_step is not None:  # evaluations that recorded their checkpoint's step (older ones did not)
+        last = [p for p in last if _evaluated(p).get("step", last_step) == last_step]
+    return max(last, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _is_evaluation(folder: Path) -> bool:
+    return folder.parent.name in EVALUATIONS and (folder.parent.parent / "hparams.yaml").is_file()
+
+
+def find_runs(roots: list[Path], test_checkpoint: str = "last") -> list[RunLog]:
+    """Runs under the roots; evaluations filed inside a run (``<run>/test/...``) are not runs."""
+    dirs = sorted({p.parent for root in roots for p in root.rglob("events.out.tfevents.*")})
+    runs = [load_run(d, test_checkpoint) for d in dirs if not _is_evaluation(d)]
+    return [r for r in runs if r.hparams.get("head") and "val/loss" in r.scalars]
+
+
+def split_diverged(runs: list[RunLog]) -> tuple[list[RunLog], str]:
+    """The runs that trained without their loss becoming NaN or infinite, and a line naming the others
+    ("" if none): a diverged run's last values come from before it diverged, and averaged with the others
+    they would read as a run stopped early."""
+    kept = [r for r in runs if r.diverged_at is None]
+    diverged = sorted((r for r in runs if r.diverged_at is not None), key=lambda r: natural(r.path.name))
+    if not diverged:
+        return kept, ""
+    names = ", ".join(f"{r.label} seed {r.hparams.get('seed')} at step {r.diverged_at:,}" for r in diverged)
+    return kept, f"Diverged (training loss NaN or infinite; not in the tables): {names}"
+
+
+def natural(text: str) -> list:
+    """Sort key in which numbers compare as numbers (``tokens=16384`` before ``tokens=131072``)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
