@@ -83,13 +83,18 @@ class SampleWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.show = show
         self._shown = 0
+        self._folder: Path | None = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        # rank 0's folder, on every process: one started on its own (torchrun, SLURM, another node) may
+        # have named the run or numbered the evaluation otherwise
+        self._folder = Path(trainer.log_dir)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
         decode = getattr(trainer.datamodule, "decode", None) or (lambda ids: " ".join(map(str, ids)))
-        folder = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
-        path = Path(folder) / f"samples-rank{trainer.global_rank}.jsonl"
+        path = self._folder / f"samples-rank{trainer.global_rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
             for prompt, completion in zip(

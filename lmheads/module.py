@@ -195,12 +195,13 @@ class LMHeadModule(L.LightningModule):
         return sample(next_logits, idx, max_new_tokens, self.cfg.block_size, temperature, top_k, generator)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        idx, _ = batch
+        idx, targets = batch
         prompt = idx[:, : self.sampling.prompt_tokens]  # (B, P)
         out = self.generate(
             prompt, self.sampling.max_new_tokens, self.sampling.temperature, self.sampling.top_k
         )
-        return {"prompt": prompt, "completion": out[:, prompt.size(1) :]}
+        keep = (targets != IGNORE_INDEX).any(dim=1)  # (B,) a padding block (EvalShard) is not written
+        return {"prompt": prompt[keep], "completion": out[keep, prompt.size(1) :]}
 
     # ------------------------------------------------------------- training
     def setup(self, stage: str) -> None:

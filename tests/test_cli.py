@@ -289,20 +289,40 @@ def test_text_that_is_not_utf8_names_the_file_and_byte(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_single_process_validation(tmp_path):
-    """Validation loss under DDP (uneven batches per rank, a short last batch) equals one process's."""
+    """Validation under DDP equals one process's: every block once, none twice, none left out, with an
+    odd number of blocks (65 of 64 tokens: 33 on one rank, 32 on the other) and a short last batch."""
+    data = ["--data.init_args.batch_size=24", "--data.init_args.val_tokens=4160"]
     result = _run_module(
-        "fit", *quick_args(tmp_path), "--config", str(ROOT / "configs/trainer/ddp-cpu.yaml"),
-        "--data.init_args.batch_size=24", cwd=tmp_path,
+        "fit", *quick_args(tmp_path), "--config", str(ROOT / "configs/trainer/ddp-cpu.yaml"), *data,
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # two ranks really ran
     run = only_run(tmp_path)
-    ddp_val = scalars(run)["val/loss"][-1][1]
+    logged = scalars(run)
     cli = main([
-        "validate", *quick_args(tmp_path), "--data.init_args.batch_size=24", "--trainer.logger=false",
+        "validate", *quick_args(tmp_path), *data, "--trainer.logger=false",
         f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
     ])  # fmt: skip
-    assert math.isclose(cli.trainer.callback_metrics["val/loss"].item(), ddp_val, rel_tol=1e-5)
+    for tag in ("val/loss", "val/excess_loss", "val_freq/loss_rest", "val_freq/token_share_top1pct"):
+        assert math.isclose(cli.trainer.callback_metrics[tag].item(), logged[tag][-1][1], rel_tol=1e-5), tag
+    # predict under DDP: both processes write into the one evaluation folder, each prompt exactly once
+    sampling = ["--sampling.prompt_tokens=8", "--sampling.max_new_tokens=2"]
+    ckpt = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    result = _run_module(
+        "predict", *quick_args(tmp_path), "--config", str(ROOT / "configs/trainer/ddp-cpu.yaml"), *data,
+        *sampling, ckpt, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    main(["predict", *quick_args(tmp_path), *data, *sampling, ckpt])
+    written = {p.relative_to(run).as_posix() for p in run.rglob("samples-*.jsonl")}
+    assert written == {"predict/last/samples-rank0.jsonl", "predict/last/samples-rank1.jsonl",
+                       "predict/last-2/samples-rank0.jsonl"}  # fmt: skip
+
+    def prompts(folder: str) -> list[str]:
+        return sorted(json.loads(line)["prompt"] for p in (run / folder).glob("*.jsonl") for line in p.open())
+
+    assert prompts("predict/last") == prompts("predict/last-2") and len(prompts("predict/last")) == 65
 
 
 def test_bf16_mixed_on_cpu(tmp_path):

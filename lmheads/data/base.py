@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lmheads.errors import ConfigError
 from lmheads.lightning_internals import batches_done_this_epoch
+from lmheads.loss import IGNORE_INDEX
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -101,6 +102,30 @@ class BlockDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return _pair(self.blocks[i])
+
+
+class EvalShard(Dataset):
+    """One process's share of an evaluation split: blocks ``rank``, ``rank + W``, ``rank + 2W``, ... of W
+    processes, so that together they evaluate every block exactly once, as one process does.
+
+    Where the blocks do not divide evenly, the processes one block short end with a padding block whose
+    targets are all ``IGNORE_INDEX``: every process runs the same batches (a sharded model gathers its
+    parameters in every forward, on every process), and the padding adds no token to any metric.
+    (A ``DistributedSampler`` would pad with duplicate blocks, counted twice, or drop the tail.)
+    """
+
+    def __init__(self, dataset: Dataset, world_size: int, rank: int) -> None:
+        self.dataset, self.world_size, self.rank = dataset, world_size, rank
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.world_size)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        index = self.rank + i * self.world_size
+        if index < len(self.dataset):
+            return self.dataset[index]
+        inputs, targets = self.dataset[0]
+        return inputs, torch.full_like(targets, IGNORE_INDEX)
 
 
 def _pair(window: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -244,14 +269,9 @@ class LMDataModule(L.LightningDataModule):
         if train:
             sampler = self._train_sampler(dataset)
         elif trainer is not None and trainer.world_size > 1:
-            # Evaluate every block exactly once: drop the tail rather than pad it with duplicates.
-            sampler = DistributedSampler(
-                dataset,
-                num_replicas=trainer.world_size,
-                rank=trainer.global_rank,
-                shuffle=False,
-                drop_last=True,
-            )
+            dataset = EvalShard(dataset, trainer.world_size, trainer.global_rank)
+            # the shard in order; Lightning leaves a DistributedSampler as it is (it would shard again)
+            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
