@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
+from jsonargparse import get_loader, set_loader
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -78,7 +80,6 @@ def expand_head_names(args: list[str]) -> list[str]:
     untouched; class paths are checked (importable, a Head, not abstract); an unknown bare name raises
     ``ConfigError`` listing the registered heads.
     """
-    known_classes = {cls.__name__ for cls in registered_heads().values()}
     out = list(args)
     for i, arg in enumerate(out):
         key, eq, value = arg.partition("=")
@@ -90,11 +91,33 @@ def expand_head_names(args: list[str]) -> list[str]:
             value, prefix, index = out[i + 1], "", i + 1
         else:
             continue
-        if any(c in value for c in "{:/") or value in known_classes:
-            continue
-        cls = resolve_head(value)
-        out[index] = prefix + f"{cls.__module__}.{cls.__qualname__}"
+        out[index] = prefix + _head_class_path(value)
     return out
+
+
+def _head_class_path(value: str) -> str:
+    """A short head name (``untied``) or class path as the head's checked class path; anything else (a
+    registered class name, YAML, a config file) as it is."""
+    if any(c in value for c in "{:/") or value in {cls.__name__ for cls in registered_heads().values()}:
+        return value
+    cls = resolve_head(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+PARSER_MODE = "lmheads"
+
+
+def load_yaml(text: str) -> Any:
+    """The parser's YAML loader (jsonargparse's), where a config's ``model.head`` (or its ``class_path``)
+    may be a short name, as on the command line: ``head: untied`` becomes the head's class path."""
+    value = get_loader("yaml")(text)
+    model = value.get("model") if isinstance(value, dict) else None
+    head = model.get("head") if isinstance(model, dict) else None
+    if isinstance(head, str):
+        model["head"] = _head_class_path(head)
+    elif isinstance(head, dict) and isinstance(head.get("class_path"), str):
+        head["class_path"] = _head_class_path(head["class_path"])
+    return value
 
 
 class LMHeadsCLI(LightningCLI):
@@ -338,6 +361,7 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
         # Until training starts (where the interruption callback takes SIGTERM over), SIGTERM ends the
         # command like any failed start: what it created is removed (a sweep can then start it again).
         previous = signal.signal(signal.SIGTERM, _stopped_outside_training)
+    set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
     try:
         if argv[:1] == ["heads"]:  # python -m lmheads heads [MODULE ...]
             print(list_heads(argv[1:]))
@@ -351,6 +375,7 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
             trainer_defaults=trainer_defaults(),
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
+                "parser_mode": PARSER_MODE,  # short head names in config files
                 "exit_on_error": False,  # bad options become one error line (explain_parse_error)
                 "allow_abbrev": False,  # --trainer.max_step must not silently mean max_steps
                 "description": "Train and compare output heads of decoder-only language models. "

@@ -180,14 +180,27 @@ def test_validate_and_test_subcommands(tmp_path):
         assert math.isfinite(cli.trainer.callback_metrics[f"{prefix}/loss"].item())
 
 
-def test_print_config_and_short_head_names(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(
-            ["fit", "--config", QUICKSTART, "--model.head=untied", "--model.head.bias=true", "--print_config"]
-        )
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
+def test_print_config_and_short_head_names(tmp_path, capsys):
+    def printed(*args: str) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "--config", QUICKSTART, *args, "--print_config"])
+        assert exc.value.code == 0
+        return capsys.readouterr().out
+
+    out = printed("--model.head=untied", "--model.head.bias=true")
     assert "class_path: lmheads.heads.untied.UntiedHead" in out and "bias: true" in out
+    # in a config file too, as the head itself or as its class_path
+    one_line, in_full = tmp_path / "one_line.yaml", tmp_path / "in_full.yaml"
+    one_line.write_text("model:\n  head: untied\n")
+    in_full.write_text("model:\n  head:\n    class_path: tied_bias\n    init_args:\n      z_loss: 0.5\n")
+    assert "class_path: lmheads.heads.untied.UntiedHead" in printed("--config", str(one_line))
+    out = printed("--config", str(in_full))
+    assert "class_path: lmheads.heads.tied.TiedBiasHead" in out and "z_loss: 0.5" in out
+    one_line.write_text("model:\n  head: untide\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", QUICKSTART, "--config", str(one_line), "--print_config"])
+    assert exc.value.code == 2
+    assert "error: unknown head 'untide'; registered heads: lowrank_tied" in capsys.readouterr().err
     assert expand_head_names(["--model.head", "tied_bias"]) == [
         "--model.head",
         "lmheads.heads.tied.TiedBiasHead",
