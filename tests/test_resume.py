@@ -253,8 +253,18 @@ def test_export_gives_aliases_one_owner(tmp_path):
 def test_export_tool(tmp_path, capsys):
     fit(tmp_path, steps=2, every=2)
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
-    assert tool("export").main([str(ckpt), str(tmp_path / "m.safetensors")]) == 0
-    assert "reloaded logits identical: True" in capsys.readouterr().out
+    export, out = tool("export"), tmp_path / "m.safetensors"
+    assert export.main([str(ckpt), str(out)]) == 0
+    assert "reloaded logits identical" in capsys.readouterr().out
+    # an existing file is not replaced unless asked, and bad input is one line with nothing written
+    before = out.read_bytes()
+    assert export.main([str(ckpt), str(out)]) == 2
+    assert f"error: {out} exists; give another output path, or --overwrite" in capsys.readouterr().err
+    assert export.main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert out.read_bytes() == before
+    assert export.main([str(ckpt), str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*safetensors*")) == ["m.safetensors"]  # no partial left
 
 
 def test_resume_on_fewer_gpus_restores_the_states_it_can(monkeypatch):

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
+from lmheads.checkpointing import read_checkpoint
+from lmheads.errors import ConfigError
 from lmheads.export import export_safetensors, load_safetensors
 from lmheads.module import LMHeadModule
 from lmheads.reporting import parameter_counts
@@ -22,20 +25,39 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", help="a Lightning checkpoint written by lmheads")
-    parser.add_argument("output", help="the .safetensors file to write")
+    parser.add_argument("output", type=Path, help="the .safetensors file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
-    model = LMHeadModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
-    aliases = export_safetensors(model, args.output)
-    again = load_safetensors(args.output).eval()
-    idx = torch.randint(0, model.backbone.vocab_size, (2, min(16, model.cfg.block_size)))
-    with torch.no_grad():
-        same = torch.equal(model(idx), again(idx))
+    if args.output.exists() and not args.overwrite:
+        print(f"error: {args.output} exists; give another output path, or --overwrite", file=sys.stderr)
+        return 2
+    try:
+        read_checkpoint(args.checkpoint)
+        model = LMHeadModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # written beside the output and moved there once the round trip holds: a failed export changes nothing
+    partial = args.output.with_name(f".{args.output.name}.partial")
+    try:
+        aliases = export_safetensors(model, partial)
+        again = load_safetensors(partial).eval()
+        idx = torch.randint(0, model.backbone.vocab_size, (2, min(16, model.cfg.block_size)))
+        with torch.no_grad():
+            same = torch.equal(model(idx), again(idx))
+        if not same:
+            print(f"error: the model reloaded from {args.output} gives other logits; nothing written",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        partial.replace(args.output)
+    finally:
+        partial.unlink(missing_ok=True)
     counts = parameter_counts(model)
     head = model.head.spec()["class_path"]
     alias_note = f", aliases {aliases}" if aliases else ""
     print(f"wrote {args.output}: {counts['total']:,} unique parameters, head {head}{alias_note}; "
-          f"reloaded logits identical: {same}")  # fmt: skip
-    return 0 if same else 1
+          "reloaded logits identical")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
