@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     first, second = args.heads
     runs, diverged = split_diverged(find_runs(args.roots))
+    if not runs:
+        where = ", ".join(map(str, args.roots)) + (f"; {diverged}" if diverged else "")
+        print(f"error: no lmheads runs with validation loss under {where}", file=sys.stderr)
+        return 2
     if args.against:
         result = against(runs, args.against, args.by)
         if not result:
