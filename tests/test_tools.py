@@ -358,6 +358,15 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
     rows = buckets.against(runs, "tied", [])
     assert rows == {"mos": {1: -0.5}, "untied": {0: -0.25, 1: 0.0}, "tied_bias": {0: 0.25, 1: 0.5}}
     assert list(rows) == ["mos", "untied", "tied_bias"]  # by the mean difference
+    for r in runs:  # two data sizes: group by group (in the order of their values), by the mean within
+        r.hparams["tokens"] = 1_000_000 if r.hparams["seed"] else 20_000
+    grouped = tool("buckets").against(runs, "tied", ["tokens"])
+    assert list(grouped) == [
+        "untied (tokens=20,000)", "tied_bias (tokens=20,000)",
+        "mos (tokens=1,000,000)", "untied (tokens=1,000,000)", "tied_bias (tokens=1,000,000)",
+    ]  # fmt: skip
+    for r in runs:
+        del r.hparams["tokens"]
     text = buckets.against_table(rows, "each head", "tied")
     assert "| head | seed 0 | seed 1 | mean | p |" in text
     # a paired t-test with one degree of freedom: t = 0.375 / (0.177 / sqrt 2) = 3, p = 1 - 2 atan(3) / pi

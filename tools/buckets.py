@@ -82,6 +82,14 @@ def _p(differences: list[float]) -> str:
 P_NOTE = "p: two-sided paired t-test over the seeds that the mean difference is zero"
 
 
+def group_name(by: list[str], group: tuple) -> str:
+    """``train_set_tokens=16,384`` for the values ``group`` of the hyperparameters ``by``."""
+    name = ", ".join(
+        f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in zip(by, group, strict=True)
+    )
+    return name or "all runs"
+
+
 def pairs_by_group(
     runs: list[RunLog], first: str, second: str, by: list[str]
 ) -> dict[str, dict[object, tuple[RunLog, RunLog]]]:
@@ -107,10 +115,7 @@ def pairs_by_group(
     for (group, seed), members in sorted(pairs.items(), key=order):
         if first not in members or second not in members:
             continue
-        name = ", ".join(
-            f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in zip(by, group, strict=True)
-        )
-        out[name or "all runs"][seed] = (members[first], members[second])
+        out[group_name(by, group)][seed] = (members[first], members[second])
     for group, seeds in out.items():  # each head's runs in a group: the seeds of one configuration
         for i, head in enumerate((first, second)):
             problem = compare.mixed({f"{head} ({group})": [pair[i] for pair in seeds.values()]})
@@ -155,13 +160,19 @@ def over_steps(paired: dict[str, dict]) -> dict[str, dict]:
 
 def against(runs: list[RunLog], reference: str, by: list[str]) -> dict[str, dict[object, float]]:
     """``{row: {seed: difference}}``: the final validation loss of each other head minus ``reference``'s,
-    paired by seed (rows ``head`` or, with ``by``, ``head (group)``), in order of the mean difference."""
-    rows = {}
+    paired by seed (rows ``head`` or, with ``by``, ``head (group)``), group by group and within a group
+    in order of the mean difference."""
+    groups = sorted(
+        {tuple(r.hparams.get(k) for k in by) for r in runs}, key=lambda g: [compare.order(v) for v in g]
+    )
+    position = {group_name(by, group): i for i, group in enumerate(groups)}
+    rows, order = {}, {}
     for head in sorted({str(r.hparams.get("head")) for r in runs} - {reference}, key=natural):
         for group, seeds in pairs_by_group(runs, head, reference, by).items():
-            values = {seed: a.final("val/loss") - b.final("val/loss") for seed, (a, b) in seeds.items()}
-            rows[head if group == "all runs" else f"{head} ({group})"] = values
-    return dict(sorted(rows.items(), key=lambda item: statistics.fmean(item[1].values())))
+            row = head if group == "all runs" else f"{head} ({group})"
+            rows[row] = {seed: a.final("val/loss") - b.final("val/loss") for seed, (a, b) in seeds.items()}
+            order[row] = (position[group], statistics.fmean(rows[row].values()))
+    return dict(sorted(rows.items(), key=lambda item: order[item[0]]))
 
 
 def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
