@@ -3,7 +3,7 @@
     python tools/data_regime.py runs/synthetic_data_regime --out docs/results/synthetic_data_regime \\
         --update docs/results.md --section data_regime
 
-Reads the runs under the given folders (``tools/compare.py`` finds them), groups them by head and by
+Reads the runs under the given folders (``lmheads.runlog`` finds them), groups them by head and by
 the number of tokens in their training split (``train_set_tokens``), and reports, as mean ± std over
 seeds: the excess loss at the end of training and at its best validation (the best checkpoint's), the
 epochs trained, and the gap between validation and training loss at the end. Plots excess loss against
