@@ -193,21 +193,48 @@ def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
 
 
 def against_plot(rows: dict[str, dict], _: str, reference: str, out: Path, name: str) -> Path:
+    """A bar per row, the mean over seeds, with a dot per seed; rows of groups (``--by``): the groups
+    along the axis, a bar of each head's colour in each, on a scale linear near zero and logarithmic
+    beyond (differences of a thousandth and of nats side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
-    means = [statistics.fmean(values.values()) for values in rows.values()]
-    ax.bar(range(len(rows)), means, width=0.6, color="tab:blue", alpha=0.5, label="mean over seeds")
-    xs = [i for i, values in enumerate(rows.values()) for _ in values]
-    ax.plot(xs, [v for values in rows.values() for v in values.values()], "o", color="black", label="a seed")
+    split = [_head_and_group(row) for row in rows]
+    groups = list(dict.fromkeys(group for _, group in split))
+    if groups == [""]:
+        xs, width, colours, ticks = list(range(len(rows))), 0.6, ["tab:blue"] * len(rows), list(rows)
+    else:
+        heads = sorted({head for head, _ in split}, key=natural)
+        palette = matplotlib.colormaps["tab10"].colors
+        width = 0.8 / len(heads)
+        xs = [groups.index(g) + (heads.index(h) - (len(heads) - 1) / 2) * width for h, g in split]
+        colours = [palette[heads.index(h) % len(palette)] for h, _ in split]
+        ticks = groups
+        ax.set_yscale("symlog", linthresh=0.01)
+    labelled = set()
+    for x, (head, _), colour, values in zip(xs, split, colours, rows.values(), strict=True):
+        label = "mean over seeds" if groups == [""] else head
+        ax.bar(x, statistics.fmean(values.values()), width=width * 0.9, color=colour, alpha=0.6,
+               label=None if label in labelled else label)  # fmt: skip
+        labelled.add(label)
+        ax.plot([x] * len(values), list(values.values()), ".", color="black",
+                label=None if "a seed" in labelled else "a seed")  # fmt: skip
+        labelled.add("a seed")
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(rows)), list(rows), rotation=20, ha="right")
+    ax.set_xticks(range(len(ticks)), ticks, rotation=20, ha="right")
     ax.set_ylabel(f"val loss, head - {reference} (nats)")
     ax.grid(alpha=0.3, axis="y")
     return compare.save_plot(fig, ax, out / f"{name}.png")
+
+
+def _head_and_group(row: str) -> tuple[str, str]:
+    """The head and the group of a row: ``untied (tokens=16,384)`` -> ``("untied", "tokens=16,384")``,
+    ``untied`` -> ``("untied", "")``."""
+    head, _, group = row.partition(" (")
+    return head, group.removesuffix(")")
 
 
 def _val_loss(run: RunLog) -> dict[int, float]:
