@@ -44,6 +44,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 out=${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}
+if [ -n "$(ls -A "$out" 2> /dev/null)" ]; then  # its runs would be refused as runs already there
+  echo "error: $out is not empty (an earlier check's?); give a new folder, or none for gpu-check-<time>" >&2
+  exit 2
+fi
 mkdir -p "$out"
 deadline=${LMHEADS_CHECK_SECONDS:-$([ "$extended" = 1 ] && echo 900 || echo 480)}
 # shellcheck source=tools/gpu_lib.sh
