@@ -380,6 +380,8 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
                 "allow_abbrev": False,  # --trainer.max_step must not silently mean max_steps
                 "description": "Train and compare output heads of decoder-only language models. "
                 "`python -m lmheads heads [MODULE ...]` lists the available heads.",
+                # `python -m lmheads`, not __main__.py; the `lmheads` script keeps its own name
+                **({"prog": "python -m lmheads"} if Path(sys.argv[0]).name == "__main__.py" else {}),
             },
             args=args,
             run=run,
