@@ -20,7 +20,7 @@ from lmheads.module import LMHeadModule
 from lmheads.reporting import parameter_counts
 from lmheads.sharding import check_strategy
 
-from .helpers import ROOT, fit, main, only_run, quick_args
+from .helpers import ROOT, fit, main, only_run, quick_args, scalars
 from .probes import FSDP1_BACKBONE, fsdp1_worker
 from .test_cli import _run_module
 
@@ -65,6 +65,24 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_fsdp2_evaluates_every_block_once_when_blocks_do_not_divide(tmp_path):
+    """65 validation blocks on 2 FSDP2 processes: the one a block short runs a padding block (its
+    forward gathers parameters like every other), so neither waits on the other, and the metrics equal
+    one process's."""
+    data = ["--data.init_args.batch_size=24", "--data.init_args.val_tokens=4160"]
+    result = _run_module("fit", *quick_args(tmp_path, steps=2, every=2), *FSDP2, *data, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(tmp_path)
+    cli = main([
+        "validate", *quick_args(tmp_path), *data, "--trainer.logger=false",
+        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    ])  # fmt: skip
+    logged = scalars(run)
+    for tag in ("val/loss", "val/excess_loss", "val_freq/loss_top1pct"):
+        assert math.isclose(cli.trainer.callback_metrics[tag].item(), logged[tag][-1][1], rel_tol=1e-5), tag
+
+
 @pytest.mark.parametrize(("strategy", "rank"), [("ddp", 1), ("fsdp2", None)])
 def test_interrupt_and_resume_on_two_processes_reproduce_the_straight_run(tmp_path, strategy, rank):
     """A SIGTERM that reaches one process (ddp: rank 1 only) or all of them (fsdp2) stops both at the same
