@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -25,6 +25,19 @@ from lmheads.runs import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
 
 #: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
 EVALUATIONS = ("validate", "test", "predict")
+
+#: Options of a run's config that change neither what it trains nor what it measures: its seed and its
+#: length (the seed column and the budget line report them), its name and place, what it prints and
+#: samples, the checkpoint it started from, where it runs (the devices' tokens per step are in its
+#: hyperparameters), compilation, and when it validates.
+BOOKKEEPING = re.compile(
+    r"(seed_everything|ckpt_path|weights_only|sampling|model\.(lr_decay_steps|compile)"
+    r"|data\.init_args\.num_workers|trainer\.(logger|default_root_dir|max_steps|max_epochs|max_time"
+    r"|min_steps|min_epochs|enable_progress_bar|enable_model_summary|enable_checkpointing|log_every_n_steps"
+    r"|num_sanity_val_steps|val_check_interval|check_val_every_n_epoch|profiler|enable_autolog_hparams"
+    r"|model_registry|detect_anomaly|inference_mode|benchmark|deterministic|accelerator|strategy|devices"
+    r"|num_nodes|sync_batchnorm))(\.|$)"
+)
 
 
 @dataclass
@@ -37,6 +50,22 @@ class RunLog:
     scalars: dict[str, dict[int, tuple[float, float]]]  # tag -> step -> (value, seconds since start)
     final_step: int = 0  # where fit last ended (results.json), beyond the last logged step when not logged
     diverged_at: int | None = None  # the step its training loss became NaN or infinite (diverged.json)
+    config: dict = field(default_factory=dict)  # its config.yaml, flat (``model.lr``), where it has one
+
+    def setting(self, key: str):
+        """A hyperparameter (``hparams.yaml``: ``lr``) or an option of its config (``model.min_lr_ratio``)."""
+        return self.hparams[key] if key in self.hparams else self.config.get(key)
+
+    def settings(self) -> dict:
+        """What makes the run the configuration it is: its hyperparameters and every option of its config
+        that changes what it trains or measures (:data:`BOOKKEEPING` aside; a data file by its name,
+        since a copy elsewhere holds the same text), but not its seed or its length (the budget)."""
+        options = {k: v for k, v in self.config.items() if not BOOKKEEPING.match(k)}
+        for key, value in options.items():
+            if key.endswith("_file") and isinstance(value, str):
+                options[key] = Path(value).name
+        budget = {"seed", "max_steps", "lr_decay_steps"}
+        return {**{k: v for k, v in self.hparams.items() if k not in budget}, **options}
 
     def series(self, tag: str) -> list[tuple[int, float, float]]:
         """(step, value, seconds since the run started) for each logged value of ``tag``, by step."""
@@ -113,7 +142,7 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
     final_step = json.loads(results.read_text()).get("step", 0) if results.is_file() else 0
     diverged = run_dir / DIVERGED_FILE
     diverged_at = json.loads(diverged.read_text()).get("step") if diverged.is_file() else None
-    run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at)
+    run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at, _config(run_dir))
     evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
     if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
         for tag, points in load_run(evaluation).scalars.items():
@@ -132,6 +161,23 @@ def _evaluated(folder: Path) -> dict:
 def _hparams(folder: Path) -> dict:
     path = folder / "hparams.yaml"
     return (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+
+
+def _config(folder: Path) -> dict:
+    """The run's ``config.yaml`` (the options it started with) as flat keys; lists as JSON text."""
+    path = folder / "config.yaml"
+    config = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    flat = {}
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(inner, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, list | dict) else value
+
+    walk(config, "")
+    return flat
 
 
 def test_evaluation(run_dir: Path, checkpoint: str = "last", last_step: int | None = None) -> Path | None:

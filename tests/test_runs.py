@@ -424,6 +424,32 @@ def test_compare_refuses_to_average_runs_of_other_configurations_as_seeds(tmp_pa
     assert "| tied, lr=0.003 | 0 |" in out and "| tied, lr=0.01 | 0 |" in out
 
 
+def test_compare_refuses_runs_that_differ_in_an_option_only_their_config_holds(tmp_path, capsys):
+    """Options that are not hyperparameters (another validation set, the schedule's floor) make other
+    runs too; where a run trained or how it reported does not, nor does a copy of its data elsewhere."""
+    fit(tmp_path, steps=2, every=2)
+    fit(tmp_path, "--seed_everything=1", "--data.init_args.val_tokens=8192", "--model.min_lr_ratio=0.5",
+        "--trainer.log_every_n_steps=2", "--sampling.validation_samples=0", steps=2, every=2)  # fmt: skip
+    compare = tool("compare")
+    assert compare.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the runs of tied are not seeds of one configuration: data.init_args.val_tokens (4096, 8192); "
+        "model.min_lr_ratio (0.1, 0.5). To compare them, give --by data.init_args.val_tokens" in err
+    )
+    assert compare.main([str(tmp_path), "--by", "data.init_args.val_tokens"]) == 0  # a config option too
+    assert "| tied, data.init_args.val_tokens=8192 | 1 |" in capsys.readouterr().out
+    # a data file by its name: the same text at another path is the same data
+    a, b = (runlog.RunLog(Path(n), {"head": "tied", "seed": i}, {}) for i, n in enumerate("ab"))
+    a.config, b.config = (
+        {"data.init_args.train_file": "/x/train.txt"},
+        {"data.init_args.train_file": "train.txt"},
+    )
+    assert compare.mixed({"tied": [a, b]}) is None
+    b.config["data.init_args.train_file"] = "/x/other.txt"
+    assert compare.mixed({"tied": [a, b]})[1] == "data.init_args.train_file"
+
+
 def test_compare_takes_a_setting_older_runs_did_not_record_for_unknown_not_different():
     compare = tool("compare")
     old = runlog.RunLog(Path("old"), {"head": "tied", "seed": 0, "lr": 0.01}, {})

@@ -98,7 +98,7 @@ def pairs_by_group(
     pairs: dict[tuple, dict[str, RunLog]] = defaultdict(dict)
     for r in runs:
         if r.hparams.get("head") in (first, second):
-            key = (tuple(r.hparams.get(k) for k in by), r.hparams.get("seed"))
+            key = (tuple(r.setting(k) for k in by), r.hparams.get("seed"))
             other = pairs[key].get(r.hparams["head"])
             if other is not None:
                 raise SystemExit(
@@ -163,7 +163,7 @@ def against(runs: list[RunLog], reference: str, by: list[str]) -> dict[str, dict
     paired by seed (rows ``head`` or, with ``by``, ``head (group)``), group by group and within a group
     in order of the mean difference."""
     groups = sorted(
-        {tuple(r.hparams.get(k) for k in by) for r in runs}, key=lambda g: [compare.order(v) for v in g]
+        {tuple(r.setting(k) for k in by) for r in runs}, key=lambda g: [compare.order(v) for v in g]
     )
     position = {group_name(by, group): i for i, group in enumerate(groups)}
     rows, order = {}, {}

@@ -161,17 +161,19 @@ def mixed(groups: dict[str, list[RunLog]]) -> tuple[str, str | None] | None:
     Averaged as seeds, such runs would make a row that no configuration trained. Returns the reason and
     the hyperparameter that would tell the runs apart (``None`` when only seeds repeat)."""
     for label, runs in groups.items():
-        keys = sorted(set().union(*(r.hparams for r in runs)) - {"seed", "max_steps", "lr_decay_steps"})
+        settings = [r.settings() for r in runs]
+        keys = sorted(set().union(*settings))
         # a key some runs lack was not recorded by them (older lmheads), not set otherwise
-        values = {
-            k: sorted({_hashable(r.hparams[k]) for r in runs if k in r.hparams}, key=order) for k in keys
-        }
+        values = {k: sorted({_hashable(s[k]) for s in settings if k in s}, key=order) for k in keys}
         differ = {k: v for k, v in values.items() if len(v) > 1}
         seeds = [r.hparams.get("seed") for r in runs]
         repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1}, key=natural)
         if not differ and not repeated:
             continue
-        chosen = [k for k in differ if not k.startswith("params/")] or list(differ)  # counts follow options
+        # name the hyperparameters that differ (their config options repeat them: lr and model.lr), where
+        # any do, else the config's options (their keys have dots); parameter counts follow the options
+        recorded = [k for k in differ if "." not in k] or list(differ)
+        chosen = [k for k in recorded if not k.startswith("params/")] or recorded
         reasons = [f"{k} ({', '.join(map(str, differ[k]))})" for k in chosen]
         reasons += [f"seed {seed} twice" for seed in repeated]
         hint = next((k for k in chosen if not k.startswith("params/")), None)
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     groups: dict[str, list[RunLog]] = defaultdict(list)
 
     def label(r: RunLog) -> str:
-        return ", ".join([r.label, *(f"{key}={r.hparams.get(key)}" for key in args.by)])
+        return ", ".join([r.label, *(f"{key}={r.setting(key)}" for key in args.by)])
 
     for r in sorted(runs, key=lambda r: (natural(label(r)), r.hparams.get("seed", 0))):
         groups[label(r)].append(r)
