@@ -29,10 +29,11 @@ EVALUATIONS = ("validate", "test", "predict")
 #: Options of a run's config that change neither what it trains nor what it measures: its seed and its
 #: length (the seed column and the budget line report them), its name and place, what it prints and
 #: samples, the checkpoint it started from, where it runs (the devices' tokens per step are in its
-#: hyperparameters), compilation, and when it validates.
+#: hyperparameters), compilation, when it validates, and where and with how many processes its data is
+#: prepared.
 BOOKKEEPING = re.compile(
     r"(seed_everything|ckpt_path|weights_only|sampling|model\.(lr_decay_steps|compile)"
-    r"|data\.init_args\.num_workers|trainer\.(logger|default_root_dir|max_steps|max_epochs|max_time"
+    r"|data\.init_args\.(num_workers|cache_dir|num_proc)|trainer\.(logger|default_root_dir|max_steps|max_epochs|max_time"
     r"|min_steps|min_epochs|enable_progress_bar|enable_model_summary|enable_checkpointing|log_every_n_steps"
     r"|num_sanity_val_steps|val_check_interval|check_val_every_n_epoch|profiler|enable_autolog_hparams"
     r"|model_registry|detect_anomaly|inference_mode|benchmark|deterministic|accelerator|strategy|devices"
