@@ -33,8 +33,9 @@ EVALUATIONS = ("validate", "test", "predict")
 #: prepared.
 BOOKKEEPING = re.compile(
     r"(seed_everything|ckpt_path|weights_only|sampling|model\.(lr_decay_steps|compile)"
-    r"|data\.init_args\.(num_workers|cache_dir|num_proc)|trainer\.(logger|default_root_dir|max_steps|max_epochs|max_time"
-    r"|min_steps|min_epochs|enable_progress_bar|enable_model_summary|enable_checkpointing|log_every_n_steps"
+    r"|data\.init_args\.(num_workers|cache_dir|num_proc)"
+    r"|trainer\.(logger|default_root_dir|max_steps|max_epochs|max_time|min_steps|min_epochs"
+    r"|enable_progress_bar|enable_model_summary|enable_checkpointing|log_every_n_steps"
     r"|num_sanity_val_steps|val_check_interval|check_val_every_n_epoch|profiler|enable_autolog_hparams"
     r"|model_registry|detect_anomaly|inference_mode|benchmark|deterministic|accelerator|strategy|devices"
     r"|num_nodes|sync_batchnorm))(\.|$)"
