@@ -44,8 +44,8 @@ BOOKKEEPING = re.compile(
 
 @dataclass
 class RunLog:
-    """One run as its folder records it: its ``hparams.yaml`` and every scalar it logged (with the test
-    of its checkpoint, where one is filed in the run)."""
+    """One run as its folder records it: its ``hparams.yaml``, its ``config.yaml`` and every scalar it
+    logged (with the test of its checkpoint, where one is filed in the run)."""
 
     path: Path
     hparams: dict
@@ -62,10 +62,11 @@ class RunLog:
         """What makes the run the configuration it is: its hyperparameters and every option of its config
         that changes what it trains or measures (:data:`BOOKKEEPING` aside; a data file by its name,
         since a copy elsewhere holds the same text), but not its seed or its length (the budget)."""
-        options = {k: v for k, v in self.config.items() if not BOOKKEEPING.match(k)}
-        for key, value in options.items():
-            if key.endswith("_file") and isinstance(value, str):
-                options[key] = Path(value).name
+        options = {
+            k: Path(v).name if k.endswith("_file") and isinstance(v, str) else v
+            for k, v in self.config.items()
+            if not BOOKKEEPING.match(k)
+        }
         budget = {"seed", "max_steps", "lr_decay_steps"}
         return {**{k: v for k, v in self.hparams.items() if k not in budget}, **options}
 
