@@ -217,6 +217,12 @@ def find_runs(roots: list[Path], test_checkpoint: str = "last") -> list[RunLog]:
     return [r for r in runs if r.hparams.get("head") and "val/loss" in r.scalars]
 
 
+def no_runs_message(roots: list[Path], diverged: str) -> str:
+    """What to say when the roots hold no run to report (naming the diverged ones, if any)."""
+    where = ", ".join(map(str, roots)) + (f"; {diverged}" if diverged else "")
+    return f"error: no lmheads runs with validation loss under {where}"
+
+
 def split_diverged(runs: list[RunLog]) -> tuple[list[RunLog], str]:
     """The runs that trained without their loss becoming NaN or infinite, and a line naming the others
     ("" if none): a diverged run's last values come from before it diverged, and averaged with the others

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 import compare
 
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
-from lmheads.runlog import RunLog, find_runs, natural, split_diverged
+from lmheads.runlog import RunLog, find_runs, natural, no_runs_message, split_diverged
 
 TAGS = {"val/loss": "all tokens"} | {
     bucket_loss_metric("val", b): FREQUENCY_BUCKET_LABELS[b] for b in FREQUENCY_BUCKETS
@@ -83,7 +83,7 @@ P_NOTE = "p: two-sided paired t-test over the seeds that the mean difference is 
 
 
 def group_name(by: list[str], group: tuple) -> str:
-    """``train_set_tokens=16,384`` for the values ``group`` of the hyperparameters ``by``."""
+    """``train_set_tokens=16,384`` for the values ``group`` of the settings ``by``."""
     name = ", ".join(
         f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in zip(by, group, strict=True)
     )
@@ -349,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     first, second = args.heads
     runs, diverged = split_diverged(find_runs(args.roots))
     if not runs:
-        where = ", ".join(map(str, args.roots)) + (f"; {diverged}" if diverged else "")
-        print(f"error: no lmheads runs with validation loss under {where}", file=sys.stderr)
+        print(no_runs_message(args.roots, diverged), file=sys.stderr)
         return 2
     if args.against:
         result = against(runs, args.against, args.by)

@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
-from lmheads.runlog import RunLog, find_runs, natural, split_diverged
+from lmheads.runlog import RunLog, find_runs, natural, no_runs_message, split_diverged
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
@@ -307,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs, diverged = split_diverged(find_runs(args.roots, "best" if args.best else "last"))
     if not runs:
-        where = ", ".join(map(str, args.roots)) + (f"; {diverged}" if diverged else "")
-        print(f"error: no lmheads runs with validation loss under {where}", file=sys.stderr)
+        print(no_runs_message(args.roots, diverged), file=sys.stderr)
         return 2
     groups: dict[str, list[RunLog]] = defaultdict(list)
 
