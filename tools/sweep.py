@@ -173,10 +173,12 @@ def changed_options(record: dict, cmd: list[str], digests: dict[str, str]) -> st
 
 
 def diverged_step(run_dir: Path) -> int | None:
-    """The step at which the run's training loss became NaN or infinite, from its ``diverged.json``."""
+    """The step at which the run's training loss became NaN or infinite, from its ``diverged.json``
+    (``None`` without one)."""
     from lmheads.runs import DIVERGED_FILE
 
-    return json.loads((run_dir / DIVERGED_FILE).read_text()).get("step")
+    path = run_dir / DIVERGED_FILE
+    return json.loads(path.read_text()).get("step") if path.is_file() else None
 
 
 def thread_env(jobs: int) -> dict[str, str]:
@@ -264,10 +266,10 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     if returncode is None:
         return run, NOT_STARTED
     from lmheads.errors import NonFiniteLossError
-    from lmheads.runs import DIVERGED_FILE
 
     status = "done" if returncode == 0 else "interrupted" if returncode in (130, 143) else "failed"
-    if returncode == NonFiniteLossError.exit_code and (run_dir / DIVERGED_FILE).is_file():
+    step = diverged_step(run_dir) if returncode == NonFiniteLossError.exit_code else None
+    if step is not None:
         status = "diverged"  # a result, kept as it is
     outcome = {"status": status, "returncode": returncode, "seconds": round(time.time() - start, 1)}
     marker.write_text(json.dumps({**outcome, "command": cmd, "configs": digests}, indent=2))
@@ -277,7 +279,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     elif status == "interrupted":
         detail = f"after {seconds} s; the next call resumes it"
     elif status == "diverged":
-        detail = f"at step {diverged_step(run_dir)}, after {seconds} s; compare.py names it"
+        detail = f"at step {step}, after {seconds} s; compare.py names it"
     else:
         detail = f"exit {returncode}, see {run_dir / 'sweep.log'}"
     return run, f"{status} ({detail})"
