@@ -50,6 +50,7 @@ from lmheads.runs import (
     evaluation_folder,
     named_run_folder,
     record_evaluation,
+    refuse_earlier_samples,
     refuse_requeue_checkpoint,
     run_of_checkpoint,
     tensorboard_args,
@@ -57,6 +58,7 @@ from lmheads.runs import (
 from lmheads.sharding import check_strategy
 
 HEAD_KEY = "--model.head"
+VERSION = "--trainer.logger.init_args.version"
 
 
 def trainer_defaults() -> dict[str, Any]:
@@ -227,7 +229,8 @@ class LMHeadsCLI(LightningCLI):
             self._checkpoint = None
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.sampling = config.sampling
-        if self.subcommand and self.run_folder is None and config.get("ckpt_path") is None:
+        shared = self.run_folder is None or self.run_folder.shared  # a folder other commands write to
+        if self.subcommand and shared and config.get("ckpt_path") is None:
             refuse_requeue_checkpoint(Path(self.trainer.default_root_dir), self.subcommand)
 
     def _check_training_of(self, run: Path) -> None:
@@ -250,13 +253,62 @@ class LMHeadsCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Choose and claim the run's folder (:mod:`lmheads.runs`): a new fit gets
         ``<head>-seed<seed>-<time>``, a fit resuming a checkpoint of a run continues in that run, and an
-        evaluation of a checkpoint of a run goes to ``<run>/<subcommand>/<checkpoint name>``."""
+        evaluation of a checkpoint of a run goes to ``<run>/<subcommand>/<checkpoint name>``. Without a
+        logger a fit's folder is ``trainer.default_root_dir`` (where Lightning then writes its config and
+        checkpoints), held to the same rule, and an evaluation writes no config file."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        args = tensorboard_args(config)
-        if args is None:
-            return
         ckpt = config.get("ckpt_path")
         run = run_of_checkpoint(ckpt) if self._checkpoint is not None else None
+        args = tensorboard_args(config)
+        if args is not None:
+            folder = self._tensorboard_folder(config, args, run, ckpt)
+        elif config.trainer.get("logger") is False and self.subcommand == "fit":
+            folder = Path(config.trainer.get("default_root_dir") or ".").resolve()
+        else:
+            if config.trainer.get("logger") is False and self.subcommand is not None:
+                self.save_config_callback = None  # nothing is logged, nor a config beside it
+                if self.subcommand == "predict":
+                    refuse_earlier_samples(Path(config.trainer.get("default_root_dir") or ".").resolve())
+            return
+        resume = self.subcommand == "fit" and run is not None and run.resolve() == folder
+        if resume:  # the run's config.yaml stays as it was; this start's config goes beside it
+            step = self._checkpoint.get("global_step", 0)
+            elsewhere = "--trainer.default_root_dir" if args is None else VERSION
+            furthest = furthest_checkpoint(run)
+            if furthest is not None and furthest[0] > step:
+                raise ConfigError(
+                    f"the checkpoint {ckpt} is at step {step}, but its run went on to step {furthest[0]} "
+                    f"({furthest[1].name}): continuing from it would write over steps {step}-{furthest[0]} "
+                    f"of that run. Continue the run with --ckpt_path={furthest[1]}, or start a new run from "
+                    f"this checkpoint with another {elsewhere}"
+                )
+            self.save_config_kwargs = {
+                **self.save_config_kwargs,
+                "config_filename": f"config-resumed-step{step}-{time.strftime('%Y%m%d-%H%M%S')}.yaml",
+            }
+        if self.subcommand is None:  # run=False only builds: no command owns a folder
+            return
+        self.run_folder = RunFolder(folder, resume=resume, shared=args is None)
+        try:
+            self.run_folder.claim()
+        except ConfigError as err:
+            if self.subcommand == "fit" or ckpt:
+                raise
+            raise ConfigError(  # the run's config.yaml without a checkpoint (or one it reset to null)
+                f"{err}. To {self.subcommand} a checkpoint of that run, give --ckpt_path after --config"
+            ) from None
+        if args is not None and args.get("sub_dir"):  # an evaluation filed in its run
+            step = self._checkpoint.get("global_step", 0)
+            record_evaluation(folder, ckpt, step, self._other_data)
+            if self._other_data:
+                rank_zero_info(
+                    f"{self.subcommand} on data other than the run's ({'; '.join(self._other_data)}): "
+                    f"filed in {folder}, but compare.py does not take it for the run's own"
+                )
+
+    def _tensorboard_folder(self, config, args, run: Path | None, ckpt) -> Path:
+        """The TensorBoard run's folder, set into the logger's arguments: the checkpoint's own run unless
+        another version is named, else a new version named after the head, seed and time."""
         named = named_run_folder(args)
         # the checkpoint's own run (the run's config.yaml names its folder)
         if run is not None and (named is None or named.resolve() == run.resolve()):
@@ -268,40 +320,7 @@ class LMHeadsCLI(LightningCLI):
             evaluation = f"-{self.subcommand}" if self.subcommand not in (None, "fit") else ""
             args.version = f"{head}-seed{config.get('seed_everything')}-{time.strftime('%Y%m%d-%H%M%S')}"
             args.version += evaluation
-        folder = Path(args.save_dir, args.name or "", str(args.version), args.get("sub_dir") or "").resolve()
-        resume = self.subcommand == "fit" and run is not None and run.resolve() == folder
-        if resume:  # the run's config.yaml stays as it was; this start's config goes beside it
-            step = self._checkpoint.get("global_step", 0)
-            furthest = furthest_checkpoint(run)
-            if furthest is not None and furthest[0] > step:
-                raise ConfigError(
-                    f"the checkpoint {ckpt} is at step {step}, but its run went on to step {furthest[0]} "
-                    f"({furthest[1].name}): continuing from it would write over steps {step}-{furthest[0]} "
-                    f"of that run. Continue the run with --ckpt_path={furthest[1]}, or start a new run from "
-                    "this checkpoint with another --trainer.logger.init_args.version"
-                )
-            self.save_config_kwargs = {
-                **self.save_config_kwargs,
-                "config_filename": f"config-resumed-step{step}-{time.strftime('%Y%m%d-%H%M%S')}.yaml",
-            }
-        if self.subcommand is not None:  # a command runs: it owns the folder (run=False only builds)
-            self.run_folder = RunFolder(folder, resume=resume)
-            try:
-                self.run_folder.claim()
-            except ConfigError as err:
-                if self.subcommand == "fit" or ckpt:
-                    raise
-                raise ConfigError(  # the run's config.yaml without a checkpoint (or one it reset to null)
-                    f"{err}. To {self.subcommand} a checkpoint of that run, give --ckpt_path after --config"
-                ) from None
-            if args.get("sub_dir"):  # an evaluation filed in its run
-                step = self._checkpoint.get("global_step", 0)
-                record_evaluation(folder, ckpt, step, self._other_data)
-                if self._other_data:
-                    rank_zero_info(
-                        f"{self.subcommand} on data other than the run's ({'; '.join(self._other_data)}): "
-                        f"filed in {folder}, but compare.py does not take it for the run's own"
-                    )
+        return Path(args.save_dir, args.name or "", str(args.version), args.get("sub_dir") or "").resolve()
 
 
 def _run_config_hint(message: str, args) -> str:

@@ -88,16 +88,19 @@ class RunFolder:
     """The folder of one run (or one evaluation), claimed before anything is written to it.
 
     A folder that holds a run already is refused, unless ``resume`` (a fit continuing a checkpoint of
-    that same folder); a folder holding other files (a sweep's log) is fine. The claim names the process
+    that same folder); a folder holding other files (a sweep's log) is fine. A ``shared`` folder is a
+    fit's ``trainer.default_root_dir`` without a logger: it may hold anything, and a failed start removes
+    only the run's own files from it. The claim names the process
     that writes into the folder until the command ends, so a run is continued by one process at a time.
     :meth:`release` removes what this process added when the command failed before its first training
     step, so a failed start leaves nothing behind. Only the process of global rank 0 creates or removes
     anything.
     """
 
-    def __init__(self, path: Path, resume: bool = False) -> None:
+    def __init__(self, path: Path, resume: bool = False, shared: bool = False) -> None:
         self.path = path
         self.resume = resume
+        self.shared = shared
         self.trainer: L.Trainer | None = None
         self._before: set[str] | None = None  # the folder's entries when claimed; None: not claimed
         self._claimed = False
@@ -176,7 +179,9 @@ class RunFolder:
         """Why the folder cannot be claimed, and what to do. A run with a checkpoint or results can be
         continued; one without either is running, or stopped before its first checkpoint (SIGKILL, a lost
         machine, a crash of a process that trained several runs), which its claim tells apart."""
-        other = "give this one another --trainer.logger.init_args.version"
+        other = "give this one another " + (
+            "--trainer.default_root_dir" if self.shared else "--trainer.logger.init_args.version"
+        )
         holds_a_run = (
             f"run folder {self.path} already holds a run; {other}, or continue that run with "
             f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
@@ -184,7 +189,7 @@ class RunFolder:
         holder = self._holder()
         if holder is not None:
             return f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}): {other}"
-        if (self.path / RESULTS_FILE).exists() or any(self.path.rglob("*.ckpt")):
+        if (self.path / RESULTS_FILE).exists() or self._has_checkpoint():
             return holds_a_run
         claim = self._claim()
         if claim is None or claim["host"] != socket.gethostname():
@@ -193,6 +198,14 @@ class RunFolder:
             f"run folder {self.path} was claimed by process {claim['pid']} at {claim['started']}, which "
             f"stopped before its first checkpoint: {other}, or delete that folder to start it again"
         )
+
+    def _has_checkpoint(self) -> bool:
+        """Whether the run has saved a checkpoint (in a shared folder: in its ``checkpoints/``, or a SLURM
+        requeue checkpoint beside it since the claim; not one in another run's folder there)."""
+        if not self.shared:
+            return any(self.path.rglob("*.ckpt"))
+        requeue = (p for p in self.path.glob(REQUEUE_CHECKPOINTS) if p.name not in (self._before or set()))
+        return any((self.path / "checkpoints").glob("*.ckpt")) or any(requeue)
 
     def release(self) -> None:
         """After a failure before the first training step (and before any checkpoint), or a
@@ -204,9 +217,10 @@ class RunFolder:
             claim = self.path / CLAIM_FILE
             claim.write_text(self._previous_claim) if self._previous_claim is not None else claim.unlink()
             self._claimed = False
-        if self._before is None or trained or any(self.path.rglob("*.ckpt")) or rank_zero_only.rank != 0:
+        if self._before is None or trained or self._has_checkpoint() or rank_zero_only.rank != 0:
             return
-        for entry in set(os.listdir(self.path)) - self._before:
+        added = set(os.listdir(self.path)) - self._before
+        for entry in added & RUN_FILES if self.shared else added:  # others may write beside a shared run
             target = self.path / entry
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         if self._created:  # and the parents it made (runs/<name>), as far as they are empty
@@ -290,6 +304,18 @@ class RunSummary(L.Callback):
             f"  last checkpoint: {results['last_checkpoint'] or 'none'}",
         ]
         print("\n".join(lines), flush=True)
+
+
+def refuse_earlier_samples(folder: Path) -> None:
+    """``predict`` without a logger writes its samples into ``trainer.default_root_dir``; an earlier
+    predict's there would get this one's appended to them."""
+    earlier = sorted(folder.glob("samples-rank*.jsonl"))
+    if earlier and rank_zero_only.rank == 0:
+        raise ConfigError(
+            f"{folder} holds {earlier[0].name}, samples of an earlier predict: give this one another "
+            "--trainer.default_root_dir, or keep the logger (each predict of a run's checkpoint then gets a "
+            "folder of its own in that run)"
+        )
 
 
 def refuse_requeue_checkpoint(folder: Path, subcommand: str) -> None:

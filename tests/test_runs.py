@@ -177,6 +177,39 @@ def test_a_second_run_into_the_same_folder_is_refused(finished_run, capsys):
     assert snapshot(run) == before
 
 
+def test_without_a_logger_default_root_dir_holds_one_run(finished_run, capsys):
+    """Without a logger Lightning writes a fit's config.yaml and checkpoints into
+    ``trainer.default_root_dir``, where the next fit would write over them: that folder is the run's, and
+    evaluations there write no config (nor samples over an earlier predict's)."""
+    tmp_path, run, run_before = finished_run
+    ckpt = run / "checkpoints" / "last.ckpt"
+    # a failed start removes its own files only, though the folder holds another run's checkpoints
+    before = snapshot(tmp_path)
+    refused(capsys, "fit", *quick_args(tmp_path), "--trainer.logger=false", "--model.backbone.d_model=130")
+    assert snapshot(tmp_path) == before and not (tmp_path / ".lmheads-run").exists()
+    fit(tmp_path, "--trainer.logger=false", steps=3, every=3)
+    assert (tmp_path / "checkpoints" / "step3.ckpt").is_file()
+    first = snapshot(tmp_path)
+    err = refused(capsys, "fit", *quick_args(tmp_path), "--trainer.logger=false", "--model.head=untied")
+    assert f"run folder {tmp_path.resolve()} already holds a run; give this one another " in err
+    assert "--trainer.default_root_dir" in err and snapshot(tmp_path) == first
+    # its own checkpoint continues it in place, its config kept and this start's beside it
+    fit(tmp_path, "--trainer.logger=false", f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", steps=4)
+    assert snapshot(tmp_path)["config.yaml"] == first["config.yaml"]
+    assert len(list(tmp_path.glob("config-resumed-step3-*.yaml"))) == 1
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    config = (tmp_path / "config.yaml").read_bytes()
+    for command in ("validate", "predict"):
+        main([command, *quick_args(tmp_path), "--trainer.logger=false", f"--ckpt_path={ckpt}",
+              "--trainer.limit_predict_batches=1", "--sampling.max_new_tokens=2"])  # fmt: skip
+    assert (tmp_path / "config.yaml").read_bytes() == config  # not the evaluations' configs
+    samples = (tmp_path / "samples-rank0.jsonl").read_bytes()
+    err = refused(capsys, "predict", *quick_args(tmp_path), "--trainer.logger=false", f"--ckpt_path={ckpt}")
+    assert "holds samples-rank0.jsonl, samples of an earlier predict" in err
+    assert (tmp_path / "samples-rank0.jsonl").read_bytes() == samples
+    assert snapshot(run) == run_before
+
+
 def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(finished_run, capsys, caplog):
     tmp_path, run, before = finished_run
     last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
