@@ -108,7 +108,10 @@ def log_run_start(model, trainer: L.Trainer) -> None:
         return
     flat = flat_hparams(model, trainer)
     for logger in trainer.loggers:
-        logger.log_hyperparams(flat, metrics=dict.fromkeys(HP_METRICS, math.nan))
+        if isinstance(logger, TensorBoardLogger):  # the HParams tab's columns, NaN until measured
+            logger.log_hyperparams(flat, metrics=dict.fromkeys(HP_METRICS, math.nan))
+        else:  # the other loggers take no metrics with them
+            logger.log_hyperparams(flat)
         logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
 
 

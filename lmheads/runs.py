@@ -333,8 +333,11 @@ def refuse_requeue_checkpoint(folder: Path, subcommand: str) -> None:
 
 def tensorboard_args(config):
     """The TensorBoard logger's ``init_args`` (its ``save_dir`` following ``trainer.default_root_dir``),
-    or ``None`` for another logger or none: lmheads keeps run folders for TensorBoard runs."""
+    or ``None`` for another logger or none: lmheads keeps run folders for TensorBoard runs. Of several
+    loggers the first counts: Lightning writes the config and checkpoints into its folder."""
     logger = config.trainer.get("logger")
+    if isinstance(logger, list) and logger:
+        logger = logger[0]
     if not hasattr(logger, "init_args") or "TensorBoardLogger" not in str(logger.get("class_path")):
         return None
     args = logger.init_args

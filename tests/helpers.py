@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -10,10 +11,24 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lmheads.cli import main
 
-__all__ = ["QUICKSTART", "ROOT", "fit", "main", "only_run", "quick_args", "scalars", "tool"]
+__all__ = ["QUICKSTART", "ROOT", "fit", "main", "only_run", "quick_args", "scalars", "tool", "two_loggers"]
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def two_loggers(folder: Path, version: str | None = None) -> str:
+    """A config file giving TensorBoard and CSV loggers, both under ``folder``; its path."""
+    path = folder / "two-loggers.yaml"
+    tensorboard = {"save_dir": str(folder), "name": "quickstart", "default_hp_metric": False}
+    if version is not None:
+        tensorboard["version"] = version
+    loggers = [
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": tensorboard},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(folder / "csv")}},
+    ]
+    path.write_text(json.dumps({"trainer": {"logger": loggers}}))  # JSON is YAML
+    return str(path)
 
 
 def quick_args(save_dir: Path, steps: int = 6, every: int = 3) -> list[str]:

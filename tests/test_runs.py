@@ -24,7 +24,7 @@ from lmheads.heads import head_name, registered_heads
 from lmheads.resume import training_conflicts
 
 from . import external_heads
-from .helpers import QUICKSTART, ROOT, fit, main, only_run, quick_args, scalars, tool
+from .helpers import QUICKSTART, ROOT, fit, main, only_run, quick_args, scalars, tool, two_loggers
 from .test_cli import _run_module
 
 
@@ -208,6 +208,23 @@ def test_without_a_logger_default_root_dir_holds_one_run(finished_run, capsys):
     assert "holds samples-rank0.jsonl, samples of an earlier predict" in err
     assert (tmp_path / "samples-rank0.jsonl").read_bytes() == samples
     assert snapshot(run) == run_before
+
+
+def test_with_several_loggers_the_first_ones_folder_is_the_run(tmp_path, capsys):
+    """Lightning writes the config and checkpoints into the first logger's folder: with TensorBoard first,
+    a run is named, held and continued as with TensorBoard alone, and the other loggers get its
+    hyperparameters too (a CSV logger takes no HParams metrics)."""
+    fit(tmp_path, "--config", two_loggers(tmp_path), steps=2, every=2)
+    run = only_run(tmp_path)
+    assert run.name.startswith("tied-seed0-") and (run / "checkpoints" / "last.ckpt").is_file()
+    (csv,) = (tmp_path / "csv").glob("*/version_*")
+    assert "head: tied" in (csv / "hparams.yaml").read_text() and (csv / "metrics.csv").is_file()
+    before = snapshot(run)
+    err = refused(capsys, "fit", *quick_args(tmp_path), "--config", two_loggers(tmp_path, run.name))
+    assert f"run folder {run.resolve()} already holds a run" in err and snapshot(run) == before
+    last = run / "checkpoints" / "last.ckpt"
+    fit(tmp_path, "--config", two_loggers(tmp_path), f"--ckpt_path={last}", steps=4)
+    assert only_run(tmp_path) == run and len(list(run.glob("config-resumed-step2-*.yaml"))) == 1
 
 
 def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(finished_run, capsys, caplog):

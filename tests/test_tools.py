@@ -10,7 +10,7 @@ import pytest
 
 from lmheads import runlog
 
-from .helpers import ROOT, fit, only_run, scalars, tool
+from .helpers import QUICKSTART, ROOT, fit, only_run, scalars, tool, two_loggers
 
 sweep, compare = tool("sweep"), tool("compare")
 
@@ -242,6 +242,15 @@ def test_sweep_refuses_bad_input_before_any_run(tmp_path, config, head, message)
     with pytest.raises(SystemExit) as stop:
         sweep.main([*args, "--root", str(tmp_path / "runs"), "--name", "bad"])
     assert str(stop.value).startswith(message)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_refuses_a_list_of_loggers(tmp_path):
+    """The sweep names its runs with ``--trainer.logger.init_args.*``, which a list gives its last logger."""
+    args = ["--config", QUICKSTART, "--config", two_loggers(tmp_path), "--heads", "tied", "--seeds", "0"]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([*args, "--root", str(tmp_path / "runs"), "--name", "bad"])
+    assert "which go to the last logger of a list" in str(stop.value)
     assert not (tmp_path / "runs").exists()
 
 

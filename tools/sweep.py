@@ -95,9 +95,20 @@ def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> di
 def check_input(configs: list[str], heads: list[str]) -> None:
     """Stops the sweep before any run starts (and before anything is written) on a config file that does
     not exist or a head that the runs could not build."""
+    import yaml
+
+    logger = None
     for config in configs:
         if not Path(config).is_file():
             raise SystemExit(f"error: config file {config} not found")
+        with contextlib.suppress(yaml.YAMLError, AttributeError):  # else the runs report the error
+            trainer = yaml.safe_load(Path(config).read_text(encoding="utf-8")).get("trainer") or {}
+            logger = trainer.get("logger", logger)
+    if isinstance(logger, list):
+        raise SystemExit(
+            "error: the sweep names each run with --trainer.logger.init_args.* options, which go to the last "
+            "logger of a list: give trainer.logger as the one TensorBoardLogger for a sweep"
+        )
     from lmheads.cli import expand_head_names
     from lmheads.errors import ConfigError
 
