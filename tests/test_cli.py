@@ -14,9 +14,10 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lmheads.cli import expand_head_names, main
+from lmheads.cli import main
 from lmheads.errors import ConfigError
 from lmheads.heads import registered_heads
+from lmheads.heads.names import expand_head_names
 from lmheads.metrics import HP_METRICS
 from lmheads.module import LMHeadModule
 from lmheads.reporting import flat_hparams, parameter_counts

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from lmheads.backbone import Backbone, BackboneConfig
-from lmheads.cli import list_heads, main
+from lmheads.cli import main
 from lmheads.errors import ConfigError
 from lmheads.heads import LowRankTiedHead, TiedBiasHead, TiedHead, UntiedHead, UntieDuringTrainingHead, base
 from lmheads.heads.base import resolve_head
+from lmheads.heads.names import list_heads
 from lmheads.module import LMHeadModule
 from lmheads.reporting import parameter_counts
 

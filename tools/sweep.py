@@ -58,8 +58,9 @@ def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> di
 
     import torch
 
-    from lmheads.cli import expand_head_names, main
+    from lmheads.cli import main
     from lmheads.heads.base import resolve_head
+    from lmheads.heads.names import expand_head_names
     from lmheads.module import LMHeadModule
     from lmheads.reporting import parameter_counts
 
@@ -109,8 +110,8 @@ def check_input(configs: list[str], heads: list[str]) -> None:
             "error: the sweep names each run with --trainer.logger.init_args.* options, which go to the last "
             "logger of a list: give trainer.logger as the one TensorBoardLogger for a sweep"
         )
-    from lmheads.cli import expand_head_names
     from lmheads.errors import ConfigError
+    from lmheads.heads.names import expand_head_names
 
     sys.path.insert(0, os.getcwd())  # where `python -m lmheads`, in each run, finds a head of your own
     try:

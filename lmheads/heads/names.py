@@ -1,0 +1,83 @@
+"""Heads by name: short names (``untied``) on the command line and in config files, and the ``heads``
+listing of every available head."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from jsonargparse import get_loader
+
+from lmheads.errors import ConfigError
+from lmheads.heads.base import broken_heads, registered_heads, resolve_head
+
+HEAD_KEY = "--model.head"
+
+
+def expand_head_names(args: list[str]) -> list[str]:
+    """Turn ``--model.head=untied`` (or ``--model.head untied``) into the head's class path.
+
+    Class names of registered heads, YAML/JSON values and ``--model.head.*`` options pass through
+    untouched; class paths are checked (importable, a Head, not abstract); an unknown bare name raises
+    ``ConfigError`` listing the registered heads.
+    """
+    out = list(args)
+    for i, arg in enumerate(out):
+        key, eq, value = arg.partition("=")
+        if key not in (HEAD_KEY, HEAD_KEY + ".help"):
+            continue
+        if eq:
+            prefix, index = key + "=", i
+        elif i + 1 < len(out):
+            value, prefix, index = out[i + 1], "", i + 1
+        else:
+            continue
+        out[index] = prefix + head_class_path(value)
+    return out
+
+
+def head_class_path(value: str) -> str:
+    """A short head name (``untied``) or class path as the head's checked class path; anything else (a
+    registered class name, YAML, a config file) as it is."""
+    if any(c in value for c in "{:/") or value in {cls.__name__ for cls in registered_heads().values()}:
+        return value
+    cls = resolve_head(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+PARSER_MODE = "lmheads"
+
+
+def load_yaml(text: str) -> Any:
+    """The parser's YAML loader (jsonargparse's), where a config's ``model.head`` (or its ``class_path``)
+    may be a short name, as on the command line: ``head: untied`` becomes the head's class path."""
+    value = get_loader("yaml")(text)
+    model = value.get("model") if isinstance(value, dict) else None
+    head = model.get("head") if isinstance(model, dict) else None
+    if isinstance(head, str):
+        model["head"] = head_class_path(head)
+    elif isinstance(head, dict) and isinstance(head.get("class_path"), str):
+        head["class_path"] = head_class_path(head["class_path"])
+    return value
+
+
+def list_heads(modules: list[str] = ()) -> str:
+    """The ``heads`` command: every available head, its parameters and what it computes.
+
+    ``modules`` are imported first, so heads defined in a user's own files are listed too."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"cannot import {module!r} ({err}); is its folder on PYTHONPATH?") from err
+    heads = registered_heads()
+    rows = [("name", "own parameters", "class", "description")]
+    for name, cls in heads.items():
+        rows.append((name, cls.formula or "?", f"{cls.__module__}.{cls.__qualname__}", cls.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
+    lines += [f"{name}  (failed to load: {why})" for name, why in broken_heads().items()]
+    lines.append("\nV: vocabulary, D: model width, E: embedding width, r: rank, K: mixture components.")
+    lines.append("Options of every head: logit_scale, softcap, z_loss, zero_init.")
+    lines.append("`python -m lmheads fit --model.head.help NAME` explains a head's options.")
+    return "\n".join(lines)
