@@ -1,11 +1,12 @@
 """Run folders as records: one run per folder, evaluations filed with their run, nothing left behind by a
 start that fails, and a summary at the end of training.
 
-A run folder is ``<save_dir>/<name>/<version>`` (TensorBoard's layout): ``config.yaml``, ``hparams.yaml``,
-event files, ``checkpoints/`` and, once training ends, ``results.json`` (``diverged.json`` if its loss
-became NaN or infinite). ``validate``, ``test`` and ``predict`` of a checkpoint inside a run write to
-``<run>/<subcommand>/<checkpoint name>/``, with ``checkpoint.json`` (the checkpoint, the step it was
-saved at, and data options other than the run's).
+A run folder is ``<save_dir>/<name>/<version>`` (TensorBoard's layout; without a logger, a fit's
+``trainer.default_root_dir``): ``config.yaml``, ``hparams.yaml``, event files, ``checkpoints/`` and, once
+training ends, ``results.json`` (``diverged.json`` if its loss became NaN or infinite). ``validate``,
+``test`` and ``predict`` of a checkpoint inside a run write to ``<run>/<subcommand>/<checkpoint name>/``,
+with ``checkpoint.json`` (the checkpoint, the step it was saved at, and data options other than the
+run's).
 """
 
 from __future__ import annotations
@@ -88,13 +89,12 @@ class RunFolder:
     """The folder of one run (or one evaluation), claimed before anything is written to it.
 
     A folder that holds a run already is refused, unless ``resume`` (a fit continuing a checkpoint of
-    that same folder); a folder holding other files (a sweep's log) is fine. A ``shared`` folder is a
-    fit's ``trainer.default_root_dir`` without a logger: it may hold anything, and a failed start removes
-    only the run's own files from it. The claim names the process
+    that same folder); a folder holding other files (a sweep's log) is fine. The claim names the process
     that writes into the folder until the command ends, so a run is continued by one process at a time.
     :meth:`release` removes what this process added when the command failed before its first training
     step, so a failed start leaves nothing behind. Only the process of global rank 0 creates or removes
-    anything.
+    anything. A ``shared`` folder is a fit's ``trainer.default_root_dir`` without a logger: it may hold
+    other runs' folders and files, and a failed start removes only its own run files from it.
     """
 
     def __init__(self, path: Path, resume: bool = False, shared: bool = False) -> None:

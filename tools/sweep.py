@@ -95,7 +95,8 @@ def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> di
 
 def check_input(configs: list[str], heads: list[str]) -> None:
     """Stops the sweep before any run starts (and before anything is written) on a config file that does
-    not exist or a head that the runs could not build."""
+    not exist, a list of loggers (the options naming each run would reach its last one) or a head that
+    the runs could not build."""
     import yaml
 
     logger = None
