@@ -308,9 +308,10 @@ class RunSummary(L.Callback):
 
 def refuse_earlier_samples(folder: Path) -> None:
     """``predict`` without a logger writes its samples into ``trainer.default_root_dir``; an earlier
-    predict's there would get this one's appended to them."""
+    predict's there would get this one's appended to them. Every process checks (none writes samples
+    before all of them have started), so none is left waiting for one that stopped."""
     earlier = sorted(folder.glob("samples-rank*.jsonl"))
-    if earlier and rank_zero_only.rank == 0:
+    if earlier:
         raise ConfigError(
             f"{folder} holds {earlier[0].name}, samples of an earlier predict: give this one another "
             "--trainer.default_root_dir, or keep the logger (each predict of a run's checkpoint then gets a "
