@@ -110,7 +110,7 @@ class RunFolder:
         if rank_zero_only.rank != 0:
             return
         if self.resume:
-            holder = self._holder()
+            holder = self.holder()
             if holder is not None:
                 raise ConfigError(
                     f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}), which "
@@ -160,7 +160,7 @@ class RunFolder:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _holder(self) -> tuple[int, str] | None:
+    def holder(self) -> tuple[int, str] | None:
         """The process and start time of the claim, if another process on this machine holds it now: one
         that has not ended its command, is alive, and is the one that claimed (not a later process that
         got its number, where the machine says when processes started)."""
@@ -186,7 +186,7 @@ class RunFolder:
             f"run folder {self.path} already holds a run; {other}, or continue that run with "
             f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
         )
-        holder = self._holder()
+        holder = self.holder()
         if holder is not None:
             return f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}): {other}"
         if (self.path / RESULTS_FILE).exists() or self._has_checkpoint():

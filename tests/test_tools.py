@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
 
 from lmheads import runlog
+from lmheads.runs import CLAIM_FILE
 
 from .helpers import QUICKSTART, ROOT, fit, only_run, scalars, tool, two_loggers
 
@@ -146,6 +150,36 @@ def test_a_diverged_run_is_a_result_the_next_call_leaves_alone(tmp_path, capsys,
     code, out = call()
     assert code == 0 and "tied-seed0: skipped (diverged at step 3; move the run away" in out
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_another_process_trains_is_left_to_it(tmp_path, capsys, monkeypatch):
+    """Two sweeps of one root at once (the same command started twice): a run the other one trains now is
+    not started again, and a failure of one that the other started at the same moment (its folder was
+    refused) does not replace the other's record of it."""
+    run = tmp_path / "grid" / "tied-seed0"
+    run.mkdir(parents=True)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        claim = {"pid": other.pid, "host": socket.gethostname(), "started": "now", "at": time.time()}
+        (run / CLAIM_FILE).write_text(json.dumps(claim))
+        args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--heads", "tied", "--seeds", "0"]
+        assert sweep.main([*args, "--root", str(tmp_path), "--name", "grid"]) == 1
+        busy = f"tied-seed0: busy (process {other.pid}, started now, trains it now)"
+        assert busy in capsys.readouterr().out
+        assert sorted(p.name for p in run.iterdir()) == [CLAIM_FILE]  # no sweep.json, no log
+    finally:
+        other.kill()
+        other.wait()
+    (run / CLAIM_FILE).unlink()
+
+    def refused_while_the_other_finished(self, cmd, **kwargs):
+        (run / "sweep.json").write_text(json.dumps({"status": "done", "command": cmd}))
+        return 2  # this start was refused: the other process had claimed the folder
+
+    monkeypatch.setattr(sweep.Runs, "run", refused_while_the_other_finished)
+    assert sweep.main([*args, "--root", str(tmp_path), "--name", "grid"]) == 1
+    assert "tied-seed0: busy (another process trains it or has recorded it" in capsys.readouterr().out
+    assert json.loads((run / "sweep.json").read_text())["status"] == "done"
 
 
 def test_grid_and_run_names():

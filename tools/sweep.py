@@ -245,7 +245,8 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     marker = run_dir / "sweep.json"
     cmd = command(run, args, run_dir)
     digests = config_digests(args.config)
-    record = json.loads(marker.read_text()) if marker.is_file() else None
+    before = marker.read_text() if marker.is_file() else None
+    record = json.loads(before) if before is not None else None
     if record is not None:
         changed = changed_options(record, cmd, digests)
         if changed:
@@ -262,6 +263,11 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
             )
     if args.dry_run:
         return run, " ".join(cmd)
+    from lmheads.runs import RunFolder
+
+    holder = RunFolder(run_dir).holder()
+    if holder is not None:  # another sweep (or command) trains it now: its outcome is that one's to record
+        return run, f"busy (process {holder[0]}, started {holder[1]}, trains it now)"
     env = {**os.environ, **thread_env(args.jobs)}
     gpu = gpus.get() if gpus is not None else None
     if gpu is not None:
@@ -285,6 +291,10 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     if step is not None:
         status = "diverged"  # a result, kept as it is
     outcome = {"status": status, "returncode": returncode, "seconds": round(time.time() - start, 1)}
+    recorded = marker.read_text() if marker.is_file() else None
+    # a failure of a run another process started at the same moment, or recorded since, is not its outcome
+    if returncode != 0 and (RunFolder(run_dir).holder() is not None or recorded != before):
+        return run, f"busy (another process trains it or has recorded it; see {marker})"
     marker.write_text(json.dumps({**outcome, "command": cmd, "configs": digests}, indent=2))
     seconds = outcome["seconds"]
     if status == "done":
