@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -191,6 +193,14 @@ def test_grid_and_run_names():
     assert sweep.Run("tied", 2, grid[1]).name == "tied-seed2-d_model=128-lr=1e-3"
     with pytest.raises(SystemExit):
         sweep.parse_grid(["model.lr"])
+    # a run's own value is given last: it trains what its name says, whatever every run is also given
+    args = argparse.Namespace(config=["c.yaml"], root="runs", name="grid", extra=["--model.lr=5e-3"])
+    cmd = sweep.command(sweep.Run("tied", 2, grid[1]), args, Path("nowhere"))
+    assert [a for a in cmd if a.startswith("--model.lr=")][-1] == "--model.lr=1e-3"
+    matched = ["--config", QUICKSTART, "--heads", "tied", "--name", "m", "--match-params"]
+    matched += ["--grid", "model.backbone.d_model=64"]
+    with pytest.raises(SystemExit, match=r"--match-params sets model\.backbone\.d_model itself"):
+        sweep.main(matched)
 
 
 @pytest.mark.slow

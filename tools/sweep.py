@@ -146,14 +146,16 @@ def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
         f"--trainer.logger.init_args.name={args.name}",
         f"--trainer.logger.init_args.version={run.name}",
         "--trainer.enable_progress_bar=false",
+        *args.extra,
     ]
+    # the run's own values last, where they override what every run is given: its name says what it ran
     cmd += [f"--{key}={value}" for key, value in run.overrides.items()]
     from lmheads.resume import furthest_checkpoint
 
     furthest = furthest_checkpoint(run_dir)  # by step: the newest file can be a stale interruption
     if furthest is not None:
         cmd.append(f"--ckpt_path={furthest[1]}")
-    return cmd + args.extra
+    return cmd
 
 
 def config_digests(configs: list[str]) -> dict[str, str]:
@@ -338,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_input(args.config, args.heads)
     grid = parse_grid(args.grid)
+    widths = {"model.backbone.d_model", "model.backbone.n_head"} & {k for combo in grid for k in combo}
+    if args.match_params and widths:
+        sizes = " and ".join(sorted(widths))
+        raise SystemExit(f"error: --match-params sets {sizes} itself; take it out of --grid")
     matched = matched_widths(args.config, args.heads, args.extra) if args.match_params else {}
     runs = [Run(h, s, {**o, **matched.get(h, {})}) for o in grid for h in args.heads for s in args.seeds]
     gpus = None
