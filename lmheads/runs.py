@@ -252,6 +252,12 @@ def evaluation_folder(run: Path, subcommand: str, ckpt: Path) -> str:
     return sub
 
 
+def _run_dir(trainer: L.Trainer) -> str | None:
+    """The run's folder: the first logger's (``trainer.log_dir`` would be a collective, and this is asked
+    on rank 0 alone), or without a logger ``default_root_dir``, which the command made the run's."""
+    return trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
+
+
 class RunSummary(L.Callback):
     """At the end of ``fit``: prints the run folder, the best and last checkpoints, the last validation
     metrics, tokens seen and wall-clock, and writes the same to ``<run>/results.json``. A run whose loss
@@ -267,13 +273,13 @@ class RunSummary(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        folder = trainer.logger.log_dir if trainer.logger is not None else None
+        folder = _run_dir(trainer)
         if isinstance(exception, NonFiniteLossError) and trainer.is_global_zero and folder is not None:
             record = {"step": exception.step, "message": str(exception)}
             Path(folder, DIVERGED_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        folder = trainer.logger.log_dir if trainer.logger is not None else None  # not a collective
+        folder = _run_dir(trainer)
         if not trainer.is_global_zero or folder is None:
             return
         Path(folder, DIVERGED_FILE).unlink(missing_ok=True)  # this session trained to its end

@@ -198,6 +198,7 @@ def test_without_a_logger_default_root_dir_holds_one_run(finished_run, capsys):
     assert snapshot(tmp_path)["config.yaml"] == first["config.yaml"]
     assert len(list(tmp_path.glob("config-resumed-step3-*.yaml"))) == 1
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert json.loads((tmp_path / "results.json").read_text())["step"] == 4  # its summary, as for any run
     config = (tmp_path / "config.yaml").read_bytes()
     for command in ("validate", "predict"):
         main([command, *quick_args(tmp_path), "--trainer.logger=false", f"--ckpt_path={ckpt}",
