@@ -85,6 +85,11 @@ class RunLog:
         values = self.series(tag)
         return values[-1][1] if values else None
 
+    def validated_at(self) -> int | None:
+        """The optimizer steps trained when its last validation ran, which its final values are of."""
+        values = self.series("val/loss")
+        return values[-1][0] + 1 if values else None  # logged at step s after s + 1 optimizer steps
+
     def best(self, tag: str) -> tuple[float, int] | tuple[None, None]:
         """The lowest value of a series and the optimizer steps trained when it was logged."""
         values = self.series(tag)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,12 +81,20 @@ def test_sweep_is_resumable_and_compare_tabulates(tmp_path, capsys):
     out = tmp_path / "report"
     doc = tmp_path / "results.md"
     doc.write_text(f"# Results\n\n{compare.BEGIN}\nold\n{compare.END}\n\nkept\n")
+    before = doc.read_text()
+    # tied seed 0 now ends at step 4, seed 1 at step 2: no mean of the two is of one budget
+    capsys.readouterr()
+    assert compare.main([str(grid), "--out", str(out), "--update", str(doc)]) == 2
+    err = capsys.readouterr().err
+    assert "the runs of tied were last validated after 4 steps (tied seed 0), 2 steps (tied seed 1)" in err
+    assert doc.read_text() == before and not out.exists()
+    shutil.move(grid / "tied-seed1", tmp_path / "tied-seed1")
     assert compare.main([str(grid), "--out", str(out), "--update", str(doc)]) == 0
     text = doc.read_text()
     assert "old" not in text and text.endswith("kept\n")
-    assert "WARNING: runs differ in budget" in text  # tied-seed0 trained 4 steps, the others 2
+    assert "WARNING: runs differ in budget" in text  # tied-seed0 trained 4 steps, the untied runs 2
     rows = [line for line in text.splitlines() if line.startswith("| tied") or line.startswith("| untied")]
-    assert len(rows) == 2 and "| 0,1 |" in rows[0]
+    assert len(rows) == 2 and "| tied | 0 |" in rows[0] and "| untied | 0,1 |" in rows[1]
     final = [r.final("val/loss") for r in runs if r.hparams["head"] == "untied"]
     mean = sum(final) / 2
     assert f"{mean:.4f} ± " in rows[1]
@@ -99,7 +108,7 @@ def test_sweep_is_resumable_and_compare_tabulates(tmp_path, capsys):
     doc.write_text(text + f"\n{begin}\n{end}\n")
     assert compare.main([str(grid), "--update", str(doc), "--section", "by_size", "--by", "batch_size"]) == 0
     named = doc.read_text().split(begin)[1]
-    assert "| tied, batch_size=32 | 0,1 |" in named and "| untied, batch_size=32 |" in named
+    assert "| tied, batch_size=32 | 0 |" in named and "| untied, batch_size=32 | 0,1 |" in named
     assert doc.read_text().split(begin)[0] == text + "\n"  # the first section is untouched
 
 
@@ -398,6 +407,21 @@ def test_buckets_paired_t_test_matches_the_t_table():
     assert abs(buckets.paired_p([-0.130, -0.044, -0.086]) - 0.0732) < 1e-4
     assert buckets.paired_p([0.1]) is None
     assert buckets.paired_p([0.0, 0.0]) == 1.0 and buckets.paired_p([0.1, 0.1]) == 0.0
+
+
+def test_final_values_of_different_budgets_are_neither_averaged_nor_paired(tmp_path):
+    """Runs last validated after other numbers of steps (one stopped early, or continued): their final
+    values are not of one budget, so neither a mean over seeds nor a difference of heads is made of them."""
+
+    def run(head: str, seed: int, step: int) -> runlog.RunLog:
+        hparams = {"head": head, "seed": seed}
+        return runlog.RunLog(tmp_path / f"{head}-{seed}", hparams, {"val/loss": {step: (5.0, 1.0)}})
+
+    reason, key = compare.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 49)]})
+    assert reason.startswith("the runs of tied were last validated after 100 steps (tied seed 0), 50 steps")
+    assert key is None and compare.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 99)]}) is None
+    with pytest.raises(SystemExit, match=r"the runs of seed 0 were last validated after 150 steps \(untied"):
+        tool("buckets").against([run("tied", 0, 99), run("untied", 0, 149)], "tied", [])
 
 
 def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsys, monkeypatch):

@@ -115,6 +115,10 @@ def pairs_by_group(
     for (group, seed), members in sorted(pairs.items(), key=order):
         if first not in members or second not in members:
             continue
+        pair = [members[first], members[second]]
+        if pair[0].validated_at() != pair[1].validated_at():
+            uneven = compare.uneven(pair)
+            raise SystemExit(f"error: the runs of seed {seed} were last validated after {uneven}")
         out[group_name(by, group)][seed] = (members[first], members[second])
     for group, seeds in out.items():  # each head's runs in a group: the seeds of one configuration
         for i, head in enumerate((first, second)):

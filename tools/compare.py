@@ -169,6 +169,8 @@ def mixed(groups: dict[str, list[RunLog]]) -> tuple[str, str | None] | None:
         seeds = [r.hparams.get("seed") for r in runs]
         repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1}, key=natural)
         if not differ and not repeated:
+            if len({r.validated_at() for r in runs}) > 1:
+                return f"the runs of {label} were last validated after {uneven(runs)}", None
             continue
         # name the hyperparameters that differ (their config options repeat them: lr and model.lr), where
         # any do, else the config's options (their keys have dots); parameter counts follow the options
@@ -179,6 +181,13 @@ def mixed(groups: dict[str, list[RunLog]]) -> tuple[str, str | None] | None:
         hint = next((k for k in chosen if not k.startswith("params/")), None)
         return f"the runs of {label} are not seeds of one configuration: {'; '.join(reasons)}", hint
     return None
+
+
+def uneven(runs: list[RunLog]) -> str:
+    """Which runs were last validated after how many steps, and what to do: their final values are of
+    different budgets, and a mean of them (or a difference) belongs to none."""
+    at = ", ".join(f"{r.validated_at() or 0:,} steps ({r.label} seed {r.hparams.get('seed')})" for r in runs)
+    return f"{at}: their final values are of different budgets; train them to one length first"
 
 
 def colours(groups: dict[str, list[RunLog]]) -> dict[str, str]:
