@@ -409,6 +409,14 @@ def test_buckets_paired_t_test_matches_the_t_table():
     assert buckets.paired_p([0.0, 0.0]) == 1.0 and buckets.paired_p([0.1, 0.1]) == 0.0
 
 
+def test_a_figure_of_some_of_a_rows_runs_says_of_how_many():
+    """A row of seeds 0,1 where only seed 0 was tested shows seed 0's test, marked as one run's."""
+    assert compare.mean_std([1.0, 3.0], 1) == "2.0 ± 1.4"
+    assert compare.mean_std([113.449, None], 2) == "113.45 (1 of 2)"
+    assert compare.mean_std([1.0, 3.0, float("nan")], 1) == "2.0 ± 1.4 (2 of 3)"
+    assert compare.mean_std([None, None], 1) == "–"
+
+
 def test_final_values_of_different_budgets_are_neither_averaged_nor_paired(tmp_path):
     """Runs last validated after other numbers of steps (one stopped early, or continued): their final
     values are not of one budget, so neither a mean over seeds nor a difference of heads is made of them."""

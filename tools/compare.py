@@ -42,14 +42,17 @@ def markers(section: str | None) -> tuple[str, str]:
 BUCKETS = {bucket_loss_metric("val", b): f"loss, {FREQUENCY_BUCKET_LABELS[b]}" for b in FREQUENCY_BUCKETS}
 
 
-def mean_std(values: list[float], digits: int) -> str:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
+def mean_std(values: list[float | None], digits: int) -> str:
+    """Mean ± standard deviation of the runs that have a value; where some have none (a run not tested,
+    a metric it did not log), how many of them the figure is of: ``113.45 (1 of 2)``."""
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    if not present:
         return "–"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    mean = statistics.fmean(present)
+    text = f"{mean:.{digits}f}"
+    if len(present) > 1:
+        text += f" ± {statistics.stdev(present):.{digits}f}"
+    return text if len(present) == len(values) else f"{text} ({len(present)} of {len(values)})"
 
 
 def _count(value) -> str:
