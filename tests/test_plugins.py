@@ -86,6 +86,26 @@ def test_broken_entry_point_names_the_head_and_the_package(fake_distribution):
         base.head_class("broken")
 
 
+def test_a_short_name_another_head_has_is_refused():
+    """Two packages whose heads share a short name: the second is refused, not silently put in the first's
+    place (``--model.head=NAME`` would train a head other than the one its author registered)."""
+
+    def project(self, h, embedding):
+        return base.LinearForm(h, embedding.weight, None)
+
+    body = {"name": "twice_named", "project": project}
+    first = type("Twice", (base.LinearHead,), {**body, "__module__": "first_package.heads"})
+    try:
+        taken = "head name 'twice_named' of second_package.heads.Twice is already taken by first_package"
+        with pytest.raises(ConfigError, match=taken):
+            type("Twice", (base.LinearHead,), {**body, "__module__": "second_package.heads"})
+        assert base.registered_heads()["twice_named"] is first
+        again = type("Twice", (base.LinearHead,), {**body, "__module__": "first_package.heads"})
+        assert base.registered_heads()["twice_named"] is again  # the same module read again
+    finally:
+        base._REGISTRY.pop("twice_named", None)
+
+
 def test_listing_shows_every_head_with_its_formula():
     listing = list_heads()
     for name, formula in [

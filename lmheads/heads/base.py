@@ -21,6 +21,7 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import sys
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -116,7 +117,7 @@ class Head(nn.Module):
             cls.__init__ = _recording_options(cls.__init__)
         if "name" in vars(cls) and cls.name:  # a subclass without a name of its own is used by class path
             other = _REGISTRY.get(cls.name)
-            if other is not None and other.__qualname__ != cls.__qualname__:
+            if other is not None and _origin(other) != _origin(cls):
                 raise ConfigError(
                     f"head name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is already taken by "
                     f"{other.__module__}.{other.__qualname__}; give the new head another name"
@@ -243,6 +244,13 @@ class LinearHead(Head):
         return apply_softcap(
             nn.functional.linear(form.hidden, form.weight, form.bias), form.softcap
         )  # (..., V)
+
+
+def _origin(cls: type) -> tuple[str, str]:
+    """Where a class is defined: its module's file (one file imported under two module names, as a script
+    and as a module, defines one head) or else its module's name, and its qualified name."""
+    module = sys.modules.get(cls.__module__)
+    return getattr(module, "__file__", None) or cls.__module__, cls.__qualname__
 
 
 def _load_entry_points() -> None:
