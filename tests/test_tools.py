@@ -428,8 +428,15 @@ def test_final_values_of_different_budgets_are_neither_averaged_nor_paired(tmp_p
     reason, key = compare.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 49)]})
     assert reason.startswith("the runs of tied were last validated after 100 steps (tied seed 0), 50 steps")
     assert key is None and compare.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 99)]}) is None
+    buckets = tool("buckets")
     with pytest.raises(SystemExit, match=r"the runs of seed 0 were last validated after 150 steps \(untied"):
-        tool("buckets").against([run("tied", 0, 99), run("untied", 0, 149)], "tied", [])
+        buckets.against([run("tied", 0, 99), run("untied", 0, 149)], "tied", [])
+    # over steps, the validations both logged are compared, however long each ran
+    tied, untied = run("tied", 0, 99), run("untied", 0, 149)
+    for curve, steps in ((tied.scalars["val/loss"], (49,)), (untied.scalars["val/loss"], (49, 99))):
+        curve.update(dict.fromkeys(steps, (6.0, 0.5)))
+    paired = buckets.pairs_by_group([tied, untied], "untied", "tied", [], final=False)
+    assert buckets.over_steps(paired)["all runs"]["steps"] == [50, 100]
 
 
 def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsys, monkeypatch):

@@ -91,10 +91,12 @@ def group_name(by: list[str], group: tuple) -> str:
 
 
 def pairs_by_group(
-    runs: list[RunLog], first: str, second: str, by: list[str]
+    runs: list[RunLog], first: str, second: str, by: list[str], final: bool = True
 ) -> dict[str, dict[object, tuple[RunLog, RunLog]]]:
     """``{group: {seed: (first's run, second's run)}}``: the runs of the two heads paired by seed within a
-    group of equal ``by`` hyperparameters, groups and seeds in order."""
+    group of equal ``by`` hyperparameters, groups and seeds in order. For their ``final`` values, the runs
+    must have been last validated after one number of steps (over steps, the validations they share
+    are compared instead)."""
     pairs: dict[tuple, dict[str, RunLog]] = defaultdict(dict)
     for r in runs:
         if r.hparams.get("head") in (first, second):
@@ -116,13 +118,13 @@ def pairs_by_group(
         if first not in members or second not in members:
             continue
         pair = [members[first], members[second]]
-        if pair[0].validated_at() != pair[1].validated_at():
+        if final and pair[0].validated_at() != pair[1].validated_at():
             uneven = compare.uneven(pair)
             raise SystemExit(f"error: the runs of seed {seed} were last validated after {uneven}")
         out[group_name(by, group)][seed] = (members[first], members[second])
     for group, seeds in out.items():  # each head's runs in a group: the seeds of one configuration
         for i, head in enumerate((first, second)):
-            problem = compare.mixed({f"{head} ({group})": [pair[i] for pair in seeds.values()]})
+            problem = compare.mixed({f"{head} ({group})": [pair[i] for pair in seeds.values()]}, final)
             if problem:
                 reason, key = problem
                 advice = f"tell them apart with --by {key}, or give" if key else "give"
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or f"against_{args.against}"
         parts = (against_table, against_plot, "per seed")
         return _write(args, result, "each head", args.against, name, *parts, note=diverged)
-    paired = pairs_by_group(runs, first, second, args.by)
+    paired = pairs_by_group(runs, first, second, args.by, final=not args.over_steps)
     if not paired:
         print(f"error: no pairs of {first} and {second} runs with the same seed", file=sys.stderr)
         return 2

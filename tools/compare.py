@@ -158,11 +158,12 @@ def order(value) -> tuple:
     return (0, value, "") if number else (1, 0, str(value))
 
 
-def mixed(groups: dict[str, list[RunLog]]) -> tuple[str, str | None] | None:
+def mixed(groups: dict[str, list[RunLog]], final: bool = True) -> tuple[str, str | None] | None:
     """Why a group is not seeds of one configuration, if it is not: its runs differ in a hyperparameter
-    other than the seed (the budget aside, which :func:`budget` reports), or two of them have one seed.
-    Averaged as seeds, such runs would make a row that no configuration trained. Returns the reason and
-    the hyperparameter that would tell the runs apart (``None`` when only seeds repeat)."""
+    other than the seed (the budget aside, which :func:`budget` reports), or two of them have one seed;
+    and, for their ``final`` values, their last validations came after other numbers of steps. Averaged
+    as seeds, such runs would make a row that no configuration trained. Returns the reason and the
+    hyperparameter that would tell the runs apart (``None`` when there is none)."""
     for label, runs in groups.items():
         settings = [r.settings() for r in runs]
         keys = sorted(set().union(*settings))
@@ -172,7 +173,7 @@ def mixed(groups: dict[str, list[RunLog]]) -> tuple[str, str | None] | None:
         seeds = [r.hparams.get("seed") for r in runs]
         repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1}, key=natural)
         if not differ and not repeated:
-            if len({r.validated_at() for r in runs}) > 1:
+            if final and len({r.validated_at() for r in runs}) > 1:
                 return f"the runs of {label} were last validated after {uneven(runs)}", None
             continue
         # name the hyperparameters that differ (their config options repeat them: lr and model.lr), where
