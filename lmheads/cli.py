@@ -212,15 +212,17 @@ class LMHeadsCLI(LightningCLI):
         ckpt = config.get("ckpt_path")
         run = run_of_checkpoint(ckpt) if self._checkpoint is not None else None
         args = tensorboard_args(config)
+        no_logger = config.trainer.get("logger") is False
+        root = Path(config.trainer.get("default_root_dir") or ".").resolve()
         if args is not None:
             folder = self._tensorboard_folder(config, args, run, ckpt)
-        elif config.trainer.get("logger") is False and self.subcommand == "fit":
-            folder = Path(config.trainer.get("default_root_dir") or ".").resolve()
+        elif no_logger and self.subcommand == "fit":
+            folder = root
         else:
-            if config.trainer.get("logger") is False and self.subcommand is not None:
+            if no_logger and self.subcommand is not None:
                 self.save_config_callback = None  # nothing is logged, nor a config beside it
                 if self.subcommand == "predict":
-                    refuse_earlier_samples(Path(config.trainer.get("default_root_dir") or ".").resolve())
+                    refuse_earlier_samples(root)
             return
         resume = self.subcommand == "fit" and run is not None and run.resolve() == folder
         if resume:  # the run's config.yaml stays as it was; this start's config goes beside it
