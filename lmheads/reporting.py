@@ -49,10 +49,14 @@ def tokens_per_step(model, trainer: L.Trainer, datamodule=None) -> int:
 
 def training_settings(trainer: L.Trainer) -> dict[str, int | float | str]:
     """The trainer's settings a run records that change how it trains (or, the seed, its record)."""
+    clip = float(trainer.gradient_clip_val or 0.0)
+    algorithm = trainer.gradient_clip_algorithm  # None: by norm
     return {
         "seed": int(os.environ.get("PL_GLOBAL_SEED", -1)),
         "precision": str(trainer.precision),
-        "gradient_clip_val": float(trainer.gradient_clip_val or 0.0),
+        "gradient_clip_val": clip,
+        # "none" without clipping, where the choice changes nothing
+        "gradient_clip_algorithm": (str(algorithm.value) if algorithm else "norm") if clip else "none",
     }
 
 

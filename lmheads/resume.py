@@ -135,9 +135,10 @@ def _best_checkpoint(run: Path, latest: Path) -> Path | None:
 def training_conflicts(run: Path, now: dict[str, int | float | str]) -> list[str]:
     """How this start would train a run it continues otherwise than the run trained, by the run's
     ``hparams.yaml``: another number of tokens a step (devices x accumulated batches; the data's batch
-    is checked with the data), precision or gradient clipping, or another seed (which a resume does not
-    use: it restores the run's random state, so only the record would change). Trading devices for
-    accumulation keeps the budget. Settings the run did not record are not compared."""
+    is checked with the data), precision, gradient clipping (its value or algorithm), or another seed
+    (which a resume does not use: it restores the run's random state, so only the record would change).
+    Trading devices for accumulation keeps the budget. Settings the run did not record are not
+    compared."""
     try:
         then = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -152,7 +153,10 @@ def training_conflicts(run: Path, now: dict[str, int | float | str]) -> list[str
     out = []
     if then.get("tokens_per_step") not in (None, now["tokens_per_step"]):
         out.append(f"the run trained {shape(then)}, this start would train {shape(now)}")
-    for key in ("precision", "gradient_clip_val", "seed"):
+    clipping = then.get("gradient_clip_val") not in (None, now["gradient_clip_val"])
+    for key in ("precision", "gradient_clip_val", "gradient_clip_algorithm", "seed"):
+        if key == "gradient_clip_algorithm" and clipping:
+            continue  # another clipping value says it already
         if then.get(key) not in (None, now[key]):
             out.append(f"{key}: {then[key]} in the run, {now[key]} here")
     return out

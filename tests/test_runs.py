@@ -133,10 +133,16 @@ def test_a_run_continues_with_the_batch_and_precision_it_trained_with(finished_r
     )
     assert snapshot(run) == before
     now = {"tokens_per_step": 2048, "devices": 2, "accumulate_grad_batches": 1, "precision": "32-true"}
-    now |= {"seed": 0, "gradient_clip_val": 0.0}
+    now |= {"seed": 0, "gradient_clip_val": 0.0, "gradient_clip_algorithm": "none"}
     hparams = yaml.safe_load((run / "hparams.yaml").read_text())
+    assert hparams["gradient_clip_algorithm"] == "none"
     (run / "hparams.yaml").write_text(yaml.safe_dump({**hparams, "devices": 1, "accumulate_grad_batches": 2}))
     assert training_conflicts(run, now) == []  # 1 device x 2 batches, continued on 2 devices x 1
+    # clipped by norm, continued clipping each value: the same value, another clipping
+    clipped = {**hparams, "gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"}
+    (run / "hparams.yaml").write_text(yaml.safe_dump(clipped))
+    by_value = {**now, "devices": 1, "gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"}
+    assert training_conflicts(run, by_value) == ["gradient_clip_algorithm: norm in the run, value here"]
 
 
 def test_a_checkpoint_its_run_went_past_continues_only_as_a_new_run(tmp_path, capsys):
