@@ -3,6 +3,8 @@ input-gradient scale (lmheads.geometry, lmheads.reporting.EmbeddingGradientTap, 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -135,3 +137,14 @@ def test_embeddings_tool_compares_runs_and_refuses_other_vocabularies(tmp_path, 
     fit(other, "--data.init_args.vocab_size=512", steps=1, every=1)
     assert embeddings.main([str(runs[0]), str(only_run(other))]) == 2
     assert "different vocabularies" in capsys.readouterr().out
+    # as many tokens, but of another language: row i is another token
+    language = tmp_path / "language"
+    fit(language, "--data.init_args.language_seed=7", "--data.init_args.train_tokens=32768", steps=1, every=1)
+    assert embeddings.main([str(runs[0]), str(only_run(language))]) == 2
+    assert "with different vocabularies (language_seed: 1234 and 7)" in capsys.readouterr().out
+    # one run name in two experiments: both compared, told apart by their folders
+    copy = tmp_path / "elsewhere" / runs[0].name
+    shutil.copytree(runs[0], copy)
+    assert embeddings.main([str(runs[0]), str(copy)]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tied-")]
+    assert f"~ elsewhere/{runs[0].name} (tied) E | 1.000 | 1.000 |" in row

@@ -27,9 +27,25 @@ from lmheads.heads import LinearHead, head_name
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS
 from lmheads.module import LMHeadModule
 
+#: Data options that do not decide which token a row of the matrices stands for.
+NOT_VOCABULARY = {"train_tokens", "val_tokens", "block_size", "batch_size", "num_workers", "num_proc"}
+NOT_VOCABULARY |= {"cache_dir", "random_offsets", "validation_file", "test_file"}
 
-def load(path: Path) -> tuple[str, dict[str, torch.Tensor], torch.Tensor | None]:
-    """The checkpoint's name, its token matrices by label, and the token buckets it was trained with."""
+
+def vocabulary(checkpoint: dict) -> dict:
+    """What decides which token each row is: the data module and its options, a training file by its
+    content (a copy elsewhere holds the same text); not the sizes, loaders or evaluation files."""
+    options = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    cls = str(options.get("_class_path", ""))
+    sources = (checkpoint.get(cls.rpartition(".")[2]) or {}).get("sources", {})
+    if "train_file" in sources:
+        options["train_file"] = sources["train_file"]
+    return {k: v for k, v in options.items() if k not in NOT_VOCABULARY and k != "_instantiator"}
+
+
+def load(path: Path) -> tuple[str, dict[str, torch.Tensor], torch.Tensor | None, dict]:
+    """The checkpoint's name, its token matrices by label, the token buckets it was trained with, and
+    what decides its vocabulary (:func:`vocabulary`)."""
     ckpt_path = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
     if not ckpt_path.is_file():
         raise SystemExit(f"error: {path} is neither a checkpoint nor a run folder with checkpoints/last.ckpt")
@@ -47,7 +63,7 @@ def load(path: Path) -> tuple[str, dict[str, torch.Tensor], torch.Tensor | None]
         if weight is not embedding.weight:
             matrices["W"] = weight.detach()
     label = f"{name} ({head_name(model.head)})"
-    return label, matrices, checkpoint.get(TOKEN_BUCKET_KEY)
+    return label, matrices, checkpoint.get(TOKEN_BUCKET_KEY), vocabulary(checkpoint)
 
 
 def compare(matrices: dict[str, torch.Tensor], bucket: torch.Tensor | None, k: int) -> list[dict]:
@@ -123,11 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     matrices: dict[str, torch.Tensor] = {}
     bucket = None
+    vocabularies: dict[str, dict] = {}
     for path in args.paths:
-        label, found, buckets = load(path)
+        label, found, buckets, vocab = load(path)
+        if label in vocabularies:  # two runs of one name, from two experiments
+            label = f"{path.resolve().parent.name}/{label}"
+        if label in vocabularies:
+            print(f"error: {path} is given twice, or two runs have the name {label}; give other runs")
+            return 2
+        vocabularies[label] = vocab
         for kind, matrix in found.items():
             matrices[f"{label} {kind}"] = matrix
         bucket = buckets if bucket is None else bucket
+    (first, reference), *others = vocabularies.items()
+    for label, vocab in others:
+        differ = sorted(k for k in vocab.keys() | reference.keys() if vocab.get(k) != reference.get(k))
+        if vocab and reference and differ:  # (checkpoints without their data's options: not compared)
+            shown = "; ".join(f"{k}: {reference.get(k)!r} and {vocab.get(k)!r}" for k in differ)
+            print(f"error: {first} and {label} were trained on data with different vocabularies ({shown}): "
+                  "their rows are not the same tokens; compare runs on the same data")  # fmt: skip
+            return 2
     sizes = {name: m.size(0) for name, m in matrices.items()}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name}: {v:,}" for name, v in sizes.items())
