@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     vocabularies: dict[str, dict] = {}
     for path in args.paths:
         label, found, buckets, vocab = load(path)
-        if label in vocabularies:  # two runs of one name, from two experiments
-            label = f"{path.resolve().parent.name}/{label}"
+        if label in vocabularies:  # two runs of one name, from two experiments: the experiment's folder
+            run = path.resolve() if path.is_dir() else path.resolve().parents[1]
+            label = f"{run.parent.name}/{label}"
         if label in vocabularies:
             print(f"error: {path} is given twice, or two runs have the name {label}; give other runs")
             return 2
