@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -42,6 +42,9 @@ BOOKKEEPING = re.compile(
 )
 
 
+TEST_TAGS = ("test/", "test_freq/")  # an evaluation's scalars, logged at its step 0
+
+
 @dataclass
 class RunLog:
     """One run as its folder records it: its ``hparams.yaml``, its ``config.yaml`` and every scalar it
@@ -53,6 +56,7 @@ class RunLog:
     final_step: int = 0  # where fit last ended (results.json), beyond the last logged step when not logged
     diverged_at: int | None = None  # the step its training loss became NaN or infinite (diverged.json)
     config: dict = field(default_factory=dict)  # its config.yaml, flat (``model.lr``), where it has one
+    tested_at: int | None = None  # the step of the checkpoint whose test its ``test/`` scalars are
 
     def setting(self, key: str):
         """A hyperparameter (``hparams.yaml``: ``lr``) or an option of its config (``model.min_lr_ratio``)."""
@@ -89,6 +93,18 @@ class RunLog:
         """The optimizer steps trained when its last validation ran, which its final values are of."""
         values = self.series("val/loss")
         return values[-1][0] + 1 if values else None  # logged at step s after s + 1 optimizer steps
+
+    def until(self, step: int) -> RunLog:
+        """The run as it stood after ``step`` optimizer steps: what it logged until then, and its test only
+        where the tested checkpoint was of that step or earlier."""
+        tested = self.tested_at is not None and self.tested_at <= step
+        scalars = {
+            tag: points if tag.startswith(TEST_TAGS) else {s: p for s, p in points.items() if s < step}
+            for tag, points in self.scalars.items()
+            if tested or not tag.startswith(TEST_TAGS)
+        }
+        final = min(self.final_step, step)
+        return replace(self, scalars=scalars, final_step=final, tested_at=self.tested_at if tested else None)
 
     def best(self, tag: str) -> tuple[float, int] | tuple[None, None]:
         """The lowest value of a series and the optimizer steps trained when it was logged."""
@@ -154,8 +170,10 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
     evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
     if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
         for tag, points in load_run(evaluation).scalars.items():
-            if tag.startswith(("test/", "test_freq/")):
+            if tag.startswith(TEST_TAGS):
                 run.scalars[tag] = points
+        named = re.fullmatch(r"step(\d+)(-\d+)?", evaluation.name)  # step<N>.ckpt, for those not recording it
+        run.tested_at = _evaluated(evaluation).get("step", int(named[1]) if named else None)
     return run
 
 

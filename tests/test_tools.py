@@ -409,6 +409,23 @@ def test_buckets_paired_t_test_matches_the_t_table():
     assert buckets.paired_p([0.0, 0.0]) == 1.0 and buckets.paired_p([0.1, 0.1]) == 0.0
 
 
+def test_runs_stopped_at_other_points_compare_as_they_stood_at_one_step(tmp_path):
+    """A time limit stopped runs between validations: ``--step N`` takes each as it stood after N steps,
+    and its test only where the tested checkpoint was of step N or before."""
+    scalars = {"val/loss": {49: (6.0, 30.0), 99: (5.0, 60.0)}, "test/loss": {0: (5.1, 1.0)}}
+    run = runlog.RunLog(tmp_path / "r", {"head": "tied", "seed": 0}, scalars, final_step=120, tested_at=120)
+    early = run.until(50)
+    assert (early.final("val/loss"), early.validated_at(), early.steps()) == (6.0, 50, 50)
+    assert early.minutes() == 0.5
+    assert "test/loss" not in early.scalars  # the tested checkpoint is of step 120
+    assert run.until(120).final("test/loss") == 5.1 and run.final("val/loss") == 5.0  # the run itself kept
+    short = runlog.RunLog(tmp_path / "s", {"head": "tied", "seed": 1}, {"val/loss": {49: (6.5, 30.0)}})
+    cut, missing = compare.at_step([run, short], 100)
+    assert missing == "no validation after 100 steps in tied seed 1; give a step every run validated at"
+    cut, missing = compare.at_step([run, short], 50)
+    assert not missing and [r.final("val/loss") for r in cut] == [6.0, 6.5]
+
+
 def test_a_figure_of_some_of_a_rows_runs_says_of_how_many():
     """A row of seeds 0,1 where only seed 0 was tested shows seed 0's test, marked as one run's."""
     assert compare.mean_std([1.0, 3.0], 1) == "2.0 ± 1.4"

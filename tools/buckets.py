@@ -351,12 +351,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", metavar="HEAD", help="every other head minus this one, per seed")
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
+    parser.add_argument(
+        "--step", type=int, metavar="N", help="the runs as they stood after N steps (compare.py --step)"
+    )
     args = parser.parse_args(argv)
     first, second = args.heads
     runs, diverged = split_diverged(find_runs(args.roots))
     if not runs:
         print(no_runs_message(args.roots, diverged), file=sys.stderr)
         return 2
+    if args.step is not None:
+        runs, missing = compare.at_step(runs, args.step)
+        if missing:
+            print(f"error: {missing}", file=sys.stderr)
+            return 2
     if args.against:
         result = against(runs, args.against, args.by)
         if not result:

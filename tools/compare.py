@@ -191,7 +191,21 @@ def uneven(runs: list[RunLog]) -> str:
     """Which runs were last validated after how many steps, and what to do: their final values are of
     different budgets, and a mean of them (or a difference) belongs to none."""
     at = ", ".join(f"{r.validated_at() or 0:,} steps ({r.label} seed {r.hparams.get('seed')})" for r in runs)
-    return f"{at}: their final values are of different budgets; train them to one length first"
+    return (
+        f"{at}: their final values are of different budgets; train them to one length first, or give "
+        "--step N to compare them as they stood after N steps"
+    )
+
+
+def at_step(runs: list[RunLog], step: int) -> tuple[list[RunLog], str]:
+    """The runs as they stood after ``step`` steps (:meth:`RunLog.until`), and which of them logged no
+    validation then ("" if all did): their values there would be of another budget."""
+    cut = [r.until(step) for r in runs]
+    missing = [f"{r.label} seed {r.hparams.get('seed')}" for r in cut if r.validated_at() != step]
+    if not missing:
+        return cut, ""
+    named = ", ".join(missing)
+    return cut, f"no validation after {step:,} steps in {named}; give a step every run validated at"
 
 
 def colours(groups: dict[str, list[RunLog]]) -> dict[str, str]:
@@ -317,11 +331,27 @@ def main(argv: list[str] | None = None) -> int:
         help="also the lowest validation loss of each run and its step; the test column from the test of "
         "that (best) checkpoint instead of the last",
     )
+    parser.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="every run as it stood after N steps, at the validation each logged then (runs a time limit "
+        "stopped at different points); a test column only of checkpoints of step N or before",
+    )
     args = parser.parse_args(argv)
     runs, diverged = split_diverged(find_runs(args.roots, "best" if args.best else "last"))
     if not runs:
         print(no_runs_message(args.roots, diverged), file=sys.stderr)
         return 2
+    stood = ""
+    if args.step is not None:
+        trained = sorted({r.steps() for r in runs})
+        runs, missing = at_step(runs, args.step)
+        if missing:
+            print(f"error: {missing}", file=sys.stderr)
+            return 2
+        lengths = f"{trained[0]:,}" + (f" to {trained[-1]:,}" if len(trained) > 1 else "")
+        stood = f"As the runs stood after {args.step:,} steps (they trained {lengths} steps):"
     groups: dict[str, list[RunLog]] = defaultdict(list)
 
     def label(r: RunLog) -> str:
@@ -335,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         advice = f"give --by {key} to tell them apart, or" if key else "give"
         print(f"error: {reason}. To compare them, {advice} their folders in separate calls", file=sys.stderr)
         return 2
-    text = "\n\n".join(filter(None, [budget(groups), diverged, table(groups, args.best)]))
+    text = "\n\n".join(filter(None, [stood, budget(groups), diverged, table(groups, args.best)]))
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
