@@ -261,3 +261,64 @@ def split_diverged(runs: list[RunLog]) -> tuple[list[RunLog], str]:
 def natural(text: str) -> list:
     """Sort key in which numbers compare as numbers (``tokens=16384`` before ``tokens=131072``)."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
+# ---------------------------------------------- which runs one mean, or one difference, may take
+def _hashable(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+
+
+def order(value) -> tuple:
+    """Numbers by value before anything else by its text."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return (0, value, "") if number else (1, 0, str(value))
+
+
+def mixed(groups: dict[str, list[RunLog]], final: bool = True) -> tuple[str, str | None] | None:
+    """Why a group is not seeds of one configuration, if it is not: its runs differ in a hyperparameter
+    other than the seed (the budget aside, which ``compare.py``'s budget line reports), or two of them
+    have one seed; and, for their ``final`` values, their last validations came after other numbers of
+    steps. Averaged as seeds, such runs would make a row that no configuration trained. Returns the
+    reason and the hyperparameter that would tell the runs apart (``None`` when there is none)."""
+    for label, runs in groups.items():
+        settings = [r.settings() for r in runs]
+        keys = sorted(set().union(*settings))
+        # a key some runs lack was not recorded by them (older lmheads), not set otherwise
+        values = {k: sorted({_hashable(s[k]) for s in settings if k in s}, key=order) for k in keys}
+        differ = {k: v for k, v in values.items() if len(v) > 1}
+        seeds = [r.hparams.get("seed") for r in runs]
+        repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1}, key=natural)
+        if not differ and not repeated:
+            if final and len({r.validated_at() for r in runs}) > 1:
+                return f"the runs of {label} were last validated after {uneven(runs)}", None
+            continue
+        # name the hyperparameters that differ (their config options repeat them: lr and model.lr), where
+        # any do, else the config's options (their keys have dots); parameter counts follow the options
+        recorded = [k for k in differ if "." not in k] or list(differ)
+        chosen = [k for k in recorded if not k.startswith("params/")] or recorded
+        reasons = [f"{k} ({', '.join(map(str, differ[k]))})" for k in chosen]
+        reasons += [f"seed {seed} twice" for seed in repeated]
+        hint = next((k for k in chosen if not k.startswith("params/")), None)
+        return f"the runs of {label} are not seeds of one configuration: {'; '.join(reasons)}", hint
+    return None
+
+
+def uneven(runs: list[RunLog]) -> str:
+    """Which runs were last validated after how many steps, and what to do: their final values are of
+    different budgets, and a mean of them (or a difference) belongs to none."""
+    at = ", ".join(f"{r.validated_at() or 0:,} steps ({r.label} seed {r.hparams.get('seed')})" for r in runs)
+    return (
+        f"{at}: their final values are of different budgets; train them to one length first, or give "
+        "--step N to compare them as they stood after N steps"
+    )
+
+
+def at_step(runs: list[RunLog], step: int) -> tuple[list[RunLog], str]:
+    """The runs as they stood after ``step`` steps (:meth:`RunLog.until`), and which of them logged no
+    validation then ("" if all did): their values there would be of another budget."""
+    cut = [r.until(step) for r in runs]
+    missing = [f"{r.label} seed {r.hparams.get('seed')}" for r in cut if r.validated_at() != step]
+    if not missing:
+        return cut, ""
+    named = ", ".join(missing)
+    return cut, f"no validation after {step:,} steps in {named}; give a step every run validated at"

@@ -502,18 +502,18 @@ def test_compare_refuses_runs_that_differ_in_an_option_only_their_config_holds(t
         {"data.init_args.train_file": "/x/train.txt"},
         {"data.init_args.train_file": "train.txt"},
     )
-    assert compare.mixed({"tied": [a, b]}) is None
+    assert runlog.mixed({"tied": [a, b]}) is None
     b.config["data.init_args.train_file"] = "/x/other.txt"
-    assert compare.mixed({"tied": [a, b]})[1] == "data.init_args.train_file"
+    assert runlog.mixed({"tied": [a, b]})[1] == "data.init_args.train_file"
 
 
 def test_compare_takes_a_setting_older_runs_did_not_record_for_unknown_not_different():
     compare = tool("compare")
     old = runlog.RunLog(Path("old"), {"head": "tied", "seed": 0, "lr": 0.01}, {})
     new = runlog.RunLog(Path("new"), {"head": "tied", "seed": 1, "lr": 0.01, "gradient_clip_val": 1.0}, {})
-    assert compare.mixed({"tied": [old, new]}) is None
+    assert runlog.mixed({"tied": [old, new]}) is None
     other = runlog.RunLog(Path("other"), {**new.hparams, "seed": 2, "gradient_clip_val": 0.0}, {})
-    assert compare.mixed({"tied": [old, new, other]})[1] == "gradient_clip_val"
+    assert runlog.mixed({"tied": [old, new, other]})[1] == "gradient_clip_val"
     # ...and a schedule length that older runs did not record does not split the budget
     logged = {"val/loss": {199: (5.0, 1.0)}}
     old = runlog.RunLog(Path("old"), {"seed": 0, "tokens_per_step": 64, "devices": 1}, logged)

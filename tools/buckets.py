@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 import compare
 
+from lmheads import runlog
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
 from lmheads.runlog import RunLog, find_runs, natural, no_runs_message, split_diverged
 
@@ -112,19 +113,19 @@ def pairs_by_group(
 
     def order(item) -> tuple:
         (group, seed), _ = item
-        return (*(compare.order(v) for v in group), str(seed))
+        return (*(runlog.order(v) for v in group), str(seed))
 
     for (group, seed), members in sorted(pairs.items(), key=order):
         if first not in members or second not in members:
             continue
         pair = [members[first], members[second]]
         if final and pair[0].validated_at() != pair[1].validated_at():
-            uneven = compare.uneven(pair)
+            uneven = runlog.uneven(pair)
             raise SystemExit(f"error: the runs of seed {seed} were last validated after {uneven}")
         out[group_name(by, group)][seed] = (members[first], members[second])
     for group, seeds in out.items():  # each head's runs in a group: the seeds of one configuration
         for i, head in enumerate((first, second)):
-            problem = compare.mixed({f"{head} ({group})": [pair[i] for pair in seeds.values()]}, final)
+            problem = runlog.mixed({f"{head} ({group})": [pair[i] for pair in seeds.values()]}, final)
             if problem:
                 reason, key = problem
                 advice = f"tell them apart with --by {key}, or give" if key else "give"
@@ -169,7 +170,7 @@ def against(runs: list[RunLog], reference: str, by: list[str]) -> dict[str, dict
     paired by seed (rows ``head`` or, with ``by``, ``head (group)``), group by group and within a group
     in order of the mean difference."""
     groups = sorted(
-        {tuple(r.setting(k) for k in by) for r in runs}, key=lambda g: [compare.order(v) for v in g]
+        {tuple(r.setting(k) for k in by) for r in runs}, key=lambda g: [runlog.order(v) for v in g]
     )
     position = {group_name(by, group): i for i, group in enumerate(groups)}
     rows, order = {}, {}
@@ -182,7 +183,7 @@ def against(runs: list[RunLog], reference: str, by: list[str]) -> dict[str, dict
 
 
 def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
-    seeds = sorted({seed for values in rows.values() for seed in values}, key=compare.order)
+    seeds = sorted({seed for values in rows.values() for seed in values}, key=runlog.order)
     header = ["head", *(f"seed {seed}" for seed in seeds), "mean", "p"]
     lines = [
         f"Final validation loss of each head minus {reference} (nats/token; negative: better than "
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(no_runs_message(args.roots, diverged), file=sys.stderr)
         return 2
     if args.step is not None:
-        runs, missing = compare.at_step(runs, args.step)
+        runs, missing = runlog.at_step(runs, args.step)
         if missing:
             print(f"error: {missing}", file=sys.stderr)
             return 2

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 import compare
 
+from lmheads import runlog
 from lmheads.runlog import RunLog, find_runs, split_diverged
 
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no runs with an excess loss under {', '.join(map(str, args.roots))}", file=sys.stderr)
         return 2
     groups = grouped(runs)
-    problem = compare.mixed(
+    problem = runlog.mixed(
         {f"{head} with {tokens:,} training tokens": g for (head, tokens), g in groups.items()}
     )
     if problem:
