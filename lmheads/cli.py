@@ -49,6 +49,7 @@ from lmheads.runs import (
     RunSummary,
     evaluation_folder,
     named_run_folder,
+    naming_option,
     record_evaluation,
     refuse_earlier_samples,
     refuse_requeue_checkpoint,
@@ -56,8 +57,6 @@ from lmheads.runs import (
     tensorboard_args,
 )
 from lmheads.sharding import check_strategy
-
-VERSION = "--trainer.logger.init_args.version"
 
 
 def trainer_defaults() -> dict[str, Any]:
@@ -227,14 +226,13 @@ class LMHeadsCLI(LightningCLI):
         resume = self.subcommand == "fit" and run is not None and run.resolve() == folder
         if resume:  # the run's config.yaml stays as it was; this start's config goes beside it
             step = self._checkpoint.get("global_step", 0)
-            elsewhere = "--trainer.default_root_dir" if args is None else VERSION
             furthest = furthest_checkpoint(run)
             if furthest is not None and furthest[0] > step:
                 raise ConfigError(
                     f"the checkpoint {ckpt} is at step {step}, but its run went on to step {furthest[0]} "
                     f"({furthest[1].name}): continuing from it would write over steps {step}-{furthest[0]} "
                     f"of that run. Continue the run with --ckpt_path={furthest[1]}, or start a new run from "
-                    f"this checkpoint with another {elsewhere}"
+                    f"this checkpoint with another {naming_option(shared=args is None)}"
                 )
             self.save_config_kwargs = {
                 **self.save_config_kwargs,

@@ -85,6 +85,11 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
+def naming_option(shared: bool) -> str:
+    """The option that gives a run another folder: its version, or without a logger the root folder."""
+    return "--trainer.default_root_dir" if shared else "--trainer.logger.init_args.version"
+
+
 class RunFolder:
     """The folder of one run (or one evaluation), claimed before anything is written to it.
 
@@ -179,9 +184,7 @@ class RunFolder:
         """Why the folder cannot be claimed, and what to do. A run with a checkpoint or results can be
         continued; one without either is running, or stopped before its first checkpoint (SIGKILL, a lost
         machine, a crash of a process that trained several runs), which its claim tells apart."""
-        other = "give this one another " + (
-            "--trainer.default_root_dir" if self.shared else "--trainer.logger.init_args.version"
-        )
+        other = f"give this one another {naming_option(self.shared)}"
         holds_a_run = (
             f"run folder {self.path} already holds a run; {other}, or continue that run with "
             f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
