@@ -23,6 +23,7 @@ from lmheads.console import (
     ProgressBar,
     check_config_files,
     explain_parse_error,
+    given_options,
     option_values,
     pipe_safe_output,
     quiet_lightning,
@@ -106,7 +107,8 @@ class LMHeadsCLI(LightningCLI):
         try:
             if isinstance(args, list):
                 check_config_files(args)
-                self.config = parser.parse_args(expand_head_names(args))
+                args = expand_head_names(args)
+                self.config = parser.parse_args(args)
             else:
                 super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
@@ -122,7 +124,17 @@ class LMHeadsCLI(LightningCLI):
             self._checkpoint = read_checkpoint(config.get("ckpt_path"))
             if self._checkpoint is not None:
                 defaults = self._defaults_parser.get_defaults().model.as_dict()
-                self._other_data = check_against_checkpoint(subcommand, config, self._checkpoint, defaults)
+                named = given_options(args, "model", subcommand) if isinstance(args, list) else ()
+                run = run_of_checkpoint(config.ckpt_path)
+                run_config = run / "config.yaml" if run is not None else None
+                self._other_data = check_against_checkpoint(
+                    subcommand,
+                    config,
+                    self._checkpoint,
+                    defaults,
+                    named,
+                    run_config if run_config is not None and run_config.is_file() else None,
+                )
 
     def _resolve_keyword(self, subcommand: str, config) -> None:
         """``--ckpt_path=last`` / ``best`` of the run the logger's version names, as that checkpoint's file

@@ -156,6 +156,48 @@ def option_values(args: list[str], option: str) -> list[str]:
     return values
 
 
+def given_options(args: list[str], section: str, subcommand: str) -> list[str]:
+    """The options of ``section`` that a command line sets, by the options it names (``--model.lr``,
+    ``--model``) and the keys of its ``--config`` files, dotted and without ``init_args``
+    (``--model.head.init_args.bias`` gives ``head.bias``; ``--model.head`` gives ``head``; ``--model``
+    the whole section, as ``""``). A value set to its default is set all the same."""
+    keys: list[str] = []
+
+    def add(value, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                if key != "init_args":
+                    add(item, f"{prefix}.{key}" if prefix else str(key))
+                else:
+                    add(item, prefix)
+        else:
+            keys.append(prefix)
+
+    def loaded(value: str):
+        try:
+            text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+            return yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError):  # the parser says what is wrong with it
+            return None
+
+    for i, arg in enumerate(args):
+        option, has_value, value = arg.partition("=")
+        if not has_value:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if option == "--config":
+            content = loaded(value)
+            if isinstance(content, dict) and isinstance(content.get(subcommand), dict):
+                content = content[subcommand]  # a config given before the subcommand
+            if isinstance(content, dict) and section in content:
+                section_value = content[section]
+                add(loaded(section_value) if isinstance(section_value, str) else section_value, "")
+        elif option == f"--{section}":
+            keys.append("")
+        elif option.startswith(f"--{section}."):
+            keys.append(".".join(k for k in option.split(".")[1:] if k != "init_args"))
+    return keys
+
+
 def check_config_files(args: list[str]) -> None:
     """A YAML syntax error in a ``--config`` file, named with the file, line and column."""
     for path in option_values(args, "--config"):

@@ -6,6 +6,7 @@ furthest state (an earlier checkpoint would write over later steps)."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +42,28 @@ def _canonical_class_path(path: str) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def checkpoint_conflicts(given: dict, defaults: dict, stored: dict, section: str = "model") -> list[str]:
-    """Options set in the configuration (different from their defaults) that contradict the values a
-    checkpoint was trained with, as ``key: value here, value in the checkpoint``."""
+def checkpoint_conflicts(
+    given: dict, defaults: dict, stored: dict, section: str = "model", named: Iterable[str] = ()
+) -> list[str]:
+    """Options of the configuration that contradict the values a checkpoint was trained with, as ``key:
+    value here, value in the checkpoint``: those that differ from their defaults, and those the command
+    names (``named``, as :func:`lmheads.console.given_options` gives them), even at their defaults."""
     given, defaults, stored = flatten(given), flatten(defaults), flatten(stored)
+    named = {_without_init_args(key) for key in named}
+
+    def is_named(key: str) -> bool:
+        key = _without_init_args(key)
+        return "" in named or any(key == n or key.startswith(f"{n}.") for n in named)
+
     return [
         f"{section}.{key}: {value!r} here, {stored[key]!r} in the checkpoint"
         for key, value in given.items()
-        if key in stored and value != defaults.get(key) and value != stored[key]
+        if key in stored and (value != defaults.get(key) or is_named(key)) and value != stored[key]
     ]
+
+
+def _without_init_args(key: str) -> str:
+    return ".".join(part for part in key.split(".") if part != "init_args")
 
 
 #: What Lightning's SLURM auto-requeue saves when it requeues a job (``#SBATCH --signal=SIGUSR1@90``), in
@@ -201,16 +215,26 @@ def data_conflicts(given: dict, checkpoint: dict, free: frozenset[str] = FREE_ON
     return out
 
 
-def check_against_checkpoint(subcommand: str, config, checkpoint: dict, model_defaults: dict) -> list[str]:
+def check_against_checkpoint(
+    subcommand: str,
+    config,
+    checkpoint: dict,
+    model_defaults: dict,
+    named: Iterable[str] = (),
+    run_config: Path | None = None,
+) -> list[str]:
     """Refuse model options that contradict the checkpoint (Lightning would silently apply the
-    checkpoint's over them), a fit on other data, and a fit that would train nothing. For an evaluation:
+    checkpoint's over them; ``run_config``, the run's ``config.yaml``, is named as the way out), a fit on
+    other data, and a fit that would train nothing. For an evaluation:
     its data options other than the run's (it may evaluate other data, and its record says so)."""
     stored = checkpoint.get("hyper_parameters") or {}
-    conflicts = checkpoint_conflicts(config.model.as_dict(), model_defaults, stored)
+    conflicts = checkpoint_conflicts(config.model.as_dict(), model_defaults, stored, named=named)
     if conflicts:
         raise ConfigError(
             f"the checkpoint {config.ckpt_path} was trained with other options: {'; '.join(conflicts)}. "
-            "Drop these options to use the checkpoint's, or train a new run without --ckpt_path"
+            "Drop these options (from the command line or its --config files) to use the checkpoint's"
+            + (f", put --config {run_config} before --ckpt_path for the run's own" if run_config else "")
+            + ", or train a new run without --ckpt_path"
         )
     data = config.get("data")
     given = data.as_dict() if data is not None and hasattr(data, "as_dict") else None

@@ -77,6 +77,44 @@ def test_options_contradicting_the_checkpoint_are_refused_and_the_run_is_untouch
     assert [p.name for p in (tmp_path / "quickstart").iterdir()] == [run.name]
 
 
+def test_an_option_given_at_its_default_that_contradicts_the_checkpoint_is_refused(tmp_path, capsys):
+    """``--model.head=tied`` is lmheads' default, and the quickstart's config file names it too: with an
+    untied run's checkpoint, either is refused rather than replaced by the checkpoint's head."""
+    fit(tmp_path, "--model.head=untied", steps=2, every=2)
+    run = only_run(tmp_path)
+    before = snapshot(run)
+    last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    capsys.readouterr()
+    for command in ("fit", "validate"):
+        for given in (["--model.head=tied"], []):  # on the command line; in the config file alone
+            err = refused(capsys, command, *quick_args(tmp_path, steps=4, every=2), *given, last)
+            assert "model.head.class_path: 'lmheads.heads.tied.TiedHead' here, " in err
+            assert f"put --config {run / 'config.yaml'} before --ckpt_path" in err
+    assert snapshot(run) == before
+    # the run's own configuration, or the head given again, agree with the checkpoint
+    main(["validate", *quick_args(tmp_path), f"--config={run / 'config.yaml'}", last])
+    main(["validate", *quick_args(tmp_path), "--model.head=untied", last])
+    assert len(list((run / "validate").iterdir())) == 2
+
+
+def test_given_options_names_what_the_command_line_and_its_config_files_set(tmp_path):
+    from lmheads.console import given_options
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model:\n  lr: 0.001\n  head:\n    class_path: TiedHead\n    init_args:\n      bias: true\n"
+    )
+    top = tmp_path / "top.yaml"
+    top.write_text("fit:\n  model:\n    backbone:\n      n_layer: 2\n")
+    args = [f"--config={top}", "fit", "--config", str(config), "--model.head.init_args.logit_scale=2",
+            "--model.warmup_steps", "3", "--data.init_args.batch_size=4"]  # fmt: skip
+    assert given_options(args, "model", "fit") == [
+        "backbone.n_layer", "lr", "head.class_path", "head.bias", "head.logit_scale", "warmup_steps"
+    ]  # fmt: skip
+    assert given_options(["fit", "--model", str(config)], "model", "fit") == [""]
+    assert given_options(["fit", "--config", "{model: {head: untied}}"], "model", "fit") == ["head"]
+
+
 def test_a_resume_reads_the_same_text_wherever_it_lies(tmp_path, capsys):
     """A data file counts by what it holds: a copy elsewhere continues the run, an edited one is refused."""
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
