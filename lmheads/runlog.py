@@ -234,10 +234,11 @@ def _is_evaluation(folder: Path) -> bool:
 
 
 def find_runs(roots: list[Path], test_checkpoint: str = "last") -> list[RunLog]:
-    """Runs under the roots; evaluations filed inside a run (``<run>/test/...``) are not runs."""
+    """lmheads runs under the roots, validated or not (:func:`split_diverged` sets apart the runs a table
+    leaves out); evaluations filed inside a run (``<run>/test/...``) are not runs."""
     dirs = sorted({p.parent for root in roots for p in root.rglob("events.out.tfevents.*")})
     runs = [load_run(d, test_checkpoint) for d in dirs if not _is_evaluation(d)]
-    return [r for r in runs if r.hparams.get("head") and "val/loss" in r.scalars]
+    return [r for r in runs if r.hparams.get("head")]
 
 
 def no_runs_message(roots: list[Path], diverged: str) -> str:
@@ -247,15 +248,26 @@ def no_runs_message(roots: list[Path], diverged: str) -> str:
 
 
 def split_diverged(runs: list[RunLog]) -> tuple[list[RunLog], str]:
-    """The runs that trained without their loss becoming NaN or infinite, and a line naming the others
-    ("" if none): a diverged run's last values come from before it diverged, and averaged with the others
-    they would read as a run stopped early."""
-    kept = [r for r in runs if r.diverged_at is None]
-    diverged = sorted((r for r in runs if r.diverged_at is not None), key=lambda r: natural(r.path.name))
-    if not diverged:
-        return kept, ""
-    names = ", ".join(f"{r.label} seed {r.hparams.get('seed')} at step {r.diverged_at:,}" for r in diverged)
-    return kept, f"Diverged (training loss NaN or infinite; not in the tables): {names}"
+    """The runs a table can report, and lines naming the others ("" if none): runs whose loss became NaN
+    or infinite (their last values come from before it did, and averaged with the others they would read
+    as runs stopped early), and runs with no validation yet (stopped, or still training, before their
+    first), which a table would otherwise leave out without a word."""
+    kept = [r for r in runs if r.diverged_at is None and "val/loss" in r.scalars]
+    by_name = sorted(runs, key=lambda r: natural(r.path.name))
+    diverged = [r for r in by_name if r.diverged_at is not None]
+    unvalidated = [r for r in by_name if r.diverged_at is None and "val/loss" not in r.scalars]
+    lines = []
+    if diverged:
+        names = ", ".join(f"{_named(r)} at step {r.diverged_at:,}" for r in diverged)
+        lines.append(f"Diverged (training loss NaN or infinite; not in the tables): {names}")
+    if unvalidated:
+        names = ", ".join(f"{_named(r)} ({r.path.name})" for r in unvalidated)
+        lines.append(f"Not validated yet (not in the tables): {names}")
+    return kept, "\n\n".join(lines)
+
+
+def _named(run: RunLog) -> str:
+    return f"{run.label} seed {run.hparams.get('seed')}"
 
 
 def natural(text: str) -> list:

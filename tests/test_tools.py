@@ -312,6 +312,23 @@ def test_compare_without_runs_fails_clearly(tmp_path, capsys):
     assert "no lmheads runs" in capsys.readouterr().err
 
 
+def test_a_run_not_yet_validated_is_named_not_dropped(tmp_path, capsys):
+    """A run stopped (or still training) before its first validation has no value for a table: each
+    report names it above its table, where it would otherwise be missing without a word."""
+    fit(tmp_path / "a", steps=2, every=2)
+    fit(tmp_path / "b", "--model.head=untied", steps=2, every=2)
+    fit(tmp_path / "c", "--model.head=untied", "--seed_everything=1", steps=1, every=2)  # no validation
+    late = only_run(tmp_path / "c").name
+    named = f"Not validated yet (not in the tables): untied seed 1 ({late})"
+    assert compare.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert named in out and "| untied | 0 |" in out
+    assert tool("buckets").main([str(tmp_path)]) == 0
+    assert named in capsys.readouterr().out
+    assert compare.main([str(tmp_path / "c")]) == 2
+    assert named in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sweep_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path, monkeypatch):
     """Two runs at once, each told to use half the cores; both finish and are recorded."""
