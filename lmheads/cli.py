@@ -135,6 +135,17 @@ class LMHeadsCLI(LightningCLI):
                     named,
                     run_config if run_config is not None and run_config.is_file() else None,
                 )
+            elif subcommand == "fit":
+                trainer = config.trainer
+                zero = "max_steps" if trainer.max_steps == 0 else None
+                if trainer.max_steps in (None, -1) and trainer.max_epochs == 0:
+                    zero = "max_epochs"
+                if zero:
+                    raise ConfigError(
+                        f"trainer.{zero}=0 trains nothing and would leave a run of no steps: give a "
+                        f"positive --trainer.{zero} (validate or test without --ckpt_path evaluate an "
+                        "untrained model)"
+                    )
 
     def _resolve_keyword(self, subcommand: str, config) -> None:
         """``--ckpt_path=last`` / ``best`` of the run the logger's version names, as that checkpoint's file

@@ -97,6 +97,13 @@ def test_an_option_given_at_its_default_that_contradicts_the_checkpoint_is_refus
     assert len(list((run / "validate").iterdir())) == 2
 
 
+def test_a_fit_of_no_steps_is_refused_and_leaves_no_run(tmp_path, capsys):
+    for zero in (["--trainer.max_steps=0"], ["--trainer.max_steps=-1", "--trainer.max_epochs=0"]):
+        err = refused(capsys, "fit", *quick_args(tmp_path), *zero)
+        assert f"{zero[-1].removeprefix('--')} trains nothing" in err
+    assert not (tmp_path / "quickstart").exists()
+
+
 def test_given_options_names_what_the_command_line_and_its_config_files_set(tmp_path):
     from lmheads.console import given_options
 
