@@ -39,6 +39,7 @@ from lmheads.module import LMHeadModule
 from lmheads.reporting import tokens_per_step, training_settings
 from lmheads.resume import (
     check_against_checkpoint,
+    check_trains_something,
     checkpoint_by_keyword,
     furthest_checkpoint,
     is_checkpoint_keyword,
@@ -126,26 +127,12 @@ class LMHeadsCLI(LightningCLI):
                 defaults = self._defaults_parser.get_defaults().model.as_dict()
                 named = given_options(args, "model", subcommand) if isinstance(args, list) else ()
                 run = run_of_checkpoint(config.ckpt_path)
-                run_config = run / "config.yaml" if run is not None else None
+                own = run / "config.yaml" if run is not None and (run / "config.yaml").is_file() else None
                 self._other_data = check_against_checkpoint(
-                    subcommand,
-                    config,
-                    self._checkpoint,
-                    defaults,
-                    named,
-                    run_config if run_config is not None and run_config.is_file() else None,
+                    subcommand, config, self._checkpoint, defaults, named, own
                 )
             elif subcommand == "fit":
-                trainer = config.trainer
-                zero = "max_steps" if trainer.max_steps == 0 else None
-                if trainer.max_steps in (None, -1) and trainer.max_epochs == 0:
-                    zero = "max_epochs"
-                if zero:
-                    raise ConfigError(
-                        f"trainer.{zero}=0 trains nothing and would leave a run of no steps: give a "
-                        f"positive --trainer.{zero} (validate or test without --ckpt_path evaluate an "
-                        "untrained model)"
-                    )
+                check_trains_something(config)
 
     def _resolve_keyword(self, subcommand: str, config) -> None:
         """``--ckpt_path=last`` / ``best`` of the run the logger's version names, as that checkpoint's file

@@ -249,10 +249,25 @@ def check_against_checkpoint(
             "Resuming would continue that run on other data: give the data it trained on (its "
             "options are in the run's config.yaml), or train a new run without --ckpt_path"
         )
-    step, max_steps = checkpoint.get("global_step", 0), config.trainer.get("max_steps") or -1
-    if 0 <= max_steps <= step:
+    check_trains_something(config, checkpoint.get("global_step", 0))
+    return []
+
+
+def check_trains_something(config, step: int | None = None) -> None:
+    """Refuse a fit that would train nothing: a ``max_steps`` (or, without one, ``max_epochs``) of 0, or
+    with a checkpoint at ``step``, a ``max_steps`` it has reached."""
+    trainer = config.trainer
+    max_steps = -1 if trainer.get("max_steps") is None else trainer.max_steps
+    if step is not None and 0 <= max_steps <= step:
         raise ConfigError(
             f"the checkpoint {config.ckpt_path} is at step {step} and trainer.max_steps={max_steps}: "
             f"nothing to train. To continue it, pass --trainer.max_steps larger than {step}"
         )
-    return []
+    zero = "max_steps" if max_steps == 0 else None
+    if max_steps == -1 and trainer.get("max_epochs") == 0:
+        zero = "max_epochs"
+    if zero:
+        raise ConfigError(
+            f"trainer.{zero}=0 trains nothing and would leave a run of no steps: give a positive "
+            f"--trainer.{zero} (validate or test without --ckpt_path evaluate an untrained model)"
+        )

@@ -67,8 +67,9 @@ def test_options_contradicting_the_checkpoint_are_refused_and_the_run_is_untouch
             in err
         )
         assert "model.lr: 0.01 here, 0.003 in the checkpoint" in err
-    err = refused(capsys, "fit", *quick_args(tmp_path, steps=5), last)
-    assert "is at step 6 and trainer.max_steps=5: nothing to train" in err
+    for steps in (5, 0):
+        err = refused(capsys, "fit", *quick_args(tmp_path, steps=steps), last)
+        assert f"is at step 6 and trainer.max_steps={steps}: nothing to train" in err
     # Lightning restores no data option: a resume on other data would silently continue on it
     err = refused(capsys, "fit", *quick_args(tmp_path, steps=10), "--data.init_args.batch_size=16", last)
     assert "was trained on other data: data.batch_size: 16 here, 32 in the checkpoint" in err
