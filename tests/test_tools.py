@@ -298,6 +298,45 @@ def test_sweep_refuses_bad_input_before_any_run(tmp_path, config, head, message)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--heads", "tied", "TiedHead"], "error: --heads names TiedHead a second time"),
+        (["--heads", "tied", "--seeds", "0", "1", "0"], "error: --seeds names 0 a second time"),
+        (["--heads", "tied", "--grid", "model.lr=1e-3", "model.lr=2e-3"], "error: --grid names model.lr a"),
+        (["--heads", "tied", "--grid", "model.lr=1e-3,1e-3"], "error: --grid model.lr=1e-3,1e-3 repeats"),
+        # each would train runs other than their folders' names say (untied runs named tied, seeds 0-2
+        # all of seed 5), or write them elsewhere
+        (["--heads", "tied", "--grid", "model.head=untied"], "error: the sweep sets model.head for each"),
+        (["--heads", "tied", "--", "--seed_everything=5"], "error: the sweep sets seed_everything for"),
+        (["--heads", "tied", "--", "--config", str(ROOT / "configs/heads/untied.yaml")], "sets model.head"),
+        (["--heads", "tied", "--", "--trainer.logger.init_args.version=x"], "sets trainer.logger.version"),
+        (["--heads", "tied", "--", "--ckpt_path=x"], "sets ckpt_path for each run"),
+    ],
+)
+def test_sweep_refuses_runs_asked_for_twice_or_named_for_what_they_do_not_train(tmp_path, options, message):
+    args = [
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        "--root",
+        str(tmp_path / "runs"),
+        "--name",
+        "x",
+    ]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([*args, *options])
+    assert message in str(stop.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_takes_head_options_in_its_grid(tmp_path, capsys):
+    grid = ["--grid", "model.head.init_args.bias=true,false", "--dry-run", "--", "--model.lr=0.01"]
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--heads", "untied", "--seeds", "0"]
+    assert sweep.main([*args, "--root", str(tmp_path / "runs"), "--name", "x", *grid]) == 0
+    out = capsys.readouterr().out
+    assert "untied-seed0-bias=true: " in out and "untied-seed0-bias=false: " in out
+
+
 def test_sweep_refuses_a_list_of_loggers(tmp_path):
     """The sweep names its runs with ``--trainer.logger.init_args.*``, which a list gives its last logger."""
     args = ["--config", QUICKSTART, "--config", two_loggers(tmp_path), "--heads", "tied", "--seeds", "0"]

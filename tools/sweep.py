@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 import queue
@@ -31,108 +30,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-
-@dataclass
-class Run:
-    head: str
-    seed: int
-    overrides: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        parts = [f"{self.head}-seed{self.seed}"]
-        parts += [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.overrides.items()]
-        return "-".join(parts)
-
-
-def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> dict[str, dict[str, str]]:
-    """For each head the width ``d_model`` whose unique parameter count is closest to the largest count
-    among the heads at the configured width, as option overrides; an error beyond 1% of it, so that any
-    two heads are within 2% of each other. Any width is
-    allowed; the number of attention heads becomes the divisor of it nearest the configured one (it
-    does not change the parameter count)."""
-    from dataclasses import replace
-
-    import torch
-
-    from lmheads.cli import main
-    from lmheads.heads.base import resolve_head
-    from lmheads.heads.names import expand_head_names
-    from lmheads.module import LMHeadModule
-    from lmheads.reporting import parameter_counts
-
-    cli = main([arg for c in configs for arg in ("--config", c)] + list(extra), run=False)
-    backbone, vocab = cli.model.cfg, cli.datamodule.vocab_size
-
-    def attention_heads(width: int) -> int:
-        even = backbone.positions == "rope"  # rotary embeddings need an even head width
-        ok = [n for n in range(1, width + 1) if width % n == 0 and not (even and (width // n) % 2)]
-        return min(ok, key=lambda n: (abs(n - backbone.n_head), -n))
-
-    def count(head: str, width: int) -> int:
-        cls = resolve_head(expand_head_names([f"--model.head={head}"])[0].partition("=")[2])
-        cfg = replace(backbone, d_model=width, n_head=attention_heads(width))
-        with torch.device("meta"):  # sizes only, no memory
-            return parameter_counts(LMHeadModule(head=cls(), backbone=cfg, vocab_size=vocab))["total"]
-
-    target = max(count(h, backbone.d_model) for h in heads)
-    overrides = {}
-    for head in heads:
-        width = min(range(1, 4 * backbone.d_model + 1), key=lambda w: abs(count(head, w) - target))
-        params = count(head, width)
-        if abs(params - target) > 0.01 * target:  # so that any two heads are within 2% of each other
-            raise SystemExit(f"error: no width gives head {head} within 1% of {target:,} parameters")
-        n_head = attention_heads(width)
-        overrides[head] = {"model.backbone.d_model": str(width), "model.backbone.n_head": str(n_head)}
-        print(
-            f"{head}: d_model={width}, n_head={n_head}, {params:,} parameters (target {target:,})", flush=True
-        )
-    return overrides
-
-
-def check_input(configs: list[str], heads: list[str]) -> None:
-    """Stops the sweep before any run starts (and before anything is written) on a config file that does
-    not exist, a list of loggers (the options naming each run would reach its last one) or a head that
-    the runs could not build."""
-    import yaml
-
-    logger = None
-    for config in configs:
-        if not Path(config).is_file():
-            raise SystemExit(f"error: config file {config} not found")
-        with contextlib.suppress(yaml.YAMLError, AttributeError):  # else the runs report the error
-            trainer = yaml.safe_load(Path(config).read_text(encoding="utf-8")).get("trainer") or {}
-            logger = trainer.get("logger", logger)
-    if isinstance(logger, list):
-        raise SystemExit(
-            "error: the sweep names each run with --trainer.logger.init_args.* options, which go to the last "
-            "logger of a list: give trainer.logger as the one TensorBoardLogger for a sweep"
-        )
-    from lmheads.errors import ConfigError
-    from lmheads.heads.names import expand_head_names
-
-    sys.path.insert(0, os.getcwd())  # where `python -m lmheads`, in each run, finds a head of your own
-    try:
-        for head in heads:
-            expand_head_names([f"--model.head={head}"])
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
-    finally:
-        sys.path.remove(os.getcwd())
-
-
-def parse_grid(items: list[str]) -> list[dict[str, str]]:
-    """``["a.b=1,2", "c=x"]`` -> every combination as a dict of overrides."""
-    axes = []
-    for item in items:
-        key, sep, values = item.partition("=")
-        if not sep or not key or not values:
-            raise SystemExit(f"error: --grid expects KEY=V1,V2,..., got {item!r}")
-        axes.append([(key, v) for v in values.split(",")])
-    return [dict(combo) for combo in itertools.product(*axes)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
+from sweep_plan import Run, check_input, matched_widths, parse_grid
 
 
 def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -338,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("extra", nargs="*", help="further lmheads options for every run (after --)")
     args = parser.parse_args(argv)
-    check_input(args.config, args.heads)
     grid = parse_grid(args.grid)
+    check_input(args.config, args.heads, args.seeds, args.grid, args.extra)
     widths = {"model.backbone.d_model", "model.backbone.n_head"} & {k for combo in grid for k in combo}
     if args.match_params and widths:
         sizes = " and ".join(sorted(widths))
