@@ -224,9 +224,10 @@ def check_against_checkpoint(
     run_config: Path | None = None,
 ) -> list[str]:
     """Refuse model options that contradict the checkpoint (Lightning would silently apply the
-    checkpoint's over them; ``run_config``, the run's ``config.yaml``, is named as the way out), a fit on
-    other data, and a fit that would train nothing. For an evaluation:
-    its data options other than the run's (it may evaluate other data, and its record says so)."""
+    checkpoint's over them; ``named`` are those the command sets, ``run_config`` the run's own
+    configuration, named as the way out), a fit on other data, and a fit that would train nothing. For
+    an evaluation: its data options other than the run's (it may evaluate other data, and its record
+    says so)."""
     stored = checkpoint.get("hyper_parameters") or {}
     conflicts = checkpoint_conflicts(config.model.as_dict(), model_defaults, stored, named=named)
     if conflicts:
