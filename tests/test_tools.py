@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lmheads import runlog
+from lmheads import runlog, stats
 from lmheads.runs import CLAIM_FILE
 
 from .helpers import QUICKSTART, ROOT, fit, only_run, scalars, tool, two_loggers
@@ -446,9 +446,8 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     assert not (tmp_path / "mixed").exists()
 
 
-def test_buckets_paired_t_test_matches_the_t_table():
+def test_paired_t_test_matches_the_t_table():
     """Two-sided 5% critical values of Student's t for 1 to 5, 10 and 30 degrees of freedom."""
-    buckets = tool("buckets")
     for dof, critical in (
         (1, 12.706),
         (2, 4.303),
@@ -458,11 +457,11 @@ def test_buckets_paired_t_test_matches_the_t_table():
         (10, 2.228),
         (30, 2.042),
     ):
-        assert abs(1 - buckets._t_within(critical, dof) - 0.05) < 2e-4, dof
+        assert abs(1 - stats.t_within(critical, dof) - 0.05) < 2e-4, dof
     # three seeds that differ by -0.130, -0.044 and -0.086: t = 3.50 with 2 degrees of freedom
-    assert abs(buckets.paired_p([-0.130, -0.044, -0.086]) - 0.0732) < 1e-4
-    assert buckets.paired_p([0.1]) is None
-    assert buckets.paired_p([0.0, 0.0]) == 1.0 and buckets.paired_p([0.1, 0.1]) == 0.0
+    assert abs(stats.paired_p([-0.130, -0.044, -0.086]) - 0.0732) < 1e-4
+    assert stats.paired_p([0.1]) is None
+    assert stats.paired_p([0.0, 0.0]) == 1.0 and stats.paired_p([0.1, 0.1]) == 0.0
 
 
 def test_runs_stopped_at_other_points_compare_as_they_stood_at_one_step(tmp_path):
@@ -484,10 +483,10 @@ def test_runs_stopped_at_other_points_compare_as_they_stood_at_one_step(tmp_path
 
 def test_a_figure_of_some_of_a_rows_runs_says_of_how_many():
     """A row of seeds 0,1 where only seed 0 was tested shows seed 0's test, marked as one run's."""
-    assert compare.mean_std([1.0, 3.0], 1) == "2.0 ± 1.4"
-    assert compare.mean_std([113.449, None], 2) == "113.45 (1 of 2)"
-    assert compare.mean_std([1.0, 3.0, float("nan")], 1) == "2.0 ± 1.4 (2 of 3)"
-    assert compare.mean_std([None, None], 1) == "–"
+    assert stats.mean_std([1.0, 3.0], 1) == "2.0 ± 1.4"
+    assert stats.mean_std([113.449, None], 2) == "113.45 (1 of 2)"
+    assert stats.mean_std([1.0, 3.0, float("nan")], 1) == "2.0 ± 1.4 (2 of 3)"
+    assert stats.mean_std([None, None], 1) == "–"
 
 
 def test_final_values_of_different_budgets_are_neither_averaged_nor_paired(tmp_path):

@@ -26,7 +26,6 @@ training set seen by then; the plot shows it against the optimizer step.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -39,48 +38,11 @@ import compare
 from lmheads import runlog
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
 from lmheads.runlog import RunLog, find_runs, natural, no_runs_message, split_diverged
+from lmheads.stats import P_NOTE, mean_std, p_text
 
 TAGS = {"val/loss": "all tokens"} | {
     bucket_loss_metric("val", b): FREQUENCY_BUCKET_LABELS[b] for b in FREQUENCY_BUCKETS
 }
-
-
-def paired_p(differences: list[float]) -> float | None:
-    """Two-sided p-value of a paired t-test that the mean of ``differences`` (one per seed) is zero, with
-    n - 1 degrees of freedom; ``None`` for fewer than two."""
-    n = len(differences)
-    if n < 2:
-        return None
-    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
-    if sd == 0:
-        return 1.0 if mean == 0 else 0.0
-    return 1.0 - _t_within(abs(mean) / (sd / math.sqrt(n)), n - 1)
-
-
-def _t_within(t: float, dof: int) -> float:
-    """P(|T| <= t) for Student's t with a whole number of degrees of freedom, in closed form (Abramowitz &
-    Stegun 26.7.3 for odd, 26.7.4 for even degrees)."""
-    theta = math.atan(t / math.sqrt(dof))
-    cos2 = math.cos(theta) ** 2
-    if dof % 2:  # (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), dof - 2 powers at most
-        term = total = math.cos(theta) if dof > 1 else 0.0
-        for k in range(1, (dof - 1) // 2):
-            term *= 2 * k / (2 * k + 1) * cos2
-            total += term
-        return 2 / math.pi * (theta + math.sin(theta) * total)
-    term = total = 1.0  # sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
-    for k in range(1, dof // 2):
-        term *= (2 * k - 1) / (2 * k) * cos2
-        total += term
-    return math.sin(theta) * total
-
-
-def _p(differences: list[float]) -> str:
-    p = paired_p(differences)
-    return "–" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-P_NOTE = "p: two-sided paired t-test over the seeds that the mean difference is zero"
 
 
 def group_name(by: list[str], group: tuple) -> str:
@@ -194,7 +156,7 @@ def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
     ]
     for row, values in rows.items():
         cells = [f"{values[seed]:+.3f}" if seed in values else "–" for seed in seeds]
-        mean, p = statistics.fmean(values.values()), _p(list(values.values()))
+        mean, p = statistics.fmean(values.values()), p_text(list(values.values()))
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean:+.3f} | {p} |")
     return "\n".join(lines)
 
@@ -263,7 +225,7 @@ def steps_table(trajectories: dict[str, dict], first: str, second: str) -> str:
             values = [t["seeds"][seed][i] for seed in seeds]
             epochs = "–" if t["epochs"][i] is None else f"{t['epochs'][i]:.1f}"
             mean = f"{statistics.fmean(values):+.3f}"
-            cells = [f"{step:,}", epochs, *(f"{v:+.3f}" for v in values), mean, _p(values)]
+            cells = [f"{step:,}", epochs, *(f"{v:+.3f}" for v in values), mean, p_text(values)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -302,7 +264,7 @@ def table(diffs: dict[str, dict], first: str, second: str) -> str:
             group,
             str(n),
             *(
-                f"{compare.mean_std(per_tag[tag], 4)} ({_p(per_tag[tag])})" if per_tag[tag] else "–"
+                f"{mean_std(per_tag[tag], 4)} ({p_text(per_tag[tag])})" if per_tag[tag] else "–"
                 for tag in TAGS
             ),
         ]

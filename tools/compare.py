@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
 from lmheads.runlog import RunLog, at_step, find_runs, mixed, natural, no_runs_message, split_diverged
+from lmheads.stats import mean_std
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
@@ -39,19 +40,6 @@ def markers(section: str | None) -> tuple[str, str]:
 
 #: Validation loss by how frequent the target token is in training (lmheads' diagnostics).
 BUCKETS = {bucket_loss_metric("val", b): f"loss, {FREQUENCY_BUCKET_LABELS[b]}" for b in FREQUENCY_BUCKETS}
-
-
-def mean_std(values: list[float | None], digits: int) -> str:
-    """Mean ± standard deviation of the runs that have a value; where some have none (a run not tested,
-    a metric it did not log), how many of them the figure is of: ``113.45 (1 of 2)``."""
-    present = [v for v in values if v is not None and math.isfinite(v)]
-    if not present:
-        return "–"
-    mean = statistics.fmean(present)
-    text = f"{mean:.{digits}f}"
-    if len(present) > 1:
-        text += f" ± {statistics.stdev(present):.{digits}f}"
-    return text if len(present) == len(values) else f"{text} ({len(present)} of {len(values)})"
 
 
 def _count(value) -> str:

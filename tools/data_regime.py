@@ -25,6 +25,7 @@ import compare
 
 from lmheads import runlog
 from lmheads.runlog import RunLog, find_runs, split_diverged
+from lmheads.stats import mean_std
 
 
 def final_train_loss(run: RunLog, last: int = 3) -> float | None:
@@ -70,9 +71,9 @@ def table(summary: dict[tuple[str, int], dict]) -> str:
             label,
             f"{tokens:,}",
             f"{s['epochs']:.1f}",
-            compare.mean_std(s["final"], 3),
-            compare.mean_std(s["best"], 3),
-            compare.mean_std(s["gap"], 3),
+            mean_std(s["final"], 3),
+            mean_std(s["best"], 3),
+            mean_std(s["gap"], 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
