@@ -254,6 +254,12 @@ class LMHeadsCLI(LightningCLI):
         try:
             self.run_folder.claim()
         except ConfigError as err:
+            if self.subcommand != "fit" and run is not None and run.resolve() != folder:
+                raise ConfigError(  # a run's config.yaml given with another run's checkpoint
+                    f"the configuration names the run {folder}, and the checkpoint {ckpt} is of another "
+                    f"run, {run}: to {self.subcommand} it, give --config {run / 'config.yaml'} before "
+                    f"--ckpt_path (or another {naming_option(shared=args is None)})"
+                ) from None
             if self.subcommand == "fit" or ckpt:
                 raise
             raise ConfigError(  # the run's config.yaml without a checkpoint (or one it reset to null)

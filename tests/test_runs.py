@@ -338,6 +338,13 @@ def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):
     err = refused(capsys, "validate", last, "--config", config)  # the config resets ckpt_path to null
     assert "To validate a checkpoint of that run, give --ckpt_path after --config" in err
     assert not (run / "validate").exists()
+    # another run's config names that run: the evaluation is neither filed there nor told to continue it
+    fit(run.parent.parent, "--trainer.logger.init_args.version=other", steps=2, every=2)
+    other = run.parent / "other"
+    err = refused(capsys, "test", "--config", str(other / "config.yaml"), last)
+    assert f"the checkpoint {run / 'checkpoints' / 'last.ckpt'} is of another run, {run}: to test it, give " \
+        f"--config {config} before --ckpt_path" in err  # fmt: skip
+    assert not (other / "test").exists() and not (run / "validate").exists()
 
 
 def test_compare_best_reports_the_lowest_validation_and_tests_that_checkpoint(finished_run, capsys):
