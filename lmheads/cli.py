@@ -36,14 +36,13 @@ from lmheads.heads import head_name
 from lmheads.heads.base import resolve_head
 from lmheads.heads.names import PARSER_MODE, expand_head_names, list_heads, load_yaml
 from lmheads.module import LMHeadModule
-from lmheads.reporting import tokens_per_step, training_settings
 from lmheads.resume import (
     check_against_checkpoint,
+    check_training,
     check_trains_something,
     checkpoint_by_keyword,
     furthest_checkpoint,
     is_checkpoint_keyword,
-    training_conflicts,
 )
 from lmheads.runs import (
     DEFAULT_SAVE_DIR,
@@ -184,7 +183,7 @@ class LMHeadsCLI(LightningCLI):
             self.run_folder.trainer = self.trainer
         check_strategy(self.trainer.strategy)  # before any process is launched
         if self.run_folder is not None and self.run_folder.resume:
-            self._check_training_of(self.run_folder.path)
+            check_training(self.run_folder.path, self.model, self.trainer, self.datamodule)
         if self._checkpoint is not None:  # here too for strategies that load the weights themselves (FSDP2)
             check_compatible(self.model, self._checkpoint["state_dict"])
             self._checkpoint = None
@@ -193,23 +192,6 @@ class LMHeadsCLI(LightningCLI):
         shared = self.run_folder is None or self.run_folder.shared  # a folder other commands write to
         if self.subcommand and shared and config.get("ckpt_path") is None:
             refuse_requeue_checkpoint(Path(self.trainer.default_root_dir), self.subcommand)
-
-    def _check_training_of(self, run: Path) -> None:
-        """Refuse a fit that would continue ``run`` with another batch, precision, clipping or seed:
-        Lightning restores no trainer option, and the run would go on under this start's."""
-        trainer = self.trainer
-        now = {
-            "tokens_per_step": tokens_per_step(self.model, trainer, self.datamodule),
-            "devices": trainer.world_size,
-            "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            **training_settings(trainer),
-        }
-        differ = training_conflicts(run, now)
-        if differ:
-            raise ConfigError(
-                f"{'; '.join(differ)}. Continuing would change how the run trains or what its record says: "
-                "give the settings it trained with (its hparams.yaml), or train a new run"
-            )
 
     def before_instantiate_classes(self) -> None:
         """Choose and claim the run's folder (:mod:`lmheads.runs`): a new fit gets

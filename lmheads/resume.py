@@ -15,6 +15,7 @@ import yaml
 from lmheads.checkpointing import read_checkpoint
 from lmheads.data.base import file_digest
 from lmheads.errors import ConfigError
+from lmheads.reporting import tokens_per_step, training_settings
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -174,6 +175,24 @@ def training_conflicts(run: Path, now: dict[str, int | float | str]) -> list[str
         if then.get(key) not in (None, now[key]):
             out.append(f"{key}: {then[key]} in the run, {now[key]} here")
     return out
+
+
+def check_training(run: Path, model, trainer, datamodule) -> None:
+    """Refuse a fit that would continue ``run`` with another batch, precision, clipping or seed (see
+    :func:`training_conflicts`): Lightning restores no trainer option, and the run would go on under this
+    start's."""
+    now = {
+        "tokens_per_step": tokens_per_step(model, trainer, datamodule),
+        "devices": trainer.world_size,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        **training_settings(trainer),
+    }
+    differ = training_conflicts(run, now)
+    if differ:
+        raise ConfigError(
+            f"{'; '.join(differ)}. Continuing would change how the run trains or what its record says: "
+            "give the settings it trained with (its hparams.yaml), or train a new run"
+        )
 
 
 #: Data options a resumed run may change: neither its training and validation data nor their batches.
