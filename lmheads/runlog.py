@@ -328,9 +328,23 @@ def uneven(runs: list[RunLog]) -> str:
 def at_step(runs: list[RunLog], step: int) -> tuple[list[RunLog], str]:
     """The runs as they stood after ``step`` steps (:meth:`RunLog.until`), and which of them logged no
     validation then ("" if all did): their values there would be of another budget."""
+    if step < 1:
+        return runs, f"--step {step}: give a number of steps trained, 1 or more"
     cut = [r.until(step) for r in runs]
-    missing = [f"{r.label} seed {r.hparams.get('seed')}" for r in cut if r.validated_at() != step]
+    missing = [f"{_named(r)} ({r.path.name})" for r in cut if r.validated_at() != step]
     if not missing:
         return cut, ""
     named = ", ".join(missing)
     return cut, f"no validation after {step:,} steps in {named}; give a step every run validated at"
+
+
+def unrecorded(runs: list[RunLog], keys: list[str]) -> str:
+    """The ``--by`` keys that no run records ("" if every key is recorded by some run): grouped by them,
+    every run would read as ``key=None``."""
+    missing = [k for k in keys if all(k not in r.hparams and k not in r.config for r in runs)]
+    if not missing:
+        return ""
+    return (
+        f"--by {' '.join(missing)}: no run records it; give a hyperparameter of the runs' hparams.yaml "
+        "(e.g. tokenizer, train_set_tokens) or an option of their config.yaml (e.g. model.backbone.d_model)"
+    )

@@ -368,6 +368,17 @@ def test_a_run_not_yet_validated_is_named_not_dropped(tmp_path, capsys):
     assert named in capsys.readouterr().err
 
 
+def test_a_grouping_no_run_records_and_a_step_before_training_are_refused(tmp_path, capsys):
+    """``--by`` a key no run records would group every run as ``key=None``; ``--step 0`` or less names no
+    state of any run."""
+    fit(tmp_path, steps=2, every=2)
+    for report in (compare, tool("buckets")):
+        assert report.main([str(tmp_path), "--by", "model.dropout", "train_set_tokens"]) == 2
+        assert "error: --by model.dropout: no run records it" in capsys.readouterr().err
+        assert report.main([str(tmp_path), "--step", "0"]) == 2
+        assert "error: --step 0: give a number of steps trained, 1 or more" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sweep_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path, monkeypatch):
     """Two runs at once, each told to use half the cores; both finish and are recorded."""

@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(no_runs_message(args.roots, diverged), file=sys.stderr)
         return 2
+    if runlog.unrecorded(runs, args.by):
+        print(f"error: {runlog.unrecorded(runs, args.by)}", file=sys.stderr)
+        return 2
     if args.step is not None:
         runs, missing = runlog.at_step(runs, args.step)
         if missing:

@@ -23,7 +23,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
-from lmheads.runlog import RunLog, at_step, find_runs, mixed, natural, no_runs_message, split_diverged
+from lmheads.runlog import (
+    RunLog,
+    at_step,
+    find_runs,
+    mixed,
+    natural,
+    no_runs_message,
+    split_diverged,
+    unrecorded,
+)
 from lmheads.stats import mean_std
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
@@ -269,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     runs, diverged = split_diverged(find_runs(args.roots, "best" if args.best else "last"))
     if not runs:
         print(no_runs_message(args.roots, diverged), file=sys.stderr)
+        return 2
+    if unrecorded(runs, args.by):
+        print(f"error: {unrecorded(runs, args.by)}", file=sys.stderr)
         return 2
     stood = ""
     if args.step is not None:
