@@ -200,6 +200,10 @@ def test_grid_and_run_names():
         {"model.backbone.d_model": "128", "model.lr": "1e-3"},
     ]
     assert sweep.Run("tied", 2, grid[1]).name == "tied-seed2-d_model=128-lr=1e-3"
+    # a grid over files names each run by one folder, not a path of folders
+    files = sweep.parse_grid(["data.init_args.train_file=/data/a/train.txt,b/train.txt"])
+    names = [sweep.Run("tied", 0, f).name for f in files]
+    assert names == ["tied-seed0-train_file=_data_a_train.txt", "tied-seed0-train_file=b_train.txt"]
     with pytest.raises(SystemExit):
         sweep.parse_grid(["model.lr"])
     # a run's own value is given last: it trains what its name says, whatever every run is also given

@@ -20,9 +20,10 @@ class Run:
 
     @property
     def name(self) -> str:
+        """``<head>-seed<seed>[-<key>=<value>...]``, one folder name: a path's slashes become ``_``."""
         parts = [f"{self.head}-seed{self.seed}"]
         parts += [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.overrides.items()]
-        return "-".join(parts)
+        return "-".join(parts).replace("/", "_")
 
 
 def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> dict[str, dict[str, str]]:
