@@ -262,6 +262,8 @@ def test_export_tool(tmp_path, capsys):
     assert f"error: {out} exists; give another output path, or --overwrite" in capsys.readouterr().err
     assert export.main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert export.main([str(ckpt), str(tmp_path / "no" / "x.safetensors")]) == 2
+    assert f"error: {tmp_path / 'no'} is not a folder; create it" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert export.main([str(ckpt), str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*safetensors*")) == ["m.safetensors"]  # no partial left

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.output.exists() and not args.overwrite:
         print(f"error: {args.output} exists; give another output path, or --overwrite", file=sys.stderr)
         return 2
+    if not args.output.parent.is_dir():
+        print(f"error: {args.output.parent} is not a folder; create it, or give another output path",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         read_checkpoint(args.checkpoint)
         model = LMHeadModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
