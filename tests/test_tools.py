@@ -383,6 +383,24 @@ def test_a_grouping_no_run_records_and_a_step_before_training_are_refused(tmp_pa
         assert "error: --step 0: give a number of steps trained, 1 or more" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("report", ["compare", "buckets", "data_regime", "embeddings"])
+def test_a_report_that_could_not_write_where_asked_stops_before_reading_runs(tmp_path, capsys, report):
+    """``--out`` a file, or ``--update`` a document without the section: one error line before any work,
+    and nothing written (a report stopped half-way would leave its table without the document)."""
+    main = tool(report).main
+    (tmp_path / "a file").write_text("")
+    doc = tmp_path / "doc.md"
+    doc.write_text("# no generated section\n")
+    runs = [str(tmp_path)] * (2 if report == "embeddings" else 1)
+    assert main([*runs, "--out", str(tmp_path / "a file")]) == 2
+    assert "error: --out " in capsys.readouterr().err
+    if report != "embeddings":
+        assert main([*runs, "--out", str(tmp_path / "out"), "--update", str(doc), "--section", "x"]) == 2
+        assert "has no <!-- compare:x:begin --> ... <!-- compare:x:end --> section" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file", "doc.md"]
+    assert doc.read_text() == "# no generated section\n"
+
+
 @pytest.mark.slow
 def test_sweep_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path, monkeypatch):
     """Two runs at once, each told to use half the cores; both finish and are recorded."""

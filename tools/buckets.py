@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         "--step", type=int, metavar="N", help="the runs as they stood after N steps (compare.py --step)"
     )
     args = parser.parse_args(argv)
+    if compare.check_outputs(args.out, args.update, args.section):
+        print(f"error: {compare.check_outputs(args.out, args.update, args.section)}", file=sys.stderr)
+        return 2
     first, second = args.heads
     runs, diverged = split_diverged(find_runs(args.roots))
     if not runs:
@@ -369,6 +372,9 @@ def _write(args, result, first: str, second: str, name: str, text, draw, what: s
             link = f"![{first} minus {second} {what}]({os.path.relpath(image, args.update.parent)})"
             compare.update_document(args.update, f"{text}\n\n{link}", args.section)
             print(f"updated {args.update}")
+    elif args.update:
+        compare.update_document(args.update, text, args.section)
+        print(f"updated {args.update}")
     return 0
 
 

@@ -235,6 +235,22 @@ def _optimum(groups: dict[str, list[RunLog]]) -> float | None:
     return values.pop() if len(values) == 1 and None not in values else None
 
 
+def check_outputs(out: Path | None, update: Path | None = None, section: str | None = None) -> str:
+    """Why ``--out`` or ``--update`` could not be written ("" if they can), asked before anything is
+    written: a report that stops half-way would leave its table without the document, or the reverse."""
+    if out is not None and out.exists() and not out.is_dir():
+        return f"--out {out} is a file; give a folder for the table and plots"
+    if update is None:
+        return ""
+    if update.is_file():
+        begin, end = markers(section)
+        content = update.read_text()
+        return "" if begin in content and end in content else f"{update} has no {begin} ... {end} section"
+    if update.exists() or not update.parent.is_dir():
+        return f"--update {update} is not a markdown file in an existing folder"
+    return ""
+
+
 def update_document(doc: Path, text: str, section: str | None = None) -> None:
     begin, end = markers(section)
     content = doc.read_text() if doc.is_file() else f"{begin}\n{end}\n"
@@ -275,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         "stopped at different points); a test column only of checkpoints of step N or before",
     )
     args = parser.parse_args(argv)
+    if check_outputs(args.out, args.update, args.section):
+        print(f"error: {check_outputs(args.out, args.update, args.section)}", file=sys.stderr)
+        return 2
     runs, diverged = split_diverged(find_runs(args.roots, "best" if args.best else "last"))
     if not runs:
         print(no_runs_message(args.roots, diverged), file=sys.stderr)
@@ -319,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"updated {args.update}")
     elif args.update:
         update_document(args.update, text, args.section)
+        print(f"updated {args.update}")
     return 0
 
 

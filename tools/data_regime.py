@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
+    if compare.check_outputs(args.out, args.update, args.section):
+        print(f"error: {compare.check_outputs(args.out, args.update, args.section)}", file=sys.stderr)
+        return 2
     runs, diverged = split_diverged(find_runs(args.roots))
     runs = [r for r in runs if "val/excess_loss" in r.scalars]
     if not runs:
@@ -139,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             link = f"![excess loss against training tokens]({os.path.relpath(image, args.update.parent)})"
             compare.update_document(args.update, f"{text}\n\n{link}", args.section)
             print(f"updated {args.update}")
+    elif args.update:
+        compare.update_document(args.update, text, args.section)
+        print(f"updated {args.update}")
     return 0
 
 

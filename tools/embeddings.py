@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="neighbours per token")
     parser.add_argument("--out", type=Path, help="folder for table.md and embeddings.png")
     args = parser.parse_args(argv)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file; give a folder for the table and heat-map", file=sys.stderr)
+        return 2
     matrices: dict[str, torch.Tensor] = {}
     bucket = None
     vocabularies: dict[str, dict] = {}
@@ -163,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {name: m.size(0) for name, m in matrices.items()}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name}: {v:,}" for name, v in sizes.items())
-        print(f"error: the matrices have different vocabularies ({listed}); compare runs on the same data")
+        print(f"error: the matrices have different vocabularies ({listed}); compare runs on the same data",
+              file=sys.stderr)  # fmt: skip
         return 2
     if len(matrices) < 2:
-        print("error: one matrix only; give two runs, or a run whose head has an output matrix of its own")
+        print("error: one matrix only; give two runs, or a run whose head has an output matrix of its own",
+              file=sys.stderr)  # fmt: skip
         return 2
     rows = compare(matrices, bucket, args.k)
     text = table(rows, args.k, bucket is not None)
