@@ -17,8 +17,8 @@ from torchmetrics import Metric
 
 
 class TokenNLL(Metric):
-    """Accumulates summed NLL and token count; ``compute`` returns ``loss`` (nats per token) and
-    ``ppl`` = exp(loss)."""
+    """Accumulates summed NLL and token count; ``compute`` returns ``loss`` (nats per token), ``ppl`` =
+    exp(loss) and ``tokens``, the number of tokens it is over."""
 
     full_state_update = False
 
@@ -34,7 +34,7 @@ class TokenNLL(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         loss = self.nll_sum / self.tokens.clamp_min(1)
-        return {"loss": loss, "ppl": loss.exp()}
+        return {"loss": loss, "ppl": loss.exp(), "tokens": self.tokens}
 
 
 def bits_per_byte(loss: float | Tensor, bytes_per_token: float) -> float | Tensor:

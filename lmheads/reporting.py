@@ -134,7 +134,8 @@ def eval_metrics(
     bpb = bits_per_byte(result["loss"], bytes_per_token) if bytes_per_token else torch.tensor(math.nan)
     if bytes_per_token:
         logs[f"{prefix}/bpb"] = bpb
-    optimum = datamodule.optimal_loss(split) if hasattr(datamodule, "optimal_loss") else None
+    tokens = int(result["tokens"])  # the targets scored: all of the split's, or its first batches'
+    optimum = datamodule.optimal_loss(split, tokens) if hasattr(datamodule, "optimal_loss") else None
     if optimum is not None:
         logs[f"{prefix}/optimal_loss"] = torch.tensor(optimum)
         logs[f"{prefix}/excess_loss"] = result["loss"] - optimum

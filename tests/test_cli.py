@@ -122,6 +122,21 @@ def test_quickstart_learns(tmp_path):
     assert optimum < last < cli.datamodule.unigram_entropy()  # uses context, cannot beat the HMM
 
 
+def test_a_limited_validation_is_compared_with_the_optimum_of_the_tokens_it_scored(tmp_path):
+    """``limit_val_batches`` scores the validation split's first blocks; their optimum differs from the
+    whole split's, and the excess loss is measured against theirs."""
+    limited = main(["validate", *quick_args(tmp_path), "--trainer.logger=false",
+                    "--data.init_args.val_tokens=65536", "--trainer.limit_val_batches=2"])  # fmt: skip
+    data, logged = limited.datamodule, limited.trainer.callback_metrics
+    first = data.splits["validation"].blocks[: 2 * data.batch_size]  # 2 batches of 32 blocks
+    expected = data.language.nll(first).mean()
+    assert math.isclose(logged["val/optimal_loss"].item(), expected, rel_tol=1e-6)
+    whole = data.optimal_loss("validation")
+    assert abs(whole - expected) > 1e-3  # the bias a whole-split optimum would have put in the excess
+    excess = logged["val/loss"].item() - expected
+    assert math.isclose(logged["val/excess_loss"].item(), excess, rel_tol=1e-5, abs_tol=1e-6)
+
+
 def test_hparams_have_the_same_keys_for_every_head(tmp_path):
     keys = []
     for name in BUILTIN:

@@ -228,8 +228,10 @@ class LMDataModule(L.LightningDataModule):
             counts += np.bincount(chunk.ravel(), minlength=self.vocab_size)
         return counts
 
-    def optimal_loss(self, split: str) -> float | None:
-        """The lowest achievable mean NLL on a split, where it is known exactly; else None."""
+    def optimal_loss(self, split: str, tokens: int | None = None) -> float | None:
+        """The lowest achievable mean NLL on a split, where it is known exactly; else None. ``tokens``:
+        on the split's first ``tokens`` targets only, the ones an evaluation limited to its first batches
+        (``trainer.limit_val_batches``) scored."""
         return None
 
     def decode(self, ids) -> str:

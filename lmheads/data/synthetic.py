@@ -179,7 +179,7 @@ class SyntheticDataModule(LMDataModule):
         self.language = HiddenMarkovLanguage.generate(
             vocab_size, n_states, zipf_exponent, noise, concentration, seed=language_seed
         )
-        self._optimal: dict[str, float] = {}
+        self._optimal: dict[str, np.ndarray] = {}  # per split: the optimal NLL summed over blocks 0..i
 
     @property
     def vocab_size(self) -> int:
@@ -196,12 +196,20 @@ class SyntheticDataModule(LMDataModule):
             if split not in self.splits:
                 self.splits[split] = BlockDataset(self._blocks(split))
 
-    def optimal_loss(self, split: str) -> float:
-        """Mean NLL of the generating HMM on the split's targets: no model can do better in expectation."""
+    def optimal_loss(self, split: str, tokens: int | None = None) -> float | None:
+        """Mean NLL of the generating HMM on the split's targets: no model can do better in expectation.
+        With ``tokens``, on the first ``tokens`` targets: an evaluation limited to its first batches scores
+        the split's first blocks (one process's, or all processes' in turn: :class:`EvalShard`), and the
+        blocks' optima differ, so the whole split's would misstate its excess loss. ``None`` where the
+        count is not a whole number of blocks."""
         if split not in self._optimal:
             blocks = self.splits[split].blocks if split in self.splits else self._blocks(split)
-            self._optimal[split] = float(self.language.nll(blocks).mean())
-        return self._optimal[split]
+            self._optimal[split] = np.cumsum(self.language.nll(blocks).sum(axis=1))
+        sums = self._optimal[split]
+        n = len(sums) if tokens is None else min(len(sums), tokens // self.block_size)
+        if n == 0 or (tokens is not None and n < len(sums) and tokens % self.block_size):
+            return None
+        return float(sums[n - 1] / (n * self.block_size))
 
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the stationary token distribution: the loss of the best context-free model."""
