@@ -130,11 +130,16 @@ def eval_metrics(
         for i, name in enumerate(FREQUENCY_BUCKETS):
             logs[bucket_loss_metric(prefix, name)] = buckets["loss"][i]
             logs[f"{prefix}_freq/token_share_{name}"] = buckets["share"][i]
+    tokens = int(result["tokens"])  # the targets scored: all of the split's, or its first batches'
+    # bits per byte takes the bytes of the text scored, known for a whole split only: not for its first
+    # batches (trainer.limit_val_batches), whose bytes per token can differ from the split's mean
     bytes_per_token = getattr(datamodule, "bytes_per_token", {}).get(split)
+    blocks = getattr(datamodule, "splits", {}).get(split)
+    if blocks is not None and tokens < len(blocks) * datamodule.block_size:
+        bytes_per_token = None
     bpb = bits_per_byte(result["loss"], bytes_per_token) if bytes_per_token else torch.tensor(math.nan)
     if bytes_per_token:
         logs[f"{prefix}/bpb"] = bpb
-    tokens = int(result["tokens"])  # the targets scored: all of the split's, or its first batches'
     optimum = datamodule.optimal_loss(split, tokens) if hasattr(datamodule, "optimal_loss") else None
     if optimum is not None:
         logs[f"{prefix}/optimal_loss"] = torch.tensor(optimum)

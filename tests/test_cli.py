@@ -137,6 +137,26 @@ def test_a_limited_validation_is_compared_with_the_optimum_of_the_tokens_it_scor
     assert math.isclose(logged["val/excess_loss"].item(), excess, rel_tol=1e-5, abs_tol=1e-6)
 
 
+def test_bits_per_byte_only_for_a_whole_split(tmp_path):
+    """Bits per byte divides by the bytes of the text scored: the split's bytes per token for the whole
+    split; for its first batches alone (whose words here are longer than the rest's) none is logged."""
+    text = tmp_path / "t.txt"
+    lines = [" ".join(["extraordinarily", "longwinded"] * 4)] * 200 + [" ".join(["a", "b", "c"] * 4)] * 200
+    text.write_text("\n".join(lines) + "\n")
+    data = ["--data=lmheads.data.TextDataModule", "--data.tokenizer=word", f"--data.train_file={text}",
+            f"--data.validation_file={text}", f"--data.cache_dir={tmp_path}", "--data.batch_size=2",
+            "--model.backbone.block_size=16", "--trainer.logger=false"]  # fmt: skip
+    whole = main(["validate", "--config", QUICKSTART, *data])
+    logged = whole.trainer.callback_metrics
+    per_token = whole.datamodule.bytes_per_token["validation"]
+    assert math.isclose(
+        logged["val/bpb"].item(), logged["val/loss"].item() / math.log(2) / per_token, rel_tol=1e-5
+    )
+    first = main(["validate", "--config", QUICKSTART, *data, "--trainer.limit_val_batches=2"])
+    logged = first.trainer.callback_metrics
+    assert "val/bpb" not in logged and math.isnan(logged["hp/val_bpb"].item())
+
+
 def test_hparams_have_the_same_keys_for_every_head(tmp_path):
     keys = []
     for name in BUILTIN:
