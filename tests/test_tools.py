@@ -509,7 +509,7 @@ def test_runs_stopped_at_other_points_compare_as_they_stood_at_one_step(tmp_path
     assert run.until(120).final("test/loss") == 5.1 and run.final("val/loss") == 5.0  # the run itself kept
     short = runlog.RunLog(tmp_path / "s", {"head": "tied", "seed": 1}, {"val/loss": {49: (6.5, 30.0)}})
     cut, missing = runlog.at_step([run, short], 100)
-    assert missing == "no validation after 100 steps in tied seed 1; give a step every run validated at"
+    assert missing == "no validation after 100 steps in tied seed 1 (s); give a step every run validated at"
     cut, missing = runlog.at_step([run, short], 50)
     assert not missing and [r.final("val/loss") for r in cut] == [6.0, 6.5]
 
