@@ -234,20 +234,20 @@ def _is_evaluation(folder: Path) -> bool:
 
 
 def find_runs(roots: list[Path], test_checkpoint: str = "last") -> list[RunLog]:
-    """lmheads runs under the roots, validated or not (:func:`split_diverged` sets apart the runs a table
+    """lmheads runs under the roots, validated or not (:func:`split_reportable` sets apart the runs a table
     leaves out); evaluations filed inside a run (``<run>/test/...``) are not runs."""
     dirs = sorted({p.parent for root in roots for p in root.rglob("events.out.tfevents.*")})
     runs = [load_run(d, test_checkpoint) for d in dirs if not _is_evaluation(d)]
     return [r for r in runs if r.hparams.get("head")]
 
 
-def no_runs_message(roots: list[Path], diverged: str) -> str:
-    """What to say when the roots hold no run to report (naming the diverged ones, if any)."""
-    where = ", ".join(map(str, roots)) + (f"; {diverged}" if diverged else "")
+def no_runs_message(roots: list[Path], left_out: str) -> str:
+    """What to say when the roots hold no run to report (naming those left out, if any)."""
+    where = ", ".join(map(str, roots)) + (f"; {left_out}" if left_out else "")
     return f"error: no lmheads runs with validation loss under {where}"
 
 
-def split_diverged(runs: list[RunLog]) -> tuple[list[RunLog], str]:
+def split_reportable(runs: list[RunLog]) -> tuple[list[RunLog], str]:
     """The runs a table can report, and lines naming the others ("" if none): runs whose loss became NaN
     or infinite (their last values come from before it did, and averaged with the others they would read
     as runs stopped early), and runs with no validation yet (stopped, or still training, before their

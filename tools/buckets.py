@@ -37,7 +37,7 @@ import compare
 
 from lmheads import runlog
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
-from lmheads.runlog import RunLog, find_runs, natural, no_runs_message, split_diverged
+from lmheads.runlog import RunLog, find_runs, natural, no_runs_message, split_reportable
 from lmheads.stats import P_NOTE, mean_std, p_text
 
 TAGS = {"val/loss": "all tokens"} | {
@@ -322,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {compare.check_outputs(args.out, args.update, args.section)}", file=sys.stderr)
         return 2
     first, second = args.heads
-    runs, diverged = split_diverged(find_runs(args.roots))
+    runs, left_out = split_reportable(find_runs(args.roots))
     if not runs:
-        print(no_runs_message(args.roots, diverged), file=sys.stderr)
+        print(no_runs_message(args.roots, left_out), file=sys.stderr)
         return 2
     if runlog.unrecorded(runs, args.by):
         print(f"error: {runlog.unrecorded(runs, args.by)}", file=sys.stderr)
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         name = args.name or f"against_{args.against}"
         parts = (against_table, against_plot, "per seed")
-        return _write(args, result, "each head", args.against, name, *parts, note=diverged)
+        return _write(args, result, "each head", args.against, name, *parts, note=left_out)
     paired = pairs_by_group(runs, first, second, args.by, final=not args.over_steps)
     if not paired:
         print(f"error: no pairs of {first} and {second} runs with the same seed", file=sys.stderr)
@@ -355,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = differences(paired)
         name, text, draw, what = args.name or "bucket_differences", table, plot, "by frequency bucket"
-    return _write(args, result, first, second, name, text, draw, what, note=diverged)
+    return _write(args, result, first, second, name, text, draw, what, note=left_out)
 
 
 def _write(args, result, first: str, second: str, name: str, text, draw, what: str, note: str = "") -> int:
-    """Print the table (after the runs left out as diverged, if any); with ``--out`` write it and its plot
-    there, with ``--update`` into the document."""
+    """Print the table (after the lines naming the runs it leaves out, if any); with ``--out`` write it
+    and its plot there, with ``--update`` into the document."""
     text = "\n\n".join(filter(None, [note, text(result, first, second)]))
     print(text)
     if args.out:

@@ -30,7 +30,7 @@ from lmheads.runlog import (
     mixed,
     natural,
     no_runs_message,
-    split_diverged,
+    split_reportable,
     unrecorded,
 )
 from lmheads.stats import mean_std
@@ -294,9 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     if check_outputs(args.out, args.update, args.section):
         print(f"error: {check_outputs(args.out, args.update, args.section)}", file=sys.stderr)
         return 2
-    runs, diverged = split_diverged(find_runs(args.roots, "best" if args.best else "last"))
+    runs, left_out = split_reportable(find_runs(args.roots, "best" if args.best else "last"))
     if not runs:
-        print(no_runs_message(args.roots, diverged), file=sys.stderr)
+        print(no_runs_message(args.roots, left_out), file=sys.stderr)
         return 2
     if unrecorded(runs, args.by):
         print(f"error: {unrecorded(runs, args.by)}", file=sys.stderr)
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         advice = f"give --by {key} to tell them apart, or" if key else "give"
         print(f"error: {reason}. To compare them, {advice} their folders in separate calls", file=sys.stderr)
         return 2
-    text = "\n\n".join(filter(None, [stood, budget(groups), diverged, table(groups, args.best)]))
+    text = "\n\n".join(filter(None, [stood, budget(groups), left_out, table(groups, args.best)]))
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 import compare
 
 from lmheads import runlog
-from lmheads.runlog import RunLog, find_runs, split_diverged
+from lmheads.runlog import RunLog, find_runs, split_reportable
 from lmheads.stats import mean_std
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if compare.check_outputs(args.out, args.update, args.section):
         print(f"error: {compare.check_outputs(args.out, args.update, args.section)}", file=sys.stderr)
         return 2
-    runs, diverged = split_diverged(find_runs(args.roots))
+    runs, left_out = split_reportable(find_runs(args.roots))
     runs = [r for r in runs if "val/excess_loss" in r.scalars]
     if not runs:
         print(f"error: no runs with an excess loss under {', '.join(map(str, args.roots))}", file=sys.stderr)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem[0]}; give their folders in separate calls", file=sys.stderr)
         return 2
     summary = summarise(groups)
-    text = "\n\n".join(filter(None, [diverged, table(summary)]))
+    text = "\n\n".join(filter(None, [left_out, table(summary)]))
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
