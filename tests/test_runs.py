@@ -105,6 +105,22 @@ def test_a_fit_of_no_steps_is_refused_and_leaves_no_run(tmp_path, capsys):
     assert not (tmp_path / "quickstart").exists()
 
 
+def test_testing_data_without_a_test_split_says_what_to_give_and_files_nothing(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("\n".join(" ".join(["alpha", "beta", "gamma"][(i * j) % 3] for j in range(9))
+                              for i in range(2000)) + "\n")  # fmt: skip
+    data = ["--data=lmheads.data.TextDataModule", "--data.tokenizer=word", f"--data.train_file={text}",
+            f"--data.cache_dir={tmp_path}", "--model.backbone.block_size=16"]  # fmt: skip
+    fit(tmp_path, *data, steps=2, every=2)
+    run = only_run(tmp_path)
+    capsys.readouterr()
+    err = refused(
+        capsys, "test", *quick_args(tmp_path), *data, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    )
+    assert "error: the data has no test split: with text files give data.test_file" in err
+    assert not (run / "test").exists()
+
+
 def test_given_options_names_what_the_command_line_and_its_config_files_set(tmp_path):
     from lmheads.console import given_options
 

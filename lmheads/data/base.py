@@ -258,7 +258,10 @@ class LMDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.splits:
-            raise ConfigError(f"this data module has no {split} split")
+            raise ConfigError(
+                f"the data has no {split} split: with text files give data.{split}_file, or a dataset "
+                f"(data.dataset_name) that has one"
+            )
         dataset = self.splits[split]
         blocks = dataset.blocks_at_any_offset() if train and self.random_offsets else len(dataset)
         if train and blocks < self.batch_size:
