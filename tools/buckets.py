@@ -318,16 +318,16 @@ def main(argv: list[str] | None = None) -> int:
         "--step", type=int, metavar="N", help="the runs as they stood after N steps (compare.py --step)"
     )
     args = parser.parse_args(argv)
-    if compare.check_outputs(args.out, args.update, args.section):
-        print(f"error: {compare.check_outputs(args.out, args.update, args.section)}", file=sys.stderr)
+    if problem := compare.check_outputs(args.out, args.update, args.section):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     first, second = args.heads
     runs, left_out = split_reportable(find_runs(args.roots))
     if not runs:
         print(no_runs_message(args.roots, left_out), file=sys.stderr)
         return 2
-    if runlog.unrecorded(runs, args.by):
-        print(f"error: {runlog.unrecorded(runs, args.by)}", file=sys.stderr)
+    if problem := runlog.unrecorded(runs, args.by):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.step is not None:
         runs, missing = runlog.at_step(runs, args.step)

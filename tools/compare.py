@@ -291,15 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         "stopped at different points); a test column only of checkpoints of step N or before",
     )
     args = parser.parse_args(argv)
-    if check_outputs(args.out, args.update, args.section):
-        print(f"error: {check_outputs(args.out, args.update, args.section)}", file=sys.stderr)
+    if problem := check_outputs(args.out, args.update, args.section):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     runs, left_out = split_reportable(find_runs(args.roots, "best" if args.best else "last"))
     if not runs:
         print(no_runs_message(args.roots, left_out), file=sys.stderr)
         return 2
-    if unrecorded(runs, args.by):
-        print(f"error: {unrecorded(runs, args.by)}", file=sys.stderr)
+    if problem := unrecorded(runs, args.by):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     stood = ""
     if args.step is not None:

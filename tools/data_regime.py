@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
-    if compare.check_outputs(args.out, args.update, args.section):
-        print(f"error: {compare.check_outputs(args.out, args.update, args.section)}", file=sys.stderr)
+    if problem := compare.check_outputs(args.out, args.update, args.section):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     runs, left_out = split_reportable(find_runs(args.roots))
     runs = [r for r in runs if "val/excess_loss" in r.scalars]
