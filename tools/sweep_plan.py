@@ -90,13 +90,10 @@ def check_input(configs: list[str], heads: list[str], seeds=(), grid=(), extra=(
             "logger of a list: give trainer.logger as the one TensorBoardLogger for a sweep"
         )
     from lmheads.errors import ConfigError
-    from lmheads.heads.names import expand_head_names
 
     sys.path.insert(0, os.getcwd())  # where `python -m lmheads`, in each run, finds a head of your own
     try:
-        for head in heads:
-            expand_head_names([f"--model.head={head}"])
-        check_runs(heads, seeds, grid, extra)
+        check_runs(heads, seeds, grid, extra)  # each head resolved to its class, or refused
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     finally:
@@ -124,8 +121,9 @@ def check_runs(heads: list[str], seeds: list[int], grid: list[str], extra: list[
     from lmheads.heads.base import resolve_head
     from lmheads.heads.names import head_class_path
 
+    by_name = {cls.__name__: cls for cls in registered_heads().values()}
+
     def head_class(head: str):  # the class a short name, class name or class path stands for
-        by_name = {cls.__name__: cls for cls in registered_heads().values()}
         return by_name.get(head) or resolve_head(head_class_path(head))
 
     classes = [head_class(h) for h in heads]
