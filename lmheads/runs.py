@@ -11,6 +11,8 @@ run's).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -115,15 +117,17 @@ class RunFolder:
         if rank_zero_only.rank != 0:
             return
         if self.resume:
-            holder = self.holder()
-            if holder is not None:
-                raise ConfigError(
-                    f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}), which "
-                    "trains that run: continuing it at the same time would mix the two. Wait for it to end"
-                )
-            claim = self.path / CLAIM_FILE
-            self._previous_claim = claim.read_text() if claim.is_file() else None  # back if the start fails
-            self._write_claim("w")
+            with self._locked():  # two resumes at one moment: the second sees the first's claim
+                holder = self.holder()
+                if holder is not None:
+                    raise ConfigError(
+                        f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}), "
+                        "which trains that run: continuing it at the same time would mix the two. Wait for "
+                        "it to end"
+                    )
+                claim = self.path / CLAIM_FILE
+                self._previous_claim = claim.read_text() if claim.is_file() else None  # back if it fails
+                self._write_claim("w")
             return
         existed = self.path.is_dir()
         self._top = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
@@ -137,6 +141,20 @@ class RunFolder:
             raise ConfigError(self._taken()) from None
         self._before = before if existed else set()
         self._created = not existed
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The folder locked against other processes' claims while this one checks and writes its own. The
+        lock is the operating system's on the open folder: it ends with the process, so none is left
+        behind by one that was killed. A file system without such locks (some cluster mounts) gets the
+        check and the claim without it."""
+        folder = os.open(self.path, os.O_RDONLY)
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)  # and with it the lock
 
     def _write_claim(self, mode: str) -> None:
         """``x``: only if no claim exists (two runs that start at the same moment: one gets it)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import socket
@@ -20,8 +21,10 @@ import torch
 import yaml
 
 from lmheads import runlog
+from lmheads.errors import ConfigError
 from lmheads.heads import head_name, registered_heads
 from lmheads.resume import training_conflicts
+from lmheads.runs import RunFolder
 
 from . import external_heads
 from .helpers import QUICKSTART, ROOT, fit, main, only_run, quick_args, scalars, tool, two_loggers
@@ -450,6 +453,47 @@ def test_a_run_is_continued_by_one_process_at_a_time(finished_run, capsys):
     claim_file.write_text(json.dumps({**claim, "ended": time.time()}))
     fit(tmp_path, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=10)
     assert json.loads(claim_file.read_text())["pid"] == os.getpid()
+
+
+def _claim_slowly(run: Path, answers, start) -> None:
+    """Continue the run's claim as a resume does, with a pause between the check for a holder and the
+    claim (where a second process could pass the same check), then stay alive a while as a trainer."""
+    check = RunFolder.holder
+
+    def slow_check(self):
+        found = check(self)
+        time.sleep(0.5)
+        return found
+
+    RunFolder.holder = slow_check
+    start.wait()
+    try:
+        RunFolder(run, resume=True).claim()
+        answers.put("claimed")
+    except ConfigError as error:
+        answers.put(str(error))
+    time.sleep(2)
+
+
+def test_two_resumes_of_one_run_at_the_same_moment_one_is_refused(tmp_path):
+    """Two processes continuing one run at once (two sweeps of one root): one claims the run, the other
+    is refused as the run is in use, however their checks and claims interleave."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ended = {"pid": 1, "host": socket.gethostname(), "started": "then", "at": 0.0, "ended": 1.0}
+    (run / ".lmheads-run").write_text(json.dumps(ended))
+    context = multiprocessing.get_context("fork")
+    answers, start = context.Queue(), context.Event()
+    resumes = [context.Process(target=_claim_slowly, args=(run, answers, start)) for _ in range(2)]
+    for resume in resumes:
+        resume.start()
+    start.set()
+    got = sorted(answers.get(timeout=30) for _ in resumes)
+    for resume in resumes:
+        resume.join()
+    assert got[0] == "claimed"
+    assert got[1].startswith(f"run folder {run} is in use by process ")
+    assert json.loads((run / ".lmheads-run").read_text())["pid"] in {r.pid for r in resumes}
 
 
 def test_a_failed_start_leaves_no_folder(tmp_path, capsys):
