@@ -47,7 +47,6 @@ from lmheads.resume import (
 from lmheads.runs import (
     DEFAULT_SAVE_DIR,
     RunFolder,
-    RunSummary,
     evaluation_folder,
     named_run_folder,
     naming_option,
@@ -58,6 +57,7 @@ from lmheads.runs import (
     tensorboard_args,
 )
 from lmheads.sharding import check_strategy
+from lmheads.summary import RunSummary
 
 
 def trainer_defaults() -> dict[str, Any]:

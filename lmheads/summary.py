@@ -1,0 +1,77 @@
+"""The summary at the end of training: printed, and written into the run folder as ``results.json`` (or
+``diverged.json`` for a run whose loss became NaN or infinite), where the reports read it back."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lmheads.errors import NonFiniteLossError
+from lmheads.heads import head_name
+from lmheads.reporting import tokens_per_step
+from lmheads.runs import DIVERGED_FILE, RESULTS_FILE
+
+
+def _run_dir(trainer: L.Trainer) -> str | None:
+    """The run's folder: the first logger's (``trainer.log_dir`` would be a collective, and this is asked
+    on rank 0 alone), or without a logger ``default_root_dir``, which the command made the run's."""
+    return trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
+
+
+class RunSummary(L.Callback):
+    """At the end of ``fit``: prints the run folder, the best and last checkpoints, the last validation
+    metrics, tokens seen and wall-clock, and writes the same to ``<run>/results.json``. A run whose loss
+    became NaN or infinite records the step in ``<run>/diverged.json`` instead, so that a comparison does
+    not take it for a run stopped early."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        folder = _run_dir(trainer)
+        if isinstance(exception, NonFiniteLossError) and trainer.is_global_zero and folder is not None:
+            record = {"step": exception.step, "message": str(exception)}
+            Path(folder, DIVERGED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = _run_dir(trainer)
+        if not trainer.is_global_zero or folder is None:
+            return
+        Path(folder, DIVERGED_FILE).unlink(missing_ok=True)  # this session trained to its end
+        checkpoint = trainer.checkpoint_callback
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and torch.is_tensor(v) and v.numel() == 1
+        }
+        results = {
+            "run": str(Path(folder).resolve()),
+            "head": head_name(pl_module.head),
+            "step": trainer.global_step,
+            "tokens_seen": trainer.global_step * tokens_per_step(pl_module, trainer),
+            "wall_clock_s": round(time.perf_counter() - self._start, 1),
+            "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
+            "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
+            "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},
+        }
+        Path(folder, RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        shown = [k for k in ("val/loss", "val/ppl", "val/bpb", "val/excess_loss") if k in results["metrics"]]
+        lines = [
+            f"run: {results['run']}",
+            f"  head {results['head']}, {results['step']} steps, {results['tokens_seen']:,} tokens, "
+            f"{results['wall_clock_s']:.0f} s",
+            *(f"  {k} {results['metrics'][k]:.4f}" for k in shown),
+            f"  best checkpoint: {results['best_checkpoint'] or 'none'}",
+            f"  last checkpoint: {results['last_checkpoint'] or 'none'}",
+        ]
+        print("\n".join(lines), flush=True)
