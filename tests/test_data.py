@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+from pathlib import Path
+
+import datasets
 import numpy as np
 import pytest
+import yaml
 
 import lmheads.data.text as text_module
 from lmheads.data.base import ResumableSampler, StreamBlocks, stream_blocks
 from lmheads.data.text import TextDataModule
 from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from lmheads.errors import ConfigError
+
+from .helpers import ROOT
 
 SAMPLE = "Ünïcode läuft 😀\nthe cat sat on the mat\n\nthe end\n"
 
@@ -184,6 +190,78 @@ def test_validation_carved_from_train_when_absent(text_files, tmp_path):
     dm = TextDataModule(train_file=str(train), tokenizer="char", val_fraction=0.1, cache_dir=str(tmp_path))
     assert len(dm.raw["validation"]) == 35 and len(dm.raw["train"]) == 315
     assert "test" not in dm.raw
+
+
+def test_evaluation_tokens_no_training_text_holds_are_named(tmp_path, caplog):
+    """A word (or character) of the validation text outside the training vocabulary becomes <unk>, which
+    the training text never holds when every training word is kept: no model learns it. Setup says how
+    many tokens that is, and what to change; none is said where training holds <unk> too."""
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text("the cat sat on the mat\nthe dog sat\n" * 50)
+    valid.write_text("the cat sat on the rug\n")  # 1 of 7 tokens (6 words and <eos>) unknown
+    for tokenizer, min_count, note in (("word", 1, "data.min_count=2"), ("char", 1, "data.tokenizer=byte")):
+        dm = TextDataModule(train_file=str(train), validation_file=str(valid), tokenizer=tokenizer,
+                            min_count=min_count, block_size=4, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            dm.setup("fit")
+            dm.setup("validate")  # said once
+        share = 1 / 7 if tokenizer == "word" else 2 / 23  # "r" and "g"; 22 characters and the newline
+        assert dm.unknown == {"train": 0.0, "validation": pytest.approx(share)}
+        assert caplog.text.count(f"data: {share:.2%} of the validation tokens are outside the training ") == 1
+        assert note in caplog.text
+    dm = TextDataModule(train_file=str(train), validation_file=str(valid), tokenizer="word", min_count=60,
+                        block_size=4, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm.setup("fit")
+    assert dm.unknown["train"] > 0 and dm.unknown_note() is None
+
+
+def _hub_copy(folder: Path, configs: dict[str, dict[str, list[str]]]) -> None:
+    """A dataset folder laid out as a hub repository is: one folder of parquet files per configuration,
+    named in the README's metadata."""
+    card = ["---", "configs:"]
+    for config, splits in configs.items():
+        card += [f"- config_name: {config}", "  data_files:"]
+        for split, rows in splits.items():
+            (folder / config).mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_dict({"text": rows}).to_parquet(str(folder / config / f"{split}-0.parquet"))
+            card += [f"  - split: {split}", f"    path: {config}/{split}-*"]
+    (folder / "README.md").write_text("\n".join([*card, "---", ""]))
+
+
+def test_the_hub_config_is_the_local_word_level_wikitext(tmp_path):
+    """configs/data/wikitext2-hub.yaml trains on the tokenized WikiText-2 (rare words already <unk>, the
+    33,278-word vocabulary of the literature and of the local files), not the raw text, whose rare
+    words are kept: trained on, and unknown to the vocabulary where only the validation text has them.
+    A copy laid out as the hub dataset (blank lines as empty rows, as there) gives the local files'
+    vocabulary and token streams."""
+    lines = {
+        "train": [" = A = \n", " \n", " the <unk> sat on the mat \n", " the cat sat \n"] * 30,
+        "validation": [" the <unk> sat \n", " \n", " the cat \n"],
+    }
+    files = {}
+    for split, split_lines in lines.items():
+        files[split] = tmp_path / f"{split}.txt"
+        files[split].write_text("".join(split_lines))
+    rare = iter(f"rare{i}" for i in range(1000))
+    raw = {s: [line.replace("<unk>", next(rare)) for line in split_lines] for s, split_lines in lines.items()}
+    hub_rows = {s: [line if line.strip() else "" for line in split_lines] for s, split_lines in lines.items()}
+    _hub_copy(tmp_path / "wikitext", {"wikitext-2-v1": hub_rows, "wikitext-2-raw-v1": raw})
+    config = yaml.safe_load((ROOT / "configs" / "data" / "wikitext2-hub.yaml").read_text())["data"]
+    assert config["init_args"]["dataset_name"] == "Salesforce/wikitext"
+    args = {
+        **config["init_args"],
+        "dataset_name": str(tmp_path / "wikitext"),
+        "cache_dir": str(tmp_path / "c"),
+    }
+    hub = TextDataModule(**args)
+    local = TextDataModule(train_file=str(files["train"]), validation_file=str(files["validation"]),
+                           tokenizer="word", cache_dir=str(tmp_path / "c"))  # fmt: skip
+    assert hub.tokenizer.itos == local.tokenizer.itos
+    for dm in (hub, local):
+        dm.prepare_data()
+    for split in ("train", "validation"):
+        assert np.array_equal(np.load(hub.stream_path(split)), np.load(local.stream_path(split)))
 
 
 def test_hub_loading_path_with_a_local_dataset_dir(tmp_path, text_files):

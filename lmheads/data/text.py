@@ -23,13 +23,14 @@ from typing import Literal
 
 import datasets
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 
 from lmheads.data.base import LMDataModule, StreamBlocks, file_digest
 from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from lmheads.errors import ConfigError
 
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
-_STREAM_FORMAT = 1  # bump when the stream layout changes, to invalidate old cache files
+_STREAM_FORMAT = 2  # bump when the stream layout changes, to invalidate old cache files
 
 
 def default_cache_dir() -> Path:
@@ -52,7 +53,7 @@ class TextDataModule(LMDataModule):
         validation_file: Optional validation text file.
         test_file: Optional test text file.
         dataset_name: A ``datasets`` hub name or local dataset directory, e.g. ``Salesforce/wikitext``.
-        dataset_config: The hub dataset's configuration name, e.g. ``wikitext-2-raw-v1``.
+        dataset_config: The hub dataset's configuration name, e.g. ``wikitext-2-v1``.
         text_column: Column holding the text in a hub dataset.
         tokenizer: ``char`` (characters of the training text), ``byte`` (UTF-8 bytes), ``word``
             (whitespace words, one ``<eos>`` per line: the WikiText convention) or ``bpe`` (byte-level
@@ -104,6 +105,8 @@ class TextDataModule(LMDataModule):
         self.num_proc = num_proc or min(8, os.cpu_count() or 1)
         self.raw = self._load_raw()
         self.tokenizer = self._load_or_train_tokenizer()
+        self.unknown: dict[str, float] = {}  # split -> share of its tokens that are <unk>
+        self._noted = False
 
     @property
     def vocab_size(self) -> int:
@@ -230,9 +233,13 @@ class TextDataModule(LMDataModule):
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, stream)
             tmp.replace(path)
-            _atomic_write(
-                path.with_suffix(".json"), json.dumps({"tokens": len(stream), "bytes": n_bytes}).encode()
-            )
+            unk = self.tokenizer.unk_id
+            counts = {
+                "tokens": len(stream),
+                "bytes": n_bytes,
+                "unknown": int(np.sum(stream == unk)) if unk is not None else 0,
+            }
+            _atomic_write(path.with_suffix(".json"), json.dumps(counts).encode())
 
     def setup(self, stage: str) -> None:
         for split in self.raw:
@@ -244,7 +251,33 @@ class TextDataModule(LMDataModule):
             stream = np.load(path, mmap_mode="r")
             counts = json.loads(path.with_suffix(".json").read_text())
             self.bytes_per_token[split] = counts["bytes"] / max(1, counts["tokens"])
+            self.unknown[split] = counts["unknown"] / max(1, counts["tokens"])
             self.splits[split] = StreamBlocks(stream, self.block_size, split)
+        note = self.unknown_note()
+        if note is not None and not self._noted:
+            rank_zero_info(note)
+            self._noted = True
+
+    def unknown_note(self) -> str | None:
+        """A line when evaluation text holds tokens outside the vocabulary (``<unk>``) that the training
+        text never holds: no model can learn to predict them, so they raise every evaluation loss."""
+        if self.unknown.get("train", 1) > 0:
+            return None
+        shares = [
+            f"{self.unknown[s]:.2%} of the {s} tokens" for s in ("validation", "test") if self.unknown.get(s)
+        ]
+        if not shares:
+            return None
+        fix = (
+            "Set data.min_count=2 (or more) to map the training text's rarest words to <unk> too, so that it "
+            "is learned"
+            if self.hparams.tokenizer == "word"
+            else "Use data.tokenizer=byte, which has no unknown tokens"
+        )
+        return (
+            f"data: {' and '.join(shares)} are outside the training vocabulary (<unk>), which the training "
+            f"text never holds: no model learns to predict them, and they raise the evaluation loss. {fix}"
+        )
 
     def _count_train_tokens(self) -> np.ndarray:
         """Counted once per token stream and block size, and kept beside the stream."""

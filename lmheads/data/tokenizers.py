@@ -26,6 +26,8 @@ BOS = "<bos>"
 
 class Tokenizer(ABC):
     kind: ClassVar[str]
+    #: The id of ``<unk>``, for a tokenizer that maps what its vocabulary lacks to it; else ``None``.
+    unk_id: ClassVar[int | None] = None
 
     @property
     @abstractmethod
@@ -61,6 +63,7 @@ class CharTokenizer(Tokenizer):
     """One token per Unicode character seen in training, plus ``<unk>`` (id 0) for the rest."""
 
     kind = "char"
+    unk_id = 0
 
     def __init__(self, chars: list[str]) -> None:
         self.itos = [UNK, *chars]
@@ -123,6 +126,7 @@ class WordTokenizer(Tokenizer):
     """
 
     kind = "word"
+    unk_id = 0
 
     def __init__(self, words: list[str]) -> None:
         self.itos = [UNK, EOS, *words]
