@@ -136,12 +136,18 @@ def test_embeddings_tool_compares_runs_and_refuses_other_vocabularies(tmp_path, 
     other = tmp_path / "other"
     fit(other, "--data.init_args.vocab_size=512", steps=1, every=1)
     assert embeddings.main([str(runs[0]), str(only_run(other))]) == 2
-    assert "different vocabularies" in capsys.readouterr().out
+    assert "different vocabularies" in capsys.readouterr().err
+    # a run given twice (as a folder and as its last.ckpt) is not a run like itself
+    assert embeddings.main([str(runs[0]), str(runs[0] / "checkpoints" / "last.ckpt")]) == 2
+    assert f"error: {runs[0] / 'checkpoints' / 'last.ckpt'} is given twice" in capsys.readouterr().err
+    for k, said in ((0, "of at least 1"), (1024, "a token has 1,023 other tokens")):
+        assert embeddings.main([*map(str, runs), "--k", str(k)]) == 2
+        assert f"error: --k {k}: " in (err := capsys.readouterr().err) and said in err
     # as many tokens, but of another language: row i is another token
     language = tmp_path / "language"
     fit(language, "--data.init_args.language_seed=7", "--data.init_args.train_tokens=32768", steps=1, every=1)
     assert embeddings.main([str(runs[0]), str(only_run(language))]) == 2
-    assert "with different vocabularies (language_seed: 1234 and 7)" in capsys.readouterr().out
+    assert "with different vocabularies (language_seed: 1234 and 7)" in capsys.readouterr().err
     # one run name in two experiments: both compared, told apart by their folders
     copy = tmp_path / "elsewhere" / runs[0].name
     shutil.copytree(runs[0], copy)

@@ -99,7 +99,7 @@ def table(rows: list[dict], k: int, bucketed: bool) -> str:
     return "\n".join(lines)
 
 
-def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], out: Path) -> Path:
+def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], k: int, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,10 +107,10 @@ def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], out: Path) -> P
 
     names = list(matrices)
     n = len(names)
-    values = {"CKA": torch.eye(n), "10-NN overlap": torch.eye(n)}
+    values = {"CKA": torch.eye(n), f"{k}-NN overlap": torch.eye(n)}
     pairs = list(combinations(range(n), 2))
     for (i, j), row in zip(pairs, rows, strict=True):
-        for key, field in (("CKA", "cka"), ("10-NN overlap", "overlap")):
+        for key, field in zip(values, ("cka", "overlap"), strict=True):
             values[key][i, j] = values[key][j, i] = row[field]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * n, 0.9 * n + 2.5), dpi=120, layout="constrained")
     for k, (ax, (title, grid)) in enumerate(zip(axes, values.items(), strict=True)):
@@ -140,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         print(f"error: --out {args.out} is a file; give a folder for the table and heat-map", file=sys.stderr)
         return 2
+    if args.k < 1:
+        print(f"error: --k {args.k}: give a number of neighbours of at least 1", file=sys.stderr)
+        return 2
+    checkpoints = [(p / "checkpoints" / "last.ckpt" if p.is_dir() else p).resolve() for p in args.paths]
+    repeated = next((p for i, p in enumerate(args.paths) if checkpoints[i] in checkpoints[:i]), None)
+    if repeated is not None:
+        print(f"error: {repeated} is given twice (as its checkpoint); give each run once", file=sys.stderr)
+        return 2
     matrices: dict[str, torch.Tensor] = {}
     bucket = None
     vocabularies: dict[str, dict] = {}
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             run = path.resolve() if path.is_dir() else path.resolve().parents[1]
             label = f"{run.parent.name}/{label}"
         if label in vocabularies:
-            print(f"error: {path} is given twice, or two runs have the name {label}; give other runs")
+            print(f"error: two runs have the name {label}; give other runs", file=sys.stderr)
             return 2
         vocabularies[label] = vocab
         for kind, matrix in found.items():
@@ -161,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         if vocab and reference and differ:  # (checkpoints without their data's options: not compared)
             shown = "; ".join(f"{k}: {reference.get(k)!r} and {vocab.get(k)!r}" for k in differ)
             print(f"error: {first} and {label} were trained on data with different vocabularies ({shown}): "
-                  "their rows are not the same tokens; compare runs on the same data")  # fmt: skip
+                  "their rows are not the same tokens; compare runs on the same data",
+                  file=sys.stderr)  # fmt: skip
             return 2
     sizes = {name: m.size(0) for name, m in matrices.items()}
     if len(set(sizes.values())) > 1:
@@ -173,13 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: one matrix only; give two runs, or a run whose head has an output matrix of its own",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.k >= next(iter(sizes.values())):
+        print(f"error: --k {args.k}: a token has {next(iter(sizes.values())) - 1:,} other tokens; give a "
+              "smaller number of neighbours", file=sys.stderr)  # fmt: skip
+        return 2
     rows = compare(matrices, bucket, args.k)
     text = table(rows, args.k, bucket is not None)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "table.md").write_text(text + "\n")
-        print(f"wrote {args.out / 'table.md'}, {heatmap(matrices, rows, args.out)}")
+        print(f"wrote {args.out / 'table.md'}, {heatmap(matrices, rows, args.k, args.out)}")
     return 0
 
 
