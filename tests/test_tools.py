@@ -204,8 +204,12 @@ def test_grid_and_run_names():
     files = sweep.parse_grid(["data.init_args.train_file=/data/a/train.txt,b/train.txt"])
     names = [sweep.Run("tied", 0, f).name for f in files]
     assert names == ["tied-seed0-train_file=_data_a_train.txt", "tied-seed0-train_file=b_train.txt"]
-    with pytest.raises(SystemExit):
-        sweep.parse_grid(["model.lr"])
+    # a list is one value: commas inside brackets do not split it
+    betas = sweep.parse_grid(["model.betas=[0.9,0.95],[0.9, 0.99]"])
+    assert betas == [{"model.betas": "[0.9,0.95]"}, {"model.betas": "[0.9, 0.99]"}]
+    for item in ("model.lr", "model.lr=1e-3,", "model.lr=,1e-3"):
+        with pytest.raises(SystemExit, match="--grid expects KEY=V1,V2"):
+            sweep.parse_grid([item])
     # a run's own value is given last: it trains what its name says, whatever every run is also given
     args = argparse.Namespace(config=["c.yaml"], root="runs", name="grid", extra=["--model.lr=5e-3"])
     cmd = sweep.command(sweep.Run("tied", 2, grid[1]), args, Path("nowhere"))

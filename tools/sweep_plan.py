@@ -134,7 +134,7 @@ def check_runs(heads: list[str], seeds: list[int], grid: list[str], extra: list[
         if twice:
             raise SystemExit(f"error: {what} names {', '.join(twice)} a second time; give each once")
     for item in grid:
-        values = item.partition("=")[2].split(",")
+        values = grid_values(item.partition("=")[2])
         if len(set(values)) < len(values):
             raise SystemExit(f"error: --grid {item} repeats a value; give each once")
     given = [*extra, *(f"--{key}=" for key in keys)]
@@ -148,12 +148,25 @@ def check_runs(heads: list[str], seeds: list[int], grid: list[str], extra: list[
                 )
 
 
+def grid_values(values: str) -> list[str]:
+    """The values of one grid axis: split at the commas outside brackets, so that a list is one value
+    (``[0.9,0.95],[0.9,0.99]`` is two values of ``model.betas``)."""
+    found, depth, start = [], 0, 0
+    for i, char in enumerate(values):
+        depth += (char in "[({") - (char in "])}")
+        if char == "," and depth == 0:
+            found.append(values[start:i])
+            start = i + 1
+    return [*found, values[start:]]
+
+
 def parse_grid(items: list[str]) -> list[dict[str, str]]:
     """``["a.b=1,2", "c=x"]`` -> every combination as a dict of overrides."""
     axes = []
     for item in items:
         key, sep, values = item.partition("=")
-        if not sep or not key or not values:
+        split = grid_values(values)
+        if not sep or not key or not all(split):
             raise SystemExit(f"error: --grid expects KEY=V1,V2,..., got {item!r}")
-        axes.append([(key, v) for v in values.split(",")])
+        axes.append([(key, v) for v in split])
     return [dict(combo) for combo in itertools.product(*axes)]
