@@ -80,8 +80,11 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
         "max_steps": trainer.max_steps,
         "lr": model.hparams.lr,
         "weight_decay": model.hparams.weight_decay,
+        "beta1": float(model.hparams.betas[0]),
+        "beta2": float(model.hparams.betas[1]),
         "warmup_steps": model.hparams.warmup_steps,
         "lr_decay_steps": model.schedule_steps(),
+        "min_lr_ratio": float(model.hparams.min_lr_ratio),
         "loss_backend": model.head_loss.name,
     }
     flat.update(training_settings(trainer))

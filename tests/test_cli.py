@@ -168,6 +168,12 @@ def test_hparams_have_the_same_keys_for_every_head(tmp_path):
         assert flat["head"] == name
         assert flat["params/total"] == parameter_counts(cli.model)["total"]
     assert all(k == keys[0] for k in keys)
+    # the optimizer's and schedule's settings are columns too, so runs that differ in them show it
+    cli = main([*quick_args(tmp_path), "--model.betas=[0.9,0.99]", "--model.min_lr_ratio=0.05"], run=False)
+    cli.model.trainer = cli.trainer
+    cli.trainer.datamodule = cli.datamodule
+    flat = flat_hparams(cli.model, cli.trainer)
+    assert (flat["beta1"], flat["beta2"], flat["min_lr_ratio"]) == (0.9, 0.99, 0.05)
 
 
 def test_checkpoint_reload_keeps_ties_and_outputs(tmp_path):
