@@ -218,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", required=True, help="lmheads config file(s), in order")
     parser.add_argument("--heads", nargs="+", required=True, help="head short names or class paths")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--grid", nargs="*", default=[], help="KEY=V1,V2 config overrides to cross")
+    parser.add_argument(
+        "--grid", nargs="*", default=[],
+        help="KEY=V1,V2 config overrides to cross (a list is one value: model.betas=[0.9,0.95],[0.9,0.99])",
+    )  # fmt: skip
     parser.add_argument("--root", default="runs", help="TensorBoard root directory")
     parser.add_argument("--name", required=True, help="experiment name (a folder under the root)")
     parser.add_argument(
