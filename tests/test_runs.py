@@ -646,6 +646,15 @@ def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_pa
     assert (report / "diag_grad_share_output_vs_step.png").is_file()
     assert "2 steps x 2,048 tokens/step = 4,096 training tokens on 1 device(s): tied seed 0" in out
     assert (tmp_path / "report" / "train_loss_vs_step.png").is_file()
+    # a plot that would not be drawn: a tag no run logged (a typo), or no --out to draw it into
+    other = tmp_path / "other"
+    for args, said in (
+        (["--out", str(other), "--plot", "diag/grad_share"], "--plot diag/grad_share: no run logged that "
+         "scalar; did you mean diag/grad_share_output"),
+        (["--plot", "diag/grad_share_output"], "plots are written into --out; give --out"),
+    ):  # fmt: skip
+        assert compare.main([str(tmp_path), *args]) == 2
+        assert said in capsys.readouterr().err and not other.exists()
     tied, untied = sorted(runlog.find_runs([tmp_path]), key=lambda r: r.hparams["head"])
     one = compare.colours({"tied": [tied], "untied": [untied]})
     assert one == compare.colours({"untied": [untied], "tied": [tied]})  # by head, whatever the order

@@ -15,6 +15,7 @@ band from the lowest to the highest seed.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import statistics
@@ -235,6 +236,22 @@ def _optimum(groups: dict[str, list[RunLog]]) -> float | None:
     return values.pop() if len(values) == 1 and None not in values else None
 
 
+def unplotted(runs: list[RunLog], tags: list[str], out: Path | None) -> str:
+    """Why ``--plot`` would draw nothing ("" if it draws every tag): plots go into ``--out``, and a tag
+    no run logged (a typo) would give no plot."""
+    if tags and out is None:
+        return f"--plot {' '.join(tags)}: plots are written into --out; give --out"
+    logged = {tag for r in runs for tag in r.scalars}
+    for tag in tags:
+        if tag not in logged:
+            close = difflib.get_close_matches(tag, sorted(logged), n=3)
+            hint = (
+                f"; did you mean {', '.join(close)}?" if close else "; TensorBoard's Scalars tab lists those"
+            )
+            return f"--plot {tag}: no run logged that scalar{hint}"
+    return ""
+
+
 def check_outputs(out: Path | None, update: Path | None = None, section: str | None = None) -> str:
     """Why ``--out`` or ``--update`` could not be written ("" if they can), asked before anything is
     written: a report that stops half-way would leave its table without the document, or the reverse."""
@@ -298,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(no_runs_message(args.roots, left_out), file=sys.stderr)
         return 2
-    if problem := unrecorded(runs, args.by):
+    if problem := unrecorded(runs, args.by) or unplotted(runs, args.plot, args.out):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     stood = ""
