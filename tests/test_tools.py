@@ -459,6 +459,13 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| train_set_tokens=4,096 | 1 |" in out and "rarest 90%" in out
     assert (tmp_path / "b" / "bucket_differences.png").is_file()
+    # a head against itself (all zeros), or a head with no runs, is refused before any work
+    for heads, said in ((["--heads", "tied", "tied"], "--heads names tied twice; give two different heads"),
+                        (["--heads", "tied", "TiedHead"], "no runs of head TiedHead among the runs given; "
+                         "their heads: tied, untied"),
+                        (["--against", "mos"], "no runs of head mos among the runs given")):  # fmt: skip
+        assert buckets.main([str(tmp_path), *heads, "--out", str(tmp_path / "n")]) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "n").exists()
     over = ["--by", "train_set_tokens", "--over-steps", "--out", str(tmp_path / "s")]
     assert buckets.main([str(tmp_path), "--heads", "untied", "tied", *over]) == 0
     out = capsys.readouterr().out

@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem := runlog.unrecorded(runs, args.by):
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if problem := absent_heads(runs, [args.against] if args.against else args.heads):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.step is not None:
         runs, missing = runlog.at_step(runs, args.step)
         if missing:
@@ -356,6 +359,18 @@ def main(argv: list[str] | None = None) -> int:
         result = differences(paired)
         name, text, draw, what = args.name or "bucket_differences", table, plot, "by frequency bucket"
     return _write(args, result, first, second, name, text, draw, what, note=left_out)
+
+
+def absent_heads(runs: list[RunLog], heads: list[str]) -> str:
+    """Why the heads asked for cannot be compared ("" if they can): one head twice (a difference of
+    zero), or a head of which there are no runs (the heads the runs have are named)."""
+    if len(heads) > 1 and heads[0] == heads[1]:
+        return f"--heads names {heads[0]} twice; give two different heads"
+    present = sorted({r.label for r in runs}, key=natural)
+    missing = [head for head in heads if head not in present]
+    if missing:
+        return f"no runs of head {missing[0]} among the runs given; their heads: {', '.join(present)}"
+    return ""
 
 
 def _write(args, result, first: str, second: str, name: str, text, draw, what: str, note: str = "") -> int:
