@@ -544,15 +544,15 @@ def test_final_values_of_different_budgets_are_neither_averaged_nor_paired(tmp_p
     reason, key = runlog.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 49)]})
     assert reason.startswith("the runs of tied were last validated after 100 steps (tied seed 0), 50 steps")
     assert key is None and runlog.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 99)]}) is None
-    buckets = tool("buckets")
+    pairs = tool("pairs")
     with pytest.raises(SystemExit, match=r"the runs of seed 0 were last validated after 150 steps \(untied"):
-        buckets.against([run("tied", 0, 99), run("untied", 0, 149)], "tied", [])
+        pairs.against([run("tied", 0, 99), run("untied", 0, 149)], "tied", [])
     # over steps, the validations both logged are compared, however long each ran
     tied, untied = run("tied", 0, 99), run("untied", 0, 149)
     for curve, steps in ((tied.scalars["val/loss"], (49,)), (untied.scalars["val/loss"], (49, 99))):
         curve.update(dict.fromkeys(steps, (6.0, 0.5)))
-    paired = buckets.pairs_by_group([tied, untied], "untied", "tied", [], final=False)
-    assert buckets.over_steps(paired)["all runs"]["steps"] == [50, 100]
+    paired = pairs.pairs_by_group([tied, untied], "untied", "tied", [], final=False)
+    assert pairs.over_steps(paired)["all runs"]["steps"] == [50, 100]
 
 
 def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsys, monkeypatch):
@@ -562,13 +562,13 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
 
     runs = [run("tied", 0, 5.0), run("tied", 1, 5.5), run("untied", 0, 4.75), run("untied", 1, 5.5)]
     runs += [run("tied_bias", 0, 5.25), run("tied_bias", 1, 6.0), run("mos", 1, 5.0)]  # mos: seed 1 only
-    buckets = tool("buckets")
-    rows = buckets.against(runs, "tied", [])
+    buckets, pairs = tool("buckets"), tool("pairs")
+    rows = pairs.against(runs, "tied", [])
     assert rows == {"mos": {1: -0.5}, "untied": {0: -0.25, 1: 0.0}, "tied_bias": {0: 0.25, 1: 0.5}}
     assert list(rows) == ["mos", "untied", "tied_bias"]  # by the mean difference
     for r in runs:  # two data sizes: group by group (in the order of their values), by the mean within
         r.hparams["tokens"] = 1_000_000 if r.hparams["seed"] else 20_000
-    grouped = tool("buckets").against(runs, "tied", ["tokens"])
+    grouped = pairs.against(runs, "tied", ["tokens"])
     assert list(grouped) == [
         "untied (tokens=20,000)", "tied_bias (tokens=20,000)",
         "mos (tokens=1,000,000)", "untied (tokens=1,000,000)", "tied_bias (tokens=1,000,000)",
