@@ -304,15 +304,23 @@ def mixed(groups: dict[str, list[RunLog]], final: bool = True) -> tuple[str, str
             if final and len({r.validated_at() for r in runs}) > 1:
                 return f"the runs of {label} were last validated after {uneven(runs)}", None
             continue
-        # name the hyperparameters that differ (their config options repeat them: lr and model.lr), where
-        # any do, else the config's options (their keys have dots); parameter counts follow the options
-        recorded = [k for k in differ if "." not in k] or list(differ)
+        # name the hyperparameters that differ and the config's options (keys with dots) that differ where
+        # no hyperparameter repeats them (lr repeats model.lr, head_options the head's init_args, and
+        # backbone/n_layer model.backbone.n_layer); parameter counts follow the options
+        hparams = {k for s in settings for k in s if "." not in k}
+        recorded = [k for k in differ if "." not in k or not _repeated(k, hparams)] or list(differ)
         chosen = [k for k in recorded if not k.startswith("params/")] or recorded
         reasons = [f"{k} ({', '.join(map(str, differ[k]))})" for k in chosen]
         reasons += [f"seed {seed} twice" for seed in repeated]
         hint = next((k for k in chosen if not k.startswith("params/")), None)
         return f"the runs of {label} are not seeds of one configuration: {'; '.join(reasons)}", hint
     return None
+
+
+def _repeated(option: str, hparams: set[str]) -> bool:
+    """Whether a hyperparameter records what a config option says (its last name, or the head's)."""
+    last = option.rpartition(".")[2]
+    return option.startswith("model.head") or any(k == last or k.endswith(f"/{last}") for k in hparams)
 
 
 def uneven(runs: list[RunLog]) -> str:

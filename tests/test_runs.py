@@ -595,8 +595,9 @@ def test_compare_refuses_to_average_runs_of_other_configurations_as_seeds(tmp_pa
 
 
 def test_compare_refuses_runs_that_differ_in_an_option_only_their_config_holds(tmp_path, capsys):
-    """Options that are not hyperparameters (another validation set, the schedule's floor) make other
-    runs too; where a run trained or how it reported does not, nor does a copy of its data elsewhere."""
+    """Options that are not hyperparameters (another validation set) make other runs too, and are named
+    beside hyperparameters that differ (the schedule's floor); where a run trained or how it reported
+    does not, nor does a copy of its data elsewhere."""
     fit(tmp_path, steps=2, every=2)
     fit(tmp_path, "--seed_everything=1", "--data.init_args.val_tokens=8192", "--model.min_lr_ratio=0.5",
         "--trainer.log_every_n_steps=2", "--sampling.validation_samples=0", steps=2, every=2)  # fmt: skip
@@ -605,7 +606,7 @@ def test_compare_refuses_runs_that_differ_in_an_option_only_their_config_holds(t
     err = capsys.readouterr().err
     assert (
         "the runs of tied are not seeds of one configuration: data.init_args.val_tokens (4096, 8192); "
-        "model.min_lr_ratio (0.1, 0.5). To compare them, give --by data.init_args.val_tokens" in err
+        "min_lr_ratio (0.1, 0.5). To compare them, give --by data.init_args.val_tokens" in err
     )
     assert compare.main([str(tmp_path), "--by", "data.init_args.val_tokens"]) == 0  # a config option too
     assert "| tied, data.init_args.val_tokens=8192 | 1 |" in capsys.readouterr().out

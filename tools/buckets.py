@@ -221,14 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     if problem := runlog.unrecorded(runs, args.by):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if problem := absent_heads(runs, [args.against] if args.against else args.heads):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
     if args.step is not None:
         runs, missing = runlog.at_step(runs, args.step)
         if missing:
             print(f"error: {missing}", file=sys.stderr)
             return 2
+    if problem := absent_heads(runs, [args.against] if args.against else args.heads):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.against:
         result = against(runs, args.against, args.by)
         if not result:
