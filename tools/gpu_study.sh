@@ -18,8 +18,8 @@
 # that, whatever remains (each run then saves interrupted.ckpt), the report covers what finished, and
 # calling the script again with the same runs folder resumes the rest. Checkpoints stay in
 # LMHEADS_STUDY_RUNS (default /tmp/lmheads-study), out of OUT_DIR. The corpora are read from
-# LMHEADS_DATA (default: .data if it exists, else ../shared/data): wikitext-2/{train,valid,test}.txt
-# and tinyshakespeare/input.txt.
+# LMHEADS_DATA (default: .data if it exists, else data, where the configs read them):
+# wikitext-2/{train,valid,test}.txt and tinyshakespeare/input.txt.
 # Wheels carried in .whl/ (a machine without a package index) are installed first when present.
 #
 #     bash tools/gpu_study.sh --tiny [OUT_DIR]   # the same steps on the CPU at toy sizes: tries the script
@@ -31,7 +31,7 @@ out=${1:-gpu-study-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 runs=${LMHEADS_STUDY_RUNS:-/tmp/lmheads-study}
 data=${LMHEADS_DATA:-}
-[ -n "$data" ] || { [ -d .data ] && data=.data; } || data=../shared/data
+[ -n "$data" ] || { [ -d .data ] && data=.data; } || data=data
 deadline=${LMHEADS_STUDY_SECONDS:-570}
 reserve=110  # seconds kept after training for the tests and the report (103 s on an H200 one step at a
 # time; with the report's steps side by side, its longest, the geometry, sets the time: about 65 s)
