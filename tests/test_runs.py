@@ -455,9 +455,10 @@ def test_a_run_is_continued_by_one_process_at_a_time(finished_run, capsys):
     assert json.loads(claim_file.read_text())["pid"] == os.getpid()
 
 
-def _claim_slowly(run: Path, answers, start) -> None:
+def _claim_slowly(run: Path, answers, start, done) -> None:
     """Continue the run's claim as a resume does, with a pause between the check for a holder and the
-    claim (where a second process could pass the same check), then stay alive a while as a trainer."""
+    claim (where a second process could pass the same check), then stay alive as a trainer does until
+    both have answered."""
     check = RunFolder.holder
 
     def slow_check(self):
@@ -472,7 +473,7 @@ def _claim_slowly(run: Path, answers, start) -> None:
         answers.put("claimed")
     except ConfigError as error:
         answers.put(str(error))
-    time.sleep(2)
+    done.wait(60)
 
 
 def test_two_resumes_of_one_run_at_the_same_moment_one_is_refused(tmp_path):
@@ -483,12 +484,13 @@ def test_two_resumes_of_one_run_at_the_same_moment_one_is_refused(tmp_path):
     ended = {"pid": 1, "host": socket.gethostname(), "started": "then", "at": 0.0, "ended": 1.0}
     (run / ".lmheads-run").write_text(json.dumps(ended))
     context = multiprocessing.get_context("fork")
-    answers, start = context.Queue(), context.Event()
-    resumes = [context.Process(target=_claim_slowly, args=(run, answers, start)) for _ in range(2)]
+    answers, start, done = context.Queue(), context.Event(), context.Event()
+    resumes = [context.Process(target=_claim_slowly, args=(run, answers, start, done)) for _ in range(2)]
     for resume in resumes:
         resume.start()
     start.set()
     got = sorted(answers.get(timeout=30) for _ in resumes)
+    done.set()
     for resume in resumes:
         resume.join()
     assert got[0] == "claimed"
