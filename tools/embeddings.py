@@ -113,10 +113,10 @@ def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], k: int, out: Pa
         for key, field in zip(values, ("cka", "overlap"), strict=True):
             values[key][i, j] = values[key][j, i] = row[field]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * n, 0.9 * n + 2.5), dpi=120, layout="constrained")
-    for k, (ax, (title, grid)) in enumerate(zip(axes, values.items(), strict=True)):
+    for column, (ax, (title, grid)) in enumerate(zip(axes, values.items(), strict=True)):
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize="small")
-        ax.set_yticks(range(n), names if k == 0 else [], fontsize="small")  # the names once, on the left
+        ax.set_yticks(range(n), names if column == 0 else [], fontsize="small")  # the names once, on the left
         for i in range(n):
             for j in range(n):
                 colour = "white" if grid[i, j] < 0.6 else "black"
