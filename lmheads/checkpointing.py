@@ -73,11 +73,18 @@ def check_compatible(model: torch.nn.Module, state: dict) -> None:
 
 
 def rng_state() -> dict:
-    """The random state of torch (CPU and every visible GPU), numpy and Python."""
+    """The random state of torch (CPU and this process's GPU), numpy and Python.
+
+    Every process of a run is seeded alike and draws alike (dropout on batches of one shape; samples
+    and data order have generators of their own), so the state of rank 0, which writes the checkpoint,
+    continues every process, each on its own device. The states of the other visible devices are not
+    the ones their processes drew from: in rank 0's process those devices were never used."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None,
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "python": random.getstate(),
     }
@@ -86,10 +93,13 @@ def rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     """Continue the random streams of :func:`rng_state` exactly."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        # One state per device visible when saving; resuming may see fewer (or more) devices.
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
+    cuda = state["cuda"]
+    if torch.cuda.is_available() and cuda is not None and len(cuda):
+        device = torch.cuda.current_device()  # this process's (Lightning sets it before a checkpoint loads)
+        if isinstance(cuda, list):  # an older checkpoint's state of every visible device: the same one's
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])

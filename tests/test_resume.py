@@ -269,21 +269,38 @@ def test_export_tool(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.glob("*safetensors*")) == ["m.safetensors"]  # no partial left
 
 
-def test_resume_on_fewer_gpus_restores_the_states_it_can(monkeypatch):
-    """A checkpoint saved where 2 GPUs were visible, resumed where 1 is: the visible one continues."""
+def test_every_process_continues_the_gpu_random_state_of_rank_zero_on_its_own_device(monkeypatch):
+    """The processes of a run draw one random stream each on its own GPU; the checkpoint holds rank 0's
+    (its device's), and each process continues it on its device, not on the device of the same number
+    in rank 0's process (which rank 0 never drew from). A checkpoint that kept every visible device's
+    state, resumed where fewer are visible, restores the state of the process's own device, or none."""
     model = LMHeadModule(vocab_size=16, backbone={"n_layer": 1, "n_head": 1, "d_model": 8, "block_size": 4})
     checkpoint: dict = {}
-    model.on_save_checkpoint(checkpoint)
-    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
-    checkpoint["lmheads_rng"]["cuda"] = saved
-    restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    drawn = torch.full((16,), 7, dtype=torch.uint8)  # rank 0's device's state
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": drawn)
+    model.on_save_checkpoint(checkpoint)
+    assert torch.equal(checkpoint["lmheads_rng"]["cuda"], drawn)
+    restored = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(("all", states)))
     model._trainer = object()  # resuming
-    model.on_load_checkpoint(checkpoint)
-    assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], saved[0])
+    older = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]  # two devices visible when saved
+    for rank_device, cuda, expected in (
+        (1, drawn, drawn),
+        (1, older, older[1]),
+        (0, older, older[0]),
+        (2, older, None),
+    ):
+        monkeypatch.setattr(torch.cuda, "current_device", lambda device=rank_device: device)
+        restored.clear()
+        model.on_load_checkpoint({**checkpoint, "lmheads_rng": {**checkpoint["lmheads_rng"], "cuda": cuda}})
+        if expected is None:
+            assert restored == []
+        else:
+            assert (
+                len(restored) == 1 and restored[0][0] == rank_device and torch.equal(restored[0][1], expected)
+            )
 
 
 @pytest.mark.slow
