@@ -49,6 +49,12 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
+def plain_warnings() -> None:
+    """Each warning as one line, ``warning: <message>``, without the file, line and source text it was
+    raised at, which the user of a command cannot act on."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+
 class ProgressBar(TQDMProgressBar):
     """One bar for the whole run when ``trainer.max_steps`` is set: optimizer steps out of ``max_steps``,
     starting where a resumed run stands, with an ETA for the rest (Lightning's bar counts the batches of

@@ -342,6 +342,20 @@ def test_text_that_is_not_utf8_names_the_file_and_byte(tmp_path):
     _assert_one_error_line(result, f"is not UTF-8 text (byte {len(good) + 2}:")
 
 
+def test_a_warning_is_one_plain_line(tmp_path):
+    """A warning the command gives (a loss backend the head cannot use) is ``warning: <message>``, not the
+    source file, line and code it was raised at."""
+    args = ["--model.head=mos", "--model.loss_backend=chunked", "--trainer.fast_dev_run=true"]
+    result = _run_module("fit", *quick_args(tmp_path), *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "is not a linear form" in line]
+    assert lines == [
+        "warning: head 'mos' is not a linear form, so loss backend 'chunked' cannot serve it; it uses the "
+        "full logits (naive) instead"
+    ]
+    assert "UserWarning" not in result.stderr and "head_loss(head, loss_backend" not in result.stderr
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_single_process_validation(tmp_path):
     """Validation under DDP equals one process's: every block once, none twice, none left out, with an
