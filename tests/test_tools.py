@@ -490,6 +490,23 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     assert not (tmp_path / "mixed").exists()
 
 
+def test_compare_orders_groups_by_the_values_of_by_as_numbers(tmp_path, capsys, monkeypatch):
+    """Rows of one head split by ``--by lr`` come in the order of the learning rates, 0.0005 before
+    0.001, not in the order of their text."""
+    runs = [
+        runlog.RunLog(
+            tmp_path / f"tied-{lr}", {"head": "tied", "seed": 0, "lr": lr}, {"val/loss": {9: (5.0, 1.0)}}
+        )
+        for lr in (0.004, 0.0005, 0.002, 0.001)
+    ]
+    monkeypatch.setattr(compare, "find_runs", lambda roots, checkpoint="last": runs)
+    assert compare.main([str(tmp_path), "--by", "lr"]) == 0
+    rows = [
+        line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| tied")
+    ]
+    assert rows == ["| tied, lr=0.0005", "| tied, lr=0.001", "| tied, lr=0.002", "| tied, lr=0.004"]
+
+
 def test_paired_t_test_matches_the_t_table():
     """Two-sided 5% critical values of Student's t for 1 to 5, 10 and 30 degrees of freedom."""
     for dof, critical in (

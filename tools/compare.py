@@ -31,6 +31,7 @@ from lmheads.runlog import (
     mixed,
     natural,
     no_runs_message,
+    order,
     split_reportable,
     unrecorded,
 )
@@ -332,7 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     def label(r: RunLog) -> str:
         return ", ".join([r.label, *(f"{key}={r.setting(key)}" for key in args.by)])
 
-    for r in sorted(runs, key=lambda r: (natural(label(r)), r.hparams.get("seed", 0))):
+    def place(r: RunLog) -> tuple:  # by head, then by each --by value as a number where it is one
+        return (
+            natural(r.label),
+            *(order(r.setting(key)) for key in args.by),
+            order(r.hparams.get("seed", 0)),
+        )
+
+    for r in sorted(runs, key=place):
         groups[label(r)].append(r)
     problem = mixed(groups)
     if problem:
