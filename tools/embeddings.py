@@ -43,10 +43,15 @@ def vocabulary(checkpoint: dict) -> dict:
     return {k: v for k, v in options.items() if k not in NOT_VOCABULARY and k != "_instantiator"}
 
 
+def checkpoint_of(path: Path) -> Path:
+    """The checkpoint a path names: a run folder's ``checkpoints/last.ckpt``, or the file itself."""
+    return path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+
+
 def load(path: Path) -> tuple[str, dict[str, torch.Tensor], torch.Tensor | None, dict]:
     """The checkpoint's name, its token matrices by label, the token buckets it was trained with, and
     what decides its vocabulary (:func:`vocabulary`)."""
-    ckpt_path = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    ckpt_path = checkpoint_of(path)
     if not ckpt_path.is_file():
         raise SystemExit(f"error: {path} is neither a checkpoint nor a run folder with checkpoints/last.ckpt")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1:
         print(f"error: --k {args.k}: give a number of neighbours of at least 1", file=sys.stderr)
         return 2
-    checkpoints = [(p / "checkpoints" / "last.ckpt" if p.is_dir() else p).resolve() for p in args.paths]
+    checkpoints = [checkpoint_of(p).resolve() for p in args.paths]
     repeated = next((p for i, p in enumerate(args.paths) if checkpoints[i] in checkpoints[:i]), None)
     if repeated is not None:
         print(f"error: {repeated} is given twice (as its checkpoint); give each run once", file=sys.stderr)
