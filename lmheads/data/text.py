@@ -253,8 +253,7 @@ class TextDataModule(LMDataModule):
             self.bytes_per_token[split] = counts["bytes"] / max(1, counts["tokens"])
             self.unknown[split] = counts["unknown"] / max(1, counts["tokens"])
             self.splits[split] = StreamBlocks(stream, self.block_size, split)
-        note = self.unknown_note()
-        if note is not None and not self._noted:
+        if not self._noted and (note := self.unknown_note()):
             rank_zero_info(note)
             self._noted = True
 
