@@ -490,6 +490,19 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     assert not (tmp_path / "mixed").exists()
 
 
+def test_heads_to_pair_are_found_by_head_whatever_their_options(tmp_path):
+    """A head given options (``untied (bias=True)`` in tables) is still the head ``untied`` that runs are
+    paired by: not refused as absent."""
+    pairs = tool("pairs")
+    runs = [
+        runlog.RunLog(tmp_path / "a", {"head": "tied", "seed": 0, "head_options": "{}"}, {}),
+        runlog.RunLog(tmp_path / "b", {"head": "untied", "seed": 0, "head_options": '{"bias": true}'}, {}),
+    ]
+    assert runs[1].label == "untied (bias=True)"
+    assert pairs.absent_heads(runs, ["untied", "tied"]) == ""
+    assert pairs.absent_heads(runs, ["mos"]).endswith("their heads: tied, untied")
+
+
 def test_compare_orders_groups_by_the_values_of_by_as_numbers(tmp_path, capsys, monkeypatch):
     """Rows of one head split by ``--by lr`` come in the order of the learning rates, 0.0005 before
     0.001, not in the order of their text."""

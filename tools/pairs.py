@@ -128,7 +128,7 @@ def absent_heads(runs: list[RunLog], heads: list[str]) -> str:
     zero), or a head of which there are no runs (the heads the runs have are named)."""
     if len(heads) > 1 and heads[0] == heads[1]:
         return f"--heads names {heads[0]} twice; give two different heads"
-    present = sorted({r.label for r in runs}, key=natural)
+    present = sorted({str(r.hparams.get("head")) for r in runs}, key=natural)  # as the runs are paired
     missing = [head for head in heads if head not in present]
     if missing:
         return f"no runs of head {missing[0]} among the runs given; their heads: {', '.join(present)}"
