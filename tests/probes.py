@@ -117,4 +117,5 @@ def fsdp1_worker(rank: int, port: int, folder: str) -> None:
         {"groups": groups, "embedding": embedding, "same": bool((continuation == reference).all())},
         os.path.join(folder, f"fsdp1-rank{rank}.pt"),
     )
+    dist.barrier()  # neither process tears down its connections while the other still sends on them
     dist.destroy_process_group()
