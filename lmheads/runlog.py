@@ -234,125 +234,13 @@ def _is_evaluation(folder: Path) -> bool:
 
 
 def find_runs(roots: list[Path], test_checkpoint: str = "last") -> list[RunLog]:
-    """lmheads runs under the roots, validated or not (:func:`split_reportable` sets apart the runs a table
-    leaves out); evaluations filed inside a run (``<run>/test/...``) are not runs."""
+    """lmheads runs under the roots, validated or not (:func:`lmheads.comparable.split_reportable` sets
+    apart the runs a table leaves out); evaluations filed inside a run (``<run>/test/...``) are not runs."""
     dirs = sorted({p.parent for root in roots for p in root.rglob("events.out.tfevents.*")})
     runs = [load_run(d, test_checkpoint) for d in dirs if not _is_evaluation(d)]
     return [r for r in runs if r.hparams.get("head")]
 
 
-def no_runs_message(roots: list[Path], left_out: str) -> str:
-    """What to say when the roots hold no run to report (naming those left out, if any)."""
-    where = ", ".join(map(str, roots)) + (f"; {left_out}" if left_out else "")
-    return f"error: no lmheads runs with validation loss under {where}"
-
-
-def split_reportable(runs: list[RunLog]) -> tuple[list[RunLog], str]:
-    """The runs a table can report, and lines naming the others ("" if none): runs whose loss became NaN
-    or infinite (their last values come from before it did, and averaged with the others they would read
-    as runs stopped early), and runs with no validation yet (stopped, or still training, before their
-    first), which a table would otherwise leave out without a word."""
-    kept = [r for r in runs if r.diverged_at is None and "val/loss" in r.scalars]
-    by_name = sorted(runs, key=lambda r: natural(r.path.name))
-    diverged = [r for r in by_name if r.diverged_at is not None]
-    unvalidated = [r for r in by_name if r.diverged_at is None and "val/loss" not in r.scalars]
-    lines = []
-    if diverged:
-        names = ", ".join(f"{_named(r)} at step {r.diverged_at:,}" for r in diverged)
-        lines.append(f"Diverged (training loss NaN or infinite; not in the tables): {names}")
-    if unvalidated:
-        names = ", ".join(f"{_named(r)} ({r.path.name})" for r in unvalidated)
-        lines.append(f"Not validated yet (not in the tables): {names}")
-    return kept, "\n\n".join(lines)
-
-
-def _named(run: RunLog) -> str:
-    return f"{run.label} seed {run.hparams.get('seed')}"
-
-
 def natural(text: str) -> list:
     """Sort key in which numbers compare as numbers (``tokens=16384`` before ``tokens=131072``)."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
-
-
-# ---------------------------------------------- which runs one mean, or one difference, may take
-def _hashable(value):
-    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
-
-
-def order(value) -> tuple:
-    """Numbers by value before anything else by its text."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return (0, value, "") if number else (1, 0, str(value))
-
-
-def mixed(groups: dict[str, list[RunLog]], final: bool = True) -> tuple[str, str | None] | None:
-    """Why a group is not seeds of one configuration, if it is not: its runs differ in a hyperparameter
-    other than the seed (the budget aside, which ``compare.py``'s budget line reports), or two of them
-    have one seed; and, for their ``final`` values, their last validations came after other numbers of
-    steps. Averaged as seeds, such runs would make a row that no configuration trained. Returns the
-    reason and the hyperparameter that would tell the runs apart (``None`` when there is none)."""
-    for label, runs in groups.items():
-        settings = [r.settings() for r in runs]
-        keys = sorted(set().union(*settings))
-        # a key some runs lack was not recorded by them (older lmheads), not set otherwise
-        values = {k: sorted({_hashable(s[k]) for s in settings if k in s}, key=order) for k in keys}
-        differ = {k: v for k, v in values.items() if len(v) > 1}
-        seeds = [r.hparams.get("seed") for r in runs]
-        repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1}, key=natural)
-        if not differ and not repeated:
-            if final and len({r.validated_at() for r in runs}) > 1:
-                return f"the runs of {label} were last validated after {uneven(runs)}", None
-            continue
-        # name the hyperparameters that differ and the config's options (keys with dots) that differ where
-        # no hyperparameter repeats them (lr repeats model.lr, head_options the head's init_args, and
-        # backbone/n_layer model.backbone.n_layer); parameter counts follow the options
-        hparams = {k for s in settings for k in s if "." not in k}
-        recorded = [k for k in differ if "." not in k or not _repeated(k, hparams)] or list(differ)
-        chosen = [k for k in recorded if not k.startswith("params/")] or recorded
-        reasons = [f"{k} ({', '.join(map(str, differ[k]))})" for k in chosen]
-        reasons += [f"seed {seed} twice" for seed in repeated]
-        hint = next((k for k in chosen if not k.startswith("params/")), None)
-        return f"the runs of {label} are not seeds of one configuration: {'; '.join(reasons)}", hint
-    return None
-
-
-def _repeated(option: str, hparams: set[str]) -> bool:
-    """Whether a hyperparameter records what a config option says (its last name, or the head's)."""
-    last = option.rpartition(".")[2]
-    return option.startswith("model.head") or any(k == last or k.endswith(f"/{last}") for k in hparams)
-
-
-def uneven(runs: list[RunLog]) -> str:
-    """Which runs were last validated after how many steps, and what to do: their final values are of
-    different budgets, and a mean of them (or a difference) belongs to none."""
-    at = ", ".join(f"{r.validated_at() or 0:,} steps ({r.label} seed {r.hparams.get('seed')})" for r in runs)
-    return (
-        f"{at}: their final values are of different budgets; train them to one length first, or give "
-        "--step N to compare them as they stood after N steps"
-    )
-
-
-def at_step(runs: list[RunLog], step: int) -> tuple[list[RunLog], str]:
-    """The runs as they stood after ``step`` steps (:meth:`RunLog.until`), and which of them logged no
-    validation then ("" if all did): their values there would be of another budget."""
-    if step < 1:
-        return runs, f"--step {step}: give a number of steps trained, 1 or more"
-    cut = [r.until(step) for r in runs]
-    missing = [f"{_named(r)} ({r.path.name})" for r in cut if r.validated_at() != step]
-    if not missing:
-        return cut, ""
-    named = ", ".join(missing)
-    return cut, f"no validation after {step:,} steps in {named}; give a step every run validated at"
-
-
-def unrecorded(runs: list[RunLog], keys: list[str]) -> str:
-    """The ``--by`` keys that no run records ("" if every key is recorded by some run): grouped by them,
-    every run would read as ``key=None``."""
-    missing = [k for k in keys if all(k not in r.hparams and k not in r.config for r in runs)]
-    if not missing:
-        return ""
-    return (
-        f"--by {' '.join(missing)}: no run records it; give a hyperparameter of the runs' hparams.yaml "
-        "(e.g. tokenizer, train_set_tokens) or an option of their config.yaml (e.g. model.backbone.d_model)"
-    )

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from lmheads import runlog
+from lmheads import comparable, runlog
 from lmheads.errors import ConfigError
 from lmheads.heads import head_name, registered_heads
 from lmheads.resume import training_conflicts
@@ -618,18 +618,18 @@ def test_compare_refuses_runs_that_differ_in_an_option_only_their_config_holds(t
         {"data.init_args.train_file": "/x/train.txt"},
         {"data.init_args.train_file": "train.txt"},
     )
-    assert runlog.mixed({"tied": [a, b]}) is None
+    assert comparable.mixed({"tied": [a, b]}) is None
     b.config["data.init_args.train_file"] = "/x/other.txt"
-    assert runlog.mixed({"tied": [a, b]})[1] == "data.init_args.train_file"
+    assert comparable.mixed({"tied": [a, b]})[1] == "data.init_args.train_file"
 
 
 def test_compare_takes_a_setting_older_runs_did_not_record_for_unknown_not_different():
     compare = tool("compare")
     old = runlog.RunLog(Path("old"), {"head": "tied", "seed": 0, "lr": 0.01}, {})
     new = runlog.RunLog(Path("new"), {"head": "tied", "seed": 1, "lr": 0.01, "gradient_clip_val": 1.0}, {})
-    assert runlog.mixed({"tied": [old, new]}) is None
+    assert comparable.mixed({"tied": [old, new]}) is None
     other = runlog.RunLog(Path("other"), {**new.hparams, "seed": 2, "gradient_clip_val": 0.0}, {})
-    assert runlog.mixed({"tied": [old, new, other]})[1] == "gradient_clip_val"
+    assert comparable.mixed({"tied": [old, new, other]})[1] == "gradient_clip_val"
     # ...and a schedule length that older runs did not record does not split the budget
     logged = {"val/loss": {199: (5.0, 1.0)}}
     old = runlog.RunLog(Path("old"), {"seed": 0, "tokens_per_step": 64, "devices": 1}, logged)
@@ -659,10 +659,11 @@ def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_pa
         assert compare.main([str(tmp_path), *args]) == 2
         assert said in capsys.readouterr().err and not other.exists()
     tied, untied = sorted(runlog.find_runs([tmp_path]), key=lambda r: r.hparams["head"])
-    one = compare.colours({"tied": [tied], "untied": [untied]})
-    assert one == compare.colours({"untied": [untied], "tied": [tied]})  # by head, whatever the order
+    plots = tool("plots")
+    one = plots.colours({"tied": [tied], "untied": [untied]})
+    assert one == plots.colours({"untied": [untied], "tied": [tied]})  # by head, whatever the order
     assert len(set(one.values())) == 2
-    split = compare.colours({"tied, a=1": [tied], "tied, a=2": [tied]})  # --by splits a head: one each
+    split = plots.colours({"tied, a=1": [tied], "tied, a=2": [tied]})  # --by splits a head: one each
     assert len(set(split.values())) == 2
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lmheads import runlog, stats
+from lmheads import comparable, runlog, stats
 from lmheads.runs import CLAIM_FILE
 
 from .helpers import QUICKSTART, ROOT, fit, only_run, scalars, tool, two_loggers
@@ -549,9 +549,9 @@ def test_runs_stopped_at_other_points_compare_as_they_stood_at_one_step(tmp_path
     assert "test/loss" not in early.scalars  # the tested checkpoint is of step 120
     assert run.until(120).final("test/loss") == 5.1 and run.final("val/loss") == 5.0  # the run itself kept
     short = runlog.RunLog(tmp_path / "s", {"head": "tied", "seed": 1}, {"val/loss": {49: (6.5, 30.0)}})
-    cut, missing = runlog.at_step([run, short], 100)
+    cut, missing = comparable.at_step([run, short], 100)
     assert missing == "no validation after 100 steps in tied seed 1 (s); give a step every run validated at"
-    cut, missing = runlog.at_step([run, short], 50)
+    cut, missing = comparable.at_step([run, short], 50)
     assert not missing and [r.final("val/loss") for r in cut] == [6.0, 6.5]
 
 
@@ -571,9 +571,9 @@ def test_final_values_of_different_budgets_are_neither_averaged_nor_paired(tmp_p
         hparams = {"head": head, "seed": seed}
         return runlog.RunLog(tmp_path / f"{head}-{seed}", hparams, {"val/loss": {step: (5.0, 1.0)}})
 
-    reason, key = runlog.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 49)]})
+    reason, key = comparable.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 49)]})
     assert reason.startswith("the runs of tied were last validated after 100 steps (tied seed 0), 50 steps")
-    assert key is None and runlog.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 99)]}) is None
+    assert key is None and comparable.mixed({"tied": [run("tied", 0, 99), run("tied", 1, 99)]}) is None
     pairs = tool("pairs")
     with pytest.raises(SystemExit, match=r"the runs of seed 0 were last validated after 150 steps \(untied"):
         pairs.against([run("tied", 0, 99), run("untied", 0, 149)], "tied", [])

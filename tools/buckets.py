@@ -34,14 +34,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 import compare
 from pairs import TAGS, absent_heads, against, differences, over_steps, pairs_by_group
+from plots import save_plot
 
-from lmheads import runlog
-from lmheads.runlog import find_runs, natural, no_runs_message, split_reportable
+from lmheads import comparable
+from lmheads.comparable import no_runs_message, split_reportable
+from lmheads.runlog import find_runs, natural
 from lmheads.stats import P_NOTE, mean_std, p_text
 
 
 def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
-    seeds = sorted({seed for values in rows.values() for seed in values}, key=runlog.order)
+    seeds = sorted({seed for values in rows.values() for seed in values}, key=comparable.order)
     header = ["head", *(f"seed {seed}" for seed in seeds), "mean", "p"]
     lines = [
         f"Final validation loss of each head minus {reference} (nats/token; negative: better than "
@@ -92,7 +94,7 @@ def against_plot(rows: dict[str, dict], _: str, reference: str, out: Path, name:
     ax.set_xticks(range(len(ticks)), ticks, rotation=20, ha="right")
     ax.set_ylabel(f"val loss, head - {reference} (nats)")
     ax.grid(alpha=0.3, axis="y")
-    return compare.save_plot(fig, ax, out / f"{name}.png")
+    return save_plot(fig, ax, out / f"{name}.png")
 
 
 def _head_and_group(row: str) -> tuple[str, str]:
@@ -142,7 +144,7 @@ def steps_plot(trajectories: dict[str, dict], first: str, second: str, out: Path
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"val loss, {first} - {second} (nats)")
     ax.grid(alpha=0.3)
-    return compare.save_plot(fig, ax, out / f"{name}.png")
+    return save_plot(fig, ax, out / f"{name}.png")
 
 
 def table(diffs: dict[str, dict], first: str, second: str) -> str:
@@ -184,7 +186,7 @@ def plot(diffs: dict[str, dict], first: str, second: str, out: Path, name: str) 
     ax.set_xticks(range(len(TAGS)), list(TAGS.values()))
     ax.set_ylabel(f"val loss, {first} - {second} (nats)")
     ax.grid(alpha=0.3, axis="y")
-    return compare.save_plot(fig, ax, out / f"{name}.png")
+    return save_plot(fig, ax, out / f"{name}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(no_runs_message(args.roots, left_out), file=sys.stderr)
         return 2
-    if problem := runlog.unrecorded(runs, args.by):
+    if problem := comparable.unrecorded(runs, args.by):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.step is not None:
-        runs, missing = runlog.at_step(runs, args.step)
+        runs, missing = comparable.at_step(runs, args.step)
         if missing:
             print(f"error: {missing}", file=sys.stderr)
             return 2

@@ -15,7 +15,6 @@ band from the lowest to the highest seed.
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import os
 import statistics
@@ -23,18 +22,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
+from plots import plot, unplotted
+
+from lmheads.comparable import at_step, mixed, no_runs_message, order, split_reportable, unrecorded
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
-from lmheads.runlog import (
-    RunLog,
-    at_step,
-    find_runs,
-    mixed,
-    natural,
-    no_runs_message,
-    order,
-    split_reportable,
-    unrecorded,
-)
+from lmheads.runlog import RunLog, find_runs, natural
 from lmheads.stats import mean_std
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
@@ -144,113 +137,6 @@ def _schedule(run: RunLog, steps: int) -> str:
     if decay < steps:  # a run continued past the schedule it started with
         return f"; the learning rate decayed over the first {decay:,} steps, then held at its minimum"
     return f"; stopped at step {steps:,} of its {decay:,}-step learning-rate schedule"
-
-
-def colours(groups: dict[str, list[RunLog]]) -> dict[str, str]:
-    """One colour per head, the same in every plot; one per group where groups split a head further
-    (``--by``)."""
-    import matplotlib
-
-    palette = matplotlib.colormaps["tab10"].colors
-    heads = [str(runs[0].hparams.get("head")) for runs in groups.values()]
-    keys = heads if len(set(heads)) == len(heads) else list(groups)
-    index = {key: i for i, key in enumerate(sorted(set(keys), key=natural))}
-    return {
-        label: matplotlib.colors.to_hex(palette[index[key] % len(palette)])
-        for label, key in zip(groups, keys, strict=True)
-    }
-
-
-#: Each plot: file name, the series, its y label and the x axes it is drawn against.
-PLOTS = (
-    ("val_loss", "val/loss", "validation loss (nats/token)", ("step", "tokens", "minutes")),
-    ("train_loss", "train/loss", "training loss (nats/token)", ("step",)),
-)
-AXES = {"step": "optimizer step", "tokens": "training tokens", "minutes": "wall-clock minutes"}
-
-
-def plot(groups: dict[str, list[RunLog]], out: Path, extra: tuple[str, ...] = ()) -> list[Path]:
-    """The standard plots, and each tag in ``extra`` against optimizer steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colour = colours(groups)
-    written = []
-    plots = [*PLOTS, *((tag.replace("/", "_"), tag, tag, ("step",)) for tag in extra)]
-    for name, tag, ylabel, axes in plots:
-        if not any(tag in r.scalars for runs in groups.values() for r in runs):
-            continue
-        for axis in axes:
-            fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
-            for label, runs in groups.items():
-                curves = [_curve(r, tag, axis) for r in runs if tag in r.scalars]
-                if not curves:
-                    continue
-                n = min(len(c[1]) for c in curves)
-                xs = [statistics.fmean(c[0][i] for c in curves) for i in range(n)]
-                ys = [[c[1][i] for c in curves] for i in range(n)]
-                means = [statistics.fmean(y) for y in ys]
-                ax.plot(xs, means, color=colour[label], label=f"{label} (n={len(curves)})")
-                if len(curves) > 1:
-                    lows, highs = [min(y) for y in ys], [max(y) for y in ys]
-                    ax.fill_between(xs, lows, highs, color=colour[label], alpha=0.2)
-            optimum = _optimum(groups)
-            if optimum is not None and tag == "val/loss":
-                ax.axhline(optimum, color="black", linestyle="--", linewidth=1, label="exact optimum")
-            ax.set_xlabel(AXES[axis])
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            written.append(save_plot(fig, ax, out / f"{name}_vs_{axis}.png"))
-    return written
-
-
-def save_plot(fig, ax, path: Path) -> Path:
-    """The legend outside the axes (it never hides a curve), the figure written and closed."""
-    import matplotlib.pyplot as plt
-
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _curve(r: RunLog, tag: str, axis: str) -> tuple[list[float], list[float]]:
-    """A run's series against an axis; Lightning logs at its step counter before it advances, so a value
-    logged at step s comes after s + 1 optimizer steps (validation) or from the (s + 1)-th (training)."""
-    points = r.series(tag)
-    steps = [s + 1 for s, _, _ in points]
-    tokens_per_step = r.hparams.get("tokens_per_step") or 0
-    x = {
-        "step": steps,
-        "tokens": [s * tokens_per_step for s in steps],
-        "minutes": [t / 60 for _, _, t in points],
-    }[axis]
-    return x, [v for _, v, _ in points]
-
-
-def _optimum(groups: dict[str, list[RunLog]]) -> float | None:
-    """The exact optimal validation loss, where the data has one (the synthetic language) and all runs
-    share it."""
-    values = {r.final("val/optimal_loss") for runs in groups.values() for r in runs}
-    return values.pop() if len(values) == 1 and None not in values else None
-
-
-def unplotted(runs: list[RunLog], tags: list[str], out: Path | None) -> str:
-    """Why ``--plot`` would draw nothing ("" if it draws every tag): plots go into ``--out``, and a tag
-    no run logged (a typo) would give no plot."""
-    if tags and out is None:
-        return f"--plot {' '.join(tags)}: plots are written into --out; give --out"
-    logged = {tag for r in runs for tag in r.scalars}
-    for tag in tags:
-        if tag not in logged:
-            close = difflib.get_close_matches(tag, sorted(logged), n=3)
-            hint = (
-                f"; did you mean {', '.join(close)}?" if close else "; TensorBoard's Scalars tab lists those"
-            )
-            return f"--plot {tag}: no run logged that scalar{hint}"
-    return ""
 
 
 def check_outputs(out: Path | None, update: Path | None = None, section: str | None = None) -> str:

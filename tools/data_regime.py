@@ -22,9 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 import compare
+from plots import colours, save_plot
 
-from lmheads import runlog
-from lmheads.runlog import RunLog, find_runs, split_reportable
+from lmheads import comparable
+from lmheads.comparable import split_reportable
+from lmheads.runlog import RunLog, find_runs
 from lmheads.stats import mean_std
 
 
@@ -88,7 +90,7 @@ def plot(summary: dict[tuple[str, int], dict], runs: list[RunLog], out: Path) ->
     groups: dict[str, list[RunLog]] = defaultdict(list)
     for r in runs:
         groups[r.label].append(r)
-    colour = compare.colours(dict(groups))
+    colour = colours(dict(groups))
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
     for label in sorted({key[0] for key in summary}):
         keys = sorted(k for k in summary if k[0] == label)
@@ -103,7 +105,7 @@ def plot(summary: dict[tuple[str, int], dict], runs: list[RunLog], out: Path) ->
     ax.set_xlabel("tokens in the training set")
     ax.set_ylabel("excess validation loss (nats/token)")
     ax.grid(alpha=0.3)
-    return compare.save_plot(fig, ax, out / "excess_loss_vs_training_tokens.png")
+    return save_plot(fig, ax, out / "excess_loss_vs_training_tokens.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no runs with an excess loss under {', '.join(map(str, args.roots))}", file=sys.stderr)
         return 2
     groups = grouped(runs)
-    problem = runlog.mixed(
+    problem = comparable.mixed(
         {f"{head} with {tokens:,} training tokens": g for (head, tokens), g in groups.items()}
     )
     if problem:

@@ -2,7 +2,7 @@
 frequency bucket, validation loss at each step the pairs share, and every head against one.
 
 Each pair is of one seed within a group of equal ``--by`` settings; each head's runs in a group must be
-seeds of one configuration (:func:`lmheads.runlog.mixed`) and, for final values, last validated after
+seeds of one configuration (:func:`lmheads.comparable.mixed`) and, for final values, last validated after
 one number of steps. ``tools/buckets.py`` prints and plots them.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from lmheads import runlog
+from lmheads import comparable
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
 from lmheads.runlog import RunLog, natural
 
@@ -50,19 +50,19 @@ def pairs_by_group(
 
     def order(item) -> tuple:
         (group, seed), _ = item
-        return (*(runlog.order(v) for v in group), str(seed))
+        return (*(comparable.order(v) for v in group), str(seed))
 
     for (group, seed), members in sorted(pairs.items(), key=order):
         if first not in members or second not in members:
             continue
         pair = [members[first], members[second]]
         if final and pair[0].validated_at() != pair[1].validated_at():
-            uneven = runlog.uneven(pair)
+            uneven = comparable.uneven(pair)
             raise SystemExit(f"error: the runs of seed {seed} were last validated after {uneven}")
         out[group_name(by, group)][seed] = (members[first], members[second])
     for group, seeds in out.items():  # each head's runs in a group: the seeds of one configuration
         for i, head in enumerate((first, second)):
-            problem = runlog.mixed({f"{head} ({group})": [pair[i] for pair in seeds.values()]}, final)
+            problem = comparable.mixed({f"{head} ({group})": [pair[i] for pair in seeds.values()]}, final)
             if problem:
                 reason, key = problem
                 advice = f"tell them apart with --by {key}, or give" if key else "give"
@@ -107,7 +107,7 @@ def against(runs: list[RunLog], reference: str, by: list[str]) -> dict[str, dict
     paired by seed (rows ``head`` or, with ``by``, ``head (group)``), group by group and within a group
     in order of the mean difference."""
     groups = sorted(
-        {tuple(r.setting(k) for k in by) for r in runs}, key=lambda g: [runlog.order(v) for v in g]
+        {tuple(r.setting(k) for k in by) for r in runs}, key=lambda g: [comparable.order(v) for v in g]
     )
     position = {group_name(by, group): i for i, group in enumerate(groups)}
     rows, order = {}, {}
