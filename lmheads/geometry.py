@@ -33,5 +33,10 @@ def nearest_neighbours(x: Tensor, k: int = 10, chunk: int = 1024) -> Tensor:
 def neighbour_overlap(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """(V,) for each token, the share of its k nearest neighbours (cosine) in x that are also among its k
     nearest in y. Unrelated matrices give about k / V; the same geometry gives 1."""
-    a, b = nearest_neighbours(x, k), nearest_neighbours(y, k)
-    return (a.unsqueeze(2) == b.unsqueeze(1)).any(2).float().mean(1)
+    return shared_neighbours(nearest_neighbours(x, k), nearest_neighbours(y, k))
+
+
+def shared_neighbours(a: Tensor, b: Tensor) -> Tensor:
+    """(V,) the share of each row's neighbours in ``a`` (V, k) that are also in ``b`` (V, k): the overlap
+    of two :func:`nearest_neighbours` results, for a matrix compared with several others."""
+    return (a.unsqueeze(2) == b.unsqueeze(1)).any(2).float().mean(1)  # (V, k, k) -> (V,)

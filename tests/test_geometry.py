@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmheads.backbone import BackboneConfig
-from lmheads.geometry import linear_cka, neighbour_overlap
+from lmheads.geometry import linear_cka, nearest_neighbours, neighbour_overlap
 from lmheads.heads import head_class
 from lmheads.module import LMHeadModule
 from lmheads.reporting import EmbeddingGradientTap
@@ -40,6 +40,26 @@ def test_neighbour_overlap_is_one_for_the_same_geometry_and_chance_for_unrelated
     assert torch.equal(neighbour_overlap(x, 2.0 * x @ rotation, k=10), torch.ones(V))
     assert float(neighbour_overlap(x, y, k=10).mean()) < 0.1  # chance: 10 / 299
     assert float(neighbour_overlap(x, x + 0.1 * y, k=10).mean()) > 0.6  # close geometry, most shared
+
+
+def test_embeddings_tool_finds_each_matrix_neighbours_once(monkeypatch):
+    """Every pair's overlap as neighbour_overlap gives it, from one neighbour search a matrix (each search
+    sorts V x V similarities: 20 instead of 5 for the five matrices of four heads)."""
+    embeddings = tool("embeddings")
+    x, y = matrices()
+    found = {"x": x, "y": y, "z": x + 0.1 * y}
+    searched = []
+
+    def counted(m, k):
+        searched.append(m)
+        return nearest_neighbours(m, k)
+
+    monkeypatch.setattr(embeddings, "nearest_neighbours", counted)
+    rows = embeddings.compare(found, None, k=10)
+    assert len(searched) == 3
+    for row, (a, b) in zip(rows, (("x", "y"), ("x", "z"), ("y", "z")), strict=True):
+        assert row["pair"] == f"{a} ~ {b}"
+        assert row["overlap"] == float(neighbour_overlap(found[a], found[b], k=10).mean())
 
 
 def _model(scale: float = 1.0, head: str = "tied") -> LMHeadModule:

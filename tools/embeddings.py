@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lmheads.checkpointing import TOKEN_BUCKET_KEY
-from lmheads.geometry import linear_cka, neighbour_overlap
+from lmheads.geometry import linear_cka, nearest_neighbours, shared_neighbours
 from lmheads.heads import LinearHead, head_name
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS
 from lmheads.module import LMHeadModule
@@ -73,8 +73,9 @@ def load(path: Path) -> tuple[str, dict[str, torch.Tensor], torch.Tensor | None,
 
 def compare(matrices: dict[str, torch.Tensor], bucket: torch.Tensor | None, k: int) -> list[dict]:
     rows = []
+    neighbours = {name: nearest_neighbours(m, k) for name, m in matrices.items()}  # once a matrix: (V, k)
     for (a, x), (b, y) in combinations(matrices.items(), 2):
-        overlap = neighbour_overlap(x, y, k)  # (V,)
+        overlap = shared_neighbours(neighbours[a], neighbours[b])  # (V,)
         row = {"pair": f"{a} ~ {b}", "cka": linear_cka(x, y), "overlap": float(overlap.mean())}
         for i, name in enumerate(FREQUENCY_BUCKETS):
             if bucket is None:
