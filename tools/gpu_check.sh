@@ -62,8 +62,13 @@ gpt2_sizes=(256 4096) llama3_sizes=() train_sizes=(default)
 head_gpt2=(--n 16384 --d 768 --v 50304 --dtype bfloat16 --chunk-sizes "${gpt2_sizes[@]}")
 head_llama3=(--n 8192 --d 4096 --v 128256 --dtype bfloat16 --chunk-sizes "${llama3_sizes[@]}" --iters 5)
 train=(--steps 20 --warmup 8 --chunk-sizes "${train_sizes[@]}")
+fit_seconds=120  # each fit's limit (the compiled one gets 60 s more)
 if [ "$tiny" = 1 ]; then
   accelerator=cpu steps=4 head_steps=2
+  # Eleven fits and the tests at once on a few cores: one thread each (torch's default of one a core
+  # made six fits at once take 150 s instead of 91 s on 2 cores), and longer limits.
+  export OMP_NUM_THREADS=1
+  fit_seconds=300
   head_gpt2=(--n 256 --d 32 --v 1000 --dtype bfloat16 --chunk-sizes 64 --iters 1 --warmup 1 --no-compile)
   head_llama3=("${head_gpt2[@]}")
   train=(--preset tiny --steps 2 --warmup 1 --no-compile)
@@ -82,16 +87,16 @@ start_fit() {
   shift 2
   start "$name" "$secs" "$FIT_FIGURE" "${fit[@]}" "$@" --trainer.logger.init_args.version="$name"
 }
-start_fit fit-bf16-clip 120 --trainer.gradient_clip_val=1.0
-start_fit fit-compile 180 --model.compile=true
-start_fit fit-fsdp2 120 --config configs/trainer/fsdp2.yaml --trainer.accelerator="$accelerator" \
+start_fit fit-bf16-clip "$fit_seconds" --trainer.gradient_clip_val=1.0
+start_fit fit-compile $((fit_seconds + 60)) --model.compile=true
+start_fit fit-fsdp2 "$fit_seconds" --config configs/trainer/fsdp2.yaml --trainer.accelerator="$accelerator" \
   --trainer.devices=1 --trainer.strategy.init_args.data_parallel_size=1
 if [ "$tiny" = 0 ]; then  # CUDA only: Lightning refuses FSDP1 on a CPU and turns 16-mixed into bf16 there
-  start_fit fit-16-mixed-clip 120 --trainer.precision=16-mixed --trainer.gradient_clip_val=1.0
-  start_fit fit-fsdp1 120 --config configs/trainer/fsdp.yaml --trainer.devices=1
+  start_fit fit-16-mixed-clip "$fit_seconds" --trainer.precision=16-mixed --trainer.gradient_clip_val=1.0
+  start_fit fit-fsdp1 "$fit_seconds" --config configs/trainer/fsdp.yaml --trainer.devices=1
 fi
 for head in $(python -c "from lmheads.heads import registered_heads; print(*registered_heads())"); do
-  start_fit "fit-$head" 120 --model.head="$head" --trainer.max_steps="$head_steps" \
+  start_fit "fit-$head" "$fit_seconds" --model.head="$head" --trainer.max_steps="$head_steps" \
     --trainer.val_check_interval="$head_steps"
 done
 start gpu-tests 240 'passed|failed|skipped' python -m pytest -q -m gpu -p no:cacheprovider \
