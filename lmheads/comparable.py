@@ -91,7 +91,7 @@ def _repeated(option: str, hparams: set[str]) -> bool:
 def uneven(runs: list[RunLog]) -> str:
     """Which runs were last validated after how many steps, and what to do: their final values are of
     different budgets, and a mean of them (or a difference) belongs to none."""
-    at = ", ".join(f"{r.validated_at() or 0:,} steps ({r.label} seed {r.hparams.get('seed')})" for r in runs)
+    at = ", ".join(f"{r.validated_at() or 0:,} steps ({_named(r)})" for r in runs)
     return (
         f"{at}: their final values are of different budgets; train them to one length first, or give "
         "--step N to compare them as they stood after N steps"
