@@ -18,7 +18,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def _isolated_cache(tmp_path_factory):
     """Token streams and tokenizers go to a per-session cache, never the user's."""
     os.environ["LMHEADS_CACHE"] = str(tmp_path_factory.mktemp("lmheads-cache"))
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # The test processes share the cores: torch's threads spinning against each other's would make every
+    # process several times slower. The runs a test starts as new processes inherit the share.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, min(2, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +43,9 @@ def shared_data() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slow tests first: the test processes then end at about the same time, not one of them still
+    # running a minute-long test after the others have finished.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -22,7 +22,7 @@ from lmheads.metrics import HP_METRICS
 from lmheads.module import LMHeadModule
 from lmheads.reporting import flat_hparams, parameter_counts
 
-from .helpers import QUICKSTART, ROOT, fit, only_run, quick_args, scalars
+from .helpers import QUICKSTART, ROOT, fit, only_run, quick_args, run_lmheads, scalars
 
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
 BUILTIN = ["tied", "untied", "tied_bias", "projected_tied", "lowrank_tied", "untie_during_training"]
@@ -113,6 +113,7 @@ def test_fit_each_head(name, tmp_path):
     assert type(cli.model.head) is registered_heads()[name]
 
 
+@pytest.mark.slow
 def test_quickstart_learns(tmp_path):
     cli = fit(tmp_path, "--data.init_args.train_tokens=262144", steps=240, every=60)
     logged = scalars(only_run(tmp_path))
@@ -308,7 +309,7 @@ def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
     if "block_size=100000" in extra[0]:
         (tmp_path / "t.txt").write_text("just a few words\n" * 20)
         extra = [*extra, "--data=lmheads.data.TextDataModule", f"--data.train_file={tmp_path / 't.txt'}"]
-    _assert_one_error_line(_run_module("fit", *quick_args(tmp_path), *extra, cwd=tmp_path), message)
+    _assert_one_error_line(run_lmheads("fit", *quick_args(tmp_path), *extra, cwd=tmp_path), message)
     assert not (tmp_path / "quickstart").exists()  # nothing created by a failed start
 
 
@@ -320,7 +321,7 @@ def _assert_one_error_line(result: subprocess.CompletedProcess, message: str) ->
 
 
 def test_no_command_names_the_commands(tmp_path):
-    result = _run_module("--config", QUICKSTART, cwd=tmp_path)
+    result = run_lmheads("--config", QUICKSTART, cwd=tmp_path)
     _assert_one_error_line(
         result, "error: no command given: python -m lmheads fit, validate, test, predict or heads"
     )
@@ -329,7 +330,7 @@ def test_no_command_names_the_commands(tmp_path):
 def test_yaml_syntax_error_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_steps: 3\n   oops: [\n")
-    result = _run_module("fit", "--config", QUICKSTART, "--config", str(bad), cwd=tmp_path)
+    result = run_lmheads("fit", "--config", QUICKSTART, "--config", str(bad), cwd=tmp_path)
     _assert_one_error_line(result, f"error: {bad}, line 3, column 8: mapping values are not allowed here")
 
 
@@ -338,7 +339,7 @@ def test_text_that_is_not_utf8_names_the_file_and_byte(tmp_path):
     good = "caf\u00e9 au lait\n".encode() * 50
     text.write_bytes(good + "na\u00efve\n".encode("latin-1"))  # the first bad byte follows "na"
     args = ["--data=lmheads.data.TextDataModule", f"--data.train_file={text}"]
-    result = _run_module("fit", *quick_args(tmp_path), *args, cwd=tmp_path)
+    result = run_lmheads("fit", *quick_args(tmp_path), *args, cwd=tmp_path)
     _assert_one_error_line(result, f"is not UTF-8 text (byte {len(good) + 2}:")
 
 
@@ -346,7 +347,7 @@ def test_a_warning_is_one_plain_line(tmp_path):
     """A warning the command gives (a loss backend the head cannot use) is ``warning: <message>``, not the
     source file, line and code it was raised at."""
     args = ["--model.head=mos", "--model.loss_backend=chunked", "--trainer.fast_dev_run=true"]
-    result = _run_module("fit", *quick_args(tmp_path), *args, cwd=tmp_path)
+    result = run_lmheads("fit", *quick_args(tmp_path), *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if "is not a linear form" in line]
     assert lines == [

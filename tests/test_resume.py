@@ -45,6 +45,7 @@ def test_resume_after_ctrl_c_is_bitwise_identical(tmp_path):
     assert losses == again  # the same data in the same order, before and after the interruption
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("validation", "offsets"),
     [

@@ -83,6 +83,7 @@ def test_fsdp2_evaluates_every_block_once_when_blocks_do_not_divide(tmp_path):
         assert math.isclose(cli.trainer.callback_metrics[tag].item(), logged[tag][-1][1], rel_tol=1e-5), tag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "rank"), [("ddp", 1), ("fsdp2", None)])
 def test_interrupt_and_resume_on_two_processes_reproduce_the_straight_run(tmp_path, strategy, rank):
     """A SIGTERM that reaches one process (ddp: rank 1 only) or all of them (fsdp2) stops both at the same
@@ -150,6 +151,7 @@ def test_compile_every_head_without_graph_breaks(name, backend):
         torch.testing.assert_close(eager.token_loss(idx, targets).nll, compiled.token_loss(idx, targets).nll)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "z_loss", "backend"),
     [("tied", 0.0, "naive"), ("tied", 1e-3, "naive"), ("mos", 0.0, "naive"), ("tied", 1e-3, "chunked"),

@@ -427,6 +427,7 @@ def test_sweep_runs_jobs_side_by_side_with_a_share_of_the_cores(tmp_path, monkey
     assert sweep.thread_env(16)["TORCHINDUCTOR_COMPILE_THREADS"] == "1"  # and no pool of compile workers
 
 
+@pytest.mark.slow
 def test_match_params_reaches_two_percent(capsys):
     heads = ["tied", "untied", "tied_bias"]
     matched = sweep.matched_widths([str(ROOT / "configs/quickstart.yaml")], heads, [])
