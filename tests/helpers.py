@@ -42,11 +42,17 @@ def _as_the_module(args: list[str], cwd: str, env: dict[str, str], stdout: str, 
     main()
 
 
-def run_lmheads(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_lmheads(*args: str, cwd: Path, new_python: bool = False) -> subprocess.CompletedProcess:
     """``python -m lmheads ARGS`` in a new process that starts in ``cwd``: its exit status and what it
-    printed. Not for commands that start processes of their own (Lightning's DDP launcher starts each rank
-    as the command line of the process again, which only a process started from one has), nor for tests
-    of all that a command prints: what importing the packages prints, the server printed."""
+    printed. The process is forked from a server that imported lmheads once, unless ``new_python``: then
+    it is a new Python, as a user starts it. That is needed for commands that start processes of their
+    own (Lightning's DDP launcher starts each rank as the command line of the process again, which only a
+    process started from one has) and for tests of all that a command prints (what importing the
+    packages prints, the server printed)."""
+    if new_python:
+        command = [sys.executable, "-m", "lmheads", *args]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     with tempfile.TemporaryDirectory() as scratch:
         out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
         process = _FORKSERVER.Process(

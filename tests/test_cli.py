@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -253,18 +251,6 @@ def test_print_config_and_short_head_names(tmp_path, capsys):
         expand_head_names(["--model.head=tide"])
 
 
-def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "lmheads", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -362,9 +348,9 @@ def test_ddp_two_cpu_processes_match_single_process_validation(tmp_path):
     """Validation under DDP equals one process's: every block once, none twice, none left out, with an
     odd number of blocks (65 of 64 tokens: 33 on one rank, 32 on the other) and a short last batch."""
     data = ["--data.init_args.batch_size=24", "--data.init_args.val_tokens=4160"]
-    result = _run_module(
+    result = run_lmheads(
         "fit", *quick_args(tmp_path), "--config", str(ROOT / "configs/trainer/ddp-cpu.yaml"), *data,
-        cwd=tmp_path,
+        cwd=tmp_path, new_python=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # two ranks really ran
@@ -379,9 +365,9 @@ def test_ddp_two_cpu_processes_match_single_process_validation(tmp_path):
     # predict under DDP: both processes write into the one evaluation folder, each prompt exactly once
     sampling = ["--sampling.prompt_tokens=8", "--sampling.max_new_tokens=2"]
     ckpt = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
-    result = _run_module(
+    result = run_lmheads(
         "predict", *quick_args(tmp_path), "--config", str(ROOT / "configs/trainer/ddp-cpu.yaml"), *data,
-        *sampling, ckpt, cwd=tmp_path,
+        *sampling, ckpt, cwd=tmp_path, new_python=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     main(["predict", *quick_args(tmp_path), *data, *sampling, ckpt])

@@ -27,8 +27,18 @@ from lmheads.resume import training_conflicts
 from lmheads.runs import RunFolder
 
 from . import external_heads
-from .helpers import QUICKSTART, ROOT, fit, main, only_run, quick_args, scalars, tool, two_loggers
-from .test_cli import _run_module
+from .helpers import (
+    QUICKSTART,
+    ROOT,
+    fit,
+    main,
+    only_run,
+    quick_args,
+    run_lmheads,
+    scalars,
+    tool,
+    two_loggers,
+)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -403,9 +413,9 @@ def test_a_run_killed_before_its_first_checkpoint_is_named_when_its_folder_is_re
     """SIGKILL (nothing can catch it) after the first step: the folder stays claimed. A second fit into
     it is refused with what happened, and a claim by a live process says it is in use."""
     version = "--trainer.logger.init_args.version=v0"
-    killed = _run_module(
+    killed = run_lmheads(
         "fit", *quick_args(tmp_path), version, "--trainer.callbacks+=tests.probes.SignalAt",
-        "--trainer.callbacks.step=1", "--trainer.callbacks.signum=9", cwd=ROOT,
+        "--trainer.callbacks.step=1", "--trainer.callbacks.signum=9", cwd=ROOT, new_python=True,
     )  # fmt: skip
     assert killed.returncode == -9
     run = tmp_path / "quickstart" / "v0"
@@ -553,16 +563,16 @@ def test_a_run_prints_nothing_a_user_cannot_act_on(tmp_path):
     v_num, also when a run is interrupted; a resumed run's bar counts steps towards max_steps from where it
     stands."""
     base = [*quick_args(tmp_path, steps=4, every=2), "--trainer.enable_progress_bar=true"]
-    first = _run_module("fit", *base, cwd=tmp_path)
+    first = run_lmheads("fit", *base, cwd=tmp_path, new_python=True)
     assert first.returncode == 0, first.stderr[-2000:]
     last = only_run(tmp_path) / "checkpoints" / "last.ckpt"
     base = [*quick_args(tmp_path, steps=8, every=2), "--trainer.enable_progress_bar=true"]
-    resumed = _run_module("fit", *base, f"--ckpt_path={last}", cwd=tmp_path)
+    resumed = run_lmheads("fit", *base, f"--ckpt_path={last}", cwd=tmp_path, new_python=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     signal_at = ["--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=9"]
     base = [*quick_args(tmp_path, steps=12, every=2), "--trainer.enable_progress_bar=true", *signal_at]
-    interrupted = _run_module(
-        "fit", *base, "--trainer.callbacks.signum=15", f"--ckpt_path={last}", cwd=tmp_path
+    interrupted = run_lmheads(
+        "fit", *base, "--trainer.callbacks.signum=15", f"--ckpt_path={last}", cwd=tmp_path, new_python=True
     )
     assert interrupted.returncode == 143, interrupted.stderr[-2000:]
     for result in (first, resumed, interrupted):

@@ -20,9 +20,8 @@ from lmheads.module import LMHeadModule
 from lmheads.reporting import parameter_counts
 from lmheads.sharding import check_strategy
 
-from .helpers import ROOT, fit, main, only_run, quick_args, scalars
+from .helpers import ROOT, fit, main, only_run, quick_args, run_lmheads, scalars
 from .probes import FSDP1_BACKBONE, fsdp1_worker
-from .test_cli import _run_module
 
 BUILTIN = sorted(n for n, c in registered_heads().items() if c.__module__.startswith("lmheads."))
 DUMP = ["--trainer.callbacks+=tests.probes.GradDump", "--trainer.limit_val_batches=0"]
@@ -54,7 +53,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
         out.mkdir()
         args = ["fit", *quick_args(out, steps=1, every=1), *DUMP, f"--trainer.callbacks.folder={out}"]
         args += [f"--data.init_args.batch_size={batch}", f"--trainer.devices={world}", *extra]
-        result = _run_module(*args, cwd=tmp_path)
+        result = run_lmheads(*args, cwd=tmp_path, new_python=True)
         assert result.returncode == 0, result.stderr[-3000:]
     single = _grads(tmp_path / "single", 1)
     assert single["backbone.wte.weight"].abs().sum() > 0
@@ -71,7 +70,9 @@ def test_fsdp2_evaluates_every_block_once_when_blocks_do_not_divide(tmp_path):
     forward gathers parameters like every other), so neither waits on the other, and the metrics equal
     one process's."""
     data = ["--data.init_args.batch_size=24", "--data.init_args.val_tokens=4160"]
-    result = _run_module("fit", *quick_args(tmp_path, steps=2, every=2), *FSDP2, *data, cwd=tmp_path)
+    result = run_lmheads(
+        "fit", *quick_args(tmp_path, steps=2, every=2), *FSDP2, *data, cwd=tmp_path, new_python=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(tmp_path)
     cli = main([
@@ -95,7 +96,9 @@ def test_interrupt_and_resume_on_two_processes_reproduce_the_straight_run(tmp_pa
     def run(name: str, *extra: str) -> subprocess.CompletedProcess:
         out = tmp_path / name
         out.mkdir(exist_ok=True)
-        return _run_module("fit", *quick_args(out, steps=4, every=2), *common, *extra, cwd=tmp_path)
+        return run_lmheads(
+            "fit", *quick_args(out, steps=4, every=2), *common, *extra, cwd=tmp_path, new_python=True
+        )
 
     assert run("straight").returncode == 0
     stop = run("resumed", "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=1",
