@@ -6,6 +6,7 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -29,17 +30,15 @@ _FORKSERVER.set_forkserver_preload(["lmheads.__main__"])
 
 
 def _as_the_module(args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
-    """In the new process: what ``python -m lmheads ARGS`` runs, its output going to two files."""
-    from lmheads.__main__ import main, plain_warnings
-
+    """In the new process: ``python -m lmheads ARGS`` (``lmheads/__main__.py`` run as ``__main__``), its
+    output going to two files."""
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    sys.argv = [str(ROOT / "lmheads" / "__main__.py"), *args]
-    plain_warnings()
-    main()
+    sys.argv = ["-m", *args]  # run_module puts the module's file first, as python -m does
+    runpy.run_module("lmheads", run_name="__main__", alter_sys=True)
 
 
 def run_lmheads(*args: str, cwd: Path, new_python: bool = False) -> subprocess.CompletedProcess:
