@@ -251,6 +251,9 @@ def test_print_config_and_short_head_names(tmp_path, capsys):
         expand_head_names(["--model.head=tide"])
 
 
+SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -282,7 +285,12 @@ def test_print_config_and_short_head_names(tmp_path, capsys):
             ["--data=lmheads.data.TextDataModule", "--data.train_file=missing.txt"],
             "does not exist; check the path",
         ),
-        (["--model.backbone.block_size=100000"], "fewer than block_size + 1"),
+        (["--model.backbone.block_size=100000", *SHORT_TEXT], "fewer than block_size + 1"),
+        (
+            [*SHORT_TEXT, "--data.min_count=2"],
+            "error: data.min_count=2 is read by data.tokenizer=word only, and this run's tokenizer is char: "
+            "remove data.min_count (or set it to 1), or set data.tokenizer=word",
+        ),
         (
             ["--trainer.val_check_interval=1000"],
             "`val_check_interval` (1000) must be less than or equal to the number of the training batches",
@@ -292,9 +300,7 @@ def test_print_config_and_short_head_names(tmp_path, capsys):
 def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
     if "accelerator=gpu" in extra[0] and torch.cuda.is_available():
         pytest.skip("a GPU is available here")
-    if "block_size=100000" in extra[0]:
-        (tmp_path / "t.txt").write_text("just a few words\n" * 20)
-        extra = [*extra, "--data=lmheads.data.TextDataModule", f"--data.train_file={tmp_path / 't.txt'}"]
+    (tmp_path / "t.txt").write_text("just a few words\n" * 20)  # for SHORT_TEXT
     _assert_one_error_line(run_lmheads("fit", *quick_args(tmp_path), *extra, cwd=tmp_path), message)
     assert not (tmp_path / "quickstart").exists()  # nothing created by a failed start
 

@@ -130,9 +130,10 @@ def text_files(tmp_path):
 @pytest.mark.parametrize("tokenizer", ["char", "byte", "word", "bpe"])
 def test_text_module_splits_and_bytes(text_files, tokenizer, tmp_path):
     train, valid = text_files
+    options = {"bpe_vocab_size": 300} if tokenizer == "bpe" else {}
     dm = TextDataModule(
-        train_file=str(train), validation_file=str(valid), tokenizer=tokenizer, bpe_vocab_size=300,
-        block_size=16, cache_dir=str(tmp_path),
+        train_file=str(train), validation_file=str(valid), tokenizer=tokenizer, block_size=16,
+        cache_dir=str(tmp_path), **options,
     )  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
@@ -296,6 +297,27 @@ def test_bad_inputs(tmp_path):
         TextDataModule()
     with pytest.raises(ConfigError, match="could not load dataset"):
         TextDataModule(dataset_name=str(tmp_path / "no_such_dataset"), cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "reader", "others"),
+    [("min_count", 2, "word", ["char", "byte", "bpe"]), ("max_vocab", 100, "word", ["char", "byte", "bpe"]),
+     ("bpe_vocab_size", 300, "bpe", ["char", "byte", "word"])],
+)  # fmt: skip
+def test_another_tokenizers_option_is_refused(text_files, tmp_path, option, value, reader, others):
+    """An option that the chosen tokenizer does not read would be recorded with the run and change
+    nothing; the tokenizer that reads it takes it."""
+    train, _ = text_files
+    for tokenizer in others:
+        with pytest.raises(
+            ConfigError, match=rf"data.{option}={value} is read by data.tokenizer={reader} only"
+        ):
+            TextDataModule(
+                train_file=str(train), tokenizer=tokenizer, cache_dir=str(tmp_path), **{option: value}
+            )
+    assert not (tmp_path / "tokenizers").exists()  # refused before anything was written
+    dm = TextDataModule(train_file=str(train), tokenizer=reader, cache_dir=str(tmp_path), **{option: value})
+    assert dm.hparams[option] == value
 
 
 def test_wikitext2_word_level_counts(shared_data, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,8 @@ from lmheads.errors import ConfigError
 
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 _STREAM_FORMAT = 2  # bump when the stream layout changes, to invalidate old cache files
+#: Options that only one tokenizer reads, and that tokenizer.
+_TOKENIZER_OPTIONS = {"min_count": "word", "max_vocab": "word", "bpe_vocab_size": "bpe"}
 
 
 def default_cache_dir() -> Path:
@@ -101,6 +104,16 @@ class TextDataModule(LMDataModule):
             raise ConfigError("give exactly one of data.train_file (local text) or data.dataset_name (hub)")
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        defaults = inspect.signature(TextDataModule.__init__).parameters
+        for option, reader in _TOKENIZER_OPTIONS.items():
+            # another tokenizer's option would be recorded with the run and change nothing
+            neutral = defaults[option].default
+            if tokenizer != reader and (value := self.hparams[option]) != neutral:
+                raise ConfigError(
+                    f"data.{option}={value} is read by data.tokenizer={reader} only, and this run's "
+                    f"tokenizer is {tokenizer}: remove data.{option} (or set it to {neutral}), or set "
+                    f"data.tokenizer={reader}"
+                )
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.num_proc = num_proc or min(8, os.cpu_count() or 1)
         self.raw = self._load_raw()
