@@ -35,6 +35,7 @@ from lmheads.generation import SamplingConfig
 from lmheads.heads import head_name
 from lmheads.heads.base import resolve_head
 from lmheads.heads.names import PARSER_MODE, expand_head_names, list_heads, load_yaml
+from lmheads.loggers import DEFAULT_SAVE_DIR, folder_logger_args, named_run_folder, start_csv_logger
 from lmheads.module import LMHeadModule
 from lmheads.resume import (
     check_against_checkpoint,
@@ -45,16 +46,13 @@ from lmheads.resume import (
     is_checkpoint_keyword,
 )
 from lmheads.runs import (
-    DEFAULT_SAVE_DIR,
     RunFolder,
     evaluation_folder,
-    named_run_folder,
     naming_option,
     record_evaluation,
     refuse_earlier_samples,
     refuse_requeue_checkpoint,
     run_of_checkpoint,
-    tensorboard_args,
 )
 from lmheads.sharding import check_strategy
 from lmheads.summary import RunSummary
@@ -136,7 +134,7 @@ class LMHeadsCLI(LightningCLI):
     def _resolve_keyword(self, subcommand: str, config) -> None:
         """``--ckpt_path=last`` / ``best`` of the run the logger's version names, as that checkpoint's file
         (``None``: a fit that starts the run). A repeated command (a requeued job) so continues its run."""
-        args = tensorboard_args(config)
+        args = folder_logger_args(config)
         run = None if args is None else named_run_folder(args)
         keyword = config.ckpt_path
         found = checkpoint_by_keyword(keyword, subcommand, run)
@@ -202,11 +200,12 @@ class LMHeadsCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt = config.get("ckpt_path")
         run = run_of_checkpoint(ckpt) if self._checkpoint is not None else None
-        args = tensorboard_args(config)
+        args = folder_logger_args(config)
         no_logger = config.trainer.get("logger") is False
         root = Path(config.trainer.get("default_root_dir") or ".").resolve()
+        filed = False  # an evaluation filed in the run of its checkpoint
         if args is not None:
-            folder = self._tensorboard_folder(config, args, run, ckpt)
+            folder, filed = self._logger_folder(config, args, run, ckpt)
         elif no_logger and self.subcommand == "fit":
             folder = root
         else:
@@ -247,7 +246,10 @@ class LMHeadsCLI(LightningCLI):
             raise ConfigError(  # the run's config.yaml without a checkpoint (or one it reset to null)
                 f"{err}. To {self.subcommand} a checkpoint of that run, give --ckpt_path after --config"
             ) from None
-        if args is not None and args.get("sub_dir"):  # an evaluation filed in its run
+        if args is not None:
+            resumed_at = self._checkpoint.get("global_step", 0) if resume else None
+            start_csv_logger(self.run_folder, config, resumed_at, evaluation=filed)
+        if filed:
             step = self._checkpoint.get("global_step", 0)
             record_evaluation(folder, ckpt, step, self._other_data)
             if self._other_data:
@@ -256,21 +258,29 @@ class LMHeadsCLI(LightningCLI):
                     f"filed in {folder}, but compare.py does not take it for the run's own"
                 )
 
-    def _tensorboard_folder(self, config, args, run: Path | None, ckpt) -> Path:
-        """The TensorBoard run's folder, set into the logger's arguments: the checkpoint's own run unless
-        another version is named, else a new version named after the head, seed and time."""
+    def _logger_folder(self, config, args, run: Path | None, ckpt) -> tuple[Path, bool]:
+        """The run's folder, set into the logger's arguments: the checkpoint's own run unless another
+        version is named, else a new version named after the head, seed and time. An evaluation of the
+        run's checkpoint goes into a folder of the run (TensorBoard's ``sub_dir``; the CSV logger's version
+        gets it appended), and is then said to be filed there (the second value)."""
+        filed = False
         named = named_run_folder(args)
         # the checkpoint's own run (the run's config.yaml names its folder)
         if run is not None and (named is None or named.resolve() == run.resolve()):
             args.save_dir, args.name, args.version = str(run.parent.parent), run.parent.name, run.name
             if self.subcommand != "fit":
-                args.sub_dir = evaluation_folder(run, self.subcommand, Path(ckpt))
+                evaluation, filed = evaluation_folder(run, self.subcommand, Path(ckpt)), True
+                if "sub_dir" in args:
+                    args.sub_dir = evaluation
+                else:
+                    args.version = f"{run.name}/{evaluation}"
         if args.get("version") is None:
             head = head_name(resolve_head(str(config.model.head.class_path)))
             evaluation = f"-{self.subcommand}" if self.subcommand not in (None, "fit") else ""
             args.version = f"{head}-seed{config.get('seed_everything')}-{time.strftime('%Y%m%d-%H%M%S')}"
             args.version += evaluation
-        return Path(args.save_dir, args.name or "", str(args.version), args.get("sub_dir") or "").resolve()
+        folder = Path(args.save_dir, args.name or "", str(args.version), args.get("sub_dir") or "")
+        return folder.resolve(), filed
 
 
 def _run_config_hint(message: str, args) -> str:

@@ -34,13 +34,19 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {key: value}
 
 
-def _canonical_class_path(path: str) -> str:
+def class_of(path: str) -> type | None:
+    """The class a dotted path names, or ``None`` where it names none that imports."""
     module, _, name = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return path
-    return f"{cls.__module__}.{cls.__qualname__}"
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def _canonical_class_path(path: str) -> str:
+    cls = class_of(path)
+    return path if cls is None else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def checkpoint_conflicts(

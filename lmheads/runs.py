@@ -1,12 +1,12 @@
 """Run folders as records: one run per folder, evaluations filed with their run, nothing left behind by a
 start that fails (the summary at the end of training is :mod:`lmheads.summary`'s).
 
-A run folder is ``<save_dir>/<name>/<version>`` (TensorBoard's layout; without a logger, a fit's
-``trainer.default_root_dir``): ``config.yaml``, ``hparams.yaml``, event files, ``checkpoints/`` and, once
-training ends, ``results.json`` (``diverged.json`` if its loss became NaN or infinite). ``validate``,
-``test`` and ``predict`` of a checkpoint inside a run write to ``<run>/<subcommand>/<checkpoint name>/``,
-with ``checkpoint.json`` (the checkpoint, the step it was saved at, and data options other than the
-run's).
+A run folder is ``<save_dir>/<name>/<version>`` (the TensorBoard or CSV logger's, :mod:`lmheads.loggers`;
+without a logger, a fit's ``trainer.default_root_dir``): ``config.yaml``, ``hparams.yaml``, event files
+(or ``metrics.csv``), ``checkpoints/`` and, once training ends, ``results.json`` (``diverged.json`` if its
+loss became NaN or infinite). ``validate``, ``test`` and ``predict`` of a checkpoint inside a run write
+to ``<run>/<subcommand>/<checkpoint name>/``, with ``checkpoint.json`` (the checkpoint, the step it was
+saved at, and data options other than the run's).
 """
 
 from __future__ import annotations
@@ -50,9 +50,6 @@ def run_of_checkpoint(ckpt: str | Path) -> Path | None:
     recorded = any((run / f).is_file() for f in ("hparams.yaml", "config.yaml"))
     return run if recorded else None
 
-
-#: The TensorBoard logger's folder unless set otherwise; ``trainer.default_root_dir`` replaces it.
-DEFAULT_SAVE_DIR = "runs"
 
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
 #: when both start at the same moment.
@@ -108,6 +105,7 @@ class RunFolder:
         self._before: set[str] | None = None  # the folder's entries when claimed; None: not claimed
         self._claimed = False
         self._previous_claim: str | None = None
+        self._set_aside: list[tuple[Path, Path]] = []  # (file, where it went), put back if the start fails
 
     def claim(self) -> None:
         if rank_zero_only.rank != 0:
@@ -137,6 +135,16 @@ class RunFolder:
             raise ConfigError(self._taken()) from None
         self._before = before if existed else set()
         self._created = not existed
+
+    def set_aside(self, name: str, new_name: str) -> bool:
+        """Rename the run's file ``name`` (after :meth:`claim`, on a resume), so that what this command
+        writes under that name does not replace it; :meth:`release` puts it back. Whether it was there."""
+        source, target = self.path / name, self.path / new_name
+        if rank_zero_only.rank != 0 or not source.is_file() or target.exists():
+            return False
+        source.rename(target)
+        self._set_aside.append((source, target))
+        return True
 
     @contextlib.contextmanager
     def _locked(self):
@@ -231,6 +239,9 @@ class RunFolder:
         trainer = self.trainer
         trained = trainer is not None and trainer.global_step > 0 and not trainer.fast_dev_run
         if self.resume and self._claimed and not trained and rank_zero_only.rank == 0:  # the run as it was
+            for source, target in reversed(self._set_aside):
+                target.replace(source)
+            self._set_aside = []
             claim = self.path / CLAIM_FILE
             claim.write_text(self._previous_claim) if self._previous_claim is not None else claim.unlink()
             self._claimed = False
@@ -293,26 +304,3 @@ def refuse_requeue_checkpoint(folder: Path, subcommand: str) -> None:
             f"{subcommand} from it, not from what this command says. Give it as --ckpt_path to continue "
             "from it, or move it out of trainer.default_root_dir"
         )
-
-
-def tensorboard_args(config):
-    """The TensorBoard logger's ``init_args`` (its ``save_dir`` following ``trainer.default_root_dir``),
-    or ``None`` for another logger or none: lmheads keeps run folders for TensorBoard runs. Of several
-    loggers the first counts: Lightning writes the config and checkpoints into its folder."""
-    logger = config.trainer.get("logger")
-    if isinstance(logger, list) and logger:
-        logger = logger[0]
-    if not hasattr(logger, "init_args") or "TensorBoardLogger" not in str(logger.get("class_path")):
-        return None
-    args = logger.init_args
-    root = config.trainer.get("default_root_dir")
-    if root and str(args.save_dir) == DEFAULT_SAVE_DIR:  # logs follow default_root_dir
-        args.save_dir = str(root)
-    return args
-
-
-def named_run_folder(args) -> Path | None:
-    """The run folder the TensorBoard logger's arguments name (``save_dir/name/version``), or ``None``
-    when they leave the version to be chosen."""
-    version = args.get("version")
-    return None if version is None else Path(args.save_dir, args.name or "", str(version))

@@ -309,6 +309,69 @@ def test_with_several_loggers_the_first_ones_folder_is_the_run(tmp_path, capsys)
     assert only_run(tmp_path) == run and len(list(run.glob("config-resumed-step2-*.yaml"))) == 1
 
 
+def test_a_csv_logger_keeps_runs_as_tensorboard_does_and_another_first_logger_is_refused(
+    tmp_path, capsys, recwarn
+):
+    """Lightning writes the config and checkpoints into the first logger's folder. The CSV logger's is
+    ``save_dir/name/version``, as TensorBoard's: a run there is held to the same rules. Another logger
+    (MLflow, W&B) has no folder of a run's own: every run would write its config over the last one's."""
+    csv = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+           "--trainer.logger.name=quickstart"]  # fmt: skip
+    fit(tmp_path, *csv, "--trainer.logger.version=x", steps=3, every=3)
+    run = tmp_path / "quickstart" / "x"
+    assert (run / "metrics.csv").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    shutil.copy(run / "metrics.csv", tmp_path / "first-metrics.csv")
+    before = snapshot(run)
+    err = refused(
+        capsys, "fit", *quick_args(tmp_path), *csv, "--trainer.logger.version=x", "--model.head=untied"
+    )
+    assert f"run folder {run.resolve()} already holds a run" in err and snapshot(run) == before
+    fit(tmp_path, *csv, steps=3, every=3)  # unnamed: a folder of its own
+    assert sorted(p.name.split("-")[:2] == ["tied", "seed0"] for p in run.parent.iterdir()) == [False, True]
+    for _ in range(2):
+        main(["test", *quick_args(tmp_path), *csv, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    assert sorted(p.name for p in (run / "test").iterdir()) == ["last", "last-2"]
+    assert (run / "test" / "last" / "metrics.csv").is_file()
+    assert json.loads((run / "test" / "last" / "checkpoint.json").read_text())["step"] == 3
+    assert {k: v for k, v in snapshot(run).items() if not k.startswith("test/")} == before
+    # continued: Lightning's CSV logger would delete the run's metrics.csv; it is kept under another name
+    fit(
+        tmp_path,
+        *csv,
+        "--trainer.logger.version=x",
+        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        steps=5,
+    )
+    assert (run / "metrics-before-step3.csv").read_bytes() == (tmp_path / "first-metrics.csv").read_bytes()
+    steps = {int(row.split(",")[header.index("step")]) for header, row in _csv_rows(run / "metrics.csv")}
+    assert min(steps) >= 3 and max(steps) == 4
+    noise = ("Experiment logs directory", "The dirpath has changed")  # of the run's own folder
+    assert not [w for w in recwarn if str(w.message).startswith(noise)]
+    everything = snapshot(tmp_path)
+    err = refused(
+        capsys, "fit", *quick_args(tmp_path), "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger"
+    )
+    assert "the first logger (lightning.pytorch.loggers.MLFlowLogger) has no folder of its own" in err
+    assert "give lightning.pytorch.loggers.TensorBoardLogger (or CSVLogger) first in trainer.logger" in err
+    assert snapshot(tmp_path) == everything
+
+
+def _csv_rows(path: Path) -> list[tuple[list[str], str]]:
+    header, *rows = path.read_text().splitlines()
+    return [(header.split(","), row) for row in rows]
+
+
+def test_a_file_set_aside_for_a_continued_run_is_put_back_when_its_start_fails(tmp_path):
+    (tmp_path / "metrics.csv").write_text("step\n0\n")
+    folder = RunFolder(tmp_path, resume=True)
+    folder.claim()
+    assert folder.set_aside("metrics.csv", "metrics-before-step1.csv")
+    (tmp_path / "metrics.csv").write_text("step\n1\n")  # the new start's, before it failed
+    folder.release()
+    assert (tmp_path / "metrics.csv").read_text() == "step\n0\n"
+    assert not (tmp_path / "metrics-before-step1.csv").exists()
+
+
 def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(finished_run, capsys, caplog):
     tmp_path, run, before = finished_run
     last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
