@@ -57,9 +57,10 @@ def _first_logger(config):
 def start_csv_logger(folder: RunFolder, config, resume_step: int | None, evaluation: bool) -> None:
     """Lightning's CSV logger deletes the ``metrics.csv`` of a folder it starts in, and warns so whenever
     the folder has files. With a CSV logger first, a run continued from step ``resume_step`` keeps its
-    earlier metrics as ``metrics-before-step<step>.csv``; and the warning about the run's own folder goes,
-    which holds lmheads' claim before the logger starts. So does, for an ``evaluation`` filed in its run
-    (which saves no checkpoint), the one that checkpoints would now go into that folder."""
+    earlier metrics as ``metrics-before-step<step>.csv`` (numbered if continued from that step before).
+    Two warnings about the run's own folder go: the CSV logger's, since the folder holds lmheads' claim
+    before the logger starts in it; and, for an ``evaluation`` filed in its run, which saves no
+    checkpoint, Lightning's that checkpoints would go into another folder than the run's."""
     if not issubclass(class_of(str(_first_logger(config).get("class_path"))), CSVLogger):
         return
     tail = re.escape(os.path.join(folder.path.parent.name, folder.path.name))
@@ -68,8 +69,12 @@ def start_csv_logger(folder: RunFolder, config, resume_step: int | None, evaluat
         warnings.filterwarnings(
             "ignore", message=rf"The dirpath has changed from .* to .*{tail}.checkpoints'"
         )
-    kept = f"metrics-before-step{resume_step}.csv"
-    if resume_step is not None and folder.set_aside("metrics.csv", kept):
+    if resume_step is None:
+        return
+    kept, n = f"metrics-before-step{resume_step}.csv", 2
+    while (folder.path / kept).exists():
+        kept, n = f"metrics-before-step{resume_step}-{n}.csv", n + 1
+    if folder.set_aside("metrics.csv", kept):
         rank_zero_info(
             f"the CSV logger starts metrics.csv anew: the run's metrics before step {resume_step} are kept "
             f"in {kept}"

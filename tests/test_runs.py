@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from jsonargparse import Namespace
 
 from lmheads import comparable, runlog
 from lmheads.errors import ConfigError
 from lmheads.heads import head_name, registered_heads
+from lmheads.loggers import start_csv_logger
 from lmheads.resume import training_conflicts
 from lmheads.runs import RunFolder
 
@@ -370,6 +372,21 @@ def test_a_file_set_aside_for_a_continued_run_is_put_back_when_its_start_fails(t
     folder.release()
     assert (tmp_path / "metrics.csv").read_text() == "step\n0\n"
     assert not (tmp_path / "metrics-before-step1.csv").exists()
+
+
+def test_a_csv_run_continued_twice_from_one_step_keeps_both_earlier_metrics(tmp_path):
+    """A start that trained past its checkpoint and stopped before the next one is continued from the
+    same step again: the metrics of both starts are kept."""
+    logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir="x"))
+    config = Namespace(trainer=Namespace(logger=logger))
+    for n in (1, 2):
+        (tmp_path / "metrics.csv").write_text(f"start {n}")
+        folder = RunFolder(tmp_path, resume=True)
+        folder.claim()
+        start_csv_logger(folder, config, 3, evaluation=False)
+    assert (tmp_path / "metrics-before-step3.csv").read_text() == "start 1"
+    assert (tmp_path / "metrics-before-step3-2.csv").read_text() == "start 2"
+    assert not (tmp_path / "metrics.csv").exists()
 
 
 def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(finished_run, capsys, caplog):
