@@ -26,6 +26,7 @@ from lmheads.console import (
     given_options,
     option_values,
     pipe_safe_output,
+    quiet_evaluation,
     quiet_lightning,
     user_error,
 )
@@ -198,6 +199,8 @@ class LMHeadsCLI(LightningCLI):
         logger a fit's folder is ``trainer.default_root_dir`` (where Lightning then writes its config and
         checkpoints), held to the same rule, and an evaluation writes no config file."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in ("validate", "test", "predict"):
+            quiet_evaluation()
         ckpt = config.get("ckpt_path")
         run = run_of_checkpoint(ckpt) if self._checkpoint is not None else None
         args = folder_logger_args(config)
@@ -248,7 +251,7 @@ class LMHeadsCLI(LightningCLI):
             ) from None
         if args is not None:
             resumed_at = self._checkpoint.get("global_step", 0) if resume else None
-            start_csv_logger(self.run_folder, config, resumed_at, evaluation=filed)
+            start_csv_logger(self.run_folder, config, resumed_at)
         if filed:
             step = self._checkpoint.get("global_step", 0)
             record_evaluation(folder, ckpt, step, self._other_data)

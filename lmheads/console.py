@@ -49,6 +49,13 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
+def quiet_evaluation() -> None:
+    """For ``validate``, ``test`` and ``predict``, which save no checkpoint: drop Lightning's warning that
+    the checkpoint callback restored from the checkpoint now points at another folder than the run's
+    checkpoints (so that its record of the best ones is not restored)."""
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+
+
 def plain_warnings() -> None:
     """Each warning as one line, ``warning: <message>``, without the file, line and source text it was
     raised at, which the user of a command cannot act on."""

@@ -54,21 +54,16 @@ def _first_logger(config):
     return logger[0] if isinstance(logger, list) and logger else logger
 
 
-def start_csv_logger(folder: RunFolder, config, resume_step: int | None, evaluation: bool) -> None:
+def start_csv_logger(folder: RunFolder, config, resume_step: int | None) -> None:
     """Lightning's CSV logger deletes the ``metrics.csv`` of a folder it starts in, and warns so whenever
     the folder has files. With a CSV logger first, a run continued from step ``resume_step`` keeps its
     earlier metrics as ``metrics-before-step<step>.csv`` (numbered if continued from that step before).
-    Two warnings about the run's own folder go: the CSV logger's, since the folder holds lmheads' claim
-    before the logger starts in it; and, for an ``evaluation`` filed in its run, which saves no
-    checkpoint, Lightning's that checkpoints would go into another folder than the run's."""
+    The logger's warning about the run's own folder goes: that folder holds lmheads' claim before the
+    logger starts in it."""
     if not issubclass(class_of(str(_first_logger(config).get("class_path"))), CSVLogger):
         return
     tail = re.escape(os.path.join(folder.path.parent.name, folder.path.name))
     warnings.filterwarnings("ignore", message=rf"Experiment logs directory .*{tail} exists and is not empty")
-    if evaluation:
-        warnings.filterwarnings(
-            "ignore", message=rf"The dirpath has changed from .* to .*{tail}.checkpoints'"
-        )
     if resume_step is None:
         return
     kept, n = f"metrics-before-step{resume_step}.csv", 2

@@ -383,7 +383,7 @@ def test_a_csv_run_continued_twice_from_one_step_keeps_both_earlier_metrics(tmp_
         (tmp_path / "metrics.csv").write_text(f"start {n}")
         folder = RunFolder(tmp_path, resume=True)
         folder.claim()
-        start_csv_logger(folder, config, 3, evaluation=False)
+        start_csv_logger(folder, config, 3)
     assert (tmp_path / "metrics-before-step3.csv").read_text() == "start 1"
     assert (tmp_path / "metrics-before-step3-2.csv").read_text() == "start 2"
     assert not (tmp_path / "metrics.csv").exists()
