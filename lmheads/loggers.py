@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lmheads.errors import ConfigError
 from lmheads.resume import class_of
-from lmheads.runs import RunFolder
+from lmheads.runs import RunFolder, free_name
 
 #: The TensorBoard logger's folder unless set otherwise; ``trainer.default_root_dir`` replaces it.
 DEFAULT_SAVE_DIR = "runs"
@@ -66,9 +66,7 @@ def start_csv_logger(folder: RunFolder, config, resume_step: int | None) -> None
     warnings.filterwarnings("ignore", message=rf"Experiment logs directory .*{tail} exists and is not empty")
     if resume_step is None:
         return
-    kept, n = f"metrics-before-step{resume_step}.csv", 2
-    while (folder.path / kept).exists():
-        kept, n = f"metrics-before-step{resume_step}-{n}.csv", n + 1
+    kept = free_name(folder.path, f"metrics-before-step{resume_step}", ".csv")
     if folder.set_aside("metrics.csv", kept):
         rank_zero_info(
             f"the CSV logger starts metrics.csv anew: the run's metrics before step {resume_step} are kept "

@@ -271,13 +271,17 @@ def record_evaluation(folder: Path, ckpt: str | Path, step: int, other_data: lis
     (folder / EVALUATED_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def free_name(folder: Path, base: str, suffix: str = "") -> str:
+    """``base + suffix``, or ``base-2 + suffix``, ``base-3 + suffix``, ...: the first not in ``folder``."""
+    name, n = base + suffix, 2
+    while (folder / name).exists():
+        name, n = f"{base}-{n}{suffix}", n + 1
+    return name
+
+
 def evaluation_folder(run: Path, subcommand: str, ckpt: Path) -> str:
     """``<subcommand>/<checkpoint name>`` inside the run, numbered when that evaluation exists already."""
-    base = f"{subcommand}/{ckpt.stem}"
-    sub, n = base, 2
-    while (run / sub).exists():
-        sub, n = f"{base}-{n}", n + 1
-    return sub
+    return free_name(run, f"{subcommand}/{ckpt.stem}")
 
 
 def refuse_earlier_samples(folder: Path) -> None:
