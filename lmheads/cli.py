@@ -25,7 +25,6 @@ from lmheads.console import (
     explain_parse_error,
     given_options,
     option_values,
-    pipe_safe_output,
     quiet_evaluation,
     quiet_lightning,
     user_error,
@@ -56,6 +55,7 @@ from lmheads.runs import (
     run_of_checkpoint,
 )
 from lmheads.sharding import check_strategy
+from lmheads.streams import pipe_safe_output
 from lmheads.summary import RunSummary
 
 

@@ -259,6 +259,21 @@ def test_sigterm_to_a_sweep_stops_its_runs_with_a_checkpoint_and_the_next_call_r
     assert logged[-1] == steps - 1 and stopped_at in logged  # both sessions of the one run
 
 
+def test_a_sweep_whose_reader_has_gone_carries_on(tmp_path):
+    """`sweep.py ... | head`: the reader of its output goes first. The sweep goes on without a traceback
+    and with its own exit status (here a dry run's, 0), as it would go on stopping and saving its runs
+    after `| tee log` and Ctrl-C."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools/sweep.py"), "--config", str(QUICKSTART), "--heads", "tied",
+         "untied", "--seeds", "0", "1", "2", "--root", str(tmp_path), "--name", "grid", "--dry-run"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    process.stdout.close()  # the reader of stdout is gone from the start
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and "Error" not in err, err
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
 def test_sweep_resumes_from_the_furthest_checkpoint(tmp_path):
     import argparse
     import os

@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 from sweep_plan import Run, check_input, matched_widths, parse_grid
 
+from lmheads.streams import pipe_safe_output
+
 
 def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
     cmd = [sys.executable, "-m", "lmheads", "fit"]
@@ -281,4 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A reader that goes first (`| head`, or `| tee log` and Ctrl-C) must not stop the sweep before its
+    # runs are stopped and saved, nor turn its exit status into a traceback's.
+    with pipe_safe_output():
+        sys.exit(main())
