@@ -342,6 +342,14 @@ class LMHeadModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients freed at once. Lightning zeroes them inside the next step's
+        closure, after its forward: until then they would sit beside that forward's activations, a full
+        float32 copy of the parameters on top of the peak. With gradient accumulation this runs only at
+        the last batch of each group, so the group's gradients still add up."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,

@@ -129,6 +129,43 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
     _assert_same(_grads(tmp_path / "acc", 1), _grads(tmp_path / "big", 1))
 
 
+class _GradsAtBatchStart(L.Callback):
+    """Records, at the start of each batch, how many parameters hold a gradient."""
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.held.append(sum(p.grad is not None for p in pl_module.parameters()))
+
+
+def _accumulated_fit(batch_size: int, accumulate: int) -> tuple[torch.Tensor, list[int], int]:
+    L.seed_everything(0, verbose=False)
+    data = SyntheticDataModule(
+        vocab_size=64, train_tokens=4096, val_tokens=512, block_size=16, batch_size=batch_size
+    )
+    model = LMHeadModule(backbone=BackboneConfig(n_layer=1, n_head=2, d_model=16, block_size=16),
+                         vocab_size=data.vocab_size, warmup_steps=0)  # fmt: skip
+    probe = _GradsAtBatchStart()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, accumulate_grad_batches=accumulate, logger=False,
+        enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[probe],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    return model.backbone.wte.weight.detach().clone(), probe.held, len(list(model.parameters()))
+
+
+def test_gradients_are_freed_after_each_optimizer_step_and_still_accumulate():
+    """No step's forward runs beside the last step's gradients (they would add a float32 copy of the
+    parameters to the peak); within an accumulation group they are kept and add up."""
+    acc, held, n = _accumulated_fit(batch_size=4, accumulate=2)
+    assert held == [0, n, 0, n, 0, n]  # freed at each group's start, all held in its middle
+    big, held, _ = _accumulated_fit(batch_size=8, accumulate=1)
+    assert held == [0, 0, 0]
+    torch.testing.assert_close(acc, big, rtol=1e-5, atol=1e-6)  # three steps of the bigger batch
+
+
 @pytest.mark.parametrize("backend", ["naive", "chunked"])
 @pytest.mark.parametrize("name", BUILTIN)
 def test_compile_every_head_without_graph_breaks(name, backend):
