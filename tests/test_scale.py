@@ -139,20 +139,26 @@ class _GradsAtBatchStart(L.Callback):
         self.held.append(sum(p.grad is not None for p in pl_module.parameters()))
 
 
-def _accumulated_fit(batch_size: int, accumulate: int) -> tuple[torch.Tensor, list[int], int]:
+def _three_quiet_steps(model_class=LMHeadModule, batch_size: int = 4, **trainer_options) -> LMHeadModule:
+    """A 1-layer model of width 16 trained for three optimizer steps on the CPU from seed 0, nothing logged
+    or saved."""
     L.seed_everything(0, verbose=False)
     data = SyntheticDataModule(
         vocab_size=64, train_tokens=4096, val_tokens=512, block_size=16, batch_size=batch_size
     )
-    model = LMHeadModule(backbone=BackboneConfig(n_layer=1, n_head=2, d_model=16, block_size=16),
-                         vocab_size=data.vocab_size, warmup_steps=0)  # fmt: skip
-    probe = _GradsAtBatchStart()
+    cfg = BackboneConfig(n_layer=1, n_head=2, d_model=16, block_size=16)
+    model = model_class(backbone=cfg, vocab_size=data.vocab_size, warmup_steps=0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=3, accumulate_grad_batches=accumulate, logger=False,
-        enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[probe],
+        accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, limit_val_batches=0,
+        enable_progress_bar=False, enable_model_summary=False, **trainer_options,
     )  # fmt: skip
     trainer.fit(model, datamodule=data)
+    return model
+
+
+def _accumulated_fit(batch_size: int, accumulate: int) -> tuple[torch.Tensor, list[int], int]:
+    probe = _GradsAtBatchStart()
+    model = _three_quiet_steps(batch_size=batch_size, accumulate_grad_batches=accumulate, callbacks=[probe])
     return model.backbone.wte.weight.detach().clone(), probe.held, len(list(model.parameters()))
 
 
@@ -227,22 +233,20 @@ def test_compile_option_through_the_cli(tmp_path):
 class _FusedAdamW(LMHeadModule):
     """The module with the fused AdamW it uses on CUDA (fused AdamW runs on CPU too)."""
 
+    fused = True
+
     def make_optimizer(self, fused=None):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused)
 
 
+class _UnfusedAdamW(_FusedAdamW):
+    fused = False
+
+
 def _clipped_fit(fused: bool, precision, clip: float | None) -> torch.Tensor:
-    L.seed_everything(0, verbose=False)
-    data = SyntheticDataModule(vocab_size=64, train_tokens=4096, val_tokens=512, block_size=16, batch_size=4)
-    cfg = BackboneConfig(n_layer=1, n_head=2, d_model=16, block_size=16)
-    model = _FusedAdamW(backbone=cfg, vocab_size=data.vocab_size, warmup_steps=0)
-    model.fused = fused
     plugin = {"plugins": [precision]} if not isinstance(precision, str) else {"precision": precision}
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=3, gradient_clip_val=clip, logger=False, enable_checkpointing=False,
-        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, **plugin,
-    )  # fmt: skip
-    trainer.fit(model, datamodule=data)
+    model_class = _FusedAdamW if fused else _UnfusedAdamW
+    model = _three_quiet_steps(model_class, gradient_clip_val=clip, **plugin)
     return model.backbone.wte.weight.detach().clone()
 
 
