@@ -3,16 +3,19 @@ checkpoint written when training is interrupted."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -183,10 +186,10 @@ class InterruptCheckpoint(L.Callback):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is always where ``fit`` ended. Lightning's writes it at
-    validations, and at the end only if it never wrote one: a run whose last steps came after its last
-    validation would leave a ``last.ckpt`` that is behind the run, and continuing from it would train
-    those steps twice."""
+    """``ModelCheckpoint`` whose ``last.ckpt`` is the state of the run's last validation, and where ``fit``
+    ended. Lightning's rewrites it only at a validation that saves a best checkpoint (and at the end only
+    if it never wrote one): a run that overfits, diverges or is killed would leave a ``last.ckpt`` from
+    its best validation, and continuing from it would lose, or train twice, every step since."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -195,12 +198,53 @@ class RunCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._written_at = trainer.global_step
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking and not trainer.fast_dev_run and trainer.state.fn == "fit":
+            self._write_last(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:  # a dry run writes no checkpoint (Lightning's would write last.ckpt)
             return
         super().on_train_end(trainer, pl_module)
-        if not self.save_last or self._written_at == trainer.global_step or self.dirpath is None:
+        self._write_last(trainer)
+
+    def _write_last(self, trainer: L.Trainer) -> None:
+        """``last.ckpt`` at this step, unless a checkpoint of it was written already (Lightning's own
+        ``last.ckpt`` among them) or this is a dry run (which writes none)."""
+        if not self.save_last or self.dirpath is None or self._written_at == trainer.global_step:
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
         self.last_model_path = str(path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files that are whole or absent. Lightning's writer stages the file in the temporary
+    folder and moves it into place, which is a copy when that folder is on another file system (a tmpfs
+    ``TMPDIR``): a process killed during the copy leaves a partial file under the checkpoint's name. This
+    one writes ``.<name>.<pid>.partial`` beside the target, syncs it to disk, and renames it, which is
+    atomic within one folder. A process killed mid-write leaves only that hidden ``.partial`` file, which
+    no checkpoint lookup takes for a checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def atomic_checkpoints(trainer: L.Trainer) -> None:
+    """Give the trainer :class:`AtomicCheckpointIO` where it would use Lightning's plain file writer (a
+    plugin the user chose is kept)."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()

@@ -18,13 +18,14 @@ from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lmheads.checkpointing import RunCheckpoint, check_compatible, read_checkpoint
+from lmheads.checkpointing import RunCheckpoint, atomic_checkpoints, check_compatible, read_checkpoint
 from lmheads.console import (
-    ProgressBar,
+    batch_counts,
     check_config_files,
     explain_parse_error,
     given_options,
     option_values,
+    progress_display,
     quiet_evaluation,
     quiet_lightning,
     user_error,
@@ -73,6 +74,17 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
+class LMHeadsParser(LightningArgumentParser):
+    """Lightning's parser, named ``python -m lmheads`` in usage lines (not ``__main__.py``) when run as a
+    module: every parser of a command, those that print a class's options (``--model.head.help``)
+    included. The ``lmheads`` script keeps its own name."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if Path(sys.argv[0]).name == "__main__.py":
+            kwargs.setdefault("prog", "python -m lmheads")
+        super().__init__(*args, **kwargs)
+
+
 class LMHeadsCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         self.run_folder: RunFolder | None = None
@@ -91,7 +103,7 @@ class LMHeadsCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         self._defaults_parser = parser  # every subcommand's parser has the same model defaults
-        parser.set_defaults({"model.head": {"class_path": "lmheads.heads.TiedHead"}})
+        parser.set_defaults({"model.head": {"class_path": "lmheads.heads.tied.TiedHead"}})
         if "weights_only" in parser.get_defaults():  # checkpoints hold tensors and plain types only
             parser.set_defaults({"weights_only": True})
         parser.link_arguments("model.backbone.block_size", "data.init_args.block_size")
@@ -116,6 +128,8 @@ class LMHeadsCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         self._checkpoint = None
         self._other_data: list[str] = []
+        # `1` batch is one batch, not 100% of them: given to the trainer as ints (the parser makes floats)
+        self._batch_counts = batch_counts(args, subcommand) if isinstance(args, list) else {}
         if subcommand:
             config = self.config[subcommand]
             if is_checkpoint_keyword(config.get("ckpt_path")):
@@ -170,11 +184,14 @@ class LMHeadsCLI(LightningCLI):
         if config.get("logger") not in (False, None) and not has(LearningRateMonitor):
             defaults.append(LearningRateMonitor(logging_interval="step"))
         if config.get("enable_progress_bar", True) is not False and not has(ProgressBarBase):
-            defaults.append(ProgressBar())
+            defaults.append(progress_display())
+        kwargs = {**self._batch_counts, **kwargs}
         if self.run_folder is not None:  # Lightning's SLURM requeue checkpoints go into the run, and no
             # fit or evaluation of another run picks one up from a shared folder in place of its own start
             kwargs.setdefault("default_root_dir", str(self.run_folder.path))
-        return super().instantiate_trainer(callbacks=[*given, *defaults], **kwargs)
+        trainer = super().instantiate_trainer(callbacks=[*given, *defaults], **kwargs)
+        atomic_checkpoints(trainer)
+        return trainer
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -255,11 +272,25 @@ class LMHeadsCLI(LightningCLI):
         if filed:
             step = self._checkpoint.get("global_step", 0)
             record_evaluation(folder, ckpt, step, self._other_data)
-            if self._other_data:
-                rank_zero_info(
-                    f"{self.subcommand} on data other than the run's ({'; '.join(self._other_data)}): "
-                    f"filed in {folder}, but compare.py does not take it for the run's own"
-                )
+
+    def after_validate(self) -> None:
+        self._say_where_filed()
+
+    def after_test(self) -> None:
+        self._say_where_filed()
+
+    def after_predict(self) -> None:
+        self._say_where_filed()
+
+    def _say_where_filed(self) -> None:
+        """Where an evaluation's metrics (or a predict's samples) went, once it has run."""
+        if self.run_folder is None:
+            return
+        line = f"{self.subcommand}: filed in {self.run_folder.path}"
+        if self._other_data:
+            line += f", on data other than the run's ({'; '.join(self._other_data)}): compare.py does not "
+            line += "take it for the run's own"
+        rank_zero_info(line)
 
     def _logger_folder(self, config, args, run: Path | None, ckpt) -> tuple[Path, bool]:
         """The run's folder, set into the logger's arguments: the checkpoint's own run unless another
@@ -340,9 +371,8 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
                 "allow_abbrev": False,  # --trainer.max_step must not silently mean max_steps
                 "description": "Train and compare output heads of decoder-only language models. "
                 "`python -m lmheads heads [MODULE ...]` lists the available heads.",
-                # `python -m lmheads`, not __main__.py; the `lmheads` script keeps its own name
-                **({"prog": "python -m lmheads"} if Path(sys.argv[0]).name == "__main__.py" else {}),
             },
+            parser_class=LMHeadsParser,
             args=args,
             run=run,
         )

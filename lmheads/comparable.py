@@ -12,6 +12,15 @@ from pathlib import Path
 from lmheads.runlog import RunLog, natural
 
 
+def missing_roots(roots: list[Path]) -> str:
+    """Which of the folders given to a report do not exist ("" if all do): a typo would otherwise read as
+    a folder without runs, or leave a row out of the table without a word."""
+    missing = [str(root) for root in roots if not Path(root).is_dir()]
+    if not missing:
+        return ""
+    return f"{', '.join(missing)}: no such folder; give folders that hold runs (e.g. runs/quickstart)"
+
+
 def no_runs_message(roots: list[Path], left_out: str) -> str:
     """What to say when the roots hold no run to report (naming those left out, if any)."""
     where = ", ".join(map(str, roots)) + (f"; {left_out}" if left_out else "")

@@ -7,12 +7,15 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -27,17 +30,24 @@ QUIET_MESSAGES = (
 )
 
 
+#: Lines every command would print that say nothing a user acts on: the seed (the run's folder is named
+#: after it, and its hparams.yaml records it) and which accelerators exist (Lightning warns where a GPU
+#: is there and not used).
+ROUTINE_MESSAGES = ("Seed set to ", "GPU available: ", "TPU available: ", "HPU available: ")
+
+
 class _DropMessages(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(QUIET_MESSAGES)
+        return not str(record.msg).startswith(QUIET_MESSAGES + ROUTINE_MESSAGES)
 
 
 def quiet_lightning() -> None:
-    """Drop Lightning's tips and notices about its internals, and a deprecation inside Lightning's own
-    code (``LeafSpec``); messages a user can act on stay."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropMessages) for f in logger.filters):
-        logger.addFilter(_DropMessages())
+    """Drop Lightning's tips, routine lines and notices about its internals, and a deprecation inside
+    Lightning's own code (``LeafSpec``); messages a user can act on stay."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # Evaluation metrics are reduced across processes by torchmetrics before they are logged, and the
     # head diagnostics come from weights equal on every process: Lightning's advice to log them with
@@ -109,6 +119,73 @@ class ProgressBar(TQDMProgressBar):
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
 
 
+class ProgressLines(ProgressBarBase):
+    """Progress as plain lines, for output that is not a terminal (a log file, a pipe, a batch job): a
+    progress bar there is kilobytes of carriage returns and cursor escapes. A line every ``every``
+    optimizer steps (default: a twentieth of ``trainer.max_steps``, at a logging step, so that it has the
+    training loss; ``log_every_n_steps`` without ``max_steps``) and one after each validation.
+
+    Args:
+        every: Steps between lines (default: as above).
+    """
+
+    def __init__(self, every: int | None = None) -> None:
+        super().__init__()
+        self.every = every
+        self._enabled = True
+        self._started = 0.0
+        self._first_step = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _interval(self, trainer: L.Trainer) -> int:
+        if self.every is not None:
+            return max(1, self.every)
+        log = max(1, trainer.log_every_n_steps)
+        if trainer.max_steps <= 0:
+            return log
+        return max(log, trainer.max_steps // 20 // log * log)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started, self._first_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if not self._enabled or step == self._first_step:
+            return
+        if step % self._interval(trainer) == 0 or step == trainer.max_steps:
+            rate = (step - self._first_step) / max(time.perf_counter() - self._started, 1e-9)
+            of = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+            self.print(
+                f"step {step}{of} epoch {trainer.current_epoch} {rate:.2f} steps/s "
+                + self._shown(trainer, pl_module, "train/")
+            )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._enabled and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.print(f"step {trainer.global_step} validation " + self._shown(trainer, pl_module, "val/"))
+
+    def _shown(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> str:
+        metrics = self.get_metrics(trainer, pl_module)
+        return " ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in metrics.items()
+            if k.startswith(prefix)
+        )
+
+    def print(self, *args, **kwargs) -> None:
+        print(*args, **kwargs, flush=True)
+
+
+def progress_display() -> ProgressBarBase:
+    """A progress bar on a terminal; plain lines in a file or a pipe."""
+    return ProgressBar() if sys.stderr.isatty() else ProgressLines()
+
+
 def option_values(args: list[str], option: str) -> list[str]:
     """The values given to ``option`` on a command line (``--option=value`` or ``--option value``), in
     order."""
@@ -119,6 +196,57 @@ def option_values(args: list[str], option: str) -> list[str]:
         elif arg == option and i + 1 < len(args):
             values.append(args[i + 1])
     return values
+
+
+#: Trainer options that take a whole number as a number of batches and a fraction as a share of them
+#: (Lightning's documentation), which the parser turns into floats: ``1`` would mean all of them.
+BATCH_COUNTS = (
+    "limit_train_batches",
+    "limit_val_batches",
+    "limit_test_batches",
+    "limit_predict_batches",
+    "overfit_batches",
+)
+
+
+def batch_counts(args: list[str], subcommand: str) -> dict[str, int]:
+    """The options of :data:`BATCH_COUNTS` that a command line (or its ``--config`` files) last gives as a
+    whole number, without a decimal point, as ints."""
+    found: dict[str, int] = {}
+    for i, arg in enumerate(args):
+        option, has_value, value = arg.partition("=")
+        if not has_value:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if option == "--config":
+            trainer = _config_section(value, subcommand, "trainer")
+            given = {k: trainer[k] for k in BATCH_COUNTS if isinstance(trainer, dict) and k in trainer}
+        elif option.removeprefix("--trainer.") in BATCH_COUNTS:
+            given = {option.removeprefix("--trainer."): value.strip()}
+        else:
+            continue
+        for key, value in given.items():
+            if type(value) is int or (isinstance(value, str) and value.isdigit()):
+                found[key] = int(value)
+            else:
+                found.pop(key, None)
+    return found
+
+
+def _loaded(value: str):
+    """A ``--config`` value: a YAML file's content, or inline YAML (``None`` where it does not load)."""
+    try:
+        text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+        return yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):  # the parser says what is wrong with it
+        return None
+
+
+def _config_section(value: str, subcommand: str, section: str):
+    """A section of a ``--config`` file (given before or after the subcommand), or ``None``."""
+    content = _loaded(value)
+    if isinstance(content, dict) and isinstance(content.get(subcommand), dict):
+        content = content[subcommand]  # a config given before the subcommand
+    return content.get(section) if isinstance(content, dict) else None
 
 
 def given_options(args: list[str], section: str, subcommand: str) -> list[str]:
@@ -138,24 +266,14 @@ def given_options(args: list[str], section: str, subcommand: str) -> list[str]:
         else:
             keys.append(prefix)
 
-    def loaded(value: str):
-        try:
-            text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
-            return yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError):  # the parser says what is wrong with it
-            return None
-
     for i, arg in enumerate(args):
         option, has_value, value = arg.partition("=")
         if not has_value:
             value = args[i + 1] if i + 1 < len(args) else ""
         if option == "--config":
-            content = loaded(value)
-            if isinstance(content, dict) and isinstance(content.get(subcommand), dict):
-                content = content[subcommand]  # a config given before the subcommand
-            if isinstance(content, dict) and section in content:
-                section_value = content[section]
-                add(loaded(section_value) if isinstance(section_value, str) else section_value, "")
+            section_value = _config_section(value, subcommand, section)
+            if section_value is not None:
+                add(_loaded(section_value) if isinstance(section_value, str) else section_value, "")
         elif option == f"--{section}":
             keys.append("")
         elif option.startswith(f"--{section}."):

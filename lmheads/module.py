@@ -262,11 +262,13 @@ class LMHeadModule(L.LightningModule):
     def _check_finite(self) -> None:
         step = int(self._first_nonfinite_step)
         if step >= 0:
+            callback = getattr(self._trainer, "checkpoint_callback", None)
+            last = getattr(callback, "last_model_path", "") or None  # the last validation's state
+            good = f"the last good state is {last}" if last else "no checkpoint was written before it"
             raise NonFiniteLossError(
                 f"the training loss became NaN or infinite at step {step}; training stopped and no "
-                "checkpoint of that state was written (the last good one is in the run's checkpoints "
-                "folder). Lower model.lr, raise warmup_steps, try bf16-mixed instead of 16-mixed, or set a "
-                "head softcap or z_loss",
+                f"checkpoint of that state was written ({good}). Lower model.lr, raise warmup_steps, try "
+                "bf16-mixed instead of 16-mixed, or set a head softcap or z_loss",
                 step,
             )
 

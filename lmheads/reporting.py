@@ -87,6 +87,11 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
         "loss_backend": model.head_loss.name,
     }
     flat.update(training_settings(trainer))
+    # The text trained and validated on, by content: two runs of files with one name and size but other
+    # text are not seeds of one configuration ("" where the split is not read from a file).
+    sources = getattr(datamodule, "sources", {})
+    for split in ("train", "validation"):
+        flat[f"data/{split}_sha256"] = sources.get(f"{split}_file", "")
     for name, value in vars(cfg).items():
         flat[f"backbone/{name}"] = value if value is not None else cfg.embed_width
     flat.update({f"params/{k}": v for k, v in parameter_counts(model).items()})
@@ -115,10 +120,21 @@ def log_run_start(model, trainer: L.Trainer) -> None:
     flat = flat_hparams(model, trainer)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):  # the HParams tab's columns, NaN until measured
-            logger.log_hyperparams(flat, metrics=dict.fromkeys(HP_METRICS, math.nan))
+            logger.log_hyperparams(flat, metrics=dict.fromkeys(hp_metrics(trainer.datamodule), math.nan))
         else:  # the other loggers take no metrics with them
             logger.log_hyperparams(flat)
         logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
+
+
+def hp_metrics(datamodule) -> list[str]:
+    """The HParams columns a run's data defines: bits per byte for text (bytes known), excess loss for
+    data with a known optimum (the synthetic language); loss, perplexity and throughput for any."""
+    undefined = set()
+    if not getattr(datamodule, "bytes_per_token", {}):
+        undefined.add("hp/val_bpb")
+    if not hasattr(datamodule, "optimal_loss"):
+        undefined.add("hp/val_excess_loss")
+    return [k for k in HP_METRICS if k not in undefined]
 
 
 def eval_metrics(
@@ -139,22 +155,15 @@ def eval_metrics(
     blocks = getattr(datamodule, "splits", {}).get(split)
     if blocks is not None and tokens < len(blocks) * datamodule.block_size:
         bytes_per_token = None
-    bpb = bits_per_byte(result["loss"], bytes_per_token) if bytes_per_token else torch.tensor(math.nan)
     if bytes_per_token:
-        logs[f"{prefix}/bpb"] = bpb
+        logs[f"{prefix}/bpb"] = bits_per_byte(result["loss"], bytes_per_token)
     optimum = datamodule.optimal_loss(split, tokens) if hasattr(datamodule, "optimal_loss") else None
     if optimum is not None:
         logs[f"{prefix}/optimal_loss"] = torch.tensor(optimum)
         logs[f"{prefix}/excess_loss"] = result["loss"] - optimum
-    if prefix == "val":
-        logs.update(
-            {
-                "hp/val_loss": result["loss"],
-                "hp/val_ppl": result["ppl"],
-                "hp/val_bpb": bpb,
-                "hp/val_excess_loss": logs.get("val/excess_loss", torch.tensor(math.nan)),
-            }
-        )
+    if prefix == "val":  # the HParams columns, where defined
+        logs.update({"hp/val_loss": result["loss"], "hp/val_ppl": result["ppl"]})
+        logs.update({f"hp/{k}": logs[k] for k in ("val/bpb", "val/excess_loss") if k in logs})
     return {k: torch.as_tensor(v).float() for k, v in logs.items()}
 
 

@@ -280,8 +280,8 @@ def check_against_checkpoint(
 
 
 def check_trains_something(config, step: int | None = None) -> None:
-    """Refuse a fit that would train nothing: a ``max_steps`` (or, without one, ``max_epochs``) of 0, or
-    with a checkpoint at ``step``, a ``max_steps`` it has reached."""
+    """Refuse a fit that would train nothing: a ``max_steps`` or ``max_epochs`` of 0, or with a checkpoint
+    at ``step``, a ``max_steps`` it has reached."""
     trainer = config.trainer
     max_steps = -1 if trainer.get("max_steps") is None else trainer.max_steps
     if step is not None and 0 <= max_steps <= step:
@@ -290,7 +290,7 @@ def check_trains_something(config, step: int | None = None) -> None:
             f"nothing to train. To continue it, pass --trainer.max_steps larger than {step}"
         )
     zero = "max_steps" if max_steps == 0 else None
-    if max_steps == -1 and trainer.get("max_epochs") == 0:
+    if trainer.get("max_epochs") == 0:  # training stops at whichever limit comes first
         zero = "max_epochs"
     if zero:
         raise ConfigError(

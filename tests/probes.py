@@ -62,6 +62,18 @@ class PoisonAt(L.Callback):
             pl_module.backbone.ln_f.weight.fill_(float("nan"))
 
 
+class WorseningValidation(L.Callback):
+    """Makes each validation's loss the step it comes at, so every validation after the first reads as
+    worse than the one before, as in a run that overfits: its best checkpoint stays the first one."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # before the module's, which logs
+        if trainer.sanity_checking:
+            return
+        metric, step = pl_module.eval_nll["val"], float(trainer.global_step)
+        result = metric.compute()
+        metric.compute = lambda: {**result, "loss": torch.tensor(step)}
+
+
 class GradDump(L.Callback):
     """Saves the gradients of the first optimizer step (after DDP's all-reduce, or gathered from FSDP's
     shards) to a folder."""

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +22,7 @@ from lmheads.heads import UntiedHead
 from lmheads.module import LMHeadModule
 from lmheads.optim import WarmupCosine
 
-from .helpers import ROOT, fit, main, only_run, quick_args, scalars, tool
+from .helpers import ROOT, fit, main, only_run, quick_args, run_lmheads, scalars, tool
 
 DROPOUT = "--model.backbone.dropout=0.1"  # so the random stream matters too
 
@@ -144,16 +149,72 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "| tied | 1 |" in out and "Budget: 8 steps" in out  # seed 1 alone
 
 
-def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys):
+def test_last_checkpoint_is_the_last_validation_whatever_the_metric_did(tmp_path):
+    """A run whose validations get worse after the first, killed (SIGKILL, nothing saved on the way out)
+    after its third: ``last.ckpt`` is that third validation's state, not the best one's."""
+    result = run_lmheads(
+        "fit", *quick_args(tmp_path, steps=12, every=2),
+        "--trainer.callbacks+=tests.probes.WorseningValidation",
+        "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=7",
+        f"--trainer.callbacks.signum={int(signal.SIGKILL)}",
+        cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    checkpoints = only_run(tmp_path) / "checkpoints"
+    steps = {p.name: torch.load(p, weights_only=False)["global_step"] for p in checkpoints.glob("*.ckpt")}
+    assert steps == {"step2.ckpt": 2, "last.ckpt": 6}
+
+
+@pytest.mark.skipif(
+    not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tempfile.gettempdir()).st_dev,
+    reason="needs a temporary folder on another file system (/dev/shm)",
+)
+@pytest.mark.parametrize("dies_in", ["copy", "write"])
+def test_a_save_that_dies_midway_leaves_no_partial_checkpoint(tmp_path, monkeypatch, dies_in):
+    """The temporary folder on another file system than the run (a tmpfs TMPDIR), and the process dies
+    while a checkpoint is written, or while a staged one is copied into place: no file is left under the
+    checkpoint's name (a partial one would be taken for the run's state)."""
+    cli = main([*quick_args(tmp_path), "--trainer.logger=false"], run=False)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.mkdtemp(dir="/dev/shm"))
+
+    def copy_half(source, target, *args, **kwargs):
+        Path(target).write_bytes(Path(source).read_bytes()[:1000])
+        raise KeyboardInterrupt  # the process ends here
+
+    real_save = torch.save
+
+    def save_half(obj, file, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        file.write(buffer.getvalue()[:1000])
+        raise KeyboardInterrupt
+
+    if dies_in == "copy":
+        monkeypatch.setattr(shutil, "copyfile", copy_half)
+        monkeypatch.setattr(shutil, "copy2", copy_half)
+    else:
+        monkeypatch.setattr(torch, "save", save_half)
+    target = tmp_path / "checkpoints" / "step5.ckpt"
+    with contextlib.suppress(KeyboardInterrupt):  # a writer that copies nothing never gets to die there
+        cli.trainer.strategy.checkpoint_io.save_checkpoint({"global_step": 5, "w": torch.ones(4096)}, target)
+    # whole (a writer that copies nothing finished) or absent, never partial; and nothing else by that name
+    assert not target.exists() or torch.load(target, weights_only=True)["global_step"] == 5
+    assert [p.name for p in target.parent.glob("*.ckpt")] == ["step5.ckpt"] * target.exists()
+    shutil.rmtree(tempfile.tempdir)
+
+
+def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys, caplog):
     fit(tmp_path, steps=2, every=2)
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError, match=r"missing from the checkpoint: \['head.weight'\].*another head"):
         LMHeadModule.load_from_checkpoint(ckpt, head=UntiedHead())
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit) as exc, caplog.at_level("INFO"):
         main(["validate", *quick_args(tmp_path), f"--ckpt_path={ckpt}", "--data.init_args.vocab_size=512"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "(1024, 128) in the checkpoint, (512, 128) here" in err
+    assert "filed in" not in caplog.text  # refused: nothing is filed, and nothing says it was
+    assert not (ckpt.parent.parent / "validate").exists()
 
 
 @pytest.mark.parametrize(

@@ -394,7 +394,9 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     for _ in range(2):
         main(["test", *quick_args(tmp_path), last])
-    main(["validate", *quick_args(tmp_path), last])
+    with caplog.at_level("INFO"):
+        main(["validate", *quick_args(tmp_path), last])
+    assert f"validate: filed in {run.resolve() / 'validate' / 'last'}" in caplog.text  # said where it went
     assert [p.name for p in (tmp_path / "quickstart").iterdir()] == [run.name]
     assert sorted(p.name for p in (run / "test").iterdir()) == ["last", "last-2"]
     assert "test/loss" in scalars(run / "test" / "last")
@@ -421,10 +423,10 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     # A test on other data is filed with the run, said and recorded, but not the run's test column.
     with caplog.at_level("INFO"):
         main(["test", *quick_args(tmp_path), last, "--data.init_args.val_tokens=8192"])
-    assert "test on data other than the run's (data.val_tokens: 8192 here, 4096 in the checkpoint)" in (
-        caplog.text
-    )
-    assert f"filed in {run.resolve() / 'test' / 'last-4'}, but compare.py does not take it" in caplog.text
+    assert (
+        f"test: filed in {run.resolve() / 'test' / 'last-4'}, on data other than the run's (data.val_tokens: "
+        "8192 here, 4096 in the checkpoint): compare.py does not take it for the run's own"
+    ) in caplog.text
     other = json.loads((run / "test" / "last-4" / "checkpoint.json").read_text())["other_data"]
     assert other == ["data.val_tokens: 8192 here, 4096 in the checkpoint"]
     (found,) = runlog.find_runs([tmp_path])
@@ -641,13 +643,15 @@ def test_quickstart_config_names_no_folder():
 def test_a_run_prints_nothing_a_user_cannot_act_on(tmp_path):
     """No tips, no notices about Lightning's internals or deprecations inside it, no zero FLOPs column, no
     v_num, also when a run is interrupted; a resumed run's bar counts steps towards max_steps from where it
-    stands."""
+    stands (the bar a terminal gets, given here as a callback: this output is a file's, which gets plain
+    lines, from where it stands too)."""
     base = [*quick_args(tmp_path, steps=4, every=2), "--trainer.enable_progress_bar=true"]
     first = run_lmheads("fit", *base, cwd=tmp_path, new_python=True)
     assert first.returncode == 0, first.stderr[-2000:]
     last = only_run(tmp_path) / "checkpoints" / "last.ckpt"
     base = [*quick_args(tmp_path, steps=8, every=2), "--trainer.enable_progress_bar=true"]
-    resumed = run_lmheads("fit", *base, f"--ckpt_path={last}", cwd=tmp_path, new_python=True)
+    bar = "--trainer.callbacks+=lmheads.console.ProgressBar"
+    resumed = run_lmheads("fit", *base, bar, f"--ckpt_path={last}", cwd=tmp_path, new_python=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     signal_at = ["--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=9"]
     base = [*quick_args(tmp_path, steps=12, every=2), "--trainer.enable_progress_bar=true", *signal_at]
@@ -661,6 +665,7 @@ def test_a_run_prints_nothing_a_user_cannot_act_on(tmp_path):
             assert noise not in out, noise
     bar = resumed.stdout.replace("\r", "\n") + resumed.stderr.replace("\r", "\n")
     assert "8/8 [" in bar and "4/8 [" in bar  # from where it stood to max_steps
+    assert "step 9/12 " in interrupted.stdout and "step 8/12 " not in interrupted.stdout
 
 
 def test_a_users_own_checkpoint_callback_is_honoured(tmp_path):

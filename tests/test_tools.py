@@ -352,6 +352,31 @@ def test_sweep_refuses_runs_asked_for_twice_or_named_for_what_they_do_not_train(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ("model.betas=[0.9,0.95", "error: invalid value '[0.9,0.95' for --model.betas: expected tuple (run "),
+        ("model.lrr=0.1", "error: unknown option --model.lrr; did you mean --model.lr, "),
+    ],
+)
+def test_sweep_refuses_options_lmheads_refuses_before_any_run(tmp_path, grid, message):
+    """Each run's options are parsed as the run would parse them before the first run starts: a bad grid
+    key or value is lmheads' own error line, and no folder is made."""
+    args = ["--config", QUICKSTART, "--heads", "tied", "untied", "--seeds", "0", "1", "--grid", grid]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([*args, "--root", str(tmp_path / "runs"), "--name", "x"])
+    assert str(stop.value).startswith(message) and str(stop.value).endswith("; no run was started)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_fails_to_start_says_why_and_leaves_no_folder(tmp_path, capsys):
+    args = ["--config", QUICKSTART, "--heads", "tied", "--seeds", "0", "--root", str(tmp_path / "runs")]
+    assert sweep.main([*args, "--name", "x", "--", "--trainer.max_epochs=0"]) == 1
+    out = capsys.readouterr().out
+    assert "tied-seed0: failed before training (exit 2): error: trainer.max_epochs=0 trains nothing" in out
+    assert not (tmp_path / "runs").exists()
+
+
 def test_sweep_takes_head_options_in_its_grid(tmp_path, capsys):
     grid = ["--grid", "model.head.init_args.bias=true,false", "--dry-run", "--", "--model.lr=0.01"]
     args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--heads", "untied", "--seeds", "0"]
@@ -372,6 +397,39 @@ def test_sweep_refuses_a_list_of_loggers(tmp_path):
 def test_compare_without_runs_fails_clearly(tmp_path, capsys):
     assert compare.main([str(tmp_path)]) == 2
     assert "no lmheads runs" in capsys.readouterr().err
+    missing = (
+        f"error: {tmp_path / 'typo'}: no such folder; give folders that hold runs (e.g. runs/quickstart)\n"
+    )
+    for report in (compare, tool("buckets"), tool("data_regime")):  # a folder that is not there is named
+        assert report.main([str(tmp_path), str(tmp_path / "typo")]) == 2
+        assert capsys.readouterr().err == missing
+
+
+def test_one_head_given_two_ways_is_one_configuration(tmp_path, capsys):
+    """The README's flow: the quickstart's ``head: TiedHead`` and ``--model.head=tied`` record one head
+    under one name, so their runs are two seeds of one row."""
+    fit(tmp_path, "--seed_everything=1", steps=2, every=2)
+    fit(tmp_path, "--model.head=tied", "--seed_everything=2", steps=2, every=2)
+    assert compare.main([str(tmp_path)]) == 0, capsys.readouterr().err
+    assert "| tied | 1,2 |" in capsys.readouterr().out
+
+
+def test_runs_validated_on_other_text_are_not_seeds(tmp_path, capsys):
+    """Two runs whose validation files have one name and size but other text (each line's words reversed)
+    are told apart by what the files hold, not averaged as seeds."""
+    lines = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(6)) for i in range(300)]
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(lines) + "\n")
+    for seed, text in enumerate([lines[:50], [" ".join(reversed(line.split())) for line in lines[:50]]]):
+        valid = tmp_path / f"v{seed}" / "valid.txt"
+        valid.parent.mkdir()
+        valid.write_text("\n".join(text) + "\n")
+        data = ["--data=lmheads.data.TextDataModule", f"--data.train_file={train}", "--data.tokenizer=word"]
+        data += [f"--data.validation_file={valid}", "--data.batch_size=4", "--model.backbone.block_size=16"]
+        fit(tmp_path / "runs", *data, f"--seed_everything={seed}", steps=2, every=2)
+    assert (tmp_path / "v0" / "valid.txt").stat().st_size == (tmp_path / "v1" / "valid.txt").stat().st_size
+    assert compare.main([str(tmp_path / "runs")]) == 2
+    assert "not seeds of one configuration: data/validation_sha256" in capsys.readouterr().err
 
 
 def test_a_run_not_yet_validated_is_named_not_dropped(tmp_path, capsys):

@@ -37,7 +37,7 @@ from pairs import TAGS, absent_heads, against, differences, over_steps, pairs_by
 from plots import save_plot
 
 from lmheads import comparable
-from lmheads.comparable import no_runs_message, split_reportable
+from lmheads.comparable import missing_roots, no_runs_message, split_reportable
 from lmheads.runlog import find_runs, natural
 from lmheads.stats import P_NOTE, mean_std, p_text
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "--step", type=int, metavar="N", help="the runs as they stood after N steps (compare.py --step)"
     )
     args = parser.parse_args(argv)
-    if problem := compare.check_outputs(args.out, args.update, args.section):
+    if problem := missing_roots(args.roots) or compare.check_outputs(args.out, args.update, args.section):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     first, second = args.heads

@@ -25,7 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 from plots import plot, unplotted
 
-from lmheads.comparable import at_step, mixed, no_runs_message, order, split_reportable, unrecorded
+from lmheads.comparable import (
+    at_step,
+    missing_roots,
+    mixed,
+    no_runs_message,
+    order,
+    split_reportable,
+    unrecorded,
+)
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
 from lmheads.runlog import RunLog, find_runs, natural
 from lmheads.stats import mean_std
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "stopped at different points); a test column only of checkpoints of step N or before",
     )
     args = parser.parse_args(argv)
-    if problem := check_outputs(args.out, args.update, args.section):
+    if problem := missing_roots(args.roots) or check_outputs(args.out, args.update, args.section):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     runs, left_out = split_reportable(find_runs(args.roots, "best" if args.best else "last"))

@@ -25,7 +25,7 @@ import compare
 from plots import colours, save_plot
 
 from lmheads import comparable
-from lmheads.comparable import split_reportable
+from lmheads.comparable import missing_roots, split_reportable
 from lmheads.runlog import RunLog, find_runs
 from lmheads.stats import mean_std
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
-    if problem := compare.check_outputs(args.out, args.update, args.section):
+    if problem := missing_roots(args.roots) or compare.check_outputs(args.out, args.update, args.section):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     runs, left_out = split_reportable(find_runs(args.roots))

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,13 +34,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
-from sweep_plan import Run, check_input, matched_widths, parse_grid
+from sweep_plan import Run, check_input, check_options, matched_widths, parse_grid
 
 from lmheads.streams import pipe_safe_output
 
 
 def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "lmheads", "fit"]
+    cmd = [sys.executable, "-m", "lmheads", *options(run, args)]
+    from lmheads.resume import furthest_checkpoint
+
+    furthest = furthest_checkpoint(run_dir)  # by step: the newest file can be a stale interruption
+    if furthest is not None:
+        cmd.append(f"--ckpt_path={furthest[1]}")
+    return cmd
+
+
+def options(run: Run, args: argparse.Namespace) -> list[str]:
+    """The run's ``python -m lmheads`` arguments, from ``fit`` on (without the checkpoint it resumes)."""
+    cmd = ["fit"]
     for config in args.config:
         cmd += ["--config", config]
     cmd += [
@@ -52,13 +64,14 @@ def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
         *args.extra,
     ]
     # the run's own values last, where they override what every run is given: its name says what it ran
-    cmd += [f"--{key}={value}" for key, value in run.overrides.items()]
-    from lmheads.resume import furthest_checkpoint
+    return cmd + [f"--{key}={value}" for key, value in run.overrides.items()]
 
-    furthest = furthest_checkpoint(run_dir)  # by step: the newest file can be a stale interruption
-    if furthest is not None:
-        cmd.append(f"--ckpt_path={furthest[1]}")
-    return cmd
+
+def first_error(log: Path) -> str | None:
+    """The first ``error:`` line a run wrote to its log (``None`` if none)."""
+    with contextlib.suppress(OSError), log.open(errors="replace") as lines:
+        return next((line.strip() for line in lines if line.startswith("error:")), None)
+    return None
 
 
 def config_digests(configs: list[str]) -> dict[str, str]:
@@ -178,6 +191,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     start = time.time()
+    existed = run_dir.exists()
     try:
         if runs.stopped:
             return run, NOT_STARTED
@@ -200,6 +214,13 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     # a failure of a run another process started at the same moment, or recorded since, is not its outcome
     if returncode != 0 and (RunFolder(run_dir).holder() is not None or recorded != before):
         return run, f"busy (another process trains it or has recorded it; see {marker})"
+    error = first_error(run_dir / "sweep.log") if status == "failed" else None
+    if status == "failed" and not existed and os.listdir(run_dir) == ["sweep.log"]:
+        shutil.rmtree(run_dir)  # it never started: no folder is left for it, the next call starts it anew
+        for folder in (run_dir.parent, run_dir.parent.parent):  # <root>/<name>, <root>, where now empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        return run, f"failed before training (exit {returncode}): {error or 'no error line in its log'}"
     marker.write_text(json.dumps({**outcome, "command": cmd, "configs": digests}, indent=2))
     seconds = outcome["seconds"]
     if status == "done":
@@ -209,7 +230,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     elif status == "diverged":
         detail = f"at step {step}, after {seconds} s; compare.py names it"
     else:
-        detail = f"exit {returncode}, see {run_dir / 'sweep.log'}"
+        detail = f"exit {returncode}{f': {error}' if error else ''}; see {run_dir / 'sweep.log'}"
     return run, f"{status} ({detail})"
 
 
@@ -252,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --match-params sets {sizes} itself; take it out of --grid")
     matched = matched_widths(args.config, args.heads, args.extra) if args.match_params else {}
     runs = [Run(h, s, {**o, **matched.get(h, {})}) for o in grid for h in args.heads for s in args.seeds]
+    check_options({run.name: options(run, args) for run in runs if run.seed == args.seeds[0]})
     gpus = None
     if args.gpus:
         gpus = queue.Queue()

@@ -5,6 +5,7 @@ named after what it trains, and the widths that give every head one parameter co
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import sys
@@ -96,6 +97,30 @@ def check_input(configs: list[str], heads: list[str], seeds=(), grid=(), extra=(
         check_runs(heads, seeds, grid, extra)  # each head resolved to its class, or refused
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def check_options(commands: dict[str, list[str]]) -> None:
+    """Stops the sweep before any run starts on options lmheads refuses (a grid key or value that is not
+    an option of its type, a config that does not parse), with lmheads' own ``error:`` line and the run
+    it is for: each run's command (by its name) is parsed as the run would parse it, building nothing."""
+    from lmheads.cli import main
+
+    sys.path.insert(0, os.getcwd())  # where `python -m lmheads`, in each run, finds a head of your own
+    try:
+        for name, cmd in commands.items():
+            said, code = io.StringIO(), 0
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(said):
+                try:
+                    main([*cmd, "--print_config"])  # parses, prints the config and exits
+                except SystemExit as exit:
+                    code = exit.code
+            if code in (0, None):
+                continue
+            lines = said.getvalue().splitlines()
+            error = next((line for line in lines if line.startswith("error:")), "error: options refused")
+            raise SystemExit(f"{error} (run {name}; no run was started)")
     finally:
         sys.path.remove(os.getcwd())
 

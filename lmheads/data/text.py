@@ -133,6 +133,8 @@ class TextDataModule(LMDataModule):
             files = {split: path for split, path in files.items() if path is not None}
             for split, path in files.items():
                 p = Path(path)
+                if p.is_dir():
+                    raise ConfigError(f"data.{split}_file {path!r} is a folder; give the text file in it")
                 if not p.is_file():
                     raise ConfigError(f"data.{split}_file {path!r} does not exist; check the path")
                 if p.stat().st_size == 0:
@@ -307,11 +309,17 @@ class TextDataModule(LMDataModule):
 
 
 def check_utf8(path: Path, option: str, block: int = 1 << 20) -> None:
-    """Refuse a file that is not UTF-8 text, naming the byte offset of the first bad byte."""
+    """Refuse a file that is not UTF-8 text, naming the byte offset of the first bad byte. A NUL byte is
+    valid UTF-8 but no text holds one: it marks a binary file."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with path.open("rb") as f:
         while chunk := f.read(block):
+            if (nul := chunk.find(b"\0")) >= 0:
+                raise ConfigError(
+                    f"{option} {str(path)!r} holds a NUL byte (byte {offset + nul}): it is a binary file, "
+                    "not text; give a UTF-8 text file"
+                )
             pending = len(decoder.getstate()[0])  # bytes of a character split by the last block
             try:
                 decoder.decode(chunk)

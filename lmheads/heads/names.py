@@ -37,11 +37,14 @@ def expand_head_names(args: list[str]) -> list[str]:
 
 
 def head_class_path(value: str) -> str:
-    """A short head name (``untied``) or class path as the head's checked class path; anything else (a
-    registered class name, YAML, a config file) as it is."""
-    if any(c in value for c in "{:/") or value in {cls.__name__ for cls in registered_heads().values()}:
+    """A short head name (``untied``), a registered head's class name (``UntiedHead``) or a class path
+    (``lmheads.heads.UntiedHead``) as the one checked class path of the class it names
+    (``lmheads.heads.untied.UntiedHead``), so that a run records one head under one name however it was
+    given; anything else (YAML, a config file) as it is."""
+    if any(c in value for c in "{:/"):
         return value
-    cls = resolve_head(value)
+    by_class_name = {cls.__name__: cls for cls in registered_heads().values()}
+    cls = by_class_name.get(value) or resolve_head(value)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
