@@ -49,6 +49,14 @@ class BackboneConfig:
         input_grad_scale: Multiplies the gradient that reaches the token embedding through the input
             lookup; the forward pass is unchanged. With a tied head, values below 1 weaken the input
             side's pull on the shared matrix (Lopardo et al. 2026); 0 leaves only the output side's.
+        layer_sharing: How the ``n_layer`` block applications share parameters: ``none`` (each its own
+            block), ``all`` (one block applied ``n_layer`` times: ALBERT's all-shared layers, Lan et al.
+            2020; a Universal Transformer without adaptive halting, Dehghani et al. 2019), or
+            ``sequence`` / ``cycle`` with ``unique_layers`` = k blocks (Takase & Kiyono 2021, sec. 2):
+            ``sequence`` gives consecutive layers one block (0 0 1 1 2 2 for L=6, k=3), ``cycle``
+            repeats the k blocks in order (0 1 2 0 1 2). Parameter counts count a shared block once;
+            FLOPs count every application.
+        unique_layers: k, the distinct blocks of ``sequence`` and ``cycle`` (1 <= k < n_layer).
     """
 
     n_layer: int = 4
@@ -63,10 +71,29 @@ class BackboneConfig:
     rope_base: float = 10000.0
     scale_embedding: bool = False
     input_grad_scale: float = 1.0
+    layer_sharing: Literal["none", "all", "sequence", "cycle"] = "none"
+    unique_layers: int | None = None
 
     @property
     def embed_width(self) -> int:
         return self.d_model if self.d_embed is None else self.d_embed
+
+    @property
+    def layer_order(self) -> tuple[int, ...]:
+        """The block each of the ``n_layer`` positions applies, in order (:attr:`layer_sharing`)."""
+        L = self.n_layer
+        if self.layer_sharing == "all":
+            return (0,) * L
+        if self.layer_sharing == "sequence":  # Takase & Kiyono 2021: ceil(L / k) consecutive layers a block
+            return tuple(i * self.unique_layers // L for i in range(L))
+        if self.layer_sharing == "cycle":
+            return tuple(i % self.unique_layers for i in range(L))
+        return tuple(range(L))
+
+    @property
+    def n_unique_layers(self) -> int:
+        """The distinct blocks the backbone holds."""
+        return len(set(self.layer_order))
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the option to change."""
@@ -88,6 +115,18 @@ class BackboneConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.backbone.dropout must be in [0, 1), got {self.dropout}")
+        k = self.unique_layers
+        if self.layer_sharing in ("sequence", "cycle"):
+            if k is None or not 1 <= k < self.n_layer:
+                raise ConfigError(
+                    f"model.backbone.layer_sharing={self.layer_sharing} needs unique_layers between 1 and "
+                    f"n_layer - 1 = {self.n_layer - 1}, got {k}; set --model.backbone.unique_layers"
+                )
+        elif k is not None:
+            raise ConfigError(
+                f"model.backbone.unique_layers={k} is read by layer_sharing sequence or cycle only, and this "
+                f"backbone's is {self.layer_sharing}: remove unique_layers, or set layer_sharing"
+            )
 
 
 class Rotary(nn.Module):
@@ -179,7 +218,7 @@ class Backbone(nn.Module):
         self.w_in = nn.Linear(E, D, bias=False) if E != D else None
         self.wpe = nn.Embedding(cfg.block_size, D) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_unique_layers))  # applied in layer_order
         self.ln_f = nn.LayerNorm(D, bias=cfg.bias)
         self.reset_parameters()
 
@@ -216,6 +255,13 @@ class Backbone(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))  # (B, T, D)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
+        for i in self.cfg.layer_order:  # a shared block is applied at each of its positions
+            x = self.blocks[i](x)  # (B, T, D)
         return self.ln_f(x)  # (B, T, D)
+
+    def repeated_parameters(self) -> int:
+        """Parameters applied again at positions of a block that comes earlier too: with
+        :func:`lmheads.reporting.parameter_counts` (a shared tensor once) they make the parameters every
+        token passes through, which FLOPs count."""
+        sizes = [sum(p.numel() for p in block.parameters()) for block in self.blocks]
+        return sum(sizes[i] for i in self.cfg.layer_order) - sum(sizes)

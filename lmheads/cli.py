@@ -197,7 +197,7 @@ class LMHeadsCLI(LightningCLI):
         super().instantiate_classes()
         if self.run_folder is not None:
             self.run_folder.trainer = self.trainer
-        check_strategy(self.trainer.strategy)  # before any process is launched
+        check_strategy(self.trainer.strategy, self.model)  # before any process is launched
         if self.run_folder is not None and self.run_folder.resume:
             check_training(self.run_folder.path, self.model, self.trainer, self.datamodule)
         if self._checkpoint is not None:  # here too for strategies that load the weights themselves (FSDP2)

@@ -205,7 +205,7 @@ class LMHeadModule(L.LightningModule):
 
     # ------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
-        check_strategy(self.trainer.strategy)
+        check_strategy(self.trainer.strategy, self)
         self.head_loss.check(self.trainer.strategy.root_device)
         datamodule = self.trainer.datamodule
         if datamodule is not None and "train" in getattr(datamodule, "splits", {}):

@@ -93,7 +93,9 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
     for split in ("train", "validation"):
         flat[f"data/{split}_sha256"] = sources.get(f"{split}_file", "")
     for name, value in vars(cfg).items():
-        flat[f"backbone/{name}"] = value if value is not None else cfg.embed_width
+        flat[f"backbone/{name}"] = value
+    flat["backbone/d_embed"] = cfg.embed_width  # one type in every run: E, also where it is D
+    flat["backbone/unique_layers"] = cfg.n_unique_layers
     flat.update({f"params/{k}": v for k, v in parameter_counts(model).items()})
     return flat
 

@@ -26,11 +26,20 @@ from lmheads.heads import Head
 FORWARD_METHODS = ("train_loss", "token_loss", "generate")
 
 
-def check_strategy(strategy) -> None:
+def check_strategy(strategy, model: nn.Module | None = None) -> None:
     """Refuse, before training starts, an FSDP setting that would split the tie or that FSDP2 sharding
-    cannot use; nothing for other strategies."""
+    cannot use, and FSDP for a ``model`` whose blocks are shared between layers (a unit applied several
+    times in one forward, which lmheads does not shard); nothing for other strategies."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+    backbone = getattr(model, "backbone", None)
+    sharing = getattr(getattr(backbone, "cfg", None), "layer_sharing", "none")
+    if sharing != "none" and isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
+        raise ConfigError(
+            f"model.backbone.layer_sharing={sharing} applies a block at several layers, which lmheads does "
+            f"not shard with FSDP ({type(strategy).__name__}); train it with DDP (configs/trainer/ddp.yaml) "
+            "or set layer_sharing=none"
+        )
     if isinstance(strategy, FSDPStrategy):
         check_fsdp_policy(strategy.kwargs.get("auto_wrap_policy"))
     elif isinstance(strategy, ModelParallelStrategy):

@@ -70,3 +70,70 @@ def test_bad_sizes(kwargs, message):
 def test_bad_vocab():
     with pytest.raises(ConfigError, match="vocab_size must be positive"):
         Backbone(0, BackboneConfig())
+
+
+@pytest.mark.parametrize(
+    ("sharing", "k", "order"),
+    [
+        ("none", None, (0, 1, 2, 3, 4, 5)),
+        ("all", None, (0, 0, 0, 0, 0, 0)),
+        ("sequence", 3, (0, 0, 1, 1, 2, 2)),  # Takase & Kiyono 2021, fig. 1
+        ("cycle", 3, (0, 1, 2, 0, 1, 2)),
+        ("sequence", 4, (0, 0, 1, 2, 2, 3)),
+        ("cycle", 4, (0, 1, 2, 3, 0, 1)),
+    ],
+)
+def test_layer_sharing_assigns_blocks_to_layers(sharing, k, order):
+    cfg = BackboneConfig(n_layer=6, n_head=2, d_model=16, layer_sharing=sharing, unique_layers=k)
+    model = Backbone(10, cfg)
+    assert cfg.layer_order == order
+    assert len(model.blocks) == cfg.n_unique_layers == len(set(order))
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    unshared = Backbone(10, BackboneConfig(n_layer=6, n_head=2, d_model=16))
+    unique = sum(p.numel() for p in model.parameters())
+    assert unique == sum(p.numel() for p in unshared.parameters()) - (6 - len(set(order))) * block
+    assert model.repeated_parameters() == (6 - len(set(order))) * block
+
+
+@pytest.mark.parametrize(("sharing", "k"), [("all", None), ("sequence", 2), ("cycle", 2)])
+def test_a_shared_block_gets_the_sum_of_its_applications_gradients(sharing, k):
+    """Against an unshared backbone whose blocks are copies of the shared ones, on the same batch: the
+    same output, and each shared block's gradient is the sum of its copies' gradients."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig(
+        n_layer=4, n_head=2, d_model=16, block_size=8, layer_sharing=sharing, unique_layers=k
+    )
+    shared = Backbone(30, cfg)
+    copies = Backbone(30, BackboneConfig(n_layer=4, n_head=2, d_model=16, block_size=8))
+    state = {name: t for name, t in shared.state_dict().items() if not name.startswith("blocks.")}
+    for position, i in enumerate(cfg.layer_order):  # each position gets a copy of the block it applies
+        state.update({f"blocks.{position}.{name}": t for name, t in shared.blocks[i].state_dict().items()})
+    copies.load_state_dict(state)
+    idx = torch.randint(0, 30, (2, 8))
+    out, reference = shared(idx), copies(idx)
+    torch.testing.assert_close(out, reference)
+    (out**2).sum().backward()
+    (reference**2).sum().backward()
+    for i, block in enumerate(shared.blocks):
+        positions = [p for p, j in enumerate(cfg.layer_order) if j == i]
+        for name, parameter in block.named_parameters():
+            expected = sum(copies.blocks[p].get_parameter(name).grad for p in positions)
+            torch.testing.assert_close(parameter.grad, expected, msg=f"blocks.{i}.{name}")
+    torch.testing.assert_close(shared.wte.weight.grad, copies.wte.weight.grad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layer_sharing": "cycle"}, "layer_sharing=cycle needs unique_layers between 1 and n_layer - 1 = 3"),
+        ({"layer_sharing": "sequence", "unique_layers": 4}, "needs unique_layers between 1 and"),
+        (
+            {"layer_sharing": "all", "unique_layers": 2},
+            "unique_layers=2 is read by layer_sharing sequence or",
+        ),
+        ({"unique_layers": 2}, "this backbone's is none"),
+    ],
+)
+def test_bad_layer_sharing(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        Backbone(10, BackboneConfig(n_layer=4, **kwargs))
