@@ -12,8 +12,6 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lmheads.reporting import parameter_counts
-
 MiB = 2**20
 
 
@@ -75,19 +73,6 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int | Non
         a @ b
     synchronize(device)
     return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12
-
-
-def flops_per_token(model) -> float:
-    """Training FLOPs per token of an :class:`~lmheads.module.LMHeadModule`: 6 per weight of every
-    matrix product (the blocks and the output projection; embedding lookups are not products; a block
-    shared between layers counts at every layer it is applied) plus 12 L T D for the attention scores
-    and values, not halved for the causal mask (PaLM, appendix B)."""
-    cfg, head = model.cfg, model.head
-    shape = (head.vocab_size, head.d_embed if head.shares_embedding else head.d_model)  # (V, K)
-    own_output = sum(p.numel() for p in head.parameters() if tuple(p.shape) == shape)  # counted below
-    matmul = parameter_counts(model)["non_embedding"] - own_output + shape[0] * shape[1]
-    matmul += model.backbone.repeated_parameters()
-    return 6 * matmul + 12 * cfg.n_layer * cfg.block_size * cfg.d_model
 
 
 class TokenThroughput(L.Callback):

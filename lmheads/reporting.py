@@ -40,6 +40,19 @@ def parameter_counts(model) -> dict[str, int]:
     }
 
 
+def flops_per_token(model) -> float:
+    """Training FLOPs per token of an :class:`~lmheads.module.LMHeadModule`: 6 per weight of every
+    matrix product (the blocks and the output projection; embedding lookups are not products; a block
+    shared between layers counts at every layer it is applied) plus 12 L T D for the attention scores
+    and values, not halved for the causal mask (PaLM, appendix B)."""
+    cfg, head = model.cfg, model.head
+    shape = (head.vocab_size, head.d_embed if head.shares_embedding else head.d_model)  # (V, K)
+    own_output = sum(p.numel() for p in head.parameters() if tuple(p.shape) == shape)  # counted below
+    matmul = parameter_counts(model)["non_embedding"] - own_output + shape[0] * shape[1]
+    matmul += model.backbone.repeated_parameters()
+    return 6 * matmul + 12 * cfg.n_layer * cfg.block_size * cfg.d_model
+
+
 def tokens_per_step(model, trainer: L.Trainer, datamodule=None) -> int:
     """Training tokens per optimizer step, all devices and accumulated batches together (``datamodule``:
     the trainer's)."""
@@ -97,6 +110,7 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
     flat["backbone/d_embed"] = cfg.embed_width  # one type in every run: E, also where it is D
     flat["backbone/unique_layers"] = cfg.n_unique_layers
     flat.update({f"params/{k}": v for k, v in parameter_counts(model).items()})
+    flat["flops_per_token"] = int(flops_per_token(model))  # training FLOPs a token: 6 per applied weight
     return flat
 
 

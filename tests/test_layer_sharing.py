@@ -14,8 +14,7 @@ from lmheads.errors import ConfigError
 from lmheads.export import export_safetensors, load_safetensors
 from lmheads.heads import registered_heads
 from lmheads.module import LMHeadModule
-from lmheads.perf import flops_per_token
-from lmheads.reporting import parameter_counts
+from lmheads.reporting import flops_per_token, parameter_counts
 from lmheads.sharding import check_strategy
 
 from .helpers import fit, only_run, quick_args, run_lmheads, scalars

@@ -12,8 +12,7 @@ from lmheads.backbone import BackboneConfig
 from lmheads.heads import head_class
 from lmheads.loss.chunked import ChunkGrad
 from lmheads.module import LMHeadModule
-from lmheads.perf import flops_per_token
-from lmheads.reporting import parameter_counts
+from lmheads.reporting import flops_per_token, parameter_counts
 
 from .helpers import ROOT, tool
 

@@ -35,7 +35,8 @@ from lmheads.data import SyntheticDataModule
 from lmheads.heads import head_class
 from lmheads.loss.chunked import ChunkGrad
 from lmheads.module import LMHeadModule
-from lmheads.perf import PeakMemory, flops_per_token, matmul_peak_tflops, synchronize
+from lmheads.perf import PeakMemory, matmul_peak_tflops, synchronize
+from lmheads.reporting import flops_per_token
 
 PRESETS = {
     "gpt2": {"n_layer": 12, "n_head": 12, "d_model": 768, "block_size": 1024, "batch": 16, "vocab": 50304},
