@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -705,3 +706,32 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
     assert buckets.main(command) == 0
     assert "| untied | -0.250 | +0.000 | -0.125 |" in doc.read_text() and (out / "against_tied.png").is_file()
     assert buckets.main([str(tmp_path), "--against", "nohead"]) == 2
+
+
+def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
+    """The reference (largest untied run without sharing), the tie and one block for both layers: one
+    row each, with the parameters saved and the loss paired by seed; a run that saves two ways at once,
+    or runs of other budgets, are refused."""
+    frontier = tool("frontier")
+    for extra in (["--model.head=untied"], [], ["--model.head=untied", "--model.backbone.layer_sharing=all"]):
+        fit(tmp_path / "runs", *extra, steps=2, every=2)
+    out = tmp_path / "report"
+    assert frontier.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "way of saving" not in line]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| reference", "reference"],
+        ["| tie", "tied"],
+        ["| share layers", "k=1 (all)"],
+    ]
+    assert "| 131,072 |" in rows[1] and ("| 1 of 1 |" in rows[1] or "| 0 of 1 |" in rows[1])
+    assert "Loss per 100k parameters saved" in report and (out / "frontier.png").is_file()
+    runs = runlog.find_runs([tmp_path / "runs"])
+    assert frontier.budget_problem(runs) == ""
+    later = {tag: {step + 2: v for step, v in points.items()} for tag, points in runs[0].scalars.items()}
+    assert "last validated after different budgets" in frontier.budget_problem(
+        [dataclasses.replace(runs[0], scalars=later), *runs[1:]]
+    )
+    fit(tmp_path / "runs", "--model.backbone.layer_sharing=all", steps=2, every=2)  # tied and shared
+    assert frontier.main([str(tmp_path / "runs")]) == 2
+    assert "is not one way of saving from the reference" in capsys.readouterr().err
