@@ -357,6 +357,11 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
         if argv[:1] == ["heads"]:  # python -m lmheads heads [MODULE ...]
             print(list_heads(argv[1:]))
             return None
+        if argv[:1] == ["export"]:  # python -m lmheads export CHECKPOINT OUT_DIR
+            from lmheads.hf import main as export
+
+            export(argv[1:])
+            return None
         return LMHeadsCLI(
             LMHeadModule,
             LMDataModule,
@@ -370,7 +375,8 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
                 "exit_on_error": False,  # bad options become one error line (explain_parse_error)
                 "allow_abbrev": False,  # --trainer.max_step must not silently mean max_steps
                 "description": "Train and compare output heads of decoder-only language models. "
-                "`python -m lmheads heads [MODULE ...]` lists the available heads.",
+                "`python -m lmheads heads [MODULE ...]` lists the available heads; `python -m lmheads "
+                "export CHECKPOINT OUT_DIR` writes a model that HF transformers loads.",
             },
             parser_class=LMHeadsParser,
             args=args,

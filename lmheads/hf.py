@@ -1,0 +1,264 @@
+"""Models that leave lmheads: a checkpoint as an HF transformers GPT-2 (``GPT2LMHeadModel``), which
+``AutoModelForCausalLM.from_pretrained`` loads without lmheads, with its tokenizer as ``tokenizer.json``.
+
+The export is exact or refused. lmheads' backbone with learned positions is GPT-2's computation:
+pre-norm blocks of LayerNorm (eps 1e-5), fused q/k/v attention scaled by 1/sqrt(head width), a GELU MLP
+of ``mlp_ratio`` x D and a final LayerNorm, with exact GELU (``activation_function="gelu"``, not GPT-2's
+tanh approximation). A backbone without biases exports with zero biases, the same computation. The
+output layer:
+
+- the tied head (W = E, no bias, no scale) stays tied: ``tie_word_embeddings``, one tensor in the file;
+- any other linear head whose logits are ``h @ W_eff.T`` for one matrix (``untied``; ``projected_tied``,
+  ``lowrank_tied``, ``untie_during_training``; a ``logit_scale``) folds into an untied ``lm_head``, and
+  the export says so.
+
+What GPT-2 does not compute is refused with the reason: rotary positions, a factorised or scaled input
+embedding, blocks shared between layers, an output bias, a soft-cap, a head that is not one linear map
+of h (a mixture of softmaxes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lmheads.data.tokenizers import (
+    BOS,
+    EOS,
+    UNK,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+    WordTokenizer,
+)
+from lmheads.errors import ConfigError
+from lmheads.heads import LinearHead, head_name
+
+
+def unsupported(model) -> list[str]:
+    """What in ``model`` (an :class:`~lmheads.module.LMHeadModule`) GPT-2 does not compute ([] if
+    nothing)."""
+    cfg, head = model.cfg, model.head
+    reasons = []
+    if cfg.positions != "learned":
+        reasons.append(f"positions={cfg.positions} (GPT-2 has learned positions)")
+    if cfg.embed_width != cfg.d_model:
+        reasons.append(f"a factorised embedding (d_embed={cfg.d_embed} < d_model={cfg.d_model})")
+    if cfg.scale_embedding:
+        reasons.append("scale_embedding (GPT-2 does not scale its input embeddings)")
+    if cfg.layer_sharing != "none":
+        reasons.append(f"layer_sharing={cfg.layer_sharing} (GPT-2 has a block for every layer)")
+    if not isinstance(head, LinearHead):
+        reasons.append(f"head {head_name(head)!r} is not a linear form")
+    elif head.softcap is not None:
+        reasons.append(f"head softcap={head.softcap} (GPT-2's logits are not capped)")
+    return reasons
+
+
+@torch.no_grad()
+def output_matrix(model) -> Tensor | None:
+    """The one matrix W_eff (V, D) with logits = h @ W_eff.T, or ``None`` where the head is the tie itself
+    (W = E, h' = h). Raises ``ConfigError`` for an output bias or a head whose h' is not linear in h."""
+    head, embedding = model.head, model.backbone.wte
+    D = model.cfg.d_model
+    eye = torch.eye(D, dtype=embedding.weight.dtype, device=embedding.weight.device)  # (D, D)
+    form = head.linear_form(eye, embedding)  # h' (D, K), W (V, K)
+    if form.bias is not None:
+        raise ConfigError(f"head {head_name(head)!r} has an output bias, which GPT-2's lm_head does not")
+    if form.weight is embedding.weight and torch.equal(form.hidden, eye):
+        return None
+    probe = torch.randn(3, D, dtype=eye.dtype, device=eye.device, generator=torch.Generator().manual_seed(0))
+    if not torch.allclose(head.linear_form(probe, embedding).hidden, probe @ form.hidden, atol=1e-6):
+        raise ConfigError(f"head {head_name(head)!r}: its h' is not a linear map of h, so no one matrix")
+    return (form.hidden @ form.weight.T).T.contiguous()  # (V, D)
+
+
+def to_gpt2(model):
+    """The ``GPT2LMHeadModel`` computing what ``model`` computes, and a note on its output layer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    reasons = unsupported(model)
+    if reasons:
+        raise ConfigError(f"GPT-2 cannot compute this model exactly: {'; '.join(reasons)}")
+    cfg, backbone = model.cfg, model.backbone
+    weight = output_matrix(model)
+    config = GPT2Config(
+        vocab_size=backbone.vocab_size,
+        n_positions=cfg.block_size,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=cfg.mlp_ratio * cfg.d_model,
+        activation_function="gelu",  # exact GELU, as F.gelu
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=weight is None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    hf = GPT2LMHeadModel(config).eval()
+    state = {"transformer.wte.weight": backbone.wte.weight, "transformer.wpe.weight": backbone.wpe.weight}
+    norms = {"ln_1": "ln_1", "ln_2": "ln_2"}
+    linears = {
+        "attn.c_attn": "attn.qkv",
+        "attn.c_proj": "attn.proj",
+        "mlp.c_fc": "mlp.fc",
+        "mlp.c_proj": "mlp.proj",
+    }
+    for i, block in enumerate(backbone.blocks):
+        for theirs, ours in {**norms, **linears}.items():
+            module = block.get_submodule(ours)
+            w = module.weight if theirs in norms else module.weight.T  # GPT-2's Conv1D is (in, out)
+            state[f"transformer.h.{i}.{theirs}.weight"] = w
+            state[f"transformer.h.{i}.{theirs}.bias"] = _bias(module)
+    state["transformer.ln_f.weight"], state["transformer.ln_f.bias"] = (
+        backbone.ln_f.weight,
+        _bias(backbone.ln_f),
+    )
+    if weight is not None:
+        state["lm_head.weight"] = weight
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and weight is None)]
+    if missing or unexpected:
+        raise RuntimeError(f"GPT-2 mapping incomplete: missing {missing}, unexpected {unexpected}")
+    if weight is None:
+        hf.tie_weights()
+        note = "tied: lm_head is the token embedding (tie_word_embeddings)"
+    else:
+        note = f"head {head_name(model.head)!r} folded into an untied lm_head (logits = h @ lm_head.T)"
+    return hf, note
+
+
+def _bias(module: nn.Module) -> Tensor:
+    """A module's bias, or zeros where it has none (the same computation as no bias)."""
+    bias = getattr(module, "bias", None)
+    return bias if bias is not None else torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
+
+
+def hf_tokenizer(tokenizer: Tokenizer):
+    """lmheads' tokenizer as a ``PreTrainedTokenizerFast`` with the same ids: characters, UTF-8 bytes,
+    whitespace words (a line break is ``<eos>``, as each record ends with one) or byte-level BPE (the
+    same)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Fast
+    from transformers import PreTrainedTokenizerFast
+
+    special = {}
+    if isinstance(tokenizer, CharTokenizer):  # BPE without merges: one token a character
+        fast = Fast(models.BPE(dict(tokenizer.stoi), [], unk_token=UNK))
+        fast.decoder = decoders.Fuse()
+        special["unk_token"] = UNK
+    elif isinstance(tokenizer, ByteTokenizer):  # byte-level BPE without merges: one token a byte
+        fast = Fast(models.BPE({_byte_symbol(b): b for b in range(256)}, []))
+        fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        fast.decoder = decoders.ByteLevel()
+        fast.add_special_tokens([AddedToken(EOS, special=True), AddedToken(BOS, special=True)])
+        special.update(eos_token=EOS, bos_token=BOS)
+    elif isinstance(tokenizer, WordTokenizer):
+        fast = Fast(models.WordLevel(dict(tokenizer.stoi), unk_token=UNK))
+        fast.normalizer = normalizers.Replace(Regex("\n"), f" {EOS} ")
+        fast.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        fast.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+        special.update(unk_token=UNK, eos_token=EOS)
+    elif isinstance(tokenizer, BPETokenizer):
+        fast = Fast.from_str(tokenizer.tokenizer.to_str())
+        fast.normalizer = normalizers.Replace(Regex("\n"), EOS)
+        fast.add_special_tokens([AddedToken(EOS, special=True, normalized=True)])
+        special["eos_token"] = EOS
+    else:
+        raise ConfigError(f"no tokenizer.json for a {type(tokenizer).__name__}")
+    return PreTrainedTokenizerFast(tokenizer_object=fast, **special)
+
+
+def _byte_symbol(b: int) -> str:
+    """GPT-2's printable stand-in for byte ``b`` (the byte-level alphabet)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    if b in printable:
+        return chr(b)
+    return chr(256 + sorted(set(range(256)) - set(printable)).index(b))
+
+
+def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> list[str]:
+    """Write ``model`` (and its tokenizer) as an HF folder ``out``, which must not exist; returns what the
+    export did, one line each. The folder is written beside ``out`` and renamed into place, so a failed
+    export leaves nothing."""
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} exists; give a new folder for the export")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # a command's output is lines
+    hf, note = to_gpt2(model.eval())
+    notes = [f"GPT2LMHeadModel: {note}"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf.save_pretrained(staging)
+        if tokenizer is not None:
+            hf_tokenizer(tokenizer).save_pretrained(staging)
+            notes.append(f"tokenizer: lmheads' {tokenizer.kind} tokenizer as tokenizer.json")
+        else:
+            notes.append("no tokenizer: the data has no text (the synthetic language's ids are its tokens)")
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return notes
+
+
+def from_checkpoint(path: str | Path):
+    """The model of an lmheads checkpoint (a file, or a run folder for its ``checkpoints/last.ckpt``) and
+    the tokenizer of the data it trained on (``None`` for data without text)."""
+    from lmheads.checkpointing import read_checkpoint
+    from lmheads.module import LMHeadModule
+    from lmheads.resume import class_of
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    checkpoint = read_checkpoint(str(path))  # one line for a missing or unreadable file
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "head" not in hparams or "backbone" not in hparams:
+        raise ConfigError(
+            f"{path} is not an lmheads checkpoint (no head and backbone in its hyperparameters)"
+        )
+    model = LMHeadModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    cls = class_of(str(data.pop("_class_path", "")))
+    data.pop("_instantiator", None)
+    if cls is None or "tokenizer" not in data:
+        return model, None
+    return model, cls(**data).tokenizer  # the tokenizer is cached with the data; rebuilt if not
+
+
+def main(argv: list[str]) -> None:
+    """``python -m lmheads export CHECKPOINT OUT_DIR``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lmheads export",
+        description="Write a checkpoint (or a run folder's last.ckpt) as an HF transformers model that "
+        "AutoModelForCausalLM and AutoTokenizer load without lmheads (GPT2LMHeadModel where it computes "
+        "the same; refused otherwise).",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its checkpoints/last.ckpt)")
+    parser.add_argument("out", help="the folder to write (must not exist)")
+    parser.add_argument("--to", choices=["hf"], default="hf", help="the format (HF transformers)")
+    args = parser.parse_args(argv)
+    if Path(args.out).exists():  # before reading anything
+        raise ConfigError(f"{args.out} exists; give a new folder for the export")
+    model, tokenizer = from_checkpoint(args.checkpoint)
+    for line in export_hf(model, args.out, tokenizer):
+        print(line)
+    print(f"wrote {args.out}")

@@ -1,0 +1,147 @@
+"""Export to HF transformers: every registered head exports exactly (GPT2LMHeadModel, equal logits) or is
+refused with its reason; the tie survives saving and loading; tokenizers keep their ids."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmheads.backbone import BackboneConfig
+from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, WordTokenizer
+from lmheads.errors import ConfigError
+from lmheads.heads import registered_heads
+from lmheads.module import LMHeadModule
+
+from .helpers import fit, only_run, run_lmheads
+
+transformers = pytest.importorskip("transformers")
+from lmheads.hf import export_hf, hf_tokenizer  # noqa: E402
+
+BUILTIN = sorted(n for n, c in registered_heads().items() if c.__module__.startswith("lmheads."))
+REFUSED = {"tied_bias": "has an output bias", "mos": "is not a linear form"}
+SMALL = BackboneConfig(n_layer=2, n_head=2, d_model=16, block_size=12)
+
+
+def _model(name: str, **backbone) -> LMHeadModule:
+    torch.manual_seed(0)
+    model = LMHeadModule(
+        head=registered_heads()[name](), backbone=BackboneConfig(**{**vars(SMALL), **backbone}), vocab_size=50
+    )
+    with torch.no_grad():
+        for p in model.head.parameters():  # no zero-initialised part stays zero
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_head_exports_with_equal_logits_or_is_refused(name, tmp_path):
+    model = _model(name)
+    if name in REFUSED:
+        with pytest.raises(ConfigError, match=REFUSED[name]):
+            export_hf(model, tmp_path / "hf")
+        assert not list(tmp_path.iterdir())  # nothing written
+        return
+    notes = export_hf(model, tmp_path / "hf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(loaded).__name__ == "GPT2LMHeadModel"
+    idx = torch.randint(0, 50, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx).logits, model(idx), rtol=0, atol=1e-5)
+    tied = loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    assert tied == (name == "tied"), notes
+    assert ("tie_word_embeddings" in notes[0]) == tied and ("folded" in notes[0]) != tied
+    out = loaded.generate(idx[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, 9)
+    loaded.save_pretrained(tmp_path / "again")  # a round trip keeps the tie, and one tensor for it
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert (again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()) == tied
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        assert ("lm_head.weight" in set(f.keys())) != tied
+
+
+def test_what_gpt2_does_not_compute_is_refused(tmp_path):
+    for head, backbone, reason in (
+        ("tied", {"positions": "rope"}, "positions=rope"),
+        ("projected_tied", {"d_embed": 8}, "a factorised embedding"),
+        ("tied", {"layer_sharing": "all"}, "layer_sharing=all"),
+        ("tied", {"scale_embedding": True}, "scale_embedding"),
+    ):
+        with pytest.raises(ConfigError, match=reason):
+            export_hf(_model(head, **backbone), tmp_path / "hf")
+    model = LMHeadModule(head=registered_heads()["untied"](softcap=30.0), backbone=SMALL, vocab_size=50)
+    with pytest.raises(ConfigError, match=r"softcap=30\.0"):
+        export_hf(model, tmp_path / "hf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_backbone_without_biases_exports_with_zero_biases(tmp_path):
+    model = _model("untied", bias=False)
+    export_hf(model, tmp_path / "hf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx).logits, model(idx), rtol=0, atol=1e-5)
+
+
+TEXT = ["the cat sat on the mat\n", "a dog, a café and ünïcode words\n", "unseen zebra here\n"]
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "word", "bpe"])
+def test_tokenizers_keep_their_ids(kind):
+    train = TEXT[:2] * 3
+    tokenizer = {
+        "char": lambda: CharTokenizer.train(train),
+        "byte": ByteTokenizer,
+        "word": lambda: WordTokenizer.train(train),
+        "bpe": lambda: BPETokenizer.train(train, vocab_size=300),
+    }[kind]()
+    fast = hf_tokenizer(tokenizer)
+    for record in TEXT:  # a record of text: a line and its line break
+        assert fast(record)["input_ids"] == tokenizer.encode(record), record
+    assert fast("".join(TEXT))["input_ids"] == [i for r in TEXT for i in tokenizer.encode(r)]
+
+
+def test_the_export_command_writes_a_folder_transformers_loads_alone(tmp_path):
+    """A word-level run exported by the command: model and tokenizer load in a Python that does not
+    import lmheads, and give its logits; a second export to the same folder, or of a file that is not a
+    checkpoint, is one error line and writes nothing."""
+    text = tmp_path / "train.txt"
+    text.write_text("".join(f"w{i % 7} w{i % 5} w{i % 3}\n" for i in range(400)))
+    data = ["--data=lmheads.data.TextDataModule", f"--data.train_file={text}", "--data.tokenizer=word"]
+    cli = fit(tmp_path, *data, "--data.batch_size=4", "--model.backbone.block_size=16", steps=2, every=2)
+    run = only_run(tmp_path)
+    result = run_lmheads("export", str(run), str(tmp_path / "hf"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tokenizer: lmheads' word tokenizer as tokenizer.json" in result.stdout
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and "auto_map" not in config
+    idx = cli.datamodule.tokenizer.encode("w1 w2 w3\n") + cli.datamodule.tokenizer.encode("w4 w0\n")
+    with torch.no_grad():
+        expected = cli.model.eval()(torch.tensor([idx]))[0, -1]
+    script = (
+        "import sys, json, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}).eval()\n"
+        f"t = AutoTokenizer.from_pretrained({str(tmp_path / 'hf')!r})\n"
+        "ids = t('w1 w2 w3\\nw4 w0\\n')['input_ids']\n"
+        "print(json.dumps({'ids': ids, 'last': m(torch.tensor([ids])).logits[0, -1].tolist(),\n"
+        "                  'lmheads': any(k.startswith('lmheads') for k in sys.modules)}))\n"
+    )
+    alone = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    got = json.loads(alone.stdout.strip().splitlines()[-1])
+    assert got["ids"] == idx and not got["lmheads"]
+    torch.testing.assert_close(torch.tensor(got["last"]), expected, rtol=0, atol=1e-5)
+    again = run_lmheads("export", str(run), str(tmp_path / "hf"), cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.strip().endswith("exists; give a new folder for the export")
+    (tmp_path / "not.ckpt").write_bytes(b"nothing")
+    bad = run_lmheads("export", str(tmp_path / "not.ckpt"), str(tmp_path / "hf2"), cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "cannot be read" in bad.stderr
+    assert not (tmp_path / "hf2").exists()
