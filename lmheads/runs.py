@@ -11,13 +11,13 @@ saved at, and data options other than the run's).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -54,30 +54,63 @@ def run_of_checkpoint(ckpt: str | Path) -> Path | None:
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
 #: when both start at the same moment.
 CLAIM_FILE = ".lmheads-run"
-#: What a run writes into its folder (besides event files).
-RUN_FILES = {CLAIM_FILE, "config.yaml", "hparams.yaml", "checkpoints", RESULTS_FILE, DIVERGED_FILE}
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process of that number runs on this machine."""
+#: Locked by the process that writes into a run folder, for as long as its command runs: a POSIX lock
+#: (``lockf``), which the operating system releases when that process ends, however it ends, and which
+#: NFS extends to every host that mounts the folder. A file system without working locks cannot tell a
+#: live claimant from a dead one: lmheads then warns and goes on with the claim file alone.
+LOCK_FILE = ".lmheads-lock"
+_HELD: dict[Path, int] = {}  # lock files this process holds -> their descriptors
+
+
+def _lock(folder: Path) -> bool:
+    """Lock ``folder``'s lock file for this process (held until :func:`_unlock`); ``False`` if another
+    process holds it."""
+    key = folder.resolve()
+    if key in _HELD:
+        return True
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: held by another process
+        os.close(fd)
         return False
-    except PermissionError:  # another user's process
-        pass
+    except OSError as err:  # no locks on this file system
+        warnings.warn(
+            f"{folder}: the file system does not lock files ({err}); lmheads cannot tell whether "
+            "another process writes into this run",
+            stacklevel=2,
+        )
+    _HELD[key] = fd
     return True
 
 
-def _process_start(pid: int) -> float | None:
-    """When a process started, in seconds since the epoch, where ``/proc`` says (Linux); else ``None``."""
+def _unlock(folder: Path) -> None:
+    fd = _HELD.pop(folder.resolve(), None)
+    if fd is not None:
+        os.close(fd)  # and with it the lock
+
+
+def _locked_elsewhere(folder: Path) -> bool:
+    """Whether another process holds ``folder``'s lock now (a probe: this process holds none after it)."""
+    key = folder.resolve()
+    if key in _HELD or not (key / LOCK_FILE).is_file():
+        return False
+    fd = os.open(key / LOCK_FILE, os.O_RDWR)
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        lines = Path("/proc/stat").read_text().splitlines()
-        boot = next(float(line.split()[1]) for line in lines if line.startswith("btime"))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, in ticks after boot
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return True
+    except OSError:  # no locks on this file system: nobody is known to hold it
+        return False
+    finally:
+        os.close(fd)  # releases the probe's lock (this process holds no other on that file)
+    return False
+
+
+#: What a run writes into its folder (besides event files).
+RUN_FILES = {CLAIM_FILE, LOCK_FILE, "config.yaml", "hparams.yaml", "checkpoints", RESULTS_FILE, DIVERGED_FILE}
 
 
 def naming_option(shared: bool) -> str:
@@ -89,8 +122,9 @@ class RunFolder:
     """The folder of one run (or one evaluation), claimed before anything is written to it.
 
     A folder that holds a run already is refused, unless ``resume`` (a fit continuing a checkpoint of
-    that same folder); a folder holding other files (a sweep's log) is fine. The claim names the process
-    that writes into the folder until the command ends, so a run is continued by one process at a time.
+    that same folder); a folder holding other files (a sweep's log) is fine. The process that writes
+    into the folder holds its lock (:data:`LOCK_FILE`) until the command ends, and its claim file names
+    it, so a run is continued by one process at a time, on any host that shares the folder.
     :meth:`release` removes what this process added when the command failed before its first training
     step, so a failed start leaves nothing behind. Only the process of global rank 0 creates or removes
     anything. A ``shared`` folder is a fit's ``trainer.default_root_dir`` without a logger: it may hold
@@ -111,17 +145,14 @@ class RunFolder:
         if rank_zero_only.rank != 0:
             return
         if self.resume:
-            with self._locked():  # two resumes at one moment: the second sees the first's claim
-                holder = self.holder()
-                if holder is not None:
-                    raise ConfigError(
-                        f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}), "
-                        "which trains that run: continuing it at the same time would mix the two. Wait for "
-                        "it to end"
-                    )
-                claim = self.path / CLAIM_FILE
-                self._previous_claim = claim.read_text() if claim.is_file() else None  # back if it fails
-                self._write_claim("w")
+            if not _lock(self.path):  # two resumes at one moment: one gets the lock
+                raise ConfigError(
+                    f"run folder {self.path} is in use by {self._holder_named()}, which trains that run: "
+                    "continuing it at the same time would mix the two. Wait for it to end"
+                )
+            claim = self.path / CLAIM_FILE
+            self._previous_claim = claim.read_text() if claim.is_file() else None  # back if it fails
+            self._write_claim("w")
             return
         existed = self.path.is_dir()
         self._top = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
@@ -135,6 +166,7 @@ class RunFolder:
             raise ConfigError(self._taken()) from None
         self._before = before if existed else set()
         self._created = not existed
+        _lock(self.path)  # its claim file was this process's to create: no other holds the folder
 
     def set_aside(self, name: str, new_name: str) -> bool:
         """Rename the run's file ``name`` (after :meth:`claim`, on a resume), so that what this command
@@ -146,20 +178,6 @@ class RunFolder:
         self._set_aside.append((source, target))
         return True
 
-    @contextlib.contextmanager
-    def _locked(self):
-        """The folder locked against other processes' claims while this one checks and writes its own. The
-        lock is the operating system's on the open folder: it ends with the process, so none is left
-        behind by one that was killed. A file system without such locks (some cluster mounts) gets the
-        check and the claim without it."""
-        folder = os.open(self.path, os.O_RDONLY)
-        try:
-            with contextlib.suppress(OSError):
-                fcntl.flock(folder, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(folder)  # and with it the lock
-
     def _write_claim(self, mode: str) -> None:
         """``x``: only if no claim exists (two runs that start at the same moment: one gets it)."""
         started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -169,13 +187,14 @@ class RunFolder:
         self._claimed = True
 
     def ended(self) -> None:
-        """The command is over: its claim no longer holds the folder (a process that stays, such as a
-        notebook's, does not keep it from being continued elsewhere)."""
-        if not self._claimed or rank_zero_only.rank != 0 or not self.path.is_dir():
+        """The command is over: its claim and lock no longer hold the folder (a process that stays, such
+        as a notebook's, does not keep it from being continued elsewhere)."""
+        if not self._claimed or rank_zero_only.rank != 0:
             return
-        claim = self._claim()
+        claim = self._claim() if self.path.is_dir() else None
         if claim is not None and claim["pid"] == os.getpid():
             (self.path / CLAIM_FILE).write_text(json.dumps({**claim, "ended": time.time()}))
+        _unlock(self.path)
         self._claimed = False
 
     def _claim(self) -> dict | None:
@@ -187,20 +206,17 @@ class RunFolder:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def holder(self) -> tuple[int, str] | None:
-        """The process and start time of the claim, if another process on this machine holds it now: one
-        that has not ended its command, is alive, and is the one that claimed (not a later process that
-        got its number, where the machine says when processes started)."""
-        claim = self._claim()
-        if claim is None or claim["host"] != socket.gethostname() or "ended" in claim:
+    def holder(self) -> tuple[int, str, str] | None:
+        """The process, host and start time of the claim, if another process holds the folder now (its
+        lock; on any host that shares the file system)."""
+        if not _locked_elsewhere(self.path):
             return None
-        pid = claim["pid"]
-        if pid == os.getpid() or not _alive(pid):
-            return None
-        began, at = _process_start(pid), claim.get("at")
-        if began is not None and isinstance(at, int | float) and began > at + 2:  # boot time is in seconds
-            return None
-        return pid, claim["started"]
+        claim = self._claim() or {"pid": "?", "host": "?", "started": "?"}
+        return claim["pid"], claim["host"], claim["started"]
+
+    def _holder_named(self) -> str:
+        pid, host, started = self.holder() or ("?", "?", "?")
+        return f"process {pid} on {host} (started {started})"
 
     def _taken(self) -> str:
         """Why the folder cannot be claimed, and what to do. A run with a checkpoint or results can be
@@ -211,17 +227,17 @@ class RunFolder:
             f"run folder {self.path} already holds a run; {other}, or continue that run with "
             f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
         )
-        holder = self.holder()
-        if holder is not None:
-            return f"run folder {self.path} is in use by process {holder[0]} (started {holder[1]}): {other}"
+        if self.holder() is not None:
+            return f"run folder {self.path} is in use by {self._holder_named()}: {other}"
         if (self.path / RESULTS_FILE).exists() or self._has_checkpoint():
             return holds_a_run
         claim = self._claim()
-        if claim is None or claim["host"] != socket.gethostname():
+        if claim is None:
             return holds_a_run
         return (
-            f"run folder {self.path} was claimed by process {claim['pid']} at {claim['started']}, which "
-            f"stopped before its first checkpoint: {other}, or delete that folder to start it again"
+            f"run folder {self.path} was claimed by process {claim['pid']} on {claim['host']} at "
+            f"{claim['started']}, which stopped before its first checkpoint: {other}, or delete that folder "
+            "to start it again"
         )
 
     def _has_checkpoint(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import multiprocessing
@@ -15,9 +16,10 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.cli import main
+from lmheads.runs import CLAIM_FILE, LOCK_FILE
 
 __all__ = ["QUICKSTART", "ROOT", "fit", "main", "only_run", "quick_args", "run_lmheads", "scalars", "tool"]
-__all__ += ["two_loggers"]
+__all__ += ["held_elsewhere", "two_loggers"]
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -120,3 +122,24 @@ def tool(name: str):
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def held_elsewhere(run: Path, **claim):
+    """Another live process that holds the run folder's lock, as a command writing into it does, with a
+    claim file naming it (``claim``: its host and start time); yields that process."""
+    code = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(run / LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "held"
+        (run / CLAIM_FILE).write_text(json.dumps({"pid": process.pid, **claim}))
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from lmheads import comparable, runlog, stats
-from lmheads.runs import CLAIM_FILE
+from lmheads.runs import CLAIM_FILE, LOCK_FILE
 
-from .helpers import QUICKSTART, ROOT, fit, only_run, scalars, tool, two_loggers
+from .helpers import QUICKSTART, ROOT, fit, held_elsewhere, only_run, scalars, tool, two_loggers
 
 sweep, compare = tool("sweep"), tool("compare")
 
@@ -170,19 +170,14 @@ def test_a_run_another_process_trains_is_left_to_it(tmp_path, capsys, monkeypatc
     refused) does not replace the other's record of it."""
     run = tmp_path / "grid" / "tied-seed0"
     run.mkdir(parents=True)
-    other = subprocess.Popen(["sleep", "60"])
-    try:
-        claim = {"pid": other.pid, "host": socket.gethostname(), "started": "now", "at": time.time()}
-        (run / CLAIM_FILE).write_text(json.dumps(claim))
-        args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--heads", "tied", "--seeds", "0"]
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--heads", "tied", "--seeds", "0"]
+    with held_elsewhere(run, host=socket.gethostname(), started="now") as other:
         assert sweep.main([*args, "--root", str(tmp_path), "--name", "grid"]) == 1
-        busy = f"tied-seed0: busy (process {other.pid}, started now, trains it now)"
+        busy = f"tied-seed0: busy (process {other.pid} on {socket.gethostname()}, started now, trains it now)"
         assert busy in capsys.readouterr().out
-        assert sorted(p.name for p in run.iterdir()) == [CLAIM_FILE]  # no sweep.json, no log
-    finally:
-        other.kill()
-        other.wait()
+        assert {p.name for p in run.iterdir()} == {CLAIM_FILE, LOCK_FILE}  # no sweep.json, no log
     (run / CLAIM_FILE).unlink()
+    (run / LOCK_FILE).unlink()
 
     def refused_while_the_other_finished(self, cmd, **kwargs):
         (run / "sweep.json").write_text(json.dumps({"status": "done", "command": cmd}))
@@ -225,7 +220,6 @@ def test_grid_and_run_names():
 def test_sigterm_to_a_sweep_stops_its_runs_with_a_checkpoint_and_the_next_call_resumes(tmp_path):
     import signal
     import subprocess
-    import time
 
     import torch
 

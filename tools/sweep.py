@@ -185,7 +185,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
 
     holder = RunFolder(run_dir).holder()
     if holder is not None:  # another sweep (or command) trains it now: its outcome is that one's to record
-        return run, f"busy (process {holder[0]}, started {holder[1]}, trains it now)"
+        return run, f"busy (process {holder[0]} on {holder[1]}, started {holder[2]}, trains it now)"
     env = {**os.environ, **thread_env(args.jobs)}
     gpu = gpus.get() if gpus is not None else None
     if gpu is not None:
