@@ -42,6 +42,8 @@ class BackboneConfig:
             embeddings in attention (Su et al. 2021).
         bias: Biases in linear layers and LayerNorms (GPT-2 uses them).
         mlp_ratio: MLP hidden width as a multiple of ``d_model``.
+        gelu: The MLP's GELU: ``exact`` (erf) or ``tanh``, the approximation GPT-2's weights were
+            trained with (Hendrycks & Gimpel 2016; HF's ``gelu_new``).
         rope_base: Base of the rotary frequencies.
         scale_embedding: Multiply the input embeddings by sqrt(d_model), as Gemma does (Gemma Team
             2024): with a tied head the same matrix then serves inputs at O(1) scale and outputs at
@@ -68,6 +70,7 @@ class BackboneConfig:
     positions: Literal["learned", "rope"] = "learned"
     bias: bool = True
     mlp_ratio: int = 4
+    gelu: Literal["exact", "tanh"] = "exact"
     rope_base: float = 10000.0
     scale_embedding: bool = False
     input_grad_scale: float = 1.0
@@ -180,9 +183,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.gelu == "tanh" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

@@ -40,6 +40,15 @@ from lmheads.data.tokenizers import (
 from lmheads.errors import ConfigError
 from lmheads.heads import LinearHead, head_name
 
+#: GPT-2's block modules and lmheads' (its Linear layers are Conv1D: weights transposed).
+_NORMS = {"ln_1": "ln_1", "ln_2": "ln_2"}
+_LINEARS = {
+    "attn.c_attn": "attn.qkv",
+    "attn.c_proj": "attn.proj",
+    "mlp.c_fc": "mlp.fc",
+    "mlp.c_proj": "mlp.proj",
+}
+
 
 def unsupported(model) -> list[str]:
     """What in ``model`` (an :class:`~lmheads.module.LMHeadModule`) GPT-2 does not compute ([] if
@@ -95,7 +104,7 @@ def to_gpt2(model):
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         n_inner=cfg.mlp_ratio * cfg.d_model,
-        activation_function="gelu",  # exact GELU, as F.gelu
+        activation_function="gelu_new" if cfg.gelu == "tanh" else "gelu",  # as F.gelu(approximate=...)
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
@@ -106,17 +115,10 @@ def to_gpt2(model):
     )
     hf = GPT2LMHeadModel(config).eval()
     state = {"transformer.wte.weight": backbone.wte.weight, "transformer.wpe.weight": backbone.wpe.weight}
-    norms = {"ln_1": "ln_1", "ln_2": "ln_2"}
-    linears = {
-        "attn.c_attn": "attn.qkv",
-        "attn.c_proj": "attn.proj",
-        "mlp.c_fc": "mlp.fc",
-        "mlp.c_proj": "mlp.proj",
-    }
     for i, block in enumerate(backbone.blocks):
-        for theirs, ours in {**norms, **linears}.items():
+        for theirs, ours in {**_NORMS, **_LINEARS}.items():
             module = block.get_submodule(ours)
-            w = module.weight if theirs in norms else module.weight.T  # GPT-2's Conv1D is (in, out)
+            w = module.weight if theirs in _NORMS else module.weight.T  # GPT-2's Conv1D is (in, out)
             state[f"transformer.h.{i}.{theirs}.weight"] = w
             state[f"transformer.h.{i}.{theirs}.bias"] = _bias(module)
     state["transformer.ln_f.weight"], state["transformer.ln_f.bias"] = (
@@ -135,6 +137,75 @@ def to_gpt2(model):
     else:
         note = f"head {head_name(model.head)!r} folded into an untied lm_head (logits = h @ lm_head.T)"
     return hf, note
+
+
+#: GPT-2 activations by the GELU lmheads computes the same way (``model.backbone.gelu``).
+GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+@torch.no_grad()
+def init_from_gpt2(model, folder: str | Path) -> str:
+    """Set ``model``'s backbone from a local GPT-2 folder (``GPT2LMHeadModel.save_pretrained``'s), and a
+    head's own output matrix (``untied``) from its ``lm_head``: the pretrained model, with this head.
+    Heads that add to the tie (a bias, a low-rank correction, a projection) keep their own
+    initialisation. A backbone or vocabulary of another shape is one ``ConfigError`` naming the options
+    that would match. Returns what was loaded."""
+    import json
+
+    from transformers import GPT2LMHeadModel
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.init_from {str(folder)!r}: no readable config.json ({err})") from None
+    if config.get("model_type") != "gpt2":
+        raise ConfigError(
+            f"model.init_from {str(folder)!r} is a {config.get('model_type')!r} model; lmheads starts from "
+            "GPT-2 models (model_type gpt2)"
+        )
+    cfg, D = model.cfg, config["n_embd"]
+    wanted = {
+        "n_layer": config["n_layer"],
+        "n_head": config["n_head"],
+        "d_model": D,
+        "mlp_ratio": (config.get("n_inner") or 4 * D) / D,
+        "gelu": GELU.get(config.get("activation_function", "gelu_new"), "unknown"),
+        "positions": "learned",
+        "bias": True,
+        "d_embed": None,
+        "layer_sharing": "none",
+        "scale_embedding": False,
+    }
+    differ = [f"--model.backbone.{k}={str(v).lower()}" for k, v in wanted.items() if getattr(cfg, k) != v]
+    if cfg.block_size > config["n_positions"]:
+        differ.append(f"--model.backbone.block_size={config['n_positions']} (or less)")
+    if differ:
+        raise ConfigError(
+            f"model.init_from {str(folder)!r} is a GPT-2 of another shape: set {' '.join(differ)}"
+        )
+    if model.backbone.vocab_size != config["vocab_size"]:
+        raise ConfigError(
+            f"model.init_from {str(folder)!r} has {config['vocab_size']:,} tokens and the data "
+            f"{model.backbone.vocab_size:,}: give --data.tokenizer=pretrained --data.tokenizer_path={folder}"
+        )
+    hf = GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    backbone = model.backbone
+    backbone.wte.weight.copy_(hf["transformer.wte.weight"])
+    backbone.wpe.weight.copy_(hf["transformer.wpe.weight"][: cfg.block_size])
+    for i, block in enumerate(backbone.blocks):
+        for theirs, ours in {**_NORMS, **_LINEARS}.items():
+            module = block.get_submodule(ours)
+            weight = hf[f"transformer.h.{i}.{theirs}.weight"]
+            module.weight.copy_(weight if theirs in _NORMS else weight.T)
+            module.bias.copy_(hf[f"transformer.h.{i}.{theirs}.bias"])
+    backbone.ln_f.weight.copy_(hf["transformer.ln_f.weight"])
+    backbone.ln_f.bias.copy_(hf["transformer.ln_f.bias"])
+    loaded = f"model.init_from: the backbone from {folder}"
+    if model.head.has_output_matrix:  # its own (V, D) matrix starts as the pretrained output layer
+        model.head.weight.copy_(hf.get("lm_head.weight", hf["transformer.wte.weight"]))
+        loaded += ", the head's own output matrix from its lm_head"
+    return loaded
 
 
 def _bias(module: nn.Module) -> Tensor:

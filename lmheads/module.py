@@ -57,6 +57,10 @@ class LMHeadModule(L.LightningModule):
         loss_chunk_size: Tokens per chunk for ``chunked`` (default: a 256 MiB logit workspace).
         compile: Compile the backbone, head and loss with ``torch.compile`` (``true`` for the default
             backend, or a backend name such as ``aot_eager``). Parameters keep their names.
+        init_from: A local GPT-2 folder (an HF ``save_pretrained`` one) whose weights a new fit starts
+            from, with this module's head (:func:`lmheads.hf.init_from_gpt2`); the backbone options must
+            match it and the data use its tokenizer (``data.tokenizer=pretrained``). A fit that
+            continues a checkpoint, and every evaluation, take the checkpoint's weights instead.
 
     Generation settings for ``predict`` live in ``self.sampling`` (a :class:`SamplingConfig`), not in the
     checkpoint: the CLI sets them from ``--sampling.*``.
@@ -76,6 +80,7 @@ class LMHeadModule(L.LightningModule):
         loss_backend: BackendName = "auto",
         loss_chunk_size: int | None = None,
         compile: bool | str = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         # A checkpoint stores plain types: the head as its spec, the backbone as a dict.
@@ -206,6 +211,10 @@ class LMHeadModule(L.LightningModule):
     # ------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy, self)
+        if self.hparams.get("init_from") and stage == "fit" and self.trainer.ckpt_path is None:
+            from lmheads.hf import init_from_gpt2  # needs the hf extra
+
+            rank_zero_info(init_from_gpt2(self, self.hparams.init_from))
         self.head_loss.check(self.trainer.strategy.root_device)
         datamodule = self.trainer.datamodule
         if datamodule is not None and "train" in getattr(datamodule, "splits", {}):

@@ -145,3 +145,77 @@ def test_the_export_command_writes_a_folder_transformers_loads_alone(tmp_path):
     bad = run_lmheads("export", str(tmp_path / "not.ckpt"), str(tmp_path / "hf2"), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "cannot be read" in bad.stderr
     assert not (tmp_path / "hf2").exists()
+
+
+def _local_gpt2(folder, vocab: list[str]):
+    """A small randomly initialised GPT-2 (tanh GELU, as GPT-2's) saved as HF saves it, with a byte-level
+    BPE tokenizer.json trained on ``vocab``'s words: a pretrained model's folder, downloaded from nowhere."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(vocab, trainer=trainer)
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(
+        vocab_size=tokenizer.get_vocab_size(), n_positions=32, n_embd=16, n_layer=2, n_head=2
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("name", ["tied", "untied", "tied_bias"])
+def test_a_model_starts_from_a_local_gpt2_with_its_own_head(name, tmp_path):
+    """The pretrained model's logits, whatever the head: the tie reads its embedding, an untied head starts
+    from its lm_head, a bias from zero."""
+    from lmheads.hf import init_from_gpt2
+
+    hf = _local_gpt2(tmp_path / "gpt2", TEXT * 20)
+    cfg = BackboneConfig(n_layer=2, n_head=2, d_model=16, block_size=16, gelu="tanh")
+    model = LMHeadModule(
+        head=registered_heads()[name](), backbone=cfg, vocab_size=hf.config.vocab_size
+    ).eval()
+    said = init_from_gpt2(model, tmp_path / "gpt2")
+    assert ("lm_head" in said) == (name == "untied")
+    idx = torch.randint(0, hf.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, rtol=0, atol=1e-5)
+    if name != "tied_bias":  # and back, tanh GELU and all
+        export_hf(model, tmp_path / "back")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+        assert back.config.activation_function == "gelu_new"
+        with torch.no_grad():
+            torch.testing.assert_close(back(idx).logits, hf(idx).logits, rtol=0, atol=1e-5)
+
+
+def test_a_fit_starts_from_a_local_gpt2(tmp_path, capsys):
+    hf = _local_gpt2(tmp_path / "gpt2", TEXT * 20)
+    text = tmp_path / "train.txt"
+    text.write_text("".join(TEXT * 40))
+    data = ["--data=lmheads.data.TextDataModule", f"--data.train_file={text}", "--data.tokenizer=pretrained",
+            f"--data.tokenizer_path={tmp_path / 'gpt2'}", "--data.batch_size=2"]  # fmt: skip
+    backbone = ["--model.backbone.n_layer=2", "--model.backbone.n_head=2", "--model.backbone.d_model=16",
+                "--model.backbone.block_size=16", "--model.backbone.gelu=tanh"]  # fmt: skip
+    start = [f"--model.init_from={tmp_path / 'gpt2'}", "--model.head=untied", "--model.lr=1e-12"]
+    cli = fit(tmp_path, *data, *backbone, *start, "--trainer.logger=false", steps=1, every=1)
+    weights = hf.state_dict()
+    close = {"atol": 1e-6, "rtol": 0}
+    torch.testing.assert_close(cli.model.backbone.wte.weight, weights["transformer.wte.weight"], **close)
+    torch.testing.assert_close(cli.model.head.weight, weights["lm_head.weight"], **close)
+    assert cli.datamodule.tokenizer.encode("the cat") == hf_tokenizer_ids(tmp_path / "gpt2", "the cat")
+    with pytest.raises(SystemExit) as exc:  # another shape: the options that would match, in one line
+        fit(tmp_path / "wrong", *data, *backbone, "--model.backbone.n_layer=3", *start, steps=1, every=1)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "is a GPT-2 of another shape: set --model.backbone.n_layer=2" in err
+    assert not (tmp_path / "wrong" / "quickstart").exists()  # refused at the start: no run folder
+
+
+def hf_tokenizer_ids(folder, text: str) -> list[int]:
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))(text)[
+        "input_ids"
+    ]

@@ -27,13 +27,25 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from lmheads.data.base import LMDataModule, StreamBlocks, file_digest
-from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from lmheads.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    PretrainedTokenizer,
+    Tokenizer,
+    WordTokenizer,
+)
 from lmheads.errors import ConfigError
 
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 _STREAM_FORMAT = 2  # bump when the stream layout changes, to invalidate old cache files
 #: Options that only one tokenizer reads, and that tokenizer.
-_TOKENIZER_OPTIONS = {"min_count": "word", "max_vocab": "word", "bpe_vocab_size": "bpe"}
+_TOKENIZER_OPTIONS = {
+    "min_count": "word",
+    "max_vocab": "word",
+    "bpe_vocab_size": "bpe",
+    "tokenizer_path": "pretrained",
+}
 
 
 def default_cache_dir() -> Path:
@@ -59,11 +71,13 @@ class TextDataModule(LMDataModule):
         dataset_config: The hub dataset's configuration name, e.g. ``wikitext-2-v1``.
         text_column: Column holding the text in a hub dataset.
         tokenizer: ``char`` (characters of the training text), ``byte`` (UTF-8 bytes), ``word``
-            (whitespace words, one ``<eos>`` per line: the WikiText convention) or ``bpe`` (byte-level
-            BPE trained on the training text, one ``<eos>`` per line).
+            (whitespace words, one ``<eos>`` per line: the WikiText convention), ``bpe`` (byte-level
+            BPE trained on the training text, one ``<eos>`` per line) or ``pretrained`` (the
+            ``tokenizer.json`` of a model's folder, ``tokenizer_path``: for ``model.init_from``).
         min_count: ``word`` only: keep words seen at least this often in training.
         max_vocab: ``word`` only: cap on the vocabulary size, specials included.
         bpe_vocab_size: ``bpe`` only: vocabulary size (256 bytes, ``<eos>`` and the learned merges).
+        tokenizer_path: ``pretrained`` only: a local folder with a ``tokenizer.json`` (an HF model's).
         val_fraction: Fraction of training records held out when there is no validation split.
         cache_dir: Where tokenizers and token streams are cached (default ``$LMHEADS_CACHE`` or
             ``~/.cache/lmheads``).
@@ -85,10 +99,11 @@ class TextDataModule(LMDataModule):
         dataset_name: str | None = None,
         dataset_config: str | None = None,
         text_column: str = "text",
-        tokenizer: Literal["char", "byte", "word", "bpe"] = "char",
+        tokenizer: Literal["char", "byte", "word", "bpe", "pretrained"] = "char",
         min_count: int = 1,
         max_vocab: int | None = None,
         bpe_vocab_size: int = 8192,
+        tokenizer_path: str | None = None,
         val_fraction: float = 0.05,
         cache_dir: str | None = None,
         num_proc: int | None = None,
@@ -189,6 +204,10 @@ class TextDataModule(LMDataModule):
         options = {"kind": hp.tokenizer, "min_count": hp.min_count, "max_vocab": hp.max_vocab}
         if hp.tokenizer == "bpe":
             options["bpe_vocab_size"] = hp.bpe_vocab_size
+        if hp.tokenizer == "pretrained":  # read from its folder every time: the folder's file decides
+            if hp.tokenizer_path is None:
+                raise ConfigError("data.tokenizer=pretrained needs data.tokenizer_path, a model's folder")
+            return PretrainedTokenizer.from_folder(hp.tokenizer_path)
         key = _digest({"train": self.raw["train"]._fingerprint, **options})
         path = self.cache_dir / "tokenizers" / f"{key}.json"
         if path.is_file():

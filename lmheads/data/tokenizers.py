@@ -51,7 +51,10 @@ class Tokenizer(ABC):
 
     @staticmethod
     def from_dict(state: dict) -> Tokenizer:
-        kinds = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, WordTokenizer, BPETokenizer)}
+        kinds = {
+            cls.kind: cls
+            for cls in (CharTokenizer, ByteTokenizer, WordTokenizer, BPETokenizer, PretrainedTokenizer)
+        }
         return kinds[state["kind"]]._from_state(state)
 
     @classmethod
@@ -233,6 +236,52 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def _from_state(cls, state: dict) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(json.dumps(state["tokenizer"])))
+
+
+class PretrainedTokenizer(Tokenizer):
+    """A pretrained model's own tokenizer, read from the ``tokenizer.json`` in its local folder (an HF
+    model's, such as GPT-2's), so that the data's ids are the ones its embedding was trained on. A
+    record is encoded as it is, its line break included; nothing is added."""
+
+    kind = "pretrained"
+
+    def __init__(self, tokenizer: HFTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_folder(cls, folder: str) -> PretrainedTokenizer:
+        from pathlib import Path
+
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise ConfigError(
+                f"data.tokenizer_path {folder!r} holds no tokenizer.json; give a model's folder"
+            )
+        return cls(HFTokenizer.from_file(str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tokenizer": json.loads(self.tokenizer.to_str())}
+
+    @classmethod
+    def _from_state(cls, state: dict) -> PretrainedTokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         return cls(HFTokenizer.from_str(json.dumps(state["tokenizer"])))
