@@ -6,8 +6,8 @@
 #   bash tools/sharing_study.sh CONFIG [ROOT] [-- options for every run]
 #
 # CONFIG is a study config of configs/experiments/ (the reference model: untied head, n_layer blocks of
-# width d_model). The grids below are the ones its header names. SEEDS (default "0 1 2") and REPORT
-# (default docs/results/<config name>) can be set in the environment.
+# width d_model). The grids below are the ones its header names. SEEDS (default "0 1 2"), JOBS (runs at
+# once, default 1) and REPORT (default docs/results/<config name>) can be set in the environment.
 set -euo pipefail
 config=$1
 root=${2:-runs}
@@ -16,10 +16,14 @@ shift $(($# > 1 ? 2 : 1))
 name=$(basename "$config" .yaml)
 case "$name" in
   sharing_synthetic) widths=112,96,80 embeds=64,32,16 ;;
+  sharing_synthetic_embedding) widths=60,56,48 embeds=32,16,8 ;;
   *) echo "error: no grids for $name; add its widths and embedding widths to tools/sharing_study.sh" >&2; exit 2 ;;
 esac
 seeds=(${SEEDS:-0 1 2})
-sweep() { python tools/sweep.py --config "$config" --root "$root" --name "$name" --seeds "${seeds[@]}" "$@"; }
+sweep() {
+  python tools/sweep.py --config "$config" --root "$root" --name "$name" --seeds "${seeds[@]}" \
+    --jobs "${JOBS:-1}" "$@"
+}
 sweep --heads untied tied -- "$@"                                            # the reference; the tie
 sweep --heads untied --grid model.backbone.layer_sharing=all -- "$@"         # one block for every layer
 sweep --heads untied --grid model.backbone.layer_sharing=cycle model.backbone.unique_layers=2,3 -- "$@"
