@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -543,7 +545,9 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     }
     for step, epochs in ((2, 1.0), (4, 2.0)):  # validations logged at steps 1 and 3; 2,048 tokens a step
         difference = loss["untied"][step - 1] - loss["tied"][step - 1]
-        assert f"| {step} | {epochs:.1f} | {difference:+.3f} | {difference:+.3f} |" in out
+        assert (
+            f"| {step} | {epochs:.1f} | {difference:+.3f} | {difference:+.3f}, 1/1 |" in out
+        )  # one seed: no p
     assert "train_set_tokens=65,536:" in out and (tmp_path / "s" / "differences_over_steps.png").is_file()
     # seed 1 of untied, and of tied with another learning rate: not one more seed of tied at that size
     for head, lr in (("untied", "0.003"), ("tied", "0.01")):
@@ -589,22 +593,24 @@ def test_compare_orders_groups_by_the_values_of_by_as_numbers(tmp_path, capsys, 
     assert rows == ["| tied, lr=0.0005", "| tied, lr=0.001", "| tied, lr=0.002", "| tied, lr=0.004"]
 
 
-def test_paired_t_test_matches_the_t_table():
-    """Two-sided 5% critical values of Student's t for 1 to 5, 10 and 30 degrees of freedom."""
-    for dof, critical in (
-        (1, 12.706),
-        (2, 4.303),
-        (3, 3.182),
-        (4, 2.776),
-        (5, 2.571),
-        (10, 2.228),
-        (30, 2.042),
-    ):
-        assert abs(1 - stats.t_within(critical, dof) - 0.05) < 2e-4, dof
+def test_the_statistics_policy():
+    """A paired effect over seeds: its mean, the 95% t-interval (t = 4.303 at 2 degrees of freedom), the
+    seeds agreeing in sign, scipy's paired t-test from three seeds, and Holm's adjustment within a
+    family; with two seeds, no p-value."""
     # three seeds that differ by -0.130, -0.044 and -0.086: t = 3.50 with 2 degrees of freedom
-    assert abs(stats.paired_p([-0.130, -0.044, -0.086]) - 0.0732) < 1e-4
-    assert stats.paired_p([0.1]) is None
-    assert stats.paired_p([0.0, 0.0]) == 1.0 and stats.paired_p([0.1, 0.1]) == 0.0
+    e = stats.effect([-0.130, -0.044, -0.086])
+    assert abs(e.p - 0.0732) < 1e-4 and e.agree == 3 and e.n == 3
+    half = 4.303 * statistics.stdev([-0.130, -0.044, -0.086]) / math.sqrt(3)
+    assert abs(e.low - (e.mean - half)) < 1e-4 and abs(e.high - (e.mean + half)) < 1e-4
+    assert stats.effect([0.1, 0.2]).p is None and stats.effect([0.1]).low is None
+    assert stats.effect([0.0, 0.0, 0.0]).p == 1.0 and stats.effect([0.1, 0.1, 0.1]).p == 0.0
+    assert stats.holm([0.01, 0.04, None, 0.03]) == [0.03, 0.06, None, 0.06]
+    texts = stats.family([[-0.130, -0.044, -0.086], [0.1, 0.2], [0.01, 0.02, -0.01, 0.03, 0.0]])
+    assert texts == [
+        "-0.087 [-0.193, +0.020], 3/3, p 0.073 (Holm 0.146)",
+        "+0.150 [-0.485, +0.785], 2/2",
+        "+0.010 [-0.010, +0.030], 3/5, p 0.230 (Holm 0.230)",
+    ]
 
 
 def test_runs_stopped_at_other_points_compare_as_they_stood_at_one_step(tmp_path):
@@ -675,12 +681,10 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
     for r in runs:
         del r.hparams["tokens"]
     text = buckets.against_table(rows, "each head", "tied")
-    assert "| head | seed 0 | seed 1 | mean | p |" in text
-    # a paired t-test with one degree of freedom: t = 0.375 / (0.177 / sqrt 2) = 3, p = 1 - 2 atan(3) / pi
-    assert (
-        "| mos | – | -0.500 | -0.500 | – |" in text
-        and "| tied_bias | +0.250 | +0.500 | +0.375 | 0.205 |" in text
-    )
+    assert "| head | seed 0 | seed 1 | effect |" in text
+    # two seeds: the interval (t = 12.706 at one degree of freedom) and the signs, no p-value
+    assert "| mos | – | -0.500 | -0.500, 1/1 |" in text
+    assert "| tied_bias | +0.250 | +0.500 | +0.375 [-1.213, +1.963], 2/2 |" in text
     monkeypatch.setattr(buckets, "find_runs", lambda roots: runs)
     doc = tmp_path / "results.md"
     begin, end = compare.markers("versus")
@@ -698,7 +702,10 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
         "versus",
     ]
     assert buckets.main(command) == 0
-    assert "| untied | -0.250 | +0.000 | -0.125 |" in doc.read_text() and (out / "against_tied.png").is_file()
+    assert (
+        "| untied | -0.250 | +0.000 | -0.125 [-1.713, +1.463], 1/2 |" in doc.read_text()
+        and (out / "against_tied.png").is_file()
+    )
     assert buckets.main([str(tmp_path), "--against", "nohead"]) == 2
 
 
@@ -718,7 +725,8 @@ def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
         ["| tie", "tied"],
         ["| share layers", "k=1 (all)"],
     ]
-    assert "| 131,072 |" in rows[1] and ("| 1 of 1 |" in rows[1] or "| 0 of 1 |" in rows[1])
+    # one seed: the difference and its sign, no interval or p; the same per 100k parameters saved
+    assert "| 131,072 |" in rows[1] and re.search(r"\| [+-]\d\.\d{4}, 1/1 \| [+-]\d\.\d{4} \|$", rows[1])
     assert "Loss per 100k parameters saved" in report and (out / "frontier.png").is_file()
     runs = runlog.find_runs([tmp_path / "runs"])
     assert frontier.budget_problem(runs) == ""

@@ -39,23 +39,23 @@ from plots import save_plot
 from lmheads import comparable
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
 from lmheads.runlog import find_runs, natural
-from lmheads.stats import P_NOTE, mean_std, p_text
+from lmheads.stats import family, policy_note
 
 
 def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
     seeds = sorted({seed for values in rows.values() for seed in values}, key=comparable.order)
-    header = ["head", *(f"seed {seed}" for seed in seeds), "mean", "p"]
+    header = ["head", *(f"seed {seed}" for seed in seeds), "effect"]
+    effects = family([list(values.values()) for values in rows.values()])
     lines = [
         f"Final validation loss of each head minus {reference} (nats/token; negative: better than "
-        f"{reference}), per seed ({P_NOTE}):",
+        f"{reference}), per seed ({policy_note(len(rows))}):",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    for row, values in rows.items():
+    for (row, values), text in zip(rows.items(), effects, strict=True):
         cells = [f"{values[seed]:+.3f}" if seed in values else "–" for seed in seeds]
-        mean, p = statistics.fmean(values.values()), p_text(list(values.values()))
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean:+.3f} | {p} |")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {text} |")
     return "\n".join(lines)
 
 
@@ -105,21 +105,27 @@ def _head_and_group(row: str) -> tuple[str, str]:
 
 
 def steps_table(trajectories: dict[str, dict], first: str, second: str) -> str:
+    comparisons = sum(len(t["steps"]) for t in trajectories.values())
     title = (
         f"Validation loss of {first} minus {second} at each validation (nats/token; negative: {first} is "
-        f"better), per seed ({P_NOTE})"
+        f"better), per seed ({policy_note(comparisons)})"
     )
     lines = [f"{title}:"]
+    every = [
+        [t["seeds"][seed][i] for seed in t["seeds"]]
+        for t in trajectories.values()
+        for i in range(len(t["steps"]))
+    ]
+    effects = iter(family(every))
     for group, t in trajectories.items():
         seeds = list(t["seeds"])
-        header = ["step", "epochs", *(f"seed {seed}" for seed in seeds), "mean", "p"]
+        header = ["step", "epochs", *(f"seed {seed}" for seed in seeds), "effect"]
         lines += ["", f"{group}:"] if len(trajectories) > 1 else [""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for i, step in enumerate(t["steps"]):
             values = [t["seeds"][seed][i] for seed in seeds]
             epochs = "–" if t["epochs"][i] is None else f"{t['epochs'][i]:.1f}"
-            mean = f"{statistics.fmean(values):+.3f}"
-            cells = [f"{step:,}", epochs, *(f"{v:+.3f}" for v in values), mean, p_text(values)]
+            cells = [f"{step:,}", epochs, *(f"{v:+.3f}" for v in values), next(effects)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,20 +155,14 @@ def steps_plot(trajectories: dict[str, dict], first: str, second: str, out: Path
 
 def table(diffs: dict[str, dict], first: str, second: str) -> str:
     header = ["runs", "pairs", *(f"{label}" for label in TAGS.values())]
-    title = f"Validation loss of {first} minus {second} (nats/token; negative: {first} is better), mean ± std"
-    lines = [f"{title} over seeds, p in brackets ({P_NOTE}):", "", "| " + " | ".join(header) + " |"]
+    cells = [(group, tag) for group, per_tag in diffs.items() for tag in TAGS if per_tag[tag]]
+    effects = dict(zip(cells, family([diffs[g][t] for g, t in cells], digits=4), strict=True))
+    title = f"Validation loss of {first} minus {second} (nats/token; negative: {first} is better)"
+    lines = [f"{title}, over seeds ({policy_note(len(cells))}):", "", "| " + " | ".join(header) + " |"]
     lines.append("|" + "---|" * len(header))
     for group, per_tag in diffs.items():
-        n = len(per_tag["val/loss"])
-        cells = [
-            group,
-            str(n),
-            *(
-                f"{mean_std(per_tag[tag], 4)} ({p_text(per_tag[tag])})" if per_tag[tag] else "–"
-                for tag in TAGS
-            ),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        row = [group, str(len(per_tag["val/loss"])), *(effects.get((group, tag), "–") for tag in TAGS)]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -8,8 +8,9 @@ placed by the one way it differs from the reference: ``tie`` (the tied head), ``
 (``layer_sharing``, k blocks), ``fewer layers`` (``n_layer``), ``narrower`` (``d_model``) or
 ``factorised embedding`` (``d_embed`` < ``d_model``); a run that differs in two ways, or in another
 way, is refused. Each point is the mean over seeds of the final validation loss; its difference from
-the reference is paired by seed (mean, standard deviation, and how many seeds it is worse on), and
-divided by the parameters saved it is the loss each way pays per 100k parameters.
+the reference is paired by seed, and the differences of one table are one family under lmheads'
+statistics policy (:mod:`lmheads.stats`: 95% interval, seeds agreeing in sign, p with Holm's
+adjustment). Divided by the parameters saved, it is the loss each way pays per 100k parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import compare
 
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
 from lmheads.runlog import RunLog, find_runs
-from lmheads.stats import mean_std
+from lmheads.stats import family, mean_std, policy_note
 
 WAYS = ("tie", "share layers", "fewer layers", "narrower", "factorised embedding")
 SHAPE = ("head", "backbone/layer_sharing", "backbone/n_layer", "backbone/d_model", "backbone/d_embed")
@@ -80,35 +81,42 @@ def budget_problem(runs: list[RunLog]) -> str:
 
 
 def table(reference: dict, grouped: dict[tuple[str, str], list[RunLog]]) -> tuple[str, dict[str, float]]:
-    """The markdown table, one row per point, and each way's mean loss per 100k parameters saved."""
-    ref_runs = grouped[("reference", "reference")]
-    ref_loss = {r.hparams["seed"]: r.final("val/loss") for r in ref_runs}
+    """The markdown table, one row per point, and each way's mean loss per 100k parameters saved. The
+    differences from the reference are paired by seed and form one family (:mod:`lmheads.stats`)."""
+    ref_loss = {r.hparams["seed"]: r.final("val/loss") for r in grouped[("reference", "reference")]}
     ref_params = reference["params/total"]
-    header = ["way of saving", "setting", "unique params", "saved", "FLOPs/token", "seeds", "val loss"]
-    header += ["minus reference", "seeds worse", "per 100k saved"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    costs: dict[str, list[float]] = defaultdict(list)
     order = {way: i for i, way in enumerate(("reference", *WAYS))}
-    for (way, setting), runs in sorted(grouped.items(), key=lambda kv: (order[kv[0][0]], -_params(kv[1]))):
+    points = sorted(grouped.items(), key=lambda kv: (order[kv[0][0]], -_params(kv[1])))
+    paired = {
+        key: [
+            r.final("val/loss") - ref_loss[r.hparams["seed"]] for r in runs if r.hparams["seed"] in ref_loss
+        ]
+        for key, runs in points
+        if key[0] != "reference"
+    }
+    effects = dict(zip(paired, family(list(paired.values()), digits=4), strict=True))
+    header = ["way of saving", "setting", "unique params", "saved", "FLOPs/token", "seeds", "val loss"]
+    header += ["minus reference", "per 100k saved"]
+    lines = [
+        f"Minus reference: {policy_note(len(paired))}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    costs: dict[str, list[float]] = defaultdict(list)
+    for (way, setting), runs in points:
         hp = runs[0].hparams
-        seeds = sorted(r.hparams["seed"] for r in runs)
-        losses = [r.final("val/loss") for r in runs]
         saved = ref_params - hp["params/total"]
         row = [way, setting, f"{hp['params/total']:,}", f"{saved:,}", f"{hp.get('flops_per_token', 0):,}"]
-        row += [",".join(map(str, seeds)), mean_std(losses, 4)]
-        if way == "reference":
-            row += ["", "", ""]
+        row += [",".join(str(s) for s in sorted(r.hparams["seed"] for r in runs))]
+        row += [mean_std([r.final("val/loss") for r in runs], 4)]
+        differences = paired.get((way, setting))
+        if not differences or saved <= 0:
+            row += [effects.get((way, setting), ""), ""]
         else:
-            paired = [
-                r.final("val/loss") - ref_loss[r.hparams["seed"]]
-                for r in runs
-                if r.hparams["seed"] in ref_loss
-            ]
-            per = statistics.fmean(paired) / saved * 1e5 if paired and saved > 0 else None
-            if per is not None:
-                costs[way].append(per)
-            row += [mean_std(paired, 4), f"{sum(d > 0 for d in paired)} of {len(paired)}"]
-            row.append(f"{per:+.4f}" if per is not None else "–")
+            per = statistics.fmean(differences) / saved * 1e5
+            costs[way].append(per)
+            row += [effects[(way, setting)], f"{per:+.4f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines), {way: statistics.fmean(v) for way, v in costs.items()}
 
