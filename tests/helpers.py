@@ -116,7 +116,10 @@ def only_run(save_dir: Path) -> Path:
 
 
 def tool(name: str):
-    """``tools/<name>.py`` imported as a module."""
+    """``tools/<name>.py`` imported as a module, as its script runs: with its folder on the import path,
+    where it finds the sibling tools it imports."""
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there

@@ -107,7 +107,7 @@ def test_sweep_is_resumable_and_compare_tabulates(tmp_path, capsys):
         assert f"report/{name}" in text
 
     # A second, named section of the same document, grouped by one more hyperparameter.
-    begin, end = compare.markers("by_size")
+    begin, end = tool("report").markers("by_size")
     doc.write_text(text + f"\n{begin}\n{end}\n")
     assert compare.main([str(grid), "--update", str(doc), "--section", "by_size", "--by", "batch_size"]) == 0
     named = doc.read_text().split(begin)[1]
@@ -687,7 +687,7 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
     assert "| tied_bias | +0.250 | +0.500 | +0.375 [-1.213, +1.963], 2/2 |" in text
     monkeypatch.setattr(buckets, "find_runs", lambda roots: runs)
     doc = tmp_path / "results.md"
-    begin, end = compare.markers("versus")
+    begin, end = tool("report").markers("versus")
     doc.write_text(f"{begin}\nold\n{end}\n")
     out = tmp_path / "report"
     command = [

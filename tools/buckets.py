@@ -26,15 +26,13 @@ training set seen by then; the plot shows it against the optimizer step.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
-import compare
 from pairs import TAGS, absent_heads, against, differences, over_steps, pairs_by_group
 from plots import save_plot
+from report import check_outputs, publish, pyplot
 
 from lmheads import comparable
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
@@ -63,10 +61,7 @@ def against_plot(rows: dict[str, dict], _: str, reference: str, out: Path, name:
     """A bar per row, the mean over seeds, with a dot per seed; rows of groups (``--by``): the groups
     along the axis, a bar of each head's colour in each, on a scale linear near zero and logarithmic
     beyond (differences of a thousandth and of nats side by side)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
     split = [_head_and_group(row) for row in rows]
@@ -75,7 +70,7 @@ def against_plot(rows: dict[str, dict], _: str, reference: str, out: Path, name:
         xs, width, colours, ticks = list(range(len(rows))), 0.6, ["tab:blue"] * len(rows), list(rows)
     else:
         heads = sorted({head for head, _ in split}, key=natural)
-        palette = matplotlib.colormaps["tab10"].colors
+        palette = plt.colormaps["tab10"].colors
         width = 0.8 / len(heads)
         xs = [groups.index(g) + (heads.index(h) - (len(heads) - 1) / 2) * width for h, g in split]
         colours = [palette[heads.index(h) % len(palette)] for h, _ in split]
@@ -131,10 +126,7 @@ def steps_table(trajectories: dict[str, dict], first: str, second: str) -> str:
 
 
 def steps_plot(trajectories: dict[str, dict], first: str, second: str, out: Path, name: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
     for group, t in trajectories.items():
@@ -167,10 +159,7 @@ def table(diffs: dict[str, dict], first: str, second: str) -> str:
 
 
 def plot(diffs: dict[str, dict], first: str, second: str, out: Path, name: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = list(diffs)
     width = 0.8 / max(len(groups), 1)
@@ -212,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "--step", type=int, metavar="N", help="the runs as they stood after N steps (compare.py --step)"
     )
     args = parser.parse_args(argv)
-    if problem := missing_roots(args.roots) or compare.check_outputs(args.out, args.update, args.section):
+    if problem := missing_roots(args.roots) or check_outputs(args.out, args.update, args.section):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     first, second = args.heads
@@ -259,19 +248,8 @@ def _write(args, result, first: str, second: str, name: str, text, draw, what: s
     """Print the table (after the lines naming the runs it leaves out, if any); with ``--out`` write it
     and its plot there, with ``--update`` into the document."""
     text = "\n\n".join(filter(None, [note, text(result, first, second)]))
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{name}.md").write_text(text + "\n")
-        image = draw(result, first, second, args.out, name)
-        print(f"wrote {args.out / (name + '.md')}, {image}")
-        if args.update:
-            link = f"![{first} minus {second} {what}]({os.path.relpath(image, args.update.parent)})"
-            compare.update_document(args.update, f"{text}\n\n{link}", args.section)
-            print(f"updated {args.update}")
-    elif args.update:
-        compare.update_document(args.update, text, args.section)
-        print(f"updated {args.update}")
+    draw_into = lambda out: [draw(result, first, second, out, name)]  # noqa: E731
+    publish(text, args.out, draw_into, args.update, args.section, name, alt=f"{first} minus {second} {what}")
     return 0
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 from plots import plot, unplotted
+from report import BEGIN, END, check_outputs, publish
 
 from lmheads.comparable import (
     at_step,
@@ -37,18 +36,6 @@ from lmheads.comparable import (
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
 from lmheads.runlog import RunLog, find_runs, natural
 from lmheads.stats import mean_std
-
-BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
-
-
-def markers(section: str | None) -> tuple[str, str]:
-    """The comment pair around a document's generated section (``compare:<section>:begin`` if named)."""
-    return (
-        (BEGIN, END)
-        if not section
-        else (f"<!-- compare:{section}:begin -->", f"<!-- compare:{section}:end -->")
-    )
-
 
 #: Validation loss by how frequent the target token is in training (lmheads' diagnostics).
 BUCKETS = {bucket_loss_metric("val", b): f"loss, {FREQUENCY_BUCKET_LABELS[b]}" for b in FREQUENCY_BUCKETS}
@@ -147,32 +134,6 @@ def _schedule(run: RunLog, steps: int) -> str:
     return f"; stopped at step {steps:,} of its {decay:,}-step learning-rate schedule"
 
 
-def check_outputs(out: Path | None, update: Path | None = None, section: str | None = None) -> str:
-    """Why ``--out`` or ``--update`` could not be written ("" if they can), asked before anything is
-    written: a report that stops half-way would leave its table without the document, or the reverse."""
-    if out is not None and out.exists() and not out.is_dir():
-        return f"--out {out} is a file; give a folder for the table and plots"
-    if update is None:
-        return ""
-    if update.is_file():
-        begin, end = markers(section)
-        content = update.read_text()
-        return "" if begin in content and end in content else f"{update} has no {begin} ... {end} section"
-    if update.exists() or not update.parent.is_dir():
-        return f"--update {update} is not a markdown file in an existing folder"
-    return ""
-
-
-def update_document(doc: Path, text: str, section: str | None = None) -> None:
-    begin, end = markers(section)
-    content = doc.read_text() if doc.is_file() else f"{begin}\n{end}\n"
-    if begin not in content or end not in content:
-        raise SystemExit(f"error: {doc} has no {begin} ... {end} section to replace")
-    head, rest = content.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -243,21 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason}. To compare them, {advice} their folders in separate calls", file=sys.stderr)
         return 2
     text = "\n\n".join(filter(None, [stood, budget(groups), left_out, table(groups, args.best)]))
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.md").write_text(text + "\n")
-        images = plot(groups, args.out, tuple(args.plot))
-        print("wrote " + ", ".join(str(p) for p in [args.out / "table.md", *images]))
-        if args.update:
-            links = "\n".join(
-                f"![{p.stem.replace('_', ' ')}]({os.path.relpath(p, args.update.parent)})" for p in images
-            )
-            update_document(args.update, f"{text}\n\n{links}", args.section)
-            print(f"updated {args.update}")
-    elif args.update:
-        update_document(args.update, text, args.section)
-        print(f"updated {args.update}")
+    publish(text, args.out, lambda out: plot(groups, out, tuple(args.plot)), args.update, args.section)
     return 0
 
 

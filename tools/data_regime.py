@@ -14,15 +14,13 @@ training tokens, one colour per head, final (solid) and best (dashed). Needs dat
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
-import compare
 from plots import colours, save_plot
+from report import check_outputs, publish, pyplot
 
 from lmheads import comparable
 from lmheads.comparable import missing_roots, split_reportable
@@ -82,10 +80,7 @@ def table(summary: dict[tuple[str, int], dict]) -> str:
 
 
 def plot(summary: dict[tuple[str, int], dict], runs: list[RunLog], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups: dict[str, list[RunLog]] = defaultdict(list)
     for r in runs:
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
     parser.add_argument("--section", help="the section's name (<!-- compare:SECTION:begin -->)")
     args = parser.parse_args(argv)
-    if problem := missing_roots(args.roots) or compare.check_outputs(args.out, args.update, args.section):
+    if problem := missing_roots(args.roots) or check_outputs(args.out, args.update, args.section):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     runs, left_out = split_reportable(find_runs(args.roots))
@@ -134,19 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = summarise(groups)
     text = "\n\n".join(filter(None, [left_out, table(summary)]))
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.md").write_text(text + "\n")
-        image = plot(summary, runs, args.out)
-        print(f"wrote {args.out / 'table.md'}, {image}")
-        if args.update:
-            link = f"![excess loss against training tokens]({os.path.relpath(image, args.update.parent)})"
-            compare.update_document(args.update, f"{text}\n\n{link}", args.section)
-            print(f"updated {args.update}")
-    elif args.update:
-        compare.update_document(args.update, text, args.section)
-        print(f"updated {args.update}")
+    draw = lambda out: [plot(summary, runs, out)]  # noqa: E731
+    publish(text, args.out, draw, args.update, args.section, alt="excess loss against training tokens")
     return 0
 
 

@@ -20,6 +20,7 @@ from itertools import combinations
 from pathlib import Path
 
 import torch
+from report import publish, pyplot
 
 from lmheads.checkpointing import TOKEN_BUCKET_KEY
 from lmheads.geometry import linear_cka, nearest_neighbours, shared_neighbours
@@ -106,10 +107,7 @@ def table(rows: list[dict], k: int, bucketed: bool) -> str:
 
 
 def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], k: int, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(matrices)
     n = len(names)
@@ -194,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = compare(matrices, bucket, args.k)
     text = table(rows, args.k, bucket is not None)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.md").write_text(text + "\n")
-        print(f"wrote {args.out / 'table.md'}, {heatmap(matrices, rows, args.k, args.out)}")
+    publish(text, args.out, lambda out: [heatmap(matrices, rows, args.k, out)])
     return 0
 
 

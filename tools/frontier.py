@@ -21,8 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
-import compare
+from report import check_outputs, publish, pyplot
 
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
 from lmheads.runlog import RunLog, find_runs
@@ -128,10 +127,7 @@ def _params(runs: list[RunLog]) -> int:
 def plot(grouped: dict[tuple[str, str], list[RunLog]], out: Path) -> Path:
     """Validation loss against unique parameters and against training FLOPs, one line per way through
     its points and the reference, with the seeds' standard deviation as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     reference = grouped[("reference", "reference")]
@@ -160,7 +156,6 @@ def plot(grouped: dict[tuple[str, str], list[RunLog]], out: Path) -> Path:
     unique = dict(zip(labels, handles, strict=True))
     fig.legend(unique.values(), unique.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "frontier.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -175,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default="untied", help="the reference model's head")
     parser.add_argument("--out", type=Path, help="folder for table.md and frontier.png")
     args = parser.parse_args(argv)
-    if problem := missing_roots(args.roots) or compare.check_outputs(args.out):
+    if problem := missing_roots(args.roots) or check_outputs(args.out):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     runs, left_out = split_reportable(find_runs(args.roots))
@@ -202,12 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         text,
         f"Loss per 100k parameters saved (mean over each way's budgets, lowest first): {ranking}.",
     ]
-    report = "\n\n".join(filter(None, lines))
-    print(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.md").write_text(report + "\n")
-        print(f"wrote {args.out / 'table.md'}, {plot(grouped, args.out)}")
+    publish("\n\n".join(filter(None, lines)), args.out, lambda out: [plot(grouped, out)])
     return 0
 
 

@@ -10,6 +10,8 @@ import difflib
 import statistics
 from pathlib import Path
 
+from report import pyplot
+
 from lmheads.runlog import RunLog, natural
 
 
@@ -38,10 +40,7 @@ AXES = {"step": "optimizer step", "tokens": "training tokens", "minutes": "wall-
 
 def plot(groups: dict[str, list[RunLog]], out: Path, extra: tuple[str, ...] = ()) -> list[Path]:
     """The standard plots, and each tag in ``extra`` against optimizer steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colour = colours(groups)
     written = []
@@ -75,8 +74,7 @@ def plot(groups: dict[str, list[RunLog]], out: Path, extra: tuple[str, ...] = ()
 
 def save_plot(fig, ax, path: Path) -> Path:
     """The legend outside the axes (it never hides a curve), the figure written and closed."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -33,7 +33,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling tools
 from sweep_plan import Run, check_input, check_options, matched_widths, parse_grid
 
 from lmheads.streams import pipe_safe_output

@@ -1,0 +1,83 @@
+"""What every report tool does with its result: print it, write it with its figures into ``--out``, and
+put it into a document's generated section (``--update``, ``--section``); and the one place matplotlib
+is told to draw into files.
+
+Used by compare.py, buckets.py, data_regime.py, embeddings.py and frontier.py, which find it beside
+them on the import path (Python puts a script's folder first).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing into files (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def markers(section: str | None) -> tuple[str, str]:
+    """The comment pair around a document's generated section (``compare:<section>:begin`` if named)."""
+    if not section:
+        return BEGIN, END
+    return f"<!-- compare:{section}:begin -->", f"<!-- compare:{section}:end -->"
+
+
+def check_outputs(out: Path | None, update: Path | None = None, section: str | None = None) -> str:
+    """Why ``--out`` or ``--update`` could not be written ("" if they can), asked before anything is
+    written: a report that stops half-way would leave its table without the document, or the reverse."""
+    if out is not None and out.exists() and not out.is_dir():
+        return f"--out {out} is a file; give a folder for the table and plots"
+    if update is None:
+        return ""
+    if update.is_file():
+        begin, end = markers(section)
+        content = update.read_text()
+        return "" if begin in content and end in content else f"{update} has no {begin} ... {end} section"
+    if update.exists() or not update.parent.is_dir():
+        return f"--update {update} is not a markdown file in an existing folder"
+    return ""
+
+
+def update_document(doc: Path, text: str, section: str | None = None) -> None:
+    begin, end = markers(section)
+    content = doc.read_text() if doc.is_file() else f"{begin}\n{end}\n"
+    if begin not in content or end not in content:
+        raise SystemExit(f"error: {doc} has no {begin} ... {end} section to replace")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def publish(
+    text: str,
+    out: Path | None,
+    draw: Callable[[Path], list[Path]] | None = None,
+    update: Path | None = None,
+    section: str | None = None,
+    name: str = "table",
+    alt: str | None = None,
+) -> None:
+    """Print ``text``; with ``out``, write it as ``<name>.md`` there and the figures ``draw(out)`` makes;
+    with ``update``, put it (and links to those figures, relative to the document, described by ``alt``
+    or their file names) into its section."""
+    print(text)
+    images: list[Path] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.md").write_text(text + "\n")
+        images = draw(out) if draw is not None else []
+        print("wrote " + ", ".join(str(p) for p in [out / f"{name}.md", *images]))
+    if update is not None:
+        links = [f"![{alt or p.stem.replace('_', ' ')}]({os.path.relpath(p, update.parent)})" for p in images]
+        update_document(update, "\n\n".join([text, "\n".join(links)]) if links else text, section)
+        print(f"updated {update}")
