@@ -29,7 +29,7 @@ from lmheads.loss import IGNORE_INDEX, BackendName, TokenLoss, TrainLoss, head_l
 from lmheads.metrics import BucketedNLL, TokenNLL, frequency_buckets
 from lmheads.optim import WarmupCosine, adamw, clip_gradients, decay_names
 from lmheads.perf import TokenThroughput
-from lmheads.reporting import EmbeddingGradientTap, HeadDiagnostics, eval_metrics, log_run_start
+from lmheads.reporting import GradientShare, HeadDiagnostics, eval_metrics, log_run_start
 from lmheads.sharding import check_strategy, is_sharded, shard
 
 
@@ -127,7 +127,7 @@ class LMHeadModule(L.LightningModule):
         self.eval_nll = nn.ModuleDict({"val": TokenNLL(), "test": TokenNLL()})
         self.eval_buckets = nn.ModuleDict({"val": BucketedNLL(), "test": BucketedNLL()})
         self.token_bucket: Tensor | None = None  # (V,) training-frequency bucket of each token id
-        self._gradient_tap: EmbeddingGradientTap | None = None  # at logging steps of a tied head
+        self.output_side = None  # what the head reads as E while GradientShare taps it (else E itself)
         self.schedule: WarmupCosine | None = None  # with the optimizer; a resumed run's from its checkpoint
         self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
         # Compiling a bound method (not assigning a compiled module) keeps the state-dict keys unchanged.
@@ -150,22 +150,20 @@ class LMHeadModule(L.LightningModule):
         """Full logits (B, T, V) for token ids (B, T)."""
         return self.head.logits(self.backbone(idx), self.backbone.wte)
 
-    def train_loss(self, idx: Tensor, targets: Tensor, embedding=None) -> TrainLoss:
-        """Mean training loss (NLL plus the head's z-loss) of a batch, through the head's loss.
-        ``embedding``: what the head reads as the token embedding instead of the backbone's own (the
-        output side of an :class:`~lmheads.reporting.EmbeddingGradientTap`; uncompiled)."""
-        if self._compiled and embedding is None:
+    def train_loss(self, idx: Tensor, targets: Tensor) -> TrainLoss:
+        """Mean training loss (NLL plus the head's z-loss) of a batch, through the head's loss."""
+        if self._compiled and self.output_side is None:
             return self._compiled["train"](idx, targets)
-        return self._train_loss(idx, targets, embedding)
+        return self._train_loss(idx, targets)
 
     def token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
         """Per-token NLL and log-partition (B*T,). Without gradients, no backend but ``naive`` holds the
         full logits."""
         return (self._compiled["eval"] if self._compiled else self._token_loss)(idx, targets)
 
-    def _train_loss(self, idx: Tensor, targets: Tensor, embedding=None) -> TrainLoss:
+    def _train_loss(self, idx: Tensor, targets: Tensor) -> TrainLoss:
         h = self.backbone(idx).flatten(0, 1)  # (N, D)
-        embedding = self.backbone.wte if embedding is None else embedding
+        embedding = self.backbone.wte if self.output_side is None else self.output_side
         return self.head_loss.train_loss(self.head, h, embedding, targets.flatten())
 
     def _token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
@@ -238,17 +236,15 @@ class LMHeadModule(L.LightningModule):
                 for p in self.head.parameters():
                     optimizer.state.pop(p, None)
 
+    def logging_step(self) -> bool:
+        """Whether this training step is one Lightning writes (every ``log_every_n_steps``)."""
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        return bool(every) and (self.global_step + 1) % every == 0
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         idx, targets = batch
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        logging = every and (self.global_step + 1) % every == 0  # the steps Lightning writes
-        if logging and self.head.shares_embedding and not self._compiled:
-            self._gradient_tap = EmbeddingGradientTap(self.backbone.wte)
-            with self._gradient_tap.input_side():
-                out = self.train_loss(idx, targets, self._gradient_tap.output_side)
-        else:
-            out = self.train_loss(idx, targets)
-        if logging:  # self.log is not free
+        out = self.train_loss(idx, targets)
+        if self.logging_step():  # self.log is not free
             self.log("train/loss", out.nll, prog_bar=True)
             if self.head.z_loss > 0:  # PaLM (Chowdhery et al. 2022, sec. 5): keeps log Z near 0
                 self.log("train/z_loss", out.z_loss)
@@ -256,12 +252,6 @@ class LMHeadModule(L.LightningModule):
         bad = ~torch.isfinite(out.loss) & (self._first_nonfinite_step < 0)
         self._first_nonfinite_step = torch.where(bad, self.global_step, self._first_nonfinite_step)
         return out.loss
-
-    def on_after_backward(self) -> None:
-        tap, self._gradient_tap = self._gradient_tap, None
-        share = tap.output_share() if tap is not None else None
-        if share is not None:
-            self.log("diag/grad_share_output", share)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Checked every step on CPU (free) and at the logging interval on GPU (one sync per interval).
@@ -373,4 +363,5 @@ class LMHeadModule(L.LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """What every run of this module measures and how it stops; checkpointing, the progress bar and
         the learning-rate monitor are the trainer's (the CLI's defaults, or a user's own)."""
-        return [TokenThroughput(), SampleWriter(), HeadDiagnostics(), TextSamples(), InterruptCheckpoint()]
+        callbacks = [TokenThroughput(), SampleWriter(), HeadDiagnostics(), GradientShare(), TextSamples()]
+        return [*callbacks, InterruptCheckpoint()]

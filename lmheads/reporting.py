@@ -304,3 +304,38 @@ class _OutputSide:
         if alias.requires_grad:
             alias.register_hook(self._tap._on_output_grad)
         return alias
+
+
+class GradientShare(L.Callback):
+    """Logs ``diag/grad_share_output`` at the steps Lightning writes, for a head that reads the token
+    embedding E (:class:`EmbeddingGradientTap`): the share of E's squared gradient that comes through
+    the output side. The tap wraps the step's forward (the module's head reads its output side through
+    ``output_side``) and is read after the backward pass; a compiled model is not tapped."""
+
+    def __init__(self) -> None:
+        self._tap: EmbeddingGradientTap | None = None
+        self._input_side: contextlib.ExitStack | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if not (pl_module.logging_step() and pl_module.head.shares_embedding and not pl_module._compiled):
+            return
+        self._tap = EmbeddingGradientTap(pl_module.backbone.wte)
+        self._input_side = contextlib.ExitStack()
+        self._input_side.enter_context(self._tap.input_side())
+        pl_module.output_side = self._tap.output_side
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module) -> None:
+        tap = self._close(pl_module)
+        share = tap.output_share() if tap is not None else None
+        if share is not None:
+            pl_module.log("diag/grad_share_output", share)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, *args) -> None:
+        self._close(pl_module)  # a step without a backward pass (skipped): nothing to read
+
+    def _close(self, pl_module) -> EmbeddingGradientTap | None:
+        tap, self._tap = self._tap, None
+        if tap is not None:
+            self._input_side.close()
+            pl_module.output_side = None
+        return tap

@@ -84,9 +84,10 @@ def _side_gradients(model: LMHeadModule) -> tuple[torch.Tensor, torch.Tensor]:
         original = model.backbone.wte.forward
         if detach_input:
             model.backbone.wte.forward = lambda i: torch.nn.functional.embedding(i, weight.detach())
-        out_embedding = model.backbone.wte if detach_input else _Detached(weight)
-        model.train_loss(idx, targets, out_embedding).loss.backward()
+        model.output_side = None if detach_input else _Detached(weight)  # what the head reads as E
+        model.train_loss(idx, targets).loss.backward()
         model.backbone.wte.forward = original
+        model.output_side = None
         grads.append(weight.grad.clone())
     return grads[0], grads[1]  # input side, output side
 
@@ -107,8 +108,10 @@ def test_gradient_share_matches_two_separate_passes(head):
     model.zero_grad()
     tap = EmbeddingGradientTap(model.backbone.wte)
     idx, targets = _batch()
+    model.output_side = tap.output_side  # as the GradientShare callback sets it
     with tap.input_side():
-        model.train_loss(idx, targets, tap.output_side).loss.backward()
+        model.train_loss(idx, targets).loss.backward()
+    model.output_side = None
     torch.testing.assert_close(tap.input_grad, g_in)
     torch.testing.assert_close(tap.output_grad, g_out)
     torch.testing.assert_close(model.backbone.wte.weight.grad, g_in + g_out)  # the tap changes nothing
