@@ -20,8 +20,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lmheads.dotted import flatten
 from lmheads.errors import ConfigError
-from lmheads.resume import flatten
 
 #: Lightning messages (through its rank-zero logger) that advertise or describe its own internals.
 QUIET_MESSAGES = (

@@ -292,8 +292,8 @@ def from_checkpoint(path: str | Path):
     """The model of an lmheads checkpoint (a file, or a run folder for its ``checkpoints/last.ckpt``) and
     the tokenizer of the data it trained on (``None`` for data without text)."""
     from lmheads.checkpointing import read_checkpoint
+    from lmheads.dotted import class_of
     from lmheads.module import LMHeadModule
-    from lmheads.resume import class_of
 
     path = Path(path)
     if path.is_dir():

@@ -13,8 +13,8 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lmheads.dotted import class_of
 from lmheads.errors import ConfigError
-from lmheads.resume import class_of
 from lmheads.runs import RunFolder, free_name
 
 #: The TensorBoard logger's folder unless set otherwise; ``trainer.default_root_dir`` replaces it.

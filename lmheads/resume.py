@@ -5,48 +5,16 @@ furthest state (an earlier checkpoint would write over later steps)."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from lmheads.checkpointing import read_checkpoint
 from lmheads.data.base import file_digest
+from lmheads.dotted import flatten
 from lmheads.errors import ConfigError
 from lmheads.reporting import tokens_per_step, training_settings
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict with dotted keys; tuples become lists, class paths name the class they
-    import (``lmheads.heads.TiedHead`` and ``lmheads.heads.tied.TiedHead`` are one class)."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(flatten(item, f"{prefix}{key}."))
-        return out
-    key = prefix[:-1]
-    if isinstance(value, tuple):
-        value = list(value)
-    if key.endswith("class_path") and isinstance(value, str):
-        value = _canonical_class_path(value)
-    return {key: value}
-
-
-def class_of(path: str) -> type | None:
-    """The class a dotted path names, or ``None`` where it names none that imports."""
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return cls if isinstance(cls, type) else None
-
-
-def _canonical_class_path(path: str) -> str:
-    cls = class_of(path)
-    return path if cls is None else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def checkpoint_conflicts(

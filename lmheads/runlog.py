@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lmheads.dotted import flatten
 from lmheads.runs import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
 
 #: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
@@ -193,17 +194,7 @@ def _config(folder: Path) -> dict:
     """The run's ``config.yaml`` (the options it started with) as flat keys; lists as JSON text."""
     path = folder / "config.yaml"
     config = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
-    flat = {}
-
-    def walk(value, prefix: str) -> None:
-        if isinstance(value, dict) and value:
-            for key, inner in value.items():
-                walk(inner, f"{prefix}.{key}" if prefix else str(key))
-        else:
-            flat[prefix] = json.dumps(value) if isinstance(value, list | dict) else value
-
-    walk(config, "")
-    return flat
+    return flatten(config, as_text=True) if config else {}
 
 
 def test_evaluation(run_dir: Path, checkpoint: str = "last", last_step: int | None = None) -> Path | None:

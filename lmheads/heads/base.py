@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lmheads.dotted import import_class
 from lmheads.errors import ConfigError
 
 ENTRY_POINT_GROUP = "lmheads.heads"
@@ -303,9 +304,8 @@ def resolve_head(path: str) -> type[Head]:
     """A head class from a short name or a dotted class path, with a message saying what is wrong."""
     if "." not in path:
         return head_class(path)
-    module, _, name = path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
+        cls = import_class(path)
     except (ImportError, AttributeError) as err:
         raise ConfigError(
             f"head class {path!r} cannot be imported ({err}); check the class path and that its folder is "
