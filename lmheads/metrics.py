@@ -52,6 +52,20 @@ FREQUENCY_BUCKETS = ("top1pct", "1to10pct", "rest")
 #: How reports name each bucket.
 FREQUENCY_BUCKET_LABELS = {"top1pct": "top 1% types", "1to10pct": "next 9%", "rest": "rarest 90%"}
 
+#: Token types by how often they are a target in the training split: the same edges within one
+#: vocabulary whatever its size, so that "the tie helps words seen rarely" is tested without changing
+#: the vocabulary (and ``<unk>``'s share) between runs.
+COUNT_BUCKETS = ("never", "1", "2to4", "5to19", "20to99", "100plus")
+COUNT_BUCKET_LABELS = {
+    "never": "never in training",
+    "1": "seen once",
+    "2to4": "seen 2-4 times",
+    "5to19": "seen 5-19 times",
+    "20to99": "seen 20-99 times",
+    "100plus": "seen 100+ times",
+}
+_COUNT_EDGES = (0, 1, 2, 5, 20, 100)  # each bucket's least count
+
 #: Metrics shown in TensorBoard's HParams tab; every run logs all of them (NaN where not applicable) so
 #: that runs line up as columns.
 HP_METRICS = ("hp/val_loss", "hp/val_ppl", "hp/val_bpb", "hp/val_excess_loss", "hp/tokens_per_sec")
@@ -60,6 +74,16 @@ HP_METRICS = ("hp/val_loss", "hp/val_ppl", "hp/val_bpb", "hp/val_excess_loss", "
 def bucket_loss_metric(prefix: str, bucket: str) -> str:
     """The logged name of an evaluation's loss on one frequency bucket, e.g. ``val_freq/loss_rest``."""
     return f"{prefix}_freq/loss_{bucket}"
+
+
+def count_loss_metric(prefix: str, bucket: str) -> str:
+    """The logged name of an evaluation's loss on one count bucket, e.g. ``val_count/loss_1``."""
+    return f"{prefix}_count/loss_{bucket}"
+
+
+def count_buckets(counts: np.ndarray) -> Tensor:
+    """(V,) count-bucket index of each token id (:data:`COUNT_BUCKETS`), from its training-set count."""
+    return torch.from_numpy(np.searchsorted(_COUNT_EDGES, np.asarray(counts), side="right") - 1)
 
 
 def frequency_buckets(counts: np.ndarray) -> Tensor:

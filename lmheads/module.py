@@ -26,7 +26,7 @@ from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, sample
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.lightning_internals import align_logging_step, resume_where_fit_ended
 from lmheads.loss import IGNORE_INDEX, BackendName, TokenLoss, TrainLoss, head_loss
-from lmheads.metrics import BucketedNLL, TokenNLL, frequency_buckets
+from lmheads.metrics import COUNT_BUCKETS, BucketedNLL, TokenNLL, count_buckets, frequency_buckets
 from lmheads.optim import WarmupCosine, adamw, clip_gradients, decay_names
 from lmheads.perf import TokenThroughput
 from lmheads.reporting import GradientShare, HeadDiagnostics, eval_metrics, log_run_start
@@ -126,7 +126,9 @@ class LMHeadModule(L.LightningModule):
         self._decay_names = decay_names(self)
         self.eval_nll = nn.ModuleDict({"val": TokenNLL(), "test": TokenNLL()})
         self.eval_buckets = nn.ModuleDict({"val": BucketedNLL(), "test": BucketedNLL()})
+        self.eval_counts = nn.ModuleDict({s: BucketedNLL(len(COUNT_BUCKETS)) for s in ("val", "test")})
         self.token_bucket: Tensor | None = None  # (V,) training-frequency bucket of each token id
+        self.token_count_bucket: Tensor | None = None  # (V,) training-count bucket of each token id
         self.output_side = None  # what the head reads as E while GradientShare taps it (else E itself)
         self.schedule: WarmupCosine | None = None  # with the optimizer; a resumed run's from its checkpoint
         self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
@@ -216,7 +218,8 @@ class LMHeadModule(L.LightningModule):
         self.head_loss.check(self.trainer.strategy.root_device)
         datamodule = self.trainer.datamodule
         if datamodule is not None and "train" in getattr(datamodule, "splits", {}):
-            self.token_bucket = frequency_buckets(datamodule.train_token_counts())
+            counts = datamodule.train_token_counts()
+            self.token_bucket, self.token_count_bucket = frequency_buckets(counts), count_buckets(counts)
 
     def on_fit_start(self) -> None:
         log_run_start(self, self.trainer)
@@ -286,7 +289,9 @@ class LMHeadModule(L.LightningModule):
         self.eval_nll[prefix].update(nll, mask)
         if self.token_bucket is not None:
             self.token_bucket = self.token_bucket.to(flat.device)
+            self.token_count_bucket = self.token_count_bucket.to(flat.device)
             self.eval_buckets[prefix].update(nll, self.token_bucket[flat.clamp_min(0)], mask)
+            self.eval_counts[prefix].update(nll, self.token_count_bucket[flat.clamp_min(0)], mask)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val", "validation")
@@ -298,11 +303,12 @@ class LMHeadModule(L.LightningModule):
         result = self.eval_nll[prefix].compute()  # already reduced over processes
         self.eval_nll[prefix].reset()
         self.log(f"{prefix}/loss", result["loss"].float(), prog_bar=True)
-        buckets = None
+        buckets = counts = None
         if self.token_bucket is not None:
-            buckets = self.eval_buckets[prefix].compute()
+            buckets, counts = self.eval_buckets[prefix].compute(), self.eval_counts[prefix].compute()
             self.eval_buckets[prefix].reset()
-        self.log_dict(eval_metrics(prefix, split, result, buckets, self.trainer.datamodule))
+            self.eval_counts[prefix].reset()
+        self.log_dict(eval_metrics(prefix, split, result, buckets, self.trainer.datamodule, counts))
 
     # ------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -16,7 +16,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lmheads.heads import LinearHead, head_name
-from lmheads.metrics import FREQUENCY_BUCKETS, HP_METRICS, bits_per_byte, bucket_loss_metric
+from lmheads.metrics import (
+    COUNT_BUCKETS,
+    FREQUENCY_BUCKETS,
+    HP_METRICS,
+    bits_per_byte,
+    bucket_loss_metric,
+    count_loss_metric,
+)
 from lmheads.sharding import gathered
 
 
@@ -154,16 +161,27 @@ def hp_metrics(datamodule) -> list[str]:
 
 
 def eval_metrics(
-    prefix: str, split: str, result: dict[str, Tensor], buckets: dict[str, Tensor] | None, datamodule
+    prefix: str,
+    split: str,
+    result: dict[str, Tensor],
+    buckets: dict[str, Tensor] | None,
+    datamodule,
+    counts: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """What an evaluation logs besides ``<prefix>/loss``: perplexity, loss and token share per training
-    frequency bucket, bits per byte (text data), the exact optimum and excess loss (synthetic data),
-    and for validation the HParams columns (NaN where a metric does not apply)."""
+    frequency bucket and per training-count bucket (a count bucket no target falls in is left out),
+    bits per byte (text data), the exact optimum and excess loss (synthetic data), and for validation
+    the HParams columns where defined."""
     logs = {f"{prefix}/ppl": result["ppl"]}
     if buckets is not None:
         for i, name in enumerate(FREQUENCY_BUCKETS):
             logs[bucket_loss_metric(prefix, name)] = buckets["loss"][i]
             logs[f"{prefix}_freq/token_share_{name}"] = buckets["share"][i]
+    if counts is not None:
+        for i, name in enumerate(COUNT_BUCKETS):
+            if counts["share"][i] > 0:
+                logs[count_loss_metric(prefix, name)] = counts["loss"][i]
+                logs[f"{prefix}_count/token_share_{name}"] = counts["share"][i]
     tokens = int(result["tokens"])  # the targets scored: all of the split's, or its first batches'
     # bits per byte takes the bytes of the text scored, known for a whole split only: not for its first
     # batches (trainer.limit_val_batches), whose bytes per token can differ from the split's mean

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from lmheads.metrics import TokenNLL, bits_per_byte
@@ -28,3 +29,11 @@ def test_mask():
 def test_bits_per_byte():
     # 2 nats per token at 4 bytes per token: 2 / ln 2 bits per token, a quarter of that per byte.
     assert math.isclose(bits_per_byte(2.0, 4.0), 2.0 / math.log(2) / 4.0)
+
+
+def test_count_buckets_by_how_often_a_type_occurs_in_training():
+    from lmheads.metrics import COUNT_BUCKETS, count_buckets
+
+    counts = np.array([0, 1, 2, 4, 5, 19, 20, 99, 100, 5000])
+    names = [COUNT_BUCKETS[i] for i in count_buckets(counts).tolist()]
+    assert names == ["never", "1", "2to4", "2to4", "5to19", "5to19", "20to99", "20to99", "100plus", "100plus"]

@@ -530,6 +530,14 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| train_set_tokens=4,096 | 1 |" in out and "rarest 90%" in out
     assert (tmp_path / "b" / "bucket_differences.png").is_file()
+    # by how often a type occurs in training: the same buckets whatever the vocabulary
+    logged = scalars(only_run(tmp_path / "tied-4096"))
+    shares = [v[-1][1] for tag, v in logged.items() if tag.startswith("val_count/token_share_")]
+    assert abs(sum(shares) - 1) < 1e-6 and "val_count/loss_100plus" in logged
+    counts = ["--by", "train_set_tokens", "--counts", "--out", str(tmp_path / "c")]
+    assert buckets.main([str(tmp_path), *counts]) == 0
+    out = capsys.readouterr().out
+    assert "| runs | pairs | all tokens |" in out and "seen 100+ times" in out and "rarest 90%" not in out
     # a head against itself (all zeros), or a head with no runs, is refused before any work
     for heads, said in ((["--heads", "tied", "tied"], "--heads names tied twice; give two different heads"),
                         (["--heads", "tied", "TiedHead"], "no runs of head TiedHead among the runs given; "

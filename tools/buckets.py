@@ -30,7 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from pairs import TAGS, absent_heads, against, differences, over_steps, pairs_by_group
+from pairs import COUNT_TAGS, TAGS, absent_heads, against, differences, over_steps, pairs_by_group
 from plots import save_plot
 from report import check_outputs, publish, pyplot
 
@@ -38,6 +38,8 @@ from lmheads import comparable
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
 from lmheads.runlog import find_runs, natural
 from lmheads.stats import family, policy_note
+
+LABELS = {**TAGS, **COUNT_TAGS}
 
 
 def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
@@ -146,14 +148,15 @@ def steps_plot(trajectories: dict[str, dict], first: str, second: str, out: Path
 
 
 def table(diffs: dict[str, dict], first: str, second: str) -> str:
-    header = ["runs", "pairs", *(f"{label}" for label in TAGS.values())]
-    cells = [(group, tag) for group, per_tag in diffs.items() for tag in TAGS if per_tag[tag]]
+    tags = list(next(iter(diffs.values())))  # every group has the same tags, in order
+    header = ["runs", "pairs", *(LABELS[tag] for tag in tags)]
+    cells = [(group, tag) for group, per_tag in diffs.items() for tag in tags if per_tag[tag]]
     effects = dict(zip(cells, family([diffs[g][t] for g, t in cells], digits=4), strict=True))
     title = f"Validation loss of {first} minus {second} (nats/token; negative: {first} is better)"
     lines = [f"{title}, over seeds ({policy_note(len(cells))}):", "", "| " + " | ".join(header) + " |"]
     lines.append("|" + "---|" * len(header))
     for group, per_tag in diffs.items():
-        row = [group, str(len(per_tag["val/loss"])), *(effects.get((group, tag), "–") for tag in TAGS)]
+        row = [group, str(len(per_tag["val/loss"])), *(effects.get((group, tag), "–") for tag in tags)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -161,18 +164,18 @@ def table(diffs: dict[str, dict], first: str, second: str) -> str:
 def plot(diffs: dict[str, dict], first: str, second: str, out: Path, name: str) -> Path:
     plt = pyplot()
 
-    groups = list(diffs)
+    groups, tags = list(diffs), list(next(iter(diffs.values())))
     width = 0.8 / max(len(groups), 1)
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
     for i, group in enumerate(groups):
-        xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(TAGS))]
-        values = [diffs[group][tag] for tag in TAGS]
+        xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(tags))]
+        values = [diffs[group][tag] for tag in tags]
         means = [statistics.fmean(v) if v else float("nan") for v in values]
         errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         ax.bar(xs, means, width=width, yerr=errs, capsize=3, label=group)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_yscale("symlog", linthresh=0.01)  # linear within +-0.01 nats, logarithmic beyond
-    ax.set_xticks(range(len(TAGS)), list(TAGS.values()))
+    ax.set_xticks(range(len(tags)), [LABELS[tag] for tag in tags], rotation=20 * (len(tags) > 4))
     ax.set_ylabel(f"val loss, {first} - {second} (nats)")
     ax.grid(alpha=0.3, axis="y")
     return save_plot(fig, ax, out / f"{name}.png")
@@ -193,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--over-steps", action="store_true", help="the difference at each validation instead of per bucket"
+    )
+    parser.add_argument(
+        "--counts",
+        action="store_true",
+        help="buckets by how often a type occurs in training (never, once, 2-4, 5-19, 20-99, 100+ times) "
+        "instead of frequency percentiles: the same buckets for runs of one vocabulary",
     )
     parser.add_argument("--against", metavar="HEAD", help="every other head minus this one, per seed")
     parser.add_argument("--update", type=Path, help="markdown file with a generated section to replace")
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         name, text, draw, what = args.name or "differences_over_steps", steps_table, steps_plot, "over steps"
     else:
-        result = differences(paired)
+        result = differences(paired, COUNT_TAGS if args.counts else TAGS)
         name, text, draw, what = args.name or "bucket_differences", table, plot, "by frequency bucket"
     return _write(args, result, first, second, name, text, draw, what, note=left_out)
 

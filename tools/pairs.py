@@ -12,11 +12,23 @@ import statistics
 from collections import defaultdict
 
 from lmheads import comparable
-from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS, bucket_loss_metric
+from lmheads.metrics import (
+    COUNT_BUCKET_LABELS,
+    COUNT_BUCKETS,
+    FREQUENCY_BUCKET_LABELS,
+    FREQUENCY_BUCKETS,
+    bucket_loss_metric,
+    count_loss_metric,
+)
 from lmheads.runlog import RunLog, natural
 
+#: The validation losses a difference is taken of: all tokens, and per frequency bucket (percentiles of
+#: the vocabulary) or, with COUNT_TAGS, per how often a type occurs in training.
 TAGS = {"val/loss": "all tokens"} | {
     bucket_loss_metric("val", b): FREQUENCY_BUCKET_LABELS[b] for b in FREQUENCY_BUCKETS
+}
+COUNT_TAGS = {"val/loss": "all tokens"} | {
+    count_loss_metric("val", b): COUNT_BUCKET_LABELS[b] for b in COUNT_BUCKETS
 }
 
 
@@ -70,12 +82,14 @@ def pairs_by_group(
     return out
 
 
-def differences(paired: dict[str, dict]) -> dict[str, dict]:
-    """``{group: {tag: [difference per seed]}}`` of the final values, ``first - second``."""
-    out: dict[str, dict] = defaultdict(lambda: defaultdict(list))
+def differences(paired: dict[str, dict], tags: dict[str, str] = TAGS) -> dict[str, dict]:
+    """``{group: {tag: [difference per seed]}}`` of the final values, ``first - second``, for each of
+    ``tags`` in order (an empty list where no pair logged it)."""
+    out: dict[str, dict] = {}
     for group, seeds in paired.items():
+        out[group] = {tag: [] for tag in tags}
         for a_run, b_run in seeds.values():
-            for tag in TAGS:
+            for tag in tags:
                 a, b = a_run.final(tag), b_run.final(tag)
                 if a is not None and b is not None:
                     out[group][tag].append(a - b)
