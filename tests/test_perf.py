@@ -62,6 +62,10 @@ def test_bench_head_runs_every_backend(capsys):
                 "--chunk-sizes", "32", "--no-compile"])  # fmt: skip
     out = capsys.readouterr().out
     assert "| naive | " in out and "| chunked C=32 | " in out
+    (users,) = [line for line in out.splitlines() if line.startswith("| F.cross_entropy fp32 |")]
+    assert (
+        users.split(" | ")[2] == "1.00" and "| x F.cross_entropy fp32 |" in out
+    )  # the users' loss: the base
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = ChunkGrad().chunk_tokens(300, getattr(torch, dtype), device, softcap=False)
     assert f"| chunked C={default} (default) | " in out  # what training uses, always timed
