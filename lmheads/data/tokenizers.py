@@ -178,7 +178,30 @@ class WordTokenizer(Tokenizer):
         return cls(state["words"])
 
 
-class BPETokenizer(Tokenizer):
+class _HFTokenizer(Tokenizer):
+    """A tokenizer held as an HF ``tokenizers.Tokenizer``, cached as that tokenizer's JSON."""
+
+    def __init__(self, tokenizer: HFTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tokenizer": json.loads(self.tokenizer.to_str())}
+
+    @classmethod
+    def _from_state(cls, state: dict) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(json.dumps(state["tokenizer"])))
+
+
+class BPETokenizer(_HFTokenizer):
     """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant) trained on the training text
     with HF ``tokenizers``. Every string is representable, so there is no ``<unk>``; ``<eos>`` (id 0)
     ends each record and stands for its line break, as for the word tokenizer."""
@@ -186,7 +209,7 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
 
     def __init__(self, tokenizer: HFTokenizer) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer)
         self.eos_id = tokenizer.token_to_id(EOS)
 
     @classmethod
@@ -210,13 +233,6 @@ class BPETokenizer(Tokenizer):
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
-
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         lines = [t[:-1] if t.endswith("\n") else t for t in texts]
         return [[*enc.ids, self.eos_id] for enc in self.tokenizer.encode_batch(lines)]
@@ -231,25 +247,13 @@ class BPETokenizer(Tokenizer):
                 current.append(i)
         return "".join(lines) + self.tokenizer.decode(current)
 
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "tokenizer": json.loads(self.tokenizer.to_str())}
 
-    @classmethod
-    def _from_state(cls, state: dict) -> BPETokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_str(json.dumps(state["tokenizer"])))
-
-
-class PretrainedTokenizer(Tokenizer):
+class PretrainedTokenizer(_HFTokenizer):
     """A pretrained model's own tokenizer, read from the ``tokenizer.json`` in its local folder (an HF
     model's, such as GPT-2's), so that the data's ids are the ones its embedding was trained on. A
     record is encoded as it is, its line break included; nothing is added."""
 
     kind = "pretrained"
-
-    def __init__(self, tokenizer: HFTokenizer) -> None:
-        self.tokenizer = tokenizer
 
     @classmethod
     def from_folder(cls, folder: str) -> PretrainedTokenizer:
@@ -264,24 +268,8 @@ class PretrainedTokenizer(Tokenizer):
             )
         return cls(HFTokenizer.from_file(str(path)))
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
-
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids))
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "tokenizer": json.loads(self.tokenizer.to_str())}
-
-    @classmethod
-    def _from_state(cls, state: dict) -> PretrainedTokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_str(json.dumps(state["tokenizer"])))
