@@ -198,6 +198,14 @@ def option_values(args: list[str], option: str) -> list[str]:
     return values
 
 
+def _option_pairs(args: list[str]):
+    """Each argument of a command line as ``(option, value)``: ``--option=value``, or ``--option`` with
+    the next argument ("" after the last)."""
+    for i, arg in enumerate(args):
+        option, has_value, value = arg.partition("=")
+        yield option, value if has_value else (args[i + 1] if i + 1 < len(args) else "")
+
+
 #: Trainer options that take a whole number as a number of batches and a fraction as a share of them
 #: (Lightning's documentation), which the parser turns into floats: ``1`` would mean all of them.
 BATCH_COUNTS = (
@@ -213,10 +221,7 @@ def batch_counts(args: list[str], subcommand: str) -> dict[str, int]:
     """The options of :data:`BATCH_COUNTS` that a command line (or its ``--config`` files) last gives as a
     whole number, without a decimal point, as ints."""
     found: dict[str, int] = {}
-    for i, arg in enumerate(args):
-        option, has_value, value = arg.partition("=")
-        if not has_value:
-            value = args[i + 1] if i + 1 < len(args) else ""
+    for option, value in _option_pairs(args):
         if option == "--config":
             trainer = _config_section(value, subcommand, "trainer")
             given = {k: trainer[k] for k in BATCH_COUNTS if isinstance(trainer, dict) and k in trainer}
@@ -266,10 +271,7 @@ def given_options(args: list[str], section: str, subcommand: str) -> list[str]:
         else:
             keys.append(prefix)
 
-    for i, arg in enumerate(args):
-        option, has_value, value = arg.partition("=")
-        if not has_value:
-            value = args[i + 1] if i + 1 < len(args) else ""
+    for option, value in _option_pairs(args):
         if option == "--config":
             section_value = _config_section(value, subcommand, section)
             if section_value is not None:
