@@ -36,28 +36,20 @@ from lmheads.generation import SamplingConfig
 from lmheads.heads import head_name
 from lmheads.heads.base import resolve_head
 from lmheads.heads.names import PARSER_MODE, expand_head_names, list_heads, load_yaml
-from lmheads.loggers import DEFAULT_SAVE_DIR, folder_logger_args, named_run_folder, start_csv_logger
 from lmheads.module import LMHeadModule
-from lmheads.resume import (
+from lmheads.run.claim import NAMING_OPTION, RunFolder
+from lmheads.run.layout import furthest_checkpoint, run_of_checkpoint
+from lmheads.run.plan import DEFAULT_SAVE_DIR, Plan, naming, plan_run, point_loggers
+from lmheads.run.records import RunConfig, RunSummary, record_evaluation
+from lmheads.run.resume import (
     check_against_checkpoint,
     check_training,
     check_trains_something,
     checkpoint_by_keyword,
-    furthest_checkpoint,
     is_checkpoint_keyword,
-)
-from lmheads.runs import (
-    RunFolder,
-    evaluation_folder,
-    naming_option,
-    record_evaluation,
-    refuse_earlier_samples,
-    refuse_requeue_checkpoint,
-    run_of_checkpoint,
 )
 from lmheads.sharding import check_strategy
 from lmheads.streams import pipe_safe_output
-from lmheads.summary import RunSummary
 
 
 def trainer_defaults() -> dict[str, Any]:
@@ -88,6 +80,7 @@ class LMHeadsParser(LightningArgumentParser):
 class LMHeadsCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         self.run_folder: RunFolder | None = None
+        self.plan: Plan | None = None
         try:
             super().__init__(*args, **kwargs)
         except BaseException:
@@ -123,7 +116,9 @@ class LMHeadsCLI(LightningCLI):
             else:
                 super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
-            message = explain_parse_error(str(err), self._defaults_parser)
+            message = explain_parse_error(
+                str(err), self._defaults_parser, args if isinstance(args, list) else None
+            )
             raise ConfigError(message + _run_config_hint(str(err), args)) from None
         subcommand = self.config.get("subcommand")
         self._checkpoint = None
@@ -148,9 +143,12 @@ class LMHeadsCLI(LightningCLI):
 
     def _resolve_keyword(self, subcommand: str, config) -> None:
         """``--ckpt_path=last`` / ``best`` of the run the logger's version names, as that checkpoint's file
-        (``None``: a fit that starts the run). A repeated command (a requeued job) so continues its run."""
-        args = folder_logger_args(config)
-        run = None if args is None else named_run_folder(args)
+        (``None``: a fit that starts the run). A repeated command (a requeued job) so continues its run.
+        Lightning resolves its keywords only once the model is built, among ``last*.ckpt`` files: too late
+        to check the checkpoint against the options or to decide the folder, and blind to the run's
+        ``interrupted.ckpt`` and requeue checkpoints."""
+        save_dir, name, version = naming(config)
+        run = None if version is None else save_dir / name / version
         keyword = config.ckpt_path
         found = checkpoint_by_keyword(keyword, subcommand, run)
         config.ckpt_path = None if found is None else str(found)
@@ -173,6 +171,7 @@ class LMHeadsCLI(LightningCLI):
         if config.get("enable_checkpointing", True) is not False and not has(ModelCheckpoint):
             defaults.append(
                 RunCheckpoint(
+                    dirpath=None if self.plan is None else self.plan.folder / "checkpoints",
                     monitor="val/loss",
                     mode="min",
                     save_last=True,
@@ -186,10 +185,12 @@ class LMHeadsCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not has(ProgressBarBase):
             defaults.append(progress_display())
         kwargs = {**self._batch_counts, **kwargs}
-        if self.run_folder is not None:  # Lightning's SLURM requeue checkpoints go into the run, and no
-            # fit or evaluation of another run picks one up from a shared folder in place of its own start
-            kwargs.setdefault("default_root_dir", str(self.run_folder.path))
+        if self.plan is not None:  # the run's folder, also for Lightning's SLURM requeue checkpoints
+            kwargs["default_root_dir"] = str(self.plan.folder)
         trainer = super().instantiate_trainer(callbacks=[*given, *defaults], **kwargs)
+        if self.plan is not None:  # a checkpoint callback of the user's own, too, unless it names a folder
+            for callback in trainer.checkpoint_callbacks:
+                callback.dirpath = callback.dirpath or str(self.plan.folder / "checkpoints")
         atomic_checkpoints(trainer)
         return trainer
 
@@ -205,73 +206,50 @@ class LMHeadsCLI(LightningCLI):
             self._checkpoint = None
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.sampling = config.sampling
-        shared = self.run_folder is None or self.run_folder.shared  # a folder other commands write to
-        if self.subcommand and shared and config.get("ckpt_path") is None:
-            refuse_requeue_checkpoint(Path(self.trainer.default_root_dir), self.subcommand)
 
     def before_instantiate_classes(self) -> None:
-        """Choose and claim the run's folder (:mod:`lmheads.runs`): a new fit gets
-        ``<head>-seed<seed>-<time>``, a fit resuming a checkpoint of a run continues in that run, and an
-        evaluation of a checkpoint of a run goes to ``<run>/<subcommand>/<checkpoint name>``. Without a
-        logger a fit's folder is ``trainer.default_root_dir`` (where Lightning then writes its config and
-        checkpoints), held to the same rule, and an evaluation writes no config file."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        """Plan the command's folder (:func:`lmheads.run.plan.plan_run`), point every logger at it and
+        claim it (:class:`lmheads.run.claim.RunFolder`); the trainer, its checkpoint callbacks and the
+        saved config follow it when they are made."""
+        if self.subcommand is None:  # run=False only builds: no command owns a folder
+            return
+        config = self.config[self.subcommand]
         if self.subcommand in ("validate", "test", "predict"):
             quiet_evaluation()
         ckpt = config.get("ckpt_path")
         run = run_of_checkpoint(ckpt) if self._checkpoint is not None else None
-        args = folder_logger_args(config)
-        no_logger = config.trainer.get("logger") is False
-        root = Path(config.trainer.get("default_root_dir") or ".").resolve()
-        filed = False  # an evaluation filed in the run of its checkpoint
-        if args is not None:
-            folder, filed = self._logger_folder(config, args, run, ckpt)
-        elif no_logger and self.subcommand == "fit":
-            folder = root
-        else:
-            if no_logger and self.subcommand is not None:
-                self.save_config_callback = None  # nothing is logged, nor a config beside it
-                if self.subcommand == "predict":
-                    refuse_earlier_samples(root)
-            return
-        resume = self.subcommand == "fit" and run is not None and run.resolve() == folder
-        if resume:  # the run's config.yaml stays as it was; this start's config goes beside it
-            step = self._checkpoint.get("global_step", 0)
-            furthest = furthest_checkpoint(run)
-            if furthest is not None and furthest[0] > step:
-                raise ConfigError(
-                    f"the checkpoint {ckpt} is at step {step}, but its run went on to step {furthest[0]} "
-                    f"({furthest[1].name}): continuing from it would write over steps {step}-{furthest[0]} "
-                    f"of that run. Continue the run with --ckpt_path={furthest[1]}, or start a new run from "
-                    f"this checkpoint with another {naming_option(shared=args is None)}"
-                )
-            self.save_config_kwargs = {
-                **self.save_config_kwargs,
-                "config_filename": f"config-resumed-step{step}-{time.strftime('%Y%m%d-%H%M%S')}.yaml",
-            }
-        if self.subcommand is None:  # run=False only builds: no command owns a folder
-            return
-        self.run_folder = RunFolder(folder, resume=resume, shared=args is None)
+        step = self._checkpoint.get("global_step", 0) if self._checkpoint is not None else 0
+        head = head_name(resolve_head(str(config.model.head.class_path)))
+        now = time.strftime("%Y%m%d-%H%M%S")
+        self.plan = plan = plan_run(self.subcommand, config, head, now, run, step, ckpt or "")
+        if plan.resume:
+            _refuse_going_back(run, step, ckpt)
+        set_aside = point_loggers(config, plan, step)
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": plan.config_file}
+        self.run_folder = RunFolder(plan.folder, resume=plan.resume)
         try:
             self.run_folder.claim()
         except ConfigError as err:
-            if self.subcommand != "fit" and run is not None and run.resolve() != folder:
-                raise ConfigError(  # a run's config.yaml given with another run's checkpoint
-                    f"the configuration names the run {folder}, and the checkpoint {ckpt} is of another "
-                    f"run, {run}: to {self.subcommand} it, give --config {run / 'config.yaml'} before "
-                    f"--ckpt_path (or another {naming_option(shared=args is None)})"
-                ) from None
-            if self.subcommand == "fit" or ckpt:
-                raise
-            raise ConfigError(  # the run's config.yaml without a checkpoint (or one it reset to null)
-                f"{err}. To {self.subcommand} a checkpoint of that run, give --ckpt_path after --config"
-            ) from None
-        if args is not None:
-            resumed_at = self._checkpoint.get("global_step", 0) if resume else None
-            start_csv_logger(self.run_folder, config, resumed_at)
-        if filed:
-            step = self._checkpoint.get("global_step", 0)
-            record_evaluation(folder, ckpt, step, self._other_data)
+            raise ConfigError(self._why_not_claimed(err, plan, run, ckpt)) from None
+        for name, new_name in set_aside:
+            if self.run_folder.set_aside(name, new_name):
+                rank_zero_info(
+                    f"{name} starts anew at step {step}; the run's earlier one is kept as {new_name}"
+                )
+        if plan.filed_in is not None:
+            record_evaluation(plan.folder, ckpt, step, self._other_data)
+
+    def _why_not_claimed(self, err: ConfigError, plan: Plan, run: Path | None, ckpt) -> str:
+        if self.subcommand != "fit" and run is not None and plan.filed_in is None:
+            return (  # a run's config.yaml given with another run's checkpoint
+                f"the configuration names the run {plan.folder}, and the checkpoint {ckpt} is of another "
+                f"run, {run}: to {self.subcommand} it, give --config {run / 'config.yaml'} before "
+                f"--ckpt_path (or another {NAMING_OPTION})"
+            )
+        if self.subcommand == "fit" or ckpt:
+            return str(err)
+        # the run's config.yaml without a checkpoint (or one it reset to null)
+        return f"{err}. To {self.subcommand} a checkpoint of that run, give --ckpt_path after --config"
 
     def after_validate(self) -> None:
         self._say_where_filed()
@@ -292,29 +270,18 @@ class LMHeadsCLI(LightningCLI):
             line += "take it for the run's own"
         rank_zero_info(line)
 
-    def _logger_folder(self, config, args, run: Path | None, ckpt) -> tuple[Path, bool]:
-        """The run's folder, set into the logger's arguments: the checkpoint's own run unless another
-        version is named, else a new version named after the head, seed and time. An evaluation of the
-        run's checkpoint goes into a folder of the run (TensorBoard's ``sub_dir``; the CSV logger's version
-        gets it appended), and is then said to be filed there (the second value)."""
-        filed = False
-        named = named_run_folder(args)
-        # the checkpoint's own run (the run's config.yaml names its folder)
-        if run is not None and (named is None or named.resolve() == run.resolve()):
-            args.save_dir, args.name, args.version = str(run.parent.parent), run.parent.name, run.name
-            if self.subcommand != "fit":
-                evaluation, filed = evaluation_folder(run, self.subcommand, Path(ckpt)), True
-                if "sub_dir" in args:
-                    args.sub_dir = evaluation
-                else:
-                    args.version = f"{run.name}/{evaluation}"
-        if args.get("version") is None:
-            head = head_name(resolve_head(str(config.model.head.class_path)))
-            evaluation = f"-{self.subcommand}" if self.subcommand not in (None, "fit") else ""
-            args.version = f"{head}-seed{config.get('seed_everything')}-{time.strftime('%Y%m%d-%H%M%S')}"
-            args.version += evaluation
-        folder = Path(args.save_dir, args.name or "", str(args.version), args.get("sub_dir") or "")
-        return folder.resolve(), filed
+
+def _refuse_going_back(run: Path, step: int, ckpt) -> None:
+    """A fit that continues ``run`` from a checkpoint at ``step`` the run went past would write over its
+    later steps."""
+    furthest = furthest_checkpoint(run)
+    if furthest is not None and furthest[0] > step:
+        raise ConfigError(
+            f"the checkpoint {ckpt} is at step {step}, but its run went on to step {furthest[0]} "
+            f"({furthest[1].name}): continuing from it would write over steps {step}-{furthest[0]} "
+            f"of that run. Continue the run with --ckpt_path={furthest[1]}, or start a new run from "
+            f"this checkpoint with another {NAMING_OPTION}"
+        )
 
 
 def _run_config_hint(message: str, args) -> str:
@@ -369,7 +336,8 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
             seed_everything_default=0,
             auto_configure_optimizers=False,
             trainer_defaults=trainer_defaults(),
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RunConfig,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
             parser_kwargs={
                 "parser_mode": PARSER_MODE,  # short head names in config files
                 "exit_on_error": False,  # bad options become one error line (explain_parse_error)

@@ -75,9 +75,34 @@ def sample(
     return idx
 
 
+@torch.no_grad()
+def generate_tokens(
+    model,
+    idx: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    logits_fn: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Extend prompts (B, T0) by ``max_new_tokens`` tokens sampled from ``model`` (an
+    :class:`~lmheads.module.LMHeadModule`, whose ``generate`` this is) with :func:`sample`.
+
+    ``logits_fn`` maps a context (B, T) to full logits (B, T, V) instead of the module's own backbone
+    and head: outside a step, FSDP1's root unit, which gathers the embedding and head around its
+    forward."""
+
+    def next_logits(context: Tensor) -> Tensor:
+        if logits_fn is not None:
+            return logits_fn(context)[:, -1]  # (B, V)
+        return model.head.logits(model.backbone(context)[:, -1], model.backbone.wte)  # (B, V)
+
+    return sample(next_logits, idx, max_new_tokens, model.cfg.block_size, temperature, top_k, generator)
+
+
 class SampleWriter(BasePredictionWriter):
-    """Writes ``predict`` output, decoded by the data module, to ``samples-rank<r>.jsonl`` in the run's
-    log directory (or the trainer's root directory), and prints the first few samples."""
+    """Writes ``predict`` output, decoded by the data module, to ``samples-rank<r>.jsonl`` in the
+    command's folder (the trainer's ``default_root_dir``), and prints the first few samples."""
 
     def __init__(self, show: int = 3) -> None:
         super().__init__(write_interval="batch")
@@ -88,7 +113,7 @@ class SampleWriter(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         # rank 0's folder, on every process: one started on its own (torchrun, SLURM, another node) may
         # have named the run or numbered the evaluation otherwise
-        self._folder = Path(trainer.log_dir)
+        self._folder = Path(trainer.strategy.broadcast(trainer.default_root_dir))
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx

@@ -137,8 +137,7 @@ def log_run_start(model, trainer: L.Trainer) -> None:
         f"head {head_name(model.head)}: parameters (a shared tensor counted once) "
         + ", ".join(f"{k}={v:,}" for k, v in counts.items())
     )
-    folder = trainer.logger.log_dir if trainer.logger is not None else None
-    if folder and os.path.exists(os.path.join(folder, "hparams.yaml")):
+    if os.path.exists(os.path.join(trainer.default_root_dir, "hparams.yaml")):
         return
     flat = flat_hparams(model, trainer)
     for logger in trainer.loggers:
@@ -264,8 +263,8 @@ class EmbeddingGradientTap:
     output side, ``|g_out|^2 / (|g_in|^2 + |g_out|^2)``: Lopardo et al. (2026) trace a tied matrix's
     drift towards the output space to this share being high early in training.
 
-    Use :meth:`input_side` around the forward pass and hand :attr:`output_side` to the head as its
-    embedding; after the backward pass, :meth:`output_share` (a tensor: no host synchronisation).
+    Use :meth:`input_side` around the forward pass and hand :attr:`output_side` to the head's loss as
+    its embedding; after the backward pass, :meth:`output_share` (a tensor: no host synchronisation).
     """
 
     def __init__(self, embedding: nn.Embedding) -> None:
@@ -324,11 +323,24 @@ class _OutputSide:
         return alias
 
 
+class _TappedLoss:
+    """A head's loss that hands the head the tap's output side as its embedding (training only)."""
+
+    def __init__(self, loss, output_side: _OutputSide) -> None:
+        self.loss, self.output_side = loss, output_side
+
+    def train_loss(self, head, h: Tensor, embedding: nn.Embedding, targets: Tensor):
+        return self.loss.train_loss(head, h, self.output_side, targets)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loss, name)
+
+
 class GradientShare(L.Callback):
     """Logs ``diag/grad_share_output`` at the steps Lightning writes, for a head that reads the token
-    embedding E (:class:`EmbeddingGradientTap`): the share of E's squared gradient that comes through
-    the output side. The tap wraps the step's forward (the module's head reads its output side through
-    ``output_side``) and is read after the backward pass; a compiled model is not tapped."""
+    embedding E (:class:`EmbeddingGradientTap`): the tap wraps the step's forward, the module's head loss
+    reads E's output side through it for that step, and the share is read after the backward pass. A
+    compiled model is not tapped."""
 
     def __init__(self) -> None:
         self._tap: EmbeddingGradientTap | None = None
@@ -340,7 +352,7 @@ class GradientShare(L.Callback):
         self._tap = EmbeddingGradientTap(pl_module.backbone.wte)
         self._input_side = contextlib.ExitStack()
         self._input_side.enter_context(self._tap.input_side())
-        pl_module.output_side = self._tap.output_side
+        pl_module.head_loss = _TappedLoss(pl_module.head_loss, self._tap.output_side)
 
     def on_after_backward(self, trainer: L.Trainer, pl_module) -> None:
         tap = self._close(pl_module)
@@ -355,5 +367,5 @@ class GradientShare(L.Callback):
         tap, self._tap = self._tap, None
         if tap is not None:
             self._input_side.close()
-            pl_module.output_side = None
+            pl_module.head_loss = pl_module.head_loss.loss
         return tap

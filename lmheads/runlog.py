@@ -22,7 +22,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.dotted import flatten
-from lmheads.runs import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
+from lmheads.run.layout import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
 
 #: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
 EVALUATIONS = ("validate", "test", "predict")

@@ -16,7 +16,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.cli import main
-from lmheads.runs import CLAIM_FILE, LOCK_FILE
+from lmheads.run.claim import CLAIM_FILE, LOCK_FILE
 
 __all__ = ["QUICKSTART", "ROOT", "fit", "main", "only_run", "quick_args", "run_lmheads", "scalars", "tool"]
 __all__ += ["held_elsewhere", "two_loggers"]

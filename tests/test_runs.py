@@ -1,5 +1,5 @@
 """Runs as records: no silent override by a checkpoint, one run per folder, evaluations filed with their
-run, nothing left by a failed start, a summary at the end (lmheads.runs, lmheads.resume and the CLI
+run, nothing left by a failed start, a summary at the end (lmheads.run and the CLI
 around them)."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from jsonargparse import Namespace
 from lmheads import comparable, runlog
 from lmheads.errors import ConfigError
 from lmheads.heads import head_name, registered_heads
-from lmheads.loggers import start_csv_logger
-from lmheads.resume import training_conflicts
-from lmheads.runs import RunFolder
+from lmheads.run.claim import RunFolder
+from lmheads.run.plan import Plan, point_loggers
+from lmheads.run.resume import training_conflicts
 
 from . import external_heads
 from .helpers import (
@@ -258,37 +258,33 @@ def test_a_second_run_into_the_same_folder_is_refused(finished_run, capsys):
     assert snapshot(run) == before
 
 
-def test_without_a_logger_default_root_dir_holds_one_run(finished_run, capsys):
-    """Without a logger Lightning writes a fit's config.yaml and checkpoints into
-    ``trainer.default_root_dir``, where the next fit would write over them: that folder is the run's, and
-    evaluations there write no config (nor samples over an earlier predict's)."""
+def test_without_a_logger_a_run_still_has_a_folder_of_its_own(finished_run, capsys):
+    """Without a logger a fit's config, checkpoints and summary go into a run folder named as any other
+    (``<default_root_dir>/lmheads/<run>``), held to the same rules: a failed start leaves nothing, its own
+    checkpoint continues it, and evaluations are filed inside it, each in a folder of its own."""
     tmp_path, run, run_before = finished_run
-    ckpt = run / "checkpoints" / "last.ckpt"
-    # a failed start removes its own files only, though the folder holds another run's checkpoints
     before = snapshot(tmp_path)
     refused(capsys, "fit", *quick_args(tmp_path), "--trainer.logger=false", "--model.backbone.d_model=130")
-    assert snapshot(tmp_path) == before and not (tmp_path / ".lmheads-run").exists()
+    assert snapshot(tmp_path) == before
     fit(tmp_path, "--trainer.logger=false", steps=3, every=3)
-    assert (tmp_path / "checkpoints" / "step3.ckpt").is_file()
-    first = snapshot(tmp_path)
-    err = refused(capsys, "fit", *quick_args(tmp_path), "--trainer.logger=false", "--model.head=untied")
-    assert f"run folder {tmp_path.resolve()} already holds a run; give this one another " in err
-    assert "--trainer.default_root_dir" in err and snapshot(tmp_path) == first
-    # its own checkpoint continues it in place, its config kept and this start's beside it
-    fit(tmp_path, "--trainer.logger=false", f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", steps=4)
-    assert snapshot(tmp_path)["config.yaml"] == first["config.yaml"]
-    assert len(list(tmp_path.glob("config-resumed-step3-*.yaml"))) == 1
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
-    assert json.loads((tmp_path / "results.json").read_text())["step"] == 4  # its summary, as for any run
-    config = (tmp_path / "config.yaml").read_bytes()
-    for command in ("validate", "predict"):
+    (own,) = (tmp_path / "lmheads").iterdir()
+    assert own.name.startswith("tied-seed0-") and (own / "checkpoints" / "step3.ckpt").is_file()
+    first = snapshot(own)
+    ckpt = own / "checkpoints" / "last.ckpt"
+    fit(tmp_path, "--trainer.logger=false", f"--ckpt_path={ckpt}", steps=4)
+    assert snapshot(own)["config.yaml"] == first["config.yaml"]
+    assert len(list(own.glob("config-resumed-step3-*.yaml"))) == 1
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+    assert json.loads((own / "results.json").read_text())["step"] == 4  # its summary, as for any run
+    config = (own / "config.yaml").read_bytes()
+    for command in ("validate", "predict", "predict"):
         main([command, *quick_args(tmp_path), "--trainer.logger=false", f"--ckpt_path={ckpt}",
               "--trainer.limit_predict_batches=1", "--sampling.max_new_tokens=2"])  # fmt: skip
-    assert (tmp_path / "config.yaml").read_bytes() == config  # not the evaluations' configs
-    samples = (tmp_path / "samples-rank0.jsonl").read_bytes()
-    err = refused(capsys, "predict", *quick_args(tmp_path), "--trainer.logger=false", f"--ckpt_path={ckpt}")
-    assert "holds samples-rank0.jsonl, samples of an earlier predict" in err
-    assert (tmp_path / "samples-rank0.jsonl").read_bytes() == samples
+    assert (own / "config.yaml").read_bytes() == config  # not the evaluations' configs
+    assert (own / "validate" / "last" / "checkpoint.json").is_file()
+    samples = [(own / "predict" / name / "samples-rank0.jsonl") for name in ("last", "last-2")]
+    assert all(s.is_file() for s in samples)  # the second predict's samples are not appended to the first's
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["lmheads", "quickstart"]
     assert snapshot(run) == run_before
 
 
@@ -299,7 +295,7 @@ def test_with_several_loggers_the_first_ones_folder_is_the_run(tmp_path, capsys)
     fit(tmp_path, "--config", two_loggers(tmp_path), steps=2, every=2)
     run = only_run(tmp_path)
     assert run.name.startswith("tied-seed0-") and (run / "checkpoints" / "last.ckpt").is_file()
-    (csv,) = (tmp_path / "csv").glob("*/version_*")
+    csv = run / "csv"  # the second logger's files inside the run
     assert "head: tied" in (csv / "hparams.yaml").read_text() and (csv / "metrics.csv").is_file()
     before = snapshot(run)
     err = refused(capsys, "fit", *quick_args(tmp_path), "--config", two_loggers(tmp_path, run.name))
@@ -309,12 +305,9 @@ def test_with_several_loggers_the_first_ones_folder_is_the_run(tmp_path, capsys)
     assert only_run(tmp_path) == run and len(list(run.glob("config-resumed-step2-*.yaml"))) == 1
 
 
-def test_a_csv_logger_keeps_runs_as_tensorboard_does_and_another_first_logger_is_refused(
-    tmp_path, capsys, recwarn
-):
+def test_a_csv_logger_keeps_runs_as_tensorboard_does(tmp_path, capsys, recwarn):
     """Lightning writes the config and checkpoints into the first logger's folder. The CSV logger's is
-    ``save_dir/name/version``, as TensorBoard's: a run there is held to the same rules. Another logger
-    (MLflow, W&B) has no folder of a run's own: every run would write its config over the last one's."""
+    ``save_dir/name/version``, as TensorBoard's: a run there is held to the same rules."""
     csv = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
            "--trainer.logger.name=quickstart"]  # fmt: skip
     fit(tmp_path, *csv, "--trainer.logger.version=x", steps=3, every=3)
@@ -347,13 +340,6 @@ def test_a_csv_logger_keeps_runs_as_tensorboard_does_and_another_first_logger_is
     assert min(steps) >= 3 and max(steps) == 4
     noise = ("Experiment logs directory", "The dirpath has changed")  # of the run's own folder
     assert not [w for w in recwarn if str(w.message).startswith(noise)]
-    everything = snapshot(tmp_path)
-    err = refused(
-        capsys, "fit", *quick_args(tmp_path), "--trainer.logger=lightning.pytorch.loggers.MLFlowLogger"
-    )
-    assert "the first logger (lightning.pytorch.loggers.MLFlowLogger) has no folder of its own" in err
-    assert "give lightning.pytorch.loggers.TensorBoardLogger (or CSVLogger) first in trainer.logger" in err
-    assert snapshot(tmp_path) == everything
 
 
 def _csv_rows(path: Path) -> list[tuple[list[str], str]]:
@@ -381,7 +367,8 @@ def test_a_csv_run_continued_twice_from_one_step_keeps_both_earlier_metrics(tmp_
         (tmp_path / "metrics.csv").write_text(f"start {n}")
         folder = RunFolder(tmp_path, resume=True)
         folder.claim()
-        start_csv_logger(folder, config, 3)
+        for name, new_name in point_loggers(config, Plan(tmp_path, resume=True), 3):
+            folder.set_aside(name, new_name)
     assert (tmp_path / "metrics-before-step3.csv").read_text() == "start 1"
     assert (tmp_path / "metrics-before-step3-2.csv").read_text() == "start 2"
     assert not (tmp_path / "metrics.csv").exists()
@@ -762,19 +749,16 @@ def slurm(tmp_path, monkeypatch):
 
 def test_on_slurm_no_command_starts_from_a_requeue_checkpoint_it_was_not_given(tmp_path, slurm, capsys):
     """Lightning starts a command without a checkpoint from the newest ``hpc_ckpt_N.ckpt`` in
-    ``default_root_dir`` when on SLURM, whichever run left it there. A new run starts from scratch."""
+    ``default_root_dir`` when on SLURM, whichever run left it there: lmheads makes that the new run's own
+    folder, with a logger or without, so a new run starts from scratch."""
     fit(tmp_path / "first", steps=3)
     shared = tmp_path / "second"
     shared.mkdir()
     shutil.copy(only_run(tmp_path / "first") / "checkpoints" / "last.ckpt", shared / "hpc_ckpt_1.ckpt")
-    cli = fit(shared, "--seed_everything=1", steps=6)  # default_root_dir is `shared`
-    assert min(s for s, _ in scalars(only_run(shared))["train/loss"]) == 0  # not step 3 of the other run
-    assert cli.trainer.global_step == 6
-    # without a run folder (another logger, or none) the command is refused while the file lies there
-    before = snapshot(shared)
-    err = refused(capsys, "fit", *quick_args(shared), "--trainer.logger=false")
-    assert "hpc_ckpt_1.ckpt, a SLURM requeue checkpoint" in err
-    assert snapshot(shared) == before
+    for no_logger in ((), ("--trainer.logger=false",)):  # default_root_dir is `shared`; each run's own folder
+        cli = fit(shared, "--seed_everything=1", *no_logger, steps=6)
+        assert cli.trainer.ckpt_path is None and cli.trainer.global_step == 6  # not step 3 of the other run
+    assert min(s for s, _ in scalars(only_run(shared))["train/loss"]) == 0
 
 
 def test_a_requeued_command_continues_its_run(tmp_path, slurm, capsys):

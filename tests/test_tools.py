@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lmheads import comparable, runlog, stats
-from lmheads.runs import CLAIM_FILE, LOCK_FILE
+from lmheads.run.claim import CLAIM_FILE, LOCK_FILE
 
 from .helpers import QUICKSTART, ROOT, fit, held_elsewhere, only_run, scalars, tool, two_loggers
 

@@ -40,7 +40,7 @@ from lmheads.streams import pipe_safe_output
 
 def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
     cmd = [sys.executable, "-m", "lmheads", *options(run, args)]
-    from lmheads.resume import furthest_checkpoint
+    from lmheads.run.layout import furthest_checkpoint
 
     furthest = furthest_checkpoint(run_dir)  # by step: the newest file can be a stale interruption
     if furthest is not None:
@@ -105,7 +105,7 @@ def changed_options(record: dict, cmd: list[str], digests: dict[str, str]) -> st
 def diverged_step(run_dir: Path) -> int | None:
     """The step at which the run's training loss became NaN or infinite, from its ``diverged.json``
     (``None`` without one)."""
-    from lmheads.runs import DIVERGED_FILE
+    from lmheads.run.layout import DIVERGED_FILE
 
     path = run_dir / DIVERGED_FILE
     return json.loads(path.read_text()).get("step") if path.is_file() else None
@@ -180,7 +180,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
             )
     if args.dry_run:
         return run, " ".join(cmd)
-    from lmheads.runs import RunFolder
+    from lmheads.run.claim import RunFolder
 
     holder = RunFolder(run_dir).holder()
     if holder is not None:  # another sweep (or command) trains it now: its outcome is that one's to record

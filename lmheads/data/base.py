@@ -204,7 +204,7 @@ class LMDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the data: the digests of the files read, by which a resume tells
-        whether it reads the same data (:func:`lmheads.resume.data_conflicts`)."""
+        whether it reads the same data (:func:`lmheads.run.resume.data_conflicts`)."""
         return {"sources": dict(self.sources)}
 
     @property

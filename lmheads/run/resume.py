@@ -15,6 +15,7 @@ from lmheads.data.base import file_digest
 from lmheads.dotted import flatten
 from lmheads.errors import ConfigError
 from lmheads.reporting import tokens_per_step, training_settings
+from lmheads.run.layout import furthest_checkpoint
 
 
 def checkpoint_conflicts(
@@ -39,31 +40,6 @@ def checkpoint_conflicts(
 
 def _without_init_args(key: str) -> str:
     return ".".join(part for part in key.split(".") if part != "init_args")
-
-
-#: What Lightning's SLURM auto-requeue saves when it requeues a job (``#SBATCH --signal=SIGUSR1@90``), in
-#: the trainer's ``default_root_dir``: for lmheads the run's folder.
-REQUEUE_CHECKPOINTS = "hpc_ckpt_*.ckpt"
-
-
-def run_checkpoints(run: Path) -> list[Path]:
-    """A run's checkpoint files: ``<run>/checkpoints/*.ckpt``, and requeue checkpoints in the run's folder."""
-    found = [*(run / "checkpoints").glob("*.ckpt"), *run.glob(REQUEUE_CHECKPOINTS)]
-    return sorted(p for p in found if p.is_file())  # a sharded checkpoint is a folder
-
-
-def furthest_checkpoint(run: Path) -> tuple[int, Path] | None:
-    """The furthest state a run's checkpoints hold: the highest global step among
-    :func:`run_checkpoints` and its file."""
-    furthest: tuple[int, Path] | None = None
-    for path in run_checkpoints(run):
-        try:
-            step = int(read_checkpoint(str(path)).get("global_step", 0))  # memory-mapped: tensors unread
-        except ConfigError:  # unreadable: no state to compare
-            continue
-        if furthest is None or step > furthest[0]:
-            furthest = (step, path)
-    return furthest
 
 
 #: Lightning's names for a checkpoint it finds by itself (``registry:<name>`` too).

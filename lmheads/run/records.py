@@ -1,5 +1,6 @@
-"""The summary at the end of training: printed, and written into the run folder as ``results.json`` (or
-``diverged.json`` for a run whose loss became NaN or infinite), where the reports read it back."""
+"""The records a command leaves in its folder: at the end of training the summary (printed, and written as
+``results.json``, or ``diverged.json`` for a run whose loss became NaN or infinite), and for an
+evaluation of a run's checkpoint ``checkpoint.json``; the reports read them back."""
 
 from __future__ import annotations
 
@@ -10,17 +11,31 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.errors import NonFiniteLossError
 from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
-from lmheads.runs import DIVERGED_FILE, RESULTS_FILE
+from lmheads.run.layout import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
 
 
 def _run_dir(trainer: L.Trainer) -> str | None:
-    """The run's folder: the first logger's (``trainer.log_dir`` would be a collective, and this is asked
-    on rank 0 alone), or without a logger ``default_root_dir``, which the command made the run's."""
-    return trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
+    """The run's folder, which the CLI makes the trainer's ``default_root_dir``; ``None`` in a dry run
+    (``fast_dev_run``), which records nothing."""
+    return None if trainer.fast_dev_run else trainer.default_root_dir
+
+
+class RunConfig(SaveConfigCallback):
+    """The command's configuration, saved into its folder (the trainer's ``default_root_dir``, which the
+    CLI makes the run's) whichever logger comes first, or none; the CLI names the file."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        path = Path(trainer.default_root_dir) / self.config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(
+            self.config, str(path), skip_none=False, overwrite=self.overwrite, multifile=self.multifile
+        )
 
 
 class RunSummary(L.Callback):
@@ -75,3 +90,13 @@ class RunSummary(L.Callback):
             f"  last checkpoint: {results['last_checkpoint'] or 'none'}",
         ]
         print("\n".join(lines), flush=True)
+
+
+def record_evaluation(folder: Path, ckpt: str | Path, step: int, other_data: list[str]) -> None:
+    """Write ``checkpoint.json`` into an evaluation's folder: the checkpoint it reads, the step that
+    checkpoint was saved at (evaluations log at step 0), and how its data differs from the run's, if it
+    does. ``compare.py`` then takes no test of an earlier ``last.ckpt`` or of other data for the run's."""
+    if rank_zero_only.rank != 0:
+        return
+    record = {"checkpoint": str(Path(ckpt).resolve()), "step": step, "other_data": other_data}
+    (folder / EVALUATED_FILE).write_text(json.dumps(record, indent=2) + "\n")

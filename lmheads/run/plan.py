@@ -1,0 +1,125 @@
+"""Where a command writes: one pure decision (:func:`plan_run`), then every writer pointed there
+(:func:`point_loggers`; the CLI points the checkpoint callback, the saved config and the trainer's
+``default_root_dir`` at the same folder).
+
+A run folder is ``<save_dir>/<name>/<version>``. The first TensorBoard or CSV logger in
+``trainer.logger`` names it (``--trainer.logger.init_args.version=NAME``); without one (W&B or MLflow
+alone, or no logger) it is ``<trainer.default_root_dir or runs>/lmheads/<version>``. An unnamed version
+is ``<head>-seed<seed>-<time>``, with ``-<subcommand>`` for an evaluation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+from lmheads.dotted import class_of
+from lmheads.run.layout import free_name
+
+#: Where run folders go unless ``trainer.default_root_dir`` or the logger says otherwise.
+DEFAULT_SAVE_DIR = "runs"
+DEFAULT_NAME = "lmheads"
+#: Loggers whose ``save_dir/name/version`` is a folder of its own: the first of them names the run.
+NAMING_LOGGERS = (TensorBoardLogger, CSVLogger)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where one command writes. ``folder`` is the run's (a fit's) or the evaluation's; ``filed_in`` the
+    run an evaluation of one of its checkpoints is filed in (``folder`` is then inside it)."""
+
+    folder: Path
+    resume: bool = False
+    filed_in: Path | None = None
+    config_file: str = "config.yaml"
+
+
+def loggers(config) -> list:
+    """``trainer.logger`` as a list of ``class_path``/``init_args`` namespaces (``[]``: none, or
+    ``true``, which the CLI's default replaces)."""
+    logger = config.trainer.get("logger")
+    items = logger if isinstance(logger, list) else [logger]
+    return [item for item in items if hasattr(item, "init_args")]
+
+
+def naming(config) -> tuple[Path, str, str | None]:
+    """The run folder's ``save_dir``, ``name`` and ``version`` (``None``: to be chosen), from the first
+    TensorBoard or CSV logger, else from ``trainer.default_root_dir``. A logger's default ``save_dir``
+    follows ``trainer.default_root_dir``."""
+    root = config.trainer.get("default_root_dir")
+    for logger in loggers(config):
+        cls = class_of(str(logger.class_path))
+        if cls is not None and issubclass(cls, NAMING_LOGGERS):
+            args = logger.init_args
+            save_dir = root if root and str(args.save_dir) == DEFAULT_SAVE_DIR else args.save_dir
+            version = args.get("version")
+            return Path(save_dir), args.get("name") or "", None if version is None else str(version)
+    return Path(root or DEFAULT_SAVE_DIR), DEFAULT_NAME, None
+
+
+def plan_run(
+    subcommand: str,
+    config,
+    head: str,
+    now: str,
+    checkpoint_run: Path | None = None,
+    checkpoint_step: int = 0,
+    checkpoint_name: str = "",
+    exists: Callable[[Path], bool] = Path.exists,
+) -> Plan:
+    """The folder of ``subcommand`` with this parsed ``config`` (of the subcommand), for the head named
+    ``head``, at the time ``now`` (``%Y%m%d-%H%M%S``). A checkpoint of a run (``checkpoint_run``, saved at
+    ``checkpoint_step`` as ``checkpoint_name``) keeps the command in that run unless another version is
+    named: a fit continues it (its ``config.yaml`` stays, this start's config goes beside it), an
+    evaluation is filed in ``<run>/<subcommand>/<checkpoint name>`` (numbered when that exists)."""
+    save_dir, name, version = naming(config)
+    named = None if version is None else (save_dir / name / version).resolve()
+    if checkpoint_run is not None and named in (None, checkpoint_run.resolve()):
+        run = checkpoint_run.resolve()
+        if subcommand == "fit":
+            return Plan(run, resume=True, config_file=f"config-resumed-step{checkpoint_step}-{now}.yaml")
+        evaluation = free_name(run, f"{subcommand}/{Path(checkpoint_name).stem}", exists=exists)
+        return Plan(run / evaluation, filed_in=run)
+    if named is None:  # numbered if a command of the same second has it
+        suffix = "" if subcommand == "fit" else f"-{subcommand}"
+        base = f"{head}-seed{config.get('seed_everything')}-{now}"
+        named = (save_dir / name).resolve() / free_name(save_dir / name, base, suffix, exists)
+    return Plan(named)
+
+
+def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
+    """Point every logger of ``config.trainer.logger`` at ``plan.folder``: TensorBoard's and CSV's files
+    there (a second one's in ``csv/`` or ``tensorboard/`` inside it), W&B's ``wandb/`` and a local MLflow
+    store (``mlruns/``) inside it, W&B and MLflow runs named
+    after it; another logger with a ``save_dir`` or ``log_dir`` option gets the folder. Returns the
+    run's files to set aside before the loggers start, as ``(name, new name)``: the CSV logger starts
+    ``metrics.csv`` anew, so a continued run keeps its earlier one as ``metrics-before-step<step>.csv``."""
+    folder, set_aside, named = plan.folder, [], False
+    for logger in loggers(config):
+        cls, args = class_of(str(logger.class_path)), logger.init_args
+        if cls is not None and issubclass(cls, NAMING_LOGGERS):  # log_dir = save_dir/name/version
+            # the first one's files in the folder, another's in a folder of its own kind inside it
+            own = folder if not named else folder / cls.__name__.lower().removesuffix("logger")
+            args.save_dir, args.name, args.version, named = str(own.parent), "", own.name, True
+            if issubclass(cls, CSVLogger) and own == folder:  # it warns of any file there: the claim is one
+                warnings.filterwarnings(
+                    "ignore", message=r"Experiment logs directory .* exists and is not empty"
+                )
+                if plan.resume:
+                    set_aside.append(("metrics.csv", free_name(folder, f"metrics-before-step{step}", ".csv")))
+        elif cls is not None and issubclass(cls, WandbLogger):
+            args.save_dir = str(folder)
+            args.name = args.get("name") or folder.name
+        elif cls is not None and issubclass(cls, MLFlowLogger):
+            if args.get("tracking_uri") is None:  # a local store; a tracking server keeps its runs
+                args.save_dir = str(folder / "mlruns")
+            args.run_name = args.get("run_name") or folder.name
+        else:
+            for key in ("save_dir", "log_dir"):
+                if key in args:
+                    args[key] = str(folder)
+    return set_aside

@@ -1,0 +1,110 @@
+"""Where a command writes (lmheads.run.plan): the plan is a pure function of the command, its config and
+its checkpoint; every logger, whichever comes first, is pointed into the plan's folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from jsonargparse import Namespace
+
+from lmheads.run.plan import Plan, plan_run, point_loggers
+
+from .helpers import fit
+
+NOW = "20261206-120000"
+
+
+def _logger(class_path: str, **init_args) -> Namespace:
+    return Namespace(class_path=class_path, init_args=Namespace(**init_args))
+
+
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+CSV = "lightning.pytorch.loggers.CSVLogger"
+WANDB = "lightning.pytorch.loggers.WandbLogger"
+MLFLOW = "lightning.pytorch.loggers.MLFlowLogger"
+
+
+def _config(logger=None, root=None, seed=3) -> Namespace:
+    return Namespace(trainer=Namespace(logger=logger, default_root_dir=root), seed_everything=seed)
+
+
+def test_a_new_fit_is_named_after_head_seed_and_time_under_its_first_folder_logger(tmp_path):
+    tensorboard = _logger(TENSORBOARD, save_dir=str(tmp_path), name="study", version=None)
+    for logger in (tensorboard, [_logger(WANDB, save_dir="."), tensorboard]):
+        plan = plan_run("fit", _config(logger), "tied", NOW)
+        assert plan == Plan(tmp_path.resolve() / "study" / f"tied-seed3-{NOW}")
+    named = _logger(TENSORBOARD, save_dir=str(tmp_path), name="study", version="x")
+    assert plan_run("test", _config(named), "tied", NOW).folder == tmp_path.resolve() / "study" / "x"
+    unnamed = plan_run("validate", _config(tensorboard), "tied", NOW).folder
+    assert unnamed.name == f"tied-seed3-{NOW}-validate"
+    taken = {tmp_path / "study" / f"tied-seed3-{NOW}"}  # a command of the same second has it
+    second = plan_run("fit", _config(tensorboard), "tied", NOW, exists=taken.__contains__)
+    assert second.folder.name == f"tied-seed3-{NOW}-2"
+
+
+@pytest.mark.parametrize("logger", [False, [_logger(WANDB, save_dir=".")], _logger(MLFLOW)])
+def test_without_a_folder_logger_a_run_gets_a_folder_of_its_own(tmp_path, logger):
+    """W&B or MLflow alone, or no logger: ``<default_root_dir>/lmheads/<run>``, never a folder runs share."""
+    plan = plan_run("fit", _config(logger, root=str(tmp_path)), "untied", NOW)
+    assert plan.folder == tmp_path.resolve() / "lmheads" / f"untied-seed3-{NOW}" and not plan.resume
+    assert plan_run("fit", _config(logger), "tied", NOW).folder.parent == Path("runs/lmheads").resolve()
+
+
+def test_a_checkpoint_of_a_run_keeps_the_command_in_that_run(tmp_path):
+    run = tmp_path / "study" / "r"
+    config = _config(_logger(TENSORBOARD, save_dir=str(tmp_path), name="study", version=None))
+    resumed = plan_run("fit", config, "tied", NOW, run, 40, str(run / "checkpoints" / "last.ckpt"))
+    assert resumed == Plan(run.resolve(), resume=True, config_file=f"config-resumed-step40-{NOW}.yaml")
+    taken = {run.resolve() / "test" / "best", run.resolve() / "test" / "best-2"}
+    test = plan_run("test", config, "tied", NOW, run, 40, "best.ckpt", exists=taken.__contains__)
+    assert test == Plan(run.resolve() / "test" / "best-3", filed_in=run.resolve())
+    # another version named: a new run from that checkpoint
+    config.trainer.logger.init_args.version = "other"
+    new = plan_run("fit", config, "tied", NOW, run, 40, "last.ckpt")
+    assert new == Plan(tmp_path.resolve() / "study" / "other")
+
+
+def test_every_logger_writes_into_the_folder():
+    folder = Path("/runs/study/r")
+    loggers = [
+        _logger(WANDB, save_dir=".", name=None),
+        _logger(TENSORBOARD, save_dir="runs", name="x", version=None),
+        _logger(CSV, save_dir="elsewhere", name="y", version=None),
+        _logger(MLFLOW, save_dir="./mlruns", tracking_uri=None, run_name=None),
+        _logger(MLFLOW, save_dir="./mlruns", tracking_uri="http://server", run_name="mine"),
+        _logger("lightning.pytorch.loggers.CometLogger", save_dir=None),
+    ]
+    assert point_loggers(_config(loggers), Plan(folder)) == []
+    wandb, tensorboard, csv, local, server, other = (logger.init_args for logger in loggers)
+    assert (wandb.save_dir, wandb.name) == (str(folder), "r")
+    assert Path(tensorboard.save_dir, tensorboard.name, tensorboard.version) == folder  # its log_dir
+    assert Path(csv.save_dir, csv.name, csv.version) == folder / "csv"  # the second folder logger's
+    assert (local.save_dir, local.run_name) == (str(folder / "mlruns"), "r")
+    assert (server.save_dir, server.run_name) == ("./mlruns", "mine")  # a tracking server keeps its runs
+    assert other.save_dir == str(folder)
+
+
+def test_a_continued_csv_run_sets_its_metrics_aside(tmp_path):
+    (tmp_path / "metrics.csv").write_text("")
+    (tmp_path / "metrics-before-step7.csv").write_text("")
+    config = _config(_logger(CSV, save_dir=".", name="", version=None))
+    kept = point_loggers(config, Plan(tmp_path, resume=True), 7)
+    assert kept == [("metrics.csv", "metrics-before-step7-2.csv")]
+    assert point_loggers(config, Plan(tmp_path), 7) == []
+
+
+def test_wandb_alone_logs_into_the_run_folder(tmp_path, monkeypatch):
+    """W&B as the only logger (offline): the run's config, checkpoints, summary and W&B's files in one
+    folder, and the run continues there from its checkpoint."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb = ["--trainer.logger=WandbLogger", "--trainer.logger.offline=true", "--trainer.logger.project=t"]
+    fit(tmp_path, *wandb, steps=2, every=2)
+    (run,) = (tmp_path / "lmheads").iterdir()
+    assert {"config.yaml", "checkpoints", "results.json", "wandb"} <= {p.name for p in run.iterdir()}
+    assert any((run / "wandb").glob("offline-run-*"))
+    fit(tmp_path, *wandb, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=3)
+    assert [p.name for p in (tmp_path / "lmheads").iterdir()] == [run.name]
+    assert len(list(run.glob("config-resumed-step2-*.yaml"))) == 1
