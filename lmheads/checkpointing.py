@@ -1,5 +1,5 @@
-"""Checkpoints: whether one fits a model, the random state that makes a resumed run exact, and a
-checkpoint written when training is interrupted."""
+"""Checkpoints: whether one fits a model, the random state that makes a resumed run exact, a checkpoint
+written when training is interrupted, and none of a diverged model."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmheads.errors import ConfigError, Interrupted
+from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
 from lmheads.heads import head_name
 from lmheads.lightning_internals import stop_after_this_step
 
@@ -106,6 +106,41 @@ def restore_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
+
+
+class FiniteLoss(L.Callback):
+    """Stops training at the first NaN or infinite training loss, and never lets a checkpoint of that
+    state be written. The step is remembered on the device (no host synchronisation in a step) and
+    checked after every step on CPU, at the logging interval on GPU, and before every checkpoint."""
+
+    def __init__(self) -> None:
+        self._first: torch.Tensor | None = None  # the first non-finite step, -1 while there is none
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module, loss: torch.Tensor) -> None:
+        if self._first is None or self._first.device != loss.device:
+            self._first = torch.tensor(-1, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first < 0)
+        self._first = torch.where(bad, trainer.global_step, self._first)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, *args) -> None:
+        if pl_module.device.type != "cuda" or trainer.global_step % trainer.log_every_n_steps == 0:
+            self.check(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        self.check(trainer)
+
+    def check(self, trainer: L.Trainer) -> None:
+        step = -1 if self._first is None else int(self._first)
+        if step < 0:
+            return
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or None  # the last validation's
+        good = f"the last good state is {last}" if last else "no checkpoint was written before it"
+        raise NonFiniteLossError(
+            f"the training loss became NaN or infinite at step {step}; training stopped and no "
+            f"checkpoint of that state was written ({good}). Lower model.lr, raise warmup_steps, try "
+            "bf16-mixed instead of 16-mixed, or set a head softcap or z_loss",
+            step,
+        )
 
 
 class InterruptCheckpoint(L.Callback):

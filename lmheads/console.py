@@ -12,6 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
+import jsonargparse.typing
 import lightning as L
 import torch
 import yaml
@@ -53,7 +54,7 @@ def quiet_lightning() -> None:
     # head diagnostics come from weights equal on every process: Lightning's advice to log them with
     # sync_dist would only average equal numbers, once per metric and process.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test|hp|diag)")
-    # Only a resumed run writes into a checkpoint folder that has files (lmheads.runs refuses others).
+    # Only a resumed run writes into a checkpoint folder that has files (lmheads.run.claim refuses others).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
@@ -297,13 +298,13 @@ def check_config_files(args: list[str]) -> None:
             raise ConfigError(f"{path}{where}: {problem} (YAML syntax)") from None
 
 
-def explain_parse_error(message: str, parser: LightningArgumentParser) -> str:
+def explain_parse_error(message: str, parser: LightningArgumentParser, args: list[str] | None = None) -> str:
     """The parser's complaint in one line; an unknown option with the closest valid ones."""
     if 'expected "subcommand"' in message:
         return "no command given: python -m lmheads fit, validate, test, predict or heads (see --help)"
     unknown = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", message)
     if unknown is None:
-        return _explain_bad_value(message)
+        return _explain_bad_value(message, args or [])
     key = unknown.group(1) or unknown.group(2)
     known = {prefix for k in flatten(parser.get_defaults().as_dict()) for prefix in _prefixes(k)}
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
@@ -318,7 +319,7 @@ def _prefixes(key: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def _explain_bad_value(message: str) -> str:
+def _explain_bad_value(message: str, args: list[str]) -> str:
     """jsonargparse's multi-line report of a bad value, as one line: the option, the value given, and what
     it expected (a type, or what was wrong with a file or a class's options)."""
     keys = re.findall(r'Parser key "([\w.]+)"', message)
@@ -326,6 +327,8 @@ def _explain_bad_value(message: str) -> str:
         return " ".join(message.split()) + " (see --help)"
     option = "--" + ".".join(dict.fromkeys(keys))  # an option of a class given: its key within the class
     given = re.findall(r"(?:Got value|Given value): (.*)$", message, flags=re.MULTILINE)
+    if not given and "Not of type" in message:  # a restricted number: the value as the command line gave it
+        given = option_values(args, option)[-1:]
     value = f" {given[0].strip()!r}" if given and "NestedArg(" not in given[0] else ""
     refused = re.search(
         r"Problem with given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message
@@ -333,7 +336,10 @@ def _explain_bad_value(message: str) -> str:
     if refused:
         cls, name = refused.group(1).rsplit(".", 1)[-1], refused.group(2)
         return f"{cls} has no option '{name}' ({option}.{name}); {option}.help {cls} lists its options"
-    expected = []
+    # a restricted type (PositiveInt, ClosedUnitInterval, ...): its name and condition, from the type
+    expected = [_restricted(name) for name in re.findall(r"Not of type (\w+):", message)]
+    if "NoneType" in message and expected:
+        expected.append("null")
     for what in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", message, flags=re.MULTILINE):
         if what.startswith("path but "):
             what = "config file"
@@ -350,6 +356,12 @@ def _explain_bad_value(message: str) -> str:
     reasons = [line.strip().removeprefix("- ") for line in after.splitlines() if line.strip()]
     reason = f": {reasons[0]}" if reasons else ""
     return f"invalid value{value} for {option}{reason}"
+
+
+def _restricted(name: str) -> str:
+    """A jsonargparse restricted number type by its name, with the condition it holds (``v>0``)."""
+    expression = getattr(getattr(jsonargparse.typing, name, None), "_expression", None)
+    return f"{name} ({expression})" if expression else name
 
 
 def user_error(err: BaseException | None) -> str | None:

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 
@@ -117,3 +117,31 @@ class BucketedNLL(Metric):
         """``loss`` (K,) mean NLL per bucket (NaN for an empty bucket), ``share`` (K,) of the tokens."""
         loss = torch.where(self.tokens > 0, self.nll_sum / self.tokens.clamp_min(1), math.nan)
         return {"loss": loss, "share": self.tokens / self.tokens.sum().clamp_min(1)}
+
+
+class SplitNLL(nn.Module):
+    """One split's evaluation: token-weighted NLL (:class:`TokenNLL`), and by the target's bucket of
+    training frequency and of training count (:class:`BucketedNLL`) where the tables are given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nll = TokenNLL()
+        self.frequency = BucketedNLL()
+        self.count = BucketedNLL(len(COUNT_BUCKETS))
+
+    def update(self, nll: Tensor, targets: Tensor, tables: tuple[Tensor, Tensor] | None) -> None:
+        """nll, targets: (N,); tables: (V,) frequency and count bucket of each token id, or ``None``."""
+        mask = targets != -100  # lmheads.loss.IGNORE_INDEX
+        self.nll.update(nll, mask)
+        if tables is not None:
+            target = targets.clamp_min(0)
+            self.frequency.update(nll, tables[0].to(target.device)[target], mask)
+            self.count.update(nll, tables[1].to(target.device)[target], mask)
+
+    def compute(self, bucketed: bool) -> tuple[dict[str, Tensor], dict | None, dict | None]:
+        """The overall result and, if ``bucketed``, the two bucket results; then every state reset."""
+        result = self.nll.compute()
+        buckets = (self.frequency.compute(), self.count.compute()) if bucketed else (None, None)
+        for metric in (self.nll, self.frequency, self.count):
+            metric.reset()
+        return result, *buckets

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict
 
 import lightning as L
 import torch
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -16,24 +22,25 @@ from lmheads.backbone import Backbone, BackboneConfig
 from lmheads.checkpointing import (
     RNG_KEY,
     TOKEN_BUCKET_KEY,
+    FiniteLoss,
     InterruptCheckpoint,
     check_compatible,
     restore_rng_state,
     rng_state,
 )
-from lmheads.errors import ConfigError, NonFiniteLossError
-from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, sample
+from lmheads.errors import ConfigError
+from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, generate_tokens
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.lightning_internals import align_logging_step, resume_where_fit_ended
 from lmheads.loss import IGNORE_INDEX, BackendName, TokenLoss, TrainLoss, head_loss
-from lmheads.metrics import COUNT_BUCKETS, BucketedNLL, TokenNLL, count_buckets, frequency_buckets
-from lmheads.optim import WarmupCosine, adamw, clip_gradients, decay_names
+from lmheads.metrics import SplitNLL, count_buckets, frequency_buckets
+from lmheads.optim import OptimizerHooks, WarmupCosine, decay_names
 from lmheads.perf import TokenThroughput
 from lmheads.reporting import GradientShare, HeadDiagnostics, eval_metrics, log_run_start
 from lmheads.sharding import check_strategy, is_sharded, shard
 
 
-class LMHeadModule(L.LightningModule):
+class LMHeadModule(OptimizerHooks, L.LightningModule):
     """Decoder-only language model with a swappable output head.
 
     Args:
@@ -47,21 +54,18 @@ class LMHeadModule(L.LightningModule):
         betas: AdamW betas.
         warmup_steps: Linear warmup steps; then cosine decay to ``min_lr_ratio * lr`` at the last step.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
-        lr_decay_steps: Steps the learning rate decays over, after which it stays at ``min_lr_ratio * lr``
-            (default: the whole run, from ``trainer.max_steps`` or its epochs). Fixed when a run starts: a
-            run continued past its ``max_steps`` keeps the schedule it started with. Set it to train part
-            of a longer schedule now and continue later.
+        lr_decay_steps: Steps the learning rate decays over, then ``min_lr_ratio * lr`` (default: the
+            whole run). Fixed when a run starts; set it to train part of a longer schedule now.
         loss_backend: How the head's cross-entropy is computed: ``naive`` (full logits), ``chunked``
             (never holds the full logits), ``liger`` or ``cce`` (fused CUDA kernels, when installed), or
             ``auto`` (``chunked``). A head that is not a linear form always uses the full logits.
         loss_chunk_size: Tokens per chunk for ``chunked`` (default: a 256 MiB logit workspace).
         compile: Compile the backbone, head and loss with ``torch.compile`` (``true`` for the default
             backend, or a backend name such as ``aot_eager``). Parameters keep their names.
-        init_from: A local GPT-2 folder (an HF ``save_pretrained`` one) whose weights a new fit starts
-            from, with this module's head (:func:`lmheads.hf.init_from_gpt2`); the backbone options must
-            match it and the data use its tokenizer (``data.tokenizer=pretrained``). A fit that
-            continues a checkpoint, and every evaluation, take the checkpoint's weights instead.
+        init_from: A local GPT-2 folder (HF ``save_pretrained``) whose weights a new fit starts from,
+            with this module's head (:func:`lmheads.hf.init_from_gpt2`; ``data.tokenizer=pretrained``).
 
+    The optimizer, its schedule and gradient clipping are :class:`lmheads.optim.OptimizerHooks`'.
     Generation settings for ``predict`` live in ``self.sampling`` (a :class:`SamplingConfig`), not in the
     checkpoint: the CLI sets them from ``--sampling.*``.
     """
@@ -71,14 +75,14 @@ class LMHeadModule(L.LightningModule):
         head: Head | None = None,
         backbone: BackboneConfig = BackboneConfig(),
         vocab_size: int = 0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        lr_decay_steps: int | None = None,
+        warmup_steps: NonNegativeInt = 100,
+        min_lr_ratio: ClosedUnitInterval = 0.1,
+        lr_decay_steps: PositiveInt | None = None,
         loss_backend: BackendName = "auto",
-        loss_chunk_size: int | None = None,
+        loss_chunk_size: PositiveInt | None = None,
         compile: bool | str = False,
         init_from: str | None = None,
     ) -> None:
@@ -101,17 +105,11 @@ class LMHeadModule(L.LightningModule):
                 f"model.vocab_size must be positive, got {vocab_size}; the CLI sets it from the data module, "
                 "and code that builds the module directly must pass it"
             )
-        if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
-            raise ConfigError(
-                "need model.lr > 0, weight_decay >= 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1"
-            )
         if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:
             raise ConfigError(
                 f"model.lr_decay_steps={lr_decay_steps} leaves nothing to decay after "
                 f"warmup_steps={warmup_steps}; set it above warmup_steps, or null for the whole run"
             )
-        if loss_chunk_size is not None and loss_chunk_size <= 0:
-            raise ConfigError(f"model.loss_chunk_size must be positive or null, got {loss_chunk_size}")
         head = TiedHead() if head is None else head
         if not isinstance(head, Head):
             raise ConfigError(f"model.head must be an lmheads.heads.Head, got {type(head).__name__}")
@@ -124,14 +122,10 @@ class LMHeadModule(L.LightningModule):
         self.head_loss = head_loss(head, loss_backend, loss_chunk_size)  # chosen once, for this head
         # Decided before any wrapper reshapes the parameters.
         self._decay_names = decay_names(self)
-        self.eval_nll = nn.ModuleDict({"val": TokenNLL(), "test": TokenNLL()})
-        self.eval_buckets = nn.ModuleDict({"val": BucketedNLL(), "test": BucketedNLL()})
-        self.eval_counts = nn.ModuleDict({s: BucketedNLL(len(COUNT_BUCKETS)) for s in ("val", "test")})
+        self.eval_nll = nn.ModuleDict({"val": SplitNLL(), "test": SplitNLL()})
         self.token_bucket: Tensor | None = None  # (V,) training-frequency bucket of each token id
         self.token_count_bucket: Tensor | None = None  # (V,) training-count bucket of each token id
-        self.output_side = None  # what the head reads as E while GradientShare taps it (else E itself)
         self.schedule: WarmupCosine | None = None  # with the optimizer; a resumed run's from its checkpoint
-        self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
         # Compiling a bound method (not assigning a compiled module) keeps the state-dict keys unchanged.
         self._compiled = None
         if compile:
@@ -154,9 +148,7 @@ class LMHeadModule(L.LightningModule):
 
     def train_loss(self, idx: Tensor, targets: Tensor) -> TrainLoss:
         """Mean training loss (NLL plus the head's z-loss) of a batch, through the head's loss."""
-        if self._compiled and self.output_side is None:
-            return self._compiled["train"](idx, targets)
-        return self._train_loss(idx, targets)
+        return (self._compiled["train"] if self._compiled else self._train_loss)(idx, targets)
 
     def token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
         """Per-token NLL and log-partition (B*T,). Without gradients, no backend but ``naive`` holds the
@@ -165,8 +157,7 @@ class LMHeadModule(L.LightningModule):
 
     def _train_loss(self, idx: Tensor, targets: Tensor) -> TrainLoss:
         h = self.backbone(idx).flatten(0, 1)  # (N, D)
-        embedding = self.backbone.wte if self.output_side is None else self.output_side
-        return self.head_loss.train_loss(self.head, h, embedding, targets.flatten())
+        return self.head_loss.train_loss(self.head, h, self.backbone.wte, targets.flatten())
 
     def _token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
         h = self.backbone(idx).flatten(0, 1)  # (N, D)
@@ -176,28 +167,7 @@ class LMHeadModule(L.LightningModule):
         """Per-token NLL (B*T,); 0 where the target is ignored."""
         return self.token_loss(idx, targets).nll
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        logits_fn: Callable[[Tensor], Tensor] | None = None,
-    ) -> Tensor:
-        """Extend prompts (B, T0) by ``max_new_tokens`` sampled tokens (:func:`lmheads.generation.sample`).
-
-        ``logits_fn`` maps a context (B, T) to full logits (B, T, V) instead of the module's own backbone
-        and head: outside a step, FSDP1's root unit, which gathers the embedding and head around its
-        forward."""
-
-        def next_logits(context: Tensor) -> Tensor:
-            if logits_fn is not None:
-                return logits_fn(context)[:, -1]  # (B, V)
-            return self.head.logits(self.backbone(context)[:, -1], self.backbone.wte)  # (B, V)
-
-        return sample(next_logits, idx, max_new_tokens, self.cfg.block_size, temperature, top_k, generator)
+    generate = generate_tokens  # extends prompts by sampled tokens (lmheads.generation)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         idx, targets = batch
@@ -224,20 +194,11 @@ class LMHeadModule(L.LightningModule):
     def on_fit_start(self) -> None:
         log_run_start(self, self.trainer)
 
-    def on_train_start(self) -> None:
-        if self.schedule is None:  # a subclass's own optimizers
-            return
-        note = self.schedule.note(self.trainer.estimated_stepping_batches)  # the checkpoint's is restored now
-        if note:
-            rank_zero_info(note)
-
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         align_logging_step(self.trainer)
         if self.head.on_train_step(self.global_step, self.schedule_steps(), self.backbone.wte):
             rank_zero_info(f"head {head_name(self.head)} changed its parameters at step {self.global_step}")
-            for optimizer in self.trainer.optimizers:  # their moments describe the old parameters
-                for p in self.head.parameters():
-                    optimizer.state.pop(p, None)
+            self.forget_moments(self.head.parameters())  # they describe the old parameters
 
     def logging_step(self) -> bool:
         """Whether this training step is one Lightning writes (every ``log_every_n_steps``)."""
@@ -245,34 +206,12 @@ class LMHeadModule(L.LightningModule):
         return bool(every) and (self.global_step + 1) % every == 0
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        idx, targets = batch
-        out = self.train_loss(idx, targets)
+        out = self.train_loss(*batch)
         if self.logging_step():  # self.log is not free
             self.log("train/loss", out.nll, prog_bar=True)
             if self.head.z_loss > 0:  # PaLM (Chowdhery et al. 2022, sec. 5): keeps log Z near 0
                 self.log("train/z_loss", out.z_loss)
-        # Remember the first non-finite step on the device: no host sync in the step itself.
-        bad = ~torch.isfinite(out.loss) & (self._first_nonfinite_step < 0)
-        self._first_nonfinite_step = torch.where(bad, self.global_step, self._first_nonfinite_step)
         return out.loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Checked every step on CPU (free) and at the logging interval on GPU (one sync per interval).
-        if self.device.type != "cuda" or self.trainer.global_step % self.trainer.log_every_n_steps == 0:
-            self._check_finite()
-
-    def _check_finite(self) -> None:
-        step = int(self._first_nonfinite_step)
-        if step >= 0:
-            callback = getattr(self._trainer, "checkpoint_callback", None)
-            last = getattr(callback, "last_model_path", "") or None  # the last validation's state
-            good = f"the last good state is {last}" if last else "no checkpoint was written before it"
-            raise NonFiniteLossError(
-                f"the training loss became NaN or infinite at step {step}; training stopped and no "
-                f"checkpoint of that state was written ({good}). Lower model.lr, raise warmup_steps, try "
-                "bf16-mixed instead of 16-mixed, or set a head softcap or z_loss",
-                step,
-            )
 
     # ----------------------------------------------------------- evaluation
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -283,15 +222,8 @@ class LMHeadModule(L.LightningModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:
         idx, targets = batch
-        nll = self.token_nll(idx, targets)
-        flat = targets.flatten()
-        mask = flat != IGNORE_INDEX
-        self.eval_nll[prefix].update(nll, mask)
-        if self.token_bucket is not None:
-            self.token_bucket = self.token_bucket.to(flat.device)
-            self.token_count_bucket = self.token_count_bucket.to(flat.device)
-            self.eval_buckets[prefix].update(nll, self.token_bucket[flat.clamp_min(0)], mask)
-            self.eval_counts[prefix].update(nll, self.token_count_bucket[flat.clamp_min(0)], mask)
+        tables = None if self.token_bucket is None else (self.token_bucket, self.token_count_bucket)
+        self.eval_nll[prefix].update(self.token_nll(idx, targets), targets.flatten(), tables)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val", "validation")
@@ -300,19 +232,12 @@ class LMHeadModule(L.LightningModule):
         self._log_eval("test", "test")
 
     def _log_eval(self, prefix: str, split: str) -> None:
-        result = self.eval_nll[prefix].compute()  # already reduced over processes
-        self.eval_nll[prefix].reset()
+        result, buckets, counts = self.eval_nll[prefix].compute(self.token_bucket is not None)
         self.log(f"{prefix}/loss", result["loss"].float(), prog_bar=True)
-        buckets = counts = None
-        if self.token_bucket is not None:
-            buckets, counts = self.eval_buckets[prefix].compute(), self.eval_counts[prefix].compute()
-            self.eval_buckets[prefix].reset()
-            self.eval_counts[prefix].reset()
         self.log_dict(eval_metrics(prefix, split, result, buckets, self.trainer.datamodule, counts))
 
     # ------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._check_finite()  # never write a checkpoint of a diverged model
         checkpoint[RNG_KEY] = rng_state()
         if self.token_bucket is not None:  # for tools that read a checkpoint without its data
             checkpoint[TOKEN_BUCKET_KEY] = self.token_bucket.to("cpu", torch.int8)
@@ -324,50 +249,8 @@ class LMHeadModule(L.LightningModule):
         if RNG_KEY in checkpoint and self._trainer is not None:  # resuming: continue the streams exactly
             restore_rng_state(checkpoint[RNG_KEY])
 
-    # ------------------------------------------------------------ optimizer
-    def make_optimizer(self, fused: bool | None = None) -> torch.optim.AdamW:
-        """AdamW with decoupled weight decay on matrices and embeddings only (:func:`adamw`); ``fused``
-        (default: on CUDA) runs the update as one kernel."""
-        return adamw(
-            self, self._decay_names, self.hparams, self.device.type == "cuda" if fused is None else fused
-        )
-
-    def _new_schedule(self) -> WarmupCosine:
-        hp = self.hparams
-        # estimated_stepping_batches accounts for max_steps, epochs and gradient accumulation
-        total = hp.lr_decay_steps or self.trainer.estimated_stepping_batches
-        return WarmupCosine(hp.warmup_steps, total, hp.min_lr_ratio)
-
-    def schedule_steps(self) -> int:
-        """The optimizer steps the learning rate decays over, which heads that act at a fraction of
-        training count in too (-1: training of no set length)."""
-        return (self.schedule or self._new_schedule()).steps
-
-    def configure_optimizers(self):
-        optimizer = self.make_optimizer()
-        self.schedule = self._new_schedule()
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """Lightning's step, then the gradients freed at once. Lightning zeroes them inside the next step's
-        closure, after its forward: until then they would sit beside that forward's activations, a full
-        float32 copy of the parameters on top of the peak. With gradient accumulation this runs only at
-        the last batch of each group, so the group's gradients still add up."""
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        optimizer.zero_grad(set_to_none=True)
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """``--trainer.gradient_clip_val`` under every precision and strategy (:func:`clip_gradients`)."""
-        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
-
     def configure_callbacks(self) -> list[Callback]:
         """What every run of this module measures and how it stops; checkpointing, the progress bar and
         the learning-rate monitor are the trainer's (the CLI's defaults, or a user's own)."""
         callbacks = [TokenThroughput(), SampleWriter(), HeadDiagnostics(), GradientShare(), TextSamples()]
-        return [*callbacks, InterruptCheckpoint()]
+        return [*callbacks, FiniteLoss(), InterruptCheckpoint()]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch import nn
 
 from lmheads.sharding import fsdp1_root, unwrapped_name
@@ -103,3 +103,64 @@ def clip_gradients(
         root.clip_grad_norm_(value)
     else:
         torch.nn.utils.clip_grad_norm_(params, value)
+
+
+class OptimizerHooks:
+    """The LightningModule hooks of the optimizer side, for a module with ``hparams`` (``lr``,
+    ``weight_decay``, ``betas``, ``warmup_steps``, ``min_lr_ratio``, ``lr_decay_steps``), ``_decay_names``
+    and ``schedule`` (the :class:`WarmupCosine` in use, once the optimizer is made)."""
+
+    def make_optimizer(self, fused: bool | None = None) -> torch.optim.AdamW:
+        """AdamW with decoupled weight decay on matrices and embeddings only (:func:`adamw`); ``fused``
+        (default: on CUDA) runs the update as one kernel."""
+        return adamw(
+            self, self._decay_names, self.hparams, self.device.type == "cuda" if fused is None else fused
+        )
+
+    def _new_schedule(self) -> WarmupCosine:
+        hp = self.hparams
+        # estimated_stepping_batches accounts for max_steps, epochs and gradient accumulation
+        total = hp.lr_decay_steps or self.trainer.estimated_stepping_batches
+        return WarmupCosine(hp.warmup_steps, total, hp.min_lr_ratio)
+
+    def schedule_steps(self) -> int:
+        """The optimizer steps the learning rate decays over, which heads that act at a fraction of
+        training count in too (-1: training of no set length)."""
+        return (self.schedule or self._new_schedule()).steps
+
+    def configure_optimizers(self):
+        optimizer = self.make_optimizer()
+        self.schedule = self._new_schedule()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients freed at once. Lightning zeroes them inside the next step's
+        closure, after its forward: until then they would sit beside that forward's activations, a full
+        float32 copy of the parameters on top of the peak. With gradient accumulation this runs only at
+        the last batch of each group, so the group's gradients still add up."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``--trainer.gradient_clip_val`` under every precision and strategy (:func:`clip_gradients`)."""
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_start(self) -> None:
+        """Says how a resumed run's schedule differs from one of its new length."""
+        if self.schedule is None:  # a subclass's own optimizers
+            return
+        note = self.schedule.note(self.trainer.estimated_stepping_batches)  # the checkpoint's is restored now
+        if note:
+            rank_zero_info(note)
+
+    def forget_moments(self, params) -> None:
+        """Drop the optimizers' state of ``params`` (a head that changed its parameters)."""
+        for optimizer in self.trainer.optimizers:
+            for p in params:
+                optimizer.state.pop(p, None)

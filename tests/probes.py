@@ -69,7 +69,7 @@ class WorseningValidation(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:  # before the module's, which logs
         if trainer.sanity_checking:
             return
-        metric, step = pl_module.eval_nll["val"], float(trainer.global_step)
+        metric, step = pl_module.eval_nll["val"].nll, float(trainer.global_step)
         result = metric.compute()
         metric.compute = lambda: {**result, "loss": torch.tensor(step)}
 

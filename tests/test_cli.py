@@ -144,7 +144,8 @@ def test_bits_per_byte_only_for_a_whole_split(tmp_path):
     text.write_text("\n".join(lines) + "\n")
     data = ["--data=lmheads.data.TextDataModule", "--data.tokenizer=word", f"--data.train_file={text}",
             f"--data.validation_file={text}", f"--data.cache_dir={tmp_path}", "--data.batch_size=2",
-            "--model.backbone.block_size=16", "--trainer.logger=false"]  # fmt: skip
+            "--model.backbone.block_size=16", "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
     whole = main(["validate", "--config", QUICKSTART, *data])
     logged = whole.trainer.callback_metrics
     per_token = whole.datamodule.bytes_per_token["validation"]
@@ -278,7 +279,15 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             ["--trainer.max_step=3"],
             "error: unknown option --trainer.max_step; did you mean --trainer.max_steps",
         ),
-        (["--model.lr=abc"], "error: invalid value 'abc' for --model.lr: expected float"),
+        (["--model.lr=abc"], "error: invalid value 'abc' for --model.lr: expected PositiveFloat (v>0)"),
+        (
+            ["--model.loss_chunk_size=0"],
+            "error: invalid value '0' for --model.loss_chunk_size: expected PositiveInt (v>0) or null",
+        ),
+        (
+            ["--model.min_lr_ratio=2"],
+            "error: invalid value '2' for --model.min_lr_ratio: expected ClosedUnitInterval (v>=0 and v<=1)",
+        ),
         (["--config", "missing.yaml"], "error: invalid value for --config: File does not exist:"),
         (
             ["--model.head.bias=true"],
@@ -444,7 +453,7 @@ def test_predict_writes_decoded_samples(tmp_path):
         "--trainer.limit_predict_batches=1",  # one batch, as Lightning documents an int (not 100%)
         "--sampling.prompt_tokens=8", "--sampling.max_new_tokens=5", "--sampling.top_k=3",
     ])  # fmt: skip
-    lines = (tmp_path / "samples-rank0.jsonl").read_text().splitlines()
+    lines = (only_run(tmp_path) / "predict" / "last" / "samples-rank0.jsonl").read_text().splitlines()
     assert len(lines) == 32  # one batch of 32 prompts
     record = json.loads(lines[0])
     assert len(record["prompt"].split()) == 8 and len(record["completion"].split()) == 5

@@ -84,12 +84,18 @@ def _side_gradients(model: LMHeadModule) -> tuple[torch.Tensor, torch.Tensor]:
         original = model.backbone.wte.forward
         if detach_input:
             model.backbone.wte.forward = lambda i: torch.nn.functional.embedding(i, weight.detach())
-        model.output_side = None if detach_input else _Detached(weight)  # what the head reads as E
-        model.train_loss(idx, targets).loss.backward()
+        output_side = None if detach_input else _Detached(weight)  # what the head reads as E
+        _head_loss(model, idx, targets, output_side).loss.backward()
         model.backbone.wte.forward = original
-        model.output_side = None
         grads.append(weight.grad.clone())
     return grads[0], grads[1]  # input side, output side
+
+
+def _head_loss(model: LMHeadModule, idx, targets, output_side=None):
+    """The module's training loss with the head reading ``output_side`` as E (default: E itself)."""
+    h = model.backbone(idx).flatten(0, 1)
+    embedding = model.backbone.wte if output_side is None else output_side
+    return model.head_loss.train_loss(model.head, h, embedding, targets.flatten())
 
 
 class _Detached:
@@ -108,10 +114,8 @@ def test_gradient_share_matches_two_separate_passes(head):
     model.zero_grad()
     tap = EmbeddingGradientTap(model.backbone.wte)
     idx, targets = _batch()
-    model.output_side = tap.output_side  # as the GradientShare callback sets it
-    with tap.input_side():
-        model.train_loss(idx, targets).loss.backward()
-    model.output_side = None
+    with tap.input_side():  # as the GradientShare callback taps a step
+        _head_loss(model, idx, targets, tap.output_side).loss.backward()
     torch.testing.assert_close(tap.input_grad, g_in)
     torch.testing.assert_close(tap.output_grad, g_out)
     torch.testing.assert_close(model.backbone.wte.weight.grad, g_in + g_out)  # the tap changes nothing

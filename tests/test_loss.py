@@ -318,11 +318,6 @@ def test_fused_gradients_are_exact_at_a_gpt2_vocabulary(backend):
         assert (grad.float() - ref.float()).norm() / ref.float().norm() < 2e-2
 
 
-def test_bad_chunk_size_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"model\.loss_chunk_size must be positive"):
-        model(TiedHead(), "chunked", 0)
-
-
 def _cuda_backend(name: str) -> bool:
     package = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}.get(name)
     return torch.cuda.is_available() and (package is None or importlib.util.find_spec(package) is not None)
