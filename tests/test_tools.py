@@ -745,3 +745,27 @@ def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
     fit(tmp_path / "runs", "--model.backbone.layer_sharing=all", steps=2, every=2)  # tied and shared
     assert frontier.main([str(tmp_path / "runs")]) == 2
     assert "is not one way of saving from the reference" in capsys.readouterr().err
+
+
+def test_figures_place_every_kept_setting_and_adjust_the_endings_as_one_family(tmp_path, capsys):
+    """Figures 1 and 2 are drawn from the committed per-seed tables: one curve per setting (a study's
+    table repeated in another study counted once), each ending in the table with its Holm adjustment."""
+    figures = tool("figures")
+    data = figures.curves()
+    settings = list(dict.fromkeys(data["setting"]))
+    assert len(settings) == len(set(settings)) == 10
+    assert all(len(d) >= 2 for d in data["differences"])
+    assert figures.main(["--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n| ") == 1 + len(settings) and "Holm's adjustment within this table's 10" in table
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "figure1_untied_minus_tied_vs_epochs.png",
+        "figure2_untied_minus_tied_vs_tokens_per_type.png",
+    }
+    doc = tmp_path / "doc.md"
+    doc.write_text("no section\n")
+    assert figures.main(["--update", str(doc), "--section", "figures"]) == 2
+    assert (
+        "has no <!-- compare:figures:begin -->" in capsys.readouterr().err
+        and doc.read_text() == "no section\n"
+    )

@@ -1,7 +1,7 @@
 """Where does tying help or hurt? The loss difference between two heads per training-frequency bucket.
 
     python tools/buckets.py runs/wikitext2_tying --heads tied untied --out docs/results/buckets \\
-        --update docs/results.md --section rare_tokens
+        --update docs/studies/synthetic.md --section rare_synthetic
 
 Pairs the runs of the two heads by seed (and by every ``--by`` hyperparameter, e.g. ``train_set_tokens``)
 and reports, for all tokens and for each bucket of target tokens (the most frequent 1% of types, the

@@ -2,7 +2,7 @@
 
     python tools/compare.py runs/wikitext2_tying                       # markdown table on stdout
     python tools/compare.py runs/wikitext2_tying --out docs/results/wikitext2_tying \\
-        --update docs/results.md                                        # + PNG plots, and the doc
+        --update docs/studies/wikitext2_short.md                       # + PNG plots, and the doc
 
 A run is a folder with TensorBoard event files and the ``hparams.yaml`` lmheads writes (read by
 ``lmheads.runlog``). Runs are grouped by head and head options; each metric is the *final* value of

@@ -1,7 +1,7 @@
 """Excess loss against training-set size, per head: when does tying help?
 
     python tools/data_regime.py runs/synthetic_data_regime --out docs/results/synthetic_data_regime \\
-        --update docs/results.md --section data_regime
+        --update docs/studies/synthetic.md --section data_regime
 
 Reads the runs under the given folders (``lmheads.runlog`` finds them), groups them by head and by
 the number of tokens in their training split (``train_set_tokens``), and reports, as mean ± std over
