@@ -329,6 +329,11 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
 
             export(argv[1:])
             return None
+        if argv[:1] == ["harness"]:  # python -m lmheads harness CHECKPOINT --tasks ...
+            from lmheads.harness import main as harness
+
+            harness(argv[1:])
+            return None
         return LMHeadsCLI(
             LMHeadModule,
             LMDataModule,
@@ -344,7 +349,8 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
                 "allow_abbrev": False,  # --trainer.max_step must not silently mean max_steps
                 "description": "Train and compare output heads of decoder-only language models. "
                 "`python -m lmheads heads [MODULE ...]` lists the available heads; `python -m lmheads "
-                "export CHECKPOINT OUT_DIR` writes a model that HF transformers loads.",
+                "export CHECKPOINT OUT_DIR` writes a model that HF transformers loads; `python -m lmheads "
+                "harness CHECKPOINT` scores it with lm-evaluation-harness.",
             },
             parser_class=LMHeadsParser,
             args=args,

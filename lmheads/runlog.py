@@ -22,10 +22,11 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.dotted import flatten
+from lmheads.harness import HARNESS, harness_columns
 from lmheads.run.layout import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
 
 #: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
-EVALUATIONS = ("validate", "test", "predict")
+EVALUATIONS = ("validate", "test", "predict", HARNESS)
 
 #: Options of a run's config that change neither what it trains nor what it measures: its seed and its
 #: length (the seed column and the budget line report them), its name and place, what it prints and
@@ -58,6 +59,7 @@ class RunLog:
     diverged_at: int | None = None  # the step its training loss became NaN or infinite (diverged.json)
     config: dict = field(default_factory=dict)  # its config.yaml, flat (``model.lr``), where it has one
     tested_at: int | None = None  # the step of the checkpoint whose test its ``test/`` scalars are
+    harness: dict[str, float] = field(default_factory=dict)  # lm-eval's results of its last.ckpt
 
     def setting(self, key: str):
         """A hyperparameter (``hparams.yaml``: ``lr``) or an option of its config (``model.min_lr_ratio``)."""
@@ -168,6 +170,7 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
     diverged = run_dir / DIVERGED_FILE
     diverged_at = json.loads(diverged.read_text()).get("step") if diverged.is_file() else None
     run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at, _config(run_dir))
+    run.harness = harness_columns(run_dir, run.steps())
     evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
     if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
         for tag, points in load_run(evaluation).scalars.items():

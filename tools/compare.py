@@ -56,6 +56,8 @@ def table(groups: dict[str, list[RunLog]], best: bool = False) -> str:
     header += ["val bpb"] * has["val/bpb"] + ["excess loss"] * has["val/excess_loss"]
     header += [label for tag, label in BUCKETS.items() if has[tag]]
     header += [f"test ppl{' (best ckpt)' if best else ''}"] * has["test/loss"]
+    harness = sorted({key for r in any_run for key in r.harness})  # lm-eval's results of last.ckpt
+    header += harness
     header += ["tokens/s", "peak MiB", "minutes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in groups.items():
@@ -85,6 +87,7 @@ def table(groups: dict[str, list[RunLog]], best: bool = False) -> str:
         if has["test/loss"]:
             tests = [r.final("test/loss") for r in runs]
             row.append(mean_std([math.exp(v) if v is not None else None for v in tests], 2))
+        row += [mean_std([r.harness.get(key) for r in runs], 4) for key in harness]
         speeds = [
             statistics.fmean(
                 v for _, v, _ in r.series("perf/tokens_per_sec")[1:] or r.series("perf/tokens_per_sec")

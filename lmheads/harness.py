@@ -1,0 +1,199 @@
+"""lm-evaluation-harness on a run: ``python -m lmheads harness CHECKPOINT --tasks TASK ...``.
+
+The checkpoint is exported to HF transformers (:mod:`lmheads.hf`, exact or refused), lm-eval's HF model
+class scores the export, and the results are filed in the run as an evaluation,
+``<run>/harness/<checkpoint name>/results.json`` (numbered when repeated) beside ``checkpoint.json``;
+``tools/compare.py`` shows them as columns.
+
+``lmheads_wikitext2`` is a task of lmheads' own that needs no download: a text file (the run's
+``data.test_file`` unless ``--text`` names another) scored as one document in rolling windows of the
+model's context, with lm-eval's word perplexity, byte perplexity and bits per byte, as its ``wikitext``
+task reports them on the hub's copy. Any task lm-eval knows can be named too, where its data is
+available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from lmheads.errors import ConfigError
+
+#: lmheads' offline task: a local text file as one document.
+LOCAL_TASK = "lmheads_wikitext2"
+#: Where an evaluation by lm-eval is filed in its run.
+HARNESS = "harness"
+
+
+def _task_yaml(text: Path) -> str:
+    data_files = json.dumps({"test": str(text.resolve())})
+    return f"""task: {LOCAL_TASK}
+dataset_path: text
+dataset_kwargs:
+  data_files: {data_files}
+  sample_by: document
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+process_results: !function words.process_results
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+_PROCESS_RESULTS = """import re
+
+
+def process_results(doc, results):
+    (loglikelihood,) = results
+    words, size = len(re.split(r"\\s+", doc["text"].strip())), len(doc["text"].encode("utf-8"))
+    return {"word_perplexity": (loglikelihood, words), "byte_perplexity": (loglikelihood, size),
+            "bits_per_byte": (loglikelihood, size)}
+"""
+
+
+def evaluate(
+    model_dir: Path, tasks: list[str], text: Path | None, batch_size: int = 1, limit: int | None = None
+) -> dict:
+    """lm-eval's ``simple_evaluate`` of the HF model in ``model_dir`` on ``tasks`` (``lmheads_wikitext2``
+    over the file ``text``); its results dict."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # a command's output is lines
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="lmheads-tasks-") as tasks_dir:
+        if LOCAL_TASK in tasks:
+            if text is None:
+                raise ConfigError(
+                    f"task {LOCAL_TASK} needs a text file: give --text, or a run trained on files"
+                )
+            (Path(tasks_dir) / f"{LOCAL_TASK}.yaml").write_text(_task_yaml(text))
+            (Path(tasks_dir) / "words.py").write_text(_PROCESS_RESULTS)
+        manager = TaskManager(include_path=tasks_dir, verbosity="ERROR")
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise ConfigError(f"lm-eval knows no task {', '.join(unknown)}; `lm_eval ls tasks` lists them")
+        return simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": "float32"},
+            tasks=tasks,
+            batch_size=batch_size,
+            limit=limit,
+            device="cpu",
+            task_manager=manager,
+            verbosity="ERROR",
+        )
+
+
+def metrics(results: dict) -> dict[str, float]:
+    """``{"<task> <metric>": value}`` of lm-eval's results (standard errors and filters' names left out)."""
+    out = {}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            name, _, _ = key.partition(",")  # "word_perplexity,none"
+            if (
+                name not in ("alias", "sample_len")
+                and not name.endswith("_stderr")
+                and isinstance(value, int | float)
+            ):
+                out[f"{task} {name}"] = float(value)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    """``python -m lmheads harness CHECKPOINT [--tasks T ...] [--text FILE] [--out DIR]``."""
+    from lmheads.hf import export_hf, from_checkpoint
+    from lmheads.run.claim import RunFolder
+    from lmheads.run.layout import free_name, run_of_checkpoint
+    from lmheads.run.records import record_evaluation
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lmheads harness",
+        description="Score a checkpoint with lm-evaluation-harness (pip install -e '.[eval]') and file the "
+        "results in its run: <run>/harness/<checkpoint name>/results.json.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its checkpoints/last.ckpt)")
+    parser.add_argument(
+        "--tasks", nargs="+", default=[LOCAL_TASK], help=f"lm-eval tasks (default {LOCAL_TASK})"
+    )
+    parser.add_argument(
+        "--text", type=Path, help=f"the text {LOCAL_TASK} scores (default: the run's test_file)"
+    )
+    parser.add_argument("--out", type=Path, help="where to file the results for a checkpoint outside a run")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    ckpt = ckpt / "checkpoints" / "last.ckpt" if ckpt.is_dir() else ckpt
+    run = run_of_checkpoint(ckpt) if ckpt.is_file() else None
+    if run is None and args.out is None:
+        raise ConfigError(f"{ckpt} is not a checkpoint of a run: give --out for the results")
+    if args.out is not None and args.out.exists():
+        raise ConfigError(f"{args.out} exists; give a new folder for the results")
+    if args.text is not None and not args.text.is_file():
+        raise ConfigError(f"--text {args.text}: no such file")
+    model, tokenizer = from_checkpoint(ckpt)
+    if tokenizer is None:
+        raise ConfigError("lm-eval scores text, and this model's data has none (the synthetic language)")
+    checkpoint = _read(ckpt)  # memory-mapped: its tensors are not read again
+    test_file = (checkpoint.get("datamodule_hyper_parameters") or {}).get("test_file")
+    text = args.text or (Path(test_file) if test_file else None)
+    folder = args.out or run / free_name(run, f"{HARNESS}/{ckpt.stem}")
+    claim = RunFolder(folder.resolve())
+    claim.claim()
+    try:
+        with tempfile.TemporaryDirectory(prefix="lmheads-hf-") as tmp:
+            for line in export_hf(model, Path(tmp) / "model", tokenizer):
+                print(line)
+            results = evaluate(Path(tmp) / "model", args.tasks, text, args.batch_size, args.limit)
+        found = metrics(results)
+        record = {"tasks": args.tasks, "text": str(text) if text else None, "limit": args.limit,
+                  "metrics": found, "lm_eval": results.get("versions", {})}  # fmt: skip
+        (folder / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        step = int(checkpoint.get("global_step", 0))
+        other = [] if args.text is None else [f"text={args.text}"]
+        record_evaluation(folder, ckpt, step, other)
+    except BaseException:
+        claim.release()
+        raise
+    finally:
+        claim.ended()
+    width = max(len(k) for k in found) if found else 0
+    for key, value in found.items():
+        print(f"{key:<{width}}  {value:.4f}" if math.isfinite(value) else f"{key:<{width}}  {value}")
+    print(f"harness: filed in {folder}")
+
+
+def _read(ckpt: Path) -> dict:
+    from lmheads.checkpointing import read_checkpoint
+
+    return read_checkpoint(str(ckpt)) or {}
+
+
+def harness_columns(run_dir: Path, last_step: int | None = None) -> dict[str, float]:
+    """The newest lm-eval results filed in a run for its ``last.ckpt`` on the run's own text, as
+    ``{"lm-eval <task> <metric>": value}`` (``{}`` without one)."""
+    folders = [p for p in (run_dir / HARNESS).glob("*") if re.fullmatch(r"last(-\d+)?", p.name)]
+    chosen = []
+    for folder in folders:
+        try:
+            evaluated = json.loads((folder / "checkpoint.json").read_text())
+            found = json.loads((folder / "results.json").read_text())["metrics"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if evaluated.get("other_data") or (last_step is not None and evaluated.get("step") != last_step):
+            continue
+        chosen.append((folder.stat().st_mtime, found))
+    if not chosen:
+        return {}
+    return {f"lm-eval {k}": v for k, v in max(chosen, key=lambda c: c[0])[1].items()}

@@ -1,0 +1,100 @@
+"""lm-evaluation-harness on a run (lmheads.harness): the export scored by lm-eval's HF model class, the
+results filed in the run and read by compare.py, and lmheads' offline WikiText-2 task agreeing with
+lmheads' own test bits per byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+from lmheads.harness import harness_columns, main
+from lmheads.runlog import find_runs
+
+from .helpers import fit, only_run, scalars, tool
+from .helpers import main as lmheads
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+def _text(path: Path, source: str, lines: int, fallback: int) -> Path:
+    """The first lines of WikiText-2's file where the reference data is at hand; else word lines."""
+    if (WIKITEXT / source).is_file():
+        path.write_text("".join((WIKITEXT / source).read_text().splitlines(keepends=True)[:lines]))
+    else:
+        path.write_text("".join(f" w{i % 97} w{i % 89} w{(i * 7) % 83} . \n" for i in range(fallback)))
+    return path
+
+
+@pytest.fixture
+def word_run(tmp_path):
+    data = [
+        "--data=lmheads.data.TextDataModule",
+        "--data.tokenizer=word",
+        f"--data.train_file={_text(tmp_path / 'train.txt', 'train.txt', 300, 600)}",
+        f"--data.validation_file={_text(tmp_path / 'valid.txt', 'valid.txt', 40, 80)}",
+        f"--data.test_file={_text(tmp_path / 'test.txt', 'test.txt', 40, 80)}",
+        "--data.batch_size=4",
+        "--model.backbone.block_size=32",
+    ]
+    fit(tmp_path, *data, steps=4, every=2)
+    run = only_run(tmp_path)
+    lmheads(
+        ["test", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+    )
+    return tmp_path, run
+
+
+def test_a_run_is_scored_by_lm_eval_and_its_bits_per_byte_agree_with_lmheads(word_run, capsys):
+    """The offline task scores the run's test file in rolling windows of the model's context; lmheads'
+    test scores it in blocks of the same length. The two differ only at the windows' edges."""
+    tmp_path, run = word_run
+    main([str(run)])
+    out = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in out and f"harness: filed in {run / 'harness' / 'last'}" in out
+    filed = run / "harness" / "last"
+    record = json.loads((filed / "results.json").read_text())
+    assert json.loads((filed / "checkpoint.json").read_text())["step"] == 4
+    bpb = record["metrics"]["lmheads_wikitext2 bits_per_byte"]
+    own = scalars(run / "test" / "last")["test/bpb"][-1][1]
+    assert bpb == pytest.approx(own, rel=0.01)
+    assert record["metrics"]["lmheads_wikitext2 word_perplexity"] > 1
+    # compare.py shows it as a column of the run's row
+    assert harness_columns(run) == {f"lm-eval {k}": v for k, v in record["metrics"].items()}
+    (logged,) = find_runs([tmp_path / "quickstart"])
+    assert logged.harness["lm-eval lmheads_wikitext2 bits_per_byte"] == bpb
+    table = tool("compare").table({"tied": [logged]})
+    assert "lm-eval lmheads_wikitext2 bits_per_byte" in table and f"{bpb:.4f}" in table
+    main([str(run)])  # again: numbered, the first kept
+    assert sorted(p.name for p in (run / "harness").iterdir()) == ["last", "last-2"]
+
+
+def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys):
+    from lmheads.errors import ConfigError
+
+    _, run = word_run
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(SystemExit) as stop:
+        lmheads(["harness", str(run), "--tasks", "no_such_task"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("error:") == 1 and "lm-eval knows no task no_such_task" in err
+    with pytest.raises(ConfigError, match="exists; give a new folder"):
+        main([str(run), "--out", str(run)])
+    with pytest.raises(ConfigError, match=r"is not an lmheads checkpoint|not a checkpoint of a run"):
+        (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
+        main([str(tmp_path / "x.ckpt")])
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_the_synthetic_language_has_no_text_to_score(tmp_path):
+    from lmheads.errors import ConfigError
+
+    fit(tmp_path, steps=2, every=2)
+    run = only_run(tmp_path)
+    with pytest.raises(ConfigError, match="lm-eval scores text"):
+        main([str(run)])
+    assert not (run / "harness").exists()
