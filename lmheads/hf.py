@@ -12,9 +12,9 @@ output layer:
   ``lowrank_tied``, ``untie_during_training``; a ``logit_scale``) folds into an untied ``lm_head``, and
   the export says so.
 
-What GPT-2 does not compute is refused with the reason: rotary positions, a factorised or scaled input
-embedding, blocks shared between layers, an output bias, a soft-cap, a head that is not one linear map
-of h (a mixture of softmaxes).
+What GPT-2 does not compute (rotary positions, a factorised or scaled input embedding, blocks shared
+between layers, an output bias, a soft-cap, a mixture of softmaxes) is exported with a modeling file of
+its own (:mod:`lmheads.hf_remote`, ``trust_remote_code=True``), and the export says why.
 """
 
 from __future__ import annotations
@@ -65,8 +65,12 @@ def unsupported(model) -> list[str]:
         reasons.append(f"layer_sharing={cfg.layer_sharing} (GPT-2 has a block for every layer)")
     if not isinstance(head, LinearHead):
         reasons.append(f"head {head_name(head)!r} is not a linear form")
-    elif head.softcap is not None:
+        return reasons
+    if head.softcap is not None:
         reasons.append(f"head softcap={head.softcap} (GPT-2's logits are not capped)")
+    with torch.no_grad():
+        if head.project(model.backbone.ln_f.weight[None], model.backbone.wte).bias is not None:
+            reasons.append(f"head {head_name(head)!r} has an output bias (GPT-2's lm_head has none)")
     return reasons
 
 
@@ -271,12 +275,18 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # a command's output is lines
-    hf, note = to_gpt2(model.eval())
-    notes = [f"GPT2LMHeadModel: {note}"]
+    reasons = unsupported(model.eval())
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        hf.save_pretrained(staging)
+        if reasons:  # exact with a modeling file of its own, rather than refused
+            from lmheads.hf_remote import export_remote
+
+            notes = [export_remote(model, staging, reasons)]
+        else:
+            hf, note = to_gpt2(model)
+            notes = [f"GPT2LMHeadModel: {note}"]
+            hf.save_pretrained(staging)
         if tokenizer is not None:
             hf_tokenizer(tokenizer).save_pretrained(staging)
             notes.append(f"tokenizer: lmheads' {tokenizer.kind} tokenizer as tokenizer.json")

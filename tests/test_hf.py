@@ -12,7 +12,6 @@ import torch
 
 from lmheads.backbone import BackboneConfig
 from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, WordTokenizer
-from lmheads.errors import ConfigError
 from lmheads.heads import registered_heads
 from lmheads.module import LMHeadModule
 
@@ -22,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 from lmheads.hf import export_hf, hf_tokenizer  # noqa: E402
 
 BUILTIN = sorted(n for n, c in registered_heads().items() if c.__module__.startswith("lmheads."))
-REFUSED = {"tied_bias": "has an output bias", "mos": "is not a linear form"}
+#: Heads GPT-2 cannot compute: exported with lmheads' modeling file (trust_remote_code), and why.
+REMOTE = {"tied_bias": "has an output bias", "mos": "is not a linear form"}
 SMALL = BackboneConfig(n_layer=2, n_head=2, d_model=16, block_size=12)
 
 
@@ -37,47 +37,69 @@ def _model(name: str, **backbone) -> LMHeadModule:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", BUILTIN)
-def test_every_head_exports_with_equal_logits_or_is_refused(name, tmp_path):
-    model = _model(name)
-    if name in REFUSED:
-        with pytest.raises(ConfigError, match=REFUSED[name]):
-            export_hf(model, tmp_path / "hf")
-        assert not list(tmp_path.iterdir())  # nothing written
-        return
-    notes = export_hf(model, tmp_path / "hf")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(loaded).__name__ == "GPT2LMHeadModel"
+def _check_export(model: LMHeadModule, folder, tied: bool) -> object:
+    """The export in ``folder`` loads with AutoModelForCausalLM, gives ``model``'s logits within 1e-5 in
+    fp32, generates, keeps the tie (one tensor, one ``data_ptr``) through a save/load round trip or has
+    none; the loaded model."""
+    remote = (folder / "modeling_lmheads.py").is_file()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
+    assert type(loaded).__name__ == ("LMHeadsForCausalLM" if remote else "GPT2LMHeadModel")
     idx = torch.randint(0, 50, (3, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx).logits, model(idx), rtol=0, atol=1e-5)
-    tied = loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
-    assert tied == (name == "tied"), notes
-    assert ("tie_word_embeddings" in notes[0]) == tied and ("folded" in notes[0]) != tied
+    embedding = loaded.get_input_embeddings().weight
+    assert (loaded.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()) == tied
     out = loaded.generate(idx[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (3, 9)
-    loaded.save_pretrained(tmp_path / "again")  # a round trip keeps the tie, and one tensor for it
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
-    assert (again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()) == tied
+    loaded.save_pretrained(folder.parent / f"{folder.name}-again")  # a round trip keeps the tie or none
+    again = transformers.AutoModelForCausalLM.from_pretrained(folder.parent / f"{folder.name}-again",
+                                                              trust_remote_code=remote)  # fmt: skip
+    assert (
+        again.get_output_embeddings().weight.data_ptr() == again.get_input_embeddings().weight.data_ptr()
+    ) == tied
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         assert ("lm_head.weight" in set(f.keys())) != tied
+    return loaded
 
 
-def test_what_gpt2_does_not_compute_is_refused(tmp_path):
-    for head, backbone, reason in (
-        ("tied", {"positions": "rope"}, "positions=rope"),
-        ("projected_tied", {"d_embed": 8}, "a factorised embedding"),
-        ("tied", {"layer_sharing": "all"}, "layer_sharing=all"),
-        ("tied", {"scale_embedding": True}, "scale_embedding"),
-    ):
-        with pytest.raises(ConfigError, match=reason):
-            export_hf(_model(head, **backbone), tmp_path / "hf")
-    model = LMHeadModule(head=registered_heads()["untied"](softcap=30.0), backbone=SMALL, vocab_size=50)
-    with pytest.raises(ConfigError, match=r"softcap=30\.0"):
-        export_hf(model, tmp_path / "hf")
-    assert not list(tmp_path.iterdir())
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_head_exports_with_equal_logits(name, tmp_path):
+    """GPT-2 where it computes the same; lmheads' modeling file (trust_remote_code) where it does not."""
+    model = _model(name)
+    notes = export_hf(model, tmp_path / "hf")
+    tied = name in ("tied", "tied_bias", "mos")
+    _check_export(model, tmp_path / "hf", tied)
+    if name in REMOTE:
+        assert "trust_remote_code=True" in notes[0] and REMOTE[name] in notes[0], notes
+    else:
+        assert ("tie_word_embeddings" in notes[0]) == tied and ("folded" in notes[0]) != tied
+
+
+@pytest.mark.parametrize(
+    ("head", "options", "backbone", "reason"),
+    [
+        ("tied", {}, {"positions": "rope"}, "positions=rope"),
+        ("projected_tied", {}, {"d_embed": 8}, "a factorised embedding"),
+        ("tied", {}, {"layer_sharing": "all"}, "layer_sharing=all"),
+        ("tied", {}, {"scale_embedding": True}, "scale_embedding"),
+        ("untied", {"softcap": 30.0}, {}, "softcap=30.0"),
+        ("tied", {"logit_scale": "inv_sqrt_d"}, {"positions": "rope", "bias": False}, "positions=rope"),
+    ],
+)
+def test_what_gpt2_does_not_compute_goes_with_a_modeling_file(head, options, backbone, reason, tmp_path):
+    """Rotary positions, a factorised or scaled embedding, shared layers, a soft-cap: exact through
+    lmheads' own modeling file, which imports nothing of lmheads, and the note says why."""
+    torch.manual_seed(0)
+    model = LMHeadModule(
+        head=registered_heads()[head](**options), backbone=BackboneConfig(**{**vars(SMALL), **backbone}),
+        vocab_size=50,
+    ).eval()  # fmt: skip
+    notes = export_hf(model, tmp_path / "hf")
+    assert reason in notes[0] and "modeling_lmheads.py" in notes[0]
+    assert "from lmheads" not in (tmp_path / "hf" / "modeling_lmheads.py").read_text()
+    _check_export(model, tmp_path / "hf", tied=head != "untied")
 
 
 def test_a_backbone_without_biases_exports_with_zero_biases(tmp_path):
