@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -146,7 +146,7 @@ class TextSamples(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         cfg = pl_module.sampling
         datamodule = trainer.datamodule
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger | WandbLogger)]
         if (
             trainer.sanity_checking
             or not (trainer.is_global_zero or gathers_collectively(pl_module))
@@ -163,12 +163,18 @@ class TextSamples(Callback):
         out = pl_module.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, root)
         if not trainer.is_global_zero:
             return
+        rows = []
         for i in range(n):
             prompt = datamodule.decode(out[i, : prompts.size(1)].tolist())
             completion = datamodule.decode(out[i, prompts.size(1) :].tolist())
+            rows.append([trainer.global_step, i, prompt, completion])
             text = f"**prompt** {_markdown_code(prompt)}\n\n**continuation** {_markdown_code(completion)}"
             for logger in loggers:
-                logger.experiment.add_text(f"samples/{i}", text, trainer.global_step)
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text(f"samples/{i}", text, trainer.global_step)
+        for logger in loggers:  # W&B: one table a validation
+            if isinstance(logger, WandbLogger):
+                logger.log_text("samples", columns=["step", "sample", "prompt", "continuation"], data=rows)
 
 
 def _markdown_code(text: str) -> str:

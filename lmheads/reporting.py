@@ -11,7 +11,7 @@ import os
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -254,6 +254,14 @@ class HeadDiagnostics(L.Callback):
                 if isinstance(logger, TensorBoardLogger):
                     for name, values in distributions.items():
                         logger.experiment.add_histogram(f"diag/{name}", values.cpu(), trainer.global_step)
+                elif isinstance(logger, WandbLogger):
+                    import wandb
+
+                    histograms = {
+                        f"diag/{n}": wandb.Histogram(v.float().cpu().numpy())
+                        for n, v in distributions.items()
+                    }
+                    logger.experiment.log({**histograms, "trainer/global_step": trainer.global_step})
 
 
 class EmbeddingGradientTap:

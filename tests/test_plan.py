@@ -77,7 +77,7 @@ def test_every_logger_writes_into_the_folder():
     ]
     assert point_loggers(_config(loggers), Plan(folder)) == []
     wandb, tensorboard, csv, local, server, other = (logger.init_args for logger in loggers)
-    assert (wandb.save_dir, wandb.name) == (str(folder), "r")
+    assert (wandb.save_dir, wandb.name, wandb.group) == (str(folder), "r", "study")  # grouped by experiment
     assert Path(tensorboard.save_dir, tensorboard.name, tensorboard.version) == folder  # its log_dir
     assert Path(csv.save_dir, csv.name, csv.version) == folder / "csv"  # the second folder logger's
     assert (local.save_dir, local.run_name) == (str(folder / "mlruns"), "r")

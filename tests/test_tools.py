@@ -232,7 +232,7 @@ def test_sigterm_to_a_sweep_stops_its_runs_with_a_checkpoint_and_the_next_call_r
             f"--trainer.max_steps={steps}", "--trainer.val_check_interval=20", *TINY[1:],
         ]  # fmt: skip
 
-    steps = 160  # the signal lands after the first validation (step 20), well before the end
+    steps = 80  # the signal lands after the first validation (step 20), well before the end
     sweep_process = subprocess.Popen(sweep_command(steps), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     first_checkpoint = tmp_path / "grid" / "tied-seed0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120

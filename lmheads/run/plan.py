@@ -111,9 +111,12 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
                 )
                 if plan.resume:
                     set_aside.append(("metrics.csv", free_name(folder, f"metrics-before-step{step}", ".csv")))
-        elif cls is not None and issubclass(cls, WandbLogger):
+        elif cls is not None and issubclass(cls, WandbLogger):  # named as the folder, grouped by experiment
             args.save_dir = str(folder)
             args.name = args.get("name") or folder.name
+            args.group = args.get("group") or (
+                folder.parent.name if plan.filed_in is None else folder.parent.parent.name
+            )
         elif cls is not None and issubclass(cls, MLFlowLogger):
             if args.get("tracking_uri") is None:  # a local store; a tracking server keeps its runs
                 args.save_dir = str(folder / "mlruns")
