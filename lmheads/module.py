@@ -62,6 +62,9 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
         loss_chunk_size: Tokens per chunk for ``chunked`` (default: a 256 MiB logit workspace).
         compile: Compile the backbone, head and loss with ``torch.compile`` (``true`` for the default
             backend, or a backend name such as ``aot_eager``). Parameters keep their names.
+        compile_loss: With ``compile``, compile the head's loss into the graph too (default); ``false``
+            compiles the backbone alone and runs the loss eagerly after it, where the chunked loss's
+            memory saving survives Inductor.
         init_from: A local GPT-2 folder (HF ``save_pretrained``) whose weights a new fit starts from,
             with this module's head (:func:`lmheads.hf.init_from_gpt2`; ``data.tokenizer=pretrained``).
 
@@ -84,6 +87,7 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
         loss_backend: BackendName = "auto",
         loss_chunk_size: PositiveInt | None = None,
         compile: bool | str = False,
+        compile_loss: bool = True,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -127,13 +131,15 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
         self.token_count_bucket: Tensor | None = None  # (V,) training-count bucket of each token id
         self.schedule: WarmupCosine | None = None  # with the optimizer; a resumed run's from its checkpoint
         # Compiling a bound method (not assigning a compiled module) keeps the state-dict keys unchanged.
-        self._compiled = None
-        if compile:
-            backend = "inductor" if compile is True else compile
+        self._compiled, self._hidden = None, self._backbone_hidden
+        backend = "inductor" if compile is True else compile
+        if compile and compile_loss:
             self._compiled = {
                 "train": torch.compile(self._train_loss, backend=backend),
                 "eval": torch.compile(self._token_loss, backend=backend),
             }
+        elif compile:  # the backbone alone; the loss after it, eagerly
+            self._hidden = torch.compile(self._backbone_hidden, backend=backend)
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -155,13 +161,14 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
         full logits."""
         return (self._compiled["eval"] if self._compiled else self._token_loss)(idx, targets)
 
+    def _backbone_hidden(self, idx: Tensor) -> Tensor:
+        return self.backbone(idx).flatten(0, 1)  # (N, D)
+
     def _train_loss(self, idx: Tensor, targets: Tensor) -> TrainLoss:
-        h = self.backbone(idx).flatten(0, 1)  # (N, D)
-        return self.head_loss.train_loss(self.head, h, self.backbone.wte, targets.flatten())
+        return self.head_loss.train_loss(self.head, self._hidden(idx), self.backbone.wte, targets.flatten())
 
     def _token_loss(self, idx: Tensor, targets: Tensor) -> TokenLoss:
-        h = self.backbone(idx).flatten(0, 1)  # (N, D)
-        return self.head_loss.token_loss(self.head, h, self.backbone.wte, targets.flatten())
+        return self.head_loss.token_loss(self.head, self._hidden(idx), self.backbone.wte, targets.flatten())
 
     def token_nll(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Per-token NLL (B*T,); 0 where the target is ignored."""

@@ -355,7 +355,11 @@ class GradientShare(L.Callback):
         self._input_side: contextlib.ExitStack | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
-        if not (pl_module.logging_step() and pl_module.head.shares_embedding and not pl_module._compiled):
+        if not (
+            pl_module.logging_step()
+            and pl_module.head.shares_embedding
+            and not pl_module.hparams.get("compile")
+        ):
             return
         self._tap = EmbeddingGradientTap(pl_module.backbone.wte)
         self._input_side = contextlib.ExitStack()

@@ -224,6 +224,29 @@ def test_a_model_compiled_by_inductor_keeps_its_loss_and_gradients(name, z_loss,
         torch.testing.assert_close(q.grad, p.grad)
 
 
+@pytest.mark.parametrize("backend", ["naive", "chunked"])
+def test_the_backbone_compiled_alone_keeps_the_loss_and_gradients(backend):
+    """model.compile_loss=false: the backbone compiled, the loss eager after it (where the chunked loss
+    keeps its memory saving): the same loss and gradients as the eager model."""
+    cfg = BackboneConfig(n_layer=1, n_head=2, d_model=16, block_size=8)
+    options = {"backbone": cfg, "vocab_size": 40, "loss_backend": backend, "loss_chunk_size": 5}
+    idx, targets = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
+    torch.manual_seed(0)
+    eager = LMHeadModule(head=head_class("tied")(z_loss=1e-3), **options)
+    torch.manual_seed(0)
+    split = LMHeadModule(
+        head=head_class("tied")(z_loss=1e-3), compile="aot_eager", compile_loss=False, **options
+    )
+    assert split._compiled is None and split._hidden is not split._backbone_hidden
+    a, b = eager.train_loss(idx, targets), split.train_loss(idx, targets)
+    torch.testing.assert_close(b.loss, a.loss)
+    a.loss.backward()
+    b.loss.backward()
+    for p, q in zip(eager.parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad)
+    assert list(split.state_dict()) == list(eager.state_dict())  # parameters keep their names
+
+
 def test_compile_option_through_the_cli(tmp_path):
     cli = fit(tmp_path, "--model.compile=aot_eager", "--trainer.logger=false", steps=2, every=2)
     assert cli.model._compiled is not None
