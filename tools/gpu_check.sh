@@ -10,9 +10,9 @@
 #   - the GPU tests (pytest -m gpu), beside the fits;
 #   - then alone on the GPU, since they time it: tools/bench_head.py (bf16) at GPT-2 small's head
 #     (N=16384 D=768 V=50304; the default chunk size, 256 and 4096) and Llama-3-8B's (N=8192 D=4096
-#     V=128256; the default chunk size); tools/bench_train.py: GPT-2 small, tied and untied, Lightning
-#     with the chunked loss (the default chunk size) and with the naive loss against a plain compiled
-#     PyTorch loop.
+#     V=128256; the default chunk size); tools/bench_train.py: GPT-2 small, tied and untied, the plain
+#     compiled loop with F.cross_entropy, and the plain loop and Lightning each with the chunked loss
+#     (the default chunk size; with --extended also 4096 and the full logits), two windows a path.
 # Then prints a table: check, status, seconds, key figure. Exit status: the number of failed checks.
 # Everything ends by LMHEADS_CHECK_SECONDS (default 480, 900 with --extended): a check that would run
 # past it gets the time left, and one that cannot start in time is reported as SKIPPED, so the table
@@ -61,7 +61,10 @@ gpt2_sizes=(256 4096) llama3_sizes=() train_sizes=(default)
 [ "$extended" = 1 ] && gpt2_sizes=(256 1024 2048 4096) llama3_sizes=(512 2048) train_sizes=(default 4096)
 head_gpt2=(--n 16384 --d 768 --v 50304 --dtype bfloat16 --chunk-sizes "${gpt2_sizes[@]}")
 head_llama3=(--n 8192 --d 4096 --v 128256 --dtype bfloat16 --chunk-sizes "${llama3_sizes[@]}" --iters 5)
-train=(--steps 20 --warmup 8 --chunk-sizes "${train_sizes[@]}")
+# Each path in two windows taken in turns; the full logits on both sides only with --extended (each
+# window compiles once: ten compiled runs a head with both losses).
+train=(--steps 20 --warmup 8 --chunk-sizes "${train_sizes[@]}" --repeats 2 --loss-backends chunked)
+[ "$extended" = 1 ] && train=(--steps 20 --warmup 8 --chunk-sizes "${train_sizes[@]}" --repeats 2)
 fit_seconds=120  # each fit's limit (the compiled one gets 60 s more)
 if [ "$tiny" = 1 ]; then
   accelerator=cpu steps=4 head_steps=2
@@ -110,6 +113,7 @@ if [ "$extended" = 1 ]; then
     python tools/bench_head.py "${head_gpt2[@]}" --mixed --variants
 fi
 check bench-head-llama3 150 '^\| (chunked|naive\+compile)' python tools/bench_head.py "${head_llama3[@]}"
-# Last: it compiles once a path (two heads x three paths; four with --extended) and takes the time left.
-check bench-train-gpt2 570 '/ plain' python tools/bench_train.py "${train[@]}"
+# Last: it compiles once a window (two heads x three paths x two windows; more with --extended) and takes
+# the time left.
+check bench-train-gpt2 570 'framework:' python tools/bench_train.py "${train[@]}"
 summary check

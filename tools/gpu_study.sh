@@ -4,10 +4,11 @@
 #     bash tools/gpu_study.sh [OUT_DIR]          # default OUT_DIR: gpu-study-<date>-<time>
 #
 #   1. tokenizes WikiText-2 (word level) and Tiny Shakespeare (characters) once, for every run;
-#   2. trains, all at once on the one GPU: configs/experiments/wikitext2_converged.yaml with the heads
-#      tied, untied, tied_bias and projected_tied, seeds 0 and 1 (tools/sweep.py), and nanoGPT's
-#      Shakespeare run (configs/experiments/shakespeare_char.yaml) on nanoGPT's own split of the text
-#      (the first 90% of the characters for training, the rest for validation);
+#   2. trains, all at once on the one GPU: configs/experiments/wikitext2_converged.yaml's whole schedule
+#      with the heads LMHEADS_STUDY_HEADS (default "tied untied") and seeds LMHEADS_STUDY_SEEDS (default
+#      "0 1 2 3") (tools/sweep.py); with LMHEADS_STUDY_NANOGPT=1 also nanoGPT's Shakespeare run
+#      (configs/experiments/shakespeare_char.yaml) on nanoGPT's own split of the text (the first 90% of
+#      the characters for training, the rest for validation);
 #   3. tests each WikiText-2 run's best checkpoint (lowest validation loss) on the test split;
 #   4. writes the report to OUT_DIR: tools/compare.py tables and plots (--best), tools/buckets.py
 #      (tied - untied per frequency bucket, and untied - tied at each validation), tools/embeddings.py
@@ -74,8 +75,9 @@ shakespeare=("${shakespeare_config[@]}" "${shakespeare_data[@]}")
 # Without a text sample at each of its 20 validations (200 tokens one at a time: about 2 s each on a
 # shared GPU), as nanoGPT trains. Samples draw from their own generator: training is the same either way.
 shakespeare_run=("${shakespeare_data[@]}" --sampling.validation_samples=0)
-heads=(tied untied tied_bias projected_tied)
-seeds=(0 1)
+read -r -a heads <<< "${LMHEADS_STUDY_HEADS:-tied untied}"
+read -r -a seeds <<< "${LMHEADS_STUDY_SEEDS:-0 1 2 3}"
+nanogpt=${LMHEADS_STUDY_NANOGPT:-0}
 small=() placement=(--jobs 8 --gpus 0,0,0,0,0,0,0,0) nano_placement=(--gpus 0) parallel=8
 if [ "$tiny" = 1 ]; then
   small=(--trainer.accelerator=cpu --trainer.max_steps=6 --trainer.val_check_interval=3
@@ -95,7 +97,7 @@ data.setup("fit")
 tokens = int(data.train_token_counts().sum())
 print(f"{type(data).__name__}: vocabulary {data.vocab_size:,}, training tokens {tokens:,}")'
 start prepare-wikitext2 180 'vocabulary' python -c "$prepare" "${wikitext[@]}" "${small[@]}"
-start prepare-shakespeare 60 'vocabulary' python -c "$prepare" "${shakespeare[@]}" "${small[@]}"
+[ "$nanogpt" = 1 ] && start prepare-shakespeare 60 'vocabulary' python -c "$prepare" "${shakespeare[@]}" "${small[@]}"
 finish
 
 # 2. Train: both sweeps side by side (a sweep skips finished runs and resumes interrupted ones). At the
@@ -107,10 +109,15 @@ python tools/sweep.py "${wikitext_config[@]}" --name wikitext2_converged --root 
   --heads "${heads[@]}" --seeds "${seeds[@]}" "${placement[@]}" -- "${wikitext_data[@]}" "${small[@]}" \
   > "$out/sweep.log" 2>&1 &
 sweep=$!
-python tools/sweep.py "${shakespeare_config[@]}" --name shakespeare_char --root "$runs" --heads tied \
-  --seeds 1337 ${nano_placement[@]+"${nano_placement[@]}"} -- "${shakespeare_run[@]}" "${small[@]}" \
-  > "$out/shakespeare.log" 2>&1 &
-nano=$!
+if [ "$nanogpt" = 1 ]; then
+  python tools/sweep.py "${shakespeare_config[@]}" --name shakespeare_char --root "$runs" --heads tied \
+    --seeds 1337 ${nano_placement[@]+"${nano_placement[@]}"} -- "${shakespeare_run[@]}" "${small[@]}" \
+    > "$out/shakespeare.log" 2>&1 &
+  nano=$!
+else
+  true &  # no nanoGPT run: a finished job in its place
+  nano=$!
+fi
 trap 'kill -TERM "$sweep" "$nano" 2> /dev/null' INT TERM  # stopping this script stops them the same way
 stopped=""
 while kill -0 "$sweep" 2> /dev/null || kill -0 "$nano" 2> /dev/null; do
@@ -134,9 +141,11 @@ status() {  # a sweep stopped at the deadline exits 143 (SIGTERM): a timeout, as
 }
 record train-wikitext2 "$(status "$sweep_rc")" "$dt" \
   "$(grep -cE ': (done|skipped)' "$out/sweep.log") of $((${#heads[@]} * ${#seeds[@]})) runs done$stopped"
-nano_log=$(ls "$runs"/shakespeare_char/*/sweep.log 2> /dev/null | head -n 1)
-record train-shakespeare "$(status "$nano_rc")" "$dt" \
-  "$(grep -hE '^  val/loss|error:|SIG' "$out/shakespeare.log" ${nano_log:+"$nano_log"} | tail -n 1)"
+if [ "$nanogpt" = 1 ]; then
+  nano_log=$(ls "$runs"/shakespeare_char/*/sweep.log 2> /dev/null | head -n 1)
+  record train-shakespeare "$(status "$nano_rc")" "$dt" \
+    "$(grep -hE '^  val/loss|error:|SIG' "$out/shakespeare.log" ${nano_log:+"$nano_log"} | tail -n 1)"
+fi
 
 # 3. Test each WikiText-2 run's best checkpoint (the one ModelCheckpoint kept for its validation loss),
 # several at once.
@@ -168,15 +177,17 @@ record test-wikitext2 "$([ ${#untested[@]} = 0 ] && echo ok || echo FAIL)" $((SE
 report="$out/wikitext2_converged"
 start compare-wikitext2 120 '^\| tied ' python tools/compare.py "$runs/wikitext2_converged" --best \
   --out "$report" --plot diag/grad_share_output
-start compare-shakespeare 60 '^\| tied ' python tools/compare.py "$runs/shakespeare_char" --best \
-  --out "$out/shakespeare_char"
+if [ "$nanogpt" = 1 ]; then
+  start compare-shakespeare 60 '^\| tied ' python tools/compare.py "$runs/shakespeare_char" --best \
+    --out "$out/shakespeare_char"
+fi
 start buckets-wikitext2 60 '^\| ' python tools/buckets.py "$runs/wikitext2_converged" --heads tied untied \
   --out "$report"
 start steps-wikitext2 60 '^\| [0-9]' python tools/buckets.py "$runs/wikitext2_converged" --heads untied tied \
   --over-steps --out "$report"
-start geometry-wikitext2 120 '^\| ' python tools/embeddings.py "$runs/wikitext2_converged/tied-seed0" \
-  "$runs/wikitext2_converged/untied-seed0" "$runs/wikitext2_converged/tied_bias-seed0" \
-  "$runs/wikitext2_converged/projected_tied-seed0" --out "$report/geometry"
+geometry=()
+for head in "${heads[@]}"; do geometry+=("$runs/wikitext2_converged/$head-seed${seeds[0]}"); done
+start geometry-wikitext2 120 '^\| ' python tools/embeddings.py "${geometry[@]}" --out "$report/geometry"
 finish
 mkdir -p "$out/runs"
 tar -C "$runs" --exclude='*.ckpt' -cf - . | tar -C "$out/runs" -xf -
