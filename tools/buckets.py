@@ -30,9 +30,10 @@ import statistics
 import sys
 from pathlib import Path
 
+import pandas as pd
 from pairs import COUNT_TAGS, TAGS, absent_heads, against, differences, over_steps, pairs_by_group
 from plots import save_plot
-from report import check_outputs, publish, pyplot
+from report import check_outputs, markdown, publish, pyplot
 
 from lmheads import comparable
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
@@ -46,17 +47,15 @@ def against_table(rows: dict[str, dict], _: str, reference: str) -> str:
     seeds = sorted({seed for values in rows.values() for seed in values}, key=comparable.order)
     header = ["head", *(f"seed {seed}" for seed in seeds), "effect"]
     effects = family([list(values.values()) for values in rows.values()])
-    lines = [
-        f"Final validation loss of each head minus {reference} (nats/token; negative: better than "
-        f"{reference}), per seed ({policy_note(len(rows))}):",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+    cells = [
+        [row, *(f"{values[seed]:+.3f}" if seed in values else "–" for seed in seeds), text]
+        for (row, values), text in zip(rows.items(), effects, strict=True)
     ]
-    for (row, values), text in zip(rows.items(), effects, strict=True):
-        cells = [f"{values[seed]:+.3f}" if seed in values else "–" for seed in seeds]
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {text} |")
-    return "\n".join(lines)
+    title = (
+        f"Final validation loss of each head minus {reference} (nats/token; negative: better than "
+        f"{reference}), per seed ({policy_note(len(rows))}):"
+    )
+    return f"{title}\n\n{markdown(pd.DataFrame(cells, columns=header))}"
 
 
 def against_plot(rows: dict[str, dict], _: str, reference: str, out: Path, name: str) -> Path:
@@ -118,12 +117,12 @@ def steps_table(trajectories: dict[str, dict], first: str, second: str) -> str:
         seeds = list(t["seeds"])
         header = ["step", "epochs", *(f"seed {seed}" for seed in seeds), "effect"]
         lines += ["", f"{group}:"] if len(trajectories) > 1 else [""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        rows = []
         for i, step in enumerate(t["steps"]):
             values = [t["seeds"][seed][i] for seed in seeds]
             epochs = "–" if t["epochs"][i] is None else f"{t['epochs'][i]:.1f}"
-            cells = [f"{step:,}", epochs, *(f"{v:+.3f}" for v in values), next(effects)]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append([f"{step:,}", epochs, *(f"{v:+.3f}" for v in values), next(effects)])
+        lines.append(markdown(pd.DataFrame(rows, columns=header)))
     return "\n".join(lines)
 
 
@@ -153,12 +152,13 @@ def table(diffs: dict[str, dict], first: str, second: str) -> str:
     cells = [(group, tag) for group, per_tag in diffs.items() for tag in tags if per_tag[tag]]
     effects = dict(zip(cells, family([diffs[g][t] for g, t in cells], digits=4), strict=True))
     title = f"Validation loss of {first} minus {second} (nats/token; negative: {first} is better)"
-    lines = [f"{title}, over seeds ({policy_note(len(cells))}):", "", "| " + " | ".join(header) + " |"]
-    lines.append("|" + "---|" * len(header))
-    for group, per_tag in diffs.items():
-        row = [group, str(len(per_tag["val/loss"])), *(effects.get((group, tag), "–") for tag in tags)]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    rows = [
+        [group, str(len(per_tag["val/loss"])), *(effects.get((group, tag), "–") for tag in tags)]
+        for group, per_tag in diffs.items()
+    ]
+    return (
+        f"{title}, over seeds ({policy_note(len(cells))}):\n\n{markdown(pd.DataFrame(rows, columns=header))}"
+    )
 
 
 def plot(diffs: dict[str, dict], first: str, second: str, out: Path, name: str) -> Path:

@@ -21,8 +21,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
 from plots import plot, unplotted
-from report import BEGIN, END, check_outputs, publish
+from report import BEGIN, END, check_outputs, markdown, publish
 
 from lmheads.comparable import (
     at_step,
@@ -59,7 +60,7 @@ def table(groups: dict[str, list[RunLog]], best: bool = False) -> str:
     harness = sorted({key for r in any_run for key in r.harness})  # lm-eval's results of last.ckpt
     header += harness
     header += ["tokens/s", "peak MiB", "minutes"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for label, runs in groups.items():
         hp = runs[0].hparams
         losses = [r.final("val/loss") for r in runs]
@@ -101,8 +102,8 @@ def table(groups: dict[str, list[RunLog]], best: bool = False) -> str:
             for r in runs
         ]
         row += [mean_std(speeds, 0), mean_std(memory, 0), mean_std([r.minutes() for r in runs], 1)]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return markdown(pd.DataFrame(rows, columns=header))
 
 
 def budget(groups: dict[str, list[RunLog]]) -> str:

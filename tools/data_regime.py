@@ -19,8 +19,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
 from plots import colours, save_plot
-from report import check_outputs, publish, pyplot
+from report import check_outputs, markdown, publish, pyplot
 
 from lmheads import comparable
 from lmheads.comparable import missing_roots, split_reportable
@@ -62,10 +63,15 @@ def summarise(groups: dict[tuple[str, int], list[RunLog]]) -> dict[tuple[str, in
 
 
 def table(summary: dict[tuple[str, int], dict]) -> str:
-    lines = [
-        "| head | training tokens | epochs | excess loss, final | excess loss, best | val - train loss |",
-        "|---|---|---|---|---|---|",
+    header = [
+        "head",
+        "training tokens",
+        "epochs",
+        "excess loss, final",
+        "excess loss, best",
+        "val - train loss",
     ]
+    rows = []
     for (label, tokens), s in summary.items():
         cells = [
             label,
@@ -75,8 +81,8 @@ def table(summary: dict[tuple[str, int], dict]) -> str:
             mean_std(s["best"], 3),
             mean_std(s["gap"], 3),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown(pd.DataFrame(rows, columns=header))
 
 
 def plot(summary: dict[tuple[str, int], dict], runs: list[RunLog], out: Path) -> Path:

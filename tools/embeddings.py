@@ -19,8 +19,9 @@ import sys
 from itertools import combinations
 from pathlib import Path
 
+import pandas as pd
 import torch
-from report import publish, pyplot
+from report import markdown, publish, pyplot
 
 from lmheads.checkpointing import TOKEN_BUCKET_KEY
 from lmheads.geometry import linear_cka, nearest_neighbours, shared_neighbours
@@ -95,15 +96,15 @@ def table(rows: list[dict], k: int, bucketed: bool) -> str:
     if bucketed:
         for name in FREQUENCY_BUCKETS:
             header += [f"CKA, {FREQUENCY_BUCKET_LABELS[name]}", f"overlap, {FREQUENCY_BUCKET_LABELS[name]}"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
     for row in rows:
         cells = [row["pair"], f"{row['cka']:.3f}", f"{row['overlap']:.3f}"]
         if bucketed:
             for name in FREQUENCY_BUCKETS:
                 cka = row[f"cka_{name}"]
                 cells += ["–" if cka is None else f"{cka:.3f}", f"{row[f'overlap_{name}']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown(pd.DataFrame(table, columns=header))
 
 
 def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], k: int, out: Path) -> Path:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from report import check_outputs, publish, pyplot
+from report import check_outputs, markdown, publish, pyplot
 
 from lmheads.stats import effect, family, policy_note
 from lmheads.streams import pipe_safe_output
@@ -134,17 +134,16 @@ def draw(data: pd.DataFrame, out: Path) -> list[Path]:
 def summary(data: pd.DataFrame) -> str:
     last = data.groupby("setting", sort=False).tail(1)
     effects = family(list(last["differences"]))
-    lines = [
-        "Untied minus tied at each setting's last validation (nats/token; above 0, the tie is ahead): "
-        + policy_note(len(last))
-        + ".",
-        "",
-        "| setting | epochs | training tokens per type | untied - tied |",
-        "|---|---|---|---|",
-    ]
-    for (_, row), text in zip(last.iterrows(), effects, strict=True):
-        lines.append(f"| {row.setting} | {row.epochs:.1f} | {row.tokens_per_type:,.0f} | {text} |")
-    return "\n".join(lines)
+    table = pd.DataFrame(
+        {
+            "setting": last["setting"],
+            "epochs": [f"{e:.1f}" for e in last["epochs"]],
+            "training tokens per type": [f"{x:,.0f}" for x in last["tokens_per_type"]],
+            "untied - tied": effects,
+        }
+    )
+    title = "Untied minus tied at each setting's last validation (nats/token; above 0, the tie is ahead)"
+    return f"{title}: {policy_note(len(last))}.\n\n{markdown(table)}"
 
 
 def main(argv: list[str] | None = None) -> int:

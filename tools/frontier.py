@@ -21,7 +21,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from report import check_outputs, publish, pyplot
+import pandas as pd
+from report import check_outputs, markdown, publish, pyplot
 
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
 from lmheads.runlog import RunLog, find_runs
@@ -96,12 +97,7 @@ def table(reference: dict, grouped: dict[tuple[str, str], list[RunLog]]) -> tupl
     effects = dict(zip(paired, family(list(paired.values()), digits=4), strict=True))
     header = ["way of saving", "setting", "unique params", "saved", "FLOPs/token", "seeds", "val loss"]
     header += ["minus reference", "per 100k saved"]
-    lines = [
-        f"Minus reference: {policy_note(len(paired))}.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
+    rows = []
     costs: dict[str, list[float]] = defaultdict(list)
     for (way, setting), runs in points:
         hp = runs[0].hparams
@@ -116,8 +112,9 @@ def table(reference: dict, grouped: dict[tuple[str, str], list[RunLog]]) -> tupl
             per = statistics.fmean(differences) / saved * 1e5
             costs[way].append(per)
             row += [effects[(way, setting)], f"{per:+.4f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines), {way: statistics.fmean(v) for way, v in costs.items()}
+        rows.append(row)
+    text = f"Minus reference: {policy_note(len(paired))}.\n\n{markdown(pd.DataFrame(rows, columns=header))}"
+    return text, {way: statistics.fmean(v) for way, v in costs.items()}
 
 
 def _params(runs: list[RunLog]) -> int:

@@ -25,6 +25,14 @@ def pyplot():
     return plt
 
 
+def markdown(frame) -> str:
+    """A table (a ``pandas.DataFrame`` of cells already formatted as text) as a markdown table: every
+    report's tables go through here."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def markers(section: str | None) -> tuple[str, str]:
     """The comment pair around a document's generated section (``compare:<section>:begin`` if named)."""
     if not section:
