@@ -187,14 +187,20 @@ def test_compile_every_head_without_graph_breaks(name, backend):
     torch.manual_seed(0)
     compiled = LMHeadModule(head=head_class(name)(), compile="aot_eager", **options)
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # no _orig_mod. prefixes
-    a, b = eager.train_loss(idx, targets), compiled.train_loss(idx, targets)
-    torch.testing.assert_close(a.loss, b.loss)
-    a.loss.backward()
-    b.loss.backward()
-    for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad)
+    _same_loss_and_gradients(eager, compiled, idx, targets)
     with torch.no_grad():
         torch.testing.assert_close(eager.token_loss(idx, targets).nll, compiled.token_loss(idx, targets).nll)
+
+
+def _same_loss_and_gradients(eager: LMHeadModule, other: LMHeadModule, idx, targets) -> None:
+    """``other`` gives ``eager``'s training loss (with a gradient) and the same gradients."""
+    a, b = eager.train_loss(idx, targets), other.train_loss(idx, targets)
+    assert b.loss.requires_grad
+    torch.testing.assert_close(b.loss, a.loss)
+    a.loss.backward()
+    b.loss.backward()
+    for p, q in zip(eager.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad)
 
 
 @pytest.mark.slow
@@ -215,13 +221,7 @@ def test_a_model_compiled_by_inductor_keeps_its_loss_and_gradients(name, z_loss,
     eager = LMHeadModule(head=head_class(name)(z_loss=z_loss), **options)
     torch.manual_seed(0)
     compiled = LMHeadModule(head=head_class(name)(z_loss=z_loss), compile=True, **options)
-    a, b = eager.train_loss(idx, targets), compiled.train_loss(idx, targets)
-    assert b.loss.requires_grad
-    torch.testing.assert_close(b.loss, a.loss)
-    a.loss.backward()
-    b.loss.backward()
-    for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
-        torch.testing.assert_close(q.grad, p.grad)
+    _same_loss_and_gradients(eager, compiled, idx, targets)
 
 
 @pytest.mark.parametrize("backend", ["naive", "chunked"])
@@ -238,12 +238,7 @@ def test_the_backbone_compiled_alone_keeps_the_loss_and_gradients(backend):
         head=head_class("tied")(z_loss=1e-3), compile="aot_eager", compile_loss=False, **options
     )
     assert split._compiled is None and split._hidden is not split._backbone_hidden
-    a, b = eager.train_loss(idx, targets), split.train_loss(idx, targets)
-    torch.testing.assert_close(b.loss, a.loss)
-    a.loss.backward()
-    b.loss.backward()
-    for p, q in zip(eager.parameters(), split.parameters(), strict=True):
-        torch.testing.assert_close(q.grad, p.grad)
+    _same_loss_and_gradients(eager, split, idx, targets)
     assert list(split.state_dict()) == list(eager.state_dict())  # parameters keep their names
 
 
