@@ -75,6 +75,9 @@ def test_every_logger_writes_into_the_folder():
         _logger(MLFLOW, save_dir="./mlruns", tracking_uri="http://server", run_name="mine"),
         _logger("lightning.pytorch.loggers.CometLogger", save_dir=None),
     ]
+    evaluation = _logger(WANDB, save_dir=".", name=None)  # of a run's checkpoint: grouped with its run
+    point_loggers(_config([evaluation]), Plan(folder / "test" / "last", filed_in=folder))
+    assert (evaluation.init_args.name, evaluation.init_args.group) == ("last", "study")
     assert point_loggers(_config(loggers), Plan(folder)) == []
     wandb, tensorboard, csv, local, server, other = (logger.init_args for logger in loggers)
     assert (wandb.save_dir, wandb.name, wandb.group) == (str(folder), "r", "study")  # grouped by experiment

@@ -94,10 +94,10 @@ def plan_run(
 def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
     """Point every logger of ``config.trainer.logger`` at ``plan.folder``: TensorBoard's and CSV's files
     there (a second one's in ``csv/`` or ``tensorboard/`` inside it), W&B's ``wandb/`` and a local MLflow
-    store (``mlruns/``) inside it, W&B and MLflow runs named
-    after it; another logger with a ``save_dir`` or ``log_dir`` option gets the folder. Returns the
-    run's files to set aside before the loggers start, as ``(name, new name)``: the CSV logger starts
-    ``metrics.csv`` anew, so a continued run keeps its earlier one as ``metrics-before-step<step>.csv``."""
+    store (``mlruns/``) inside it, W&B and MLflow runs named after it (W&B's grouped by experiment);
+    another logger with a ``save_dir`` or ``log_dir`` option gets the folder. Returns the run's files to
+    set aside before the loggers start, as ``(name, new name)``: the CSV logger starts ``metrics.csv``
+    anew, so a continued run keeps its earlier one as ``metrics-before-step<step>.csv``."""
     folder, set_aside, named = plan.folder, [], False
     for logger in loggers(config):
         cls, args = class_of(str(logger.class_path)), logger.init_args
@@ -114,9 +114,7 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
         elif cls is not None and issubclass(cls, WandbLogger):  # named as the folder, grouped by experiment
             args.save_dir = str(folder)
             args.name = args.get("name") or folder.name
-            args.group = args.get("group") or (
-                folder.parent.name if plan.filed_in is None else folder.parent.parent.name
-            )
+            args.group = args.get("group") or (plan.filed_in or folder).parent.name
         elif cls is not None and issubclass(cls, MLFlowLogger):
             if args.get("tracking_uri") is None:  # a local store; a tracking server keeps its runs
                 args.save_dir = str(folder / "mlruns")
