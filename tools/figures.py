@@ -35,7 +35,7 @@ STUDIES = {
     "shakespeare_words_width256": ("Shakespeare words, width 256, 11 epochs", 220_736, 9_984),
     "shakespeare_words_vocab": ("Shakespeare words, 11 epochs", 220_736, None),
 }
-#: WikiText-2 at a fifth of an epoch (section 5's setting), one point: the final validation.
+#: WikiText-2 at a fifth of an epoch (docs/studies/wikitext2_short.md), one point: the final validation.
 SHORT_BUDGET = (
     "wikitext2_tying/against_tied.md",
     "WikiText-2 words, width 128, no dropout, 0.2 epochs",
