@@ -38,7 +38,7 @@ from lmheads.data.tokenizers import (
     WordTokenizer,
 )
 from lmheads.errors import ConfigError
-from lmheads.heads import LinearHead, head_name
+from lmheads.heads import LinearForm, LinearHead, head_name
 
 #: GPT-2's block modules and lmheads' (its Linear layers are Conv1D: weights transposed).
 _NORMS = {"ln_1": "ln_1", "ln_2": "ln_2"}
@@ -75,20 +75,28 @@ def unsupported(model) -> list[str]:
 
 
 @torch.no_grad()
+def linear_map(form_of, d_model: int, embedding: nn.Embedding, name: str) -> LinearForm:
+    """A head's form (``form_of``: its ``project`` or ``linear_form``) as matrices: h' = h P, with P (D, K)
+    the form's ``hidden`` at h = I, its W (V, K) and b. Raises ``ConfigError`` where h' is not a linear
+    map of h (head ``name``), so that no matrix computes it."""
+    eye = torch.eye(d_model, dtype=embedding.weight.dtype, device=embedding.weight.device)  # (D, D)
+    form = form_of(eye, embedding)
+    probe = torch.randn(3, d_model, dtype=eye.dtype, generator=torch.Generator().manual_seed(0))
+    if not torch.allclose(form_of(probe.to(eye.device), embedding).hidden, probe @ form.hidden, atol=1e-6):
+        raise ConfigError(f"head {name!r}: its h' is not a linear map of h, so no matrix computes it")
+    return form
+
+
+@torch.no_grad()
 def output_matrix(model) -> Tensor | None:
     """The one matrix W_eff (V, D) with logits = h @ W_eff.T, or ``None`` where the head is the tie itself
     (W = E, h' = h). Raises ``ConfigError`` for an output bias or a head whose h' is not linear in h."""
     head, embedding = model.head, model.backbone.wte
-    D = model.cfg.d_model
-    eye = torch.eye(D, dtype=embedding.weight.dtype, device=embedding.weight.device)  # (D, D)
-    form = head.linear_form(eye, embedding)  # h' (D, K), W (V, K)
+    form = linear_map(head.linear_form, model.cfg.d_model, embedding, head_name(head))  # P (D, K), W (V, K)
     if form.bias is not None:
         raise ConfigError(f"head {head_name(head)!r} has an output bias, which GPT-2's lm_head does not")
-    if form.weight is embedding.weight and torch.equal(form.hidden, eye):
+    if form.weight is embedding.weight and torch.equal(form.hidden, torch.eye(model.cfg.d_model)):
         return None
-    probe = torch.randn(3, D, dtype=eye.dtype, device=eye.device, generator=torch.Generator().manual_seed(0))
-    if not torch.allclose(head.linear_form(probe, embedding).hidden, probe @ form.hidden, atol=1e-6):
-        raise ConfigError(f"head {head_name(head)!r}: its h' is not a linear map of h, so no one matrix")
     return (form.hidden @ form.weight.T).T.contiguous()  # (V, D)
 
 
