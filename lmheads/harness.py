@@ -1,9 +1,9 @@
 """lm-evaluation-harness on a run: ``python -m lmheads harness CHECKPOINT --tasks TASK ...``.
 
-The checkpoint is exported to HF transformers (:mod:`lmheads.hf`, exact or refused), lm-eval's HF model
+The checkpoint is exported to HF transformers (:mod:`lmheads.hf`), lm-eval's HF model
 class scores the export, and the results are filed in the run as an evaluation,
 ``<run>/harness/<checkpoint name>/results.json`` (numbered when repeated) beside ``checkpoint.json``;
-``tools/compare.py`` shows them as columns.
+``tools/compare.py`` shows them as columns (:func:`lmheads.runlog.load_run` reads them back).
 
 ``lmheads_wikitext2`` is a task of lmheads' own that needs no download: a text file (the run's
 ``data.test_file`` unless ``--text`` names another) scored as one document in rolling windows of the
@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -112,7 +111,7 @@ def metrics(results: dict) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
     """``python -m lmheads harness CHECKPOINT [--tasks T ...] [--text FILE] [--out DIR]``."""
-    from lmheads.hf import export_hf, from_checkpoint
+    from lmheads.hf import checkpoint_file, export_hf, from_checkpoint
     from lmheads.run.claim import RunFolder
     from lmheads.run.layout import free_name, run_of_checkpoint
     from lmheads.run.records import record_evaluation
@@ -133,8 +132,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
     args = parser.parse_args(argv)
-    ckpt = Path(args.checkpoint)
-    ckpt = ckpt / "checkpoints" / "last.ckpt" if ckpt.is_dir() else ckpt
+    ckpt = checkpoint_file(args.checkpoint)
     run = run_of_checkpoint(ckpt) if ckpt.is_file() else None
     if run is None and args.out is None:
         raise ConfigError(f"{ckpt} is not a checkpoint of a run: give --out for the results")
@@ -142,10 +140,9 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"{args.out} exists; give a new folder for the results")
     if args.text is not None and not args.text.is_file():
         raise ConfigError(f"--text {args.text}: no such file")
-    model, tokenizer = from_checkpoint(ckpt)
+    model, tokenizer, checkpoint = from_checkpoint(ckpt)
     if tokenizer is None:
         raise ConfigError("lm-eval scores text, and this model's data has none (the synthetic language)")
-    checkpoint = _read(ckpt)  # memory-mapped: its tensors are not read again
     test_file = (checkpoint.get("datamodule_hyper_parameters") or {}).get("test_file")
     text = args.text or (Path(test_file) if test_file else None)
     folder = args.out or run / free_name(run, f"{HARNESS}/{ckpt.stem}")
@@ -172,28 +169,3 @@ def main(argv: list[str]) -> None:
     for key, value in found.items():
         print(f"{key:<{width}}  {value:.4f}" if math.isfinite(value) else f"{key:<{width}}  {value}")
     print(f"harness: filed in {folder}")
-
-
-def _read(ckpt: Path) -> dict:
-    from lmheads.checkpointing import read_checkpoint
-
-    return read_checkpoint(str(ckpt)) or {}
-
-
-def harness_columns(run_dir: Path, last_step: int | None = None) -> dict[str, float]:
-    """The newest lm-eval results filed in a run for its ``last.ckpt`` on the run's own text, as
-    ``{"lm-eval <task> <metric>": value}`` (``{}`` without one)."""
-    folders = [p for p in (run_dir / HARNESS).glob("*") if re.fullmatch(r"last(-\d+)?", p.name)]
-    chosen = []
-    for folder in folders:
-        try:
-            evaluated = json.loads((folder / "checkpoint.json").read_text())
-            found = json.loads((folder / "results.json").read_text())["metrics"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if evaluated.get("other_data") or (last_step is not None and evaluated.get("step") != last_step):
-            continue
-        chosen.append((folder.stat().st_mtime, found))
-    if not chosen:
-        return {}
-    return {f"lm-eval {k}": v for k, v in max(chosen, key=lambda c: c[0])[1].items()}

@@ -306,16 +306,20 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
     return notes
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder's ``checkpoints/last.ckpt``."""
+    path = Path(path)
+    return path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+
+
 def from_checkpoint(path: str | Path):
-    """The model of an lmheads checkpoint (a file, or a run folder for its ``checkpoints/last.ckpt``) and
-    the tokenizer of the data it trained on (``None`` for data without text)."""
+    """The model of an lmheads checkpoint (:func:`checkpoint_file`), the tokenizer of the data it trained
+    on (``None`` for data without text), and the checkpoint as read (its tensors memory-mapped)."""
     from lmheads.checkpointing import read_checkpoint
     from lmheads.dotted import class_of
     from lmheads.module import LMHeadModule
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+    path = checkpoint_file(path)
     checkpoint = read_checkpoint(str(path))  # one line for a missing or unreadable file
     hparams = checkpoint.get("hyper_parameters") or {}
     if "head" not in hparams or "backbone" not in hparams:
@@ -327,8 +331,8 @@ def from_checkpoint(path: str | Path):
     cls = class_of(str(data.pop("_class_path", "")))
     data.pop("_instantiator", None)
     if cls is None or "tokenizer" not in data:
-        return model, None
-    return model, cls(**data).tokenizer  # the tokenizer is cached with the data; rebuilt if not
+        return model, None, checkpoint
+    return model, cls(**data).tokenizer, checkpoint  # the tokenizer is cached with the data; rebuilt if not
 
 
 def main(argv: list[str]) -> None:
@@ -347,7 +351,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if Path(args.out).exists():  # before reading anything
         raise ConfigError(f"{args.out} exists; give a new folder for the export")
-    model, tokenizer = from_checkpoint(args.checkpoint)
+    model, tokenizer, _ = from_checkpoint(args.checkpoint)
     for line in export_hf(model, args.out, tokenizer):
         print(line)
     print(f"wrote {args.out}")

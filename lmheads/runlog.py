@@ -22,7 +22,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.dotted import flatten
-from lmheads.harness import HARNESS, harness_columns
+from lmheads.harness import HARNESS
 from lmheads.run.layout import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
 
 #: Subfolders of a run in which lmheads files the evaluations of its checkpoints.
@@ -170,7 +170,10 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
     diverged = run_dir / DIVERGED_FILE
     diverged_at = json.loads(diverged.read_text()).get("step") if diverged.is_file() else None
     run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at, _config(run_dir))
-    run.harness = harness_columns(run_dir, run.steps())
+    harness = test_evaluation(run_dir, "last", run.steps(), kind=HARNESS)  # lm-eval's of its last.ckpt
+    if harness is not None:
+        metrics = json.loads((harness / "results.json").read_text()).get("metrics", {})
+        run.harness = {f"lm-eval {key}": value for key, value in metrics.items()}
     evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
     if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
         for tag, points in load_run(evaluation).scalars.items():
@@ -200,16 +203,23 @@ def _config(folder: Path) -> dict:
     return flatten(config, as_text=True) if config else {}
 
 
-def test_evaluation(run_dir: Path, checkpoint: str = "last", last_step: int | None = None) -> Path | None:
-    """The run's newest test evaluation of a checkpoint on the run's data: ``last`` (the state the table's
+#: What an evaluation of each kind leaves once it has run: test's event files, lm-eval's results.
+_FILED = {"test": "events.out.tfevents.*", HARNESS: "results.json"}
+
+
+def test_evaluation(
+    run_dir: Path, checkpoint: str = "last", last_step: int | None = None, kind: str = "test"
+) -> Path | None:
+    """The run's newest evaluation (``kind``: ``test``, or lm-eval's ``harness``) of a checkpoint on the
+    run's data: ``last`` (the state the table's
     other columns end at, ``last_step``; an evaluation of another checkpoint, or of ``last.ckpt`` before
     the run went on, is not it), or ``best``, the checkpoint of the lowest validation loss that ``fit``
     recorded in results.json (a run stopped before the end has none: then the newest evaluation of a
     ``step<N>`` checkpoint, which is what the checkpoint callback keeps for the lowest validation loss)."""
     folders = [
         p
-        for p in (run_dir / "test").glob("*")
-        if any(p.glob("events.out.tfevents.*")) and not _evaluated(p).get("other_data")  # the run's data
+        for p in (run_dir / kind).glob("*")
+        if any(p.glob(_FILED[kind])) and not _evaluated(p).get("other_data")  # the run's data
     ]
     if checkpoint == "best":
         results = run_dir / RESULTS_FILE

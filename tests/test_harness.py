@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-from lmheads.harness import harness_columns, main
-from lmheads.runlog import find_runs
+from lmheads.harness import main
+from lmheads.runlog import find_runs, load_run
 
 from .helpers import fit, only_run, scalars, tool
 from .helpers import main as lmheads
@@ -64,7 +64,7 @@ def test_a_run_is_scored_by_lm_eval_and_its_bits_per_byte_agree_with_lmheads(wor
     assert bpb == pytest.approx(own, rel=0.01)
     assert record["metrics"]["lmheads_wikitext2 word_perplexity"] > 1
     # compare.py shows it as a column of the run's row
-    assert harness_columns(run) == {f"lm-eval {k}": v for k, v in record["metrics"].items()}
+    assert load_run(run).harness == {f"lm-eval {k}": v for k, v in record["metrics"].items()}
     (logged,) = find_runs([tmp_path / "quickstart"])
     assert logged.harness["lm-eval lmheads_wikitext2 bits_per_byte"] == bpb
     table = tool("compare").table({"tied": [logged]})
