@@ -27,10 +27,7 @@ from lmheads.run.layout import DIVERGED_FILE, RESULTS_FILE
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
 #: when both start at the same moment.
 CLAIM_FILE = ".lmheads-run"
-#: Locked by the process that writes into a run folder, for as long as its command runs: a POSIX lock
-#: (``lockf``), which the operating system releases when that process ends, however it ends, and which
-#: NFS extends to every host that mounts the folder. A file system without working locks cannot tell a
-#: live claimant from a dead one: lmheads then warns and goes on with the claim file alone.
+#: Locked (``lockf``) by the process that writes into a run folder, for as long as its command runs.
 LOCK_FILE = ".lmheads-lock"
 _HELD: dict[Path, int] = {}  # lock files this process holds -> their descriptors
 #: What a run writes into its folder (besides the loggers' files).
