@@ -79,6 +79,9 @@ class LMHeadsParser(LightningArgumentParser):
 
 class LMHeadsCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
+        given = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
+        named = isinstance(given, list) and given[:1] and given[0] in LightningCLI.subcommands()
+        self._subcommand_given = given[0] if named and kwargs.get("run", True) else None
         self.run_folder: RunFolder | None = None
         self.plan: Plan | None = None
         try:
@@ -93,6 +96,13 @@ class LMHeadsCLI(LightningCLI):
         finally:
             if self.run_folder is not None:
                 self.run_folder.ended()
+
+    def subcommands(self) -> dict[str, set[str]]:
+        """The subcommand given, if one is: only its parser is built (each takes a fraction of a second
+        of every command's start); all of them for ``--help`` and other input without one."""
+        every = LightningCLI.subcommands()
+        given = self._subcommand_given
+        return {given: every[given]} if given else every
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         self._defaults_parser = parser  # every subcommand's parser has the same model defaults

@@ -20,9 +20,8 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import datasets
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -36,6 +35,9 @@ from lmheads.data.tokenizers import (
     WordTokenizer,
 )
 from lmheads.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
 
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 _STREAM_FORMAT = 2  # bump when the stream layout changes, to invalidate old cache files
@@ -141,6 +143,8 @@ class TextDataModule(LMDataModule):
         return self.tokenizer.vocab_size
 
     def _load_raw(self) -> datasets.DatasetDict:
+        import datasets  # half a second of imports, which a run on the synthetic language does without
+
         hp = self.hparams
         hf_cache = str(self.cache_dir / "datasets")
         if hp.train_file is not None:
