@@ -28,7 +28,7 @@ QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 # Each command gets a process of its own, forked from a server process that imported lmheads (and with it
 # torch and Lightning) once: a new process costs a fraction of a second instead of the seconds of imports.
 _FORKSERVER = multiprocessing.get_context("forkserver")
-_FORKSERVER.set_forkserver_preload(["lmheads.__main__"])
+_FORKSERVER.set_forkserver_preload(["lmheads.cli", "lmheads.console"])
 
 
 def _as_the_module(args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
@@ -45,19 +45,18 @@ def _as_the_module(args: list[str], cwd: str, env: dict[str, str], stdout: str, 
 
 def run_lmheads(*args: str, cwd: Path, new_python: bool = False) -> subprocess.CompletedProcess:
     """``python -m lmheads ARGS`` in a new process that starts in ``cwd``: its exit status and what it
-    printed. The process is forked from a server that imported lmheads once, unless ``new_python``: then
-    it is a new Python, as a user starts it. That is needed for commands that start processes of their
-    own (Lightning's DDP launcher starts each rank as the command line of the process again, which only a
-    process started from one has) and for tests of all that a command prints (what importing the
-    packages prints, the server printed)."""
+    printed. The process is forked from a server that imported lmheads once; Lightning's DDP launcher
+    starts the other ranks as ``python -m lmheads.__main__ ARGS``, as it does for a user's command. With
+    ``new_python`` the command is a new Python, as a user starts it: for tests of all that a command
+    prints (what importing the packages prints, the server printed)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # where every process of the command finds tests.probes
     if new_python:
         command = [sys.executable, "-m", "lmheads", *args]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     with tempfile.TemporaryDirectory() as scratch:
         out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
         process = _FORKSERVER.Process(
-            target=_as_the_module, args=(list(args), str(cwd), dict(os.environ), str(out), str(err))
+            target=_as_the_module, args=(list(args), str(cwd), env, str(out), str(err))
         )
         process.start()
         process.join(300)

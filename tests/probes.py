@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import lightning as L
 import torch
 from torch.distributed.tensor import DTensor
 
 from lmheads.backbone import BackboneConfig
+from lmheads.heads import head_name
 
 
 class SignalAt(L.Callback):
@@ -21,6 +23,24 @@ class SignalAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
+
+
+class WaitForSignal(L.Callback):
+    """Holds a fresh run of the given head (not one continued from a checkpoint) before the given optimizer
+    step until the process receives SIGINT or SIGTERM, for at most a minute: a test's signal then lands at
+    a known step, however fast the machine trains."""
+
+    def __init__(self, step: int, head: str) -> None:
+        self.step, self.head = step, head
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        fresh = trainer.global_step == self.step and trainer.ckpt_path is None
+        if not fresh or head_name(pl_module.head) != self.head:
+            return
+        interrupt = next(c for c in trainer.callbacks if type(c).__name__ == "InterruptCheckpoint")
+        deadline = time.monotonic() + 60
+        while interrupt.signal is None and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 class SignalInSetup(L.Callback):

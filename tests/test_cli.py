@@ -408,7 +408,7 @@ def test_ddp_two_cpu_processes_match_single_process_validation(tmp_path):
     data = ["--data.init_args.batch_size=24", "--data.init_args.val_tokens=4160"]
     result = run_lmheads(
         "fit", *quick_args(tmp_path), "--config", str(ROOT / "configs/trainer/ddp-cpu.yaml"), *data,
-        cwd=tmp_path, new_python=True,
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # two ranks really ran
@@ -425,7 +425,7 @@ def test_ddp_two_cpu_processes_match_single_process_validation(tmp_path):
     ckpt = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     result = run_lmheads(
         "predict", *quick_args(tmp_path), "--config", str(ROOT / "configs/trainer/ddp-cpu.yaml"), *data,
-        *sampling, ckpt, cwd=tmp_path, new_python=True,
+        *sampling, ckpt, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     main(["predict", *quick_args(tmp_path), *data, *sampling, ckpt])

@@ -91,7 +91,7 @@ def test_a_shared_backbone_under_ddp_equals_one_process_with_double_batch(tmp_pa
         args = ["fit", *quick_args(out, steps=1, every=1), *CYCLE, *DUMP, f"--trainer.callbacks.folder={out}"]
         args += [f"--data.init_args.batch_size={batch}", f"--trainer.devices={world}"]
         args += ["--trainer.strategy=ddp"] * (world > 1)
-        result = run_lmheads(*args, cwd=tmp_path, new_python=True)
+        result = run_lmheads(*args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     single = _grads(tmp_path / "single", 1)
     assert single["backbone.blocks.1.attn.qkv.weight"].abs().sum() > 0

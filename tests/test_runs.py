@@ -482,7 +482,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_named_when_its_folder_is_re
     version = "--trainer.logger.init_args.version=v0"
     killed = run_lmheads(
         "fit", *quick_args(tmp_path), version, "--trainer.callbacks+=tests.probes.SignalAt",
-        "--trainer.callbacks.step=1", "--trainer.callbacks.signum=9", cwd=ROOT, new_python=True,
+        "--trainer.callbacks.step=1", "--trainer.callbacks.signum=9", cwd=ROOT,
     )  # fmt: skip
     assert killed.returncode == -9
     run = tmp_path / "quickstart" / "v0"
@@ -619,12 +619,12 @@ def test_a_run_prints_nothing_a_user_cannot_act_on(tmp_path):
     last = only_run(tmp_path) / "checkpoints" / "last.ckpt"
     base = [*quick_args(tmp_path, steps=8, every=2), "--trainer.enable_progress_bar=true"]
     bar = "--trainer.callbacks+=lmheads.console.ProgressBar"
-    resumed = run_lmheads("fit", *base, bar, f"--ckpt_path={last}", cwd=tmp_path, new_python=True)
+    resumed = run_lmheads("fit", *base, bar, f"--ckpt_path={last}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     signal_at = ["--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=9"]
     base = [*quick_args(tmp_path, steps=12, every=2), "--trainer.enable_progress_bar=true", *signal_at]
     interrupted = run_lmheads(
-        "fit", *base, "--trainer.callbacks.signum=15", f"--ckpt_path={last}", cwd=tmp_path, new_python=True
+        "fit", *base, "--trainer.callbacks.signum=15", f"--ckpt_path={last}", cwd=tmp_path
     )
     assert interrupted.returncode == 143, interrupted.stderr[-2000:]
     for result in (first, resumed, interrupted):

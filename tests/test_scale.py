@@ -53,7 +53,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
         out.mkdir()
         args = ["fit", *quick_args(out, steps=1, every=1), *DUMP, f"--trainer.callbacks.folder={out}"]
         args += [f"--data.init_args.batch_size={batch}", f"--trainer.devices={world}", *extra]
-        result = run_lmheads(*args, cwd=tmp_path, new_python=True)
+        result = run_lmheads(*args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     single = _grads(tmp_path / "single", 1)
     assert single["backbone.wte.weight"].abs().sum() > 0
@@ -70,9 +70,7 @@ def test_fsdp2_evaluates_every_block_once_when_blocks_do_not_divide(tmp_path):
     forward gathers parameters like every other), so neither waits on the other, and the metrics equal
     one process's."""
     data = ["--data.init_args.batch_size=24", "--data.init_args.val_tokens=4160"]
-    result = run_lmheads(
-        "fit", *quick_args(tmp_path, steps=2, every=2), *FSDP2, *data, cwd=tmp_path, new_python=True
-    )
+    result = run_lmheads("fit", *quick_args(tmp_path, steps=2, every=2), *FSDP2, *data, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(tmp_path)
     cli = main([
@@ -96,9 +94,7 @@ def test_interrupt_and_resume_on_two_processes_reproduce_the_straight_run(tmp_pa
     def run(name: str, *extra: str) -> subprocess.CompletedProcess:
         out = tmp_path / name
         out.mkdir(exist_ok=True)
-        return run_lmheads(
-            "fit", *quick_args(out, steps=4, every=2), *common, *extra, cwd=tmp_path, new_python=True
-        )
+        return run_lmheads("fit", *quick_args(out, steps=4, every=2), *common, *extra, cwd=tmp_path)
 
     assert run("straight").returncode == 0
     stop = run("resumed", "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=1",

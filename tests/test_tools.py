@@ -229,10 +229,12 @@ def test_sigterm_to_a_sweep_stops_its_runs_with_a_checkpoint_and_the_next_call_r
         return [
             sys.executable, str(ROOT / "tools/sweep.py"), "--config", str(ROOT / "configs/quickstart.yaml"),
             "--heads", "tied", "untied", "--seeds", "0", "--root", str(tmp_path), "--name", "grid", "--",
-            f"--trainer.max_steps={steps}", "--trainer.val_check_interval=20", *TINY[1:],
+            f"--trainer.max_steps={steps}", "--trainer.val_check_interval=4", *TINY[1:],
+            "--trainer.callbacks+=tests.probes.WaitForSignal", "--trainer.callbacks.step=4",
+            "--trainer.callbacks.head=tied",
         ]  # fmt: skip
 
-    steps = 80  # the signal lands after the first validation (step 20), well before the end
+    steps = 8  # the tied run waits for the signal after its first validation (step 4)
     sweep_process = subprocess.Popen(sweep_command(steps), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     first_checkpoint = tmp_path / "grid" / "tied-seed0" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
@@ -245,7 +247,7 @@ def test_sigterm_to_a_sweep_stops_its_runs_with_a_checkpoint_and_the_next_call_r
     assert not (tmp_path / "grid" / "untied-seed0").exists()
     ckpt = tmp_path / "grid" / "tied-seed0" / "checkpoints" / "interrupted.ckpt"
     stopped_at = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
-    assert 20 <= stopped_at < steps
+    assert 4 <= stopped_at < steps
     assert json.loads((ckpt.parents[1] / "sweep.json").read_text())["status"] == "interrupted"
     # the same sweep again: the interrupted run continues from its checkpoint, the other starts
     again = subprocess.run(sweep_command(steps), cwd=ROOT, capture_output=True, text=True, timeout=300)
