@@ -33,6 +33,7 @@ def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> di
     two heads are within 2% of each other. Any width is
     allowed; the number of attention heads becomes the divisor of it nearest the configured one (it
     does not change the parameter count)."""
+    import bisect
     from dataclasses import replace
 
     import torch
@@ -60,7 +61,9 @@ def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> di
     target = max(count(h, backbone.d_model) for h in heads)
     overrides = {}
     for head in heads:
-        width = min(range(1, 4 * backbone.d_model + 1), key=lambda w: abs(count(head, w) - target))
+        widths = range(1, 4 * backbone.d_model + 1)
+        above = bisect.bisect_left(widths, target, key=lambda w: count(head, w))  # counts grow with width
+        width = min(widths[max(above - 1, 0) : above + 1], key=lambda w: abs(count(head, w) - target))
         params = count(head, width)
         if abs(params - target) > 0.01 * target:  # so that any two heads are within 2% of each other
             raise SystemExit(f"error: no width gives head {head} within 1% of {target:,} parameters")
