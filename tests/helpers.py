@@ -95,6 +95,7 @@ def quick_args(save_dir: Path, steps: int = 6, every: int = 3) -> list[str]:
         "--trainer.enable_model_summary=false",
         "--data.init_args.train_tokens=65536",
         "--data.init_args.val_tokens=4096",
+        "--sampling.validation_samples=0",  # 0.3 s a validation; the tests of samples ask for them
     ]  # fmt: skip
 
 
