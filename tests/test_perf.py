@@ -104,7 +104,7 @@ def test_bench_train_runs_every_path(capsys):
     bench = tool("bench_train")
     bench.main(["--preset", "tiny", "--n-layer", "1", "--d-model", "32", "--n-head", "2",
                 "--block-size", "16", "--batch", "2", "--vocab", "128", "--steps", "3", "--warmup", "1",
-                "--no-compile", "--heads", "tied", "untied", "--chunk-sizes", "default", "8",
+                "--no-compile", "--heads", "tied", "--chunk-sizes", "default", "8",
                 "--repeats", "2"])  # fmt: skip
     out = capsys.readouterr().out
     chunk = ChunkGrad().chunk_tokens(128, torch.float32, torch.device("cpu"), softcap=False)
@@ -114,10 +114,10 @@ def test_bench_train_runs_every_path(capsys):
         f"| plain, {default} | tied |",
         f"| lightning, {default} | tied |",
         "| lightning, chunked loss C=8 | tied |",
-        "| plain, naive loss | untied |",
+        "| plain, naive loss | tied |",
         "| lightning, naive loss | tied |",
-        f"| framework: lightning / plain, {default} | untied |",
-        "| framework: lightning / plain, naive loss | untied |",
+        f"| framework: lightning / plain, {default} | tied |",
+        "| framework: lightning / plain, naive loss | tied |",
         "| loss: chunked loss C=8 / F.cross_entropy, plain | tied |",
         "the median of 2 windows taken in turns",
         "MFU = tokens/s x FLOPs per token /",
