@@ -382,6 +382,14 @@ def test_output_to_a_file_reads_as_plain_lines(tmp_path):
     assert "hp/val_excess_loss" in logged and "hp/val_bpb" not in logged
 
 
+def test_help_lists_every_command_and_a_command_builds_its_own_parser_only(tmp_path, capsys):
+    with pytest.raises(SystemExit) as shown:
+        main(["--help"])
+    assert shown.value.code == 0 and "{fit,validate,test,predict}" in capsys.readouterr().out
+    cli = main(["validate", *quick_args(tmp_path), "--trainer.logger=false"])
+    assert list(cli.subcommands()) == ["validate"] and "val/loss" in cli.trainer.callback_metrics
+
+
 def test_help_of_a_class_names_the_command(tmp_path):
     result = run_lmheads("fit", "--model.head.help", "untied", cwd=tmp_path, new_python=True)
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m lmheads "), result.stdout
