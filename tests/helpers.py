@@ -96,6 +96,8 @@ def quick_args(save_dir: Path, steps: int = 6, every: int = 3) -> list[str]:
         "--data.init_args.train_tokens=65536",
         "--data.init_args.val_tokens=4096",
         "--sampling.validation_samples=0",  # 0.3 s a validation; the tests of samples ask for them
+        "--model.backbone.n_layer=1",  # a tenth of the quickstart's compute: the tests need its steps only
+        "--model.backbone.d_model=32",
     ]  # fmt: skip
 
 

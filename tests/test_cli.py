@@ -113,7 +113,8 @@ def test_fit_each_head(name, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_learns(tmp_path):
-    cli = fit(tmp_path, "--data.init_args.train_tokens=262144", steps=80, every=40)
+    quickstart = ["--model.backbone.n_layer=2", "--model.backbone.d_model=128"]  # its own size
+    cli = fit(tmp_path, *quickstart, "--data.init_args.train_tokens=262144", steps=80, every=40)
     logged = scalars(only_run(tmp_path))
     first, last = logged["val/loss"][0][1], logged["val/loss"][-1][1]
     optimum = logged["val/optimal_loss"][-1][1]

@@ -208,7 +208,7 @@ def test_invalid_option_on_the_command_line(tmp_path, capsys):
         main(["fit", *quick_args(tmp_path), "--model.head=lowrank_tied", "--model.head.rank=1000"])
     assert exc.value.code == 2
     assert (
-        "head 'lowrank_tied': rank=1000 is invalid; it must be at most the width d_model=128"
+        "head 'lowrank_tied': rank=1000 is invalid; it must be at most the width d_model=32"
         in capsys.readouterr().err
     )
 

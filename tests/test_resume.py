@@ -212,7 +212,7 @@ def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys, caplog):
         main(["validate", *quick_args(tmp_path), f"--ckpt_path={ckpt}", "--data.init_args.vocab_size=512"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "does not fit this model" in err and "(1024, 128) in the checkpoint, (512, 128) here" in err
+    assert "does not fit this model" in err and "(1024, 32) in the checkpoint, (512, 32) here" in err
     assert "filed in" not in caplog.text  # refused: nothing is filed, and nothing says it was
     assert not (ckpt.parent.parent / "validate").exists()
 

@@ -336,7 +336,7 @@ def test_fsdp2_checkpoint_of_another_vocabulary_is_refused_before_launch(tmp_pat
     with pytest.raises(SystemExit) as exc:  # an evaluation takes other data, not other weights
         main(["validate", *quick_args(tmp_path / "big"), *options])
     assert exc.value.code == 2
-    assert "(512, 128) in the checkpoint, (1024, 128) here" in capsys.readouterr().err
+    assert "(512, 32) in the checkpoint, (1024, 32) here" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------- GPU only (skipped without CUDA)

@@ -725,7 +725,7 @@ def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
     or runs of other budgets, are refused."""
     frontier = tool("frontier")
     for extra in (["--model.head=untied"], [], ["--model.head=untied", "--model.backbone.layer_sharing=all"]):
-        fit(tmp_path / "runs", *extra, steps=2, every=2)
+        fit(tmp_path / "runs", "--model.backbone.n_layer=2", *extra, steps=2, every=2)
     out = tmp_path / "report"
     assert frontier.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
     report = capsys.readouterr().out
@@ -736,7 +736,7 @@ def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
         ["| share layers", "k=1 (all)"],
     ]
     # one seed: the difference and its sign, no interval or p; the same per 100k parameters saved
-    assert "| 131,072 |" in rows[1] and re.search(r"\| [+-]\d\.\d{4}, 1/1 \| [+-]\d\.\d{4} \|$", rows[1])
+    assert "| 32,768 |" in rows[1] and re.search(r"\| [+-]\d\.\d{4}, 1/1 \| [+-]\d\.\d{4} \|$", rows[1])
     assert "Loss per 100k parameters saved" in report and (out / "frontier.png").is_file()
     runs = runlog.find_runs([tmp_path / "runs"])
     assert frontier.budget_problem(runs) == ""
@@ -744,7 +744,8 @@ def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
     assert "last validated after different budgets" in frontier.budget_problem(
         [dataclasses.replace(runs[0], scalars=later), *runs[1:]]
     )
-    fit(tmp_path / "runs", "--model.backbone.layer_sharing=all", steps=2, every=2)  # tied and shared
+    shared = ["--model.backbone.n_layer=2", "--model.backbone.layer_sharing=all"]
+    fit(tmp_path / "runs", *shared, steps=2, every=2)  # tied and shared: two ways at once
     assert frontier.main([str(tmp_path / "runs")]) == 2
     assert "is not one way of saving from the reference" in capsys.readouterr().err
 
