@@ -81,10 +81,20 @@ def linear_map(form_of, d_model: int, embedding: nn.Embedding, name: str) -> Lin
     map of h (head ``name``), so that no matrix computes it."""
     eye = torch.eye(d_model, dtype=embedding.weight.dtype, device=embedding.weight.device)  # (D, D)
     form = form_of(eye, embedding)
-    probe = torch.randn(3, d_model, dtype=eye.dtype, generator=torch.Generator().manual_seed(0))
-    if not torch.allclose(form_of(probe.to(eye.device), embedding).hidden, probe @ form.hidden, atol=1e-6):
+    probe = torch.randn(3, d_model, dtype=eye.dtype, generator=torch.Generator().manual_seed(0)).to(
+        eye.device
+    )
+    if not torch.allclose(form_of(probe, embedding).hidden, probe @ form.hidden, atol=1e-6):
         raise ConfigError(f"head {name!r}: its h' is not a linear map of h, so no matrix computes it")
     return form
+
+
+def is_identity(matrix: Tensor) -> bool:
+    """Whether a form's P is the identity (h' = h), in the matrix's own dtype and device."""
+    n = matrix.shape[0]
+    return matrix.shape == (n, n) and torch.equal(
+        matrix, torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+    )
 
 
 @torch.no_grad()
@@ -95,7 +105,7 @@ def output_matrix(model) -> Tensor | None:
     form = linear_map(head.linear_form, model.cfg.d_model, embedding, head_name(head))  # P (D, K), W (V, K)
     if form.bias is not None:
         raise ConfigError(f"head {head_name(head)!r} has an output bias, which GPT-2's lm_head does not")
-    if form.weight is embedding.weight and torch.equal(form.hidden, torch.eye(model.cfg.d_model)):
+    if form.weight is embedding.weight and is_identity(form.hidden):
         return None
     return (form.hidden @ form.weight.T).T.contiguous()  # (V, D)
 

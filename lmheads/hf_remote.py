@@ -23,7 +23,7 @@ from torch import Tensor
 
 import lmheads.backbone
 from lmheads.heads import LinearHead, head_name
-from lmheads.hf import linear_map
+from lmheads.hf import is_identity, linear_map
 
 _CONFIG = '''"""lmheads' decoder (exported by `python -m lmheads export`)."""
 
@@ -152,13 +152,12 @@ def head_spec(model) -> tuple[dict, dict[str, Tensor], str]:
         tensors = {f"{name}.{p}": getattr(head, name).get_parameter(p) for name in ("latent", "prior")
                    for p in ("weight", "bias")}  # fmt: skip
         return spec, tensors, "the mixture of softmaxes over the tied embedding (modeling_lmheads.py)"
-    eye = torch.eye(model.cfg.d_model, dtype=embedding.weight.dtype)
     raw = linear_map(head.project, model.cfg.d_model, embedding, head_name(head))  # before the scale
     spec = {"kind": "linear", "bias": raw.bias is not None, "scale": scale, "softcap": softcap}
     tensors = {} if raw.bias is None else {"output_bias": raw.bias}
     if raw.weight is embedding.weight:  # the tie, kept: W is E
         spec["tied"] = True
-        spec["projection"] = not torch.equal(raw.hidden, eye)
+        spec["projection"] = not is_identity(raw.hidden)
         if spec["projection"]:
             tensors["projection"] = raw.hidden  # (D, E)
         form = "tied" + (", with the head's projection of h" if spec["projection"] else "")
