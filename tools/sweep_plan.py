@@ -34,6 +34,7 @@ def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> di
     allowed; the number of attention heads becomes the divisor of it nearest the configured one (it
     does not change the parameter count)."""
     import bisect
+    import functools
     from dataclasses import replace
 
     import torch
@@ -52,6 +53,7 @@ def matched_widths(configs: list[str], heads: list[str], extra: list[str]) -> di
         ok = [n for n in range(1, width + 1) if width % n == 0 and not (even and (width // n) % 2)]
         return min(ok, key=lambda n: (abs(n - backbone.n_head), -n))
 
+    @functools.cache  # the bisection and the choice between its two neighbours ask for some twice
     def count(head: str, width: int) -> int:
         cls = resolve_head(expand_head_names([f"--model.head={head}"])[0].partition("=")[2])
         cfg = replace(backbone, d_model=width, n_head=attention_heads(width))
