@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where a parameter is best saved: every way of saving parameters from one reference model, each at
-# three budgets and three seeds under one training budget, run by tools/sweep.py (resumable: the same
+# three budgets (fewer where a config's grids below say) and three seeds under one training budget, run by tools/sweep.py (resumable: the same
 # command again skips finished runs), then reported by tools/frontier.py.
 #
 #   bash tools/sharing_study.sh CONFIG [ROOT] [-- options for every run]
@@ -14,13 +14,15 @@ root=${2:-runs}
 shift $(($# > 1 ? 2 : 1))
 [[ ${1:-} == "--" ]] && shift
 name=$(basename "$config" .yaml)
+cycles=2,3 layers=1,2,3   # distinct blocks in a cycle; layer counts
 case "$name" in
   sharing_synthetic) widths=112,96,80 embeds=64,32,16 ;;
   sharing_synthetic_embedding) widths=60,56,48 embeds=32,16,8 ;;
   sharing_synthetic_scarce) widths=60,52,44 embeds=32,16,8 ;;
   sharing_wikitext2) widths=60,56,48 embeds=32,16,8 ;;
   sharing_wikitext2_large) widths=124,120,96 embeds=64,32,16 ;;
-  sharing_shakespeare_words) widths=120,116,108 embeds=64,32,16 ;;
+  sharing_shakespeare_words) widths=56 embeds=32 cycles=2 layers=1,2 ;;
+  sharing_shakespeare_words_large) widths=120,116,108 embeds=64,32,16 ;;
   *) echo "error: no grids for $name; add its widths and embedding widths to tools/sharing_study.sh" >&2; exit 2 ;;
 esac
 seeds=(${SEEDS:-0 1 2})
@@ -30,8 +32,8 @@ sweep() {
 }
 sweep --heads untied tied -- "$@"                                            # the reference; the tie
 sweep --heads untied --grid model.backbone.layer_sharing=all -- "$@"         # one block for every layer
-sweep --heads untied --grid model.backbone.layer_sharing=cycle model.backbone.unique_layers=2,3 -- "$@"
-sweep --heads untied --grid model.backbone.n_layer=1,2,3 -- "$@"             # fewer layers
+sweep --heads untied --grid model.backbone.layer_sharing=cycle "model.backbone.unique_layers=$cycles" -- "$@"
+sweep --heads untied --grid "model.backbone.n_layer=$layers" -- "$@"         # fewer layers
 sweep --heads untied --grid "model.backbone.d_model=$widths" -- "$@"         # narrower
 sweep --heads untied --grid "model.backbone.d_embed=$embeds" -- "$@"         # a factorised embedding
 python tools/frontier.py "$root/$name" --reference untied --out "${REPORT:-docs/results/$name}"
