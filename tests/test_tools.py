@@ -721,8 +721,8 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
 
 def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
     """The reference (largest untied run without sharing), the tie and one block for both layers: one
-    row each, with the parameters saved and the loss paired by seed; a run that saves two ways at once,
-    or runs of other budgets, are refused."""
+    row each, with the parameters saved and the loss paired by seed (final, or each run's lowest); a run
+    that saves two ways at once, or runs of other budgets, are refused."""
     frontier = tool("frontier")
     for extra in (["--model.head=untied"], [], ["--model.head=untied", "--model.backbone.layer_sharing=all"]):
         fit(tmp_path / "runs", "--model.backbone.n_layer=2", *extra, steps=2, every=2)
@@ -744,6 +744,14 @@ def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
     assert "last validated after different budgets" in frontier.budget_problem(
         [dataclasses.replace(runs[0], scalars=later), *runs[1:]]
     )
+    # --at best pairs each run's lowest validation loss: an earlier, lower one of the reference's counts
+    reference, grouped = frontier.points(runs, "untied")
+    (ref_run,) = grouped[("reference", "reference")]
+    ref_run.scalars["val/loss"][-1] = (0.125, 0.0)
+    best, _ = frontier.table(reference, grouped, frontier.LOSS["best"])
+    final, _ = frontier.table(reference, grouped, frontier.LOSS["final"])
+    assert "| 0.1250 |" in best and "| 0.1250 |" not in final
+    assert re.search(r"\| tied \|.*\| \+\d\.\d{4}, 1/1 \|", best)  # the tie's loss minus 0.125
     shared = ["--model.backbone.n_layer=2", "--model.backbone.layer_sharing=all"]
     fit(tmp_path / "runs", *shared, steps=2, every=2)  # tied and shared: two ways at once
     assert frontier.main([str(tmp_path / "runs")]) == 2

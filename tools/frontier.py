@@ -7,7 +7,8 @@ The reference is the largest run of the ``--reference`` head without layer shari
 placed by the one way it differs from the reference: ``tie`` (the tied head), ``share layers``
 (``layer_sharing``, k blocks), ``fewer layers`` (``n_layer``), ``narrower`` (``d_model``) or
 ``factorised embedding`` (``d_embed`` < ``d_model``); a run that differs in two ways, or in another
-way, is refused. Each point is the mean over seeds of the final validation loss; its difference from
+way, is refused. Each point is the mean over seeds of the final validation loss (``--at best``: each
+run's lowest, the loss of its best checkpoint, as early stopping would keep); its difference from
 the reference is paired by seed, and the differences of one table are one family under lmheads'
 statistics policy (:mod:`lmheads.stats`: 95% interval, seeds agreeing in sign, p with Holm's
 adjustment). Divided by the parameters saved, it is the loss each way pays per 100k parameters.
@@ -19,6 +20,7 @@ import argparse
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +31,11 @@ from lmheads.runlog import RunLog, find_runs
 from lmheads.stats import family, mean_std, policy_note
 
 WAYS = ("tie", "share layers", "fewer layers", "narrower", "factorised embedding")
+LOSS: dict[str, Callable[[RunLog], float]] = {
+    "final": lambda run: run.final("val/loss"),
+    "best": lambda run: run.best("val/loss")[0],
+}
+LABEL = {"final": "final validation loss", "best": "lowest validation loss (best checkpoint)"}
 SHAPE = ("head", "backbone/layer_sharing", "backbone/n_layer", "backbone/d_model", "backbone/d_embed")
 
 
@@ -80,17 +87,18 @@ def budget_problem(runs: list[RunLog]) -> str:
     return f"the runs were last validated after different budgets ({seen}); train them to one length"
 
 
-def table(reference: dict, grouped: dict[tuple[str, str], list[RunLog]]) -> tuple[str, dict[str, float]]:
-    """The markdown table, one row per point, and each way's mean loss per 100k parameters saved. The
-    differences from the reference are paired by seed and form one family (:mod:`lmheads.stats`)."""
-    ref_loss = {r.hparams["seed"]: r.final("val/loss") for r in grouped[("reference", "reference")]}
+def table(
+    reference: dict, grouped: dict[tuple[str, str], list[RunLog]], loss: Callable[[RunLog], float]
+) -> tuple[str, dict[str, float]]:
+    """The markdown table of ``loss``, one row per point, and each way's mean loss per 100k parameters
+    saved. The differences from the reference are paired by seed and form one family
+    (:mod:`lmheads.stats`)."""
+    ref_loss = {r.hparams["seed"]: loss(r) for r in grouped[("reference", "reference")]}
     ref_params = reference["params/total"]
     order = {way: i for i, way in enumerate(("reference", *WAYS))}
     points = sorted(grouped.items(), key=lambda kv: (order[kv[0][0]], -_params(kv[1])))
     paired = {
-        key: [
-            r.final("val/loss") - ref_loss[r.hparams["seed"]] for r in runs if r.hparams["seed"] in ref_loss
-        ]
+        key: [loss(r) - ref_loss[r.hparams["seed"]] for r in runs if r.hparams["seed"] in ref_loss]
         for key, runs in points
         if key[0] != "reference"
     }
@@ -104,7 +112,7 @@ def table(reference: dict, grouped: dict[tuple[str, str], list[RunLog]]) -> tupl
         saved = ref_params - hp["params/total"]
         row = [way, setting, f"{hp['params/total']:,}", f"{saved:,}", f"{hp.get('flops_per_token', 0):,}"]
         row += [",".join(str(s) for s in sorted(r.hparams["seed"] for r in runs))]
-        row += [mean_std([r.final("val/loss") for r in runs], 4)]
+        row += [mean_std([loss(r) for r in runs], 4)]
         differences = paired.get((way, setting))
         if not differences or saved <= 0:
             row += [effects.get((way, setting), ""), ""]
@@ -121,9 +129,10 @@ def _params(runs: list[RunLog]) -> int:
     return runs[0].hparams["params/total"]
 
 
-def plot(grouped: dict[tuple[str, str], list[RunLog]], out: Path) -> Path:
-    """Validation loss against unique parameters and against training FLOPs, one line per way through
-    its points and the reference, with the seeds' standard deviation as error bars."""
+def plot(grouped: dict[tuple[str, str], list[RunLog]], out: Path, at: str) -> Path:
+    """Validation loss (``at``: final or best) against unique parameters and against training FLOPs,
+    one line per way through its points and the reference, with the seeds' standard deviation as error
+    bars."""
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -133,7 +142,7 @@ def plot(grouped: dict[tuple[str, str], list[RunLog]], out: Path) -> Path:
         hp = runs[0].hparams
         tokens = (runs[0].validated_at() or 0) * hp.get("tokens_per_step", 0)
         x = hp.get("flops_per_token", 0) * tokens if flops else hp["params/total"]
-        losses = [r.final("val/loss") for r in runs]
+        losses = [LOSS[at](r) for r in runs]
         return x, statistics.fmean(losses), statistics.stdev(losses) if len(losses) > 1 else 0.0
 
     for ax, flops in zip(axes, (False, True), strict=True):
@@ -148,7 +157,7 @@ def plot(grouped: dict[tuple[str, str], list[RunLog]], out: Path) -> Path:
         ax.errorbar([x], [y], yerr=[err], marker="*", markersize=14, color="black", label="reference")
         ax.set_xlabel("training FLOPs" if flops else "unique parameters")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final validation loss (nats/token)")
+    axes[0].set_ylabel(f"{LABEL[at]} (nats/token)")
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     fig.legend(unique.values(), unique.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -166,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("roots", nargs="+", type=Path, help="folders holding the study's runs")
     parser.add_argument("--reference", default="untied", help="the reference model's head")
     parser.add_argument("--out", type=Path, help="folder for table.md and frontier.png")
+    parser.add_argument(
+        "--at", choices=sorted(LOSS), default="final", help="each run's final or lowest validation loss"
+    )
     args = parser.parse_args(argv)
     if problem := missing_roots(args.roots) or check_outputs(args.out):
         print(f"error: {problem}", file=sys.stderr)
@@ -182,19 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     if problem := budget_problem(runs):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    text, costs = table(reference, grouped)
+    text, costs = table(reference, grouped, LOSS[args.at])
     ranking = ", ".join(f"{way} {cost:+.4f}" for way, cost in sorted(costs.items(), key=lambda kv: kv[1]))
     hp = runs[0].hparams
     tokens = (runs[0].validated_at() or 0) * hp.get("tokens_per_step", 0)
     lines = [
         f"Budget: {tokens:,} training tokens a run. Reference: head {reference['head']}, "
         f"{reference['backbone/n_layer']} layers of width {reference['backbone/d_model']}, "
-        f"{reference['params/total']:,} unique parameters.",
+        f"{reference['params/total']:,} unique parameters. Each value: the {LABEL[args.at]}.",
         left_out,
         text,
         f"Loss per 100k parameters saved (mean over each way's budgets, lowest first): {ranking}.",
     ]
-    publish("\n\n".join(filter(None, lines)), args.out, lambda out: [plot(grouped, out)])
+    publish("\n\n".join(filter(None, lines)), args.out, lambda out: [plot(grouped, out, args.at)])
     return 0
 
 
