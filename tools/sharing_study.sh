@@ -21,7 +21,7 @@ case "$name" in
   sharing_synthetic_scarce) widths=60,52,44 embeds=32,16,8 ;;
   sharing_wikitext2) widths=60,56,48 embeds=32,16,8 ;;
   sharing_wikitext2_large) widths=124,120,96 embeds=64,32,16 ;;
-  sharing_shakespeare_words) widths=56 embeds=32 cycles=2 layers=1,2 ;;
+  sharing_shakespeare_words) widths=56,48 embeds=32,16 cycles=2 layers=1,2 ;;
   sharing_shakespeare_words_large) widths=120,116,108 embeds=64,32,16 ;;
   *) echo "error: no grids for $name; add its widths and embedding widths to tools/sharing_study.sh" >&2; exit 2 ;;
 esac
