@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where a parameter is best saved: every way of saving parameters from one reference model, each at
-# three budgets (fewer where a config's grids below say) and three seeds under one training budget, run by tools/sweep.py (resumable: the same
-# command again skips finished runs), then reported by tools/frontier.py.
+# three budgets (fewer where a config's grids below say) and three seeds under one training budget, run
+# by tools/sweep.py (resumable: the same command again skips finished runs), then reported by
+# tools/frontier.py.
 #
 #   bash tools/sharing_study.sh CONFIG [ROOT] [-- options for every run]
 #
