@@ -748,8 +748,8 @@ def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
     reference, grouped = frontier.points(runs, "untied")
     (ref_run,) = grouped[("reference", "reference")]
     ref_run.scalars["val/loss"][-1] = (0.125, 0.0)
-    best, _ = frontier.table(reference, grouped, frontier.LOSS["best"])
-    final, _ = frontier.table(reference, grouped, frontier.LOSS["final"])
+    best, _ = frontier.table(reference, grouped, "best")
+    final, _ = frontier.table(reference, grouped, "final")
     assert "| 0.1250 |" in best and "| 0.1250 |" not in final
     assert re.search(r"\| tied \|.*\| \+\d\.\d{4}, 1/1 \|", best)  # the tie's loss minus 0.125
     shared = ["--model.backbone.n_layer=2", "--model.backbone.layer_sharing=all"]

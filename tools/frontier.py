@@ -88,11 +88,12 @@ def budget_problem(runs: list[RunLog]) -> str:
 
 
 def table(
-    reference: dict, grouped: dict[tuple[str, str], list[RunLog]], loss: Callable[[RunLog], float]
+    reference: dict, grouped: dict[tuple[str, str], list[RunLog]], at: str
 ) -> tuple[str, dict[str, float]]:
-    """The markdown table of ``loss``, one row per point, and each way's mean loss per 100k parameters
-    saved. The differences from the reference are paired by seed and form one family
-    (:mod:`lmheads.stats`)."""
+    """The markdown table of each run's validation loss (``at``: final or best), one row per point,
+    and each way's mean loss per 100k parameters saved. The differences from the reference are paired
+    by seed and form one family (:mod:`lmheads.stats`)."""
+    loss = LOSS[at]
     ref_loss = {r.hparams["seed"]: loss(r) for r in grouped[("reference", "reference")]}
     ref_params = reference["params/total"]
     order = {way: i for i, way in enumerate(("reference", *WAYS))}
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem := budget_problem(runs):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    text, costs = table(reference, grouped, LOSS[args.at])
+    text, costs = table(reference, grouped, args.at)
     ranking = ", ".join(f"{way} {cost:+.4f}" for way, cost in sorted(costs.items(), key=lambda kv: kv[1]))
     hp = runs[0].hparams
     tokens = (runs[0].validated_at() or 0) * hp.get("tokens_per_step", 0)
