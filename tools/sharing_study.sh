@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Where a parameter is best saved: every way of saving parameters from one reference model, each at
-# three budgets (fewer where a config's grids below say) and three seeds under one training budget, run
-# by tools/sweep.py (resumable: the same command again skips finished runs), then reported by
-# tools/frontier.py.
+# three budgets and three seeds under one training budget, run by tools/sweep.py (resumable: the same
+# command again skips finished runs), then reported by tools/frontier.py.
 #
 #   bash tools/sharing_study.sh CONFIG [ROOT] [-- options for every run]
 #
@@ -22,7 +21,7 @@ case "$name" in
   sharing_synthetic_scarce) widths=60,52,44 embeds=32,16,8 ;;
   sharing_wikitext2) widths=60,56,48 embeds=32,16,8 ;;
   sharing_wikitext2_large) widths=124,120,96 embeds=64,32,16 ;;
-  sharing_shakespeare_words) widths=56,48 embeds=32,16 cycles=2 layers=1,2 ;;
+  sharing_shakespeare_words) widths=60,56,48 embeds=32,16,8 ;;
   sharing_shakespeare_words_large) widths=120,116,108 embeds=64,32,16 ;;
   *) echo "error: no grids for $name; add its widths and embedding widths to tools/sharing_study.sh" >&2; exit 2 ;;
 esac
