@@ -14,7 +14,6 @@ root=${2:-runs}
 shift $(($# > 1 ? 2 : 1))
 [[ ${1:-} == "--" ]] && shift
 name=$(basename "$config" .yaml)
-cycles=2,3 layers=1,2,3   # distinct blocks in a cycle; layer counts
 case "$name" in
   sharing_synthetic) widths=112,96,80 embeds=64,32,16 ;;
   sharing_synthetic_embedding) widths=60,56,48 embeds=32,16,8 ;;
@@ -32,8 +31,8 @@ sweep() {
 }
 sweep --heads untied tied -- "$@"                                            # the reference; the tie
 sweep --heads untied --grid model.backbone.layer_sharing=all -- "$@"         # one block for every layer
-sweep --heads untied --grid model.backbone.layer_sharing=cycle "model.backbone.unique_layers=$cycles" -- "$@"
-sweep --heads untied --grid "model.backbone.n_layer=$layers" -- "$@"         # fewer layers
+sweep --heads untied --grid model.backbone.layer_sharing=cycle model.backbone.unique_layers=2,3 -- "$@"
+sweep --heads untied --grid model.backbone.n_layer=1,2,3 -- "$@"             # fewer layers
 sweep --heads untied --grid "model.backbone.d_model=$widths" -- "$@"         # narrower
 sweep --heads untied --grid "model.backbone.d_embed=$embeds" -- "$@"         # a factorised embedding
 python tools/frontier.py "$root/$name" --reference untied --out "${REPORT:-docs/results/$name}"
