@@ -21,7 +21,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from lmheads.errors import ConfigError
+from lmheads.errors import ConfigError, require
 
 #: lmheads' offline task: a local text file as one document.
 LOCAL_TASK = "lmheads_wikitext2"
@@ -132,6 +132,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
     args = parser.parse_args(argv)
+    require("python -m lmheads harness", "eval", "lm_eval", "transformers", "accelerate")
     ckpt = checkpoint_file(args.checkpoint)
     run = run_of_checkpoint(ckpt) if ckpt.is_file() else None
     if run is None and args.out is None:

@@ -37,7 +37,7 @@ from lmheads.data.tokenizers import (
     Tokenizer,
     WordTokenizer,
 )
-from lmheads.errors import ConfigError
+from lmheads.errors import ConfigError, require
 from lmheads.heads import LinearForm, LinearHead, head_name
 
 #: GPT-2's block modules and lmheads' (its Linear layers are Conv1D: weights transposed).
@@ -359,6 +359,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("out", help="the folder to write (must not exist)")
     parser.add_argument("--to", choices=["hf"], default="hf", help="the format (HF transformers)")
     args = parser.parse_args(argv)
+    require("python -m lmheads export", "hf", "transformers")
     if Path(args.out).exists():  # before reading anything
         raise ConfigError(f"{args.out} exists; give a new folder for the export")
     model, tokenizer, _ = from_checkpoint(args.checkpoint)

@@ -28,7 +28,7 @@ from lmheads.checkpointing import (
     restore_rng_state,
     rng_state,
 )
-from lmheads.errors import ConfigError
+from lmheads.errors import ConfigError, require
 from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, generate_tokens
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.lightning_internals import align_logging_step, resume_where_fit_ended
@@ -114,6 +114,8 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
                 f"model.lr_decay_steps={lr_decay_steps} leaves nothing to decay after "
                 f"warmup_steps={warmup_steps}; set it above warmup_steps, or null for the whole run"
             )
+        if init_from:
+            require("model.init_from (a GPT-2 to start from)", "hf", "transformers")
         head = TiedHead() if head is None else head
         if not isinstance(head, Head):
             raise ConfigError(f"model.head must be an lmheads.heads.Head, got {type(head).__name__}")
@@ -189,7 +191,7 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy, self)
         if self.hparams.get("init_from") and stage == "fit" and self.trainer.ckpt_path is None:
-            from lmheads.hf import init_from_gpt2  # needs the hf extra
+            from lmheads.hf import init_from_gpt2
 
             rank_zero_info(init_from_gpt2(self, self.hparams.init_from))
         self.head_loss.check(self.trainer.strategy.root_device)

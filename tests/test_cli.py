@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -333,6 +334,32 @@ def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
     (tmp_path / "nul.txt").write_bytes(b"a few words\n" + bytes(3000))
     _assert_one_error_line(run_lmheads("fit", *quick_args(tmp_path), *extra, cwd=tmp_path), message)
     assert not (tmp_path / "quickstart").exists()  # nothing created by a failed start
+
+
+@pytest.mark.parametrize(
+    ("command", "missing", "extra"),
+    [
+        (["export", "run", "out"], "transformers", "hf"),
+        (["harness", "run"], "lm_eval", "eval"),
+        (["fit", "--model.init_from=gpt2"], "transformers", "hf"),
+        (["fit", "--config", str(ROOT / "configs" / "loggers" / "wandb.yaml")], "wandb", "wandb"),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_it(command, missing, extra, tmp_path, monkeypatch, capsys):
+    """Without the optional package a command needs: the extra that installs it, before writing anything."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a)
+    )
+    monkeypatch.chdir(tmp_path)
+    if command[0] == "fit":
+        command = ["fit", *quick_args(tmp_path), *command[1:]]
+    with pytest.raises(SystemExit) as exc:
+        main(command)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert f'needs {missing}, not installed: pip install -e ".[{extra}]"' in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _assert_one_error_line(result: subprocess.CompletedProcess, message: str) -> None:

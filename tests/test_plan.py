@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from jsonargparse import Namespace
 
 from lmheads.run.plan import Plan, plan_run, point_loggers
 
-from .helpers import fit
+from .helpers import ROOT, fit, only_run
 
 NOW = "20261206-120000"
 
@@ -97,12 +98,18 @@ def test_a_continued_csv_run_sets_its_metrics_aside(tmp_path):
     assert point_loggers(config, Plan(tmp_path), 7) == []
 
 
-def test_wandb_alone_logs_into_the_run_folder(tmp_path, monkeypatch):
-    """W&B as the only logger (offline): the run's config, checkpoints, summary and W&B's files in one
-    folder, and the run continues there from its checkpoint."""
-    pytest.importorskip("wandb")
+@pytest.fixture
+def offline_wandb(monkeypatch):
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    wandb.finish()  # a process's W&B run stays open after a fit: the next test's fit starts its own
+
+
+def test_wandb_alone_logs_into_the_run_folder(tmp_path, offline_wandb):
+    """W&B as the only logger (offline): the run's config, checkpoints, summary and W&B's files in one
+    folder, and the run continues there from its checkpoint."""
     wandb = ["--trainer.logger=WandbLogger", "--trainer.logger.offline=true", "--trainer.logger.project=t"]
     fit(tmp_path, *wandb, steps=2, every=2)
     (run,) = (tmp_path / "lmheads").iterdir()
@@ -111,3 +118,14 @@ def test_wandb_alone_logs_into_the_run_folder(tmp_path, monkeypatch):
     fit(tmp_path, *wandb, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=3)
     assert [p.name for p in (tmp_path / "lmheads").iterdir()] == [run.name]
     assert len(list(run.glob("config-resumed-step2-*.yaml"))) == 1
+
+
+def test_the_wandb_config_adds_wandb_and_the_run_keeps_its_folder(tmp_path, offline_wandb):
+    """``configs/loggers/wandb.yaml`` on the quickstart: the quickstart's folder and TensorBoard files, W&B
+    beside them in ``wandb/``, its run named after the folder and grouped by the experiment."""
+    fit(tmp_path, "--config", str(ROOT / "configs" / "loggers" / "wandb.yaml"), steps=2, every=2)
+    run = only_run(tmp_path)  # <save_dir>/quickstart/<run>
+    assert any(run.glob("events.out.tfevents.*")) and any((run / "wandb").glob("offline-run-*"))
+    tensorboard, wandb = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]
+    assert tensorboard["class_path"].endswith("TensorBoardLogger")
+    assert (wandb["init_args"]["name"], wandb["init_args"]["group"]) == (run.name, "quickstart")

@@ -18,6 +18,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from lmheads.dotted import class_of
+from lmheads.errors import require
 from lmheads.run.layout import free_name
 
 #: Where run folders go unless ``trainer.default_root_dir`` or the logger says otherwise.
@@ -112,6 +113,7 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
                 if plan.resume:
                     set_aside.append(("metrics.csv", free_name(folder, f"metrics-before-step{step}", ".csv")))
         elif cls is not None and issubclass(cls, WandbLogger):  # named as the folder, grouped by experiment
+            require("the W&B logger (WandbLogger)", "wandb", "wandb")
             args.save_dir = str(folder)
             args.name = args.get("name") or folder.name
             args.group = args.get("group") or (plan.filed_in or folder).parent.name
