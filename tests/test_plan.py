@@ -110,9 +110,13 @@ def offline_wandb(monkeypatch):
 def test_wandb_alone_logs_into_the_run_folder(tmp_path, offline_wandb):
     """W&B as the only logger (offline): the run's config, checkpoints, summary and W&B's files in one
     folder, and the run continues there from its checkpoint."""
-    wandb = ["--trainer.logger=WandbLogger", "--trainer.logger.offline=true", "--trainer.logger.project=t"]
+    wandb = ["--trainer.logger=WandbLogger", "--trainer.logger.project=t", "--trainer.logger.name=null"]
     fit(tmp_path, *wandb, steps=2, every=2)
     (run,) = (tmp_path / "lmheads").iterdir()
+    assert (
+        yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["name"]
+        == run.name
+    )
     assert {"config.yaml", "checkpoints", "results.json", "wandb"} <= {p.name for p in run.iterdir()}
     assert any((run / "wandb").glob("offline-run-*"))
     fit(tmp_path, *wandb, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=3)
