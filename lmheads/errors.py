@@ -12,16 +12,16 @@ class ConfigError(ValueError):
     """Invalid configuration or input data; the message tells the user how to fix it."""
 
 
-def require(purpose: str, extra: str, *modules: str) -> None:
+def require(purpose: str, extra: str | None, *modules: str) -> None:
     """Raise a :class:`ConfigError` when a module ``purpose`` needs is not installed, naming the lmheads
-    extra (``pyproject.toml``) that installs it; call it before anything is written."""
+    extra (``pyproject.toml``) that installs it, if any; call it before anything is written."""
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
-        raise ConfigError(
-            f'{purpose} needs {names}, not installed: pip install -e ".[{extra}]" in lmheads\' folder '
-            f"(or pip install {' '.join(missing)})"
-        )
+        install = f"pip install {' '.join(missing)}"
+        if extra is not None:
+            install = f'pip install -e ".[{extra}]" in lmheads\' folder (or {install})'
+        raise ConfigError(f"{purpose} needs {names}, not installed: {install}")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -343,6 +343,7 @@ def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
         (["harness", "run"], "lm_eval", "eval"),
         (["fit", "--model.init_from=gpt2"], "transformers", "hf"),
         (["fit", "--config", str(ROOT / "configs" / "loggers" / "wandb.yaml")], "wandb", "wandb"),
+        (["fit", "--trainer.logger=MLFlowLogger"], "mlflow", None),  # no extra of lmheads'
     ],
 )
 def test_a_missing_extra_is_one_line_naming_it(command, missing, extra, tmp_path, monkeypatch, capsys):
@@ -358,7 +359,8 @@ def test_a_missing_extra_is_one_line_naming_it(command, missing, extra, tmp_path
         main(command)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err
-    assert f'needs {missing}, not installed: pip install -e ".[{extra}]"' in err
+    install = f'pip install -e ".[{extra}]"' if extra else f"pip install {missing}"
+    assert f"needs {missing}, not installed: {install}" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -118,6 +118,7 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
             args.name = args.get("name") or folder.name
             args.group = args.get("group") or (plan.filed_in or folder).parent.name
         elif cls is not None and issubclass(cls, MLFlowLogger):
+            require("the MLflow logger (MLFlowLogger)", None, "mlflow")
             if args.get("tracking_uri") is None:  # a local store; a tracking server keeps its runs
                 args.save_dir = str(folder / "mlruns")
             args.run_name = args.get("run_name") or folder.name
