@@ -39,7 +39,14 @@ from lmheads.heads.names import PARSER_MODE, expand_head_names, list_heads, load
 from lmheads.module import LMHeadModule
 from lmheads.run.claim import NAMING_OPTION, RunFolder
 from lmheads.run.layout import furthest_checkpoint, run_of_checkpoint
-from lmheads.run.plan import DEFAULT_SAVE_DIR, Plan, naming, plan_run, point_loggers
+from lmheads.run.plan import (
+    DEFAULT_SAVE_DIR,
+    Plan,
+    naming,
+    plan_run,
+    point_loggers,
+    require_logger_packages,
+)
 from lmheads.run.records import RunConfig, RunSummary, record_evaluation
 from lmheads.run.resume import (
     check_against_checkpoint,
@@ -224,6 +231,7 @@ class LMHeadsCLI(LightningCLI):
         if self.subcommand is None:  # run=False only builds: no command owns a folder
             return
         config = self.config[self.subcommand]
+        require_logger_packages(config)
         if self.subcommand in ("validate", "test", "predict"):
             quiet_evaluation()
         ckpt = config.get("ckpt_path")

@@ -47,6 +47,17 @@ def loggers(config) -> list:
     return [item for item in items if hasattr(item, "init_args")]
 
 
+def require_logger_packages(config) -> None:
+    """One ``ConfigError`` for a logger of ``config`` whose package is not installed (jsonargparse would
+    report it as a page of type errors), before the command makes its folder."""
+    for logger in loggers(config):
+        cls = class_of(str(logger.class_path))
+        if cls is not None and issubclass(cls, WandbLogger):
+            require("the W&B logger (WandbLogger)", "wandb", "wandb")
+        elif cls is not None and issubclass(cls, MLFlowLogger):
+            require("the MLflow logger (MLFlowLogger)", None, "mlflow")  # no extra of lmheads'
+
+
 def naming(config) -> tuple[Path, str, str | None]:
     """The run folder's ``save_dir``, ``name`` and ``version`` (``None``: to be chosen), from the first
     TensorBoard or CSV logger, else from ``trainer.default_root_dir``. A logger's default ``save_dir``
@@ -113,12 +124,10 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
                 if plan.resume:
                     set_aside.append(("metrics.csv", free_name(folder, f"metrics-before-step{step}", ".csv")))
         elif cls is not None and issubclass(cls, WandbLogger):  # named as the folder, grouped by experiment
-            require("the W&B logger (WandbLogger)", "wandb", "wandb")
             args.save_dir = str(folder)
             args.name = args.get("name") or folder.name
             args.group = args.get("group") or (plan.filed_in or folder).parent.name
         elif cls is not None and issubclass(cls, MLFlowLogger):
-            require("the MLflow logger (MLFlowLogger)", None, "mlflow")
             if args.get("tracking_uri") is None:  # a local store; a tracking server keeps its runs
                 args.save_dir = str(folder / "mlruns")
             args.run_name = args.get("run_name") or folder.name
