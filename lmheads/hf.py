@@ -352,8 +352,9 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lmheads export",
         description="Write a checkpoint (or a run folder's last.ckpt) as an HF transformers model that "
-        "AutoModelForCausalLM and AutoTokenizer load without lmheads (GPT2LMHeadModel where it computes "
-        "the same; refused otherwise).",
+        "AutoModelForCausalLM and AutoTokenizer load without lmheads (pip install -e '.[hf]'): "
+        "GPT2LMHeadModel where it computes the same, else a model with a modeling file of its own "
+        "(trust_remote_code=True). A head of your own that is not a linear form has no exported form.",
     )
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its checkpoints/last.ckpt)")
     parser.add_argument("out", help="the folder to write (must not exist)")

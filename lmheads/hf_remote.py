@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 import lmheads.backbone
+from lmheads.errors import ConfigError
 from lmheads.heads import LinearHead, head_name
 from lmheads.hf import is_identity, linear_map
 
@@ -141,7 +142,11 @@ def head_spec(model) -> tuple[dict, dict[str, Tensor], str]:
     scale, softcap = float(head.logit_multiplier), head.softcap
     if not isinstance(head, LinearHead):
         if head_name(head) != "mos":
-            raise NotImplementedError(f"head {head_name(head)!r} has no exported form")
+            raise ConfigError(
+                f"head {head_name(head)!r} is not a linear form, and the exported modeling file computes "
+                "only linear heads and mos: give the head a project() (a LinearHead) to export it, or "
+                "evaluate the checkpoint with lmheads (validate, test, predict)"
+            )
         spec = {
             "kind": "mos",
             "tied": True,

@@ -12,7 +12,8 @@ import torch
 
 from lmheads.backbone import BackboneConfig
 from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, WordTokenizer
-from lmheads.heads import registered_heads
+from lmheads.errors import ConfigError
+from lmheads.heads import Head, registered_heads
 from lmheads.module import LMHeadModule
 
 from .helpers import fit, only_run, run_lmheads
@@ -109,6 +110,23 @@ def test_a_backbone_without_biases_exports_with_zero_biases(tmp_path):
     idx = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx).logits, model(idx), rtol=0, atol=1e-5)
+
+
+class GatedTied(Head):
+    """A head of a user's own that is not a linear form (no ``project``) and not lmheads' ``mos``."""
+
+    def _create_parameters(self) -> None:
+        self.gate = torch.nn.Linear(self.d_model, self.d_model)
+
+    def logits(self, h, embedding):
+        return (torch.sigmoid(self.gate(h)) * h) @ embedding.weight.T
+
+
+def test_a_head_with_no_exported_form_is_refused_and_writes_nothing(tmp_path):
+    model = LMHeadModule(head=GatedTied(), backbone=SMALL, vocab_size=50).eval()
+    with pytest.raises(ConfigError, match=r"'GatedTied' is not a linear form.*give the head a project"):
+        export_hf(model, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
 
 
 TEXT = ["the cat sat on the mat\n", "a dog, a café and ünïcode words\n", "unseen zebra here\n"]
