@@ -85,7 +85,10 @@ def linear_map(form_of, d_model: int, embedding: nn.Embedding, name: str) -> Lin
         eye.device
     )
     if not torch.allclose(form_of(probe, embedding).hidden, probe @ form.hidden, atol=1e-6):
-        raise ConfigError(f"head {name!r}: its h' is not a linear map of h, so no matrix computes it")
+        raise ConfigError(
+            f"head {name!r}: its h' is not a linear map of h, so no matrix of the export computes it; "
+            "evaluate the checkpoint with lmheads (validate, test, predict)"
+        )
     return form
 
 

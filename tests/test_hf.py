@@ -4,6 +4,7 @@ refused with its reason; the tie survives saving and loading; tokenizers keep th
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from lmheads.errors import ConfigError
 from lmheads.heads import Head, registered_heads
 from lmheads.module import LMHeadModule
 
+from .external_heads import CosineTiedHead
 from .helpers import fit, only_run, run_lmheads
 
 transformers = pytest.importorskip("transformers")
@@ -122,9 +124,16 @@ class GatedTied(Head):
         return (torch.sigmoid(self.gate(h)) * h) @ embedding.weight.T
 
 
-def test_a_head_with_no_exported_form_is_refused_and_writes_nothing(tmp_path):
-    model = LMHeadModule(head=GatedTied(), backbone=SMALL, vocab_size=50).eval()
-    with pytest.raises(ConfigError, match=r"'GatedTied' is not a linear form.*give the head a project"):
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (GatedTied, "'GatedTied' is not a linear form"),
+        (CosineTiedHead, "'test_cosine_tied': its h' is not a linear map of h"),  # h normalised
+    ],
+)
+def test_a_head_with_no_exported_form_is_refused_and_writes_nothing(head, reason, tmp_path):
+    model = LMHeadModule(head=head(), backbone=SMALL, vocab_size=50).eval()
+    with pytest.raises(ConfigError, match=f"{re.escape(reason)}.*evaluate the checkpoint with lmheads"):
         export_hf(model, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
 
