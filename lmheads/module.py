@@ -125,6 +125,7 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
         self.backbone = Backbone(vocab_size, self.cfg)
         self.head = head
         self.head.build(vocab_size, self.cfg.d_model, self.cfg.embed_width)
+        self.head.check_contract(self.backbone.wte)
         self.head_loss = head_loss(head, loss_backend, loss_chunk_size)  # chosen once, for this head
         # Decided before any wrapper reshapes the parameters.
         self._decay_names = decay_names(self)

@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from lmheads.backbone import Backbone, BackboneConfig
 from lmheads.cli import main
 from lmheads.errors import ConfigError
-from lmheads.heads import LowRankTiedHead, TiedBiasHead, TiedHead, UntiedHead, UntieDuringTrainingHead, base
+from lmheads.heads import (
+    LinearForm,
+    LinearHead,
+    LowRankTiedHead,
+    TiedBiasHead,
+    TiedHead,
+    UntiedHead,
+    UntieDuringTrainingHead,
+    base,
+)
 from lmheads.heads.base import resolve_head
 from lmheads.heads.names import list_heads
 from lmheads.module import LMHeadModule
@@ -141,6 +150,42 @@ def test_external_head_trains_from_yaml(tmp_path):
 def test_bad_head_classes(path, message):
     with pytest.raises(ConfigError, match=message):
         resolve_head(path)
+
+
+class _WrongVocabulary(LinearHead):
+    def project(self, h, embedding):
+        return LinearForm(h, embedding.weight[:-1], None)
+
+
+class _WrongWidth(LinearHead):
+    def project(self, h, embedding):
+        return LinearForm(h[..., :-1], embedding.weight, None)
+
+
+class _WrongBias(LinearHead):
+    def project(self, h, embedding):
+        return LinearForm(h, embedding.weight, embedding.weight.new_zeros(3))
+
+
+class _WrongLogits(base.Head):
+    def logits(self, h, embedding):
+        return h @ embedding.weight[:5].T
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (_WrongVocabulary, rf"returns h' \(2, {D}\), W \({V - 1}, {D}\) and b None; they must be"),
+        (_WrongWidth, rf"returns h' \(2, {D - 1}\), W \({V}, {D}\)"),
+        (_WrongBias, r"and b \(3,\); they must be .* or None"),
+        (_WrongLogits, rf"logits\(h\) for h of shape \(2, D\) is \(2, 5\), not \(2, V\) = \(2, {V}\)"),
+    ],
+)
+def test_a_head_that_breaks_the_contract_is_refused_when_the_model_is_built(head, message):
+    """A head of one's own is checked at the start, whether or not it is registered (the contract tests
+    cover registered heads only): the shapes it returns, in one error."""
+    with pytest.raises(ConfigError, match=rf"head '{head.__name__}' breaks the head contract: .*{message}"):
+        module(head())
 
 
 # ---------------------------------------------------------------- shared options

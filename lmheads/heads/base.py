@@ -192,6 +192,25 @@ class Head(nn.Module):
         head that is not a linear form implements this; its loss then uses the full logits."""
         raise NotImplementedError(f"head {head_name(self)!r} implements no logits()")
 
+    def check_contract(self, embedding: nn.Embedding) -> None:
+        """Raise a :class:`ConfigError` when this built head's output breaks the contract, on two zero
+        hidden states (no gradient, the random state kept): the module checks it before training, so a
+        head of one's own that returns the wrong shapes fails at the start with them, not in a step."""
+        h = embedding.weight.new_zeros(2, self.d_model)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            problem = self._contract_problem(h, embedding)
+        if problem:
+            raise ConfigError(f"head {head_name(self)!r} breaks the head contract: {problem}")
+
+    def _contract_problem(self, h: Tensor, embedding: nn.Embedding) -> str:
+        shape = tuple(self.logits(h, embedding).shape)
+        expected = (2, self.vocab_size)
+        return (
+            ""
+            if shape == expected
+            else f"logits(h) for h of shape (2, D) is {shape}, not (2, V) = {expected}"
+        )
+
     def on_train_step(self, step: int, total_steps: int, embedding: nn.Embedding) -> bool:
         """Called before every training step (``total_steps`` is -1 when training has no set length);
         return True when the head changed its parameters in a way that makes their optimizer state stale
@@ -229,6 +248,17 @@ class LinearHead(Head):
     def project(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
         """Return (h', W, b) for hidden states ``h`` (..., D) and the backbone's token embedding."""
         raise NotImplementedError(f"linear head {head_name(self)!r} implements no project()")
+
+    def _contract_problem(self, h: Tensor, embedding: nn.Embedding) -> str:
+        hidden, weight, bias = self.project(h, embedding)[:3]
+        v, k = self.vocab_size, hidden.shape[-1]
+        shapes = (tuple(hidden.shape), tuple(weight.shape), None if bias is None else tuple(bias.shape))
+        if shapes[0] == (2, k) and shapes[1] == (v, k) and shapes[2] in (None, (v,)):
+            return ""
+        return (
+            f"project(h) for h of shape (2, D) returns h' {shapes[0]}, W {shapes[1]} and b {shapes[2]}; "
+            f"they must be (2, K), (V, K) = ({v}, {k}) and (V,) = ({v},) or None"
+        )
 
     def linear_form(self, h: Tensor, embedding: nn.Embedding) -> LinearForm:
         """``project`` with the shared options applied: what the loss backends consume."""
