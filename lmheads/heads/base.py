@@ -203,13 +203,11 @@ class Head(nn.Module):
             raise ConfigError(f"head {head_name(self)!r} breaks the head contract: {problem}")
 
     def _contract_problem(self, h: Tensor, embedding: nn.Embedding) -> str:
-        shape = tuple(self.logits(h, embedding).shape)
-        expected = (2, self.vocab_size)
-        return (
-            ""
-            if shape == expected
-            else f"logits(h) for h of shape (2, D) is {shape}, not (2, V) = {expected}"
-        )
+        """What the head returns for ``h`` (2, D) that the contract does not allow ("" if nothing)."""
+        shape, expected = tuple(self.logits(h, embedding).shape), (2, self.vocab_size)
+        if shape == expected:
+            return ""
+        return f"logits(h) for h of shape (2, D) is {shape}, not (2, V) = {expected}"
 
     def on_train_step(self, step: int, total_steps: int, embedding: nn.Embedding) -> bool:
         """Called before every training step (``total_steps`` is -1 when training has no set length);
