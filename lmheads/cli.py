@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from lmheads.console import (
     progress_display,
     quiet_evaluation,
     quiet_lightning,
+    take_options,
     user_error,
 )
 from lmheads.data import LMDataModule
@@ -41,8 +43,10 @@ from lmheads.run.claim import NAMING_OPTION, RunFolder
 from lmheads.run.layout import furthest_checkpoint, run_of_checkpoint
 from lmheads.run.plan import (
     DEFAULT_SAVE_DIR,
+    NAMING_KEYS,
     Plan,
     naming,
+    naming_logger,
     plan_run,
     point_loggers,
     require_logger_packages,
@@ -128,7 +132,7 @@ class LMHeadsCLI(LightningCLI):
         try:
             if isinstance(args, list):
                 check_config_files(args)
-                args = expand_head_names(args)
+                args = self._naming_to_its_logger(parser, expand_head_names(args))
                 self.config = parser.parse_args(args)
             else:
                 super().parse_arguments(parser, args)
@@ -157,6 +161,27 @@ class LMHeadsCLI(LightningCLI):
                 )
             elif subcommand == "fit":
                 check_trains_something(config)
+
+    def _naming_to_its_logger(self, parser: LightningArgumentParser, args: list[str]) -> list[str]:
+        """jsonargparse gives ``--trainer.logger.init_args.save_dir/name/version`` to the last logger of a
+        list, and the first TensorBoard or CSV logger names the run folder (:mod:`lmheads.run.plan`).
+        Where they differ (W&B added after TensorBoard), the options go to the logger that names the
+        run, as the whole list in their place: naming a run (``tools/sweep.py`` does) works with any
+        loggers after it. The list is the one parsed up to the first of them."""
+        rest, taken, at = take_options(args, {f"--trainer.logger.init_args.{key}" for key in NAMING_KEYS})
+        if not taken:
+            return args
+        probe = parser.parse_args([arg for arg in rest[:at] if not arg.startswith("--print_config")])
+        config = probe[probe.subcommand] if probe.get("subcommand") else probe
+        items, index = config.trainer.get("logger"), naming_logger(config)
+        if not isinstance(items, list) or index is None or index == len(items) - 1:
+            return args
+        values = [item.as_dict() for item in items]
+        for item in values:  # unset options as the parser left them (None would not validate where required)
+            item["init_args"] = {k: v for k, v in item.get("init_args", {}).items() if v is not None}
+        for option, value in taken:
+            values[index]["init_args"][option.rpartition(".")[2]] = yaml.safe_load(value)
+        return [*rest[:at], f"--trainer.logger={json.dumps(values, default=str)}", *rest[at:]]
 
     def _resolve_keyword(self, subcommand: str, config) -> None:
         """``--ckpt_path=last`` / ``best`` of the run the logger's version names, as that checkpoint's file

@@ -207,6 +207,27 @@ def _option_pairs(args: list[str]):
         yield option, value if has_value else (args[i + 1] if i + 1 < len(args) else "")
 
 
+def take_options(args: list[str], options: set[str]) -> tuple[list[str], list[tuple[str, str]], int]:
+    """``args`` without the ``options`` (``--option=value`` or ``--option value``), the ``(option,
+    value)`` pairs taken, in order, and where in what is left the first one was (-1: none)."""
+    rest: list[str] = []
+    taken: list[tuple[str, str]] = []
+    at, skip = -1, False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        option, has_value, value = arg.partition("=")
+        if option not in options:
+            rest.append(arg)
+            continue
+        if not has_value and i + 1 < len(args):
+            value, skip = args[i + 1], True
+        taken.append((option, value))
+        at = len(rest) if at < 0 else at
+    return rest, taken, at
+
+
 #: Trainer options that take a whole number as a number of batches and a fraction as a share of them
 #: (Lightning's documentation), which the parser turns into floats: ``1`` would mean all of them.
 BATCH_COUNTS = (

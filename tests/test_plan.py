@@ -9,9 +9,10 @@ import pytest
 import yaml
 from jsonargparse import Namespace
 
+from lmheads.cli import main
 from lmheads.run.plan import Plan, plan_run, point_loggers
 
-from .helpers import ROOT, fit, only_run
+from .helpers import QUICKSTART, ROOT, fit, only_run
 
 NOW = "20261206-120000"
 
@@ -133,3 +134,23 @@ def test_the_wandb_config_adds_wandb_and_the_run_keeps_its_folder(tmp_path, offl
     tensorboard, wandb = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]
     assert tensorboard["class_path"].endswith("TensorBoardLogger")
     assert (wandb["init_args"]["name"], wandb["init_args"]["group"]) == (run.name, "quickstart")
+
+
+def test_naming_options_go_to_the_logger_that_names_the_run(tmp_path, capsys):
+    """jsonargparse gives ``--trainer.logger.init_args.*`` to the last logger of a list; the options that
+    name the run go to the first TensorBoard or CSV logger, which names it, and the others where
+    jsonargparse puts them."""
+    csv = tmp_path / "csv.yaml"
+    csv.write_text(
+        "trainer:\n  logger+:\n    - class_path: lightning.pytorch.loggers.CSVLogger\n"
+        "      init_args:\n        save_dir: elsewhere\n"
+    )
+    naming = ["--trainer.logger.init_args.version", "v1", "--trainer.logger.init_args.save_dir=there"]
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", QUICKSTART, "--config", str(csv), *naming,
+              "--trainer.logger.init_args.flush_logs_every_n_steps=7", "--print_config"])  # fmt: skip
+    loggers = yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]
+    tensorboard, csv_logger = (logger["init_args"] for logger in loggers)
+    assert [tensorboard[k] for k in ("save_dir", "name", "version")] == ["there", "quickstart", "v1"]
+    flush = "flush_logs_every_n_steps"
+    assert [csv_logger[k] for k in ("save_dir", "version", flush)] == ["elsewhere", None, 7]

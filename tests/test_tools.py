@@ -191,6 +191,37 @@ def test_a_run_another_process_trains_is_left_to_it(tmp_path, capsys, monkeypatc
     assert json.loads((run / "sweep.json").read_text())["status"] == "done"
 
 
+def test_a_sweep_names_its_runs_whatever_loggers_follow_the_first(tmp_path, monkeypatch, capsys):
+    """A config that adds a logger after the TensorBoard one (as configs/loggers/wandb.yaml does): the
+    runs are in the sweep's folders all the same. One that trained elsewhere even so (its config has no
+    TensorBoard or CSV logger to name it) is a failure that says where, not a run done."""
+    monkeypatch.chdir(tmp_path)
+    csv = tmp_path / "csv.yaml"
+    csv.write_text(
+        "trainer:\n  logger+:\n    - class_path: lightning.pytorch.loggers.CSVLogger\n"
+        "      init_args:\n        save_dir: runs\n"
+    )
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(csv), "--heads", "tied"]
+    args += ["--root", str(tmp_path / "sweeps"), "--name", "grid"]
+    assert sweep.main([*args, "--seeds", "0", "--", "--trainer.max_steps=2", *TINY]) == 0
+    run = tmp_path / "sweeps" / "grid" / "tied-seed0"
+    assert (run / "results.json").is_file() and (run / "csv" / "metrics.csv").is_file()
+    assert not (tmp_path / "runs").exists()
+
+    def trained_elsewhere(self, cmd, stdout, **kwargs):
+        stdout.write("run: /elsewhere/lmheads/tied-seed1-20261206-120000\n")
+        return 0
+
+    monkeypatch.setattr(sweep.Runs, "run", trained_elsewhere)
+    capsys.readouterr()
+    assert sweep.main([*args, "--seeds", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "tied-seed1: failed (exit 0, but it trained outside" in out
+    assert "(run: /elsewhere/lmheads/tied-seed1-20261206-120000)" in out
+    record = json.loads((tmp_path / "sweeps" / "grid" / "tied-seed1" / "sweep.json").read_text())
+    assert record["status"] == "failed"  # the next call tries it again
+
+
 def test_grid_and_run_names():
     grid = sweep.parse_grid(["model.backbone.d_model=64,128", "model.lr=1e-3"])
     assert grid == [

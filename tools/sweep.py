@@ -66,10 +66,10 @@ def options(run: Run, args: argparse.Namespace) -> list[str]:
     return cmd + [f"--{key}={value}" for key, value in run.overrides.items()]
 
 
-def first_error(log: Path) -> str | None:
-    """The first ``error:`` line a run wrote to its log (``None`` if none)."""
+def first_line(log: Path, start: str = "error:") -> str | None:
+    """The first line of a run's log that starts with ``start`` (``None`` if none)."""
     with contextlib.suppress(OSError), log.open(errors="replace") as lines:
-        return next((line.strip() for line in lines if line.startswith("error:")), None)
+        return next((line.strip() for line in lines if line.startswith(start)), None)
     return None
 
 
@@ -205,6 +205,9 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     from lmheads.errors import NonFiniteLossError
 
     status = "done" if returncode == 0 else "interrupted" if returncode in (130, 143) else "failed"
+    elsewhere = None
+    if status == "done" and not (run_dir / "results.json").is_file():  # its loggers named another folder
+        status, elsewhere = "failed", first_line(run_dir / "sweep.log", "run:") or "no run: line in its log"
     step = diverged_step(run_dir) if returncode == NonFiniteLossError.exit_code else None
     if step is not None:
         status = "diverged"  # a result, kept as it is
@@ -213,8 +216,8 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     # a failure of a run another process started at the same moment, or recorded since, is not its outcome
     if returncode != 0 and (RunFolder(run_dir).holder() is not None or recorded != before):
         return run, f"busy (another process trains it or has recorded it; see {marker})"
-    error = first_error(run_dir / "sweep.log") if status == "failed" else None
-    if status == "failed" and not existed and os.listdir(run_dir) == ["sweep.log"]:
+    error = first_line(run_dir / "sweep.log") if status == "failed" else None
+    if status == "failed" and elsewhere is None and not existed and os.listdir(run_dir) == ["sweep.log"]:
         shutil.rmtree(run_dir)  # it never started: no folder is left for it, the next call starts it anew
         for folder in (run_dir.parent, run_dir.parent.parent):  # <root>/<name>, <root>, where now empty
             with contextlib.suppress(OSError):
@@ -228,6 +231,11 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
         detail = f"after {seconds} s; the next call resumes it"
     elif status == "diverged":
         detail = f"at step {step}, after {seconds} s; compare.py names it"
+    elif elsewhere is not None:
+        detail = (
+            f"exit 0, but it trained outside {run_dir} ({elsewhere}): the sweep names a run's folder through "
+            "its TensorBoard or CSV logger, which its config must have"
+        )
     else:
         detail = f"exit {returncode}{f': {error}' if error else ''}; see {run_dir / 'sweep.log'}"
     return run, f"{status} ({detail})"

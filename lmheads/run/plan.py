@@ -58,6 +58,22 @@ def require_logger_packages(config) -> None:
             require("the MLflow logger (MLFlowLogger)", None, "mlflow")  # no extra of lmheads'
 
 
+#: The options of the logger that names the run folder, given on the command line as
+#: ``--trainer.logger.init_args.<key>`` (the CLI gives them to that logger in a list of several).
+NAMING_KEYS = ("save_dir", "name", "version")
+
+
+def naming_logger(config) -> int | None:
+    """Where in ``trainer.logger`` the logger that names the run folder is (the first TensorBoard or CSV
+    logger): 0 for a single one, ``None`` where none names it."""
+    items = config.trainer.get("logger")
+    for i, item in enumerate(items if isinstance(items, list) else [items]):
+        cls = class_of(str(item.class_path)) if hasattr(item, "class_path") else None
+        if cls is not None and issubclass(cls, NAMING_LOGGERS):
+            return i
+    return None
+
+
 def naming(config) -> tuple[Path, str, str | None]:
     """The run folder's ``save_dir``, ``name`` and ``version`` (``None``: to be chosen), from the first
     TensorBoard or CSV logger, else from ``trainer.default_root_dir``. A logger's default ``save_dir``
