@@ -171,7 +171,10 @@ class LMHeadsCLI(LightningCLI):
         rest, taken, at = take_options(args, {f"--trainer.logger.init_args.{key}" for key in NAMING_KEYS})
         if not taken:
             return args
-        probe = parser.parse_args([arg for arg in rest[:at] if not arg.startswith("--print_config")])
+        try:
+            probe = parser.parse_args([arg for arg in rest[:at] if not arg.startswith("--print_config")])
+        except argparse.ArgumentError:  # what comes before them needs them (a logger's save_dir): as given
+            return args
         config = probe[probe.subcommand] if probe.get("subcommand") else probe
         items, index = config.trainer.get("logger"), naming_logger(config)
         if not isinstance(items, list) or index is None or index == len(items) - 1:

@@ -357,6 +357,19 @@ def _explain_bad_value(message: str, args: list[str]) -> str:
     if refused:
         cls, name = refused.group(1).rsplit(".", 1)[-1], refused.group(2)
         return f"{cls} has no option '{name}' ({option}.{name}); {option}.help {cls} lists its options"
+    required = re.search(
+        r"Problem with given class_path '([\w.]+)':\s*the following arguments are required: (.+)$",
+        message,
+        flags=re.MULTILINE,
+    )
+    if required:
+        cls, names = required.group(1).rsplit(".", 1)[-1], required.group(2).strip()
+        where = " (lmheads writes a logger into the run's folder, so any save_dir does)"
+        return (
+            f"{cls} in {option} needs {names}: give it in the class's init_args, e.g. "
+            f"{{class_path: {cls}, init_args: {{{names.split(',')[0]}: ...}}}}"
+            + (where if option == "--trainer.logger" and "save_dir" in names else "")
+        )
     # a restricted type (PositiveInt, ClosedUnitInterval, ...): its name and condition, from the type
     expected = [_restricted(name) for name in re.findall(r"Not of type (\w+):", message)]
     if "NoneType" in message and expected:

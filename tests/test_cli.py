@@ -321,6 +321,10 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
         ),
         (["--trainer.max_epochs=0"], "error: trainer.max_epochs=0 trains nothing"),  # with max_steps set
         (
+            ["--trainer.logger+=CSVLogger"],
+            "error: CSVLogger in --trainer.logger needs save_dir: give it in the class's init_args",
+        ),
+        (
             ["--trainer.val_check_interval=1000"],
             "`val_check_interval` (1000) must be less than or equal to the number of the training batches",
         ),

@@ -154,3 +154,9 @@ def test_naming_options_go_to_the_logger_that_names_the_run(tmp_path, capsys):
     assert [tensorboard[k] for k in ("save_dir", "name", "version")] == ["there", "quickstart", "v1"]
     flush = "flush_logs_every_n_steps"
     assert [csv_logger[k] for k in ("save_dir", "version", flush)] == ["elsewhere", None, 7]
+    # a logger added on the command line that cannot parse without the option: the option stays its own
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", QUICKSTART, "--trainer.logger+=CSVLogger",
+              "--trainer.logger.init_args.save_dir=x", "--print_config"])  # fmt: skip
+    loggers = yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]
+    assert [logger["init_args"]["save_dir"] for logger in loggers] == ["runs", "x"]
