@@ -45,6 +45,7 @@ from lmheads.run.plan import (
     DEFAULT_SAVE_DIR,
     NAMING_KEYS,
     Plan,
+    loggers,
     naming,
     naming_logger,
     plan_run,
@@ -176,8 +177,8 @@ class LMHeadsCLI(LightningCLI):
         except argparse.ArgumentError:  # what comes before them needs them (a logger's save_dir): as given
             return args
         config = probe[probe.subcommand] if probe.get("subcommand") else probe
-        items, index = config.trainer.get("logger"), naming_logger(config)
-        if not isinstance(items, list) or index is None or index == len(items) - 1:
+        items, index = loggers(config), naming_logger(config)
+        if not isinstance(config.trainer.get("logger"), list) or index is None or index == len(items) - 1:
             return args
         values = [item.as_dict() for item in items]
         for item in values:  # unset options as the parser left them (None would not validate where required)

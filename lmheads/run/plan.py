@@ -64,11 +64,10 @@ NAMING_KEYS = ("save_dir", "name", "version")
 
 
 def naming_logger(config) -> int | None:
-    """Where in ``trainer.logger`` the logger that names the run folder is (the first TensorBoard or CSV
-    logger): 0 for a single one, ``None`` where none names it."""
-    items = config.trainer.get("logger")
-    for i, item in enumerate(items if isinstance(items, list) else [items]):
-        cls = class_of(str(item.class_path)) if hasattr(item, "class_path") else None
+    """Where among :func:`loggers` the one that names the run folder is (the first TensorBoard or CSV
+    logger), ``None`` where none names it."""
+    for i, logger in enumerate(loggers(config)):
+        cls = class_of(str(logger.class_path))
         if cls is not None and issubclass(cls, NAMING_LOGGERS):
             return i
     return None
@@ -79,14 +78,13 @@ def naming(config) -> tuple[Path, str, str | None]:
     TensorBoard or CSV logger, else from ``trainer.default_root_dir``. A logger's default ``save_dir``
     follows ``trainer.default_root_dir``."""
     root = config.trainer.get("default_root_dir")
-    for logger in loggers(config):
-        cls = class_of(str(logger.class_path))
-        if cls is not None and issubclass(cls, NAMING_LOGGERS):
-            args = logger.init_args
-            save_dir = root if root and str(args.save_dir) == DEFAULT_SAVE_DIR else args.save_dir
-            version = args.get("version")
-            return Path(save_dir), args.get("name") or "", None if version is None else str(version)
-    return Path(root or DEFAULT_SAVE_DIR), DEFAULT_NAME, None
+    index = naming_logger(config)
+    if index is None:
+        return Path(root or DEFAULT_SAVE_DIR), DEFAULT_NAME, None
+    args = loggers(config)[index].init_args
+    save_dir = root if root and str(args.save_dir) == DEFAULT_SAVE_DIR else args.save_dir
+    version = args.get("version")
+    return Path(save_dir), args.get("name") or "", None if version is None else str(version)
 
 
 def plan_run(
