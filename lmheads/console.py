@@ -136,6 +136,7 @@ class ProgressLines(ProgressBarBase):
         self._enabled = True
         self._started = 0.0
         self._first_step = 0
+        self._last_shown = -1
 
     def disable(self) -> None:
         self._enabled = False
@@ -155,10 +156,11 @@ class ProgressLines(ProgressBarBase):
         self._started, self._first_step = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        step = trainer.global_step
-        if not self._enabled or step == self._first_step:
+        step = trainer.global_step  # a batch that only accumulates gradients leaves it as it was
+        if not self._enabled or step in (self._first_step, self._last_shown):
             return
         if step % self._interval(trainer) == 0 or step == trainer.max_steps:
+            self._last_shown = step
             rate = (step - self._first_step) / max(time.perf_counter() - self._started, 1e-9)
             of = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
             self.print(

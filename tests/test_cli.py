@@ -416,6 +416,15 @@ def test_output_to_a_file_reads_as_plain_lines(tmp_path):
     assert "hp/val_excess_loss" in logged and "hp/val_bpb" not in logged
 
 
+def test_progress_lines_show_each_optimizer_step_once_when_gradients_accumulate(tmp_path, capsys):
+    """With two batches a step, the batch that only accumulates leaves the step count as it was: its line
+    must not be printed a second time."""
+    accumulating = ["--trainer.enable_progress_bar=true", "--trainer.accumulate_grad_batches=2"]
+    fit(tmp_path, *accumulating, steps=4, every=8)
+    lines = [line.split(" epoch ")[0] for line in capsys.readouterr().out.splitlines() if " steps/s" in line]
+    assert lines == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+
+
 def test_help_lists_every_command_and_a_command_builds_its_own_parser_only(tmp_path, capsys):
     with pytest.raises(SystemExit) as shown:
         main(["--help"])
