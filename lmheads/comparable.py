@@ -22,8 +22,8 @@ def missing_roots(roots: list[Path]) -> str:
 
 
 def no_runs_message(roots: list[Path], left_out: str) -> str:
-    """What to say when the roots hold no run to report (naming those left out, if any)."""
-    where = ", ".join(map(str, roots)) + (f"; {left_out}" if left_out else "")
+    """What to say when the roots hold no run to report (naming those left out, if any), on one line."""
+    where = ", ".join(map(str, roots)) + (f"; {left_out}".replace("\n\n", "; ") if left_out else "")
     return f"error: no lmheads runs with validation loss under {where}"
 
 

@@ -477,6 +477,11 @@ def test_a_run_not_yet_validated_is_named_not_dropped(tmp_path, capsys):
     assert named in capsys.readouterr().out
     assert compare.main([str(tmp_path / "c")]) == 2
     assert named in capsys.readouterr().err
+    both = "Diverged (...): tied seed 0 at step 4\n\nNot validated yet (...): untied seed 1 (r)"
+    assert comparable.no_runs_message([Path("runs")], both).splitlines() == [
+        "error: no lmheads runs with validation loss under runs; Diverged (...): tied seed 0 at step 4; "
+        "Not validated yet (...): untied seed 1 (r)"
+    ]
 
 
 def test_a_grouping_no_run_records_and_a_step_before_training_are_refused(tmp_path, capsys):
