@@ -19,6 +19,14 @@ def stop_after_this_step(trainer: L.Trainer) -> None:
     trainer._signal_connector.received_sigterm = True
 
 
+def validate_and_stop_after_this_step(trainer: L.Trainer) -> None:
+    """End ``fit`` after the current step with a validation of it, whatever ``val_check_interval`` says:
+    Lightning validates a step at which ``trainer.should_stop`` is set (as for early stopping and
+    ``max_time``). The checkpoints of that validation are taken in the epoch-end hooks when validation
+    runs once an epoch (see :func:`resume_where_fit_ended`)."""
+    trainer.should_stop = True
+
+
 def resume_where_fit_ended(checkpoint: dict) -> None:
     """A checkpoint taken after ``fit`` ended (or was interrupted) between epochs' bookkeeping counts the
     epoch it was in as finished, whether or not its batches were: Lightning would resume into the next
@@ -32,11 +40,19 @@ def resume_where_fit_ended(checkpoint: dict) -> None:
     total = epochs["total"]
     if not batches["current"]["completed"] or not total["ready"] == total["started"] == total["processed"]:
         return
-    if total["completed"] == total["processed"] - 1 and batches["is_last_batch"]:
+    if total["completed"] == total["processed"] - 1:
         # taken in the epoch-end hooks (ModelCheckpoint there): Lightning would resume with the sampler
-        # one epoch ahead of the epoch counter; the epoch is done but for its bookkeeping
+        # one epoch ahead of the epoch counter. After the epoch's last batch it is done but for its
+        # bookkeeping; stopped before it (trainer.should_stop: the run's last step, max_time), it is still
+        # in progress, and Lightning would skip its remaining batches
+        done = batches["is_last_batch"]
         for progress in (epochs["total"], epochs["current"]):
-            progress["completed"] += 1
+            if done:
+                progress["completed"] += 1
+            else:
+                progress["processed"] -= 1
+        if not done:
+            return
     if total["completed"] != total["processed"]:
         return
     if batches["is_last_batch"]:

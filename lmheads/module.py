@@ -31,7 +31,11 @@ from lmheads.checkpointing import (
 from lmheads.errors import ConfigError, require
 from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, generate_tokens
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
-from lmheads.lightning_internals import align_logging_step, resume_where_fit_ended
+from lmheads.lightning_internals import (
+    align_logging_step,
+    resume_where_fit_ended,
+    validate_and_stop_after_this_step,
+)
 from lmheads.loss import IGNORE_INDEX, BackendName, TokenLoss, TrainLoss, head_loss
 from lmheads.metrics import SplitNLL, count_buckets, frequency_buckets
 from lmheads.optim import OptimizerHooks, WarmupCosine, decay_names
@@ -209,6 +213,16 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
         if self.head.on_train_step(self.global_step, self.schedule_steps(), self.backbone.wte):
             rank_zero_info(f"head {head_name(self.head)} changed its parameters at step {self.global_step}")
             self.forget_moments(self.head.parameters())  # they describe the old parameters
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The last step is validated even where val_check_interval does not divide the run, so that the
+        # run's metrics, results.json and best checkpoint are of the weights it ends with.
+        trainer = self.trainer
+        last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
+        if 0 <= trainer.max_steps <= trainer.global_step or (
+            last_epoch and batch_idx + 1 >= trainer.num_training_batches
+        ):
+            validate_and_stop_after_this_step(trainer)
 
     def logging_step(self) -> bool:
         """Whether this training step is one Lightning writes (every ``log_every_n_steps``)."""

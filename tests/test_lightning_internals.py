@@ -4,8 +4,15 @@ the attribute that moved, when a Lightning release changes them."""
 from __future__ import annotations
 
 import lightning as L
+import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lmheads.lightning_internals import align_logging_step, batches_done_this_epoch, stop_after_this_step
+from lmheads.lightning_internals import (
+    align_logging_step,
+    batches_done_this_epoch,
+    stop_after_this_step,
+    validate_and_stop_after_this_step,
+)
 
 
 def test_the_internals_exist_on_a_trainer():
@@ -19,3 +26,25 @@ def test_the_internals_exist_on_a_trainer():
     assert trainer._signal_connector.received_sigterm is False
     stop_after_this_step(trainer)
     assert trainer._signal_connector.received_sigterm is True
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_a_step_asked_to_stop_at_is_validated(asked):
+    """5 steps validated every 3 batches: step 3 only, and step 5 too when the last step asks to stop."""
+    validated_at = []
+
+    class Counted(BoringModel):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if asked and self.trainer.global_step == self.trainer.max_steps:
+                validate_and_stop_after_this_step(self.trainer)
+
+        def on_validation_end(self):
+            if not self.trainer.sanity_checking:
+                validated_at.append(self.trainer.global_step)
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=5, val_check_interval=3, limit_val_batches=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Counted())
+    assert validated_at == ([3, 5] if asked else [3])

@@ -588,6 +588,20 @@ def test_fit_ends_with_a_summary_and_results_json(tmp_path, capsys):
     assert f"run: {run.resolve()}" in out and f"val/loss {results['metrics']['val/loss']:.4f}" in out
 
 
+def test_the_last_step_is_validated_whatever_the_validation_interval(tmp_path):
+    """5 steps validated every 3: the run's metrics and its best checkpoint are of step 5, where it ends,
+    not of step 3 under the step count of step 5."""
+    fit(tmp_path, steps=5, every=3)
+    run = only_run(tmp_path)
+    validated = scalars(run)["val/loss"]
+    assert [step for step, _ in validated] == [2, 4]  # TensorBoard's steps count from 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["step"] == 5 and results["metrics"]["val/loss"] == pytest.approx(
+        validated[-1][1], rel=1e-6
+    )
+    assert Path(results["best_checkpoint"]).name == "step5.ckpt"
+
+
 def test_a_subclass_without_a_name_is_used_by_class_path():
     assert external_heads.SmallInitUntied not in registered_heads().values()
     assert registered_heads()["untied"].__name__ == "UntiedHead"

@@ -467,7 +467,9 @@ def test_a_run_not_yet_validated_is_named_not_dropped(tmp_path, capsys):
     report names it above its table, where it would otherwise be missing without a word."""
     fit(tmp_path / "a", steps=2, every=2)
     fit(tmp_path / "b", "--model.head=untied", steps=2, every=2)
-    fit(tmp_path / "c", "--model.head=untied", "--seed_everything=1", steps=1, every=2)  # no validation
+    with pytest.raises(SystemExit):  # Ctrl-C before the first validation
+        stop = ["--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=1"]
+        fit(tmp_path / "c", "--model.head=untied", "--seed_everything=1", *stop, steps=2, every=2)
     late = only_run(tmp_path / "c").name
     named = f"Not validated yet (not in the tables): untied seed 1 ({late})"
     assert compare.main([str(tmp_path)]) == 0
