@@ -298,6 +298,23 @@ class LMHeadsCLI(LightningCLI):
         # the run's config.yaml without a checkpoint (or one it reset to null)
         return f"{err}. To {self.subcommand} a checkpoint of that run, give --ckpt_path after --config"
 
+    def before_validate(self) -> None:
+        self._say_what_is_evaluated()
+
+    def before_test(self) -> None:
+        self._say_what_is_evaluated()
+
+    def before_predict(self) -> None:
+        self._say_what_is_evaluated()
+
+    def _say_what_is_evaluated(self) -> None:
+        """Without a checkpoint, an evaluation is of the model as initialised: said, as it is rarely meant."""
+        if not self.config[self.subcommand].get("ckpt_path"):
+            rank_zero_info(
+                f"{self.subcommand}: no --ckpt_path, so this is the untrained model as initialised (a run's: "
+                "--ckpt_path=<run>/checkpoints/last.ckpt, or its best step<N>.ckpt)"
+            )
+
     def after_validate(self) -> None:
         self._say_where_filed()
 

@@ -382,6 +382,11 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     with caplog.at_level("INFO"):
         main(["validate", *quick_args(tmp_path), last])
     assert f"validate: filed in {run.resolve() / 'validate' / 'last'}" in caplog.text  # said where it went
+    assert "untrained" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        main(["validate", *quick_args(tmp_path / "untrained"), "--trainer.logger=false"])
+    assert "validate: no --ckpt_path, so this is the untrained model as initialised" in caplog.text
     assert [p.name for p in (tmp_path / "quickstart").iterdir()] == [run.name]
     assert sorted(p.name for p in (run / "test").iterdir()) == ["last", "last-2"]
     assert "test/loss" in scalars(run / "test" / "last")
