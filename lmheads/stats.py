@@ -90,6 +90,6 @@ def family(differences: list[list[float]], digits: int = 3) -> list[str]:
 def policy_note(comparisons: int) -> str:
     """How a table's effects read, for its caption."""
     return (
-        f"mean [95% CI], seeds with its sign; p: scipy's two-sided paired t-test, from {MIN_SEEDS} seeds, "
-        f"and Holm's adjustment within this table's {comparisons} comparisons"
+        f"mean [95% CI], seeds with its sign; p (with {MIN_SEEDS} seeds or more): scipy's two-sided paired "
+        f"t-test, and Holm's adjustment within this table's {comparisons} comparisons"
     )
