@@ -21,6 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from lmheads.errors import ConfigError, require
 
 #: lmheads' offline task: a local text file as one document.
@@ -62,11 +64,18 @@ def process_results(doc, results):
 
 
 def evaluate(
-    model_dir: Path, tasks: list[str], text: Path | None, batch_size: int = 1, limit: int | None = None
+    model_dir: Path,
+    tasks: list[str],
+    text: Path | None,
+    batch_size: int = 1,
+    limit: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     """lm-eval's ``simple_evaluate`` of the HF model in ``model_dir`` on ``tasks`` (``lmheads_wikitext2``
-    over the file ``text``); its results dict."""
+    over the file ``text``) on ``device``; its results dict."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # a command's output is lines
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -82,16 +91,23 @@ def evaluate(
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise ConfigError(f"lm-eval knows no task {', '.join(unknown)}; `lm_eval ls tasks` lists them")
-        return simple_evaluate(
-            model="hf",
-            model_args={"pretrained": str(model_dir), "dtype": "float32"},
-            tasks=tasks,
-            batch_size=batch_size,
-            limit=limit,
-            device="cpu",
-            task_manager=manager,
-            verbosity="ERROR",
-        )
+        try:
+            return simple_evaluate(
+                model="hf",
+                model_args={"pretrained": str(model_dir), "dtype": "float32"},
+                tasks=tasks,
+                batch_size=batch_size,
+                limit=limit,
+                device=device,
+                task_manager=manager,
+                verbosity="ERROR",
+            )
+        except (ConnectionError, DatasetNotFoundError, LocalEntryNotFoundError) as err:  # a task's data
+            said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"lm-eval could not load the data of {', '.join(tasks)} ({said}): run where the Hub is "
+                f"reachable or with the dataset in the HF cache; {LOCAL_TASK} scores a local file offline"
+            ) from None
 
 
 def metrics(results: dict) -> dict[str, float]:
@@ -130,6 +146,7 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--out", type=Path, help="where to file the results for a checkpoint outside a run")
     parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--device", help="where the model runs (default: cuda if torch sees a GPU, else cpu)")
     parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
     args = parser.parse_args(argv)
     require("python -m lmheads harness", "eval", "lm_eval", "transformers", "accelerate")
@@ -153,10 +170,11 @@ def main(argv: list[str]) -> None:
         with tempfile.TemporaryDirectory(prefix="lmheads-hf-") as tmp:
             for line in export_hf(model, Path(tmp) / "model", tokenizer):
                 print(line)
-            results = evaluate(Path(tmp) / "model", args.tasks, text, args.batch_size, args.limit)
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            results = evaluate(Path(tmp) / "model", args.tasks, text, args.batch_size, args.limit, device)
         found = metrics(results)
         record = {"tasks": args.tasks, "text": str(text) if text else None, "limit": args.limit,
-                  "metrics": found, "lm_eval": results.get("versions", {})}  # fmt: skip
+                  "device": device, "metrics": found, "lm_eval": results.get("versions", {})}  # fmt: skip
         (folder / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         step = int(checkpoint.get("global_step", 0))
         other = [] if args.text is None else [f"text={args.text}"]

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
@@ -73,7 +74,22 @@ def test_a_run_is_scored_by_lm_eval_and_its_bits_per_byte_agree_with_lmheads(wor
     assert sorted(p.name for p in (run / "harness").iterdir()) == ["last", "last-2"]
 
 
-def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys):
+@pytest.mark.gpu
+def test_on_a_gpu_lm_eval_scores_there_as_on_the_cpu(word_run):
+    _, run = word_run
+    main([str(run), "--device", "cpu"])
+    main([str(run)])  # on the GPU torch sees
+    cpu, gpu = (
+        json.loads((run / "harness" / name / "results.json").read_text()) for name in ("last", "last-2")
+    )
+    assert (cpu["device"], gpu["device"]) == ("cpu", "cuda")
+    key = "lmheads_wikitext2 bits_per_byte"
+    assert gpu["metrics"][key] == pytest.approx(cpu["metrics"][key], rel=1e-4)
+
+
+def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys, monkeypatch):
+    import lm_eval
+
     from lmheads.errors import ConfigError
 
     _, run = word_run
@@ -87,6 +103,19 @@ def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"is not an lmheads checkpoint|not a checkpoint of a run"):
         (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
         main([str(tmp_path / "x.ckpt")])
+
+    def offline(**kwargs):  # as datasets fails for a task whose data is on the Hub, without a network
+        assert kwargs["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+        raise ConnectionError(
+            "Couldn't reach 'EleutherAI/lambada_openai' on the Hub (LocalEntryNotFoundError)"
+        )
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    with pytest.raises(SystemExit) as stop:
+        lmheads(["harness", str(run), "--tasks", "lambada_openai"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert "lm-eval could not load the data of lambada_openai (Couldn't reach" in err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
