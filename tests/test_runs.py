@@ -604,7 +604,17 @@ def test_the_last_step_is_validated_whatever_the_validation_interval(tmp_path):
     assert results["step"] == 5 and results["metrics"]["val/loss"] == pytest.approx(
         validated[-1][1], rel=1e-6
     )
-    assert Path(results["best_checkpoint"]).name == "step5.ckpt"
+    assert Path(results["best_checkpoint"]).name == "step5.ckpt" and results["validated_at"] == 5
+
+
+def test_metrics_of_an_earlier_step_say_which(tmp_path, capsys):
+    """Validated every second epoch of three, a run's metrics are of the end of the second: the summary
+    and results.json say so."""
+    epochs = ["--trainer.max_steps=-1", "--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=2"]
+    fit(tmp_path, *epochs, "--trainer.val_check_interval=1.0", "--data.init_args.train_tokens=8192")
+    results = json.loads((only_run(tmp_path) / "results.json").read_text())
+    assert (results["step"], results["validated_at"]) == (12, 8)
+    assert "  (of step 8, the last validation)\n" in capsys.readouterr().out
 
 
 def test_a_subclass_without_a_name_is_used_by_class_path():

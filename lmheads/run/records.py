@@ -46,9 +46,14 @@ class RunSummary(L.Callback):
 
     def __init__(self) -> None:
         self._start = 0.0
+        self._validated_at: int | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start, self._validated_at = time.perf_counter(), None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_at = trainer.global_step
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -77,6 +82,7 @@ class RunSummary(L.Callback):
             "wall_clock_s": round(time.perf_counter() - self._start, 1),
             "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
             "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
+            "validated_at": self._validated_at,  # the step of the metrics (None: not validated this time)
             "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},
         }
         Path(folder, RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
@@ -86,10 +92,20 @@ class RunSummary(L.Callback):
             f"  head {results['head']}, {results['step']} steps, {results['tokens_seen']:,} tokens, "
             f"{results['wall_clock_s']:.0f} s",
             *(f"  {k} {results['metrics'][k]:.4f}" for k in shown),
+            *(
+                [f"  (of step {self._validated_at}, the last validation)"]
+                if self._stale(trainer, shown)
+                else []
+            ),
             f"  best checkpoint: {results['best_checkpoint'] or 'none'}",
             f"  last checkpoint: {results['last_checkpoint'] or 'none'}",
         ]
         print("\n".join(lines), flush=True)
+
+    def _stale(self, trainer: L.Trainer, shown: list[str]) -> bool:
+        """Whether the metrics shown are of an earlier step than the run's last (validation every n
+        epochs, where the last epoch is not one of them)."""
+        return bool(shown) and self._validated_at is not None and self._validated_at != trainer.global_step
 
 
 def record_evaluation(folder: Path, ckpt: str | Path, step: int, other_data: list[str]) -> None:
