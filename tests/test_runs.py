@@ -601,10 +601,9 @@ def test_the_last_step_is_validated_whatever_the_validation_interval(tmp_path):
     validated = scalars(run)["val/loss"]
     assert [step for step, _ in validated] == [2, 4]  # TensorBoard's steps count from 0
     results = json.loads((run / "results.json").read_text())
-    assert results["step"] == 5 and results["metrics"]["val/loss"] == pytest.approx(
-        validated[-1][1], rel=1e-6
-    )
-    assert Path(results["best_checkpoint"]).name == "step5.ckpt" and results["validated_at"] == 5
+    assert results["step"] == results["validated_at"] == 5
+    assert results["metrics"]["val/loss"] == pytest.approx(validated[-1][1], rel=1e-6)
+    assert Path(results["best_checkpoint"]).name == "step5.ckpt"
 
 
 def test_metrics_of_an_earlier_step_say_which(tmp_path, capsys):
