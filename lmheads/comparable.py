@@ -27,11 +27,12 @@ def no_runs_message(roots: list[Path], left_out: str) -> str:
     return f"error: no lmheads runs with validation loss under {where}"
 
 
-def split_reportable(runs: list[RunLog]) -> tuple[list[RunLog], str]:
+def split_reportable(runs: list[RunLog], roots: list[Path] = ()) -> tuple[list[RunLog], str]:
     """The runs a table can report, and lines naming the others ("" if none): runs whose loss became NaN
     or infinite (their last values come from before it did, and averaged with the others they would read
-    as runs stopped early), and runs with no validation yet (stopped, or still training, before their
-    first), which a table would otherwise leave out without a word."""
+    as runs stopped early), runs with no validation yet (stopped, or still training, before their
+    first), and runs under ``roots`` that a CSV logger alone recorded (the reports read TensorBoard's
+    files), which a table would otherwise leave out without a word."""
     kept = [r for r in runs if r.diverged_at is None and "val/loss" in r.scalars]
     by_name = sorted(runs, key=lambda r: natural(r.path.name))
     diverged = [r for r in by_name if r.diverged_at is not None]
@@ -43,7 +44,26 @@ def split_reportable(runs: list[RunLog]) -> tuple[list[RunLog], str]:
     if unvalidated:
         names = ", ".join(f"{_named(r)} ({r.path.name})" for r in unvalidated)
         lines.append(f"Not validated yet (not in the tables): {names}")
+    if csv_only := _csv_only(roots):
+        lines.append(
+            "Logged by a CSV logger alone, which the reports do not read (not in the tables; they read "
+            f"TensorBoard's files: give such runs a TensorBoard logger, first or beside it): {csv_only}"
+        )
     return kept, "\n\n".join(lines)
+
+
+def _csv_only(roots: list[Path]) -> str:
+    """The run folders under ``roots`` with a CSV logger's ``metrics.csv`` and no TensorBoard file in
+    them (a second logger's are in a subfolder) or around them (the ``csv/`` of a run with both)."""
+    folders = {
+        p.parent
+        for root in roots
+        for p in Path(root).rglob("metrics.csv")
+        if (p.parent / "hparams.yaml").is_file()
+        and not (p.parent.parent / "hparams.yaml").is_file()
+        and not any(p.parent.rglob("events.out.tfevents.*"))
+    }
+    return ", ".join(str(f) for f in sorted(folders, key=lambda f: natural(str(f))))
 
 
 def _named(run: RunLog) -> str:

@@ -297,6 +297,7 @@ def test_with_several_loggers_the_first_ones_folder_is_the_run(tmp_path, capsys)
     assert run.name.startswith("tied-seed0-") and (run / "checkpoints" / "last.ckpt").is_file()
     csv = run / "csv"  # the second logger's files inside the run
     assert "head: tied" in (csv / "hparams.yaml").read_text() and (csv / "metrics.csv").is_file()
+    assert comparable.split_reportable([], [tmp_path]) == ([], "")  # its csv/ is not a run of its own
     before = snapshot(run)
     err = refused(capsys, "fit", *quick_args(tmp_path), "--config", two_loggers(tmp_path, run.name))
     assert f"run folder {run.resolve()} already holds a run" in err and snapshot(run) == before
@@ -338,6 +339,11 @@ def test_a_csv_logger_keeps_runs_as_tensorboard_does(tmp_path, capsys, recwarn):
     assert (run / "metrics-before-step3.csv").read_bytes() == (tmp_path / "first-metrics.csv").read_bytes()
     steps = {int(row.split(",")[header.index("step")]) for header, row in _csv_rows(run / "metrics.csv")}
     assert min(steps) >= 3 and max(steps) == 4
+    # the reports read TensorBoard's files: they name these runs rather than pass over them without a word
+    assert tool("compare").main([str(tmp_path / "quickstart")]) == 2
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "Logged by a CSV logger alone" in said
+    assert str(run) in said.rstrip().split(": ")[-1].split(", ")  # the two runs, named
     noise = ("Experiment logs directory", "The dirpath has changed")  # of the run's own folder
     assert not [w for w in recwarn if str(w.message).startswith(noise)]
 

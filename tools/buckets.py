@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     first, second = args.heads
-    runs, left_out = split_reportable(find_runs(args.roots))
+    runs, left_out = split_reportable(find_runs(args.roots), args.roots)
     if not runs:
         print(no_runs_message(args.roots, left_out), file=sys.stderr)
         return 2

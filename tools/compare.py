@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem := missing_roots(args.roots) or check_outputs(args.out, args.update, args.section):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    runs, left_out = split_reportable(find_runs(args.roots, "best" if args.best else "last"))
+    runs, left_out = split_reportable(find_runs(args.roots, "best" if args.best else "last"), args.roots)
     if not runs:
         print(no_runs_message(args.roots, left_out), file=sys.stderr)
         return 2

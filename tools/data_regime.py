@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem := missing_roots(args.roots) or check_outputs(args.out, args.update, args.section):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    runs, left_out = split_reportable(find_runs(args.roots))
+    runs, left_out = split_reportable(find_runs(args.roots), args.roots)
     runs = [r for r in runs if "val/excess_loss" in r.scalars]
     if not runs:
         print(f"error: no runs with an excess loss under {', '.join(map(str, args.roots))}", file=sys.stderr)

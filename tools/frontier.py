@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem := missing_roots(args.roots) or check_outputs(args.out):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    runs, left_out = split_reportable(find_runs(args.roots))
+    runs, left_out = split_reportable(find_runs(args.roots), args.roots)
     if not runs:
         print(no_runs_message(args.roots, left_out), file=sys.stderr)
         return 2
