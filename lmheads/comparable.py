@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmheads.runlog import RunLog, natural
+from lmheads.run.claim import CLAIM_FILE
+from lmheads.runlog import EVALUATIONS, RunLog, natural
 
 
 def missing_roots(roots: list[Path]) -> str:
@@ -31,8 +32,8 @@ def split_reportable(runs: list[RunLog], roots: list[Path] = ()) -> tuple[list[R
     """The runs a table can report, and lines naming the others ("" if none): runs whose loss became NaN
     or infinite (their last values come from before it did, and averaged with the others they would read
     as runs stopped early), runs with no validation yet (stopped, or still training, before their
-    first), and runs under ``roots`` that a CSV logger alone recorded (the reports read TensorBoard's
-    files), which a table would otherwise leave out without a word."""
+    first), and runs under ``roots`` recorded without TensorBoard (whose files the reports read), which a
+    table would otherwise leave out without a word."""
     kept = [r for r in runs if r.diverged_at is None and "val/loss" in r.scalars]
     by_name = sorted(runs, key=lambda r: natural(r.path.name))
     diverged = [r for r in by_name if r.diverged_at is not None]
@@ -44,23 +45,22 @@ def split_reportable(runs: list[RunLog], roots: list[Path] = ()) -> tuple[list[R
     if unvalidated:
         names = ", ".join(f"{_named(r)} ({r.path.name})" for r in unvalidated)
         lines.append(f"Not validated yet (not in the tables): {names}")
-    if csv_only := _csv_only(roots):
+    if unread := _without_tensorboard(roots):
         lines.append(
-            "Logged by a CSV logger alone, which the reports do not read (not in the tables; they read "
-            f"TensorBoard's files: give such runs a TensorBoard logger, first or beside it): {csv_only}"
+            "Without TensorBoard files, the only ones the reports read (CSV, W&B or MLflow alone; not in "
+            f"the tables): {unread}"
         )
     return kept, "\n\n".join(lines)
 
 
-def _csv_only(roots: list[Path]) -> str:
-    """The run folders under ``roots`` with a CSV logger's ``metrics.csv`` and no TensorBoard file in
-    them (a second logger's are in a subfolder) or around them (the ``csv/`` of a run with both)."""
+def _without_tensorboard(roots: list[Path]) -> str:
+    """The run folders under ``roots`` (a command's claim file in them, not an evaluation filed in a
+    run) with no TensorBoard file anywhere in them."""
     folders = {
         p.parent
         for root in roots
-        for p in Path(root).rglob("metrics.csv")
-        if (p.parent / "hparams.yaml").is_file()
-        and not (p.parent.parent / "hparams.yaml").is_file()
+        for p in Path(root).rglob(CLAIM_FILE)
+        if not (p.parent.parent.name in EVALUATIONS and (p.parent.parent.parent / CLAIM_FILE).is_file())
         and not any(p.parent.rglob("events.out.tfevents.*"))
     }
     return ", ".join(str(f) for f in sorted(folders, key=lambda f: natural(str(f))))

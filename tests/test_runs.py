@@ -342,7 +342,7 @@ def test_a_csv_logger_keeps_runs_as_tensorboard_does(tmp_path, capsys, recwarn):
     # the reports read TensorBoard's files: they name these runs rather than pass over them without a word
     assert tool("compare").main([str(tmp_path / "quickstart")]) == 2
     said = capsys.readouterr().err
-    assert said.count("\n") == 1 and "Logged by a CSV logger alone" in said
+    assert said.count("\n") == 1 and "Without TensorBoard files, the only ones the reports read" in said
     assert str(run) in said.rstrip().split(": ")[-1].split(", ")  # the two runs, named
     noise = ("Experiment logs directory", "The dirpath has changed")  # of the run's own folder
     assert not [w for w in recwarn if str(w.message).startswith(noise)]
