@@ -118,6 +118,36 @@ def test_a_fit_of_no_steps_is_refused_and_leaves_no_run(tmp_path, capsys):
     assert not (tmp_path / "quickstart").exists()
 
 
+def test_a_run_whose_time_limit_is_spent_is_not_continued_with_it(tmp_path, capsys):
+    """Lightning's max_time counts the run's training time, not this start's: a run that used its time
+    would train nothing and rewrite its record, so the command is refused; a longer limit continues it."""
+    hours = "--trainer.max_time=00:01:00:00"
+    fit(tmp_path, hours, steps=2, every=2)
+    run = only_run(tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    state["callbacks"]["Timer"]["time_elapsed"]["train"] = 3601.0  # as after an hour of training
+    torch.save(state, last)
+    before = snapshot(run)
+    err = refused(capsys, "fit", *quick_args(tmp_path), hours, f"--ckpt_path={last}", "--trainer.max_steps=4")
+    assert "has trained for 3601 s and trainer.max_time=00:01:00:00 counts that time" in err
+    assert "00:02:00:01 for an hour more" in err and snapshot(run) == before
+    fit(tmp_path, "--trainer.max_time=00:02:00:00", f"--ckpt_path={last}", steps=4, every=2)
+    assert json.loads((run / "results.json").read_text())["step"] == 4
+
+
+def test_a_continuation_without_a_validation_keeps_the_metrics_of_the_last(tmp_path, capsys):
+    fit(tmp_path, steps=2, every=2)
+    run = only_run(tmp_path)
+    first = json.loads((run / "results.json").read_text())
+    capsys.readouterr()
+    last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    fit(tmp_path, last, "--trainer.limit_val_batches=0", steps=3, every=2)  # trains step 3, validates none
+    results = json.loads((run / "results.json").read_text())
+    assert (results["step"], results["validated_at"]) == (3, 2) and results["metrics"] == first["metrics"]
+    assert "  (of step 2, the last validation)\n" in capsys.readouterr().out
+
+
 def test_testing_data_without_a_test_split_says_what_to_give_and_files_nothing(tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text("\n".join(" ".join(["alpha", "beta", "gamma"][(i * j) % 3] for j in range(9))

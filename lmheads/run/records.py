@@ -74,6 +74,11 @@ class RunSummary(L.Callback):
             for k, v in trainer.callback_metrics.items()
             if k.startswith("val/") and torch.is_tensor(v) and v.numel() == 1
         }
+        validated_at = self._validated_at
+        earlier = Path(folder, RESULTS_FILE)
+        if validated_at is None and earlier.is_file():  # continued without a validation: keep the last one's
+            recorded = json.loads(earlier.read_text())
+            metrics, validated_at = recorded.get("metrics", {}), recorded.get("validated_at")
         results = {
             "run": str(Path(folder).resolve()),
             "head": head_name(pl_module.head),
@@ -82,7 +87,7 @@ class RunSummary(L.Callback):
             "wall_clock_s": round(time.perf_counter() - self._start, 1),
             "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
             "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
-            "validated_at": self._validated_at,  # the step of the metrics (None: not validated this time)
+            "validated_at": validated_at,  # the step of the metrics
             "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},
         }
         Path(folder, RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
@@ -93,8 +98,8 @@ class RunSummary(L.Callback):
             f"{results['wall_clock_s']:.0f} s",
             *(f"  {k} {results['metrics'][k]:.4f}" for k in shown),
             *(
-                [f"  (of step {self._validated_at}, the last validation)"]
-                if self._stale(trainer, shown)
+                [f"  (of step {validated_at}, the last validation)"]
+                if self._stale(trainer, shown, validated_at)
                 else []
             ),
             f"  best checkpoint: {results['best_checkpoint'] or 'none'}",
@@ -102,10 +107,11 @@ class RunSummary(L.Callback):
         ]
         print("\n".join(lines), flush=True)
 
-    def _stale(self, trainer: L.Trainer, shown: list[str]) -> bool:
+    @staticmethod
+    def _stale(trainer: L.Trainer, shown: list[str], validated_at: int | None) -> bool:
         """Whether the metrics shown are of an earlier step than the run's last (validation every n
-        epochs, where the last epoch is not one of them)."""
-        return bool(shown) and self._validated_at is not None and self._validated_at != trainer.global_step
+        epochs, where the last epoch is not one of them; a continuation that trained nothing)."""
+        return bool(shown) and validated_at is not None and validated_at != trainer.global_step
 
 
 def record_evaluation(folder: Path, ckpt: str | Path, step: int, other_data: list[str]) -> None:

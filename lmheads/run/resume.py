@@ -5,10 +5,12 @@ furthest state (an earlier checkpoint would write over later steps)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.callbacks import Timer
 
 from lmheads.checkpointing import read_checkpoint
 from lmheads.data.base import file_digest
@@ -220,7 +222,27 @@ def check_against_checkpoint(
             "options are in the run's config.yaml), or train a new run without --ckpt_path"
         )
     check_trains_something(config, checkpoint.get("global_step", 0))
+    check_time_left(config, checkpoint)
     return []
+
+
+def check_time_left(config, checkpoint: dict) -> None:
+    """Refuse to continue a run whose training time already fills ``trainer.max_time`` (Lightning's
+    ``Timer`` counts the run's time, not this start's): it would train nothing."""
+    max_time = config.trainer.get("max_time")
+    timer = Timer(duration=max_time) if max_time else None
+    if timer is None or timer.state_key not in checkpoint.get("callbacks", {}):
+        return
+    timer.load_state_dict(checkpoint["callbacks"][timer.state_key])
+    if timer.time_remaining("train") <= 0:
+        trained = math.ceil(timer.time_elapsed("train"))
+        more = trained + 3600
+        example = f"{more // 86400:02d}:{more % 86400 // 3600:02d}:{more % 3600 // 60:02d}:{more % 60:02d}"
+        raise ConfigError(
+            f"the checkpoint {config.ckpt_path} has trained for {trained} s and trainer.max_time={max_time} "
+            f"counts that time: nothing to train. To continue it, pass a longer --trainer.max_time "
+            f"(DD:HH:MM:SS; {example} for an hour more)"
+        )
 
 
 def check_trains_something(config, step: int | None = None) -> None:
