@@ -106,6 +106,22 @@ def test_resume_at_any_step_of_a_short_epoch_is_exact(tmp_path, validation, offs
         assert {s: v for s, v in validated.items() if s not in extra} == straight_validated, folder
 
 
+def test_an_epoch_based_run_resumed_mid_epoch_is_exact(tmp_path):
+    """With max_epochs and no max_steps, Lightning builds the training loader to size the schedule before
+    it restores its progress: the resumed epoch must still skip the batches it trained (it replayed them)."""
+    epochs = ["--trainer.max_steps=-1", "--trainer.max_epochs=2", "--data.init_args.train_tokens=16384"]
+    straight = fit(tmp_path / "a", DROPOUT, *epochs, every=4).model  # 8 batches an epoch
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "b", DROPOUT, *epochs, "--trainer.callbacks+=tests.probes.SignalAt",
+            "--trainer.callbacks.step=11", every=4)  # fmt: skip
+    ckpt = only_run(tmp_path / "b") / "checkpoints" / "interrupted.ckpt"
+    resumed = fit(tmp_path / "b", DROPOUT, *epochs, f"--ckpt_path={ckpt}", every=4).model
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for tag in ("train/loss", "val/loss"):
+        assert scalars(only_run(tmp_path / "a"))[tag] == scalars(only_run(tmp_path / "b"))[tag], tag
+
+
 def test_sigterm_saves_and_exits_143(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         fit(tmp_path, "--trainer.callbacks+=tests.probes.SignalAt", "--trainer.callbacks.step=2",

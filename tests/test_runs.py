@@ -136,6 +136,18 @@ def test_a_run_whose_time_limit_is_spent_is_not_continued_with_it(tmp_path, caps
     assert json.loads((run / "results.json").read_text())["step"] == 4
 
 
+def test_a_run_that_trained_its_epochs_is_not_continued_with_them(tmp_path, capsys):
+    """Its last step validated mid-loop, Lightning would train a batch past the end; nothing is meant."""
+    epochs = ["--trainer.max_steps=-1", "--trainer.max_epochs=1", "--data.init_args.train_tokens=8192"]
+    fit(tmp_path, *epochs, every=3)  # 4 batches, validated at 3 and (as the last step) 4
+    run = only_run(tmp_path)
+    before = snapshot(run)
+    err = refused(
+        capsys, "fit", *quick_args(tmp_path), *epochs, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    )
+    assert "has trained 1 epoch and trainer.max_epochs=1: nothing to train" in err and snapshot(run) == before
+
+
 def test_a_continuation_without_a_validation_keeps_the_metrics_of_the_last(tmp_path, capsys):
     fit(tmp_path, steps=2, every=2)
     run = only_run(tmp_path)

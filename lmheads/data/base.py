@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import os
 import warnings
+from collections.abc import Callable
 
 import lightning as L
 import numpy as np
@@ -62,6 +63,9 @@ class ResumableSampler(DistributedSampler):
             blocks, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
         )
         self.start = 0  # samples of this rank's epoch already trained on
+        # Where a resumed run stands, read when iteration begins: Lightning builds the loader before it
+        # restores its progress when it sizes an epoch-based schedule (estimated_stepping_batches).
+        self.resume_at: Callable[[], int] | None = None
 
     def offset(self) -> int:
         """This epoch's first window start (0 without random offsets)."""
@@ -70,6 +74,8 @@ class ResumableSampler(DistributedSampler):
         return int(np.random.default_rng([self.seed, self.epoch]).integers(self.block_size))
 
     def __iter__(self):
+        if self.resume_at is not None:
+            self.start, self.resume_at = min(self.resume_at(), self.num_samples), None
         indices = itertools.islice(super().__iter__(), self.start, None)
         if self.block_size is None:
             return indices
@@ -245,15 +251,12 @@ class LMDataModule(L.LightningDataModule):
             dataset, world, rank, shuffle=True, seed=_seed(), random_offsets=self.random_offsets
         )
         if trainer is not None:
-            # Resumed mid-epoch: skip what this epoch already trained on (restored before loaders are built).
+            # Resumed mid-epoch: skip what this epoch already trained on, as Lightning's restored progress
+            # says when the epoch's iteration begins.
             sampler.set_epoch(trainer.current_epoch)
-            done = batches_done_this_epoch(trainer)
-            sampler.start = min(done * self.batch_size, sampler.num_samples)
+            sampler.resume_at = lambda: batches_done_this_epoch(trainer) * self.batch_size
             # Lightning cannot see that this loader resumes part-way, and would warn that it does not.
-            if sampler.start:
-                warnings.filterwarnings(
-                    "ignore", message="You're resuming from a checkpoint that ended before"
-                )
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
         return sampler
 
     def _loader(self, split: str, train: bool) -> DataLoader:

@@ -222,8 +222,32 @@ def check_against_checkpoint(
             "options are in the run's config.yaml), or train a new run without --ckpt_path"
         )
     check_trains_something(config, checkpoint.get("global_step", 0))
+    check_epochs_left(config, checkpoint)
     check_time_left(config, checkpoint)
     return []
+
+
+def epochs_trained(checkpoint: dict) -> int | None:
+    """Whole epochs a checkpoint has trained, however Lightning's counters stood when it was taken (in an
+    epoch, at its last batch, in the epoch-end hooks or after ``fit``): the epochs begun before the last
+    one, and the last one if its last batch is done."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop:
+        return None
+    started = loop["epoch_progress"]["total"]["started"]
+    return max(started - 1, 0) + int(bool(loop["epoch_loop.batch_progress"]["is_last_batch"]))
+
+
+def check_epochs_left(config, checkpoint: dict) -> None:
+    """Refuse to continue a run that has trained its ``trainer.max_epochs`` already: it would train nothing
+    (or, from a checkpoint of its last batch, a batch past the end)."""
+    max_epochs, done = config.trainer.get("max_epochs"), epochs_trained(checkpoint)
+    if max_epochs is not None and done is not None and 0 <= max_epochs <= done:
+        raise ConfigError(
+            f"the checkpoint {config.ckpt_path} has trained {done} epoch{'s' * (done != 1)} and "
+            f"trainer.max_epochs={max_epochs}: nothing to train. To continue it, pass --trainer.max_epochs "
+            f"larger than {done}"
+        )
 
 
 def check_time_left(config, checkpoint: dict) -> None:
