@@ -104,11 +104,22 @@ def mixed(groups: dict[str, list[RunLog]], final: bool = True) -> tuple[str, str
         hparams = {k for s in settings for k in s if "." not in k}
         recorded = [k for k in differ if "." not in k or not _repeated(k, hparams)] or list(differ)
         chosen = [k for k in recorded if not k.startswith("params/")] or recorded
-        reasons = [f"{k} ({', '.join(map(str, differ[k]))})" for k in chosen]
+        reasons = [f"{k} ({', '.join(map(_shown, differ[k]))})" for k in chosen]
         reasons += [f"seed {seed} twice" for seed in repeated]
         hint = next((k for k in chosen if not k.startswith("params/")), None)
         return f"the runs of {label} are not seeds of one configuration: {'; '.join(reasons)}", hint
     return None
+
+
+def _shown(value) -> str:
+    """A setting as an error names it: "" (a split not read from a file) as none, a SHA-256 by its first
+    12 digits, which tell files apart."""
+    if value == "":
+        return "none"
+    text = str(value)
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return text[:12] + "..."
+    return text
 
 
 def _repeated(option: str, hparams: set[str]) -> bool:

@@ -758,6 +758,11 @@ def test_compare_refuses_runs_that_differ_in_an_option_only_their_config_holds(t
         {"data.init_args.train_file": "train.txt"},
     )
     assert comparable.mixed({"tied": [a, b]}) is None
+    # text from a file against text that is not (a hash against none), the hash in a length one can read
+    digest = "0123456789abcdef" * 4
+    a.hparams["data/train_sha256"], b.hparams["data/train_sha256"] = digest, ""
+    reason, _ = comparable.mixed({"tied": [a, b]})
+    assert reason.endswith("configuration: data/train_sha256 (none, 0123456789ab...)")
     b.config["data.init_args.train_file"] = "/x/other.txt"
     assert comparable.mixed({"tied": [a, b]})[1] == "data.init_args.train_file"
 
