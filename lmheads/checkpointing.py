@@ -3,6 +3,7 @@ written when training is interrupted, and none of a diverged model."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -108,6 +109,56 @@ def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def check_validation_interval(val_check_interval, accumulate: int) -> None:
+    """Before anything is written: with gradient accumulation, a ``val_check_interval`` of batches (as
+    Lightning counts it) that is not a multiple of ``accumulate`` validates, and checkpoints, between the
+    batches of one optimizer step (see :func:`check_validations_end_steps`)."""
+    if accumulate > 1 and isinstance(val_check_interval, int) and val_check_interval % accumulate:
+        below = val_check_interval // accumulate * accumulate
+        closest = f"{below} or {below + accumulate}" if below else str(accumulate)
+        raise ConfigError(
+            f"val_check_interval={val_check_interval} counts training batches, and with "
+            f"accumulate_grad_batches={accumulate} an optimizer step takes {accumulate} of them: validations "
+            f"would fall between a step's batches, and a checkpoint taken there resumes without them. "
+            f"Give --trainer.val_check_interval a multiple of {accumulate} (e.g. {closest})"
+        )
+
+
+def check_validations_end_steps(trainer: L.Trainer) -> None:
+    """Once Lightning has sized the epoch: every validation must come at the end of an optimizer step.
+    Lightning counts ``val_check_interval`` in batches, and starts each epoch's gradient accumulation
+    afresh (an epoch ends with a shorter step where its batches do not divide): a validation between a
+    step's batches would log the step as done, and its checkpoint would resume without the gradients of
+    the batches already accumulated, which no checkpoint holds."""
+    accumulate, every, batches = (
+        trainer.accumulate_grad_batches,
+        trainer.val_check_batch,
+        trainer.num_training_batches,
+    )
+    if accumulate <= 1 or not trainer.enable_validation or every is None:
+        return
+    if not all(isinstance(n, int) for n in (every, batches)):  # an iterable without a length
+        return
+    across = trainer.check_val_every_n_epoch is None
+    period = every * batches // math.gcd(every, batches) if across else batches  # then it repeats
+    # a validation after a batch that is not its epoch's last nor ends a run of accumulated batches
+    within = (t % batches or batches for t in range(every, period + 1, every))
+    if not any(t != batches and t % accumulate for t in within):
+        return
+    multiple = f"give --trainer.val_check_interval as a number of batches, a multiple of {accumulate}"
+    if across and batches % accumulate:  # the steps start afresh at each epoch, off the count across them
+        advice = "count it within each epoch (--trainer.check_val_every_n_epoch=1)"
+        advice += f" and {multiple}" if every % accumulate else ""
+    else:
+        advice = multiple
+    raise ConfigError(
+        f"validation every {every} training batches ({'across epochs' if across else 'within each epoch'}) "
+        f"falls between the batches of an optimizer step (accumulate_grad_batches={accumulate}, {batches} "
+        "batches an epoch): it would log the step as done, and a checkpoint taken there resumes without "
+        f"the step's earlier batches. To validate at the end of steps, {advice}"
+    )
+
+
 class FiniteLoss(L.Callback):
     """Stops training at the first NaN or infinite training loss, and never lets a checkpoint of that
     state be written. The step is remembered on the device (no host synchronisation in a step) and
@@ -144,8 +195,9 @@ class FiniteLoss(L.Callback):
 
 
 class InterruptCheckpoint(L.Callback):
-    """Ctrl-C or SIGTERM during ``fit``: finish the current step, save ``interrupted.ckpt`` beside the
-    other checkpoints, and stop with exit status 130 (SIGINT) or 143 (SIGTERM).
+    """Ctrl-C or SIGTERM during ``fit``: finish the current step (with gradient accumulation, its
+    remaining batches too), save ``interrupted.ckpt`` beside the other checkpoints, and stop with exit
+    status 130 (SIGINT) or 143 (SIGTERM).
 
     A signal only marks the process; after each training step the processes agree (a maximum over a
     small gloo all-reduce, which never waits for the GPU) and all stop at that same step, whichever of
@@ -158,6 +210,7 @@ class InterruptCheckpoint(L.Callback):
         self._previous_handlers: dict[int, object] = {}
         self._group = None
         self.signal: int | None = None
+        self._step_before_batch = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here rather than in on_fit_start: Lightning installs its own SIGTERM handler in between.
@@ -178,14 +231,19 @@ class InterruptCheckpoint(L.Callback):
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, on_signal)
 
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        self._step_before_batch = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         received = self.signal or 0
         if self._group is not None:
             flag = torch.tensor([received], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
             received = int(flag)
-        if received:
-            self.signal = self.signal or received
+        self.signal = self.signal or received or None
+        # a batch that only accumulated gradients is not a step's end: its gradients are in no checkpoint,
+        # and the step resumed from one would be taken on the later batches alone
+        if self.signal and trainer.global_step != self._step_before_batch:
             stop_after_this_step(trainer)
 
     def _restore_handler(self) -> None:

@@ -19,7 +19,13 @@ from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lmheads.checkpointing import RunCheckpoint, atomic_checkpoints, check_compatible, read_checkpoint
+from lmheads.checkpointing import (
+    RunCheckpoint,
+    atomic_checkpoints,
+    check_compatible,
+    check_validation_interval,
+    read_checkpoint,
+)
 from lmheads.console import (
     batch_counts,
     check_config_files,
@@ -261,6 +267,9 @@ class LMHeadsCLI(LightningCLI):
             return
         config = self.config[self.subcommand]
         require_logger_packages(config)
+        if self.subcommand == "fit":
+            trainer = config.trainer
+            check_validation_interval(trainer.val_check_interval, trainer.accumulate_grad_batches or 1)
         if self.subcommand in ("validate", "test", "predict"):
             quiet_evaluation()
         ckpt = config.get("ckpt_path")

@@ -37,9 +37,24 @@ QUIET_MESSAGES = (
 ROUTINE_MESSAGES = ("Seed set to ", "GPU available: ", "TPU available: ", "HPU available: ")
 
 
+#: Lines said once however often Lightning repeats them: max_time's timer says its time is up after every
+#: batch until the step ends (lmheads stops there, not between a step's accumulated batches).
+ONCE_MESSAGES = ("Time limit reached.",)
+
+
 class _DropMessages(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._said: set[str] = set()
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(QUIET_MESSAGES + ROUTINE_MESSAGES)
+        message = str(record.msg)
+        once = next((m for m in ONCE_MESSAGES if message.startswith(m)), None)
+        if once is not None:
+            if once in self._said:
+                return False
+            self._said.add(once)
+        return not message.startswith(QUIET_MESSAGES + ROUTINE_MESSAGES)
 
 
 def quiet_lightning() -> None:

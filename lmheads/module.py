@@ -25,6 +25,7 @@ from lmheads.checkpointing import (
     FiniteLoss,
     InterruptCheckpoint,
     check_compatible,
+    check_validations_end_steps,
     restore_rng_state,
     rng_state,
 )
@@ -208,7 +209,13 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
     def on_fit_start(self) -> None:
         log_run_start(self, self.trainer)
 
+    def on_train_start(self) -> None:
+        check_validations_end_steps(self.trainer)
+        self._step_before_batch, self._stop_at_step_end = self.trainer.global_step, False
+        super().on_train_start()
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_before_batch = self.trainer.global_step
         align_logging_step(self.trainer)
         if self.head.on_train_step(self.global_step, self.schedule_steps(), self.backbone.wte):
             rank_zero_info(f"head {head_name(self.head)} changed its parameters at step {self.global_step}")
@@ -218,9 +225,17 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
         # The last step is validated even where val_check_interval does not divide the run, so that the
         # run's metrics, results.json and best checkpoint are of the weights it ends with.
         trainer = self.trainer
+        if trainer.global_step == self._step_before_batch:
+            # a batch that only accumulated gradients: a stop asked for here (max_time's) waits for the end
+            # of the step, as a validation and a checkpoint here would hold half a step
+            self._stop_at_step_end = self._stop_at_step_end or trainer.should_stop
+            trainer.should_stop = False
+            return
         last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
-        if 0 <= trainer.max_steps <= trainer.global_step or (
-            last_epoch and batch_idx + 1 >= trainer.num_training_batches
+        if (
+            self._stop_at_step_end
+            or 0 <= trainer.max_steps <= trainer.global_step
+            or (last_epoch and batch_idx + 1 >= trainer.num_training_batches)
         ):
             validate_and_stop_after_this_step(trainer)
 

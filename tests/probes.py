@@ -15,14 +15,30 @@ from lmheads.heads import head_name
 
 
 class SignalAt(L.Callback):
-    """Sends a signal to this process after the given optimizer step (on every rank, or on one)."""
+    """Sends a signal to this process after the given optimizer step (on every rank, or on one); or, with
+    ``batch``, after that batch of the first epoch, which may be one that only accumulates gradients."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGINT), rank: int | None = None) -> None:
-        self.step, self.signum, self.rank = step, signum, rank
+    def __init__(
+        self, step: int = -1, signum: int = int(signal.SIGINT), rank: int | None = None, batch: int = -1
+    ) -> None:
+        self.step, self.signum, self.rank, self.batch = step, signum, rank, batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+        at_batch = batch_idx == self.batch and trainer.current_epoch == 0
+        if (at_batch or trainer.global_step == self.step) and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
+
+
+class StopAfterBatch(L.Callback):
+    """Asks the trainer to stop after the given batch of the first epoch, as ``max_time``'s timer does
+    after whichever batch its time runs out (``trainer.should_stop``)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch and trainer.current_epoch == 0:
+            trainer.should_stop = True
 
 
 class WaitForSignal(L.Callback):

@@ -324,6 +324,16 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             ["--trainer.logger+=CSVLogger"],
             "error: CSVLogger in --trainer.logger needs save_dir: give it in the class's init_args",
         ),
+        (["--trainer.accumulate_grad_batches=2"], "error: val_check_interval=3 counts training batches, and"),
+        (
+            [
+                "--trainer.accumulate_grad_batches=2",
+                "--trainer.check_val_every_n_epoch=null",
+                "--trainer.val_check_interval=4",
+                "--data.init_args.train_tokens=10240",
+            ],  # 5 batches an epoch
+            "error: validation every 4 training batches (across epochs) falls between the batches of an",
+        ),
         (
             ["--trainer.val_check_interval=1000"],
             "`val_check_interval` (1000) must be less than or equal to the number of the training batches",

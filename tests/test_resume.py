@@ -12,11 +12,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lmheads import runlog
+from lmheads.checkpointing import check_validations_end_steps
 from lmheads.errors import ConfigError
 from lmheads.heads import UntiedHead
 from lmheads.module import LMHeadModule
@@ -120,6 +122,53 @@ def test_an_epoch_based_run_resumed_mid_epoch_is_exact(tmp_path):
         assert torch.equal(a, b), name
     for tag in ("train/loss", "val/loss"):
         assert scalars(only_run(tmp_path / "a"))[tag] == scalars(only_run(tmp_path / "b"))[tag], tag
+
+
+def test_a_stop_between_the_batches_of_an_accumulated_step_waits_for_its_end(tmp_path):
+    """Ctrl-C, or a stop asked for (max_time's), after a batch that only accumulated gradients (which no
+    checkpoint holds) takes effect after the step's remaining batch: resuming then reproduces the
+    uninterrupted run, and the run's last validation and checkpoint are of whole steps."""
+    accumulate = ["--trainer.accumulate_grad_batches=2", DROPOUT]
+    straight = fit(tmp_path / "a", *accumulate, every=4).model
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "b", *accumulate, "--trainer.callbacks+=tests.probes.SignalAt",
+            "--trainer.callbacks.batch=6", every=4)  # fmt: skip  # the first batch of step 4
+    ckpt = only_run(tmp_path / "b") / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4
+    resumed = fit(tmp_path / "b", *accumulate, f"--ckpt_path={ckpt}", every=4).model
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    stopped = fit(tmp_path / "c", *accumulate, "--trainer.callbacks+=tests.probes.StopAfterBatch",
+                  "--trainer.callbacks.batch=4", every=4)  # fmt: skip  # the first batch of step 3
+    assert stopped.trainer.global_step == 3
+    last = torch.load(only_run(tmp_path / "c") / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 6
+    assert [s for s, _ in scalars(only_run(tmp_path / "c"))["val/loss"]] == [1, 2]  # steps 2 and 3, ended
+
+
+@pytest.mark.parametrize(
+    ("every", "batches", "across", "refused"),
+    [
+        (4, 32, False, False),
+        (3, 32, False, True),  # within each epoch: a multiple of the accumulation, or the epoch's end
+        (5, 5, False, False),
+        (4, 32, True, False),
+        (4, 5, True, True),  # across epochs: an epoch of 5 batches ends with a step of one, and batch 8
+        (10, 5, True, False),  # of the count is the first of epoch 2's second step; whole epochs are fine
+    ],
+)
+def test_validations_come_at_the_end_of_steps(every, batches, across, refused):
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=2, val_check_batch=every, num_training_batches=batches,
+        enable_validation=True, check_val_every_n_epoch=None if across else 1,
+    )  # fmt: skip
+    if refused:
+        with pytest.raises(ConfigError, match="falls between the batches of an optimizer step"):
+            check_validations_end_steps(trainer)
+    else:
+        check_validations_end_steps(trainer)
+    check_validations_end_steps(SimpleNamespace(**{**vars(trainer), "accumulate_grad_batches": 1}))
 
 
 def test_sigterm_saves_and_exits_143(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 
-from lmheads import comparable, runlog
+from lmheads import comparable, console, runlog
 from lmheads.errors import ConfigError
 from lmheads.heads import head_name, registered_heads
 from lmheads.run.claim import RunFolder
@@ -239,7 +240,7 @@ def test_a_run_continues_with_the_batch_and_precision_it_trained_with(finished_r
     last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     capsys.readouterr()
     err = refused(
-        capsys, "fit", *quick_args(tmp_path, steps=8), last, "--trainer.accumulate_grad_batches=2",
+        capsys, "fit", *quick_args(tmp_path, steps=8, every=4), last, "--trainer.accumulate_grad_batches=2",
         "--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=0.5", "--seed_everything=3",
     )  # fmt: skip
     assert (
@@ -710,6 +711,18 @@ def test_a_run_prints_nothing_a_user_cannot_act_on(tmp_path):
     bar = resumed.stdout.replace("\r", "\n") + resumed.stderr.replace("\r", "\n")
     assert "8/8 [" in bar and "4/8 [" in bar  # from where it stood to max_steps
     assert "step 9/12 " in interrupted.stdout and "step 8/12 " not in interrupted.stdout
+
+
+def test_the_time_limit_is_said_once():
+    """max_time's timer says its time is up after every batch until the step ends; once is enough."""
+    drop = console._DropMessages()
+
+    def said(message: str) -> bool:
+        return drop.filter(logging.LogRecord("lightning", logging.INFO, "", 0, message, None, None))
+
+    notices = [f"Time limit reached. Elapsed time is 0:00:0{s}. Signaling Trainer to stop." for s in (8, 9)]
+    assert [said(notice) for notice in notices] == [True, False]
+    assert said("`Trainer.fit` stopped: `max_steps=6` reached.") and not said("💡 Tip: ...")
 
 
 def test_a_users_own_checkpoint_callback_is_honoured(tmp_path):
