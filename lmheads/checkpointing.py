@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
 from lmheads.heads import head_name
-from lmheads.lightning_internals import stop_after_this_step
+from lmheads.lightning_internals import requeue_signal, stop_after_this_step
 
 #: Where lmheads keeps the random state in a checkpoint (tensors and plain types: weights_only loads it).
 RNG_KEY = "lmheads_rng"
@@ -204,6 +204,8 @@ class InterruptCheckpoint(L.Callback):
     them received it: one rank (``kill`` of one process), all of them (Ctrl-C in a terminal, SLURM,
     torchrun), or several at slightly different times. A second Ctrl-C interrupts at once. The
     checkpoint is taken between steps, so resuming from it continues exactly where training stopped.
+    The signal of Lightning's SLURM auto-requeue is held likewise: its handler, which saves
+    ``hpc_ckpt_N.ckpt`` and requeues the job, runs at the end of the step, on every process at once.
     """
 
     def __init__(self) -> None:
@@ -211,6 +213,9 @@ class InterruptCheckpoint(L.Callback):
         self._group = None
         self.signal: int | None = None
         self._step_before_batch = 0
+        self._installed: dict[int, object] = {}
+        self._requeue: int | None = None  # the signal of Lightning's SLURM auto-requeue, if on
+        self._requeue_asked = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here rather than in on_fit_start: Lightning installs its own SIGTERM handler in between.
@@ -227,30 +232,45 @@ class InterruptCheckpoint(L.Callback):
             if signum == signal.SIGINT:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        handlers = {signal.SIGINT: on_signal, signal.SIGTERM: on_signal}
+        # Lightning's auto-requeue saves its checkpoint wherever its signal lands; it runs at a step's end
+        self._requeue = requeue_signal(trainer)
+        if self._requeue is not None and callable(signal.getsignal(self._requeue)):
+            handlers[self._requeue] = lambda signum, frame: setattr(self, "_requeue_asked", True)
+        for signum, handler in handlers.items():
             self._previous_handlers[signum] = signal.getsignal(signum)
-            signal.signal(signum, on_signal)
+            signal.signal(signum, handler)
+        self._installed = handlers
 
     def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
         self._step_before_batch = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        received = self.signal or 0
+        received, requeue = self.signal or 0, int(self._requeue_asked)
         if self._group is not None:
-            flag = torch.tensor([received], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-            received = int(flag)
+            flags = torch.tensor([received, requeue], dtype=torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+            received, requeue = (int(f) for f in flags)
         self.signal = self.signal or received or None
         # a batch that only accumulated gradients is not a step's end: its gradients are in no checkpoint,
         # and the step resumed from one would be taken on the later batches alone
-        if self.signal and trainer.global_step != self._step_before_batch:
+        if trainer.global_step == self._step_before_batch:
+            self._requeue_asked = bool(requeue)
+            return
+        if requeue:  # every process at once: Lightning's handler saves (all of them) and requeues (rank 0)
+            self._requeue_asked = False
+            self._previous_handlers[self._requeue](self._requeue, None)
+        if self.signal:
             stop_after_this_step(trainer)
 
     def _restore_handler(self) -> None:
+        # only where this callback's handler is still there: at the end of a fit Lightning has already put
+        # back the handlers it found, and those it replaced them with belong to a trainer that is done
         if threading.current_thread() is threading.main_thread():
             for signum, handler in self._previous_handlers.items():
-                signal.signal(signum, handler)
-        self._previous_handlers = {}
+                if signal.getsignal(signum) is self._installed.get(signum):
+                    signal.signal(signum, handler)
+        self._previous_handlers, self._installed = {}, {}
         if self._group is not None:
             dist.destroy_process_group(self._group)
             self._group = None

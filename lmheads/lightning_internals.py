@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 
 def batches_done_this_epoch(trainer: L.Trainer) -> int:
@@ -71,3 +72,13 @@ def align_logging_step(trainer: L.Trainer) -> None:
     loop = trainer.fit_loop.epoch_loop
     if loop._batches_that_stepped != trainer.global_step:
         loop._batches_that_stepped = trainer.global_step
+
+
+def requeue_signal(trainer: L.Trainer) -> int | None:
+    """The signal on which Lightning's SLURM auto-requeue saves a checkpoint and requeues the job (``None``
+    where it is off). Its handler, installed when ``fit`` starts, saves wherever the signal lands: inside
+    a step, which a resume would take again from other random numbers or half done."""
+    environment = trainer._accelerator_connector.cluster_environment
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        return int(environment.requeue_signal)
+    return None

@@ -82,6 +82,11 @@ def two_loggers(folder: Path, version: str | None = None) -> str:
     return str(path)
 
 
+#: The environment of one SLURM task (srun), as Lightning detects it: its auto-requeue handler on SIGUSR1.
+SLURM = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+         "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+
+
 def quick_args(save_dir: Path, steps: int = 6, every: int = 3) -> list[str]:
     """The quickstart shrunk to a few steps and a small validation set."""
     return [

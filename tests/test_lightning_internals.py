@@ -3,6 +3,8 @@ the attribute that moved, when a Lightning release changes them."""
 
 from __future__ import annotations
 
+import signal
+
 import lightning as L
 import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -10,9 +12,12 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lmheads.lightning_internals import (
     align_logging_step,
     batches_done_this_epoch,
+    requeue_signal,
     stop_after_this_step,
     validate_and_stop_after_this_step,
 )
+
+from .helpers import SLURM
 
 
 def test_the_internals_exist_on_a_trainer():
@@ -48,3 +53,25 @@ def test_a_step_asked_to_stop_at_is_validated(asked):
     )  # fmt: skip
     trainer.fit(Counted())
     assert validated_at == ([3, 5] if asked else [3])
+
+
+def test_the_signal_of_slurms_auto_requeue_has_lightnings_handler_when_training_starts(monkeypatch):
+    quiet = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    assert requeue_signal(L.Trainer(**quiet)) is None
+    for name, value in SLURM.items():
+        monkeypatch.setenv(name, value)
+    handled = []
+
+    class Seen(BoringModel):
+        def on_train_start(self):
+            handled.append(callable(signal.getsignal(requeue_signal(self.trainer))))
+
+    trainer = L.Trainer(**quiet, max_steps=1, limit_val_batches=0, enable_checkpointing=False)
+    assert requeue_signal(trainer) == signal.SIGUSR1
+    trainer.fit(Seen())
+    assert handled == [True]

@@ -24,7 +24,7 @@ from lmheads.heads import UntiedHead
 from lmheads.module import LMHeadModule
 from lmheads.optim import WarmupCosine
 
-from .helpers import ROOT, fit, main, only_run, quick_args, run_lmheads, scalars, tool
+from .helpers import ROOT, SLURM, fit, main, only_run, quick_args, run_lmheads, scalars, tool
 
 DROPOUT = "--model.backbone.dropout=0.1"  # so the random stream matters too
 
@@ -145,6 +145,28 @@ def test_a_stop_between_the_batches_of_an_accumulated_step_waits_for_its_end(tmp
     last = torch.load(only_run(tmp_path / "c") / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 6
     assert [s for s, _ in scalars(only_run(tmp_path / "c"))["val/loss"]] == [1, 2]  # steps 2 and 3, ended
+
+
+def test_a_slurm_requeue_checkpoint_is_of_a_whole_step(tmp_path, monkeypatch):
+    """Lightning's SLURM auto-requeue saves a checkpoint on SIGUSR1 wherever it lands; lmheads holds it to
+    the step's end, so the job requeued after the kill continues exactly. (Here the requeue itself fails,
+    as there is no scontrol; the kill comes a step later.)"""
+    accumulate = ["--trainer.accumulate_grad_batches=2", DROPOUT]
+    straight = fit(tmp_path / "a", *accumulate, every=4).model
+    for name, value in SLURM.items():
+        monkeypatch.setenv(name, value)
+    requeued = [f"--trainer.callbacks.signum={int(signal.SIGUSR1)}", "--trainer.callbacks.batch=6"]
+    killed = ["--trainer.callbacks+=tests.probes.ExitAt", "--trainer.callbacks.step=5"]
+    args = [*quick_args(tmp_path / "b"), *accumulate, "--trainer.val_check_interval=4"]
+    done = run_lmheads(
+        "fit", *args, "--trainer.callbacks+=tests.probes.SignalAt", *requeued, *killed, cwd=tmp_path
+    )
+    assert done.returncode == 137, done.stderr[-2000:]
+    ckpt = only_run(tmp_path / "b") / "hpc_ckpt_1.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4  # SIGUSR1 in step 4
+    resumed = fit(tmp_path / "b", *accumulate, f"--ckpt_path={ckpt}", every=4).model
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from . import external_heads
 from .helpers import (
     QUICKSTART,
     ROOT,
+    SLURM,
     fit,
     held_elsewhere,
     main,
@@ -827,10 +829,7 @@ def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_pa
 @pytest.fixture
 def slurm(tmp_path, monkeypatch):
     """This process as one task of a SLURM job, with an ``scontrol`` that records what it is asked."""
-    for key, value in {
-        "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
-        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-    }.items():  # fmt: skip
+    for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -839,6 +838,16 @@ def slurm(tmp_path, monkeypatch):
     scontrol.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return tmp_path / "scontrol.log"
+
+
+def test_a_fit_leaves_the_signal_handlers_as_it_found_them(tmp_path, slurm):
+    """Lightning puts back the handlers it found before lmheads' interruption callback ends; that one
+    must not then reinstate those of the finished trainer (a later fit's requeue checkpoint would go to
+    the earlier run's folder)."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    before = [signal.getsignal(s) for s in signals]
+    fit(tmp_path, steps=2, every=2)
+    assert [signal.getsignal(s) for s in signals] == before
 
 
 def test_on_slurm_no_command_starts_from_a_requeue_checkpoint_it_was_not_given(tmp_path, slurm, capsys):
