@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -89,6 +90,7 @@ class RunSummary(L.Callback):
             "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
             "validated_at": validated_at,  # the step of the metrics
             "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},
+            "stopped_early": stopped_early(trainer),
         }
         Path(folder, RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         shown = [k for k in ("val/loss", "val/ppl", "val/bpb", "val/excess_loss") if k in results["metrics"]]
@@ -102,6 +104,11 @@ class RunSummary(L.Callback):
                 if self._stale(trainer, shown, validated_at)
                 else []
             ),
+            *(
+                [f"  stopped before max_steps: {results['stopped_early']}"]
+                if results["stopped_early"]
+                else []
+            ),
             f"  best checkpoint: {results['best_checkpoint'] or 'none'}",
             f"  last checkpoint: {results['last_checkpoint'] or 'none'}",
         ]
@@ -112,6 +119,19 @@ class RunSummary(L.Callback):
         """Whether the metrics shown are of an earlier step than the run's last (validation every n
         epochs, where the last epoch is not one of them; a continuation that trained nothing)."""
         return bool(shown) and validated_at is not None and validated_at != trainer.global_step
+
+
+def stopped_early(trainer: L.Trainer) -> str | None:
+    """Why ``fit`` ended before ``max_steps``, where a callback ended it: early stopping (its reason) or
+    ``max_time``; ``None`` for a run that trained its steps, or that its epochs ended."""
+    if not 0 < trainer.global_step < trainer.max_steps:
+        return None
+    for callback in trainer.early_stopping_callbacks:
+        if callback.stopping_reason_message:
+            return callback.stopping_reason_message.removesuffix(" Signaling Trainer to stop.")
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining() if timer is not None else None
+    return "max_time reached" if remaining is not None and remaining <= 0 else None
 
 
 def record_evaluation(folder: Path, ckpt: str | Path, step: int, other_data: list[str]) -> None:
