@@ -222,8 +222,6 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
             self.forget_moments(self.head.parameters())  # they describe the old parameters
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # The last step is validated even where val_check_interval does not divide the run, so that the
-        # run's metrics, results.json and best checkpoint are of the weights it ends with.
         trainer = self.trainer
         if trainer.global_step == self._step_before_batch:
             # a batch that only accumulated gradients: a stop asked for here (max_time's) waits for the end
@@ -231,6 +229,8 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
             self._stop_at_step_end = self._stop_at_step_end or trainer.should_stop
             trainer.should_stop = False
             return
+        # The last step is validated even where val_check_interval does not divide the run, so that the
+        # run's metrics, results.json and best checkpoint are of the weights it ends with.
         last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
         if (
             self._stop_at_step_end

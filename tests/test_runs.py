@@ -727,18 +727,23 @@ def test_the_time_limit_is_said_once():
     assert said("`Trainer.fit` stopped: `max_steps=6` reached.") and not said("💡 Tip: ...")
 
 
-def test_a_run_stopped_before_max_steps_says_why(tmp_path, capsys):
-    """Early stopping ends a run at fewer steps than it asked for: its summary and results.json say why
-    (Lightning's early stopping says nothing unless verbose); a run that trained its steps says nothing."""
+def test_a_run_stopped_early_says_why(tmp_path, capsys):
+    """Early stopping ends a run at fewer steps (or epochs) than it asked for: its summary and results.json
+    say why (Lightning's early stopping says nothing unless verbose); a run that trained them says nothing."""
     stop = ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/loss"]
     stop += ["--trainer.callbacks.patience=1", "--trainer.callbacks.min_delta=10"]
     fit(tmp_path / "a", *stop, steps=8, every=2)
     results = json.loads((only_run(tmp_path / "a") / "results.json").read_text())
     assert results["step"] == 4 and results["stopped_early"].startswith("Monitored metric val/loss did not")
-    assert f"  stopped before max_steps: {results['stopped_early']}\n" in capsys.readouterr().out
-    fit(tmp_path / "b", steps=2, every=2)
-    assert json.loads((only_run(tmp_path / "b") / "results.json").read_text())["stopped_early"] is None
-    assert "stopped before" not in capsys.readouterr().out
+    assert f"  stopped early: {results['stopped_early']}\n" in capsys.readouterr().out
+    epochs = ["--trainer.max_steps=-1", "--trainer.max_epochs=3", "--data.init_args.train_tokens=16384"]
+    fit(tmp_path / "b", *stop, *epochs, every=8)  # 8 batches an epoch, validated at its end
+    results = json.loads((only_run(tmp_path / "b") / "results.json").read_text())
+    assert results["step"] == 16 and results["stopped_early"].startswith("Monitored metric val/loss did not")
+    capsys.readouterr()
+    fit(tmp_path / "c", steps=2, every=2)
+    assert json.loads((only_run(tmp_path / "c") / "results.json").read_text())["stopped_early"] is None
+    assert "stopped early" not in capsys.readouterr().out
 
 
 def test_a_users_own_checkpoint_callback_is_honoured(tmp_path):

@@ -104,11 +104,7 @@ class RunSummary(L.Callback):
                 if self._stale(trainer, shown, validated_at)
                 else []
             ),
-            *(
-                [f"  stopped before max_steps: {results['stopped_early']}"]
-                if results["stopped_early"]
-                else []
-            ),
+            *([f"  stopped early: {results['stopped_early']}"] if results["stopped_early"] else []),
             f"  best checkpoint: {results['best_checkpoint'] or 'none'}",
             f"  last checkpoint: {results['last_checkpoint'] or 'none'}",
         ]
@@ -122,9 +118,13 @@ class RunSummary(L.Callback):
 
 
 def stopped_early(trainer: L.Trainer) -> str | None:
-    """Why ``fit`` ended before ``max_steps``, where a callback ended it: early stopping (its reason) or
-    ``max_time``; ``None`` for a run that trained its steps, or that its epochs ended."""
-    if not 0 < trainer.global_step < trainer.max_steps:
+    """Why ``fit`` ended before ``max_steps`` (or, without them, ``max_epochs``) where a callback ended it:
+    early stopping (its reason) or ``max_time``; ``None`` for a run that trained what it asked for."""
+    if trainer.max_steps > 0:
+        short = 0 < trainer.global_step < trainer.max_steps
+    else:  # the epoch counter has moved past every epoch finished
+        short = trainer.max_epochs is not None and trainer.current_epoch < trainer.max_epochs
+    if not short:
         return None
     for callback in trainer.early_stopping_callbacks:
         if callback.stopping_reason_message:
