@@ -81,10 +81,6 @@ def evaluate(
 
     with tempfile.TemporaryDirectory(prefix="lmheads-tasks-") as tasks_dir:
         if LOCAL_TASK in tasks:
-            if text is None:
-                raise ConfigError(
-                    f"task {LOCAL_TASK} needs a text file: give --text, or a run trained on files"
-                )
             (Path(tasks_dir) / f"{LOCAL_TASK}.yaml").write_text(_task_yaml(text))
             (Path(tasks_dir) / "words.py").write_text(_PROCESS_RESULTS)
         manager = TaskManager(include_path=tasks_dir, verbosity="ERROR")
@@ -163,6 +159,11 @@ def main(argv: list[str]) -> None:
         raise ConfigError("lm-eval scores text, and this model's data has none (the synthetic language)")
     test_file = (checkpoint.get("datamodule_hyper_parameters") or {}).get("test_file")
     text = args.text or (Path(test_file) if test_file else None)
+    if LOCAL_TASK in args.tasks and text is None:
+        raise ConfigError(
+            f"task {LOCAL_TASK} scores a text file, and this run's data has no test_file: give --text FILE "
+            "(held-out text), or other --tasks"
+        )
     folder = args.out or run / free_name(run, f"{HARNESS}/{ckpt.stem}")
     claim = RunFolder(folder.resolve())
     claim.claim()

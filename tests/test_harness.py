@@ -93,11 +93,17 @@ def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys, m
     from lmheads.errors import ConfigError
 
     _, run = word_run
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state["datamodule_hyper_parameters"]["test_file"] = None  # a run trained on a file, tested on none
+    torch.save(state, run / "checkpoints" / "no-test.ckpt")
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     with pytest.raises(SystemExit) as stop:
         lmheads(["harness", str(run), "--tasks", "no_such_task"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("error:") == 1 and "lm-eval knows no task no_such_task" in err
+    with pytest.raises(ConfigError, match="this run's data has no test_file: give --text FILE"):
+        main([str(run / "checkpoints" / "no-test.ckpt")])
+    assert "GPT2LMHeadModel" not in capsys.readouterr().out  # refused before the export
     with pytest.raises(ConfigError, match="exists; give a new folder"):
         main([str(run), "--out", str(run)])
     with pytest.raises(ConfigError, match=r"is not an lmheads checkpoint|not a checkpoint of a run"):
