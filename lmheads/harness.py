@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lmheads.data.tokenizers import CharTokenizer
 from lmheads.errors import ConfigError, require
 
 #: lmheads' offline task: a local text file as one document.
@@ -70,9 +71,11 @@ def evaluate(
     batch_size: int = 1,
     limit: int | None = None,
     device: str = "cpu",
+    prefix_token_id: int | None = None,
 ) -> dict:
     """lm-eval's ``simple_evaluate`` of the HF model in ``model_dir`` on ``tasks`` (``lmheads_wikitext2``
-    over the file ``text``) on ``device``; its results dict."""
+    over the file ``text``) on ``device``, with ``prefix_token_id`` (:func:`document_start`) before each
+    document where given; its results dict."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # a command's output is lines
     from datasets.exceptions import DatasetNotFoundError
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -90,7 +93,11 @@ def evaluate(
         try:
             return simple_evaluate(
                 model="hf",
-                model_args={"pretrained": str(model_dir), "dtype": "float32"},
+                model_args={
+                    "pretrained": str(model_dir),
+                    "dtype": "float32",
+                    **({"prefix_token_id": prefix_token_id} if prefix_token_id is not None else {}),
+                },
                 tasks=tasks,
                 batch_size=batch_size,
                 limit=limit,
@@ -104,6 +111,20 @@ def evaluate(
                 f"lm-eval could not load the data of {', '.join(tasks)} ({said}): run where the Hub is "
                 f"reachable or with the dataset in the HF cache; {LOCAL_TASK} scores a local file offline"
             ) from None
+
+
+def document_start(tokenizer) -> int | None:
+    """The token lm-eval conditions a document's first token on, where the exported tokenizer has no
+    end-of-text token for it: for characters, a line break, which ends the line before any line of a text
+    file (``None`` for the other tokenizers, whose ``<eos>`` or ``<bos>`` lm-eval finds)."""
+    if not isinstance(tokenizer, CharTokenizer):
+        return None
+    if "\n" not in tokenizer.stoi:
+        raise ConfigError(
+            "lm-eval starts each document after an end-of-text token, and this run's characters hold none "
+            "(nor a line break) to stand for it"
+        )
+    return tokenizer.stoi["\n"]
 
 
 def metrics(results: dict) -> dict[str, float]:
@@ -159,6 +180,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError("lm-eval scores text, and this model's data has none (the synthetic language)")
     test_file = (checkpoint.get("datamodule_hyper_parameters") or {}).get("test_file")
     text = args.text or (Path(test_file) if test_file else None)
+    start = document_start(tokenizer)
     if LOCAL_TASK in args.tasks and text is None:
         raise ConfigError(
             f"task {LOCAL_TASK} scores a text file, and this run's data has no test_file: give --text FILE "
@@ -172,7 +194,9 @@ def main(argv: list[str]) -> None:
             for line in export_hf(model, Path(tmp) / "model", tokenizer):
                 print(line)
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            results = evaluate(Path(tmp) / "model", args.tasks, text, args.batch_size, args.limit, device)
+            results = evaluate(
+                Path(tmp) / "model", args.tasks, text, args.batch_size, args.limit, device, start
+            )
         found = metrics(results)
         record = {"tasks": args.tasks, "text": str(text) if text else None, "limit": args.limit,
                   "device": device, "metrics": found, "lm_eval": results.get("versions", {})}  # fmt: skip

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-from lmheads.harness import main
+from lmheads.harness import document_start, main
 from lmheads.runlog import find_runs, load_run
 
 from .helpers import fit, only_run, scalars, tool
@@ -72,6 +72,35 @@ def test_a_run_is_scored_by_lm_eval_and_its_bits_per_byte_agree_with_lmheads(wor
     assert "lm-eval lmheads_wikitext2 bits_per_byte" in table and f"{bpb:.4f}" in table
     main([str(run), "--limit", "1"])  # again (one document is enough): numbered, the first kept
     assert sorted(p.name for p in (run / "harness").iterdir()) == ["last", "last-2"]
+
+
+def test_a_character_run_is_scored_after_a_line_break(tmp_path):
+    """The character tokenizer has no end-of-text token for lm-eval to start a document after (it failed
+    on one); a line break stands for it, and the score agrees with lmheads' test as for words."""
+    text = "".join(f"line {i}: the {i % 7} cats sat on {i % 11} mats\n" for i in range(400))
+    for name, part in (("train.txt", text[:12000]), ("test.txt", text[12000:])):
+        (tmp_path / name).write_text(part)
+    data = ["--data=lmheads.data.TextDataModule", "--data.tokenizer=char", "--data.batch_size=4",
+            f"--data.train_file={tmp_path / 'train.txt'}", f"--data.test_file={tmp_path / 'test.txt'}",
+            "--model.backbone.block_size=64"]  # fmt: skip
+    fit(tmp_path, *data, steps=4, every=2)
+    run = only_run(tmp_path)
+    lmheads(
+        ["test", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+    )
+    main([str(run)])
+    record = json.loads((run / "harness" / "last" / "results.json").read_text())
+    own = scalars(run / "test" / "last")["test/bpb"][-1][1]
+    assert record["metrics"]["lmheads_wikitext2 bits_per_byte"] == pytest.approx(own, rel=0.01)
+
+
+def test_a_document_starts_after_an_end_of_text_token_or_a_line_break():
+    from lmheads.data.tokenizers import ByteTokenizer, CharTokenizer
+    from lmheads.errors import ConfigError
+
+    assert document_start(CharTokenizer(["\n", "a", "b"])) == 1 and document_start(ByteTokenizer()) is None
+    with pytest.raises(ConfigError, match="this run's characters hold none"):
+        document_start(CharTokenizer(["a", "b"]))
 
 
 @pytest.mark.gpu
