@@ -109,10 +109,13 @@ def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def check_validation_interval(val_check_interval, accumulate: int) -> None:
+def check_validation_interval(val_check_interval, accumulate: int, limit_val_batches=None) -> None:
     """Before anything is written: with gradient accumulation, a ``val_check_interval`` of batches (as
     Lightning counts it) that is not a multiple of ``accumulate`` validates, and checkpoints, between the
-    batches of one optimizer step (see :func:`check_validations_end_steps`)."""
+    batches of one optimizer step (see :func:`check_validations_end_steps`); without validation
+    (``limit_val_batches`` 0) it never does."""
+    if limit_val_batches == 0:
+        return
     if accumulate > 1 and isinstance(val_check_interval, int) and val_check_interval % accumulate:
         below = val_check_interval // accumulate * accumulate
         closest = f"{below} or {below + accumulate}" if below else str(accumulate)

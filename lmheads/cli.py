@@ -269,7 +269,8 @@ class LMHeadsCLI(LightningCLI):
         require_logger_packages(config)
         if self.subcommand == "fit":
             trainer = config.trainer
-            check_validation_interval(trainer.val_check_interval, trainer.accumulate_grad_batches or 1)
+            accumulate = trainer.accumulate_grad_batches or 1
+            check_validation_interval(trainer.val_check_interval, accumulate, trainer.limit_val_batches)
         if self.subcommand in ("validate", "test", "predict"):
             quiet_evaluation()
         ckpt = config.get("ckpt_path")

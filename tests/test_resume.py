@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lmheads import runlog
-from lmheads.checkpointing import check_validations_end_steps
+from lmheads.checkpointing import check_validation_interval, check_validations_end_steps
 from lmheads.errors import ConfigError
 from lmheads.heads import UntiedHead
 from lmheads.module import LMHeadModule
@@ -191,6 +191,15 @@ def test_validations_come_at_the_end_of_steps(every, batches, across, refused):
     else:
         check_validations_end_steps(trainer)
     check_validations_end_steps(SimpleNamespace(**{**vars(trainer), "accumulate_grad_batches": 1}))
+
+
+def test_an_interval_off_the_steps_is_refused_only_where_something_validates():
+    with pytest.raises(
+        ConfigError, match=r"Give --trainer.val_check_interval a multiple of 2 \(e.g. 2 or 4\)"
+    ):
+        check_validation_interval(3, 2)
+    for fine in ((4, 2), (3, 1), (1.0, 2), (3, 2, 0), (3, 2, 0.0)):  # (interval, accumulation, val batches)
+        check_validation_interval(*fine)
 
 
 def test_sigterm_saves_and_exits_143(tmp_path, capsys):
