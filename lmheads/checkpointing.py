@@ -30,13 +30,14 @@ RNG_KEY = "lmheads_rng"
 TOKEN_BUCKET_KEY = "lmheads_token_bucket"
 
 
-def read_checkpoint(path: str | None) -> dict | None:
+def read_checkpoint(path: str | None, given_as: str = "--ckpt_path") -> dict | None:
     """The checkpoint at ``path``, memory-mapped, or a one-line error when it is missing or unreadable,
-    before Lightning opens it (``None`` for no path or Lightning's ``last``/``best``/... keywords)."""
+    before Lightning opens it (``None`` for no path or Lightning's ``last``/``best``/... keywords).
+    ``given_as`` names where the user gave the path, for the error."""
     if path is None or path in ("last", "best", "hpc", "registry"):
         return None
     if not Path(path).is_file():
-        raise ConfigError(f"checkpoint {path!r} does not exist; check --ckpt_path")
+        raise ConfigError(f"checkpoint {path!r} does not exist; check {given_as}")
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as err:

@@ -180,6 +180,11 @@ def init_from_gpt2(model, folder: str | Path) -> str:
     from transformers import GPT2LMHeadModel
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"model.init_from {str(folder)!r} is not a folder; give a GPT-2 model's folder "
+            "(save_pretrained's)"
+        )
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as err:
@@ -320,9 +325,20 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder's ``checkpoints/last.ckpt``."""
+    """A checkpoint file, or a run folder's ``checkpoints/last.ckpt``; one line where there is neither."""
     path = Path(path)
-    return path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if not path.is_dir():
+        if not path.is_file():
+            raise ConfigError(
+                f"checkpoint {str(path)!r} does not exist; give a checkpoint file or a run folder"
+            )
+        return path
+    last = path / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(
+            f"{str(path)!r} holds no checkpoints/last.ckpt; give one of its checkpoint files, or a run folder"
+        )
+    return last
 
 
 def from_checkpoint(path: str | Path):
@@ -333,7 +349,7 @@ def from_checkpoint(path: str | Path):
     from lmheads.module import LMHeadModule
 
     path = checkpoint_file(path)
-    checkpoint = read_checkpoint(str(path))  # one line for a missing or unreadable file
+    checkpoint = read_checkpoint(str(path))  # one line for an unreadable file
     hparams = checkpoint.get("hyper_parameters") or {}
     if "head" not in hparams or "backbone" not in hparams:
         raise ConfigError(

@@ -196,6 +196,27 @@ def test_the_export_command_writes_a_folder_transformers_loads_alone(tmp_path):
     assert not (tmp_path / "hf2").exists()
 
 
+def test_a_missing_checkpoint_or_model_folder_is_one_line_that_names_it(tmp_path):
+    """export and harness take a checkpoint or a run folder; init_from a GPT-2 folder. A path that is
+    none of them is named as missing, not as a file of the wrong kind."""
+    from lmheads.hf import checkpoint_file, init_from_gpt2
+    from lmheads.hf import main as export
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"'.*nope' does not exist; give a checkpoint file or a run folder"):
+        export([str(tmp_path / "nope"), str(tmp_path / "out")])
+    with pytest.raises(
+        ConfigError, match=r"holds no checkpoints/last\.ckpt; give one of its checkpoint files"
+    ):
+        checkpoint_file(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert checkpoint_file(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "last.ckpt"
+    model = LMHeadModule(head=registered_heads()["tied"](), backbone=BackboneConfig(), vocab_size=8)
+    with pytest.raises(ConfigError, match=r"model\.init_from '.*nope' is not a folder; give a GPT-2 model's"):
+        init_from_gpt2(model, tmp_path / "nope")
+    assert not (tmp_path / "out").exists()
+
+
 def _local_gpt2(folder, vocab: list[str]):
     """A small randomly initialised GPT-2 (tanh GELU, as GPT-2's) saved as HF saves it, with a byte-level
     BPE tokenizer.json trained on ``vocab``'s words: a pretrained model's folder, downloaded from nowhere."""

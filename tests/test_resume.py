@@ -319,7 +319,8 @@ def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys, caplog):
 
 
 @pytest.mark.parametrize(
-    ("content", "message"), [(b"not a checkpoint", "cannot be read"), (None, "does not exist")]
+    ("content", "message"),
+    [(b"not a checkpoint", "cannot be read"), (None, "does not exist; check --ckpt_path")],
 )
 def test_corrupt_or_missing_checkpoint(tmp_path, capsys, content, message):
     path = tmp_path / "bad.ckpt"
@@ -424,7 +425,8 @@ def test_export_tool(tmp_path, capsys):
     assert export.main([str(ckpt), str(out)]) == 2
     assert f"error: {out} exists; give another output path, or --overwrite" in capsys.readouterr().err
     assert export.main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 2
-    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    err = capsys.readouterr().err
+    assert "does not exist; check the checkpoint's path" in err and not (tmp_path / "x.safetensors").exists()
     assert export.main([str(ckpt), str(tmp_path / "no" / "x.safetensors")]) == 2
     assert f"error: {tmp_path / 'no'} is not a folder; create it" in capsys.readouterr().err
     assert out.read_bytes() == before

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        read_checkpoint(args.checkpoint)
+        read_checkpoint(args.checkpoint, given_as="the checkpoint's path")
         model = LMHeadModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
