@@ -90,6 +90,21 @@ def test_every_logger_writes_into_the_folder():
     assert other.save_dir == str(folder)
 
 
+def test_a_continued_run_logs_into_the_wandb_run_it_started(tmp_path):
+    for name, run_id in [
+        ("offline-run-20261206_120500-later", "later"),
+        ("run-20261206_120000-abc-1", "abc-1"),
+    ]:
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+        (tmp_path / "wandb" / name / f"run-{run_id}.wandb").write_bytes(b"")
+    continued, given, new = (_logger(WANDB, save_dir=".", name=None, id=None) for _ in range(3))
+    given.init_args.id = "mine"
+    point_loggers(_config([continued]), Plan(tmp_path, resume=True))
+    point_loggers(_config([given]), Plan(tmp_path, resume=True))
+    point_loggers(_config([new]), Plan(tmp_path / "new", resume=True))
+    assert (continued.init_args.id, given.init_args.id, new.init_args.id) == ("abc-1", "mine", None)
+
+
 def test_a_continued_csv_run_sets_its_metrics_aside(tmp_path):
     (tmp_path / "metrics.csv").write_text("")
     (tmp_path / "metrics-before-step7.csv").write_text("")
@@ -120,9 +135,13 @@ def test_wandb_alone_logs_into_the_run_folder(tmp_path, offline_wandb):
     )
     assert {"config.yaml", "checkpoints", "results.json", "wandb"} <= {p.name for p in run.iterdir()}
     assert any((run / "wandb").glob("offline-run-*"))
+    pytest.importorskip("wandb").finish()  # as the command's process ends
     fit(tmp_path, *wandb, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=3)
     assert [p.name for p in (tmp_path / "lmheads").iterdir()] == [run.name]
     assert len(list(run.glob("config-resumed-step2-*.yaml"))) == 1
+    # the continuation logged into the W&B run the fit started, not a second run of the same name
+    parts = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(parts) == 2 and len({p.name for p in parts}) == 1, parts
 
 
 def test_the_wandb_config_adds_wandb_and_the_run_keeps_its_folder(tmp_path, offline_wandb):

@@ -45,6 +45,16 @@ def run_of_checkpoint(ckpt: str | Path) -> Path | None:
 REQUEUE_CHECKPOINTS = "hpc_ckpt_*.ckpt"
 
 
+def wandb_run_id(run: Path) -> str | None:
+    """The id of the W&B run that first logged into a run folder (``wandb/[offline-]run-<time>-<id>/``
+    holds ``run-<id>.wandb``), or ``None``: a continuation resumes that W&B run rather than starting
+    another of the same name."""
+    first = sorted(
+        (run / "wandb").glob("*run-*_*-*/run-*.wandb"), key=lambda p: p.parent.name.split("run-", 1)[1]
+    )
+    return first[0].name.removeprefix("run-").removesuffix(".wandb") if first else None
+
+
 def run_checkpoints(run: Path) -> list[Path]:
     """A run's checkpoint files: ``<run>/checkpoints/*.ckpt``, and requeue checkpoints in the run's folder."""
     found = [*(run / "checkpoints").glob("*.ckpt"), *run.glob(REQUEUE_CHECKPOINTS)]

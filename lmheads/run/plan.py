@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 
 from lmheads.dotted import class_of
 from lmheads.errors import require
-from lmheads.run.layout import free_name
+from lmheads.run.layout import free_name, wandb_run_id
 
 #: Where run folders go unless ``trainer.default_root_dir`` or the logger says otherwise.
 DEFAULT_SAVE_DIR = "runs"
@@ -120,10 +120,11 @@ def plan_run(
 def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
     """Point every logger of ``config.trainer.logger`` at ``plan.folder``: TensorBoard's and CSV's files
     there (a second one's in ``csv/`` or ``tensorboard/`` inside it), W&B's ``wandb/`` and a local MLflow
-    store (``mlruns/``) inside it, W&B and MLflow runs named after it (W&B's grouped by experiment);
-    another logger with a ``save_dir`` or ``log_dir`` option gets the folder. Returns the run's files to
-    set aside before the loggers start, as ``(name, new name)``: the CSV logger starts ``metrics.csv``
-    anew, so a continued run keeps its earlier one as ``metrics-before-step<step>.csv``."""
+    store (``mlruns/``) inside it, W&B and MLflow runs named after it (W&B's grouped by experiment; a
+    continuation logs into the W&B run the run started); another logger with a ``save_dir`` or
+    ``log_dir`` option gets the folder. Returns the run's files to set aside before the loggers start,
+    as ``(name, new name)``: the CSV logger starts ``metrics.csv`` anew, so a continued run keeps its
+    earlier one as ``metrics-before-step<step>.csv``."""
     folder, set_aside, named = plan.folder, [], False
     for logger in loggers(config):
         cls, args = class_of(str(logger.class_path)), logger.init_args
@@ -141,6 +142,8 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
             args.save_dir = str(folder)
             args.name = args.get("name") or folder.name
             args.group = args.get("group") or (plan.filed_in or folder).parent.name
+            if plan.resume and not (args.get("id") or args.get("version")):  # the W&B run it continues
+                args.id = wandb_run_id(folder)
         elif cls is not None and issubclass(cls, MLFlowLogger):
             if args.get("tracking_uri") is None:  # a local store; a tracking server keeps its runs
                 args.save_dir = str(folder / "mlruns")
