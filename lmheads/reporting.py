@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -129,15 +130,24 @@ def _train_set_tokens(datamodule) -> int:
     return int(counts().sum())
 
 
+def continues_in_place(trainer: L.Trainer) -> bool:
+    """Whether this fit continues a run in the run's own folder (from one of its checkpoints)."""
+    from lmheads.run.layout import run_of_checkpoint
+
+    run = run_of_checkpoint(trainer.ckpt_path) if trainer.ckpt_path else None
+    return run is not None and Path(run).resolve() == Path(trainer.default_root_dir).resolve()
+
+
 def log_run_start(model, trainer: L.Trainer) -> None:
     """Print the parameter counts; give a new run its HParams row (every metric NaN until measured) and
-    its parameter counts as scalars. A resumed run's folder has them already."""
+    its parameter counts as scalars. A run continued in its folder has them already, from its start: at
+    this point a continuation's schedule is not restored yet, and MLflow refuses a changed parameter."""
     counts = parameter_counts(model)
     rank_zero_info(
         f"head {head_name(model.head)}: parameters (a shared tensor counted once) "
         + ", ".join(f"{k}={v:,}" for k, v in counts.items())
     )
-    if os.path.exists(os.path.join(trainer.default_root_dir, "hparams.yaml")):
+    if os.path.exists(os.path.join(trainer.default_root_dir, "hparams.yaml")) or continues_in_place(trainer):
         return
     flat = flat_hparams(model, trainer)
     for logger in trainer.loggers:

@@ -358,6 +358,7 @@ def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
         (["fit", "--model.init_from=gpt2"], "transformers", "hf"),
         (["fit", "--config", str(ROOT / "configs" / "loggers" / "wandb.yaml")], "wandb", "wandb"),
         (["fit", "--trainer.logger=MLFlowLogger"], "mlflow", None),  # no extra of lmheads'
+        (["fit", "--trainer.logger=MLFlowLogger"], "sqlalchemy", None),  # its store in the run: SQLite
     ],
 )
 def test_a_missing_extra_is_one_line_naming_it(command, missing, extra, tmp_path, monkeypatch, capsys):

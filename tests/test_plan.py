@@ -85,8 +85,13 @@ def test_every_logger_writes_into_the_folder():
     assert (wandb.save_dir, wandb.name, wandb.group) == (str(folder), "r", "study")  # grouped by experiment
     assert Path(tensorboard.save_dir, tensorboard.name, tensorboard.version) == folder  # its log_dir
     assert Path(csv.save_dir, csv.name, csv.version) == folder / "csv"  # the second folder logger's
-    assert (local.save_dir, local.run_name) == (str(folder / "mlruns"), "r")
-    assert (server.save_dir, server.run_name) == ("./mlruns", "mine")  # a tracking server keeps its runs
+    assert (local.tracking_uri, local.save_dir, local.run_name) == (
+        f"sqlite:///{folder / 'mlflow.db'}",
+        None,
+        "r",
+    )
+    assert local.artifact_location == str(folder / "mlartifacts")
+    assert (server.tracking_uri, server.run_name) == ("http://server", "mine")  # a server keeps its runs
     assert other.save_dir == str(folder)
 
 
@@ -103,6 +108,19 @@ def test_a_continued_run_logs_into_the_wandb_run_it_started(tmp_path):
     point_loggers(_config([given]), Plan(tmp_path, resume=True))
     point_loggers(_config([new]), Plan(tmp_path / "new", resume=True))
     assert (continued.init_args.id, given.init_args.id, new.init_args.id) == ("abc-1", "mine", None)
+
+
+def test_an_mlflow_store_recorded_in_a_run_moves_with_the_run_and_a_store_elsewhere_stays(tmp_path):
+    """A run's saved config records its SQLite store; given to a run in another folder (another version),
+    MLflow logs into that folder's. A user's own SQLite file outside a run folder is a store they keep."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / ".lmheads-run").write_text("{}")
+    recorded = _logger(MLFLOW, tracking_uri=f"sqlite:///{tmp_path / 'old' / 'mlflow.db'}", run_name="old")
+    own = _logger(MLFLOW, tracking_uri=f"sqlite:///{tmp_path / 'mine.db'}", run_name=None)
+    point_loggers(_config([recorded]), Plan(tmp_path / "new"))
+    point_loggers(_config([own]), Plan(tmp_path / "new"))
+    assert recorded.init_args.tracking_uri == f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    assert own.init_args.tracking_uri == f"sqlite:///{tmp_path / 'mine.db'}"
 
 
 def test_a_continued_csv_run_sets_its_metrics_aside(tmp_path):
@@ -142,6 +160,25 @@ def test_wandb_alone_logs_into_the_run_folder(tmp_path, offline_wandb):
     # the continuation logged into the W&B run the fit started, not a second run of the same name
     parts = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(parts) == 2 and len({p.name for p in parts}) == 1, parts
+
+
+def test_mlflow_alone_logs_into_a_store_in_the_run_folder_and_a_continuation_into_the_same_run(tmp_path):
+    """MLflow 3 refuses its file store by default: the run's store is a SQLite file in its folder. The
+    continuation logs into the MLflow run the fit started, whose parameters (which MLflow never lets
+    change) stay those it started with."""
+    pytest.importorskip("sqlalchemy")
+    client = pytest.importorskip("mlflow.tracking").MlflowClient
+    mlflow = ["--trainer.logger=MLFlowLogger", "--trainer.logger.experiment_name=t"]
+    fit(tmp_path, *mlflow, steps=2, every=2)
+    (run,) = (tmp_path / "lmheads").iterdir()
+    fit(tmp_path, *mlflow, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=4, every=2)
+    assert {"mlflow.db", "config.yaml", "results.json"} <= {p.name for p in run.iterdir()}
+    store = client(f"sqlite:///{run / 'mlflow.db'}")
+    (experiment,) = [e.experiment_id for e in store.search_experiments() if e.name == "t"]
+    (logged,) = store.search_runs([experiment])
+    assert logged.info.run_name == run.name and logged.data.params["max_steps"] == "2"
+    assert [m.step for m in store.get_metric_history(logged.info.run_id, "val/loss")][-2:] == [1, 3]
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_the_wandb_config_adds_wandb_and_the_run_keeps_its_folder(tmp_path, offline_wandb):

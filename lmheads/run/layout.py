@@ -1,7 +1,7 @@
 """What a run folder holds, and how to find a run from its files.
 
 ``<run>/``: ``config.yaml`` (``config-resumed-step<S>-<time>.yaml`` beside it for each continuation),
-``hparams.yaml``, the loggers' files (TensorBoard's events, ``metrics.csv``, ``wandb/``, ``mlruns/``),
+``hparams.yaml``, the loggers' files (TensorBoard's events, ``metrics.csv``, ``wandb/``, ``mlflow.db``),
 ``checkpoints/`` (the best by validation loss, ``last.ckpt``, ``interrupted.ckpt``), ``.lmheads-run`` and
 ``.lmheads-lock`` (:mod:`lmheads.run.claim`), and once training ends ``results.json`` or
 ``diverged.json`` (:mod:`lmheads.run.records`). ``validate``, ``test`` and ``predict`` of one of its
@@ -53,6 +53,30 @@ def wandb_run_id(run: Path) -> str | None:
         (run / "wandb").glob("*run-*_*-*/run-*.wandb"), key=lambda p: p.parent.name.split("run-", 1)[1]
     )
     return first[0].name.removeprefix("run-").removesuffix(".wandb") if first else None
+
+
+#: MLflow's store in a run folder when no ``tracking_uri`` names a server: a SQLite database (MLflow's file
+#: store is deprecated: MLflow 3 refuses it by default) and the artifacts' folder beside it.
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+
+
+def mlflow_store(run: Path) -> str:
+    """The ``tracking_uri`` of a run folder's MLflow store."""
+    return f"sqlite:///{run / MLFLOW_DB}"
+
+
+def mlflow_run_id(run: Path) -> str | None:
+    """The id of the first MLflow run in a run folder's store, or ``None`` (no store): a continuation
+    resumes that MLflow run rather than starting another of the same name."""
+    if not (run / MLFLOW_DB).is_file():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_store(run))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    first = client.search_runs(experiments, order_by=["attributes.start_time ASC"], max_results=1)
+    return first[0].info.run_id if first else None
 
 
 def run_checkpoints(run: Path) -> list[Path]:

@@ -19,7 +19,8 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 
 from lmheads.dotted import class_of
 from lmheads.errors import require
-from lmheads.run.layout import free_name, wandb_run_id
+from lmheads.run.claim import CLAIM_FILE
+from lmheads.run.layout import MLFLOW_ARTIFACTS, free_name, mlflow_run_id, mlflow_store, wandb_run_id
 
 #: Where run folders go unless ``trainer.default_root_dir`` or the logger says otherwise.
 DEFAULT_SAVE_DIR = "runs"
@@ -54,8 +55,19 @@ def require_logger_packages(config) -> None:
         cls = class_of(str(logger.class_path))
         if cls is not None and issubclass(cls, WandbLogger):
             require("the W&B logger (WandbLogger)", "wandb", "wandb")
-        elif cls is not None and issubclass(cls, MLFlowLogger):
-            require("the MLflow logger (MLFlowLogger)", None, "mlflow")  # no extra of lmheads'
+        elif cls is not None and issubclass(cls, MLFlowLogger):  # no extra of lmheads'
+            require("the MLflow logger (MLFlowLogger)", None, "mlflow")
+            if run_mlflow_store(logger.init_args.get("tracking_uri")):
+                require("MLflow's store in the run folder (a SQLite database)", None, "sqlalchemy", "alembic")
+
+
+def run_mlflow_store(tracking_uri: str | None) -> bool:
+    """Whether MLflow logs into a store in the run folder: no ``tracking_uri`` given, or one that a run's
+    saved config recorded (a SQLite file in a run folder), which a continuation points at the run again."""
+    if tracking_uri is None:
+        return True
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    return tracking_uri.startswith("sqlite:///") and (path.parent / CLAIM_FILE).is_file()
 
 
 #: The options of the logger that names the run folder, given on the command line as
@@ -119,12 +131,13 @@ def plan_run(
 
 def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
     """Point every logger of ``config.trainer.logger`` at ``plan.folder``: TensorBoard's and CSV's files
-    there (a second one's in ``csv/`` or ``tensorboard/`` inside it), W&B's ``wandb/`` and a local MLflow
-    store (``mlruns/``) inside it, W&B and MLflow runs named after it (W&B's grouped by experiment; a
-    continuation logs into the W&B run the run started); another logger with a ``save_dir`` or
-    ``log_dir`` option gets the folder. Returns the run's files to set aside before the loggers start,
-    as ``(name, new name)``: the CSV logger starts ``metrics.csv`` anew, so a continued run keeps its
-    earlier one as ``metrics-before-step<step>.csv``."""
+    there (a second one's in ``csv/`` or ``tensorboard/`` inside it), W&B's ``wandb/`` and, unless a
+    ``tracking_uri`` names a server, an MLflow store (``mlflow.db``, ``mlartifacts/``) inside it; W&B and
+    MLflow runs named after it (W&B's grouped by experiment), a continuation logging into the W&B or
+    MLflow run the run started; another logger with a ``save_dir`` or ``log_dir`` option gets the
+    folder. Returns the run's files to set aside before the loggers start, as ``(name, new name)``: the
+    CSV logger starts ``metrics.csv`` anew, so a continued run keeps its earlier one as
+    ``metrics-before-step<step>.csv``."""
     folder, set_aside, named = plan.folder, [], False
     for logger in loggers(config):
         cls, args = class_of(str(logger.class_path)), logger.init_args
@@ -145,8 +158,11 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
             if plan.resume and not (args.get("id") or args.get("version")):  # the W&B run it continues
                 args.id = wandb_run_id(folder)
         elif cls is not None and issubclass(cls, MLFlowLogger):
-            if args.get("tracking_uri") is None:  # a local store; a tracking server keeps its runs
-                args.save_dir = str(folder / "mlruns")
+            if run_mlflow_store(args.get("tracking_uri")):  # a store in the run; a server keeps its runs
+                args.tracking_uri, args.save_dir = mlflow_store(folder), None  # save_dir: a file store's
+                args.artifact_location = str(folder / MLFLOW_ARTIFACTS)
+                if plan.resume and not args.get("run_id"):  # the MLflow run it continues
+                    args.run_id = mlflow_run_id(folder)
             args.run_name = args.get("run_name") or folder.name
         else:
             for key in ("save_dir", "log_dir"):
