@@ -16,7 +16,20 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 
-class TokenNLL(Metric):
+class Float64Sums(Metric):
+    """A metric whose states are float64 sums, and stay so whatever dtype the model is cast to: torchmetrics
+    keeps its states' dtype through ``.half()`` or ``.float()`` but not ``.to(dtype)``, which Lightning's
+    ``bf16-true`` and ``16-true`` precisions call, and a bfloat16 sum of NLLs keeps three digits."""
+
+    def _apply(self, fn, exclude_state=""):  # torchmetrics' override of nn.Module's, which moves states
+        this = super()._apply(fn, exclude_state)
+        for key, default in this._defaults.items():
+            this._defaults[key] = default.double()
+            setattr(this, key, getattr(this, key).double())
+        return this
+
+
+class TokenNLL(Float64Sums):
     """Accumulates summed NLL and token count; ``compute`` returns ``loss`` (nats per token), ``ppl`` =
     exp(loss) and ``tokens``, the number of tokens it is over."""
 
@@ -98,7 +111,7 @@ def frequency_buckets(counts: np.ndarray) -> Tensor:
     return torch.from_numpy(bucket)
 
 
-class BucketedNLL(Metric):
+class BucketedNLL(Float64Sums):
     """Token-weighted NLL per frequency bucket of the *target* token; reduced across processes."""
 
     full_state_update = False

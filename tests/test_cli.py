@@ -501,10 +501,16 @@ def test_ddp_two_cpu_processes_match_single_process_validation(tmp_path):
     assert prompts("predict/last") == prompts("predict/last-2") and len(prompts("predict/last")) == 65
 
 
-def test_bf16_mixed_on_cpu(tmp_path):
-    cli = fit(tmp_path, "--trainer.precision=bf16-mixed", "--trainer.logger=false", steps=3, every=3)
-    assert cli.trainer.precision == "bf16-mixed"
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_on_cpu(tmp_path, precision):
+    """bf16-true casts the whole model with .to(dtype): the metrics' token-weighted sums stay float64."""
+    from torchmetrics import Metric
+
+    cli = fit(tmp_path, f"--trainer.precision={precision}", "--trainer.logger=false", steps=3, every=3)
+    assert cli.trainer.precision == precision
     assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+    states = [getattr(m, key) for m in cli.model.modules() if isinstance(m, Metric) for key in m._defaults]
+    assert states and {state.dtype for state in states} == {torch.float64}
 
 
 def test_predict_writes_decoded_samples(tmp_path):

@@ -68,7 +68,7 @@ train=(--steps 20 --warmup 8 --chunk-sizes "${train_sizes[@]}" --repeats 2 --los
 fit_seconds=120  # each fit's limit (the compiled one gets 60 s more)
 if [ "$tiny" = 1 ]; then
   accelerator=cpu steps=4 head_steps=2
-  # Eleven fits and the tests at once on a few cores: one thread each (torch's default of one a core
+  # All the fits and the tests at once on a few cores: one thread each (torch's default of one a core
   # made six fits at once take 150 s instead of 91 s on 2 cores), and longer limits.
   export OMP_NUM_THREADS=1
   fit_seconds=300
@@ -91,6 +91,7 @@ start_fit() {
   start "$name" "$secs" "$FIT_FIGURE" "${fit[@]}" "$@" --trainer.logger.init_args.version="$name"
 }
 start_fit fit-bf16-clip "$fit_seconds" --trainer.gradient_clip_val=1.0
+start_fit fit-bf16-true "$fit_seconds" --trainer.precision=bf16-true  # the model itself in bf16
 start_fit fit-compile $((fit_seconds + 60)) --model.compile=true
 start_fit fit-fsdp2 "$fit_seconds" --config configs/trainer/fsdp2.yaml --trainer.accelerator="$accelerator" \
   --trainer.devices=1 --trainer.strategy.init_args.data_parallel_size=1
