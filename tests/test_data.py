@@ -273,7 +273,10 @@ def test_hub_loading_path_with_a_local_dataset_dir(tmp_path, text_files):
     import json
 
     for split, src in (("train", train), ("validation", valid)):
-        rows = [{"content": line} for line in src.read_text(encoding="utf-8").splitlines(keepends=True)]
+        rows = [
+            {"content": line, "n": i}
+            for i, line in enumerate(src.read_text(encoding="utf-8").splitlines(True))
+        ]
         (ds_dir / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     dm = TextDataModule(
         dataset_name=str(ds_dir), text_column="content", tokenizer="word", cache_dir=str(tmp_path)
@@ -284,6 +287,14 @@ def test_hub_loading_path_with_a_local_dataset_dir(tmp_path, text_files):
     assert len(dm.splits["train"]) > 0
     with pytest.raises(ConfigError, match="no column 'text'"):
         TextDataModule(dataset_name=str(ds_dir), tokenizer="word", cache_dir=str(tmp_path))
+    with pytest.raises(
+        ConfigError, match=r"column 'n' does not hold text \(columns: content \(string\), n \(int64\)\)"
+    ):
+        TextDataModule(dataset_name=str(ds_dir), text_column="n", cache_dir=str(tmp_path))
+    with (ds_dir / "validation.jsonl").open("a") as f:  # a record without text: tokenizers cannot take it
+        f.write('\n{"content": null, "n": 0}')
+    with pytest.raises(ConfigError, match=r"column 'content' is null in 1 of the .* validation records"):
+        TextDataModule(dataset_name=str(ds_dir), text_column="content", cache_dir=str(tmp_path / "2"))
 
 
 def test_bad_inputs(tmp_path):
@@ -293,6 +304,12 @@ def test_bad_inputs(tmp_path):
     empty.write_text("")
     with pytest.raises(ConfigError, match="is empty"):
         TextDataModule(train_file=str(empty))
+    one_line = tmp_path / "one_line.txt"  # as text8 is: the held-out split is lines, so say what to give
+    one_line.write_text("a long text on one line " * 1000)
+    with pytest.raises(
+        ConfigError, match=r"is 1 record\(s\) .* last 0.05 of them: give data.validation_file"
+    ):
+        TextDataModule(train_file=str(one_line), cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="exactly one of"):
         TextDataModule()
     with pytest.raises(ConfigError, match="could not load dataset"):

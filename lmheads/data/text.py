@@ -189,11 +189,29 @@ class TextDataModule(LMDataModule):
             raise ConfigError(
                 f"dataset has no column {text_column!r} (columns: {', '.join(columns)}); set data.text_column"
             )
+        features = splits["train"].features
+        if getattr(features[text_column], "dtype", None) not in ("string", "large_string"):
+            kinds = ", ".join(f"{c} ({getattr(f, 'dtype', type(f).__name__)})" for c, f in features.items())
+            raise ConfigError(
+                f"dataset column {text_column!r} does not hold text (columns: {kinds}); set data.text_column "
+                "to a column of strings"
+            )
+        for split, records in splits.items():  # Arrow counts a column's nulls without reading it
+            if nulls := records.data.column(text_column).null_count:
+                raise ConfigError(
+                    f"dataset column {text_column!r} is null in {nulls:,} of the {len(records):,} {split} "
+                    "records; remove those records (Dataset.filter), or set data.text_column to a column "
+                    "without nulls"
+                )
         if "validation" not in splits:
             n_train = len(splits["train"])
             n_val = max(1, round(hp.val_fraction * n_train))
             if n_val >= n_train:
-                raise ConfigError("the training text is too short to hold out a validation split; add text")
+                raise ConfigError(
+                    f"the training text is {n_train} record(s) (a text file's lines), and the validation "
+                    f"split is held out as the last {hp.val_fraction:g} of them: give data.validation_file "
+                    "(or a dataset with a validation split), or training text of more lines"
+                )
             splits["validation"] = splits["train"].select(range(n_train - n_val, n_train))
             splits["train"] = splits["train"].select(range(n_train - n_val))
         self.text_column = text_column
