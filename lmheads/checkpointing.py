@@ -190,10 +190,18 @@ class FiniteLoss(L.Callback):
             return
         last = getattr(trainer.checkpoint_callback, "last_model_path", "") or None  # the last validation's
         good = f"the last good state is {last}" if last else "no checkpoint was written before it"
+        precision = str(trainer.precision)
+        if precision == "16-true":
+            fix = (
+                "Train in 16-mixed or bf16-mixed: with 16-true the weights and AdamW's state are float16, "
+                "too narrow for its squared gradients (they round to 0, and the update divides by them)"
+            )
+        else:
+            mixed = "try bf16-mixed instead of 16-mixed, " if precision == "16-mixed" else ""
+            fix = f"Lower model.lr, raise warmup_steps, {mixed}or set a head softcap or z_loss"
         raise NonFiniteLossError(
             f"the training loss became NaN or infinite at step {step}; training stopped and no "
-            f"checkpoint of that state was written ({good}). Lower model.lr, raise warmup_steps, try "
-            "bf16-mixed instead of 16-mixed, or set a head softcap or z_loss",
+            f"checkpoint of that state was written ({good}). {fix}",
             step,
         )
 

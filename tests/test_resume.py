@@ -223,6 +223,16 @@ def test_sigterm_before_training_leaves_nothing(tmp_path, capsys):
     assert signal.getsignal(signal.SIGTERM) is before  # and the handler is given back
 
 
+def test_float16_weights_diverge_at_once_and_the_error_names_the_precision(tmp_path, capsys):
+    """16-true: float16 AdamW state rounds eps and small squared gradients to 0, so the first update
+    divides by zero; lowering the learning rate would not help, and the error says what does."""
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path, "--trainer.precision=16-true", "--trainer.logger=false", steps=4, every=2)
+    assert exc.value.code == 3
+    err = capsys.readouterr().err
+    assert "NaN or infinite at step 1" in err and "Train in 16-mixed or bf16-mixed: with 16-true" in err
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         fit(
@@ -233,7 +243,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
             every=2,
         )
     assert exc.value.code == 3
-    assert "became NaN or infinite at step 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "became NaN or infinite at step 4" in err and "Lower model.lr" in err and "16-mixed" not in err
     checkpoints = only_run(tmp_path) / "checkpoints"
     assert "last.ckpt" in {p.name for p in checkpoints.iterdir()}
     for path in checkpoints.iterdir():
