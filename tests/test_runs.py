@@ -821,8 +821,11 @@ def test_compare_says_which_runs_differ_in_budget_and_plots_training_loss(tmp_pa
     fit(tmp_path, "--model.head=untied", steps=4, every=2)
     compare = tool("compare")
     report = tmp_path / "report"
-    assert compare.main([str(tmp_path), "--out", str(report), "--plot", "diag/grad_share_output"]) == 0
+    plot = ["--plot", "diag/grad_share_output", "val/loss", "diag/grad_share_output"]  # val/loss: standard
+    assert compare.main([str(tmp_path), "--out", str(report), *plot]) == 0
     out = capsys.readouterr().out
+    wrote = next(line for line in out.splitlines() if line.startswith("wrote "))
+    assert wrote.count("val_loss_vs_step.png") == 1 and wrote.count("diag_grad_share_output_vs_step") == 1
     assert "WARNING: runs differ in budget" in out
     assert (report / "diag_grad_share_output_vs_step.png").is_file()
     assert "2 steps x 2,048 tokens/step = 4,096 training tokens on 1 device(s): tied seed 0" in out

@@ -39,11 +39,13 @@ AXES = {"step": "optimizer step", "tokens": "training tokens", "minutes": "wall-
 
 
 def plot(groups: dict[str, list[RunLog]], out: Path, extra: tuple[str, ...] = ()) -> list[Path]:
-    """The standard plots, and each tag in ``extra`` against optimizer steps."""
+    """The standard plots, and each tag in ``extra`` against optimizer steps (once, and not again where a
+    standard plot shows it)."""
     plt = pyplot()
 
     colour = colours(groups)
     written = []
+    extra = tuple(tag for tag in dict.fromkeys(extra) if tag not in {standard[1] for standard in PLOTS})
     plots = [*PLOTS, *((tag.replace("/", "_"), tag, tag, ("step",)) for tag in extra)]
     for name, tag, ylabel, axes in plots:
         if not any(tag in r.scalars for runs in groups.values() for r in runs):
