@@ -79,7 +79,7 @@ def test_every_logger_writes_into_the_folder():
     ]
     evaluation = _logger(WANDB, save_dir=".", name=None)  # of a run's checkpoint: grouped with its run
     point_loggers(_config([evaluation]), Plan(folder / "test" / "last", filed_in=folder))
-    assert (evaluation.init_args.name, evaluation.init_args.group) == ("last", "study")
+    assert (evaluation.init_args.name, evaluation.init_args.group) == ("r/test/last", "study")
     assert point_loggers(_config(loggers), Plan(folder)) == []
     wandb, tensorboard, csv, local, server, other = (logger.init_args for logger in loggers)
     assert (wandb.save_dir, wandb.name, wandb.group) == (str(folder), "r", "study")  # grouped by experiment
@@ -121,6 +121,22 @@ def test_an_mlflow_store_recorded_in_a_run_moves_with_the_run_and_a_store_elsewh
     point_loggers(_config([own]), Plan(tmp_path / "new"))
     assert recorded.init_args.tracking_uri == f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     assert own.init_args.tracking_uri == f"sqlite:///{tmp_path / 'mine.db'}"
+
+
+def test_an_evaluation_given_its_runs_config_is_a_logger_run_of_its_own(tmp_path):
+    """The run's saved configs name its W&B and MLflow runs (and a continuation's, their ids): an
+    evaluation of its checkpoint is named after its own folder and starts runs of its own."""
+    run = tmp_path / "study" / "r"
+    (run / "wandb" / "offline-run-20261206_120000-abc").mkdir(parents=True)
+    (run / "wandb" / "offline-run-20261206_120000-abc" / "run-abc.wandb").write_bytes(b"")
+    (run / ".lmheads-run").write_text("{}")
+    wandb = _logger(WANDB, save_dir=str(run), name="r", id="abc", group="study")
+    store = f"sqlite:///{run / 'mlflow.db'}"
+    mlflow = _logger(MLFLOW, tracking_uri=store, run_name="r", run_id="0123", artifact_location=None)
+    point_loggers(_config([wandb, mlflow]), Plan(run / "validate" / "best", filed_in=run))
+    assert (wandb.init_args.name, wandb.init_args.id) == ("r/validate/best", None)
+    assert (mlflow.init_args.run_name, mlflow.init_args.run_id) == ("r/validate/best", None)
+    assert mlflow.init_args.tracking_uri == f"sqlite:///{run / 'validate' / 'best' / 'mlflow.db'}"
 
 
 def test_a_continued_csv_run_sets_its_metrics_aside(tmp_path):

@@ -129,6 +129,15 @@ def plan_run(
     return Plan(named)
 
 
+def logged_name(given: str | None, plan: Plan) -> str:
+    """A W&B or MLflow run's name: the folder's, or for an evaluation ``<run>/<subcommand>/<checkpoint>``,
+    unless one is given. The run's own name, which the run's config records, names none of its
+    evaluations: W&B would show them as runs of that name beside it."""
+    if plan.filed_in is not None and given in (None, plan.filed_in.name):
+        return str(plan.folder.relative_to(plan.filed_in.parent))
+    return given or plan.folder.name
+
+
 def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
     """Point every logger of ``config.trainer.logger`` at ``plan.folder``: TensorBoard's and CSV's files
     there (a second one's in ``csv/`` or ``tensorboard/`` inside it), W&B's ``wandb/`` and, unless a
@@ -153,17 +162,21 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
                     set_aside.append(("metrics.csv", free_name(folder, f"metrics-before-step{step}", ".csv")))
         elif cls is not None and issubclass(cls, WandbLogger):  # named as the folder, grouped by experiment
             args.save_dir = str(folder)
-            args.name = args.get("name") or folder.name
+            args.name = logged_name(args.get("name"), plan)
             args.group = args.get("group") or (plan.filed_in or folder).parent.name
             if plan.resume and not (args.get("id") or args.get("version")):  # the W&B run it continues
                 args.id = wandb_run_id(folder)
+            elif plan.filed_in is not None and args.get("id") == wandb_run_id(plan.filed_in):
+                args.id = None  # recorded in the run's config: an evaluation is a W&B run of its own
         elif cls is not None and issubclass(cls, MLFlowLogger):
             if run_mlflow_store(args.get("tracking_uri")):  # a store in the run; a server keeps its runs
                 args.tracking_uri, args.save_dir = mlflow_store(folder), None  # save_dir: a file store's
                 args.artifact_location = str(folder / MLFLOW_ARTIFACTS)
                 if plan.resume and not args.get("run_id"):  # the MLflow run it continues
                     args.run_id = mlflow_run_id(folder)
-            args.run_name = args.get("run_name") or folder.name
+                elif plan.filed_in is not None:  # an evaluation's store is its own
+                    args.run_id = None
+            args.run_name = logged_name(args.get("run_name"), plan)
         else:
             for key in ("save_dir", "log_dir"):
                 if key in args:
