@@ -327,12 +327,10 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
 def checkpoint_file(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's ``checkpoints/last.ckpt``; one line where there is neither."""
     path = Path(path)
-    if not path.is_dir():
-        if not path.is_file():
-            raise ConfigError(
-                f"checkpoint {str(path)!r} does not exist; give a checkpoint file or a run folder"
-            )
+    if path.is_file():
         return path
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist; give a checkpoint file or a run folder")
     last = path / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise ConfigError(
