@@ -10,6 +10,9 @@ every registered head:
   (a low-rank correction or a projection folded in); P only where the head projects h before a tied W
   (``projected_tied``); the bias, scale and soft-cap where the head has them;
 - the mixture of softmaxes (Yang et al. 2018), over the tied embedding.
+
+The backbone attends to every earlier token and has no attention mask, so a padded batch is computed a
+row at a time, each from its own tokens: exactly what the row gives alone.
 """
 
 from __future__ import annotations
@@ -111,17 +114,45 @@ class LMHeadsForCausalLM(PreTrainedModel, GenerationMixin):
             fresh = Rotary(cfg.d_model // cfg.n_head, cfg.block_size, cfg.rope_base)
             module.cos, module.sin = fresh.cos.to(module.cos.device), fresh.sin.to(module.sin.device)
 
-    def forward(self, input_ids=None, labels=None, attention_mask=None, **kwargs):
+    def _window(self, input_ids):
         context = input_ids[:, -self.backbone.cfg.block_size :]  # what lmheads' generate reads too
-        logits = self.logits(self.backbone(context))
+        return self.logits(self.backbone(context))
+
+    def _padded(self, input_ids, attention_mask):
+        """Each row from its own tokens alone, as if given unpadded; zeros at the padding."""
+        B, T = input_ids.shape
+        out = None
+        for i, keep in enumerate(attention_mask.bool()):
+            where = keep.nonzero().flatten()
+            if len(where) == 0:
+                continue
+            start, end = int(where[0]), int(where[-1]) + 1
+            if end - start != len(where):
+                raise ValueError(
+                    f"row {i} of attention_mask has gaps: lmheads' model takes left or right padding only"
+                )
+            row = self._window(input_ids[i : i + 1, start:end])[0]  # (n, V), n <= block_size
+            if out is None:
+                out = row.new_zeros(B, T, row.shape[-1])
+            out[i, end - row.shape[0] : end] = row
+        if out is None:
+            raise ValueError("attention_mask masks every token")
+        return out[:, -min(T, self.backbone.cfg.block_size) :]
+
+    def forward(self, input_ids=None, labels=None, attention_mask=None, **kwargs):
+        if attention_mask is None or bool(attention_mask.all()):
+            logits = self._window(input_ids)
+        else:  # the backbone attends to every token before a position: padding is taken out instead
+            logits = self._padded(input_ids, attention_mask)
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].flatten(0, 1).float()
-            loss = F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=-100)
+            targets = labels[:, -logits.shape[1] :][:, 1:].flatten()  # the positions the logits cover
+            loss = F.cross_entropy(shifted, targets, ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
-        return {"input_ids": input_ids}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 '''
 
 

@@ -105,6 +105,32 @@ def test_what_gpt2_does_not_compute_goes_with_a_modeling_file(head, options, bac
     _check_export(model, tmp_path / "hf", tied=head != "untied")
 
 
+def test_the_modeling_file_takes_padded_batches_as_rows_alone(tmp_path):
+    """Left padding (batched generation, lm-evaluation-harness) and right padding give each row the
+    logits and the continuation it has alone; a mask with gaps is refused; labels longer than the
+    context are scored on the positions the logits cover."""
+    model = _model("tied", layer_sharing="all")  # learned positions: padding would shift them
+    export_hf(model, tmp_path / "hf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10]])
+    left, right = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]]), torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    with torch.no_grad():
+        alone = loaded(b).logits[0]
+        out = loaded(left, attention_mask=(left > 0).long()).logits
+        torch.testing.assert_close(out[1, 2:], alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[0], loaded(a).logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(loaded(right, attention_mask=(right > 0).long()).logits[1, :2], alone)
+        kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+        batched = loaded.generate(left, attention_mask=(left > 0).long(), **kwargs)
+        assert batched[1, 4:].tolist() == loaded.generate(b, **kwargs)[0, 2:].tolist()
+        with pytest.raises(ValueError, match="row 0 of attention_mask has gaps"):
+            loaded(left, attention_mask=torch.tensor([[1, 0, 1, 1], [0, 0, 1, 1]]))
+        long = torch.randint(1, 50, (2, 20))  # past block_size 12: the last 12 positions are scored
+        loss = loaded(long, labels=long).loss
+        window = long[:, -12:]
+        assert torch.isclose(loss, loaded(window, labels=window).loss)
+
+
 def test_a_backbone_without_biases_exports_with_zero_biases(tmp_path):
     model = _model("untied", bias=False)
     export_hf(model, tmp_path / "hf")
