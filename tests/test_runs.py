@@ -347,8 +347,12 @@ def test_with_several_loggers_the_first_ones_folder_is_the_run(tmp_path, capsys)
     err = refused(capsys, "fit", *quick_args(tmp_path), "--config", two_loggers(tmp_path, run.name))
     assert f"run folder {run.resolve()} already holds a run" in err and snapshot(run) == before
     last = run / "checkpoints" / "last.ckpt"
+    first = (csv / "metrics.csv").read_bytes()
     fit(tmp_path, "--config", two_loggers(tmp_path), f"--ckpt_path={last}", steps=4)
     assert only_run(tmp_path) == run and len(list(run.glob("config-resumed-step2-*.yaml"))) == 1
+    assert (csv / "metrics-before-step2.csv").read_bytes() == first  # Lightning's CSV logger deletes it
+    steps = {int(row.split(",")[header.index("step")]) for header, row in _csv_rows(csv / "metrics.csv")}
+    assert min(steps) >= 2 and max(steps) == 3
 
 
 def test_a_csv_logger_keeps_runs_as_tensorboard_does(tmp_path, capsys, recwarn):

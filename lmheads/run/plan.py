@@ -145,7 +145,7 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
     MLflow runs named after it (W&B's grouped by experiment), a continuation logging into the W&B or
     MLflow run the run started; another logger with a ``save_dir`` or ``log_dir`` option gets the
     folder. Returns the run's files to set aside before the loggers start, as ``(name, new name)``: the
-    CSV logger starts ``metrics.csv`` anew, so a continued run keeps its earlier one as
+    CSV logger starts ``metrics.csv`` anew (in ``csv/`` too), so a continued run keeps its earlier one as
     ``metrics-before-step<step>.csv``."""
     folder, set_aside, named = plan.folder, [], False
     for logger in loggers(config):
@@ -154,12 +154,14 @@ def point_loggers(config, plan: Plan, step: int = 0) -> list[tuple[str, str]]:
             # the first one's files in the folder, another's in a folder of its own kind inside it
             own = folder if not named else folder / cls.__name__.lower().removesuffix("logger")
             args.save_dir, args.name, args.version, named = str(own.parent), "", own.name, True
-            if issubclass(cls, CSVLogger) and own == folder:  # it warns of any file there: the claim is one
+            if issubclass(cls, CSVLogger):  # it warns of any file there, and deletes metrics.csv
                 warnings.filterwarnings(
                     "ignore", message=r"Experiment logs directory .* exists and is not empty"
                 )
                 if plan.resume:
-                    set_aside.append(("metrics.csv", free_name(folder, f"metrics-before-step{step}", ".csv")))
+                    where = own.relative_to(folder)
+                    kept = free_name(own, f"metrics-before-step{step}", ".csv")
+                    set_aside.append((str(where / "metrics.csv"), str(where / kept)))
         elif cls is not None and issubclass(cls, WandbLogger):  # named as the folder, grouped by experiment
             args.save_dir = str(folder)
             args.name = logged_name(args.get("name"), plan)
