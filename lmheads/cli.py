@@ -44,6 +44,7 @@ from lmheads.generation import SamplingConfig
 from lmheads.heads import head_name
 from lmheads.heads.base import resolve_head
 from lmheads.heads.names import PARSER_MODE, expand_head_names, list_heads, load_yaml
+from lmheads.lightning_internals import AlignLoggingStep
 from lmheads.module import LMHeadModule
 from lmheads.run.claim import NAMING_OPTION, RunFolder
 from lmheads.run.layout import furthest_checkpoint, run_of_checkpoint
@@ -239,7 +240,7 @@ class LMHeadsCLI(LightningCLI):
         kwargs = {**self._batch_counts, **kwargs}
         if self.plan is not None:  # the run's folder, also for Lightning's SLURM requeue checkpoints
             kwargs["default_root_dir"] = str(self.plan.folder)
-        trainer = super().instantiate_trainer(callbacks=[*given, *defaults], **kwargs)
+        trainer = super().instantiate_trainer(callbacks=[AlignLoggingStep(), *given, *defaults], **kwargs)
         if self.plan is not None:  # a checkpoint callback of the user's own, too, unless it names a folder
             for callback in trainer.checkpoint_callbacks:
                 callback.dirpath = callback.dirpath or str(self.plan.folder / "checkpoints")

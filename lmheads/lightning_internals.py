@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback
 
 
 def batches_done_this_epoch(trainer: L.Trainer) -> int:
@@ -67,11 +70,20 @@ def resume_where_fit_ended(checkpoint: dict) -> None:
 
 def align_logging_step(trainer: L.Trainer) -> None:
     """Keep the step the loggers use equal to the optimizer step. Lightning's count of stepped batches
-    comes one ahead after some resumes (it skips a validation it believes was due by advancing the count
-    without a batch), and every value after it would be logged at the wrong step."""
+    is one off after some resumes (it adds one on a restart it believes came after a batch, or does not
+    where it did, as when the validation interval changed), and every value after it would be logged at
+    the wrong step."""
     loop = trainer.fit_loop.epoch_loop
     if loop._batches_that_stepped != trainer.global_step:
         loop._batches_that_stepped = trainer.global_step
+
+
+class AlignLoggingStep(Callback):
+    """:func:`align_logging_step` at the start of each training batch, put before the other callbacks
+    (``LearningRateMonitor`` logs there, before the module's own hook)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        align_logging_step(trainer)
 
 
 def requeue_signal(trainer: L.Trainer) -> int | None:

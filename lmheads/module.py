@@ -33,7 +33,6 @@ from lmheads.errors import ConfigError, require
 from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, generate_tokens
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
 from lmheads.lightning_internals import (
-    align_logging_step,
     resume_where_fit_ended,
     validate_and_stop_after_this_step,
 )
@@ -216,7 +215,6 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_before_batch = self.trainer.global_step
-        align_logging_step(self.trainer)
         if self.head.on_train_step(self.global_step, self.schedule_steps(), self.backbone.wte):
             rank_zero_info(f"head {head_name(self.head)} changed its parameters at step {self.global_step}")
             self.forget_moments(self.head.parameters())  # they describe the old parameters

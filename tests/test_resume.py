@@ -366,6 +366,18 @@ def test_continuing_a_finished_run_keeps_its_learning_rate_schedule(tmp_path, ca
     assert budget.endswith("; the learning rate decayed over the first 6 steps, then held at its minimum")
 
 
+def test_a_continuation_logs_its_learning_rate_at_the_step_it_trains(tmp_path):
+    """Validated every 2 steps, then continued validating every 3: Lightning's logging step starts one
+    behind, and its learning-rate monitor logs before the module's hooks; each step gets one value."""
+    fit(tmp_path, "--model.warmup_steps=4", steps=2, every=2)
+    run = only_run(tmp_path)
+    fit(tmp_path, "--model.warmup_steps=4", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=4)
+    logged = scalars(run)["lr-AdamW/pg1"]
+    assert [step for step, _ in logged] == [0, 1, 2, 3]
+    schedule = WarmupCosine(warmup=4, total=4, min_ratio=0.1)
+    assert [value for _, value in logged] == pytest.approx([3e-3 * schedule(s) for s in range(4)], rel=1e-6)
+
+
 def test_part_of_a_longer_schedule_continues_as_one_run(tmp_path, caplog):
     """``lr_decay_steps`` plans the schedule of a longer run: 4 of 8 steps now and the rest later end
     where an 8-step run does, bitwise, after warmup too."""
