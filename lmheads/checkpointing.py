@@ -334,6 +334,28 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         self._write_last(trainer)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checkpoints this run chose, named where the run lies now: a continued run's, also after
+        its folder moved. A run started from another run's checkpoint keeps none of that run's (Lightning
+        would keep its best checkpoint as this run's, with a warning)."""
+        here, then = self.dirpath, state_dict.get("dirpath")
+        if here is not None and then is not None and then != here:
+            best = state_dict.get("best_model_path")
+            if not best or not (Path(here) / Path(best).name).is_file():
+                return  # another run's: this run's best is among its own validations
+
+            def moved(path: str) -> str:
+                return str(Path(here) / Path(path).name) if path else path
+
+            paths = ("best_model_path", "kth_best_model_path", "last_model_path")
+            state_dict = {
+                **state_dict,
+                **{key: moved(state_dict[key]) for key in paths if key in state_dict},
+                "dirpath": here,
+                "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
     def _write_last(self, trainer: L.Trainer) -> None:
         """``last.ckpt`` at this step, unless a checkpoint of it was written already (Lightning's own
         ``last.ckpt`` among them) or this is a dry run (which writes none)."""

@@ -289,6 +289,32 @@ def test_a_checkpoint_its_run_went_past_continues_only_as_a_new_run(tmp_path, ca
     assert [s for s, _ in scalars(tmp_path / "quickstart" / "from-step4")["train/loss"]] == [4, 5, 6, 7]
 
 
+def test_best_checkpoints_are_the_runs_own_wherever_it_lies(tmp_path, recwarn):
+    """A run started from another run's checkpoint does not take that run's best checkpoint for its own
+    (here it validates nothing: it has none); a run continued after its folder moved keeps its best
+    checkpoint, named where it lies now."""
+    fit(tmp_path, steps=4, every=2)
+    run = only_run(tmp_path)
+    best = Path(json.loads((run / "results.json").read_text())["best_checkpoint"]).name
+    no_validation = "--trainer.limit_val_batches=0"
+    branch = [
+        "--trainer.logger.init_args.version=branch",
+        f"--ckpt_path={run / 'checkpoints' / 'step4.ckpt'}",
+    ]
+    fit(tmp_path, *branch, no_validation, steps=6, every=2)
+    assert (
+        json.loads((tmp_path / "quickstart" / "branch" / "results.json").read_text())["best_checkpoint"]
+        is None
+    )
+    moved = tmp_path / "archive" / run.name
+    moved.parent.mkdir()
+    shutil.move(run, moved)
+    fit(tmp_path, f"--ckpt_path={moved / 'checkpoints' / 'last.ckpt'}", no_validation, steps=6, every=2)
+    results = json.loads((moved / "results.json").read_text())
+    assert (results["step"], results["best_checkpoint"]) == (6, str(moved / "checkpoints" / best))
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
 def test_a_second_run_into_the_same_folder_is_refused(finished_run, capsys):
     tmp_path, run, before = finished_run
     capsys.readouterr()
