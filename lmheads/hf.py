@@ -34,6 +34,7 @@ from lmheads.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
     CharTokenizer,
+    PretrainedTokenizer,
     Tokenizer,
     WordTokenizer,
 )
@@ -274,9 +275,32 @@ def hf_tokenizer(tokenizer: Tokenizer):
         fast.normalizer = normalizers.Replace(Regex("\n"), EOS)
         fast.add_special_tokens([AddedToken(EOS, special=True, normalized=True)])
         special["eos_token"] = EOS
+    elif isinstance(tokenizer, PretrainedTokenizer):  # the model's own, its special tokens as it names them
+        fast = Fast.from_str(tokenizer.tokenizer.to_str())
+        special = _named_tokens(tokenizer.folder, fast.get_vocab()) if tokenizer.folder else {}
     else:
         raise ConfigError(f"no tokenizer.json for a {type(tokenizer).__name__}")
     return PreTrainedTokenizerFast(tokenizer_object=fast, **special)
+
+
+def _named_tokens(folder: str, vocab: dict[str, int]) -> dict[str, str]:
+    """The beginning, end, unknown and padding tokens a pretrained tokenizer's folder names (in
+    ``special_tokens_map.json`` or ``tokenizer_config.json``, as ``save_pretrained`` writes them), where
+    its vocabulary holds them."""
+    import json
+
+    named = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((Path(folder) / file).read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and token in vocab:
+                named.setdefault(key, token)
+    return named
 
 
 def _byte_symbol(b: int) -> str:
@@ -315,7 +339,12 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
             hf.save_pretrained(staging)
         if tokenizer is not None:
             hf_tokenizer(tokenizer).save_pretrained(staging)
-            notes.append(f"tokenizer: lmheads' {tokenizer.kind} tokenizer as tokenizer.json")
+            whose = (
+                f"the pretrained tokenizer of {tokenizer.folder}"
+                if isinstance(tokenizer, PretrainedTokenizer)
+                else f"lmheads' {tokenizer.kind} tokenizer"
+            )
+            notes.append(f"tokenizer: {whose} as tokenizer.json")
         else:
             notes.append("no tokenizer: the data has no text (the synthetic language's ids are its tokens)")
         os.rename(staging, out)

@@ -243,18 +243,25 @@ def test_a_missing_checkpoint_or_model_folder_is_one_line_that_names_it(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+GPT2_EOS = "<|endoftext|>"
+
+
 def _local_gpt2(folder, vocab: list[str]):
     """A small randomly initialised GPT-2 (tanh GELU, as GPT-2's) saved as HF saves it, with a byte-level
-    BPE tokenizer.json trained on ``vocab``'s words: a pretrained model's folder, downloaded from nowhere."""
+    BPE tokenizer trained on ``vocab``'s words and GPT-2's one special token, saved as HF saves it: a
+    pretrained model's folder, downloaded from nowhere."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[GPT2_EOS]
+    )
     tokenizer.train_from_iterator(vocab, trainer=trainer)
     folder.mkdir()
-    tokenizer.save(str(folder / "tokenizer.json"))
+    special = dict.fromkeys(("bos_token", "eos_token", "unk_token"), GPT2_EOS)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special).save_pretrained(folder)
     torch.manual_seed(1)
     config = transformers.GPT2Config(
         vocab_size=tokenizer.get_vocab_size(), n_positions=32, n_embd=16, n_layer=2, n_head=2
@@ -303,6 +310,16 @@ def test_a_fit_starts_from_a_local_gpt2(tmp_path, capsys):
     torch.testing.assert_close(cli.model.backbone.wte.weight, weights["transformer.wte.weight"], **close)
     torch.testing.assert_close(cli.model.head.weight, weights["lm_head.weight"], **close)
     assert cli.datamodule.tokenizer.encode("the cat") == hf_tokenizer_ids(tmp_path / "gpt2", "the cat")
+    from lmheads.hf import main as export  # and out again, with the pretrained model's tokenizer
+
+    export([str(cli.plan.folder), str(tmp_path / "out")])
+    assert (
+        f"tokenizer: the pretrained tokenizer of {tmp_path / 'gpt2'} as tokenizer.json"
+        in capsys.readouterr().out
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer("the cat\n")["input_ids"] == cli.datamodule.tokenizer.encode("the cat\n")
+    assert tokenizer.eos_token == tokenizer.bos_token == GPT2_EOS and len(tokenizer) == hf.config.vocab_size
     with pytest.raises(SystemExit) as exc:  # another shape: the options that would match, in one line
         fit(tmp_path / "wrong", *data, *backbone, "--model.backbone.n_layer=3", *start, steps=1, every=1)
     assert exc.value.code == 2

@@ -254,6 +254,7 @@ class PretrainedTokenizer(_HFTokenizer):
     record is encoded as it is, its line break included; nothing is added."""
 
     kind = "pretrained"
+    folder: str | None = None  # where it was read: its special tokens are named there
 
     @classmethod
     def from_folder(cls, folder: str) -> PretrainedTokenizer:
@@ -266,7 +267,9 @@ class PretrainedTokenizer(_HFTokenizer):
             raise ConfigError(
                 f"data.tokenizer_path {folder!r} holds no tokenizer.json; give a model's folder"
             )
-        return cls(HFTokenizer.from_file(str(path)))
+        tokenizer = cls(HFTokenizer.from_file(str(path)))
+        tokenizer.folder = folder
+        return tokenizer
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
