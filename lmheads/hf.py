@@ -165,6 +165,9 @@ def to_gpt2(model):
     return hf, note
 
 
+#: GPT-2's options (and their defaults) as lmheads' backbone computes them: others change the model.
+COMPUTES = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "layer_norm_epsilon": 1e-5}
+
 #: GPT-2 activations by the GELU lmheads computes the same way (``model.backbone.gelu``).
 GELU = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -214,6 +217,12 @@ def init_from_gpt2(model, folder: str | Path) -> str:
     if differ:
         raise ConfigError(
             f"model.init_from {str(folder)!r} is a GPT-2 of another shape: set {' '.join(differ)}"
+        )
+    otherwise = [f"{k}={config[k]} (lmheads: {v})" for k, v in COMPUTES.items() if config.get(k, v) != v]
+    if otherwise:
+        raise ConfigError(
+            f"model.init_from {str(folder)!r} computes what lmheads' backbone does not: "
+            + "; ".join(otherwise)
         )
     if model.backbone.vocab_size != config["vocab_size"]:
         raise ConfigError(

@@ -328,6 +328,27 @@ def test_a_fit_starts_from_a_local_gpt2(tmp_path, capsys):
     assert not (tmp_path / "wrong" / "quickstart").exists()  # refused at the start: no run folder
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx=True (lmheads: False)"),
+        ("scale_attn_weights", False, "scale_attn_weights=False (lmheads: True)"),
+        ("layer_norm_epsilon", 1e-6, "layer_norm_epsilon=1e-06 (lmheads: 1e-05)"),
+    ],
+)
+def test_a_gpt2_that_computes_otherwise_is_refused(option, value, said, tmp_path):
+    """A GPT-2 variant's weights would load into a backbone that computes something else."""
+    from lmheads.hf import init_from_gpt2
+
+    hf = _local_gpt2(tmp_path / "gpt2", TEXT * 20)
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**config, option: value}))
+    cfg = BackboneConfig(n_layer=2, n_head=2, d_model=16, block_size=16, gelu="tanh")
+    model = LMHeadModule(head=registered_heads()["tied"](), backbone=cfg, vocab_size=hf.config.vocab_size)
+    with pytest.raises(ConfigError, match=f"computes what lmheads' backbone does not: {re.escape(said)}$"):
+        init_from_gpt2(model, tmp_path / "gpt2")
+
+
 def hf_tokenizer_ids(folder, text: str) -> list[int]:
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))(text)[
         "input_ids"
