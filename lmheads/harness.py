@@ -96,6 +96,8 @@ def evaluate(
                 model_args={
                     "pretrained": str(model_dir),
                     "dtype": "float32",
+                    # lmheads' own modeling file, where GPT-2 does not compute the model (lmheads.hf_remote)
+                    "trust_remote_code": (model_dir / "modeling_lmheads.py").is_file(),
                     **({"prefix_token_id": prefix_token_id} if prefix_token_id is not None else {}),
                 },
                 tasks=tasks,
