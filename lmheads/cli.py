@@ -59,7 +59,7 @@ from lmheads.run.plan import (
     point_loggers,
     require_logger_packages,
 )
-from lmheads.run.records import RunConfig, RunSummary, record_evaluation
+from lmheads.run.records import RunConfig, RunSummary, filed_line, record_evaluation
 from lmheads.run.resume import (
     check_against_checkpoint,
     check_training,
@@ -167,6 +167,10 @@ class LMHeadsCLI(LightningCLI):
                 self._other_data = check_against_checkpoint(
                     subcommand, config, self._checkpoint, defaults, named, own
                 )
+                # 1 is one batch and 1.0 all of them: a test of part of the split is not the run's test
+                limit = self._batch_counts.get("limit_test_batches", config.trainer.get("limit_test_batches"))
+                if subcommand == "test" and limit is not None and (type(limit) is int or limit != 1.0):
+                    self._other_data.append(f"trainer.limit_test_batches={limit}: part of the test split")
             elif subcommand == "fit":
                 check_trains_something(config)
 
@@ -339,11 +343,7 @@ class LMHeadsCLI(LightningCLI):
         """Where an evaluation's metrics (or a predict's samples) went, once it has run."""
         if self.run_folder is None:
             return
-        line = f"{self.subcommand}: filed in {self.run_folder.path}"
-        if self._other_data:
-            line += f", on data other than the run's ({'; '.join(self._other_data)}): compare.py does not "
-            line += "take it for the run's own"
-        rank_zero_info(line)
+        rank_zero_info(filed_line(self.subcommand, self.run_folder.path, self._other_data))
 
 
 def _refuse_going_back(run: Path, step: int, ckpt) -> None:

@@ -149,7 +149,7 @@ def main(argv: list[str]) -> None:
     from lmheads.hf import checkpoint_file, export_hf, from_checkpoint
     from lmheads.run.claim import RunFolder
     from lmheads.run.layout import free_name, run_of_checkpoint
-    from lmheads.run.records import record_evaluation
+    from lmheads.run.records import filed_line, record_evaluation
 
     parser = argparse.ArgumentParser(
         prog="python -m lmheads harness",
@@ -205,6 +205,8 @@ def main(argv: list[str]) -> None:
         (folder / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         step = int(checkpoint.get("global_step", 0))
         other = [] if args.text is None else [f"text={args.text}"]
+        if args.limit is not None:  # part of the data: not the run's score in compare.py's table
+            other.append(f"--limit {args.limit}: the first documents of each task")
         record_evaluation(folder, ckpt, step, other)
     except BaseException:
         claim.release()
@@ -214,4 +216,4 @@ def main(argv: list[str]) -> None:
     width = max(len(k) for k in found) if found else 0
     for key, value in found.items():
         print(f"{key:<{width}}  {value:.4f}" if math.isfinite(value) else f"{key:<{width}}  {value}")
-    print(f"harness: filed in {folder}")
+    print(filed_line("harness", folder, other))

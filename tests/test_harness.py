@@ -70,8 +70,14 @@ def test_a_run_is_scored_by_lm_eval_and_its_bits_per_byte_agree_with_lmheads(wor
     assert logged.harness["lm-eval lmheads_wikitext2 bits_per_byte"] == bpb
     table = tool("compare").table({"tied": [logged]})
     assert "lm-eval lmheads_wikitext2 bits_per_byte" in table and f"{bpb:.4f}" in table
-    main([str(run), "--limit", "1"])  # again (one document is enough): numbered, the first kept
+    main([str(run), "--limit", "1"])  # again, on one document: numbered, the first kept and still shown
     assert sorted(p.name for p in (run / "harness").iterdir()) == ["last", "last-2"]
+    other = json.loads((run / "harness" / "last-2" / "checkpoint.json").read_text())["other_data"]
+    assert other == ["--limit 1: the first documents of each task"]
+    assert f"filed in {run / 'harness' / 'last-2'}, on data other than the run's ({other[0]})" in (
+        capsys.readouterr().out
+    )
+    assert load_run(run).harness == {f"lm-eval {k}": v for k, v in record["metrics"].items()}
 
 
 def test_a_character_run_is_scored_after_a_line_break(tmp_path, capsys):

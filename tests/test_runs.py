@@ -502,6 +502,13 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     assert other == ["data.val_tokens: 8192 here, 4096 in the checkpoint"]
     (found,) = runlog.find_runs([tmp_path])
     assert found.scalars["test/loss"] == runlog.load_run(run / "test" / "last-3").scalars["test/loss"]
+    # Nor is a test of part of the split: one batch is given as a number, all of them as 1.0.
+    for limit, folder, other in (("1", "last-5", ["trainer.limit_test_batches=1: part of the test split"]),
+                                 ("1.0", "last-6", [])):  # fmt: skip
+        main(["test", *quick_args(tmp_path), last, f"--trainer.limit_test_batches={limit}"])
+        assert json.loads((run / "test" / folder / "checkpoint.json").read_text())["other_data"] == other
+    (found,) = runlog.find_runs([tmp_path])
+    assert found.scalars["test/loss"] == runlog.load_run(run / "test" / "last-6").scalars["test/loss"]
 
 
 def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):

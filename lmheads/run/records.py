@@ -134,6 +134,15 @@ def stopped_early(trainer: L.Trainer) -> str | None:
     return "max_time reached" if remaining is not None and remaining <= 0 else None
 
 
+def filed_line(command: str, folder: Path, other_data: list[str]) -> str:
+    """What an evaluation prints at its end: where it is filed, and whether it is of the run's data."""
+    line = f"{command}: filed in {folder}"
+    if other_data:
+        line += f", on data other than the run's ({'; '.join(other_data)}): compare.py does not take it "
+        line += "for the run's own"
+    return line
+
+
 def record_evaluation(folder: Path, ckpt: str | Path, step: int, other_data: list[str]) -> None:
     """Write ``checkpoint.json`` into an evaluation's folder: the checkpoint it reads, the step that
     checkpoint was saved at (evaluations log at step 0), and how its data differs from the run's, if it
