@@ -67,7 +67,7 @@ from lmheads.run.resume import (
     checkpoint_by_keyword,
     is_checkpoint_keyword,
 )
-from lmheads.sharding import check_strategy
+from lmheads.sharding import check_checkpoints, check_strategy
 from lmheads.streams import pipe_safe_output
 
 
@@ -256,6 +256,8 @@ class LMHeadsCLI(LightningCLI):
         if self.run_folder is not None:
             self.run_folder.trainer = self.trainer
         check_strategy(self.trainer.strategy, self.model)  # before any process is launched
+        if self.subcommand == "fit":
+            check_checkpoints(self.trainer.strategy)
         if self.run_folder is not None and self.run_folder.resume:
             check_training(self.run_folder.path, self.model, self.trainer, self.datamodule)
         if self._checkpoint is not None:  # here too for strategies that load the weights themselves (FSDP2)

@@ -86,6 +86,19 @@ class AlignLoggingStep(Callback):
         align_logging_step(trainer)
 
 
+def sharded_checkpoints(strategy) -> str | None:
+    """The option that makes ``strategy`` write each checkpoint as one file, where it would write a folder
+    of shards instead: ``ModelParallelStrategy`` does by default, ``FSDPStrategy`` with sharded state
+    dicts."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
+        return "save_distributed_checkpoint=false"
+    if isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded":
+        return "state_dict_type=full"
+    return None
+
+
 def requeue_signal(trainer: L.Trainer) -> int | None:
     """The signal on which Lightning's SLURM auto-requeue saves a checkpoint and requeues the job (``None``
     where it is off). Its handler, installed when ``fit`` starts, saves wherever the signal lands: inside

@@ -21,6 +21,7 @@ from torch import nn
 from lmheads.backbone import Backbone
 from lmheads.errors import ConfigError
 from lmheads.heads import Head
+from lmheads.lightning_internals import sharded_checkpoints
 
 #: Methods of the module that run the model besides ``forward``; under FSDP2 they gather the parameters.
 FORWARD_METHODS = ("train_loss", "token_loss", "generate")
@@ -55,6 +56,18 @@ def check_strategy(strategy, model: nn.Module | None = None) -> None:
                 f"--trainer.strategy.init_args.data_parallel_size={world} and tensor_parallel_size=1 "
                 "(configs/trainer/fsdp2.yaml)"
             )
+
+
+def check_checkpoints(strategy) -> None:
+    """Refuse, before a fit starts, a strategy that would write the run's checkpoints as folders of shards:
+    lmheads reads a checkpoint file to continue, evaluate or export a run."""
+    one_file = sharded_checkpoints(strategy)
+    if one_file is not None:
+        raise ConfigError(
+            f"{type(strategy).__name__} would write the run's checkpoints as folders of shards, which "
+            f"lmheads cannot continue, evaluate or export: set --trainer.strategy.init_args.{one_file} (one "
+            "file, gathered on rank 0)"
+        )
 
 
 def check_fsdp_policy(policy) -> None:

@@ -13,6 +13,7 @@ from lmheads.lightning_internals import (
     align_logging_step,
     batches_done_this_epoch,
     requeue_signal,
+    sharded_checkpoints,
     stop_after_this_step,
     validate_and_stop_after_this_step,
 )
@@ -75,3 +76,10 @@ def test_the_signal_of_slurms_auto_requeue_has_lightnings_handler_when_training_
     assert requeue_signal(trainer) == signal.SIGUSR1
     trainer.fit(Seen())
     assert handled == [True]
+
+
+def test_the_strategies_say_when_they_write_folders_of_shards():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    assert sharded_checkpoints(ModelParallelStrategy()) == "save_distributed_checkpoint=false"  # the default
+    assert sharded_checkpoints(ModelParallelStrategy(save_distributed_checkpoint=False)) is None

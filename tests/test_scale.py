@@ -18,7 +18,7 @@ from lmheads.errors import ConfigError
 from lmheads.heads import head_class, registered_heads
 from lmheads.module import LMHeadModule
 from lmheads.reporting import parameter_counts
-from lmheads.sharding import check_strategy
+from lmheads.sharding import check_checkpoints, check_strategy
 
 from .helpers import ROOT, fit, main, only_run, quick_args, run_lmheads, scalars
 from .probes import FSDP1_BACKBONE, fsdp1_worker
@@ -323,6 +323,23 @@ def test_fsdp2_sizes_that_leave_processes_out_are_refused_before_launch(tmp_path
     err = capsys.readouterr().err
     assert message in err and "set --trainer.strategy.init_args.data_parallel_size=2" in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_checkpoints_written_as_folders_of_shards_are_refused_before_launch(tmp_path, capsys):
+    """A folder of shards could not be continued, evaluated or exported ("does not exist"): a fit that
+    would write them is refused, FSDP1's sharded state dicts too (its strategy needs CUDA to start)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path, *FSDP2, f"{DP}=2", "--trainer.strategy.init_args.save_distributed_checkpoint=true")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "as folders of shards" in err
+    assert "set --trainer.strategy.init_args.save_distributed_checkpoint=false" in err
+    assert not (tmp_path / "quickstart").exists()
+    with pytest.raises(ConfigError, match=r"set --trainer\.strategy\.init_args\.state_dict_type=full"):
+        check_checkpoints(FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded"))
+    check_checkpoints(FSDPStrategy(auto_wrap_policy={Block}))
 
 
 def test_fsdp2_checkpoint_of_another_vocabulary_is_refused_before_launch(tmp_path, capsys):
