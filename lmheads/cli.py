@@ -167,10 +167,10 @@ class LMHeadsCLI(LightningCLI):
                 self._other_data = check_against_checkpoint(
                     subcommand, config, self._checkpoint, defaults, named, own
                 )
-                # 1 is one batch and 1.0 all of them: a test of part of the split is not the run's test
-                limit = self._batch_counts.get("limit_test_batches", config.trainer.get("limit_test_batches"))
-                if subcommand == "test" and limit is not None and (type(limit) is int or limit != 1.0):
-                    self._other_data.append(f"trainer.limit_test_batches={limit}: part of the test split")
+                if subcommand == "test":  # a test of part of the split is not the run's test
+                    limit = self._batch_counts.get("limit_test_batches", config.trainer.limit_test_batches)
+                    if limit is not None and (type(limit) is int or limit != 1.0):  # 1: a batch, 1.0: all
+                        self._other_data.append(f"trainer.limit_test_batches={limit}: part of the test split")
             elif subcommand == "fit":
                 check_trains_something(config)
 
