@@ -177,6 +177,9 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"{args.out} exists; give a new folder for the results")
     if args.text is not None and not args.text.is_file():
         raise ConfigError(f"--text {args.text}: no such file")
+    for option, value in (("--batch_size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} {value}: give a positive number")
     model, tokenizer, checkpoint = from_checkpoint(ckpt)
     if tokenizer is None:
         raise ConfigError("lm-eval scores text, and this model's data has none (the synthetic language)")

@@ -146,6 +146,9 @@ def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys, m
     assert "GPT2LMHeadModel" not in capsys.readouterr().out  # refused before the export
     with pytest.raises(ConfigError, match="exists; give a new folder"):
         main([str(run), "--out", str(run)])
+    for option in ("--batch_size", "--limit"):  # lm-eval ended these in a traceback
+        with pytest.raises(ConfigError, match=f"^{option} 0: give a positive number$"):
+            main([str(run), option, "0"])
     with pytest.raises(ConfigError, match=r"is not an lmheads checkpoint|not a checkpoint of a run"):
         (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
         main([str(tmp_path / "x.ckpt")])
