@@ -19,6 +19,7 @@ its own (:mod:`lmheads.hf_remote`, ``trust_remote_code=True``), and the export s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -179,8 +180,6 @@ def init_from_gpt2(model, folder: str | Path) -> str:
     Heads that add to the tie (a bias, a low-rank correction, a projection) keep their own
     initialisation. A backbone or vocabulary of another shape is one ``ConfigError`` naming the options
     that would match. Returns what was loaded."""
-    import json
-
     from transformers import GPT2LMHeadModel
 
     folder = Path(folder)
@@ -296,8 +295,6 @@ def _named_tokens(folder: str, vocab: dict[str, int]) -> dict[str, str]:
     """The beginning, end, unknown and padding tokens a pretrained tokenizer's folder names (in
     ``special_tokens_map.json`` or ``tokenizer_config.json``, as ``save_pretrained`` writes them), where
     its vocabulary holds them."""
-    import json
-
     named = {}
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
         try:
