@@ -386,16 +386,16 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
 
 
 def _stopped_outside_training(signum, frame) -> None:
-    raise Interrupted("SIGTERM outside training: nothing was saved", 143)
+    raise Interrupted(f"{signal.Signals(signum).name} outside training: nothing was saved", 128 + signum)
 
 
 def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
     argv = sys.argv[1:] if args is None else args
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        # Until training starts (where the interruption callback takes SIGTERM over), SIGTERM ends the
-        # command like any failed start: what it created is removed (a sweep can then start it again).
-        previous = signal.signal(signal.SIGTERM, _stopped_outside_training)
+        # Until training starts (where the interruption callback takes them over), Ctrl-C and SIGTERM end
+        # the command like any failed start: what it created is removed (a sweep can then start it again).
+        previous = {s: signal.signal(s, _stopped_outside_training) for s in (signal.SIGINT, signal.SIGTERM)}
     set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
     try:
         if argv[:1] == ["heads"]:  # python -m lmheads heads [MODULE ...]
@@ -447,5 +447,5 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

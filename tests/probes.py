@@ -72,10 +72,14 @@ class WaitForSignal(L.Callback):
 
 
 class SignalInSetup(L.Callback):
-    """Sends SIGTERM to this process while the trainer sets up, before training starts."""
+    """Sends a signal (SIGTERM unless told) to this process while the trainer sets up, before training
+    starts."""
+
+    def __init__(self, signum: int = int(signal.SIGTERM)) -> None:
+        self.signum = signum
 
     def setup(self, trainer, pl_module, stage) -> None:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), self.signum)
 
 
 class NoHostSync(L.Callback):

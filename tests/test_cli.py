@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -447,6 +448,27 @@ def test_help_lists_every_command_and_a_command_builds_its_own_parser_only(tmp_p
 def test_help_of_a_class_names_the_command(tmp_path):
     result = run_lmheads("fit", "--model.head.help", "untied", cwd=tmp_path, new_python=True)
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m lmheads "), result.stdout
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+    """Importing Lightning takes seconds: Ctrl-C then ends ``python -m lmheads`` as it does later, with one
+    ``interrupted:`` line and status 130, not a traceback of the import."""
+    ctrl_c_on_import = (
+        "import builtins, os, runpy, signal, sys\n"
+        "real = builtins.__import__\n"
+        "def ctrl_c(name, *args, **kwargs):\n"
+        "    if name == 'lightning':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = ctrl_c\n"
+        "sys.argv = ['-m', 'fit']\n"
+        "runpy.run_module('lmheads', run_name='__main__', alter_sys=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", ctrl_c_on_import], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr == "interrupted: SIGINT outside training: nothing was saved\n"
 
 
 def test_a_warning_is_one_plain_line(tmp_path):

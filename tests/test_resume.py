@@ -211,16 +211,19 @@ def test_sigterm_saves_and_exits_143(tmp_path, capsys):
     assert (only_run(tmp_path) / "checkpoints" / "interrupted.ckpt").is_file()
 
 
-def test_sigterm_before_training_leaves_nothing(tmp_path, capsys):
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_before_training_leaves_nothing(tmp_path, capsys, signum):
+    """Ctrl-C too: not Lightning's "Detected KeyboardInterrupt" and exit status 1, as if it had failed."""
+    before = signal.getsignal(signum)
     with pytest.raises(SystemExit) as exc:
-        fit(tmp_path, "--trainer.callbacks+=tests.probes.SignalInSetup", steps=6, every=3)
-    assert exc.value.code == 143
+        probe = ["--trainer.callbacks+=tests.probes.SignalInSetup", f"--trainer.callbacks.signum={signum}"]
+        fit(tmp_path, *probe, steps=6, every=3)
+    assert exc.value.code == 128 + signum
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "interrupted: SIGTERM outside training: nothing was saved"
+        f"interrupted: {signum.name} outside training: nothing was saved"
     )
     assert not (tmp_path / "quickstart").exists()  # the run folder it had claimed is gone
-    assert signal.getsignal(signal.SIGTERM) is before  # and the handler is given back
+    assert signal.getsignal(signum) is before  # and the handler is given back
 
 
 def test_float16_weights_diverge_at_once_and_the_error_names_the_precision(tmp_path, capsys):
