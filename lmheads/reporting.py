@@ -108,11 +108,11 @@ def flat_hparams(model, trainer: L.Trainer) -> dict[str, int | float | str]:
         "loss_backend": model.head_loss.name,
     }
     flat.update(training_settings(trainer))
-    # The text trained and validated on, by content: two runs of files with one name and size but other
-    # text are not seeds of one configuration ("" where the split is not read from a file).
+    # The text trained and validated on, by content: two runs of files with one name and size, or of one
+    # dataset name, but other text are not seeds of one configuration ("" where no text is read).
     sources = getattr(datamodule, "sources", {})
     for split in ("train", "validation"):
-        flat[f"data/{split}_sha256"] = sources.get(f"{split}_file", "")
+        flat[f"data/{split}_sha256"] = sources.get(f"{split}_file") or sources.get(f"{split}_text", "")
     for name, value in vars(cfg).items():
         flat[f"backbone/{name}"] = value
     flat["backbone/d_embed"] = cfg.embed_width  # one type in every run: E, also where it is D

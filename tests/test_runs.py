@@ -221,6 +221,35 @@ def test_a_resume_reads_the_same_text_wherever_it_lies(tmp_path, capsys):
     assert f"data.train_file: '{moved}' holds other text than '{moved}' held when the checkpoint's run" in err
 
 
+def test_a_dataset_counts_by_the_text_it_holds(tmp_path, capsys):
+    """A dataset given by name (a hub name, or a local dataset folder) can hold other text under that name:
+    the digest of its text is the run's ``data/train_sha256``, and a fit continued on other text is
+    refused and leaves the run as it was (the continuation's event file and configuration too)."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    rows = [{"text": " ".join(words[(i * j) % 6] for j in range(10))} for i in range(3000)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    data = ["--data=lmheads.data.TextDataModule", "--data.tokenizer=word", f"--data.dataset_name={corpus}",
+            f"--data.cache_dir={tmp_path}"]  # fmt: skip
+    (corpus / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    fit(tmp_path / "runs", *data, steps=2, every=2)
+    run = only_run(tmp_path / "runs")
+    assert len(yaml.safe_load((run / "hparams.yaml").read_text())["data/train_sha256"]) == 64
+    rows[1], rows[2] = rows[2], rows[1]  # the same words, in another order
+    (corpus / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    before = snapshot(run)
+    args = [
+        *quick_args(tmp_path / "runs", steps=4, every=2),
+        *data,
+        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    ]
+    err = refused(capsys, "fit", *args)
+    assert (
+        f"data.dataset_name '{corpus}' holds other train text than when the checkpoint's run read it" in err
+    )
+    assert snapshot(run) == before
+
+
 def test_resuming_continues_in_the_run_and_keeps_its_record(finished_run):
     tmp_path, run, before = finished_run
     cli = fit(tmp_path, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=9, every=3)

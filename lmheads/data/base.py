@@ -204,13 +204,15 @@ class LMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.random_offsets = False  # data cut from a token stream may set it (TextDataModule)
         self.splits: dict[str, BlockDataset] = {}
-        self.sources: dict[str, str] = {}  # data option -> file_digest of the file it named, when read
+        # data option -> file_digest of the file it named, when read; <split>_text -> a dataset's text
+        self.sources: dict[str, str] = {}
         self.bytes_per_token: dict[str, float] = {}
         self._train_counts: np.ndarray | None = None
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the data: the digests of the files read, by which a resume tells
-        whether it reads the same data (:func:`lmheads.run.resume.data_conflicts`)."""
+        whether it reads the same data (:func:`lmheads.run.resume.data_conflicts`), and of a dataset's text
+        (``TextDataModule.load_state_dict``)."""
         return {"sources": dict(self.sources)}
 
     @property

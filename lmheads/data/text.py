@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import datasets
 
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
-_STREAM_FORMAT = 2  # bump when the stream layout changes, to invalidate old cache files
+_STREAM_FORMAT = 3  # bump when the stream layout changes, to invalidate old cache files
 #: Options that only one tokenizer reads, and that tokenizer.
 _TOKENIZER_OPTIONS = {
     "min_count": "word",
@@ -280,11 +280,12 @@ class TextDataModule(LMDataModule):
                 np.asarray(row, dtype=dtype) for batch in ids.iter(batch_size=10_000) for row in batch["ids"]
             ]
             stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-            n_bytes = sum(
-                len(text.encode("utf-8"))
-                for batch in self.raw[split].iter(batch_size=10_000)
-                for text in batch[self.text_column]
-            )
+            n_bytes, digest = 0, hashlib.sha256()  # the split's text, record by record
+            for batch in self.raw[split].iter(batch_size=10_000):
+                for text in batch[self.text_column]:
+                    data = text.encode("utf-8")
+                    n_bytes += len(data)
+                    digest.update(len(data).to_bytes(8, "little") + data)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, stream)
@@ -294,6 +295,7 @@ class TextDataModule(LMDataModule):
                 "tokens": len(stream),
                 "bytes": n_bytes,
                 "unknown": int(np.sum(stream == unk)) if unk is not None else 0,
+                "sha256": digest.hexdigest(),
             }
             _atomic_write(path.with_suffix(".json"), json.dumps(counts).encode())
 
@@ -308,10 +310,30 @@ class TextDataModule(LMDataModule):
             counts = json.loads(path.with_suffix(".json").read_text())
             self.bytes_per_token[split] = counts["bytes"] / max(1, counts["tokens"])
             self.unknown[split] = counts["unknown"] / max(1, counts["tokens"])
+            if self.hparams.dataset_name is not None and split != "test":  # files have their own digests
+                self.sources[f"{split}_text"] = counts["sha256"]
             self.splits[split] = StreamBlocks(stream, self.block_size, split)
         if not self._noted and (note := self.unknown_note()):
             rank_zero_info(note)
             self._noted = True
+
+    def load_state_dict(self, state: dict) -> None:
+        """A fit continued from a checkpoint reads the text its run read: a hub dataset, or a local dataset
+        folder, can hold other text under the same name, which its options do not show."""
+        if self.trainer is None or self.trainer.state.fn != "fit":
+            return
+        theirs = state.get("sources") or {}
+        changed = [
+            split
+            for split in ("train", "validation")
+            if f"{split}_text" in theirs and theirs[f"{split}_text"] != self.sources.get(f"{split}_text")
+        ]
+        if changed:
+            raise ConfigError(
+                f"data.dataset_name {self.hparams.dataset_name!r} holds other {' and '.join(changed)} text "
+                "than when the checkpoint's run read it: continuing would train that run on other data. "
+                "Give the data it trained on, or train a new run without --ckpt_path"
+            )
 
     def unknown_note(self) -> str | None:
         """A line when evaluation text holds tokens outside the vocabulary (``<unk>``) that the training

@@ -103,8 +103,9 @@ class RunFolder:
         self.path = path
         self.resume = resume
         self.trainer: L.Trainer | None = None
-        self._before: set[str] | None = None  # the folder's entries when claimed; None: not claimed
+        self._before: set[str] | None = None  # the paths in the folder when claimed; None: not claimed
         self._claimed = False
+        self._created = False  # whether it made the folder
         self._previous_claim: str | None = None
         self._set_aside: list[tuple[Path, Path]] = []  # (file, where it went), put back if the start fails
 
@@ -119,6 +120,7 @@ class RunFolder:
                 )
             claim = self.path / CLAIM_FILE
             self._previous_claim = claim.read_text() if claim.is_file() else None  # back if it fails
+            self._before = _paths(self.path)
             self._write_claim("w")
             return
         existed = self.path.is_dir()
@@ -131,7 +133,7 @@ class RunFolder:
             self._write_claim("x")
         except FileExistsError:
             raise ConfigError(self._taken()) from None
-        self._before = before if existed else set()
+        self._before = _paths(self.path) if existed else set()
         self._created = not existed
         _lock(self.path)  # its claim file was this process's to create: no other holds the folder
 
@@ -213,7 +215,7 @@ class RunFolder:
     def release(self) -> None:
         """After a failure before the first training step (and before any checkpoint), or a
         ``fast_dev_run``: remove what this process added to the folder, and the folder if it created it;
-        a run it was to continue gets its claim back as it was."""
+        a run it was to continue is left as it was, its claim included."""
         trainer = self.trainer
         trained = trainer is not None and trainer.global_step > 0 and not trainer.fast_dev_run
         if self.resume and self._claimed and not trained and rank_zero_only.rank == 0:  # the run as it was
@@ -223,12 +225,15 @@ class RunFolder:
             claim = self.path / CLAIM_FILE
             claim.write_text(self._previous_claim) if self._previous_claim is not None else claim.unlink()
             self._claimed = False
-        if self._before is None or trained or self._has_checkpoint() or rank_zero_only.rank != 0:
+        if self._before is None or trained or rank_zero_only.rank != 0:
             return
-        added = set(os.listdir(self.path)) - self._before
+        added = _paths(self.path) - self._before  # a resume's new event file and configuration too
+        if any(path.endswith(".ckpt") for path in added):
+            return
         for entry in added:
-            target = self.path / entry
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if os.path.dirname(entry) not in added:  # the first of the paths it added, with what is in it
+                target = self.path / entry
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
         if self._created:  # and the parents it made (runs/<name>), as far as they are empty
             for folder in [self.path, *self.path.parents]:
                 if any(folder.iterdir()):
@@ -237,3 +242,8 @@ class RunFolder:
                 if folder == self._top:
                     break
         self._before = None
+
+
+def _paths(folder: Path) -> set[str]:
+    """Every file and folder under ``folder``, as paths relative to it."""
+    return {str(path.relative_to(folder)) for path in folder.rglob("*")}
