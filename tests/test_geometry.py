@@ -150,6 +150,25 @@ def test_training_logs_the_gradient_share_for_a_tied_head_only(tmp_path):
     assert "diag/grad_share_output" not in scalars(only_run(untied))
 
 
+def test_embeddings_tool_tells_datasets_apart_by_their_text():
+    """A dataset given by name can hold other text, and so other tokens, under that name."""
+    vocabulary = tool("embeddings").vocabulary
+
+    def checkpoint(text_digest: str) -> dict:
+        options = {
+            "_class_path": "lmheads.data.TextDataModule",
+            "dataset_name": "corpus",
+            "tokenizer": "char",
+        }
+        return {
+            "datamodule_hyper_parameters": options,
+            "TextDataModule": {"sources": {"train_text": text_digest}},
+        }
+
+    assert vocabulary(checkpoint("a")) == vocabulary(checkpoint("a"))
+    assert vocabulary(checkpoint("a")) != vocabulary(checkpoint("b"))
+
+
 def test_embeddings_tool_compares_runs_and_refuses_other_vocabularies(tmp_path, capsys):
     fit(tmp_path, steps=2, every=2)
     fit(tmp_path, "--model.head=untied", steps=2, every=2)
@@ -160,6 +179,7 @@ def test_embeddings_tool_compares_runs_and_refuses_other_vocabularies(tmp_path, 
     rows = [line for line in out.splitlines() if line.startswith("| tied-") or line.startswith("| untied-")]
     assert len(rows) == 3  # tied E, untied E, untied W: three pairs
     assert "top 1% types" in out and (tmp_path / "report" / "embeddings.png").is_file()
+    assert "| – |" in out and "\n–: CKA of a bucket with fewer than twice as many tokens as dimensions" in out
     other = tmp_path / "other"
     fit(other, "--data.init_args.vocab_size=512", steps=1, every=1)
     assert embeddings.main([str(runs[0]), str(only_run(other))]) == 2

@@ -35,13 +35,15 @@ NOT_VOCABULARY |= {"cache_dir", "random_offsets", "validation_file", "test_file"
 
 
 def vocabulary(checkpoint: dict) -> dict:
-    """What decides which token each row is: the data module and its options, a training file by its
-    content (a copy elsewhere holds the same text); not the sizes, loaders or evaluation files."""
+    """What decides which token each row is: the data module and its options, the training text by its
+    content (a copy elsewhere holds the same text; a dataset can hold other text under one name); not the
+    sizes, loaders or evaluation files."""
     options = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     cls = str(options.get("_class_path", ""))
     sources = (checkpoint.get(cls.rpartition(".")[2]) or {}).get("sources", {})
-    if "train_file" in sources:
-        options["train_file"] = sources["train_file"]
+    for key in ("train_file", "train_text"):  # a file's digest, or a dataset's text's
+        if key in sources:
+            options[key] = sources[key]
     return {k: v for k, v in options.items() if k not in NOT_VOCABULARY and k != "_instantiator"}
 
 
@@ -104,7 +106,10 @@ def table(rows: list[dict], k: int, bucketed: bool) -> str:
                 cka = row[f"cka_{name}"]
                 cells += ["–" if cka is None else f"{cka:.3f}", f"{row[f'overlap_{name}']:.3f}"]
         table.append(cells)
-    return markdown(pd.DataFrame(table, columns=header))
+    text = markdown(pd.DataFrame(table, columns=header))
+    if any(row.get(f"cka_{name}", 0) is None for row in rows for name in FREQUENCY_BUCKETS):
+        text += "\n\n–: CKA of a bucket with fewer than twice as many tokens as dimensions (it says little)."
+    return text
 
 
 def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], k: int, out: Path) -> Path:
