@@ -290,7 +290,7 @@ class LMHeadsCLI(LightningCLI):
             _refuse_going_back(run, step, ckpt)
         set_aside = point_loggers(config, plan, step)
         self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": plan.config_file}
-        self.run_folder = RunFolder(plan.folder, resume=plan.resume)
+        self.run_folder = RunFolder(plan.folder, resume=plan.resume, start_step=step)
         try:
             self.run_folder.claim()
         except ConfigError as err:

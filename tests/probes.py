@@ -82,6 +82,16 @@ class SignalInSetup(L.Callback):
         os.kill(os.getpid(), self.signum)
 
 
+class FailOnStart(L.Callback):
+    """Fails as the first training (or test) step would, a GPU out of memory say: after the checkpoint
+    the command started from has been restored."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError(f"a failure at step {trainer.global_step}, before training")
+
+    on_test_start = on_train_start
+
+
 class NoHostSync(L.Callback):
     """Makes every host synchronisation of a CUDA training step an error (``torch.cuda.set_sync_debug_mode``)
     from the start of its batch to its end: the module's step, backward, clipping and optimizer step, and

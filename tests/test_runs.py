@@ -250,6 +250,24 @@ def test_a_dataset_counts_by_the_text_it_holds(tmp_path, capsys):
     assert snapshot(run) == before
 
 
+def test_a_command_from_a_checkpoint_that_fails_before_its_first_step_leaves_the_run_as_it_was(finished_run):
+    """Once Lightning has restored the checkpoint, the step is the run's: a continuation (or a test of the
+    checkpoint) that fails then has trained nothing, and leaves no trace in the run."""
+    tmp_path, run, before = finished_run
+    last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    for command, steps, at in (("fit", 9, 6), ("test", 6, 0)):  # (an evaluation's global_step is 0)
+        with pytest.raises(RuntimeError, match=f"a failure at step {at}, before training"):
+            main(
+                [
+                    command,
+                    *quick_args(tmp_path, steps=steps),
+                    "--trainer.callbacks+=tests.probes.FailOnStart",
+                    last,
+                ]
+            )
+        assert snapshot(run) == before
+
+
 def test_resuming_continues_in_the_run_and_keeps_its_record(finished_run):
     tmp_path, run, before = finished_run
     cli = fit(tmp_path, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=9, every=3)

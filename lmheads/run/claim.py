@@ -99,9 +99,10 @@ class RunFolder:
     anything.
     """
 
-    def __init__(self, path: Path, resume: bool = False) -> None:
+    def __init__(self, path: Path, resume: bool = False, start_step: int = 0) -> None:
         self.path = path
         self.resume = resume
+        self.start_step = start_step  # the step of the checkpoint the command starts from
         self.trainer: L.Trainer | None = None
         self._before: set[str] | None = None  # the paths in the folder when claimed; None: not claimed
         self._claimed = False
@@ -213,11 +214,11 @@ class RunFolder:
         return any(self.path.rglob("*.ckpt"))
 
     def release(self) -> None:
-        """After a failure before the first training step (and before any checkpoint), or a
+        """After a failure before the command's first training step (and before any checkpoint), or a
         ``fast_dev_run``: remove what this process added to the folder, and the folder if it created it;
         a run it was to continue is left as it was, its claim included."""
         trainer = self.trainer
-        trained = trainer is not None and trainer.global_step > 0 and not trainer.fast_dev_run
+        trained = trainer is not None and trainer.global_step > self.start_step and not trainer.fast_dev_run
         if self.resume and self._claimed and not trained and rank_zero_only.rank == 0:  # the run as it was
             for source, target in reversed(self._set_aside):
                 target.replace(source)
