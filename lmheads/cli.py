@@ -265,6 +265,13 @@ class LMHeadsCLI(LightningCLI):
             self._checkpoint = None
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.sampling = config.sampling
+        block = self.model.backbone.cfg.block_size
+        if self.subcommand == "predict" and config.sampling.prompt_tokens > block:
+            raise ConfigError(  # a longer prompt would be cut to the block
+                f"sampling.prompt_tokens={config.sampling.prompt_tokens} is longer than the model's context "
+                f"(model.backbone.block_size={block}), and a prompt is the start of a block: give at most "
+                f"{block}"
+            )
 
     def before_instantiate_classes(self) -> None:
         """Plan the command's folder (:func:`lmheads.run.plan.plan_run`), point every logger at it and

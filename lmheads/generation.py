@@ -25,7 +25,8 @@ class SamplingConfig:
     each validation a few validation prompts are continued into TensorBoard's text tab.
 
     Args:
-        prompt_tokens: Tokens of each block used as the prompt.
+        prompt_tokens: Tokens of each block used as the prompt: at most ``model.backbone.block_size`` in
+            ``predict``; the validation samples cut a longer prompt to the block.
         max_new_tokens: Tokens to generate after the prompt.
         temperature: Softmax temperature; 0 means greedy decoding.
         top_k: Sample only among the k most likely tokens (``None``: all).

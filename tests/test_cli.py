@@ -535,7 +535,7 @@ def test_bf16_on_cpu(tmp_path, precision):
     assert states and {state.dtype for state in states} == {torch.float64}
 
 
-def test_predict_writes_decoded_samples(tmp_path):
+def test_predict_writes_decoded_samples(tmp_path, capsys):
     fit(tmp_path, steps=3, every=3)
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
     main([
@@ -547,6 +547,14 @@ def test_predict_writes_decoded_samples(tmp_path):
     assert len(lines) == 32  # one batch of 32 prompts
     record = json.loads(lines[0])
     assert len(record["prompt"].split()) == 8 and len(record["completion"].split()) == 5
+    # a prompt is the start of a block: one longer than the context (64 here) is refused, not cut to it
+    with pytest.raises(SystemExit) as refused:
+        main(["predict", *quick_args(tmp_path), f"--ckpt_path={ckpt}", "--sampling.prompt_tokens=65"])
+    assert refused.value.code == 2
+    assert "sampling.prompt_tokens=65 is longer than the model's context (model.backbone.block_size=64)" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in (only_run(tmp_path) / "predict").iterdir()) == ["last"]  # nothing new
 
 
 def test_generate_greedy_and_top_k():
