@@ -144,12 +144,28 @@ def metrics(results: dict) -> dict[str, float]:
     return out
 
 
+def other_text(text: Path | None, given: bool, read: str | None) -> list[str]:
+    """Why the text scored is not the run's test file as its fit read it (``read``, that file's SHA-256,
+    where recorded), if it is not: ``--text`` (``given``) of other text, or the test file edited since.
+    Text counts by its content, as it does for ``test``."""
+    from lmheads.data.base import file_digest
+
+    if text is None or (read is not None and file_digest(text) == read):
+        return []
+    if given:
+        return [f"text={text}"]
+    return (
+        [] if read is None else [f"data.test_file: {str(text)!r} holds other text than when the run read it"]
+    )
+
+
 def main(argv: list[str]) -> None:
     """``python -m lmheads harness CHECKPOINT [--tasks T ...] [--text FILE] [--out DIR]``."""
     from lmheads.hf import checkpoint_file, export_hf, from_checkpoint
     from lmheads.run.claim import RunFolder
     from lmheads.run.layout import free_name, run_of_checkpoint
     from lmheads.run.records import filed_line, record_evaluation
+    from lmheads.run.resume import data_sources
 
     parser = argparse.ArgumentParser(
         prog="python -m lmheads harness",
@@ -207,7 +223,7 @@ def main(argv: list[str]) -> None:
                   "device": device, "metrics": found, "lm_eval": results.get("versions", {})}  # fmt: skip
         (folder / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         step = int(checkpoint.get("global_step", 0))
-        other = [] if args.text is None else [f"text={args.text}"]
+        other = other_text(text, args.text is not None, data_sources(checkpoint).get("test_file"))
         if args.limit is not None:  # part of the data: not the run's score in compare.py's table
             other.append(f"--limit {args.limit}: the first documents of each task")
         record_evaluation(folder, ckpt, step, other)

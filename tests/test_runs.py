@@ -268,6 +268,57 @@ def test_a_command_from_a_checkpoint_that_fails_before_its_first_step_leaves_the
         assert snapshot(run) == before
 
 
+def test_a_test_counts_its_file_by_the_text_it_holds(tmp_path, caplog):
+    """The run's test is of the test file it read: a copy elsewhere is the same test, and the file edited
+    in place is other data (filed, said, and not the run's test in compare.py)."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    text = "\n".join(" ".join(words[(i * j) % 6] for j in range(10)) for i in range(3000)) + "\n"
+    files = {split: tmp_path / f"{split}.txt" for split in ("train", "test")}
+    for path in files.values():
+        path.write_text(text)
+    data = ["--data=lmheads.data.TextDataModule", "--data.tokenizer=word", f"--data.cache_dir={tmp_path}",
+            f"--data.train_file={files['train']}"]  # fmt: skip
+    fit(tmp_path, *data, f"--data.test_file={files['test']}", steps=2, every=2)
+    run = only_run(tmp_path)
+    copy = tmp_path / "elsewhere" / "test.txt"
+    copy.parent.mkdir()
+    shutil.copy(files["test"], copy)
+    files["test"].write_text(text.replace("alpha", "beta"))
+    last = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    for test_file in (copy, files["test"]):
+        main(["test", *quick_args(tmp_path), *data, f"--data.test_file={test_file}", last])
+    records = [
+        json.loads((run / "test" / name / "checkpoint.json").read_text()) for name in ("last", "last-2")
+    ]
+    assert records[0]["other_data"] == []
+    edited = f"'{files['test']}'"
+    assert records[1]["other_data"] == [
+        f"data.test_file: {edited} holds other text than {edited} held when the checkpoint's run read it"
+    ]
+
+
+def test_the_text_harness_scores_counts_by_its_content(tmp_path):
+    """``harness`` files its default task as the run's own where it scores the test file the run read: a
+    copy given as ``--text`` too, not that file edited since."""
+    from lmheads.data.base import file_digest
+    from lmheads.harness import other_text
+
+    text, copy = tmp_path / "test.txt", tmp_path / "copy.txt"
+    for path in (text, copy):
+        path.write_text("the cat sat\n")
+    read = file_digest(text)
+    assert (
+        other_text(text, False, read) == other_text(copy, True, read) == other_text(None, False, read) == []
+    )
+    text.write_text("the dog sat\n")
+    assert other_text(text, False, read) == [
+        f"data.test_file: '{text}' holds other text than when the run read it"
+    ]
+    assert other_text(text, True, read) == [f"text={text}"]
+    assert other_text(copy, True, None) == [f"text={copy}"]  # a run that read no test file
+    assert other_text(text, False, None) == []  # nor a digest of it (a checkpoint from before they were kept)
+
+
 def test_resuming_continues_in_the_run_and_keeps_its_record(finished_run):
     tmp_path, run, before = finished_run
     cli = fit(tmp_path, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", steps=9, every=3)

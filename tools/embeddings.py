@@ -28,6 +28,7 @@ from lmheads.geometry import linear_cka, nearest_neighbours, shared_neighbours
 from lmheads.heads import LinearHead, head_name
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS
 from lmheads.module import LMHeadModule
+from lmheads.run.resume import data_sources
 
 #: Data options that do not decide which token a row of the matrices stands for.
 NOT_VOCABULARY = {"train_tokens", "val_tokens", "block_size", "batch_size", "num_workers", "num_proc"}
@@ -39,8 +40,7 @@ def vocabulary(checkpoint: dict) -> dict:
     content (a copy elsewhere holds the same text; a dataset can hold other text under one name); not the
     sizes, loaders or evaluation files."""
     options = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    cls = str(options.get("_class_path", ""))
-    sources = (checkpoint.get(cls.rpartition(".")[2]) or {}).get("sources", {})
+    sources = data_sources(checkpoint)
     for key in ("train_file", "train_text"):  # a file's digest, or a dataset's text's
         if key in sources:
             options[key] = sources[key]

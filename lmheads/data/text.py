@@ -159,8 +159,7 @@ class TextDataModule(LMDataModule):
                 if p.stat().st_size == 0:
                     raise ConfigError(f"data.{split}_file {path!r} is empty; give a file with text in it")
                 check_utf8(p, f"data.{split}_file")
-                if split != "test":  # the data a run trains and validates on
-                    self.sources[f"{split}_file"] = file_digest(p)
+                self.sources[f"{split}_file"] = file_digest(p)  # what a resume or a test must read
             raw = datasets.load_dataset(
                 "text",
                 data_files={k: str(Path(v).resolve()) for k, v in files.items()},

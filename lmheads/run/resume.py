@@ -154,6 +154,14 @@ FREE_ON_RESUME = frozenset({"num_workers", "num_proc", "cache_dir", "test_file"}
 FREE_ON_EVALUATION = frozenset({"num_workers", "num_proc", "cache_dir", "batch_size"})
 
 
+def data_sources(checkpoint: dict) -> dict[str, str]:
+    """What the checkpoint's data module recorded of the text it read: ``<split>_file`` -> the file's
+    SHA-256, ``<split>_text`` -> a dataset's text's (:attr:`lmheads.data.base.LMDataModule.sources`)."""
+    cls = str((checkpoint.get("datamodule_hyper_parameters") or {}).get("_class_path", ""))
+    state = checkpoint.get(cls.rpartition(".")[2]) if cls else None  # Lightning keys it by class name
+    return dict(state.get("sources") or {}) if isinstance(state, dict) else {}
+
+
 def data_conflicts(given: dict, checkpoint: dict, free: frozenset[str] = FREE_ON_RESUME) -> list[str]:
     """Data options of this configuration (``{"class_path": ..., "init_args": {...}}``) that differ from
     those a checkpoint's run trained with (its datamodule's saved hyperparameters), as ``key: value here,
@@ -167,8 +175,7 @@ def data_conflicts(given: dict, checkpoint: dict, free: frozenset[str] = FREE_ON
     if not stored:
         return []
     cls = stored.pop("_class_path", None)
-    state = checkpoint.get(cls.rpartition(".")[2]) if cls else None  # Lightning keys it by class name
-    sources = (state.get("sources") or {}) if isinstance(state, dict) else {}
+    sources = data_sources(checkpoint)
     theirs = flatten({"init_args": stored} | ({"class_path": cls} if cls else {}))
     ours = flatten({"class_path": given.get("class_path"), "init_args": given.get("init_args") or {}})
     out = []
