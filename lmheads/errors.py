@@ -35,8 +35,11 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
 
 
-class Interrupted(RuntimeError):
-    """Training was stopped by SIGINT or SIGTERM after saving a checkpoint to resume from."""
+class Interrupted(BaseException):
+    """The command was stopped by SIGINT or SIGTERM (in training, after saving a checkpoint to resume
+    from). Not an ``Exception``, as ``KeyboardInterrupt`` is not: a library's ``except Exception`` around
+    the code the signal lands in (a fallback when compiling fails, say) must not take it for a failure
+    and go on."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -73,13 +74,14 @@ class WaitForSignal(L.Callback):
 
 class SignalInSetup(L.Callback):
     """Sends a signal (SIGTERM unless told) to this process while the trainer sets up, before training
-    starts."""
+    starts, inside an ``except Exception`` as libraries have around the code a signal may land in."""
 
     def __init__(self, signum: int = int(signal.SIGTERM)) -> None:
         self.signum = signum
 
     def setup(self, trainer, pl_module, stage) -> None:
-        os.kill(os.getpid(), self.signum)
+        with contextlib.suppress(Exception):  # a fallback for a failure, which an interruption is not
+            os.kill(os.getpid(), self.signum)
 
 
 class FailOnStart(L.Callback):
