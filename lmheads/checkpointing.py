@@ -236,7 +236,11 @@ class InterruptCheckpoint(L.Callback):
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")  # every rank creates it, in the same order
 
+        pid = os.getpid()
+
         def on_signal(signum, frame) -> None:
+            if os.getpid() != pid:  # a DataLoader worker forked from this process: this one stops it
+                return
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             again = " (again to abort at once)" if signum == signal.SIGINT else ""
             rank_zero_info(f"\n{name}: stopping after this step and saving a checkpoint{again}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -392,8 +394,9 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
         return _main(args, run)
 
 
-def _stopped_outside_training(signum, frame) -> None:
-    raise Interrupted(f"{signal.Signals(signum).name} outside training: nothing was saved", 128 + signum)
+def _stopped_outside_training(pid: int, signum, frame) -> None:
+    if os.getpid() == pid:  # not in a DataLoader worker forked from the command, which the command stops
+        raise Interrupted(f"{signal.Signals(signum).name} outside training: nothing was saved", 128 + signum)
 
 
 def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
@@ -402,7 +405,8 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
     if threading.current_thread() is threading.main_thread():
         # Until training starts (where the interruption callback takes them over), Ctrl-C and SIGTERM end
         # the command like any failed start: what it created is removed (a sweep can then start it again).
-        previous = {s: signal.signal(s, _stopped_outside_training) for s in (signal.SIGINT, signal.SIGTERM)}
+        stopped = partial(_stopped_outside_training, os.getpid())
+        previous = {s: signal.signal(s, stopped) for s in (signal.SIGINT, signal.SIGTERM)}
     set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
     try:
         if argv[:1] == ["heads"]:  # python -m lmheads heads [MODULE ...]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import time
@@ -70,6 +71,31 @@ class WaitForSignal(L.Callback):
         deadline = time.monotonic() + 60
         while interrupt.signal is None and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class SignalWithWorkers(L.Callback):
+    """Ctrl-C in a terminal, or a scheduler's SIGTERM to every task: the signal to the DataLoader's worker
+    processes and to this one, after the given optimizer step, or (``step=-1``) in the sanity check's
+    first validation batch, before training."""
+
+    def __init__(self, step: int = -1, signum: int = int(signal.SIGINT)) -> None:
+        self.step, self.signum = step, signum
+
+    def _signal(self) -> None:
+        workers = multiprocessing.active_children()
+        assert workers, "no DataLoader worker to signal"
+        for worker in workers:
+            os.kill(worker.pid, self.signum)
+        time.sleep(0.5)  # the workers' handlers have run
+        os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            self._signal()
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        if trainer.sanity_checking and self.step == -1:
+            self._signal()
 
 
 class SignalInSetup(L.Callback):

@@ -226,6 +226,30 @@ def test_a_signal_before_training_leaves_nothing(tmp_path, capsys, signum):
     assert signal.getsignal(signum) is before  # and the handler is given back
 
 
+@pytest.mark.parametrize(("step", "signum"), [(12, signal.SIGTERM), (-1, signal.SIGINT)])  # -1: sanity check
+def test_a_signal_to_the_data_loader_workers_too_stops_the_run_as_without_them(tmp_path, step, signum):
+    """Ctrl-C in a terminal, or SLURM's SIGTERM, signals every process of the command, its DataLoader
+    workers too. They leave the interruption to the main process (a worker that raised made it fail with
+    "DataLoader worker exited unexpectedly" and no checkpoint), which saves and stops as without them."""
+    text = tmp_path / "train.txt"
+    text.write_text("".join(f"line {i}: the {i % 7} cats sat on {i % 11} mats\n" for i in range(3000)))
+    data = ["--data=lmheads.data.TextDataModule", f"--data.train_file={text}", f"--data.cache_dir={tmp_path}",
+            "--data.num_workers=2", "--trainer.num_sanity_val_steps=1"]  # fmt: skip
+    probe = ["--trainer.callbacks+=tests.probes.SignalWithWorkers", f"--trainer.callbacks.step={step}",
+             f"--trainer.callbacks.signum={signum}"]  # fmt: skip
+    args = [*quick_args(tmp_path, steps=20, every=10), *data, *probe]
+    result = run_lmheads("fit", *args, cwd=tmp_path, new_python=True)  # workers forked from the command
+    assert result.returncode == 128 + signum, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    if step == -1:
+        last = result.stderr.strip().splitlines()[-1]
+        assert last == f"interrupted: {signum.name} outside training: nothing was saved"
+        assert not (tmp_path / "quickstart").exists()
+    else:
+        assert f"interrupted: {signum.name} at step {step}: saved" in result.stderr
+        assert (only_run(tmp_path) / "checkpoints" / "interrupted.ckpt").is_file()
+
+
 def test_float16_weights_diverge_at_once_and_the_error_names_the_precision(tmp_path, capsys):
     """16-true: float16 AdamW state rounds eps and small squared gradients to 0, so the first update
     divides by zero; lowering the learning rate would not help, and the error says what does."""
