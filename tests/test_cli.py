@@ -471,6 +471,18 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
     assert result.stderr == "interrupted: SIGINT outside training: nothing was saved\n"
 
 
+def test_text_data_is_prepared_in_lines_where_the_output_is_not_a_terminal(tmp_path):
+    """In a log file or a pipe, the datasets library's progress bars would be carriage returns (kilobytes of
+    them for a large corpus): a line says what is tokenized instead, as training's progress is lines."""
+    text = tmp_path / "train.txt"
+    text.write_text("".join(f"line {i}: the {i % 7} cats sat on {i % 11} mats\n" for i in range(3000)))
+    data = ["--data=lmheads.data.TextDataModule", f"--data.train_file={text}", f"--data.cache_dir={tmp_path}"]
+    result = run_lmheads("fit", *quick_args(tmp_path, steps=2, every=2), *data, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stdout + result.stderr
+    assert "data: tokenizing train (2,850 records), once for later runs" in result.stdout + result.stderr
+
+
 def test_a_warning_is_one_plain_line(tmp_path):
     """A warning the command gives (a loss backend the head cannot use) is ``warning: <message>``, not the
     source file, line and code it was raised at."""

@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -147,6 +148,8 @@ class TextDataModule(LMDataModule):
 
         hp = self.hparams
         hf_cache = str(self.cache_dir / "datasets")
+        if not sys.stderr.isatty():  # a log file or a pipe: lines, not bars (as lmheads.console's progress)
+            datasets.disable_progress_bars()
         if hp.train_file is not None:
             files = {"train": hp.train_file, "validation": hp.validation_file, "test": hp.test_file}
             files = {split: path for split, path in files.items() if path is not None}
@@ -260,11 +263,17 @@ class TextDataModule(LMDataModule):
         return self.cache_dir / "streams" / f"{key}.npy"
 
     def prepare_data(self) -> None:
+        import datasets
+
         hp = self.hparams
         for split in self.raw:
             path = self.stream_path(split)
             if path.is_file() and path.with_suffix(".json").is_file():
                 continue
+            if not datasets.is_progress_bar_enabled():
+                rank_zero_info(
+                    f"data: tokenizing {split} ({len(self.raw[split]):,} records), once for later runs"
+                )
             ids = self.raw[split].map(
                 encode_batch,
                 batched=True,
