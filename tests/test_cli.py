@@ -481,6 +481,13 @@ def test_text_data_is_prepared_in_lines_where_the_output_is_not_a_terminal(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     assert "\r" not in result.stdout + result.stderr
     assert "data: tokenizing train (2,850 records), once for later runs" in result.stdout + result.stderr
+    import datasets  # in a process that goes on (a notebook), the library's bars are as they were
+
+    from lmheads.data import TextDataModule
+
+    datasets.enable_progress_bars()
+    TextDataModule(train_file=str(text), cache_dir=str(tmp_path / "again")).prepare_data()
+    assert datasets.is_progress_bar_enabled()
 
 
 def test_a_warning_is_one_plain_line(tmp_path):

@@ -15,6 +15,7 @@ Pipeline, identical on every process so that only the first one does the work:
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import inspect
 import json
@@ -134,7 +135,8 @@ class TextDataModule(LMDataModule):
                 )
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.num_proc = num_proc or min(8, os.cpu_count() or 1)
-        self.raw = self._load_raw()
+        with _plain_progress():
+            self.raw = self._load_raw()
         self.tokenizer = self._load_or_train_tokenizer()
         self.unknown: dict[str, float] = {}  # split -> share of its tokens that are <unk>
         self._noted = False
@@ -148,8 +150,6 @@ class TextDataModule(LMDataModule):
 
         hp = self.hparams
         hf_cache = str(self.cache_dir / "datasets")
-        if not sys.stderr.isatty():  # a log file or a pipe: lines, not bars (as lmheads.console's progress)
-            datasets.disable_progress_bars()
         if hp.train_file is not None:
             files = {"train": hp.train_file, "validation": hp.validation_file, "test": hp.test_file}
             files = {split: path for split, path in files.items() if path is not None}
@@ -263,6 +263,10 @@ class TextDataModule(LMDataModule):
         return self.cache_dir / "streams" / f"{key}.npy"
 
     def prepare_data(self) -> None:
+        with _plain_progress():
+            self._prepare_data()
+
+    def _prepare_data(self) -> None:
         import datasets
 
         hp = self.hparams
@@ -377,6 +381,22 @@ class TextDataModule(LMDataModule):
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(int(i) for i in ids)
+
+
+@contextlib.contextmanager
+def _plain_progress():
+    """Where the output is not a terminal (a log file, a pipe), the datasets library's progress bars off
+    while lmheads loads and tokenizes text (as lmheads' own progress is lines there), and back after."""
+    import datasets
+
+    turn_off = datasets.is_progress_bar_enabled() and not sys.stderr.isatty()
+    if turn_off:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if turn_off:
+            datasets.enable_progress_bars()
 
 
 def check_utf8(path: Path, option: str, block: int = 1 << 20) -> None:
