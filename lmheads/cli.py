@@ -154,6 +154,7 @@ class LMHeadsCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         self._checkpoint = None
         self._other_data: list[str] = []
+        self._filed: tuple[str, int] | None = None  # the checkpoint and step an evaluation is filed with
         # `1` batch is one batch, not 100% of them: given to the trainer as ints (the parser makes floats)
         self._batch_counts = batch_counts(args, subcommand) if isinstance(args, list) else {}
         if subcommand:
@@ -310,6 +311,7 @@ class LMHeadsCLI(LightningCLI):
                     f"{name} starts anew at step {step}; the run's earlier one is kept as {new_name}"
                 )
         if plan.filed_in is not None:
+            self._filed = (ckpt, step)
             record_evaluation(plan.folder, ckpt, step, self._other_data)
 
     def _why_not_claimed(self, err: ConfigError, plan: Plan, run: Path | None, ckpt) -> str:
@@ -354,6 +356,10 @@ class LMHeadsCLI(LightningCLI):
         """Where an evaluation's metrics (or a predict's samples) went, once it has run."""
         if self.run_folder is None:
             return
+        found = getattr(self.datamodule, "other_text", [])  # known once the data is loaded
+        if found and self._filed is not None:
+            self._other_data = [*self._other_data, *found]
+            record_evaluation(self.run_folder.path, *self._filed, self._other_data)
         rank_zero_info(filed_line(self.subcommand, self.run_folder.path, self._other_data))
 
 

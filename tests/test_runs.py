@@ -224,14 +224,16 @@ def test_a_resume_reads_the_same_text_wherever_it_lies(tmp_path, capsys):
 def test_a_dataset_counts_by_the_text_it_holds(tmp_path, capsys):
     """A dataset given by name (a hub name, or a local dataset folder) can hold other text under that name:
     the digest of its text is the run's ``data/train_sha256``, and a fit continued on other text is
-    refused and leaves the run as it was (the continuation's event file and configuration too)."""
+    refused and leaves the run as it was (the continuation's event file and configuration too); a test
+    of other test text is filed as other data."""
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
     rows = [{"text": " ".join(words[(i * j) % 6] for j in range(10))} for i in range(3000)]
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     data = ["--data=lmheads.data.TextDataModule", "--data.tokenizer=word", f"--data.dataset_name={corpus}",
             f"--data.cache_dir={tmp_path}"]  # fmt: skip
-    (corpus / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    for split in ("train", "test"):
+        (corpus / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     fit(tmp_path / "runs", *data, steps=2, every=2)
     run = only_run(tmp_path / "runs")
     assert len(yaml.safe_load((run / "hparams.yaml").read_text())["data/train_sha256"]) == 64
@@ -248,6 +250,10 @@ def test_a_dataset_counts_by_the_text_it_holds(tmp_path, capsys):
         f"data.dataset_name '{corpus}' holds other train text than when the checkpoint's run read it" in err
     )
     assert snapshot(run) == before
+    (corpus / "test.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    main(["test", *args])
+    other = json.loads((run / "test" / "last" / "checkpoint.json").read_text())["other_data"]
+    assert other == [f"data.dataset_name '{corpus}': other test text than when the checkpoint's run read it"]
 
 
 def test_a_command_from_a_checkpoint_that_fails_before_its_first_step_leaves_the_run_as_it_was(finished_run):

@@ -139,6 +139,7 @@ class TextDataModule(LMDataModule):
             self.raw = self._load_raw()
         self.tokenizer = self._load_or_train_tokenizer()
         self.unknown: dict[str, float] = {}  # split -> share of its tokens that are <unk>
+        self.other_text: list[str] = []  # how an evaluated split differs from the checkpoint's run's
         self._noted = False
 
     @property
@@ -322,7 +323,7 @@ class TextDataModule(LMDataModule):
             counts = json.loads(path.with_suffix(".json").read_text())
             self.bytes_per_token[split] = counts["bytes"] / max(1, counts["tokens"])
             self.unknown[split] = counts["unknown"] / max(1, counts["tokens"])
-            if self.hparams.dataset_name is not None and split != "test":  # files have their own digests
+            if self.hparams.dataset_name is not None:  # files have their own digests
                 self.sources[f"{split}_text"] = counts["sha256"]
             self.splits[split] = StreamBlocks(stream, self.block_size, split)
         if not self._noted and (note := self.unknown_note()):
@@ -330,22 +331,28 @@ class TextDataModule(LMDataModule):
             self._noted = True
 
     def load_state_dict(self, state: dict) -> None:
-        """A fit continued from a checkpoint reads the text its run read: a hub dataset, or a local dataset
-        folder, can hold other text under the same name, which its options do not show."""
-        if self.trainer is None or self.trainer.state.fn != "fit":
-            return
+        """A hub dataset, or a local dataset folder, can hold other text under the same name, which its
+        options do not show. A fit continued from a checkpoint on other text is refused; a validation or
+        test of other text is said to be of other data (:attr:`other_text`)."""
+        fn = self.trainer.state.fn if self.trainer is not None else None
+        splits = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(fn, ())
         theirs = state.get("sources") or {}
         changed = [
             split
-            for split in ("train", "validation")
+            for split in splits
             if f"{split}_text" in theirs and theirs[f"{split}_text"] != self.sources.get(f"{split}_text")
         ]
-        if changed:
+        name = self.hparams.dataset_name
+        if changed and fn == "fit":
             raise ConfigError(
-                f"data.dataset_name {self.hparams.dataset_name!r} holds other {' and '.join(changed)} text "
-                "than when the checkpoint's run read it: continuing would train that run on other data. "
-                "Give the data it trained on, or train a new run without --ckpt_path"
+                f"data.dataset_name {name!r} holds other {' and '.join(changed)} text than when the "
+                "checkpoint's run read it: continuing would train that run on other data. Give the data it "
+                "trained on, or train a new run without --ckpt_path"
             )
+        self.other_text = [
+            f"data.dataset_name {name!r}: other {split} text than when the checkpoint's run read it"
+            for split in changed
+        ]
 
     def unknown_note(self) -> str | None:
         """A line when evaluation text holds tokens outside the vocabulary (``<unk>``) that the training
