@@ -1,11 +1,15 @@
+import signal
 import sys
+
+from lmheads.errors import interrupted_outside_training
 
 try:  # Lightning takes seconds to import: Ctrl-C meanwhile ends the command as it does later, in one line
     from lmheads.cli import main
     from lmheads.console import plain_warnings
 except KeyboardInterrupt:
-    print("interrupted: SIGINT outside training: nothing was saved", file=sys.stderr)
-    sys.exit(130)
+    stopped = interrupted_outside_training(signal.SIGINT)
+    print(f"interrupted: {stopped}", file=sys.stderr)
+    sys.exit(stopped.exit_code)
 
 if __name__ == "__main__":
     plain_warnings()

@@ -41,7 +41,7 @@ from lmheads.console import (
     user_error,
 )
 from lmheads.data import LMDataModule
-from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
+from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError, interrupted_outside_training
 from lmheads.generation import SamplingConfig
 from lmheads.heads import head_name
 from lmheads.heads.base import resolve_head
@@ -402,7 +402,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LMHeadsCLI | None:
 
 def _stopped_outside_training(pid: int, signum, frame) -> None:
     if os.getpid() == pid:  # not in a DataLoader worker forked from the command, which the command stops
-        raise Interrupted(f"{signal.Signals(signum).name} outside training: nothing was saved", 128 + signum)
+        raise interrupted_outside_training(signum)
 
 
 def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:

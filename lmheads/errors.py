@@ -6,6 +6,7 @@ every message must say what is wrong *and* what to do about it; a ``NonFiniteLos
 """
 
 import importlib.util
+import signal
 
 
 class ConfigError(ValueError):
@@ -44,3 +45,8 @@ class Interrupted(BaseException):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def interrupted_outside_training(signum: int) -> Interrupted:
+    """How Ctrl-C or SIGTERM ends a command outside training, where there is nothing to save."""
+    return Interrupted(f"{signal.Signals(signum).name} outside training: nothing was saved", 128 + signum)
