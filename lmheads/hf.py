@@ -379,16 +379,11 @@ def from_checkpoint(path: str | Path):
     on (``None`` for data without text), and the checkpoint as read (its tensors memory-mapped)."""
     from lmheads.checkpointing import read_checkpoint
     from lmheads.dotted import class_of
-    from lmheads.module import LMHeadModule
+    from lmheads.module import module_from_checkpoint
 
     path = checkpoint_file(path)
     checkpoint = read_checkpoint(str(path))  # one line for an unreadable file
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if "head" not in hparams or "backbone" not in hparams:
-        raise ConfigError(
-            f"{path} is not an lmheads checkpoint (no head and backbone in its hyperparameters)"
-        )
-    model = LMHeadModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    model = module_from_checkpoint(str(path), checkpoint)
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     cls = class_of(str(data.pop("_class_path", "")))
     data.pop("_instantiator", None)

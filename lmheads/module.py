@@ -32,6 +32,7 @@ from lmheads.checkpointing import (
 from lmheads.errors import ConfigError, require
 from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, generate_tokens
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
+from lmheads.heads.base import resolve_head
 from lmheads.lightning_internals import (
     resume_where_fit_ended,
     validate_and_stop_after_this_step,
@@ -291,3 +292,18 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
         the learning-rate monitor are the trainer's (the CLI's defaults, or a user's own)."""
         callbacks = [TokenThroughput(), SampleWriter(), HeadDiagnostics(), GradientShare(), TextSamples()]
         return [*callbacks, FiniteLoss(), InterruptCheckpoint()]
+
+
+def module_from_checkpoint(path: str, checkpoint: dict) -> LMHeadModule:
+    """The model of the lmheads checkpoint at ``path`` (``checkpoint``: that file as
+    :func:`~lmheads.checkpointing.read_checkpoint` read it), on the CPU. One line (``ConfigError``) where
+    the file is not lmheads' or its head's class cannot be imported here, before Lightning's loader,
+    whose error is a page."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "head" not in hparams or "backbone" not in hparams:
+        raise ConfigError(
+            f"{path} is not an lmheads checkpoint (no head and backbone in its hyperparameters)"
+        )
+    if isinstance(hparams["head"], dict):
+        resolve_head(str(hparams["head"]["class_path"]))
+    return LMHeadModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import textwrap
 
@@ -29,7 +30,7 @@ from lmheads.module import LMHeadModule
 from lmheads.reporting import parameter_counts
 
 from . import external_heads  # noqa: F401  (registers a head from outside the package)
-from .helpers import fit, only_run, quick_args, scalars
+from .helpers import ROOT, fit, only_run, quick_args, run_lmheads, scalars
 
 V, D = 61, 16
 CFG = BackboneConfig(n_layer=1, n_head=2, d_model=D, block_size=8)
@@ -136,6 +137,35 @@ def test_external_head_trains_from_yaml(tmp_path):
     cli = fit(tmp_path, "--config", str(config), steps=3, every=3)
     assert cli.model.head.options()["tau"] == 5.0 and cli.model.head.softcap == 30.0
     assert only_run(tmp_path).name.startswith("test_cosine_tied-seed0-")
+
+
+def test_a_run_of_a_head_in_a_file_of_its_own_is_rebuilt_where_that_file_is(tmp_path, monkeypatch):
+    """The commands and tools that rebuild a run's model find a head in a file of the user's in the
+    folder they start in, as fit does; elsewhere each says in one line that the head cannot be imported
+    and writes nothing (they printed a page of the parser's errors)."""
+    pytest.importorskip("transformers")
+    (tmp_path / "own_heads.py").write_text(
+        "from lmheads.heads import TiedHead\n\n\nclass OwnTied(TiedHead):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fit(tmp_path, "--model.head=own_heads.OwnTied", steps=2, every=2)
+    run, elsewhere = only_run(tmp_path), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ckpt, said = run / "checkpoints" / "last.ckpt", "error: head class 'own_heads.OwnTied' cannot be imported"
+
+    def script(name: str, *args, cwd):
+        command = [sys.executable, str(ROOT / "tools" / f"{name}.py"), *map(str, args)]
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+    for result in (
+        run_lmheads("export", str(run), str(tmp_path / "hf"), cwd=elsewhere, new_python=True),
+        script("embeddings", run, cwd=elsewhere),
+    ):
+        assert result.returncode != 0 and result.stderr.startswith(said), result.stderr[-2000:]
+        assert result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "own_heads.py", "quickstart"]
+    here = script("export", ckpt, tmp_path / "m.safetensors", cwd=tmp_path)
+    assert here.returncode == 0 and "head own_heads.OwnTied" in here.stdout, here.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

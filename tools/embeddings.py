@@ -15,6 +15,7 @@ matrix than to its input embedding; this is the measurement.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -23,11 +24,12 @@ import pandas as pd
 import torch
 from report import markdown, publish, pyplot
 
-from lmheads.checkpointing import TOKEN_BUCKET_KEY
+from lmheads.checkpointing import TOKEN_BUCKET_KEY, read_checkpoint
+from lmheads.errors import ConfigError
 from lmheads.geometry import linear_cka, nearest_neighbours, shared_neighbours
 from lmheads.heads import LinearHead, head_name
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS
-from lmheads.module import LMHeadModule
+from lmheads.module import module_from_checkpoint
 from lmheads.run.resume import data_sources
 
 #: Data options that do not decide which token a row of the matrices stands for.
@@ -58,10 +60,11 @@ def load(path: Path) -> tuple[str, dict[str, torch.Tensor], torch.Tensor | None,
     ckpt_path = checkpoint_of(path)
     if not ckpt_path.is_file():
         raise SystemExit(f"error: {path} is neither a checkpoint nor a run folder with checkpoints/last.ckpt")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # CLI's own
-    model = LMHeadModule(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        checkpoint = read_checkpoint(str(ckpt_path), given_as="the run or checkpoint")
+        model = module_from_checkpoint(str(ckpt_path), checkpoint)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     name = path.name if path.is_dir() else f"{path.parent.parent.name}/{path.stem}"
     embedding = model.backbone.wte
     matrices = {"E": embedding.weight.detach()}
@@ -203,4 +206,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(1, os.getcwd())  # where `python -m lmheads` finds a head of your own
     sys.exit(main())

@@ -8,6 +8,7 @@ Load it back with ``lmheads.export.load_safetensors(path)``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from lmheads.checkpointing import read_checkpoint
 from lmheads.errors import ConfigError
 from lmheads.export import export_safetensors, load_safetensors
-from lmheads.module import LMHeadModule
+from lmheads.module import module_from_checkpoint
 from lmheads.reporting import parameter_counts
 
 
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        read_checkpoint(args.checkpoint, given_as="the checkpoint's path")
-        model = LMHeadModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+        checkpoint = read_checkpoint(args.checkpoint, given_as="the checkpoint's path")
+        model = module_from_checkpoint(args.checkpoint, checkpoint).eval()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -65,4 +66,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(1, os.getcwd())  # where `python -m lmheads` finds a head of your own
     sys.exit(main())
