@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import datasets
@@ -184,6 +185,41 @@ def test_changed_file_invalidates_cache(text_files, tmp_path):
     second = TextDataModule(**kwargs)
     assert "zeta" in second.tokenizer.stoi and "zeta" not in first.tokenizer.stoi
     assert second.stream_path("train") != first.stream_path("train")
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_and_a_full_disk_leaves_no_partial_file(
+    text_files, tmp_path, monkeypatch
+):
+    """A cache folder that cannot be made (a file in its way, a read-only home) is named with what to
+    set, not the datasets library's page of errors; a disk that fills while a split is written leaves no
+    partial stream, and the next run tokenizes that split whole."""
+    train, valid = text_files
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("")
+    with pytest.raises(
+        ConfigError, match=r"file/cache cannot be written \(Not a directory\); set data\.cache_dir"
+    ):
+        TextDataModule(train_file=str(train), cache_dir=str(in_the_way / "cache"))
+    cache = tmp_path / "cache"
+    dm = TextDataModule(
+        train_file=str(train), validation_file=str(valid), tokenizer="word", cache_dir=str(cache)
+    )
+    save = np.save
+
+    def fills_the_disk(path, array):
+        Path(path).write_bytes(b"part of a stream")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", fills_the_disk)
+    with pytest.raises(
+        ConfigError, match=r"\(No space left on device\); free space there, or set data\.cache_dir"
+    ):
+        dm.prepare_data()
+    assert not list((cache / "streams").iterdir())
+    monkeypatch.setattr(np, "save", save)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.stream_path("train").is_file() and len(dm.splits["train"]) > 0
 
 
 def test_validation_carved_from_train_when_absent(text_files, tmp_path):

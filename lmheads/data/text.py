@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import hashlib
 import inspect
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -133,7 +135,7 @@ class TextDataModule(LMDataModule):
                     f"tokenizer is {tokenizer}: remove data.{option} (or set it to {neutral}), or set "
                     f"data.tokenizer={reader}"
                 )
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir = _writable(Path(cache_dir) if cache_dir else default_cache_dir())
         self.num_proc = num_proc or min(8, os.cpu_count() or 1)
         with _plain_progress():
             self.raw = self._load_raw()
@@ -249,7 +251,7 @@ class TextDataModule(LMDataModule):
             )
         if tokenizer.vocab_size < 2:
             raise ConfigError("the training text yields fewer than 2 tokens; give more text")
-        _atomic_write(path, json.dumps(tokenizer.to_dict()).encode())
+        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(tokenizer.to_dict())))
         return tokenizer
 
     def stream_path(self, split: str) -> Path:
@@ -299,10 +301,7 @@ class TextDataModule(LMDataModule):
                     data = text.encode("utf-8")
                     n_bytes += len(data)
                     digest.update(len(data).to_bytes(8, "little") + data)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(tmp, stream)
-            tmp.replace(path)
+            _atomic_write(path, lambda tmp, stream=stream: np.save(tmp, stream))
             unk = self.tokenizer.unk_id
             counts = {
                 "tokens": len(stream),
@@ -310,7 +309,9 @@ class TextDataModule(LMDataModule):
                 "unknown": int(np.sum(stream == unk)) if unk is not None else 0,
                 "sha256": digest.hexdigest(),
             }
-            _atomic_write(path.with_suffix(".json"), json.dumps(counts).encode())
+            _atomic_write(
+                path.with_suffix(".json"), lambda tmp, counts=counts: tmp.write_text(json.dumps(counts))
+            )
 
     def setup(self, stage: str) -> None:
         for split in self.raw:
@@ -438,8 +439,33 @@ def _digest(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def _writable(folder: Path) -> Path:
+    """The cache folder, created; one line where it cannot be written (a read-only home, a file in the
+    way), before the datasets library's page of errors."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ConfigError(_unwritable(folder, err)) from None
+    return folder
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a file beside ``path``, then renamed to it, so that a reader finds the whole
+    file or none; a full disk is one line and leaves no partial file."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(_unwritable(path.parent, err)) from None
+
+
+def _unwritable(folder: Path, err: OSError) -> str:
+    free = "free space there, or " if err.errno == errno.ENOSPC else ""
+    return (
+        f"the data cache {folder} cannot be written ({err.strerror or err}); {free}set data.cache_dir (or "
+        "LMHEADS_CACHE) to a folder you can write"
+    )
