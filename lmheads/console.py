@@ -339,7 +339,8 @@ def check_config_files(args: list[str]) -> None:
 def explain_parse_error(message: str, parser: LightningArgumentParser, args: list[str] | None = None) -> str:
     """The parser's complaint in one line; an unknown option with the closest valid ones."""
     if 'expected "subcommand"' in message:
-        return "no command given: python -m lmheads fit, validate, test, predict or heads (see --help)"
+        commands = "fit, validate, test, predict, heads, export or harness"
+        return f"no command given: python -m lmheads {commands} (see --help)"
     unknown = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", message)
     if unknown is None:
         return _explain_bad_value(message, args or [])

@@ -390,7 +390,8 @@ def _assert_one_error_line(result: subprocess.CompletedProcess, message: str) ->
 def test_no_command_names_the_commands(tmp_path):
     result = run_lmheads("--config", QUICKSTART, cwd=tmp_path)
     _assert_one_error_line(
-        result, "error: no command given: python -m lmheads fit, validate, test, predict or heads"
+        result,
+        "error: no command given: python -m lmheads fit, validate, test, predict, heads, export or harness",
     )
 
 
