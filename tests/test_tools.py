@@ -796,6 +796,20 @@ def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
     assert "is not one way of saving from the reference" in capsys.readouterr().err
 
 
+def test_the_sharing_study_has_grids_for_every_study_config_and_refuses_what_it_cannot_run():
+    """Every layer-sharing config has the study's grids; no config, or one without grids, is one
+    ``error:`` line (no config was bash's "unbound variable")."""
+    script = ROOT / "tools" / "sharing_study.sh"
+    for args, said in (
+        ([], "error: give a study config; usage:"),
+        (["configs/quickstart.yaml"], "error: no grids"),
+    ):
+        result = subprocess.run(["bash", str(script), *args], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.startswith(said) and result.stderr.count("\n") == 1
+    studies = sorted(p.stem for p in (ROOT / "configs" / "experiments").glob("sharing_*.yaml"))
+    assert studies and all(f"\n  {name}) widths=" in script.read_text() for name in studies)
+
+
 def test_figures_place_every_kept_setting_and_adjust_the_endings_as_one_family(tmp_path, capsys):
     """Figures 1 and 2 are drawn from the committed per-seed tables: one curve per setting (a study's
     table repeated in another study counted once), each ending in the table with its Holm adjustment."""

@@ -9,6 +9,10 @@
 # width d_model). The grids below are the ones its header names. SEEDS (default "0 1 2"), JOBS (runs at
 # once, default 1) and REPORT (default docs/results/<config name>) can be set in the environment.
 set -euo pipefail
+if [[ $# -lt 1 || $1 == -* ]]; then
+  echo "error: give a study config; usage: bash tools/sharing_study.sh CONFIG [ROOT] [-- options for every run]" >&2
+  exit 2
+fi
 config=$1
 root=${2:-runs}
 shift $(($# > 1 ? 2 : 1))
