@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import subprocess
+import runpy
 import sys
 import textwrap
 
@@ -30,7 +30,7 @@ from lmheads.module import LMHeadModule
 from lmheads.reporting import parameter_counts
 
 from . import external_heads  # noqa: F401  (registers a head from outside the package)
-from .helpers import ROOT, fit, only_run, quick_args, run_lmheads, scalars
+from .helpers import ROOT, fit, only_run, quick_args, scalars, tool
 
 V, D = 61, 16
 CFG = BackboneConfig(n_layer=1, n_head=2, d_model=D, block_size=8)
@@ -139,33 +139,34 @@ def test_external_head_trains_from_yaml(tmp_path):
     assert only_run(tmp_path).name.startswith("test_cosine_tied-seed0-")
 
 
-def test_a_run_of_a_head_in_a_file_of_its_own_is_rebuilt_where_that_file_is(tmp_path, monkeypatch):
-    """The commands and tools that rebuild a run's model find a head in a file of the user's in the
-    folder they start in, as fit does; elsewhere each says in one line that the head cannot be imported
-    and writes nothing (they printed a page of the parser's errors)."""
+def test_a_run_of_a_head_in_a_file_of_its_own_is_rebuilt_where_that_file_is(tmp_path, monkeypatch, capsys):
+    """The commands and tools that rebuild a run's model say in one line that its head cannot be imported
+    where the head's file is not on the import path, and write nothing (they printed a page of the
+    parser's errors); the tools, as scripts, find it in the folder they start in, as fit does."""
     pytest.importorskip("transformers")
+    from lmheads.hf import main as export
+
     (tmp_path / "own_heads.py").write_text(
         "from lmheads.heads import TiedHead\n\n\nclass OwnTied(TiedHead):\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     fit(tmp_path, "--model.head=own_heads.OwnTied", steps=2, every=2)
-    run, elsewhere = only_run(tmp_path), tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    ckpt, said = run / "checkpoints" / "last.ckpt", "error: head class 'own_heads.OwnTied' cannot be imported"
-
-    def script(name: str, *args, cwd):
-        command = [sys.executable, str(ROOT / "tools" / f"{name}.py"), *map(str, args)]
-        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
-
-    for result in (
-        run_lmheads("export", str(run), str(tmp_path / "hf"), cwd=elsewhere, new_python=True),
-        script("embeddings", run, cwd=elsewhere),
-    ):
-        assert result.returncode != 0 and result.stderr.startswith(said), result.stderr[-2000:]
-        assert result.stderr.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "own_heads.py", "quickstart"]
-    here = script("export", ckpt, tmp_path / "m.safetensors", cwd=tmp_path)
-    assert here.returncode == 0 and "head own_heads.OwnTied" in here.stdout, here.stderr[-2000:]
+    run = only_run(tmp_path)
+    ckpt, said = run / "checkpoints" / "last.ckpt", "head class 'own_heads.OwnTied' cannot be imported"
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "own_heads")
+    with pytest.raises(ConfigError, match=said):
+        export([str(run), str(tmp_path / "hf")])
+    with pytest.raises(SystemExit, match=f"^error: {said}"):
+        tool("embeddings").main([str(run)])
+    assert tool("export").main([str(ckpt), str(tmp_path / "m.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {said}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own_heads.py", "quickstart"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["export.py", str(ckpt), "m.safetensors"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(ROOT / "tools" / "export.py"), run_name="__main__")
+    assert exit.value.code == 0 and "head own_heads.OwnTied" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
