@@ -105,7 +105,12 @@ def mixed(groups: dict[str, list[RunLog]], final: bool = True) -> tuple[str, str
         recorded = [k for k in differ if "." not in k or not _repeated(k, hparams)] or list(differ)
         chosen = [k for k in recorded if not k.startswith("params/")] or recorded
         reasons = [f"{k} ({', '.join(map(_shown, differ[k]))})" for k in chosen]
-        reasons += [f"seed {seed} twice" for seed in repeated]
+        reasons += [
+            "runs without a seed (seed_everything=false), which no seed pairs"
+            if seed == "-1"  # the seed a run records without one
+            else f"seed {seed} twice"
+            for seed in repeated
+        ]
         hint = next((k for k in chosen if not k.startswith("params/")), None)
         return f"the runs of {label} are not seeds of one configuration: {'; '.join(reasons)}", hint
     return None

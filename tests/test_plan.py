@@ -43,6 +43,8 @@ def test_a_new_fit_is_named_after_head_seed_and_time_under_its_first_folder_logg
     taken = {tmp_path / "study" / f"tied-seed3-{NOW}"}  # a command of the same second has it
     second = plan_run("fit", _config(tensorboard), "tied", NOW, exists=taken.__contains__)
     assert second.folder.name == f"tied-seed3-{NOW}-2"
+    unseeded = plan_run("fit", _config(tensorboard, seed=False), "tied", NOW).folder
+    assert unseeded.name == f"tied-unseeded-{NOW}"  # not "seedFalse"
 
 
 @pytest.mark.parametrize("logger", [False, [_logger(WANDB, save_dir=".")], _logger(MLFLOW)])

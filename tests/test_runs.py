@@ -949,6 +949,9 @@ def test_compare_takes_a_setting_older_runs_did_not_record_for_unknown_not_diffe
     assert comparable.mixed({"tied": [old, new]}) is None
     other = runlog.RunLog(Path("other"), {**new.hparams, "seed": 2, "gradient_clip_val": 0.0}, {})
     assert comparable.mixed({"tied": [old, new, other]})[1] == "gradient_clip_val"
+    unseeded = [runlog.RunLog(Path(n), {**old.hparams, "seed": -1}, {}) for n in ("a", "b")]
+    reason, _ = comparable.mixed({"tied": unseeded})
+    assert reason.endswith("configuration: runs without a seed (seed_everything=false), which no seed pairs")
     # ...and a schedule length that older runs did not record does not split the budget
     logged = {"val/loss": {199: (5.0, 1.0)}}
     old = runlog.RunLog(Path("old"), {"seed": 0, "tokens_per_step": 64, "devices": 1}, logged)

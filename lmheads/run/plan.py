@@ -5,7 +5,8 @@
 A run folder is ``<save_dir>/<name>/<version>``. The first TensorBoard or CSV logger in
 ``trainer.logger`` names it (``--trainer.logger.init_args.version=NAME``); without one (W&B or MLflow
 alone, or no logger) it is ``<trainer.default_root_dir or runs>/lmheads/<version>``. An unnamed version
-is ``<head>-seed<seed>-<time>``, with ``-<subcommand>`` for an evaluation.
+is ``<head>-seed<seed>-<time>`` (``<head>-unseeded-<time>`` with ``seed_everything=false``), with
+``-<subcommand>`` for an evaluation.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def plan_run(
         return Plan(run / evaluation, filed_in=run)
     if named is None:  # numbered if a command of the same second has it
         suffix = "" if subcommand == "fit" else f"-{subcommand}"
-        base = f"{head}-seed{config.get('seed_everything')}-{now}"
+        seed = config.get("seed_everything")
+        base = f"{head}-{'unseeded' if seed is False else f'seed{seed}'}-{now}"
         named = (save_dir / name).resolve() / free_name(save_dir / name, base, suffix, exists)
     return Plan(named)
 
