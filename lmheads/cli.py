@@ -159,6 +159,11 @@ class LMHeadsCLI(LightningCLI):
         self._batch_counts = batch_counts(args, subcommand) if isinstance(args, list) else {}
         if subcommand:
             config = self.config[subcommand]
+            seed = config.get("seed_everything")
+            if type(seed) is int and not 0 <= seed < 2**32:  # Lightning's check is a traceback
+                raise ConfigError(
+                    f"seed_everything={seed} is not a seed numpy takes: give one from 0 to {2**32 - 1:,}"
+                )
             if is_checkpoint_keyword(config.get("ckpt_path")):
                 self._resolve_keyword(subcommand, config)
             self._checkpoint = read_checkpoint(config.get("ckpt_path"))

@@ -321,6 +321,7 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             "error: data.train_file 'nul.txt' holds a NUL byte (byte 12): it is a binary file",
         ),
         (["--trainer.max_epochs=0"], "error: trainer.max_epochs=0 trains nothing"),  # with max_steps set
+        (["--seed_everything=-5"], "error: seed_everything=-5 is not a seed numpy takes: give one from 0 to"),
         (
             ["--trainer.logger+=CSVLogger"],
             "error: CSVLogger in --trainer.logger needs save_dir: give it in the class's init_args",
