@@ -164,6 +164,8 @@ class LMHeadsCLI(LightningCLI):
                 raise ConfigError(
                     f"seed_everything={seed} is not a seed numpy takes: give one from 0 to {2**32 - 1:,}"
                 )
+            if subcommand == "fit":
+                _check_training(config.trainer)
             if is_checkpoint_keyword(config.get("ckpt_path")):
                 self._resolve_keyword(subcommand, config)
             self._checkpoint = read_checkpoint(config.get("ckpt_path"))
@@ -366,6 +368,32 @@ class LMHeadsCLI(LightningCLI):
             self._other_data = [*self._other_data, *found]
             record_evaluation(self.run_folder.path, *self._filed, self._other_data)
         rank_zero_info(filed_line(self.subcommand, self.run_folder.path, self._other_data))
+
+
+def _check_training(trainer) -> None:
+    """Trainer settings Lightning takes and then fails on (a division by zero in the first steps), trains
+    nothing with, or, for a negative clipping value, trains with in silence: every gradient reversed."""
+    for option in ("accumulate_grad_batches", "log_every_n_steps", "check_val_every_n_epoch"):
+        value = trainer.get(option)
+        if value is not None and value < 1:
+            raise ConfigError(f"trainer.{option}={value}: give a number of at least 1")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and interval <= 0:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval}: give a number of training batches, or a fraction of an "
+            "epoch above 0"
+        )
+    if trainer.get("limit_train_batches") == 0:  # Lightning then skips training, with a warning
+        raise ConfigError(
+            "trainer.limit_train_batches=0 trains nothing and would leave a run of no steps: give a number "
+            "of batches, or a fraction of them"
+        )
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and clip < 0:
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip} would reverse every gradient: give a positive value, or 0 "
+            "(or null) for no clipping"
+        )
 
 
 def _refuse_going_back(run: Path, step: int, ckpt) -> None:

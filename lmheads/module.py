@@ -114,6 +114,8 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
                 f"model.vocab_size must be positive, got {vocab_size}; the CLI sets it from the data module, "
                 "and code that builds the module directly must pass it"
             )
+        if not all(0 <= beta < 1 for beta in betas):  # AdamW's own check is a traceback at the first step
+            raise ConfigError(f"model.betas={tuple(betas)}: each must be in [0, 1)")
         if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:
             raise ConfigError(
                 f"model.lr_decay_steps={lr_decay_steps} leaves nothing to decay after "

@@ -323,6 +323,28 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
         (["--trainer.max_epochs=0"], "error: trainer.max_epochs=0 trains nothing"),  # with max_steps set
         (["--seed_everything=-5"], "error: seed_everything=-5 is not a seed numpy takes: give one from 0 to"),
         (
+            ["--trainer.accumulate_grad_batches=0"],
+            "error: trainer.accumulate_grad_batches=0: give a number of",
+        ),
+        (
+            ["--trainer.log_every_n_steps=0"],
+            "error: trainer.log_every_n_steps=0: give a number of at least 1",
+        ),
+        (["--trainer.limit_train_batches=0"], "error: trainer.limit_train_batches=0 trains nothing"),
+        (
+            ["--trainer.val_check_interval=0"],
+            "error: trainer.val_check_interval=0: give a number of training",
+        ),
+        (
+            ["--trainer.check_val_every_n_epoch=0"],
+            "error: trainer.check_val_every_n_epoch=0: give a number of",
+        ),
+        (["--model.betas=[0.9,1.5]"], "error: model.betas=(0.9, 1.5): each must be in [0, 1)"),
+        (
+            ["--trainer.gradient_clip_val=-1"],
+            "error: trainer.gradient_clip_val=-1 would reverse every gradient",
+        ),
+        (
             ["--trainer.logger+=CSVLogger"],
             "error: CSVLogger in --trainer.logger needs save_dir: give it in the class's init_args",
         ),
