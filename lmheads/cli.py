@@ -164,8 +164,7 @@ class LMHeadsCLI(LightningCLI):
                 raise ConfigError(
                     f"seed_everything={seed} is not a seed numpy takes: give one from 0 to {2**32 - 1:,}"
                 )
-            if subcommand == "fit":
-                _check_training(config.trainer)
+            _check_trainer(subcommand, config.trainer)
             if is_checkpoint_keyword(config.get("ckpt_path")):
                 self._resolve_keyword(subcommand, config)
             self._checkpoint = read_checkpoint(config.get("ckpt_path"))
@@ -370,9 +369,26 @@ class LMHeadsCLI(LightningCLI):
         rank_zero_info(filed_line(self.subcommand, self.run_folder.path, self._other_data))
 
 
-def _check_training(trainer) -> None:
-    """Trainer settings Lightning takes and then fails on (a division by zero in the first steps), trains
-    nothing with, or, for a negative clipping value, trains with in silence: every gradient reversed."""
+#: The batches each subcommand runs over.
+LIMITS = {
+    "fit": "limit_train_batches",
+    "validate": "limit_val_batches",
+    "test": "limit_test_batches",
+    "predict": "limit_predict_batches",
+}
+
+
+def _check_trainer(subcommand: str, trainer) -> None:
+    """Trainer settings Lightning takes and then fails on (a division by zero in the first steps), runs
+    nothing with (a run of no steps, an empty evaluation filed in the run), or, for a negative clipping
+    value, trains with in silence: every gradient reversed."""
+    if trainer.get(LIMITS[subcommand]) == 0:  # Lightning then skips the loop, with a warning
+        raise ConfigError(
+            f"trainer.{LIMITS[subcommand]}=0 {'trains' if subcommand == 'fit' else 'evaluates'} nothing: "
+            "give a number of batches, or a fraction of them"
+        )
+    if subcommand != "fit":
+        return
     for option in ("accumulate_grad_batches", "log_every_n_steps", "check_val_every_n_epoch"):
         value = trainer.get(option)
         if value is not None and value < 1:
@@ -382,11 +398,6 @@ def _check_training(trainer) -> None:
         raise ConfigError(
             f"trainer.val_check_interval={interval}: give a number of training batches, or a fraction of an "
             "epoch above 0"
-        )
-    if trainer.get("limit_train_batches") == 0:  # Lightning then skips training, with a warning
-        raise ConfigError(
-            "trainer.limit_train_batches=0 trains nothing and would leave a run of no steps: give a number "
-            "of batches, or a fraction of them"
         )
     clip = trainer.get("gradient_clip_val")
     if clip is not None and clip < 0:

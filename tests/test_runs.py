@@ -613,6 +613,13 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
         assert json.loads((run / "test" / folder / "checkpoint.json").read_text())["other_data"] == other
     (found,) = runlog.find_runs([tmp_path])
     assert found.scalars["test/loss"] == runlog.load_run(run / "test" / "last-6").scalars["test/loss"]
+    # An evaluation of no batches is refused: it would file an evaluation of nothing in the run.
+    filed = snapshot(run)
+    for subcommand in ("validate", "test", "predict"):
+        limit = f"limit_{'val' if subcommand == 'validate' else subcommand}_batches"
+        err = refused(capsys, subcommand, *quick_args(tmp_path), last, f"--trainer.{limit}=0")
+        assert f"error: trainer.{limit}=0 evaluates nothing: give a number of batches" in err
+    assert snapshot(run) == filed
 
 
 def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):
