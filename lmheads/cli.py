@@ -46,7 +46,7 @@ from lmheads.generation import SamplingConfig
 from lmheads.heads import head_name
 from lmheads.heads.base import resolve_head
 from lmheads.heads.names import PARSER_MODE, expand_head_names, list_heads, load_yaml
-from lmheads.lightning_internals import AlignLoggingStep
+from lmheads.lightning_internals import AlignLoggingStep, quiet_wandb
 from lmheads.module import LMHeadModule
 from lmheads.run.claim import NAMING_OPTION, RunFolder
 from lmheads.run.layout import furthest_checkpoint, run_of_checkpoint
@@ -258,6 +258,8 @@ class LMHeadsCLI(LightningCLI):
             for callback in trainer.checkpoint_callbacks:
                 callback.dirpath = callback.dirpath or str(self.plan.folder / "checkpoints")
         atomic_checkpoints(trainer)
+        for logger in trainer.loggers:
+            quiet_wandb(logger)
         return trainer
 
     def instantiate_classes(self) -> None:

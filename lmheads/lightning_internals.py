@@ -107,3 +107,12 @@ def requeue_signal(trainer: L.Trainer) -> int | None:
     if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
         return int(environment.requeue_signal)
     return None
+
+
+def quiet_wandb(logger) -> None:
+    """Leave W&B's ``anonymous`` setting out of the ``wandb.init`` a ``WandbLogger`` will call where it is
+    unset: the logger passes ``anonymous=None``, on which W&B (0.19 and later) warns in every run that
+    the setting has no effect."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+        del init["anonymous"]

@@ -12,6 +12,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lmheads.lightning_internals import (
     align_logging_step,
     batches_done_this_epoch,
+    quiet_wandb,
     requeue_signal,
     sharded_checkpoints,
     stop_after_this_step,
@@ -83,3 +84,19 @@ def test_the_strategies_say_when_they_write_folders_of_shards():
 
     assert sharded_checkpoints(ModelParallelStrategy()) == "save_distributed_checkpoint=false"  # the default
     assert sharded_checkpoints(ModelParallelStrategy(save_distributed_checkpoint=False)) is None
+
+
+def test_the_wandb_logger_passes_an_unset_anonymous_setting_which_is_left_out(tmp_path, monkeypatch):
+    """Lightning's ``WandbLogger`` gives ``wandb.init`` ``anonymous=None``, on which W&B warns in every run;
+    lmheads' trainers leave it out. When Lightning stops passing it, this test says the fix can go."""
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="t", save_dir=str(tmp_path))
+    assert "anonymous" in logger._wandb_init and logger._wandb_init["anonymous"] is None
+    quiet_wandb(logger)
+    assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"] == "t"
+    given = WandbLogger(project="t", save_dir=str(tmp_path), anonymous=True)
+    quiet_wandb(given)
+    assert given._wandb_init["anonymous"] == "allow"  # a setting given stays

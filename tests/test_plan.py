@@ -163,7 +163,8 @@ def test_wandb_alone_logs_into_the_run_folder(tmp_path, offline_wandb):
     """W&B as the only logger (offline): the run's config, checkpoints, summary and W&B's files in one
     folder, and the run continues there from its checkpoint."""
     wandb = ["--trainer.logger=WandbLogger", "--trainer.logger.project=t", "--trainer.logger.name=null"]
-    fit(tmp_path, *wandb, steps=2, every=2)
+    cli = fit(tmp_path, *wandb, steps=2, every=2)
+    assert "anonymous" not in cli.trainer.logger._wandb_init  # W&B warned in every run that it does nothing
     (run,) = (tmp_path / "lmheads").iterdir()
     assert (
         yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["name"]
