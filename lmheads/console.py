@@ -419,13 +419,14 @@ def _restricted(name: str) -> str:
 def user_error(err: BaseException | None) -> str | None:
     """What to tell the user about ``err`` in one line: a ``ConfigError`` behind it (jsonargparse wraps
     errors raised while instantiating) or Lightning's complaint about the trainer's settings (its
-    ``MisconfigurationException``, or a ``ValueError`` its trainer or loops raise when they check them);
+    ``MisconfigurationException``, a ``ValueError`` its trainer or loops raise when they check them, or
+    its ``ModuleNotFoundError`` for a setting whose package is missing);
     ``None`` for anything else (a bug: its traceback is shown)."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, ConfigError):
             return str(err)
-        if isinstance(err, MisconfigurationException) or _trainer_value_error(err):
+        if isinstance(err, MisconfigurationException) or _trainer_value_error(err) or _unmet(err):
             if "gpu" in str(err).lower() and not torch.cuda.is_available():
                 return (
                     "trainer.accelerator asks for a GPU and torch sees none here; use "
@@ -435,6 +436,14 @@ def user_error(err: BaseException | None) -> str | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def _unmet(err: BaseException) -> bool:
+    """Lightning's refusal of a setting whose package is not installed (``torch_xla`` for
+    ``accelerator=tpu``, ``transformer_engine`` for its precision): "Requirement '...' not met"."""
+    return (
+        isinstance(err, ModuleNotFoundError) and re.match(r"Requirement '.+' not met", str(err)) is not None
+    )
 
 
 def _trainer_value_error(err: BaseException) -> bool:

@@ -331,6 +331,7 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             "error: trainer.log_every_n_steps=0: give a number of at least 1",
         ),
         (["--trainer.limit_train_batches=0"], "error: trainer.limit_train_batches=0 trains nothing"),
+        (["--trainer.accelerator=tpu"], "error: Requirement 'torch_xla"),
         (
             ["--trainer.val_check_interval=0"],
             "error: trainer.val_check_interval=0: give a number of training",
