@@ -45,7 +45,7 @@ from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError, interru
 from lmheads.generation import SamplingConfig
 from lmheads.heads import head_name
 from lmheads.heads.base import resolve_head
-from lmheads.heads.names import PARSER_MODE, expand_head_names, list_heads, load_yaml
+from lmheads.heads.names import PARSER_MODE, expand_head_names, load_yaml
 from lmheads.lightning_internals import AlignLoggingStep, quiet_wandb
 from lmheads.module import LMHeadModule
 from lmheads.run.claim import NAMING_OPTION, RunFolder
@@ -462,7 +462,9 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
     set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
     try:
         if argv[:1] == ["heads"]:  # python -m lmheads heads [MODULE ...]
-            print(list_heads(argv[1:]))
+            from lmheads.heads.names import main as heads
+
+            heads(argv[1:])
             return None
         if argv[:1] == ["export"]:  # python -m lmheads export CHECKPOINT OUT_DIR
             from lmheads.hf import main as export

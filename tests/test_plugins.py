@@ -128,6 +128,18 @@ def test_listing_shows_every_head_with_its_formula():
         assert formula in line
 
 
+def test_the_heads_command_has_help_and_lists_the_heads_of_modules_given(capsys):
+    """``heads --help`` took ``--help`` for a module to import ("cannot import '--help'")."""
+    with pytest.raises(SystemExit) as exit:
+        main(["heads", "--help"])
+    assert (
+        exit.value.code == 0
+        and "usage: python -m lmheads heads [-h] [modules ...]" in capsys.readouterr().out
+    )
+    main(["heads", "tests.external_heads"])
+    assert "test_cosine_tied" in capsys.readouterr().out
+
+
 def test_external_head_trains_from_yaml(tmp_path):
     config = tmp_path / "head.yaml"
     config.write_text(

@@ -84,3 +84,19 @@ def list_heads(modules: list[str] = ()) -> str:
     lines.append("Options of every head: logit_scale, softcap, z_loss, zero_init.")
     lines.append("`python -m lmheads fit --model.head.help NAME` explains a head's options.")
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m lmheads heads [MODULE ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lmheads heads",
+        description="Every available head: its short name, own parameters, class and what it computes.",
+    )
+    parser.add_argument(
+        "modules",
+        nargs="*",
+        help="modules of your own to import first, whose heads are listed too (my_heads)",
+    )
+    print(list_heads(parser.parse_args(argv).modules))
