@@ -371,9 +371,8 @@ class LMHeadsCLI(LightningCLI):
         rank_zero_info(filed_line(self.subcommand, self.run_folder.path, self._other_data))
 
 
-#: The batches each subcommand runs over.
-LIMITS = {
-    "fit": "limit_train_batches",
+#: The batches each evaluation runs over (a fit's: :func:`lmheads.run.resume.check_trains_something`).
+EVALUATED = {
     "validate": "limit_val_batches",
     "test": "limit_test_batches",
     "predict": "limit_predict_batches",
@@ -382,12 +381,12 @@ LIMITS = {
 
 def _check_trainer(subcommand: str, trainer) -> None:
     """Trainer settings Lightning takes and then fails on (a division by zero in the first steps), runs
-    nothing with (a run of no steps, an empty evaluation filed in the run), or, for a negative clipping
-    value, trains with in silence: every gradient reversed."""
-    if trainer.get(LIMITS[subcommand]) == 0:  # Lightning then skips the loop, with a warning
+    nothing with (an empty evaluation filed in the run), or, for a negative clipping value, trains with
+    in silence: every gradient reversed."""
+    limit = EVALUATED.get(subcommand)
+    if limit is not None and trainer.get(limit) == 0:  # Lightning then skips the loop, with a warning
         raise ConfigError(
-            f"trainer.{LIMITS[subcommand]}=0 {'trains' if subcommand == 'fit' else 'evaluates'} nothing: "
-            "give a number of batches, or a fraction of them"
+            f"trainer.{limit}=0 evaluates nothing: give a number of batches, or a fraction of them"
         )
     if subcommand != "fit":
         return

@@ -277,8 +277,8 @@ def check_time_left(config, checkpoint: dict) -> None:
 
 
 def check_trains_something(config, step: int | None = None) -> None:
-    """Refuse a fit that would train nothing: a ``max_steps`` or ``max_epochs`` of 0, or with a checkpoint
-    at ``step``, a ``max_steps`` it has reached."""
+    """Refuse a fit that would train nothing: a ``max_steps``, ``max_epochs`` or ``limit_train_batches`` of
+    0 (Lightning then skips training), or with a checkpoint at ``step``, a ``max_steps`` it has reached."""
     trainer = config.trainer
     max_steps = -1 if trainer.get("max_steps") is None else trainer.max_steps
     if step is not None and 0 <= max_steps <= step:
@@ -289,6 +289,8 @@ def check_trains_something(config, step: int | None = None) -> None:
     zero = "max_steps" if max_steps == 0 else None
     if trainer.get("max_epochs") == 0:  # training stops at whichever limit comes first
         zero = "max_epochs"
+    if trainer.get("limit_train_batches") == 0:
+        zero = "limit_train_batches"
     if zero:
         raise ConfigError(
             f"trainer.{zero}=0 trains nothing and would leave a run of no steps: give a positive "
