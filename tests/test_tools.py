@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import socket
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmheads import comparable, runlog, stats
 from lmheads.run.claim import CLAIM_FILE, LOCK_FILE
@@ -808,6 +810,45 @@ def test_the_sharing_study_has_grids_for_every_study_config_and_refuses_what_it_
         assert result.returncode == 2 and result.stderr.startswith(said) and result.stderr.count("\n") == 1
     studies = sorted(p.stem for p in (ROOT / "configs" / "experiments").glob("sharing_*.yaml"))
     assert studies and all(f"\n  {name}) widths=" in script.read_text() for name in studies)
+
+
+@pytest.mark.skipif(
+    (ROOT / ".whl").exists() or torch.cuda.is_available(),
+    reason="would install the carried wheels or run the whole GPU script",
+)
+def test_the_gpu_scripts_refuse_before_they_write(tmp_path):
+    """An unknown option, a folder that already holds a report, and a machine without CUDA are each one
+    ``error:`` line on stderr, and no output or runs folder is left behind; OUT_DIR is read from the
+    folder the script is called in."""
+    corpora = tmp_path / "corpora"
+    for file in (
+        "wikitext-2/train.txt",
+        "wikitext-2/valid.txt",
+        "wikitext-2/test.txt",
+        "tinyshakespeare/input.txt",
+    ):
+        (corpora / file).parent.mkdir(parents=True, exist_ok=True)
+        (corpora / file).write_text("a b c\n")
+    env = {**os.environ, "LMHEADS_DATA": str(corpora), "LMHEADS_STUDY_RUNS": "study-runs"}
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "machine.txt").write_text("an earlier report\n")
+    for script in ("gpu_check.sh", "gpu_study.sh"):
+        for args, code, said in (
+            (["--help"], 2, "error: unknown option --help; usage: bash tools/" + script),
+            (["earlier"], 2, f"error: {tmp_path / 'earlier'} is not empty"),
+            (["new"], 1, "error: no CUDA device is visible to torch"),
+        ):
+            result = subprocess.run(
+                ["bash", str(ROOT / "tools" / script), *args],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            assert (result.returncode, result.stdout) == (code, ""), result.stderr
+            assert result.stderr.startswith(said) and result.stderr.count("\n") == 1, result.stderr
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["corpora", "earlier"], (script, args)
+    assert (tmp_path / "earlier" / "machine.txt").read_text() == "an earlier report\n"
 
 
 def test_figures_place_every_kept_setting_and_adjust_the_endings_as_one_family(tmp_path, capsys):

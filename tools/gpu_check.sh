@@ -29,7 +29,6 @@
 #     bash tools/gpu_check.sh --only REGEX [OUT_DIR]  # only the checks whose names match (bash regex):
 #                                                # 'fit|gpu-tests' or 'bench', to split it over two calls
 set -u
-cd "$(dirname "$0")/.."
 tiny=0 only="" extended=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -38,17 +37,17 @@ while [ $# -gt 0 ]; do
     --only) only=${2:?--only needs a pattern}; shift 2 ;;
     -*)
       echo "error: unknown option $1; usage: bash tools/gpu_check.sh [--tiny] [--extended] [--only REGEX]" \
-        "[OUT_DIR]"
+        "[OUT_DIR]" >&2
       exit 2 ;;
     *) break ;;
   esac
 done
-out=${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}
+out=$(realpath -m "${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}")  # from the folder it is called in
+cd "$(dirname "$0")/.."
 if [ -n "$(ls -A "$out" 2> /dev/null)" ]; then  # its runs would be refused as runs already there
   echo "error: $out is not empty (an earlier check's?); give a new folder, or none for gpu-check-<time>" >&2
   exit 2
 fi
-mkdir -p "$out"
 deadline=${LMHEADS_CHECK_SECONDS:-$([ "$extended" = 1 ] && echo 900 || echo 480)}
 # shellcheck source=tools/gpu_lib.sh
 . tools/gpu_lib.sh

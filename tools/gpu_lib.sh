@@ -9,17 +9,19 @@ failed=0
 started=()
 
 # gpu_setup: installs the wheels carried in .whl/ (a machine without a package index), refuses a
-# machine without CUDA unless tiny, and writes the date, card and versions to OUT/machine.txt.
+# machine without CUDA unless tiny, then creates OUT and writes the date, card and versions to
+# OUT/machine.txt (a refused start leaves no folder behind).
 gpu_setup() {
   if [ -f .whl/setup.sh ]; then
     # shellcheck disable=SC1091
-    . .whl/setup.sh || { echo "error: installing the wheels in .whl/ failed"; exit 1; }
+    . .whl/setup.sh || { echo "error: installing the wheels in .whl/ failed" >&2; exit 1; }
   fi
   export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
   if [ "$tiny" = 0 ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "error: no CUDA device is visible to torch; on a machine without a GPU, try the script with --tiny"
+    echo "error: no CUDA device is visible to torch; on a machine without a GPU, try the script with --tiny" >&2
     exit 1
   fi
+  mkdir -p "$out"
   {
     date -u +"%Y-%m-%d %H:%M UTC"
     if [ "$tiny" = 0 ]; then

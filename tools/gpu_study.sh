@@ -25,30 +25,37 @@
 #
 #     bash tools/gpu_study.sh --tiny [OUT_DIR]   # the same steps on the CPU at toy sizes: tries the script
 set -u
-cd "$(dirname "$0")/.."
 tiny=0
 if [ "${1:-}" = "--tiny" ]; then tiny=1; shift; fi
-out=${1:-gpu-study-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$out" && out=$(cd "$out" && pwd)
-runs=${LMHEADS_STUDY_RUNS:-/tmp/lmheads-study}
-data=${LMHEADS_DATA:-}
+if [[ ${1:-} == -* ]]; then
+  echo "error: unknown option $1; usage: bash tools/gpu_study.sh [--tiny] [OUT_DIR]" >&2
+  exit 2
+fi
+out=$(realpath -m "${1:-gpu-study-$(date +%Y%m%d-%H%M%S)}")  # from the folder it is called in
+if [ -n "$(ls -A "$out" 2> /dev/null)" ]; then  # its report would be mixed with an earlier one
+  echo "error: $out is not empty (an earlier study's?); give a new folder, or none for gpu-study-<time>" >&2
+  exit 2
+fi
+runs=$(realpath -m "${LMHEADS_STUDY_RUNS:-/tmp/lmheads-study}")
+data=${LMHEADS_DATA:+$(realpath -m "$LMHEADS_DATA")}
+cd "$(dirname "$0")/.."
 [ -n "$data" ] || { [ -d .data ] && data=.data; } || data=data
 deadline=${LMHEADS_STUDY_SECONDS:-570}
 reserve=110  # seconds kept after training for the tests and the report (103 s on an H200 one step at a
 # time; with the report's steps side by side, its longest, the geometry, sets the time: about 65 s)
 for file in wikitext-2/train.txt wikitext-2/valid.txt wikitext-2/test.txt tinyshakespeare/input.txt; do
   if [ ! -f "$data/$file" ]; then
-    echo "error: $data/$file not found; set LMHEADS_DATA to the corpora's folder"
+    echo "error: $data/$file not found; set LMHEADS_DATA to the corpora's folder" >&2
     exit 1
   fi
 done
-if [ -e "$runs" ] && [ -n "$(ls -A "$runs" 2> /dev/null)" ]; then
-  echo "note: $runs holds earlier runs: finished ones are kept, interrupted ones resume"
-fi
-mkdir -p "$runs"
 # shellcheck source=tools/gpu_lib.sh
 . tools/gpu_lib.sh
 gpu_setup
+if [ -n "$(ls -A "$runs" 2> /dev/null)" ]; then
+  echo "note: $runs holds earlier runs: finished ones are kept, interrupted ones resume"
+fi
+mkdir -p "$runs"
 
 wikitext_config=(--config configs/experiments/wikitext2_converged.yaml)
 wikitext_data=(--data.init_args.train_file="$data/wikitext-2/train.txt"
