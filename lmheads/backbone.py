@@ -116,6 +116,8 @@ class BackboneConfig:
             raise ConfigError(
                 f"rotary positions need an even head width, got d_model/n_head={self.d_model // self.n_head}"
             )
+        if not 0 < self.rope_base < math.inf:  # 0 made the rotary tables infinite, and the loss NaN
+            raise ConfigError(f"model.backbone.rope_base must be positive and finite, got {self.rope_base}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.backbone.dropout must be in [0, 1), got {self.dropout}")
         k = self.unique_layers

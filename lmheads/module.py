@@ -121,6 +121,11 @@ class LMHeadModule(OptimizerHooks, L.LightningModule):
                 f"model.lr_decay_steps={lr_decay_steps} leaves nothing to decay after "
                 f"warmup_steps={warmup_steps}; set it above warmup_steps, or null for the whole run"
             )
+        if isinstance(compile, str) and compile not in torch.compiler.list_backends(exclude_tags=()):
+            raise ConfigError(
+                f"model.compile={compile!r} is not a torch.compile backend: give true (Inductor), false, or "
+                "a name that torch.compiler.list_backends(exclude_tags=()) lists, such as aot_eager"
+            )
         if init_from:
             require("model.init_from (a GPT-2 to start from)", "hf", "transformers")
         head = TiedHead() if head is None else head

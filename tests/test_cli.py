@@ -341,6 +341,11 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             "error: trainer.check_val_every_n_epoch=0: give a number of",
         ),
         (["--model.betas=[0.9,1.5]"], "error: model.betas=(0.9, 1.5): each must be in [0, 1)"),
+        (["--model.compile=bogus"], "error: model.compile='bogus' is not a torch.compile backend: give true"),
+        (
+            ["--model.backbone.positions=rope", "--model.backbone.rope_base=0"],
+            "error: model.backbone.rope_base must be positive and finite, got 0.0",
+        ),
         (
             ["--trainer.gradient_clip_val=-1"],
             "error: trainer.gradient_clip_val=-1 would reverse every gradient",
