@@ -3,6 +3,7 @@ written when training is interrupted, and none of a diverged model."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
@@ -20,7 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError
+from lmheads.errors import CheckpointWriteError, ConfigError, Interrupted, NonFiniteLossError
 from lmheads.heads import head_name
 from lmheads.lightning_internals import requeue_signal, stop_after_this_step
 
@@ -376,7 +377,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``TMPDIR``): a process killed during the copy leaves a partial file under the checkpoint's name. This
     one writes ``.<name>.<pid>.partial`` beside the target, syncs it to disk, and renames it, which is
     atomic within one folder. A process killed mid-write leaves only that hidden ``.partial`` file, which
-    no checkpoint lookup takes for a checkpoint."""
+    no checkpoint lookup takes for a checkpoint. A write that fails (a full disk) removes it and stops
+    training with :class:`CheckpointWriteError`, naming the checkpoint to continue from."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
@@ -390,8 +392,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, target)
+        except OSError as err:
+            raise CheckpointWriteError(_unwritten(target, checkpoint.get("global_step"), err)) from err
         finally:
             partial.unlink(missing_ok=True)
+
+
+def _unwritten(target: Path, step: int | None, err: OSError) -> str:
+    """Why training stopped at a checkpoint it could not write, and how to continue: ``last.ckpt``, if
+    there is one, is an earlier state, whole (this write never replaced it)."""
+    fix = "Free space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "Make that folder writable"
+    last = target.parent / "last.ckpt"
+    then = (
+        f"then continue the run with --ckpt_path={last} (an earlier state)"
+        if last.is_file()
+        else "then start it again (no checkpoint was written before)"
+    )
+    at = "" if step is None else f" at step {step}"
+    why = err.strerror or err
+    return f"checkpoint {target} could not be written ({why}); training stopped{at}. {fix}, {then}"
 
 
 def atomic_checkpoints(trainer: L.Trainer) -> None:

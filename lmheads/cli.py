@@ -41,7 +41,7 @@ from lmheads.console import (
     user_error,
 )
 from lmheads.data import LMDataModule
-from lmheads.errors import ConfigError, Interrupted, NonFiniteLossError, interrupted_outside_training
+from lmheads.errors import ConfigError, Interrupted, TrainingStopped, interrupted_outside_training
 from lmheads.generation import SamplingConfig
 from lmheads.heads import head_name
 from lmheads.heads.base import resolve_head
@@ -501,7 +501,7 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
         if rank_zero_only.rank == 0:  # every process stops; one says so
             print(f"interrupted: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except NonFiniteLossError as err:
+    except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except Exception as err:

@@ -1,8 +1,9 @@
 """The exceptions that end a command with a message instead of a traceback.
 
 The CLI turns a ``ConfigError`` (bad user input) into a single ``error: ...`` line and exit status 2, so
-every message must say what is wrong *and* what to do about it; a ``NonFiniteLossError`` into an
-``error:`` line and status 3; an ``Interrupted`` into an ``interrupted:`` line and 130 or 143.
+every message must say what is wrong *and* what to do about it; a ``TrainingStopped`` (a NaN loss, a
+checkpoint that could not be written) into an ``error:`` line and its own status (3, 4); an
+``Interrupted`` into an ``interrupted:`` line and 130 or 143.
 """
 
 import importlib.util
@@ -25,7 +26,13 @@ def require(purpose: str, extra: str | None, *modules: str) -> None:
         raise ConfigError(f"{purpose} needs {names}, not installed: {install}")
 
 
-class NonFiniteLossError(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """Training cannot go on; the message says where it stopped and how to continue."""
+
+    exit_code = 1
+
+
+class NonFiniteLossError(TrainingStopped):
     """The training loss became NaN or infinite at ``step``; training stops without checkpointing that
     state."""
 
@@ -34,6 +41,13 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+class CheckpointWriteError(TrainingStopped):
+    """A checkpoint could not be written (a full disk, a quota, a folder made read-only); training stops
+    there, and the checkpoints written before it are whole."""
+
+    exit_code = 4
 
 
 class Interrupted(BaseException):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -340,6 +341,37 @@ def test_a_save_that_dies_midway_leaves_no_partial_checkpoint(tmp_path, monkeypa
     assert not target.exists() or torch.load(target, weights_only=True)["global_step"] == 5
     assert [p.name for p in target.parent.glob("*.ckpt")] == ["step5.ckpt"] * target.exists()
     shutil.rmtree(tempfile.tempdir)
+
+
+def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_the_run_continues(tmp_path, monkeypatch, capsys):
+    """The disk fills while a validation's checkpoint is written: training stops with one ``error:`` line
+    (exit status 4) that names the step and the checkpoint to continue from, leaves no partial file and
+    the earlier ``last.ckpt`` whole, and the run continues from it to its end."""
+    real_save = torch.save
+
+    def fills_the_disk(obj, file, *args, **kwargs):
+        if obj.get("global_step") == 4:
+            file.write(b"part of a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path, steps=6, every=2)
+    checkpoints = only_run(tmp_path) / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 4 and len(errors) == 1, errors
+    assert (
+        "could not be written (No space left on device); training stopped at step 4. Free space there"
+        in errors[0]
+    )
+    assert errors[0].endswith(f"then continue the run with --ckpt_path={last} (an earlier state)")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step2.ckpt"]
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    fit(tmp_path, f"--ckpt_path={last}", steps=6, every=2)
+    assert json.loads((only_run(tmp_path) / "results.json").read_text())["step"] == 6
 
 
 def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys, caplog):
