@@ -52,6 +52,37 @@ def test_shapes_and_finite_loss(name):
     torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.filterwarnings("ignore:head 'mos' is not a linear form")
+def test_float64_models_keep_float64_in_every_loss(name):
+    """A model in float64 (``--trainer.precision=64-true``, the precision of numerical checks) has its
+    loss, per-token NLL and gradients in float64 through every backend: equal to the float64 reference
+    far below fp32's rounding (a loss upcast "to fp32" would round them there)."""
+    torch.manual_seed(0)
+    backbone = BackboneConfig(n_layer=1, n_head=4, d_model=D, block_size=16)
+    idx, targets = batch()
+    grads = {}
+    for backend in ("naive", "chunked"):
+        torch.manual_seed(0)
+        model = LMHeadModule(head=head_class(name)(), backbone=backbone, vocab_size=V, loss_backend=backend)
+        model.double()
+        with torch.no_grad():
+            for p in model.head.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        logits = model(idx).flatten(0, 1)
+        reference = nn.functional.cross_entropy(logits, targets.flatten(), reduction="none")
+        nll = model.token_nll(idx, targets)
+        loss = model.train_loss(idx, targets).loss
+        assert logits.dtype == nll.dtype == loss.dtype == torch.float64, backend
+        torch.testing.assert_close(nll, reference, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(loss, reference.mean(), rtol=1e-12, atol=1e-12)
+        loss.backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for n, grad in grads["naive"].items():
+        assert grad.dtype == torch.float64, n
+        torch.testing.assert_close(grads["chunked"][n], grad, rtol=1e-10, atol=1e-13, msg=n)
+
+
 #: Own parameters of a freshly built head that do not yet affect the logits (zero gradient).
 INACTIVE = {"untie_during_training": {"weight"}}  # its own matrix joins at the switch
 

@@ -233,7 +233,8 @@ def _peak_bytes(fn, trace) -> int:
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize(
-    ("dtype", "compiled"), [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+    ("dtype", "compiled"),
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False), (torch.float32, True)],
 )
 def test_the_chunked_loss_holds_one_chunk_at_a_time(dtype, compiled, softcap, tmp_path):
     """Peak memory of forward and backward, beyond the gradients of h and W: one chunk's step, as

@@ -52,6 +52,11 @@ def apply_softcap(logits: Tensor, softcap: float | None) -> Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` upcast to fp32 for a softmax, or kept where it is wider (float64, as ``64-true`` trains)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _recording_options(init):
     """Wrap a head's ``__init__`` so that the outermost call records every option by argument name:
     the defaults of each constructor in the class hierarchy, then the arguments given."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmheads.heads.base import Head, apply_softcap
+from lmheads.heads.base import Head, apply_softcap, at_least_fp32
 
 
 class MixtureOfSoftmaxesHead(Head):
@@ -46,5 +46,5 @@ class MixtureOfSoftmaxesHead(Head):
         k, e = self.components, self.d_embed
         latent = torch.tanh(self.latent(h)).unflatten(-1, (k, e)) * self.logit_multiplier  # (..., K, E)
         component = apply_softcap(F.linear(latent, embedding.weight), self.softcap)  # (..., K, V)
-        log_prior = self.prior(h).float().log_softmax(-1).unsqueeze(-1)  # (..., K, 1)
-        return torch.logsumexp(log_prior + component.float().log_softmax(-1), dim=-2)  # (..., V)
+        log_prior = at_least_fp32(self.prior(h)).log_softmax(-1).unsqueeze(-1)  # (..., K, 1)
+        return torch.logsumexp(log_prior + at_least_fp32(component).log_softmax(-1), dim=-2)  # (..., V)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmheads.heads.base import LinearForm
+from lmheads.heads.base import LinearForm, at_least_fp32
 from lmheads.loss.reference import IGNORE_INDEX, TokenLoss, TrainLoss, naive_linear_cross_entropy
 
 #: Default logit workspace of the chunked backend; the chunk length C follows from it and V.
@@ -57,7 +57,7 @@ def _chunk_grad(
     over C x V where a scatter would need the fp32 gradient written out and read back. Both subtract
     the same numbers: the results are equal.
     """
-    x = logits.float()
+    x = at_least_fp32(logits)
     tanh = None
     if softcap is not None:
         tanh = torch.tanh(x / softcap)
@@ -140,12 +140,14 @@ class ChunkGrad:
 
         Compiled: the logits in ``dtype``, which the gradient overwrites, and with a soft-cap its tanh in
         fp32. Uncompiled: also the fp32 working copy of lower-precision logits, the fp32 temporary of
-        ``logsumexp``, and with a soft-cap two fp32 temporaries. (Measured by tests/test_loss.py.)
+        ``logsumexp``, and with a soft-cap two fp32 temporaries (float64 ones for float64 logits).
+        (Measured by tests/test_loss.py.)
         """
-        cap = 4 if softcap else 0
+        wide = max(dtype.itemsize, 4)  # the softmax's dtype: fp32, or float64
+        cap = wide if softcap else 0
         if self._compiles(device) or torch.compiler.is_compiling():
             return dtype.itemsize + cap
-        return dtype.itemsize + 4 + (4 if dtype.itemsize < 4 else 0) + 2 * cap
+        return dtype.itemsize + wide + (4 if dtype.itemsize < 4 else 0) + 2 * cap
 
     def chunk_tokens(self, vocab_size: int, dtype: torch.dtype, device: torch.device, softcap: bool) -> int:
         """The default chunk length: a chunk's step fills the 256 MiB workspace."""
@@ -189,9 +191,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             b = bias.to(dtype) if bias is not None else None
             grad_h = torch.empty_like(hidden) if needs_h else None
             grad_w = torch.zeros_like(weight) if needs_w else None
-            grad_b = torch.zeros_like(bias, dtype=torch.float32) if needs_b else None
-            nll_sum = hidden.new_zeros((), dtype=torch.float32)
-            z_sum = hidden.new_zeros((), dtype=torch.float32)
+            acc = torch.promote_types(dtype, torch.float32)  # the sums' dtype: fp32, or float64
+            grad_b = torch.zeros_like(bias, dtype=acc) if needs_b else None
+            nll_sum = hidden.new_zeros((), dtype=acc)
+            z_sum = hidden.new_zeros((), dtype=acc)
             for start in range(0, hidden.size(0), chunk_size):
                 stop = min(start + chunk_size, hidden.size(0))
                 h = h_all[start:stop]  # (C, K)
@@ -208,7 +211,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     else:  # fp32 parameters under autocast: products in the compute dtype, sums in fp32
                         chunk_grad.add_product(grad_w, grad.t(), h)
                 if needs_b:
-                    grad_b += grad.sum(0, dtype=torch.float32)
+                    grad_b += grad.sum(0, dtype=acc)
                 del logits, grad  # one buffer, freed before the next chunk's logits are formed
         ctx.save_for_backward(grad_h, grad_w, grad_b, count)
         ctx.bias_dtype = bias.dtype if bias is not None else None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmheads.heads.base import LinearForm, apply_softcap
+from lmheads.heads.base import LinearForm, apply_softcap, at_least_fp32
 
 IGNORE_INDEX = -100
 
@@ -26,8 +26,8 @@ class TrainLoss(NamedTuple):
 
 
 def logits_token_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> TokenLoss:
-    """Per-token NLL and log-partition from full logits (N, V), in fp32."""
-    logits = logits.float()
+    """Per-token NLL and log-partition from full logits (N, V), in fp32 (float64 logits stay float64)."""
+    logits = at_least_fp32(logits)
     lse = logits.logsumexp(dim=-1)  # (N,)
     valid = targets != ignore_index
     target_logit = logits.gather(1, targets.where(valid, 0).unsqueeze(1)).squeeze(1)  # (N,)
@@ -38,7 +38,9 @@ def naive_linear_cross_entropy(
     form: LinearForm, targets: Tensor, ignore_index: int = IGNORE_INDEX
 ) -> TokenLoss:
     """Full logits, upcast to fp32, then log-softmax."""
-    logits = apply_softcap(F.linear(form.hidden, form.weight, form.bias).float(), form.softcap)  # (N, V)
+    logits = apply_softcap(
+        at_least_fp32(F.linear(form.hidden, form.weight, form.bias)), form.softcap
+    )  # (N, V)
     return logits_token_loss(logits, targets, ignore_index)
 
 
