@@ -1,8 +1,9 @@
 """Measuring speed and memory: the throughput every run logs, and for the benchmarks peak memory, a
-device's matmul peak and model FLOPs per token."""
+device's matmul peak, model FLOPs per token and the checks of their command lines."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import resource
@@ -13,6 +14,33 @@ import lightning as L
 import torch
 
 MiB = 2**20
+
+
+def count_arg(minimum: int = 1):
+    """An argparse type: a whole number of at least ``minimum`` (a count of 0 timed nothing, or divided
+    by it)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"give a whole number of at least {minimum}, got {value!r}")
+        return number
+
+    return parse
+
+
+def device_arg(value: str) -> str:
+    """An argparse type: a device torch can use here (``cuda`` without one ended in torch's traceback)."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a torch device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("torch sees no CUDA device here; give --device cpu")
+    return value
 
 
 def synchronize(device: torch.device) -> None:

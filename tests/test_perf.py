@@ -127,3 +127,36 @@ def test_bench_train_runs_every_path(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--chunk-sizes", "0"])
     assert "a chunk size is a positive integer or 'default', got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "said"),
+    [
+        ("bench_head", ["--iters", "0"], "argument --iters: give a whole number of at least 1, got '0'"),
+        # a chunk size of 0 was timed as the default and labelled C=0
+        ("bench_head", ["--chunk-sizes", "0"], "argument --chunk-sizes: give a whole number of at least 1"),
+        ("bench_head", ["--n", "0"], "argument --n: give a whole number of at least 1"),  # a table of nothing
+        ("bench_head", ["--warmup", "-1"], "argument --warmup: give a whole number of at least 0"),
+        ("bench_train", ["--steps", "0"], "argument --steps: give a whole number of at least 1"),
+        ("bench_train", ["--repeats", "0"], "argument --repeats: give a whole number of at least 1"),
+        ("bench_train", ["--heads", "bogus"], "error: unknown head 'bogus'; registered heads:"),
+        ("bench_train", ["--device", "gpu0"], "argument --device: 'gpu0' is not a torch device"),
+    ],
+)
+def test_the_benchmarks_refuse_what_would_time_nothing_or_mislabel_it(name, args, said, capsys):
+    """Counts of 0 (a division by zero, or a table of nothing), a chunk size of 0, an unknown head and a
+    device torch does not know are refused by the parser, before anything is timed."""
+    small = {"bench_head": ["--n", "8", "--d", "8", "--v", "16"], "bench_train": ["--preset", "tiny"]}[name]
+    with pytest.raises(SystemExit) as exc:  # small sizes first: were a value let through, it would be quick
+        tool(name).main([*small, "--no-compile", "--warmup", "0", *args])
+    assert exc.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_the_benchmarks_refuse_cuda_where_torch_has_none(capsys):
+    for name in ("bench_head", "bench_train"):
+        with pytest.raises(SystemExit):
+            tool(name).main(["--device", "cuda"])
+        assert (
+            "argument --device: torch sees no CUDA device here; give --device cpu" in capsys.readouterr().err
+        )

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from lmheads.heads import LinearForm
 from lmheads.loss import BACKENDS, IGNORE_INDEX, ChunkGrad, LossBackend
-from lmheads.perf import MiB, PeakMemory, synchronize
+from lmheads.perf import MiB, PeakMemory, count_arg, device_arg, synchronize
 
 
 def mean_loss(backend: LossBackend) -> Callable[[LinearForm, torch.Tensor], torch.Tensor]:
@@ -89,16 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=16384, help="tokens N")
-    parser.add_argument("--d", type=int, default=768, help="hidden width D")
-    parser.add_argument("--v", type=int, default=50304, help="vocabulary V")
+    parser.add_argument("--n", type=count_arg(), default=16384, help="tokens N")
+    parser.add_argument("--d", type=count_arg(), default=768, help="hidden width D")
+    parser.add_argument("--v", type=count_arg(), default=50304, help="vocabulary V")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--chunk-sizes", type=int, nargs="*", default=None, help="chunk sizes timed besides the default"
+        "--chunk-sizes",
+        type=count_arg(),
+        nargs="*",
+        default=None,
+        help="chunk sizes timed besides the default",
     )
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=count_arg(0), default=3)
+    parser.add_argument("--iters", type=count_arg(), default=10)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variants")
     parser.add_argument(
         "--variants",

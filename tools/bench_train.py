@@ -42,10 +42,11 @@ import torch.nn.functional as F
 
 from lmheads.backbone import BackboneConfig
 from lmheads.data import SyntheticDataModule
+from lmheads.errors import ConfigError
 from lmheads.heads import head_class
 from lmheads.loss.chunked import ChunkGrad
 from lmheads.module import LMHeadModule
-from lmheads.perf import PeakMemory, matmul_peak_tflops, synchronize
+from lmheads.perf import PeakMemory, count_arg, device_arg, matmul_peak_tflops, synchronize
 from lmheads.reporting import flops_per_token
 
 PRESETS = {
@@ -217,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", choices=PRESETS, default="gpt2")
     parser.add_argument("--heads", nargs="+", default=["tied", "untied"])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    parser.add_argument("--steps", type=count_arg(), default=30, help="timed steps")
+    parser.add_argument("--warmup", type=count_arg(0), default=10, help="untimed steps first (compilation)")
     parser.add_argument("--precision", default=None, choices=list(PRECISION_DTYPE))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument(
         "--loss-backends",
@@ -239,11 +240,20 @@ def main(argv: list[str] | None = None) -> int:
         help="tokens per chunk of the chunked loss, one Lightning run each; 'default' is the size training "
         "uses when model.loss_chunk_size is null (default: default)",
     )
-    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: 4 on CUDA)")
-    parser.add_argument("--repeats", type=int, default=3, help="timing windows per path, taken in turns")
+    parser.add_argument(
+        "--workers", type=count_arg(0), default=None, help="loader workers (default: 4 on CUDA)"
+    )
+    parser.add_argument(
+        "--repeats", type=count_arg(), default=3, help="timing windows per path, taken in turns"
+    )
     for key in ("n_layer", "n_head", "d_model", "block_size", "batch", "vocab"):
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+        parser.add_argument(f"--{key.replace('_', '-')}", type=count_arg(), default=None)
     args = parser.parse_args(argv)
+    for name in args.heads:
+        try:
+            head_class(name)
+        except ConfigError as err:  # before any path is timed
+            parser.error(str(err))
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
