@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import yaml
 from jsonargparse import set_loader
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -381,8 +382,13 @@ EVALUATED = {
 
 def _check_trainer(subcommand: str, trainer) -> None:
     """Trainer settings Lightning takes and then fails on (a division by zero in the first steps), runs
-    nothing with (an empty evaluation filed in the run), or, for a negative clipping value, trains with
-    in silence: every gradient reversed."""
+    nothing with (an empty evaluation filed in the run), or runs otherwise than the run records: a
+    negative clipping value reverses every gradient, and 16-mixed on the CPU becomes bf16-mixed."""
+    if str(trainer.get("precision")) in ("16", "16-mixed") and _on_cpu(trainer.get("accelerator")):
+        raise ConfigError(
+            f"trainer.precision={trainer.precision} on the CPU: Lightning would run it as bf16-mixed, while "
+            "the run's config says 16-mixed; give --trainer.precision=bf16-mixed, or 32-true"
+        )
     limit = EVALUATED.get(subcommand)
     if limit is not None and trainer.get(limit) == 0:  # Lightning then skips the loop, with a warning
         raise ConfigError(
@@ -406,6 +412,18 @@ def _check_trainer(subcommand: str, trainer) -> None:
             f"trainer.gradient_clip_val={clip} would reverse every gradient: give a positive value, or 0 "
             "(or null) for no clipping"
         )
+
+
+def _on_cpu(accelerator) -> bool:
+    """Whether Lightning runs on the CPU with this ``trainer.accelerator`` (``auto``: where there is no
+    GPU torch can use)."""
+    if accelerator == "cpu":
+        return True
+    return (
+        accelerator in (None, "auto")
+        and not torch.cuda.is_available()
+        and not torch.backends.mps.is_available()
+    )
 
 
 def _refuse_going_back(run: Path, step: int, ckpt) -> None:

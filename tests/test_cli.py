@@ -341,6 +341,10 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             "error: trainer.check_val_every_n_epoch=0: give a number of",
         ),
         (["--model.betas=[0.9,1.5]"], "error: model.betas=(0.9, 1.5): each must be in [0, 1)"),
+        (
+            ["--trainer.precision=16-mixed"],
+            "error: trainer.precision=16-mixed on the CPU: Lightning would run",
+        ),
         (["--model.compile=bogus"], "error: model.compile='bogus' is not a torch.compile backend: give true"),
         (
             ["--model.backbone.positions=rope", "--model.backbone.rope_base=0"],
