@@ -162,6 +162,7 @@ def other_text(text: Path | None, given: bool, read: str | None) -> list[str]:
 def main(argv: list[str]) -> None:
     """``python -m lmheads harness CHECKPOINT [--tasks T ...] [--text FILE] [--out DIR]``."""
     from lmheads.hf import checkpoint_file, export_hf, from_checkpoint
+    from lmheads.perf import device_arg
     from lmheads.run.claim import RunFolder
     from lmheads.run.layout import free_name, run_of_checkpoint
     from lmheads.run.records import filed_line, record_evaluation
@@ -196,6 +197,11 @@ def main(argv: list[str]) -> None:
     for option, value in (("--batch_size", args.batch_size), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{option} {value}: give a positive number")
+    if args.device is not None:
+        try:
+            device_arg(args.device)
+        except argparse.ArgumentTypeError as err:  # torch's traceback, after the model was exported
+            raise ConfigError(f"--device {args.device}: {err}") from None
     model, tokenizer, checkpoint = from_checkpoint(ckpt)
     if tokenizer is None:
         raise ConfigError("lm-eval scores text, and this model's data has none (the synthetic language)")

@@ -1,5 +1,6 @@
 """Measuring speed and memory: the throughput every run logs, and for the benchmarks peak memory, a
-device's matmul peak, model FLOPs per token and the checks of their command lines."""
+device's matmul peak, model FLOPs per token and the checks of their command lines (the device's also
+serves ``harness``)."""
 
 from __future__ import annotations
 

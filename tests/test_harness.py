@@ -149,6 +149,13 @@ def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys, m
     for option in ("--batch_size", "--limit"):  # lm-eval ended these in a traceback
         with pytest.raises(ConfigError, match=f"^{option} 0: give a positive number$"):
             main([str(run), option, "0"])
+    with pytest.raises(ConfigError, match=r"^--device gpu0: 'gpu0' is not a torch device"):
+        main([str(run), "--device", "gpu0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            ConfigError, match=r"^--device cuda: torch sees no CUDA device here; give --device cpu$"
+        ):
+            main([str(run), "--device", "cuda"])
     with pytest.raises(ConfigError, match=r"is not an lmheads checkpoint|not a checkpoint of a run"):
         (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
         main([str(tmp_path / "x.ckpt")])
