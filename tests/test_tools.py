@@ -367,6 +367,8 @@ def test_sweep_refuses_bad_input_before_any_run(tmp_path, config, head, message)
         (["--heads", "tied", "--", "--config", str(ROOT / "configs/heads/untied.yaml")], "sets model.head"),
         (["--heads", "tied", "--", "--trainer.logger.init_args.version=x"], "sets trainer.logger.version"),
         (["--heads", "tied", "--", "--ckpt_path=x"], "sets ckpt_path for each run"),
+        (["--heads", "tied", "--gpus", "0,"], "error: --gpus '0,' has an empty GPU id"),
+        (["--heads", "tied", "--gpus", ""], "error: --gpus '' has an empty GPU id"),
     ],
 )
 def test_sweep_refuses_runs_asked_for_twice_or_named_for_what_they_do_not_train(tmp_path, options, message):

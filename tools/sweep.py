@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("extra", nargs="*", help="further lmheads options for every run (after --)")
     args = parser.parse_args(argv)
+    if args.gpus is not None and not all(args.gpus.split(",")):  # a run given "" would see no GPU
+        raise SystemExit(
+            f"error: --gpus {args.gpus!r} has an empty GPU id; give ids and commas, e.g. --gpus 0,1"
+        )
     grid = parse_grid(args.grid)
     check_input(args.config, args.heads, args.seeds, args.grid, args.extra)
     widths = {"model.backbone.d_model", "model.backbone.n_head"} & {k for combo in grid for k in combo}
