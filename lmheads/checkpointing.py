@@ -4,7 +4,6 @@ written when training is interrupted, and none of a diverged model."""
 from __future__ import annotations
 
 import errno
-import math
 import os
 import random
 import signal
@@ -109,59 +108,6 @@ def restore_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
-
-
-def check_validation_interval(val_check_interval, accumulate: int, limit_val_batches=None) -> None:
-    """Before anything is written: with gradient accumulation, a ``val_check_interval`` of batches (as
-    Lightning counts it) that is not a multiple of ``accumulate`` validates, and checkpoints, between the
-    batches of one optimizer step (see :func:`check_validations_end_steps`); without validation
-    (``limit_val_batches`` 0) it never does."""
-    if limit_val_batches == 0:
-        return
-    if accumulate > 1 and isinstance(val_check_interval, int) and val_check_interval % accumulate:
-        below = val_check_interval // accumulate * accumulate
-        closest = f"{below} or {below + accumulate}" if below else str(accumulate)
-        raise ConfigError(
-            f"val_check_interval={val_check_interval} counts training batches, and with "
-            f"accumulate_grad_batches={accumulate} an optimizer step takes {accumulate} of them: validations "
-            f"would fall between a step's batches, and a checkpoint taken there resumes without them. "
-            f"Give --trainer.val_check_interval a multiple of {accumulate} (e.g. {closest})"
-        )
-
-
-def check_validations_end_steps(trainer: L.Trainer) -> None:
-    """Once Lightning has sized the epoch: every validation must come at the end of an optimizer step.
-    Lightning counts ``val_check_interval`` in batches, and starts each epoch's gradient accumulation
-    afresh (an epoch ends with a shorter step where its batches do not divide): a validation between a
-    step's batches would log the step as done, and its checkpoint would resume without the gradients of
-    the batches already accumulated, which no checkpoint holds."""
-    accumulate, every, batches = (
-        trainer.accumulate_grad_batches,
-        trainer.val_check_batch,
-        trainer.num_training_batches,
-    )
-    if accumulate <= 1 or not trainer.enable_validation or every is None:
-        return
-    if not all(isinstance(n, int) for n in (every, batches)):  # an iterable without a length
-        return
-    across = trainer.check_val_every_n_epoch is None
-    period = every * batches // math.gcd(every, batches) if across else batches  # then it repeats
-    # a validation after a batch that is not its epoch's last nor ends a run of accumulated batches
-    within = (t % batches or batches for t in range(every, period + 1, every))
-    if not any(t != batches and t % accumulate for t in within):
-        return
-    multiple = f"give --trainer.val_check_interval as a number of batches, a multiple of {accumulate}"
-    if across and batches % accumulate:  # the steps start afresh at each epoch, off the count across them
-        advice = "count it within each epoch (--trainer.check_val_every_n_epoch=1)"
-        advice += f" and {multiple}" if every % accumulate else ""
-    else:
-        advice = multiple
-    raise ConfigError(
-        f"validation every {every} training batches ({'across epochs' if across else 'within each epoch'}) "
-        f"falls between the batches of an optimizer step (accumulate_grad_batches={accumulate}, {batches} "
-        "batches an epoch): it would log the step as done, and a checkpoint taken there resumes without "
-        f"the step's earlier batches. To validate at the end of steps, {advice}"
-    )
 
 
 class FiniteLoss(L.Callback):

@@ -25,7 +25,6 @@ from lmheads.checkpointing import (
     RunCheckpoint,
     atomic_checkpoints,
     check_compatible,
-    check_validation_interval,
     read_checkpoint,
 )
 from lmheads.console import (
@@ -69,7 +68,7 @@ from lmheads.run.resume import (
     checkpoint_by_keyword,
     is_checkpoint_keyword,
 )
-from lmheads.settings import check_settings
+from lmheads.settings import check_settings, check_validation_interval
 from lmheads.sharding import check_checkpoints, check_strategy
 from lmheads.streams import pipe_safe_output
 

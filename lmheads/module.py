@@ -25,7 +25,6 @@ from lmheads.checkpointing import (
     FiniteLoss,
     InterruptCheckpoint,
     check_compatible,
-    check_validations_end_steps,
     restore_rng_state,
     rng_state,
 )
@@ -42,6 +41,7 @@ from lmheads.metrics import SplitNLL, count_buckets, frequency_buckets
 from lmheads.optim import OptimizerHooks, WarmupCosine, decay_names
 from lmheads.perf import TokenThroughput
 from lmheads.reporting import GradientShare, HeadDiagnostics, eval_metrics, log_run_start
+from lmheads.settings import check_validations_end_steps
 from lmheads.sharding import check_strategy, is_sharded, shard
 
 

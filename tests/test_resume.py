@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from lmheads import runlog
-from lmheads.checkpointing import check_validation_interval, check_validations_end_steps
 from lmheads.errors import ConfigError
 from lmheads.heads import UntiedHead
 from lmheads.module import LMHeadModule
 from lmheads.optim import WarmupCosine
+from lmheads.settings import check_validation_interval, check_validations_end_steps
 
 from .helpers import ROOT, SLURM, fit, main, only_run, quick_args, run_lmheads, scalars, tool
 
