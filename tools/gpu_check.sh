@@ -42,15 +42,11 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-out=$(realpath -m "${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}")  # from the folder it is called in
-cd "$(dirname "$0")/.."
-if [ -n "$(ls -A "$out" 2> /dev/null)" ]; then  # its runs would be refused as runs already there
-  echo "error: $out is not empty (an earlier check's?); give a new folder, or none for gpu-check-<time>" >&2
-  exit 2
-fi
-deadline=${LMHEADS_CHECK_SECONDS:-$([ "$extended" = 1 ] && echo 900 || echo 480)}
 # shellcheck source=tools/gpu_lib.sh
-. tools/gpu_lib.sh
+. "$(dirname "$0")/gpu_lib.sh"
+new_out check "${1:-}"
+cd "$(dirname "$0")/.."
+deadline=${LMHEADS_CHECK_SECONDS:-$([ "$extended" = 1 ] && echo 900 || echo 480)}
 gpu_setup
 
 accelerator=gpu steps=60 head_steps=30 precision=bf16-mixed

@@ -1,12 +1,24 @@
 # shellcheck shell=bash
-# Sourced by tools/gpu_check.sh and tools/gpu_study.sh: the machine's set-up, steps under time limits
-# and one deadline, and the summary table. The caller sets `out` (its output folder), `tiny` (1: on the
-# CPU at toy sizes), `deadline` (seconds after its start by which every step must have ended) and may
-# set `only` (a bash regex: steps whose names do not match it are left out, without a row).
+# Sourced by tools/gpu_check.sh and tools/gpu_study.sh: the output folder, the machine's set-up, steps
+# under time limits and one deadline, and the summary table. The caller sets `out` (its output folder,
+# with new_out), `tiny` (1: on the CPU at toy sizes), `deadline` (seconds after its start by which every
+# step must have ended) and may set `only` (a bash regex: steps whose names do not match it are left out,
+# without a row).
 
 rows=()
 failed=0
 started=()
+
+# new_out KIND [OUT_DIR]: sets `out` to OUT_DIR (default gpu-KIND-<date>-<time>) as an absolute path, read
+# from the folder the script is called in, and refuses one that holds files: an earlier KIND's, whose
+# runs this one's would be refused beside, and whose report it would mix with its own.
+new_out() {
+  out=$(realpath -m "${2:-gpu-$1-$(date +%Y%m%d-%H%M%S)}")
+  if [ -n "$(ls -A "$out" 2> /dev/null)" ]; then
+    echo "error: $out is not empty (an earlier $1's?); give a new folder, or none for gpu-$1-<time>" >&2
+    exit 2
+  fi
+}
 
 # gpu_setup: installs the wheels carried in .whl/ (a machine without a package index), refuses a
 # machine without CUDA unless tiny, then creates OUT and writes the date, card and versions to

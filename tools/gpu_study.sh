@@ -31,11 +31,9 @@ if [[ ${1:-} == -* ]]; then
   echo "error: unknown option $1; usage: bash tools/gpu_study.sh [--tiny] [OUT_DIR]" >&2
   exit 2
 fi
-out=$(realpath -m "${1:-gpu-study-$(date +%Y%m%d-%H%M%S)}")  # from the folder it is called in
-if [ -n "$(ls -A "$out" 2> /dev/null)" ]; then  # its report would be mixed with an earlier one
-  echo "error: $out is not empty (an earlier study's?); give a new folder, or none for gpu-study-<time>" >&2
-  exit 2
-fi
+# shellcheck source=tools/gpu_lib.sh
+. "$(dirname "$0")/gpu_lib.sh"
+new_out study "${1:-}"
 runs=$(realpath -m "${LMHEADS_STUDY_RUNS:-/tmp/lmheads-study}")
 data=${LMHEADS_DATA:+$(realpath -m "$LMHEADS_DATA")}
 cd "$(dirname "$0")/.."
@@ -49,8 +47,6 @@ for file in wikitext-2/train.txt wikitext-2/valid.txt wikitext-2/test.txt tinysh
     exit 1
   fi
 done
-# shellcheck source=tools/gpu_lib.sh
-. tools/gpu_lib.sh
 gpu_setup
 if [ -n "$(ls -A "$runs" 2> /dev/null)" ]; then
   echo "note: $runs holds earlier runs: finished ones are kept, interrupted ones resume"
