@@ -220,6 +220,11 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_a_full_disk_leaves_no_pa
     dm.prepare_data()
     dm.setup("fit")
     assert dm.stream_path("train").is_file() and len(dm.splits["train"]) > 0
+    kept = set((cache / "streams").iterdir())
+    monkeypatch.setattr(np, "save", fills_the_disk)  # the training counts kept beside the stream
+    with pytest.raises(ConfigError, match=r"\(No space left on device\); free space there"):
+        dm.train_token_counts()
+    assert set((cache / "streams").iterdir()) == kept
 
 
 def test_validation_carved_from_train_when_absent(text_files, tmp_path):

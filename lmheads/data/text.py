@@ -14,22 +14,21 @@ Pipeline, identical on every process so that only the first one does the work:
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import errno
 import hashlib
 import inspect
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
-from lmheads.data.base import LMDataModule, StreamBlocks, file_digest
+from lmheads.data.base import LMDataModule, StreamBlocks
+from lmheads.data.cache import atomic_write, default_cache_dir, digest, writable
+from lmheads.data.sources import load_splits
 from lmheads.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
@@ -40,10 +39,6 @@ from lmheads.data.tokenizers import (
 )
 from lmheads.errors import ConfigError
 
-if TYPE_CHECKING:
-    import datasets
-
-_SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 _STREAM_FORMAT = 3  # bump when the stream layout changes, to invalidate old cache files
 #: Options that only one tokenizer reads, and that tokenizer.
 _TOKENIZER_OPTIONS = {
@@ -52,10 +47,6 @@ _TOKENIZER_OPTIONS = {
     "bpe_vocab_size": "bpe",
     "tokenizer_path": "pretrained",
 }
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LMHEADS_CACHE", Path.home() / ".cache" / "lmheads"))
 
 
 def encode_batch(batch: dict[str, list], tokenizer: Tokenizer, text_column: str) -> dict[str, list]:
@@ -135,10 +126,10 @@ class TextDataModule(LMDataModule):
                     f"tokenizer is {tokenizer}: remove data.{option} (or set it to {neutral}), or set "
                     f"data.tokenizer={reader}"
                 )
-        self.cache_dir = _writable(Path(cache_dir) if cache_dir else default_cache_dir())
+        self.cache_dir = writable(Path(cache_dir) if cache_dir else default_cache_dir())
         self.num_proc = num_proc or min(8, os.cpu_count() or 1)
         with _plain_progress():
-            self.raw = self._load_raw()
+            self.raw, self.text_column = load_splits(self.hparams, self.cache_dir, self.sources)
         self.tokenizer = self._load_or_train_tokenizer()
         self.unknown: dict[str, float] = {}  # split -> share of its tokens that are <unk>
         self.other_text: list[str] = []  # how an evaluated split differs from the checkpoint's run's
@@ -147,80 +138,6 @@ class TextDataModule(LMDataModule):
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
-
-    def _load_raw(self) -> datasets.DatasetDict:
-        import datasets  # half a second of imports, which a run on the synthetic language does without
-
-        hp = self.hparams
-        hf_cache = str(self.cache_dir / "datasets")
-        if hp.train_file is not None:
-            files = {"train": hp.train_file, "validation": hp.validation_file, "test": hp.test_file}
-            files = {split: path for split, path in files.items() if path is not None}
-            for split, path in files.items():
-                p = Path(path)
-                if p.is_dir():
-                    raise ConfigError(f"data.{split}_file {path!r} is a folder; give the text file in it")
-                if not p.is_file():
-                    raise ConfigError(f"data.{split}_file {path!r} does not exist; check the path")
-                if p.stat().st_size == 0:
-                    raise ConfigError(f"data.{split}_file {path!r} is empty; give a file with text in it")
-                check_utf8(p, f"data.{split}_file")
-                self.sources[f"{split}_file"] = file_digest(p)  # what a resume or a test must read
-            raw = datasets.load_dataset(
-                "text",
-                data_files={k: str(Path(v).resolve()) for k, v in files.items()},
-                keep_linebreaks=True,
-                cache_dir=hf_cache,
-            )
-            text_column = "text"
-        else:
-            try:
-                raw = datasets.load_dataset(hp.dataset_name, hp.dataset_config, cache_dir=hf_cache)
-            except (FileNotFoundError, ConnectionError, ValueError) as err:
-                raise ConfigError(
-                    f"could not load dataset {hp.dataset_name!r} (config {hp.dataset_config!r}): {err}. "
-                    "Check the name and config, or set data.train_file to a local text file"
-                ) from err
-            text_column = hp.text_column
-        splits = {}
-        for split, aliases in _SPLIT_ALIASES.items():
-            name = next((a for a in aliases if a in raw), None)
-            if name is not None:
-                splits[split] = raw[name]
-        if "train" not in splits:
-            raise ConfigError(f"dataset has no train split (it has: {', '.join(raw)})")
-        columns = splits["train"].column_names
-        if text_column not in columns:
-            raise ConfigError(
-                f"dataset has no column {text_column!r} (columns: {', '.join(columns)}); set data.text_column"
-            )
-        features = splits["train"].features
-        if getattr(features[text_column], "dtype", None) not in ("string", "large_string"):
-            kinds = ", ".join(f"{c} ({getattr(f, 'dtype', type(f).__name__)})" for c, f in features.items())
-            raise ConfigError(
-                f"dataset column {text_column!r} does not hold text (columns: {kinds}); set data.text_column "
-                "to a column of strings"
-            )
-        for split, records in splits.items():  # Arrow counts a column's nulls without reading it
-            if nulls := records.data.column(text_column).null_count:
-                raise ConfigError(
-                    f"dataset column {text_column!r} is null in {nulls:,} of the {len(records):,} {split} "
-                    "records; remove those records (Dataset.filter), or set data.text_column to a column "
-                    "without nulls"
-                )
-        if "validation" not in splits:
-            n_train = len(splits["train"])
-            n_val = max(1, round(hp.val_fraction * n_train))
-            if n_val >= n_train:
-                raise ConfigError(
-                    f"the training text is {n_train} record(s) (a text file's lines), and the validation "
-                    f"split is held out as the last {hp.val_fraction:g} of them: give data.validation_file "
-                    "(or a dataset with a validation split), or training text of more lines"
-                )
-            splits["validation"] = splits["train"].select(range(n_train - n_val, n_train))
-            splits["train"] = splits["train"].select(range(n_train - n_val))
-        self.text_column = text_column
-        return datasets.DatasetDict(splits)
 
     def _train_texts(self):
         for batch in self.raw["train"].iter(batch_size=10_000):
@@ -235,7 +152,7 @@ class TextDataModule(LMDataModule):
             if hp.tokenizer_path is None:
                 raise ConfigError("data.tokenizer=pretrained needs data.tokenizer_path, a model's folder")
             return PretrainedTokenizer.from_folder(hp.tokenizer_path)
-        key = _digest({"train": self.raw["train"]._fingerprint, **options})
+        key = digest({"train": self.raw["train"]._fingerprint, **options})
         path = self.cache_dir / "tokenizers" / f"{key}.json"
         if path.is_file():
             return Tokenizer.from_dict(json.loads(path.read_text()))
@@ -251,11 +168,11 @@ class TextDataModule(LMDataModule):
             )
         if tokenizer.vocab_size < 2:
             raise ConfigError("the training text yields fewer than 2 tokens; give more text")
-        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(tokenizer.to_dict())))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(tokenizer.to_dict())))
         return tokenizer
 
     def stream_path(self, split: str) -> Path:
-        key = _digest(
+        key = digest(
             {
                 "data": self.raw[split]._fingerprint,
                 "tokenizer": self.tokenizer.fingerprint(),
@@ -295,21 +212,21 @@ class TextDataModule(LMDataModule):
                 np.asarray(row, dtype=dtype) for batch in ids.iter(batch_size=10_000) for row in batch["ids"]
             ]
             stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-            n_bytes, digest = 0, hashlib.sha256()  # the split's text, record by record
+            n_bytes, text_hash = 0, hashlib.sha256()  # the split's text, record by record
             for batch in self.raw[split].iter(batch_size=10_000):
                 for text in batch[self.text_column]:
                     data = text.encode("utf-8")
                     n_bytes += len(data)
-                    digest.update(len(data).to_bytes(8, "little") + data)
-            _atomic_write(path, lambda tmp, stream=stream: np.save(tmp, stream))
+                    text_hash.update(len(data).to_bytes(8, "little") + data)
+            atomic_write(path, lambda tmp, stream=stream: np.save(tmp, stream))
             unk = self.tokenizer.unk_id
             counts = {
                 "tokens": len(stream),
                 "bytes": n_bytes,
                 "unknown": int(np.sum(stream == unk)) if unk is not None else 0,
-                "sha256": digest.hexdigest(),
+                "sha256": text_hash.hexdigest(),
             }
-            _atomic_write(
+            atomic_write(
                 path.with_suffix(".json"), lambda tmp, counts=counts: tmp.write_text(json.dumps(counts))
             )
 
@@ -382,9 +299,7 @@ class TextDataModule(LMDataModule):
         if path.is_file():
             return np.load(path)
         counts = super()._count_train_tokens()
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, counts)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: np.save(tmp, counts))
         return counts
 
     def decode(self, ids) -> str:
@@ -405,67 +320,3 @@ def _plain_progress():
     finally:
         if turn_off:
             datasets.enable_progress_bars()
-
-
-def check_utf8(path: Path, option: str, block: int = 1 << 20) -> None:
-    """Refuse a file that is not UTF-8 text, naming the byte offset of the first bad byte. A NUL byte is
-    valid UTF-8 but no text holds one: it marks a binary file."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with path.open("rb") as f:
-        while chunk := f.read(block):
-            if (nul := chunk.find(b"\0")) >= 0:
-                raise ConfigError(
-                    f"{option} {str(path)!r} holds a NUL byte (byte {offset + nul}): it is a binary file, "
-                    "not text; give a UTF-8 text file"
-                )
-            pending = len(decoder.getstate()[0])  # bytes of a character split by the last block
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as err:
-                bad = offset - pending + err.start
-                raise ConfigError(
-                    f"{option} {str(path)!r} is not UTF-8 text (byte {bad}: {err.reason}); convert it, e.g. "
-                    f"iconv -f latin1 -t utf-8, or give a text file"
-                ) from None
-            offset += len(chunk)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{option} {str(path)!r} ends inside a UTF-8 character ({err.reason})") from None
-
-
-def _digest(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _writable(folder: Path) -> Path:
-    """The cache folder, created; one line where it cannot be written (a read-only home, a file in the
-    way), before the datasets library's page of errors."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as err:
-        raise ConfigError(_unwritable(folder, err)) from None
-    return folder
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a file beside ``path``, then renamed to it, so that a reader finds the whole
-    file or none; a full disk is one line and leaves no partial file."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp{path.suffix}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(_unwritable(path.parent, err)) from None
-
-
-def _unwritable(folder: Path, err: OSError) -> str:
-    free = "free space there, or " if err.errno == errno.ENOSPC else ""
-    return (
-        f"the data cache {folder} cannot be written ({err.strerror or err}); {free}set data.cache_dir (or "
-        "LMHEADS_CACHE) to a folder you can write"
-    )

@@ -1,0 +1,58 @@
+"""The data cache folder, where tokenizers and token streams are kept between runs.
+
+Files are keyed by a digest of what made them, and written whole or not at all: a reader finds the
+whole file or none, and a folder that cannot be written (read-only, full) is one line naming the
+option to set.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from lmheads.errors import ConfigError
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LMHEADS_CACHE", Path.home() / ".cache" / "lmheads"))
+
+
+def digest(obj: dict) -> str:
+    """A cache key: the first 20 hex digits of the SHA-256 of ``obj`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def writable(folder: Path) -> Path:
+    """The cache folder, created; one line where it cannot be written (a read-only home, a file in the
+    way), before the datasets library's page of errors."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ConfigError(_unwritable(folder, err)) from None
+    return folder
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a file beside ``path``, then renamed to it, so that a reader finds the whole
+    file or none; a full disk is one line and leaves no partial file."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(_unwritable(path.parent, err)) from None
+
+
+def _unwritable(folder: Path, err: OSError) -> str:
+    free = "free space there, or " if err.errno == errno.ENOSPC else ""
+    return (
+        f"the data cache {folder} cannot be written ({err.strerror or err}); {free}set data.cache_dir (or "
+        "LMHEADS_CACHE) to a folder you can write"
+    )
