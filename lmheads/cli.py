@@ -27,16 +27,12 @@ from lmheads.checkpointing import (
     check_compatible,
     read_checkpoint,
 )
+from lmheads.cmdline import batch_counts, check_config_files, given_options, option_values, take_options
 from lmheads.console import (
-    batch_counts,
-    check_config_files,
     explain_parse_error,
-    given_options,
-    option_values,
     progress_display,
     quiet_evaluation,
     quiet_lightning,
-    take_options,
     user_error,
 )
 from lmheads.data import LMDataModule

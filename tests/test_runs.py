@@ -180,7 +180,7 @@ def test_testing_data_without_a_test_split_says_what_to_give_and_files_nothing(t
 
 
 def test_given_options_names_what_the_command_line_and_its_config_files_set(tmp_path):
-    from lmheads.console import given_options
+    from lmheads.cmdline import given_options
 
     config = tmp_path / "c.yaml"
     config.write_text(

@@ -146,7 +146,7 @@ OWN_OPTIONS = {
 def check_runs(heads: list[str], seeds: list[int], grid: list[str], extra: list[str]) -> None:
     """Stops the sweep on a run asked for twice (a head, seed or grid value given twice; a grid key given
     twice, where the last would silently win) and on an option that the sweep sets for each run."""
-    from lmheads.console import given_options
+    from lmheads.cmdline import given_options
     from lmheads.heads import registered_heads
     from lmheads.heads.base import resolve_head
     from lmheads.heads.names import head_class_path

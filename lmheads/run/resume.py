@@ -25,7 +25,7 @@ def checkpoint_conflicts(
 ) -> list[str]:
     """Options of the configuration that contradict the values a checkpoint was trained with, as ``key:
     value here, value in the checkpoint``: those that differ from their defaults, and those the command
-    names (``named``, as :func:`lmheads.console.given_options` gives them), even at their defaults."""
+    names (``named``, as :func:`lmheads.cmdline.given_options` gives them), even at their defaults."""
     given, defaults, stored = flatten(given), flatten(defaults), flatten(stored)
     named = {_without_init_args(key) for key in named}
 
