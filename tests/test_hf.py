@@ -21,7 +21,8 @@ from .external_heads import CosineTiedHead
 from .helpers import fit, only_run, run_lmheads
 
 transformers = pytest.importorskip("transformers")
-from lmheads.hf import export_hf, hf_tokenizer  # noqa: E402
+from lmheads.hf import export_hf  # noqa: E402
+from lmheads.hf_tokenizer import hf_tokenizer  # noqa: E402
 
 BUILTIN = sorted(n for n, c in registered_heads().items() if c.__module__.startswith("lmheads."))
 #: Heads GPT-2 cannot compute: exported with lmheads' modeling file (trust_remote_code), and why.
