@@ -28,6 +28,7 @@ from lmheads.checkpointing import (
     restore_rng_state,
     rng_state,
 )
+from lmheads.diagnostics import GradientShare, HeadDiagnostics
 from lmheads.errors import ConfigError, require
 from lmheads.generation import SampleWriter, SamplingConfig, TextSamples, generate_tokens
 from lmheads.heads import Head, TiedHead, head_from_spec, head_name
@@ -40,7 +41,7 @@ from lmheads.loss import IGNORE_INDEX, BackendName, TokenLoss, TrainLoss, head_l
 from lmheads.metrics import SplitNLL, count_buckets, frequency_buckets
 from lmheads.optim import OptimizerHooks, WarmupCosine, decay_names
 from lmheads.perf import TokenThroughput
-from lmheads.reporting import GradientShare, HeadDiagnostics, eval_metrics, log_run_start
+from lmheads.reporting import eval_metrics, log_run_start
 from lmheads.settings import check_validations_end_steps
 from lmheads.sharding import check_strategy, is_sharded, shard
 

@@ -1,5 +1,5 @@
 """Measures of the tying question: CKA and neighbour overlap, the embedding's gradient by side, and the
-input-gradient scale (lmheads.geometry, lmheads.reporting.EmbeddingGradientTap, backbone option)."""
+input-gradient scale (lmheads.geometry, lmheads.diagnostics.EmbeddingGradientTap, backbone option)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lmheads.backbone import BackboneConfig
+from lmheads.diagnostics import EmbeddingGradientTap
 from lmheads.geometry import linear_cka, nearest_neighbours, neighbour_overlap
 from lmheads.heads import head_class
 from lmheads.module import LMHeadModule
-from lmheads.reporting import EmbeddingGradientTap
 
 from .helpers import fit, only_run, scalars, tool
 
