@@ -338,6 +338,26 @@ def test_hub_loading_path_with_a_local_dataset_dir(tmp_path, text_files):
         TextDataModule(dataset_name=str(ds_dir), text_column="content", cache_dir=str(tmp_path / "2"))
 
 
+@pytest.mark.parametrize(("num_proc", "expected"), [(0, None), (2, 2)])
+def test_num_proc_0_tokenizes_in_this_process(tmp_path, monkeypatch, num_proc, expected):
+    """As with ``num_workers``, 0 extra processes: not the default of one per core."""
+    import datasets
+
+    text = tmp_path / "lines.txt"
+    text.write_text("a b\n" * 12_000)  # enough records to tokenize in parallel
+    given = []
+    run_map = datasets.Dataset.map
+
+    def spy(self, *args, **kwargs):
+        given.append(kwargs.get("num_proc"))
+        return run_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
+    dm = TextDataModule(train_file=str(text), tokenizer="word", num_proc=num_proc, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    assert given[0] == expected  # the training split's (the held-out validation is too small to split)
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         TextDataModule(train_file=str(tmp_path / "missing.txt"))
@@ -353,6 +373,10 @@ def test_bad_inputs(tmp_path):
         TextDataModule(train_file=str(one_line), cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="exactly one of"):
         TextDataModule()
+    with pytest.raises(
+        ConfigError, match=r"data\.num_proc must be >= 0 \(0: tokenize in this process\), got -1"
+    ):
+        TextDataModule(train_file=str(one_line), num_proc=-1, cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="could not load dataset"):
         TextDataModule(dataset_name=str(tmp_path / "no_such_dataset"), cache_dir=str(tmp_path))
 

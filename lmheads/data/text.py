@@ -78,7 +78,8 @@ class TextDataModule(LMDataModule):
         val_fraction: Fraction of training records held out when there is no validation split.
         cache_dir: Where tokenizers and token streams are cached (default ``$LMHEADS_CACHE`` or
             ``~/.cache/lmheads``).
-        num_proc: Processes for tokenization (default: one per CPU core, at most 8).
+        num_proc: Processes for tokenization (default: one per CPU core, at most 8; 0: tokenize in
+            this process).
         block_size: Context length T; set from the model by the CLI.
         batch_size: Sequences per batch on each device.
         num_workers: DataLoader worker processes.
@@ -127,7 +128,9 @@ class TextDataModule(LMDataModule):
                     f"data.tokenizer={reader}"
                 )
         self.cache_dir = writable(Path(cache_dir) if cache_dir else default_cache_dir())
-        self.num_proc = num_proc or min(8, os.cpu_count() or 1)
+        if num_proc is not None and num_proc < 0:
+            raise ConfigError(f"data.num_proc must be >= 0 (0: tokenize in this process), got {num_proc}")
+        self.num_proc = min(8, os.cpu_count() or 1) if num_proc is None else num_proc
         with _plain_progress():
             self.raw, self.text_column = load_splits(self.hparams, self.cache_dir, self.sources)
         self.tokenizer = self._load_or_train_tokenizer()
@@ -204,7 +207,9 @@ class TextDataModule(LMDataModule):
                 fn_kwargs={"tokenizer": self.tokenizer, "text_column": self.text_column},
                 remove_columns=self.raw[split].column_names,
                 # BPE encodes batches in parallel itself; Python tokenizers use processes
-                num_proc=self.num_proc if len(self.raw[split]) >= 10_000 and hp.tokenizer != "bpe" else None,
+                num_proc=(self.num_proc or None)
+                if len(self.raw[split]) >= 10_000 and hp.tokenizer != "bpe"
+                else None,
                 desc=f"tokenizing {split}",
             )
             dtype = np.uint16 if self.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
