@@ -93,3 +93,5 @@ def test_bad_options():
         HiddenMarkovLanguage.generate(vocab_size=4, n_states=8)
     with pytest.raises(ConfigError, match="less than one block"):
         SyntheticDataModule(val_tokens=10, block_size=64)
+    with pytest.raises(ConfigError, match=r"data\.language_seed must be >= 0, got -5"):  # numpy's seeds
+        SyntheticDataModule(language_seed=-5)

@@ -173,6 +173,8 @@ class SyntheticDataModule(LMDataModule):
     ) -> None:
         super().__init__(block_size=block_size, batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters(logger=False)
+        if language_seed < 0:  # numpy seeds its generators with non-negative integers only
+            raise ConfigError(f"data.language_seed must be >= 0, got {language_seed}")
         for name, value in (("train_tokens", train_tokens), ("val_tokens", val_tokens)):
             if value < block_size:
                 raise ConfigError(f"data.{name}={value} is less than one block of {block_size} tokens")
