@@ -227,6 +227,35 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_a_full_disk_leaves_no_pa
     assert set((cache / "streams").iterdir()) == kept
 
 
+def test_a_training_split_too_short_for_one_batch_on_every_process_is_refused(tmp_path):
+    """A training split with fewer blocks than one batch, at any offset with random offsets, or on each
+    process under DDP, would train nothing (the loader drops the short batch): one line instead."""
+    from types import SimpleNamespace
+
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text("ab" * 25 + "\n")  # 51 characters: one block of 32 at offset 0, none at every offset
+    valid.write_text("ab" * 100 + "\n")
+    options = {"train_file": str(train), "validation_file": str(valid), "cache_dir": str(tmp_path)}
+
+    def loader(batch_size: int, world_size: int = 1, random_offsets: bool = False):
+        dm = TextDataModule(**options, block_size=32, batch_size=batch_size, random_offsets=random_offsets)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=world_size, global_rank=0, current_epoch=0)
+        return dm.train_dataloader()
+
+    assert len(loader(1)) == 1
+    with pytest.raises(
+        ConfigError, match=r"has 0 blocks of 32 tokens at every offset \(data\.random_offsets\)"
+    ):
+        loader(1, random_offsets=True)
+    train.write_text("ab" * 100 + "\n")  # 6 blocks
+    assert len(loader(3, world_size=2)) == 1
+    with pytest.raises(
+        ConfigError, match=r"has 6 blocks of 32 tokens, fewer than one batch of 4 on each of 2 processes"
+    ):
+        loader(4, world_size=2)
+
+
 def test_validation_carved_from_train_when_absent(text_files, tmp_path):
     train, _ = text_files
     dm = TextDataModule(train_file=str(train), tokenizer="char", val_fraction=0.1, cache_dir=str(tmp_path))

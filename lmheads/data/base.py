@@ -268,14 +268,18 @@ class LMDataModule(L.LightningDataModule):
                 f"(data.dataset_name) that has one"
             )
         dataset = self.splits[split]
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
         blocks = dataset.blocks_at_any_offset() if train and self.random_offsets else len(dataset)
-        if train and blocks < self.batch_size:
+        if train and blocks < self.batch_size * world:  # each process's last short batch is dropped
+            where = " at every offset (data.random_offsets)" if self.random_offsets else ""
+            each = f" on each of {world} processes" if world > 1 else ""
             raise ConfigError(
-                f"the {split} split has {blocks} blocks of {self.block_size} tokens, fewer than one "
-                f"batch of {self.batch_size}; lower data.batch_size or model.backbone.block_size, or add text"
+                f"the {split} split has {blocks} blocks of {self.block_size} tokens{where}, fewer than one "
+                f"batch of {self.batch_size}{each}; lower data.batch_size or model.backbone.block_size, or "
+                "add text"
             )
         sampler = None
-        trainer = self.trainer
         if train:
             sampler = self._train_sampler(dataset)
         elif trainer is not None and trainer.world_size > 1:
