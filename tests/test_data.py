@@ -405,7 +405,8 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(
         ConfigError, match=r"data\.num_proc must be >= 0 \(0: tokenize in this process\), got -1"
     ):
-        TextDataModule(train_file=str(one_line), num_proc=-1, cache_dir=str(tmp_path))
+        TextDataModule(train_file=str(one_line), num_proc=-1, cache_dir=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()  # refused before the cache folder is made
     with pytest.raises(ConfigError, match="could not load dataset"):
         TextDataModule(dataset_name=str(tmp_path / "no_such_dataset"), cache_dir=str(tmp_path))
 

@@ -127,9 +127,9 @@ class TextDataModule(LMDataModule):
                     f"tokenizer is {tokenizer}: remove data.{option} (or set it to {neutral}), or set "
                     f"data.tokenizer={reader}"
                 )
-        self.cache_dir = writable(Path(cache_dir) if cache_dir else default_cache_dir())
         if num_proc is not None and num_proc < 0:
             raise ConfigError(f"data.num_proc must be >= 0 (0: tokenize in this process), got {num_proc}")
+        self.cache_dir = writable(Path(cache_dir) if cache_dir else default_cache_dir())
         self.num_proc = min(8, os.cpu_count() or 1) if num_proc is None else num_proc
         with _plain_progress():
             self.raw, self.text_column = load_splits(self.hparams, self.cache_dir, self.sources)
