@@ -287,6 +287,32 @@ def test_evaluation_tokens_no_training_text_holds_are_named(tmp_path, caplog):
     assert dm.unknown["train"] > 0 and dm.unknown_note() is None
 
 
+def test_an_evaluation_file_with_the_training_text_is_named(text_files, tmp_path, caplog):
+    """A validation or test file that holds the training file's text (a copy-pasted path, a copied file)
+    scores the model on what it trained on, and a test file with the validation text scores it on the text
+    its best checkpoint was chosen on: each said, as its loss is not a held-out loss."""
+    train, valid = text_files
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(train.read_bytes())
+    with caplog.at_level("INFO"):
+        TextDataModule(train_file=str(train), validation_file=str(valid), test_file=str(copy),
+                       cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert (
+        caplog.text.count("data: data.test_file holds the same text as data.train_file: its loss is a") == 1
+    )
+    assert "validation_file holds" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):  # the best checkpoint is chosen on the validation text
+        TextDataModule(train_file=str(train), validation_file=str(valid), test_file=str(valid),
+                       cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    assert caplog.text.count("data.test_file holds the same text as data.validation_file: the best") == 1
+    caplog.clear()
+    with caplog.at_level("INFO"):  # neither a test file nor a validation file: the validation is held out
+        TextDataModule(train_file=str(train), validation_file=str(valid), cache_dir=str(tmp_path / "cache"))
+        TextDataModule(train_file=str(train), cache_dir=str(tmp_path / "cache"))
+    assert "same text" not in caplog.text
+
+
 def _hub_copy(folder: Path, configs: dict[str, dict[str, list[str]]]) -> None:
     """A dataset folder laid out as a hub repository is: one folder of parquet files per configuration,
     named in the README's metadata."""

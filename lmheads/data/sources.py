@@ -10,6 +10,8 @@ import codecs
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from lmheads.data.base import file_digest
 from lmheads.errors import ConfigError
 
@@ -39,6 +41,7 @@ def load_splits(hp, cache_dir: Path, sources: dict[str, str]) -> tuple[datasets.
                 raise ConfigError(f"data.{split}_file {path!r} is empty; give a file with text in it")
             check_utf8(p, f"data.{split}_file")
             sources[f"{split}_file"] = file_digest(p)  # what a resume or a test must read
+        _note_same_text(sources)
         raw = datasets.load_dataset(
             "text",
             data_files={k: str(Path(v).resolve()) for k, v in files.items()},
@@ -93,6 +96,20 @@ def load_splits(hp, cache_dir: Path, sources: dict[str, str]) -> tuple[datasets.
         splits["validation"] = splits["train"].select(range(n_train - n_val, n_train))
         splits["train"] = splits["train"].select(range(n_train - n_val))
     return datasets.DatasetDict(splits), text_column
+
+
+def _note_same_text(sources: dict[str, str]) -> None:
+    """A line for an evaluation file with the same bytes as the training file, or a test file with those
+    of the validation file (on which the best checkpoint is chosen), under any path: not held-out text."""
+    why = {
+        "train": "its loss is a training loss",
+        "validation": "the best checkpoint is chosen on it, so its loss is not a held-out one either",
+    }
+    for split, earlier in (("validation", ("train",)), ("test", ("train", "validation"))):
+        digest = sources.get(f"{split}_file")
+        same = next((e for e in earlier if digest is not None and digest == sources.get(f"{e}_file")), None)
+        if same is not None:
+            rank_zero_info(f"data: data.{split}_file holds the same text as data.{same}_file: {why[same]}")
 
 
 def check_utf8(path: Path, option: str, block: int = 1 << 20) -> None:
