@@ -1,7 +1,8 @@
 """Raw text for a language model: local text files or a hub dataset, checked and split.
 
 Local files are refused before the datasets library reads them where they are not UTF-8 text (naming
-the first bad byte), and a dataset's text column where it is not strings or holds nulls.
+the first bad byte), and a dataset's text column where it is not strings or holds nulls. An evaluation
+file with the training text is named, as its loss would not be a held-out one.
 """
 
 from __future__ import annotations
