@@ -11,7 +11,14 @@ import yaml
 import lmheads.data.text as text_module
 from lmheads.data.base import ResumableSampler, StreamBlocks, stream_blocks
 from lmheads.data.text import TextDataModule
-from lmheads.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from lmheads.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    PretrainedTokenizer,
+    Tokenizer,
+    WordTokenizer,
+)
 from lmheads.errors import ConfigError
 
 from .helpers import ROOT
@@ -54,6 +61,14 @@ def test_bpe_round_trip_and_merges():
     assert len(tok.encode("the cat sat on the mat")) < len("the cat sat on the mat")  # merges apply
     with pytest.raises(ConfigError, match="bpe_vocab_size"):
         BPETokenizer.train(lines, vocab_size=100)
+
+
+def test_a_pretrained_tokenizer_folder_needs_a_readable_tokenizer_json(tmp_path):
+    with pytest.raises(ConfigError, match=r"holds no tokenizer\.json; give a model's folder"):
+        PretrainedTokenizer.from_folder(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")  # a truncated download, an LFS pointer
+    with pytest.raises(ConfigError, match=r"tokenizer\.json cannot be read as an HF tokenizer \(key must be"):
+        PretrainedTokenizer.from_folder(str(tmp_path))
 
 
 @pytest.mark.parametrize(

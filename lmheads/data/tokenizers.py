@@ -267,7 +267,14 @@ class PretrainedTokenizer(_HFTokenizer):
             raise ConfigError(
                 f"data.tokenizer_path {folder!r} holds no tokenizer.json; give a model's folder"
             )
-        tokenizer = cls(HFTokenizer.from_file(str(path)))
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise ConfigError(
+                f"data.tokenizer_path {folder!r}: its tokenizer.json cannot be read as an HF tokenizer "
+                f"({err}); give a model's folder with the tokenizer.json its tokenizer saved"
+            ) from None
+        tokenizer = cls(hf)
         tokenizer.folder = folder
         return tokenizer
 
