@@ -219,7 +219,14 @@ def init_from_gpt2(model, folder: str | Path) -> str:
             f"model.init_from {str(folder)!r} has {config['vocab_size']:,} tokens and the data "
             f"{model.backbone.vocab_size:,}: give --data.tokenizer=pretrained --data.tokenizer_path={folder}"
         )
-    hf = GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(folder).state_dict()
+    except Exception as err:  # transformers' OSError for no weights file, safetensors' own for a bad one
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model.init_from {str(folder)!r}: its weights cannot be loaded ({first}); give a folder that "
+            "save_pretrained wrote, with its model.safetensors or pytorch_model.bin"
+        ) from None
     backbone = model.backbone
     backbone.wte.weight.copy_(hf["transformer.wte.weight"])
     backbone.wpe.weight.copy_(hf["transformer.wpe.weight"][: cfg.block_size])

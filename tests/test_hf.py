@@ -350,6 +350,27 @@ def test_a_gpt2_that_computes_otherwise_is_refused(option, value, said, tmp_path
         init_from_gpt2(model, tmp_path / "gpt2")
 
 
+def test_a_gpt2_folder_without_readable_weights_is_one_line(tmp_path):
+    """A folder with GPT-2's config.json and no weights file (or a truncated one, an LFS pointer) is named,
+    not transformers' or safetensors' traceback."""
+    from lmheads.hf import init_from_gpt2
+
+    hf = _local_gpt2(tmp_path / "gpt2", TEXT * 20)
+    cfg = BackboneConfig(n_layer=2, n_head=2, d_model=16, block_size=16, gelu="tanh")
+    model = LMHeadModule(head=registered_heads()["tied"](), backbone=cfg, vocab_size=hf.config.vocab_size)
+    weights = tmp_path / "gpt2" / "model.safetensors"
+    weights.write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(
+        ConfigError, match=r"model\.init_from '.*gpt2': its weights cannot be loaded \(.*header"
+    ):
+        init_from_gpt2(model, tmp_path / "gpt2")
+    weights.unlink()
+    with pytest.raises(
+        ConfigError, match=r"its weights cannot be loaded \(.*no file named model\.safetensors"
+    ):
+        init_from_gpt2(model, tmp_path / "gpt2")
+
+
 def hf_tokenizer_ids(folder, text: str) -> list[int]:
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))(text)[
         "input_ids"
