@@ -8,6 +8,7 @@ checkpoint that could not be written) into an ``error:`` line and its own status
 
 import importlib.util
 import signal
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -24,6 +25,25 @@ def require(purpose: str, extra: str | None, *modules: str) -> None:
         if extra is not None:
             install = f'pip install -e ".[{extra}]" in lmheads\' folder (or {install})'
         raise ConfigError(f"{purpose} needs {names}, not installed: {install}")
+
+
+def file_in_path(folder: Path) -> Path | None:
+    """The file that stands where ``folder`` or one of its parents would be, if one does."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return None if existing.is_dir() else existing
+
+
+def make_folder(folder: Path, instead: str) -> None:
+    """Create ``folder`` and its parents, or raise a :class:`ConfigError` saying why not (a file in its
+    path, a folder that cannot be written) and what to give ``instead``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        file = file_in_path(folder)
+        why = f"{file} is a file" if file is not None else f"{folder} cannot be made: {err.strerror or err}"
+        if file is not None and file != folder:
+            why = f"{folder} cannot be made: {why}"
+        raise ConfigError(f"{why}; {instead}") from None
 
 
 class TrainingStopped(RuntimeError):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lmheads.data.tokenizers import PretrainedTokenizer, Tokenizer
-from lmheads.errors import ConfigError, require
+from lmheads.errors import ConfigError, make_folder, require
 from lmheads.heads import LinearForm, LinearHead, head_name
 from lmheads.hf_tokenizer import hf_tokenizer
 
@@ -262,7 +262,7 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
 
     logging.disable_progress_bar()  # a command's output is lines
     reasons = unsupported(model.eval())
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, "give another folder for the export")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if reasons:  # exact with a modeling file of its own, rather than refused

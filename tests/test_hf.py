@@ -242,6 +242,11 @@ def test_a_missing_checkpoint_or_model_folder_is_one_line_that_names_it(tmp_path
     with pytest.raises(ConfigError, match=r"model\.init_from '.*nope' is not a folder; give a GPT-2 model's"):
         init_from_gpt2(model, tmp_path / "nope")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(
+        ConfigError, match=r"a file/sub cannot be made: .*a file is a file; give another folder"
+    ):
+        export_hf(model, tmp_path / "a file" / "sub" / "out")
 
 
 GPT2_EOS = "<|endoftext|>"

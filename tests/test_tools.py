@@ -386,6 +386,15 @@ def test_sweep_refuses_runs_asked_for_twice_or_named_for_what_they_do_not_train(
     assert not (tmp_path / "runs").exists()
 
 
+def test_sweep_refuses_a_root_with_a_file_in_its_path_before_any_run(tmp_path):
+    (tmp_path / "a file").write_text("")
+    root = tmp_path / "a file" / "runs"
+    config = str(ROOT / "configs/quickstart.yaml")
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["--config", config, "--heads", "tied", "--root", str(root), "--name", "x"])
+    assert f"error: --root {root} cannot be made: {tmp_path / 'a file'} is a file" in str(stop.value)
+
+
 @pytest.mark.parametrize(
     ("grid", "message"),
     [
@@ -512,6 +521,11 @@ def test_a_report_that_could_not_write_where_asked_stops_before_reading_runs(tmp
     runs = [str(tmp_path)] * (2 if report == "embeddings" else 1)
     assert main([*runs, "--out", str(tmp_path / "a file")]) == 2
     assert "error: --out " in capsys.readouterr().err
+    assert main([*runs, "--out", str(tmp_path / "a file" / "report")]) == 2  # a file in the folder's path
+    assert (
+        f"error: --out {tmp_path / 'a file' / 'report'} cannot be made: {tmp_path / 'a file'} is a file"
+        in (capsys.readouterr().err)
+    )
     if report != "embeddings":
         assert main([*runs, "--out", str(tmp_path / "out"), "--update", str(doc), "--section", "x"]) == 2
         assert "has no <!-- compare:x:begin --> ... <!-- compare:x:end --> section" in capsys.readouterr().err

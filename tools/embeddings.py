@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from report import markdown, publish, pyplot
+from report import check_outputs, markdown, publish, pyplot
 
 from lmheads.checkpointing import TOKEN_BUCKET_KEY, read_checkpoint
 from lmheads.errors import ConfigError
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="neighbours per token")
     parser.add_argument("--out", type=Path, help="folder for table.md and embeddings.png")
     args = parser.parse_args(argv)
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        print(f"error: --out {args.out} is a file; give a folder for the table and heat-map", file=sys.stderr)
+    if problem := check_outputs(args.out):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.k < 1:
         print(f"error: --k {args.k}: give a number of neighbours of at least 1", file=sys.stderr)

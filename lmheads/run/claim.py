@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmheads.errors import ConfigError
+from lmheads.errors import ConfigError, make_folder
 from lmheads.run.layout import DIVERGED_FILE, RESULTS_FILE
 
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
@@ -107,6 +107,7 @@ class RunFolder:
         self._before: set[str] | None = None  # the paths in the folder when claimed; None: not claimed
         self._claimed = False
         self._created = False  # whether it made the folder
+        self._top: Path | None = None  # the first of the folder and its parents that it made
         self._previous_claim: str | None = None
         self._set_aside: list[tuple[Path, Path]] = []  # (file, where it went), put back if the start fails
 
@@ -126,7 +127,11 @@ class RunFolder:
             return
         existed = self.path.is_dir()
         self._top = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            make_folder(self.path, "give another trainer.logger.init_args.save_dir (or default_root_dir)")
+        except ConfigError:
+            self._remove_made_folders()  # the parents made before the one that failed
+            raise
         before = set(os.listdir(self.path))
         try:
             if before & RUN_FILES or any(name.startswith("events.out.tfevents") for name in before):
@@ -235,14 +240,19 @@ class RunFolder:
             if os.path.dirname(entry) not in added:  # the first of the paths it added, with what is in it
                 target = self.path / entry
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
-        if self._created:  # and the parents it made (runs/<name>), as far as they are empty
-            for folder in [self.path, *self.path.parents]:
+        if self._created:  # and the parents it made (runs/<name>)
+            self._remove_made_folders()
+        self._before = None
+
+    def _remove_made_folders(self) -> None:
+        """The run's folder and the parents :meth:`claim` made for it, as far as they are empty."""
+        for folder in [self.path, *self.path.parents]:
+            if folder.is_dir():
                 if any(folder.iterdir()):
                     break
                 folder.rmdir()
-                if folder == self._top:
-                    break
-        self._before = None
+            if folder == self._top:
+                break
 
 
 def _paths(folder: Path) -> set[str]:
