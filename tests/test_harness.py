@@ -146,6 +146,11 @@ def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys, m
     assert "GPT2LMHeadModel" not in capsys.readouterr().out  # refused before the export
     with pytest.raises(ConfigError, match="exists; give a new folder"):
         main([str(run), "--out", str(run)])
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(
+        ConfigError, match=r"^--out .*a file/out cannot be made: .*a file is a file; give another --out"
+    ):
+        main([str(run), "--out", str(tmp_path / "a file" / "out")])
     for option in ("--batch_size", "--limit"):  # lm-eval ended these in a traceback
         with pytest.raises(ConfigError, match=f"^{option} 0: give a positive number$"):
             main([str(run), option, "0"])
