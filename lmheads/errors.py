@@ -28,10 +28,13 @@ def require(purpose: str, extra: str | None, *modules: str) -> None:
         raise ConfigError(f"{purpose} needs {names}, not installed: {install}")
 
 
-def file_in_path(folder: Path) -> Path | None:
-    """The file that stands where ``folder`` or one of its parents would be, if one does."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    return None if existing.is_dir() else existing
+def file_in_the_way(folder: Path) -> str | None:
+    """Why ``folder`` cannot be a folder, where a file stands at it or at one of its parents (checked
+    before anything is written); ``None`` where none does."""
+    file = next(p for p in (folder, *folder.parents) if p.exists())
+    if file.is_dir():
+        return None
+    return f"{folder} is a file" if file == folder else f"{folder} cannot be made: {file} is a file"
 
 
 def make_folder(folder: Path, instead: str) -> None:
@@ -40,10 +43,7 @@ def make_folder(folder: Path, instead: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        file = file_in_path(folder)
-        why = f"{file} is a file" if file is not None else f"{folder} cannot be made: {err.strerror or err}"
-        if file is not None and file != folder:
-            why = f"{folder} cannot be made: {why}"
+        why = file_in_the_way(folder) or f"{folder} cannot be made: {err.strerror or err}"
         raise ConfigError(f"{why}; {instead}") from None
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lmheads.data.tokenizers import CharTokenizer
-from lmheads.errors import ConfigError, file_in_path, require
+from lmheads.errors import ConfigError, file_in_the_way, require
 
 #: lmheads' offline task: a local text file as one document.
 LOCAL_TASK = "lmheads_wikitext2"
@@ -192,8 +192,8 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"{ckpt} is not a checkpoint of a run: give --out for the results")
     if args.out is not None and args.out.exists():
         raise ConfigError(f"{args.out} exists; give a new folder for the results")
-    if args.out is not None and (file := file_in_path(args.out)) is not None:
-        raise ConfigError(f"--out {args.out} cannot be made: {file} is a file; give another --out")
+    if args.out is not None and (why := file_in_the_way(args.out)):
+        raise ConfigError(f"--out {why}; give another --out")
     if args.text is not None and not args.text.is_file():
         raise ConfigError(f"--text {args.text}: no such file")
     for option, value in (("--batch_size", args.batch_size), ("--limit", args.limit)):

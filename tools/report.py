@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from lmheads.errors import file_in_path
+from lmheads.errors import file_in_the_way
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
@@ -45,11 +45,8 @@ def markers(section: str | None) -> tuple[str, str]:
 def check_outputs(out: Path | None, update: Path | None = None, section: str | None = None) -> str:
     """Why ``--out`` or ``--update`` could not be written ("" if they can), asked before anything is
     written: a report that stops half-way would leave its table without the document, or the reverse."""
-    file = file_in_path(out) if out is not None else None
-    if file == out and file is not None:
-        return f"--out {out} is a file; give a folder for the table and plots"
-    if file is not None:
-        return f"--out {out} cannot be made: {file} is a file; give a folder for the table and plots"
+    if out is not None and (why := file_in_the_way(out)):
+        return f"--out {why}; give a folder for the table and plots"
     if update is None:
         return ""
     if update.is_file():

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from sweep_plan import Run, check_input, check_options, matched_widths, parse_grid
 
-from lmheads.errors import file_in_path
+from lmheads.errors import file_in_the_way
 from lmheads.streams import pipe_safe_output
 
 
@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"error: --gpus {args.gpus!r} has an empty GPU id; give ids and commas, e.g. --gpus 0,1"
         )
-    if (file := file_in_path(Path(args.root))) is not None:
-        raise SystemExit(f"error: --root {args.root} cannot be made: {file} is a file; give another --root")
+    if why := file_in_the_way(Path(args.root)):
+        raise SystemExit(f"error: --root {why}; give another --root")
     grid = parse_grid(args.grid)
     check_input(args.config, args.heads, args.seeds, args.grid, args.extra)
     widths = {"model.backbone.d_model", "model.backbone.n_head"} & {k for combo in grid for k in combo}
