@@ -65,8 +65,9 @@ class NonFiniteLossError(TrainingStopped):
 
 
 class CheckpointWriteError(TrainingStopped):
-    """A checkpoint could not be written (a full disk, a quota, a folder made read-only); training stops
-    there, and the checkpoints written before it are whole."""
+    """A checkpoint, or at the end of training ``results.json``, could not be written (a full disk, a
+    quota, a folder made read-only); training stops there, and the checkpoints written before it are
+    whole."""
 
     exit_code = 4
 

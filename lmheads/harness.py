@@ -161,6 +161,7 @@ def other_text(text: Path | None, given: bool, read: str | None) -> list[str]:
 
 def main(argv: list[str]) -> None:
     """``python -m lmheads harness CHECKPOINT [--tasks T ...] [--text FILE] [--out DIR]``."""
+    from lmheads.files import write_json
     from lmheads.hf import checkpoint_file, export_hf, from_checkpoint
     from lmheads.perf import device_arg
     from lmheads.run.claim import RunFolder
@@ -229,7 +230,7 @@ def main(argv: list[str]) -> None:
         found = metrics(results)
         record = {"tasks": args.tasks, "text": str(text) if text else None, "limit": args.limit,
                   "device": device, "metrics": found, "lm_eval": results.get("versions", {})}  # fmt: skip
-        (folder / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_json(folder / "results.json", record)
         step = int(checkpoint.get("global_step", 0))
         other = other_text(text, args.text is not None, data_sources(checkpoint).get("test_file"))
         if args.limit is not None:  # part of the data: not the run's score in compare.py's table

@@ -18,10 +18,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmheads.dotted import flatten
+from lmheads.files import read_record
 from lmheads.harness import HARNESS
 from lmheads.run.layout import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
 
@@ -165,14 +165,12 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
             for e in evs:
                 scalars[tag][e.step] = (e.value, offset + e.wall_time - start)
         offset += max(times) - start
-    results = run_dir / RESULTS_FILE
-    final_step = json.loads(results.read_text()).get("step", 0) if results.is_file() else 0
-    diverged = run_dir / DIVERGED_FILE
-    diverged_at = json.loads(diverged.read_text()).get("step") if diverged.is_file() else None
+    final_step = read_record(run_dir / RESULTS_FILE).get("step", 0)
+    diverged_at = read_record(run_dir / DIVERGED_FILE).get("step")
     run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at, _config(run_dir))
     harness = test_evaluation(run_dir, "last", run.steps(), kind=HARNESS)  # lm-eval's of its last.ckpt
     if harness is not None:
-        metrics = json.loads((harness / "results.json").read_text()).get("metrics", {})
+        metrics = read_record(harness / "results.json").get("metrics", {})
         run.harness = {f"lm-eval {key}": value for key, value in metrics.items()}
     evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
     if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
@@ -187,19 +185,16 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
 def _evaluated(folder: Path) -> dict:
     """What an evaluation recorded of the checkpoint it read: its step, and any data other than the run's
     (evaluations from before lmheads recorded it have nothing)."""
-    path = folder / EVALUATED_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_record(folder / EVALUATED_FILE)
 
 
 def _hparams(folder: Path) -> dict:
-    path = folder / "hparams.yaml"
-    return (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    return read_record(folder / "hparams.yaml")
 
 
 def _config(folder: Path) -> dict:
     """The run's ``config.yaml`` (the options it started with) as flat keys; lists as JSON text."""
-    path = folder / "config.yaml"
-    config = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    config = read_record(folder / "config.yaml")
     return flatten(config, as_text=True) if config else {}
 
 
@@ -222,8 +217,7 @@ def test_evaluation(
         if any(p.glob(_FILED[kind])) and not _evaluated(p).get("other_data")  # the run's data
     ]
     if checkpoint == "best":
-        results = run_dir / RESULTS_FILE
-        best = json.loads(results.read_text()).get("best_checkpoint") if results.is_file() else None
+        best = read_record(run_dir / RESULTS_FILE).get("best_checkpoint")
         name = re.escape(Path(best).stem) if best else r"step\d+"
         folders = [p for p in folders if re.fullmatch(rf"{name}(-\d+)?", p.name)]
         return max(folders, key=lambda p: p.stat().st_mtime, default=None)

@@ -374,6 +374,38 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_the_run_continues(tmp
     assert json.loads((only_run(tmp_path) / "results.json").read_text())["step"] == 6
 
 
+def test_a_full_disk_at_the_end_of_training_is_one_line_and_leaves_no_partial_results(
+    tmp_path, monkeypatch, capsys
+):
+    """The disk fills as ``results.json`` is written: one ``error:`` line (exit status 4) saying that
+    training ended and its checkpoints are whole, no partial ``results.json`` (which no report could
+    parse), and the reports read the run from its logs."""
+    real_write = Path.write_text
+
+    def fills_the_disk(self, data, *args, **kwargs):
+        if "results.json" in self.name:
+            real_write(self, data[:10], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fills_the_disk)
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path, steps=4, every=2)
+    monkeypatch.undo()
+    run = only_run(tmp_path)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 4
+    assert errors == [
+        f"error: {run / 'results.json'} could not be written (No space left on device); training ended at "
+        "step 4 and its checkpoints are whole (the reports read the run from its logs without it). "
+        "Free space there"
+    ]
+    assert not [p.name for p in run.iterdir() if "results" in p.name]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert tool("compare").main([str(tmp_path)]) == 0
+    assert "| tied | 0 |" in capsys.readouterr().out
+
+
 def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys, caplog):
     fit(tmp_path, steps=2, every=2)
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"

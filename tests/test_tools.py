@@ -142,6 +142,11 @@ def test_a_run_there_with_other_options_is_refused_not_skipped(tmp_path, capsys)
     code, out = call("--trainer.max_steps=2")
     assert code == 1 and f"({config} edited since)" in out
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    (run / "sweep.json").write_text('{"status": "do')  # a copy cut short: neither skipped nor trained again
+    before[run / "sweep.json"] = (run / "sweep.json").read_bytes()
+    code, out = call("--trainer.max_steps=2")
+    assert code == 1 and f"refused: {run / 'sweep.json'} cannot be read (Unterminated string" in out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow
@@ -531,6 +536,26 @@ def test_a_report_that_could_not_write_where_asked_stops_before_reading_runs(tmp
         assert "has no <!-- compare:x:begin --> ... <!-- compare:x:end --> section" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file", "doc.md"]
     assert doc.read_text() == "# no generated section\n"
+
+
+@pytest.mark.parametrize(
+    ("record", "text", "why"),
+    [
+        ("results.json", '{"step": ', "Expecting value: line 1 column 10 (char 9)"),
+        ("hparams.yaml", "head: [tied", "expected ',' or ']', but got '<stream end>' at line 1"),
+        ("config.yaml", "- a list", "a list, not a mapping"),
+    ],
+)
+def test_a_run_record_that_does_not_parse_is_one_line_naming_it(tmp_path, capsys, record, text, why):
+    """A record cut short (a copy, an edit) is named, not a traceback from a JSON or YAML parser, nor a
+    run left out of the table without a word."""
+    fit(tmp_path, steps=2, every=2)
+    path = only_run(tmp_path) / record
+    path.write_text(text)
+    for report in ("compare", "buckets", "data_regime", "frontier"):
+        assert tool(report).main([str(tmp_path)]) == 2, report
+        message = f"error: {path} cannot be read ({why}); restore it from a copy, or move its run away\n"
+        assert capsys.readouterr().err == message
 
 
 @pytest.mark.slow

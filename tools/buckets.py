@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 from pairs import COUNT_TAGS, TAGS, absent_heads, against, differences, over_steps, pairs_by_group
 from plots import save_plot
-from report import check_outputs, markdown, publish, pyplot
+from report import check_outputs, command, markdown, publish, pyplot
 
 from lmheads import comparable
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
@@ -181,6 +181,7 @@ def plot(diffs: dict[str, dict], first: str, second: str, out: Path, name: str) 
     return save_plot(fig, ax, out / f"{name}.png")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 from plots import plot, unplotted
-from report import BEGIN, END, check_outputs, markdown, publish
+from report import BEGIN, END, check_outputs, command, markdown, publish
 
 from lmheads.comparable import (
     at_step,
@@ -138,6 +138,7 @@ def _schedule(run: RunLog, steps: int) -> str:
     return f"; stopped at step {steps:,} of its {decay:,}-step learning-rate schedule"
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

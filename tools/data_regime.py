@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 from plots import colours, save_plot
-from report import check_outputs, markdown, publish, pyplot
+from report import check_outputs, command, markdown, publish, pyplot
 
 from lmheads import comparable
 from lmheads.comparable import missing_roots, split_reportable
@@ -109,6 +109,7 @@ def plot(summary: dict[tuple[str, int], dict], runs: list[RunLog], out: Path) ->
     return save_plot(fig, ax, out / "excess_loss_vs_training_tokens.png")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

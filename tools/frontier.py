@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-from report import check_outputs, markdown, publish, pyplot
+from report import check_outputs, command, markdown, publish, pyplot
 
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
 from lmheads.runlog import RunLog, find_runs
@@ -169,6 +169,7 @@ def plot(grouped: dict[tuple[str, str], list[RunLog]], out: Path, at: str) -> Pa
     return path
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -8,13 +8,30 @@ them on the import path (Python puts a script's folder first).
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lmheads.errors import file_in_the_way
+from lmheads.errors import ConfigError, file_in_the_way
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+
+
+def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """A report's ``main``, which gives a ``ConfigError`` (a run's record that does not parse, from
+    :func:`lmheads.files.read_record`) as one ``error:`` line and exit status 2."""
+
+    @functools.wraps(main)
+    def reporting(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return reporting
 
 
 def pyplot():

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from sweep_plan import Run, check_input, check_options, matched_widths, parse_grid
 
-from lmheads.errors import file_in_the_way
+from lmheads.errors import ConfigError, file_in_the_way
+from lmheads.files import read_record, write_json
 from lmheads.streams import pipe_safe_output
 
 
@@ -108,8 +109,7 @@ def diverged_step(run_dir: Path) -> int | None:
     (``None`` without one)."""
     from lmheads.run.layout import DIVERGED_FILE
 
-    path = run_dir / DIVERGED_FILE
-    return json.loads(path.read_text()).get("step") if path.is_file() else None
+    return read_record(run_dir / DIVERGED_FILE).get("step")
 
 
 def thread_env(jobs: int) -> dict[str, str]:
@@ -164,7 +164,10 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     cmd = command(run, args, run_dir)
     digests = config_digests(args.config)
     before = marker.read_text() if marker.is_file() else None
-    record = json.loads(before) if before is not None else None
+    try:
+        record = read_record(marker) if before is not None else None
+    except ConfigError as err:
+        return run, f"refused: {err}"
     if record is not None:
         changed = changed_options(record, cmd, digests)
         if changed:
@@ -224,7 +227,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
             with contextlib.suppress(OSError):
                 folder.rmdir()
         return run, f"failed before training (exit {returncode}): {error or 'no error line in its log'}"
-    marker.write_text(json.dumps({**outcome, "command": cmd, "configs": digests}, indent=2))
+    write_json(marker, {**outcome, "command": cmd, "configs": digests})
     seconds = outcome["seconds"]
     if status == "done":
         detail = f"{seconds} s"

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from lmheads.errors import ConfigError
+from lmheads.files import write_whole
 
 
 def default_cache_dir() -> Path:
@@ -38,15 +39,12 @@ def writable(folder: Path) -> Path:
 
 
 def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a file beside ``path``, then renamed to it, so that a reader finds the whole
-    file or none; a full disk is one line and leaves no partial file."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp{path.suffix}")
+    """``write(tmp)``, then renamed to ``path`` (:func:`lmheads.files.write_whole`); a full disk is one
+    line and leaves no partial file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        tmp.replace(path)
+        write_whole(path, write)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(_unwritable(path.parent, err)) from None
 
 

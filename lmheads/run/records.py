@@ -4,7 +4,6 @@ evaluation of a run's checkpoint ``checkpoint.json``; the reports read them back
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmheads.errors import NonFiniteLossError
+from lmheads.errors import CheckpointWriteError, NonFiniteLossError
+from lmheads.files import read_record, write_json
 from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
 from lmheads.run.layout import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE
@@ -62,7 +62,7 @@ class RunSummary(L.Callback):
         folder = _run_dir(trainer)
         if isinstance(exception, NonFiniteLossError) and trainer.is_global_zero and folder is not None:
             record = {"step": exception.step, "message": str(exception)}
-            Path(folder, DIVERGED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            write_json(Path(folder, DIVERGED_FILE), record)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = _run_dir(trainer)
@@ -76,10 +76,9 @@ class RunSummary(L.Callback):
             if k.startswith("val/") and torch.is_tensor(v) and v.numel() == 1
         }
         validated_at = self._validated_at
-        earlier = Path(folder, RESULTS_FILE)
-        if validated_at is None and earlier.is_file():  # continued without a validation: keep the last one's
-            recorded = json.loads(earlier.read_text())
-            metrics, validated_at = recorded.get("metrics", {}), recorded.get("validated_at")
+        if validated_at is None:  # continued without a validation: keep the last one's, if any
+            recorded = read_record(Path(folder, RESULTS_FILE))
+            metrics, validated_at = recorded.get("metrics", metrics), recorded.get("validated_at")
         results = {
             "run": str(Path(folder).resolve()),
             "head": head_name(pl_module.head),
@@ -92,7 +91,6 @@ class RunSummary(L.Callback):
             "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},
             "stopped_early": stopped_early(trainer),
         }
-        Path(folder, RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         shown = [k for k in ("val/loss", "val/ppl", "val/bpb", "val/excess_loss") if k in results["metrics"]]
         lines = [
             f"run: {results['run']}",
@@ -109,6 +107,15 @@ class RunSummary(L.Callback):
             f"  last checkpoint: {results['last_checkpoint'] or 'none'}",
         ]
         print("\n".join(lines), flush=True)
+        path = Path(folder, RESULTS_FILE)
+        try:
+            write_json(path, results)
+        except OSError as err:
+            raise CheckpointWriteError(
+                f"{path} could not be written ({err.strerror or err}); training ended at step "
+                f"{results['step']} and its checkpoints are whole (the reports read the run from its logs "
+                "without it). Free space there"
+            ) from err
 
     @staticmethod
     def _stale(trainer: L.Trainer, shown: list[str], validated_at: int | None) -> bool:
@@ -150,4 +157,4 @@ def record_evaluation(folder: Path, ckpt: str | Path, step: int, other_data: lis
     if rank_zero_only.rank != 0:
         return
     record = {"checkpoint": str(Path(ckpt).resolve()), "step": step, "other_data": other_data}
-    (folder / EVALUATED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(folder / EVALUATED_FILE, record)
