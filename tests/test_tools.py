@@ -127,7 +127,8 @@ def test_a_run_there_with_other_options_is_refused_not_skipped(tmp_path, capsys)
     def call(*extra: str) -> tuple[int, str]:
         args = ["--config", str(config), "--heads", "tied", "--seeds", "0", "--root", str(tmp_path)]
         code = sweep.main([*args, "--name", "grid", "--", *TINY, *extra])
-        return code, capsys.readouterr().out
+        printed = capsys.readouterr()
+        return code, printed.out + printed.err
 
     assert call("--trainer.max_steps=2")[0] == 0
     run = tmp_path / "grid" / "tied-seed0"
@@ -146,6 +147,7 @@ def test_a_run_there_with_other_options_is_refused_not_skipped(tmp_path, capsys)
     before[run / "sweep.json"] = (run / "sweep.json").read_bytes()
     code, out = call("--trainer.max_steps=2")
     assert code == 1 and f"refused: {run / 'sweep.json'} cannot be read (Unterminated string" in out
+    assert "error: 1 run(s) refused, as each one's line says" in out
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

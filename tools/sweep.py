@@ -315,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"{failed} run(s) not done; the same command again resumes or retries them", file=sys.stderr)
     if refused:
-        print(f"error: {refused} run(s) refused: their folders hold runs with other options", file=sys.stderr)
+        print(
+            f"error: {refused} run(s) refused, as each one's line says; their folders are as they were",
+            file=sys.stderr,
+        )
     if running.stopped:
         return 128 + running.stopped
     return 1 if failed or refused else 0
