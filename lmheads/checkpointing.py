@@ -36,6 +36,10 @@ def read_checkpoint(path: str | None, given_as: str = "--ckpt_path") -> dict | N
     ``given_as`` names where the user gave the path, for the error."""
     if path is None or path in ("last", "best", "hpc", "registry"):
         return None
+    if Path(path).is_dir():
+        last = Path(path, "checkpoints", "last.ckpt")
+        example = f" (this run's last: {last})" if last.is_file() else ""
+        raise ConfigError(f"checkpoint {path!r} is a folder; give a checkpoint file in {given_as}{example}")
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint {path!r} does not exist; check {given_as}")
     try:

@@ -162,10 +162,10 @@ def other_text(text: Path | None, given: bool, read: str | None) -> list[str]:
 def main(argv: list[str]) -> None:
     """``python -m lmheads harness CHECKPOINT [--tasks T ...] [--text FILE] [--out DIR]``."""
     from lmheads.files import write_json
-    from lmheads.hf import checkpoint_file, export_hf, from_checkpoint
+    from lmheads.hf import export_hf, from_checkpoint
     from lmheads.perf import device_arg
     from lmheads.run.claim import RunFolder
-    from lmheads.run.layout import free_name, run_of_checkpoint
+    from lmheads.run.layout import checkpoint_file, free_name, run_of_checkpoint
     from lmheads.run.records import filed_line, record_evaluation
     from lmheads.run.resume import data_sources
 

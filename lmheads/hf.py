@@ -289,27 +289,13 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
     return notes
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder's ``checkpoints/last.ckpt``; one line where there is neither."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist; give a checkpoint file or a run folder")
-    last = path / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise ConfigError(
-            f"{str(path)!r} holds no checkpoints/last.ckpt; give one of its checkpoint files, or a run folder"
-        )
-    return last
-
-
 def from_checkpoint(path: str | Path):
     """The model of an lmheads checkpoint (:func:`checkpoint_file`), the tokenizer of the data it trained
     on (``None`` for data without text), and the checkpoint as read (its tensors memory-mapped)."""
     from lmheads.checkpointing import read_checkpoint
     from lmheads.dotted import class_of
     from lmheads.module import module_from_checkpoint
+    from lmheads.run.layout import checkpoint_file
 
     path = checkpoint_file(path)
     checkpoint = read_checkpoint(str(path))  # one line for an unreadable file

@@ -372,6 +372,7 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             ["--trainer.val_check_interval=1000"],
             "`val_check_interval` (1000) must be less than or equal to the number of the training batches",
         ),
+        (["--ckpt_path=folder"], "checkpoint 'folder' is a folder; give a checkpoint file in --ckpt_path"),
         (
             ["--trainer.logger.init_args.save_dir=t.txt/runs"],
             "/t.txt is a file; give another trainer.logger.init_args.save_dir (or default_root_dir)",

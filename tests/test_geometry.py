@@ -187,6 +187,8 @@ def test_embeddings_tool_compares_runs_and_refuses_other_vocabularies(tmp_path, 
     # a run given twice (as a folder and as its last.ckpt) is not a run like itself
     assert embeddings.main([str(runs[0]), str(runs[0] / "checkpoints" / "last.ckpt")]) == 2
     assert f"error: {runs[0] / 'checkpoints' / 'last.ckpt'} is given twice" in capsys.readouterr().err
+    assert embeddings.main([str(runs[0]), str(tmp_path / "quickstart")]) == 2  # the runs' folder, not a run
+    assert "holds no checkpoints/last.ckpt; give one of its checkpoint files" in capsys.readouterr().err
     for k, said in ((0, "of at least 1"), (1024, "a token has 1,023 other tokens")):
         assert embeddings.main([*map(str, runs), "--k", str(k)]) == 2
         assert f"error: --k {k}: " in (err := capsys.readouterr().err) and said in err

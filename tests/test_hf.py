@@ -226,8 +226,9 @@ def test_the_export_command_writes_a_folder_transformers_loads_alone(tmp_path):
 def test_a_missing_checkpoint_or_model_folder_is_one_line_that_names_it(tmp_path):
     """export and harness take a checkpoint or a run folder; init_from a GPT-2 folder. A path that is
     none of them is named as missing, not as a file of the wrong kind."""
-    from lmheads.hf import checkpoint_file, init_from_gpt2
+    from lmheads.hf import init_from_gpt2
     from lmheads.hf import main as export
+    from lmheads.run.layout import checkpoint_file
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"'.*nope' does not exist; give a checkpoint file or a run folder"):

@@ -422,11 +422,19 @@ def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys, caplog):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"not a checkpoint", "cannot be read"), (None, "does not exist; check --ckpt_path")],
+    [
+        (b"not a checkpoint", "cannot be read"),
+        (None, "does not exist; check --ckpt_path"),
+        ("a run", "bad.ckpt' is a folder; give a checkpoint file in --ckpt_path (this run's last: {last})"),
+    ],
 )
 def test_corrupt_or_missing_checkpoint(tmp_path, capsys, content, message):
     path = tmp_path / "bad.ckpt"
-    if content is not None:
+    if content == "a run":  # a run's folder, which export and harness take for its last.ckpt
+        (path / "checkpoints").mkdir(parents=True)
+        (path / "checkpoints" / "last.ckpt").write_bytes(b"")
+        message = message.format(last=path / "checkpoints" / "last.ckpt")
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(SystemExit) as exc:
         main(["validate", *quick_args(tmp_path), f"--ckpt_path={path}"])
@@ -540,11 +548,12 @@ def test_export_tool(tmp_path, capsys):
     assert f"error: {out} exists; give another output path, or --overwrite" in capsys.readouterr().err
     assert export.main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert "does not exist; check the checkpoint's path" in err and not (tmp_path / "x.safetensors").exists()
+    assert "does not exist; give a checkpoint file or a run folder" in err
+    assert not (tmp_path / "x.safetensors").exists()
     assert export.main([str(ckpt), str(tmp_path / "no" / "x.safetensors")]) == 2
     assert f"error: {tmp_path / 'no'} is not a folder; create it" in capsys.readouterr().err
     assert out.read_bytes() == before
-    assert export.main([str(ckpt), str(out), "--overwrite"]) == 0
+    assert export.main([str(ckpt.parent.parent), str(out), "--overwrite"]) == 0  # the run: its last.ckpt
     assert sorted(p.name for p in tmp_path.glob("*safetensors*")) == ["m.safetensors"]  # no partial left
 
 

@@ -30,6 +30,7 @@ from lmheads.geometry import linear_cka, nearest_neighbours, shared_neighbours
 from lmheads.heads import LinearHead, head_name
 from lmheads.metrics import FREQUENCY_BUCKET_LABELS, FREQUENCY_BUCKETS
 from lmheads.module import module_from_checkpoint
+from lmheads.run.layout import checkpoint_file
 from lmheads.run.resume import data_sources
 
 #: Data options that do not decide which token a row of the matrices stands for.
@@ -49,18 +50,11 @@ def vocabulary(checkpoint: dict) -> dict:
     return {k: v for k, v in options.items() if k not in NOT_VOCABULARY and k != "_instantiator"}
 
 
-def checkpoint_of(path: Path) -> Path:
-    """The checkpoint a path names: a run folder's ``checkpoints/last.ckpt``, or the file itself."""
-    return path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-
-
 def load(path: Path) -> tuple[str, dict[str, torch.Tensor], torch.Tensor | None, dict]:
     """The checkpoint's name, its token matrices by label, the token buckets it was trained with, and
     what decides its vocabulary (:func:`vocabulary`)."""
-    ckpt_path = checkpoint_of(path)
-    if not ckpt_path.is_file():
-        raise SystemExit(f"error: {path} is neither a checkpoint nor a run folder with checkpoints/last.ckpt")
     try:
+        ckpt_path = checkpoint_file(path)
         checkpoint = read_checkpoint(str(ckpt_path), given_as="the run or checkpoint")
         model = module_from_checkpoint(str(ckpt_path), checkpoint)
     except ConfigError as err:
@@ -156,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1:
         print(f"error: --k {args.k}: give a number of neighbours of at least 1", file=sys.stderr)
         return 2
-    checkpoints = [checkpoint_of(p).resolve() for p in args.paths]
+    try:
+        checkpoints = [checkpoint_file(p).resolve() for p in args.paths]
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     repeated = next((p for i, p in enumerate(args.paths) if checkpoints[i] in checkpoints[:i]), None)
     if repeated is not None:
         print(f"error: {repeated} is given twice (as its checkpoint); give each run once", file=sys.stderr)

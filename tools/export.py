@@ -1,6 +1,6 @@
 """Export a checkpoint's weights to safetensors (one owner per shared tensor) and check the round trip.
 
-    python tools/export.py runs/quickstart/tied-seed0-.../checkpoints/last.ckpt model.safetensors
+    python tools/export.py runs/quickstart/tied-seed0-... model.safetensors   # or one of its checkpoints
 
 Load it back with ``lmheads.export.load_safetensors(path)``.
 """
@@ -19,13 +19,16 @@ from lmheads.errors import ConfigError
 from lmheads.export import export_safetensors, load_safetensors
 from lmheads.module import module_from_checkpoint
 from lmheads.reporting import parameter_counts
+from lmheads.run.layout import checkpoint_file
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", help="a Lightning checkpoint written by lmheads")
+    parser.add_argument(
+        "checkpoint", help="a run folder (its checkpoints/last.ckpt) or a checkpoint of lmheads"
+    )
     parser.add_argument("output", type=Path, help="the .safetensors file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
@@ -37,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        checkpoint = read_checkpoint(args.checkpoint, given_as="the checkpoint's path")
-        model = module_from_checkpoint(args.checkpoint, checkpoint).eval()
+        path = str(checkpoint_file(args.checkpoint))
+        checkpoint = read_checkpoint(path, given_as="the checkpoint's path")
+        model = module_from_checkpoint(path, checkpoint).eval()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,21 @@ DIVERGED_FILE = "diverged.json"
 EVALUATED_FILE = "checkpoint.json"
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder's ``checkpoints/last.ckpt``; one line where there is neither."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist; give a checkpoint file or a run folder")
+    last = path / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(
+            f"{str(path)!r} holds no checkpoints/last.ckpt; give one of its checkpoint files, or a run folder"
+        )
+    return last
+
+
 def run_of_checkpoint(ckpt: str | Path) -> Path | None:
     """The run folder a checkpoint file belongs to (``<run>/checkpoints/x.ckpt``, or a SLURM requeue
     checkpoint ``<run>/hpc_ckpt_N.ckpt``), or ``None``."""
