@@ -540,6 +540,24 @@ def test_a_report_that_could_not_write_where_asked_stops_before_reading_runs(tmp
     assert doc.read_text() == "# no generated section\n"
 
 
+def test_a_document_whose_section_is_not_one_is_refused_before_anything_is_written(tmp_path, capsys):
+    """``--update`` a document whose markers are repeated (which section?) or reversed: one error line
+    before any run is read, and the document as it was (the first of two sections was replaced without a
+    word; reversed markers were a traceback after ``--out`` had been written)."""
+    doc, twice = tmp_path / "doc.md", "<!-- compare:begin -->\nA\n<!-- compare:end -->\n"
+    for content, said in [
+        (twice * 2, "more than once; name each section (<!-- compare:NAME:begin --> ..."),
+        (
+            "<!-- compare:end -->\n<!-- compare:begin -->\n",
+            "has <!-- compare:end --> before <!-- compare:begin",
+        ),
+    ]:
+        doc.write_text(content)
+        assert compare.main([str(tmp_path), "--update", str(doc), "--out", str(tmp_path / "out")]) == 2
+        assert f"error: {doc} has " in (err := capsys.readouterr().err) and said in err
+        assert doc.read_text() == content and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("record", "text", "why"),
     [

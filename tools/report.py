@@ -67,19 +67,33 @@ def check_outputs(out: Path | None, update: Path | None = None, section: str | N
     if update is None:
         return ""
     if update.is_file():
-        begin, end = markers(section)
-        content = update.read_text()
-        return "" if begin in content and end in content else f"{update} has no {begin} ... {end} section"
+        return section_problem(update, update.read_text(), section)
     if update.exists() or not update.parent.is_dir():
         return f"--update {update} is not a markdown file in an existing folder"
+    return ""
+
+
+def section_problem(doc: Path, content: str, section: str | None) -> str:
+    """Why the document ``doc`` (its text ``content``) has not one section to replace ("" where it has):
+    no markers, markers more than once (which section?), or its end before its beginning."""
+    begin, end = markers(section)
+    if begin not in content or end not in content:
+        return f"{doc} has no {begin} ... {end} section"
+    if content.count(begin) > 1 or content.count(end) > 1:
+        return (
+            f"{doc} has {begin} or {end} more than once; name each section (<!-- compare:NAME:begin --> "
+            "... <!-- compare:NAME:end -->) and give --section NAME"
+        )
+    if content.index(end) < content.index(begin):
+        return f"{doc} has {end} before {begin}; put the section's end after its beginning"
     return ""
 
 
 def update_document(doc: Path, text: str, section: str | None = None) -> None:
     begin, end = markers(section)
     content = doc.read_text() if doc.is_file() else f"{begin}\n{end}\n"
-    if begin not in content or end not in content:
-        raise SystemExit(f"error: {doc} has no {begin} ... {end} section to replace")
+    if problem := section_problem(doc, content, section):
+        raise SystemExit(f"error: {problem}")
     head, rest = content.split(begin, 1)
     _, tail = rest.split(end, 1)
     doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
