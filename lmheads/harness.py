@@ -39,6 +39,7 @@ dataset_path: text
 dataset_kwargs:
   data_files: {data_files}
   sample_by: document
+  encoding: utf-8-sig
 test_split: test
 output_type: loglikelihood_rolling
 doc_to_text: ""

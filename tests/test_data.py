@@ -271,6 +271,31 @@ def test_a_training_split_too_short_for_one_batch_on_every_process_is_refused(tm
         loader(4, world_size=2)
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """A file that starts with a UTF-8 byte-order mark (as some editors save text) trains on its text
+    alone: the same tokenizer, tokens and bytes per token as without it, not a U+FEFF character or a
+    '\ufeffthe' word of its own."""
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("the cat sat\nthe dog sat\n" * 100, encoding="utf-8")
+    marked.write_text(plain.read_text(), encoding="utf-8-sig")
+    assert marked.read_bytes()[:3] == b"\xef\xbb\xbf"
+    for tokenizer in ("char", "word"):
+        modules = []
+        for path in (plain, marked):
+            dm = TextDataModule(
+                train_file=str(path), tokenizer=tokenizer, block_size=8, cache_dir=str(tmp_path)
+            )
+            dm.prepare_data()
+            dm.setup("fit")
+            modules.append(dm)
+        assert modules[1].tokenizer.to_dict() == modules[0].tokenizer.to_dict()
+        for split in ("train", "validation"):
+            assert np.array_equal(
+                np.load(modules[1].stream_path(split)), np.load(modules[0].stream_path(split))
+            )
+            assert modules[1].bytes_per_token[split] == modules[0].bytes_per_token[split]
+
+
 def test_validation_carved_from_train_when_absent(text_files, tmp_path):
     train, _ = text_files
     dm = TextDataModule(train_file=str(train), tokenizer="char", val_fraction=0.1, cache_dir=str(tmp_path))

@@ -47,6 +47,7 @@ def load_splits(hp, cache_dir: Path, sources: dict[str, str]) -> tuple[datasets.
             "text",
             data_files={k: str(Path(v).resolve()) for k, v in files.items()},
             keep_linebreaks=True,
+            encoding="utf-8-sig",  # a byte-order mark (some editors' first bytes) is not text
             cache_dir=hf_cache,
         )
         text_column = "text"
