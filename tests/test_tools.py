@@ -558,24 +558,23 @@ def test_a_document_whose_section_is_not_one_is_refused_before_anything_is_writt
         assert doc.read_text() == content and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    ("record", "text", "why"),
-    [
-        ("results.json", '{"step": ', "Expecting value: line 1 column 10 (char 9)"),
-        ("hparams.yaml", "head: [tied", "expected ',' or ']', but got '<stream end>' at line 1"),
-        ("config.yaml", "- a list", "a list, not a mapping"),
-    ],
-)
-def test_a_run_record_that_does_not_parse_is_one_line_naming_it(tmp_path, capsys, record, text, why):
+def test_a_run_record_that_does_not_parse_is_one_line_naming_it(tmp_path, capsys):
     """A record cut short (a copy, an edit) is named, not a traceback from a JSON or YAML parser, nor a
     run left out of the table without a word."""
     fit(tmp_path, steps=2, every=2)
-    path = only_run(tmp_path) / record
-    path.write_text(text)
-    for report in ("compare", "buckets", "data_regime", "frontier"):
-        assert tool(report).main([str(tmp_path)]) == 2, report
-        message = f"error: {path} cannot be read ({why}); restore it from a copy, or move its run away\n"
-        assert capsys.readouterr().err == message
+    for record, text, why in [
+        ("results.json", '{"step": ', "Expecting value: line 1 column 10 (char 9)"),
+        ("hparams.yaml", "head: [tied", "expected ',' or ']', but got '<stream end>' at line 1"),
+        ("config.yaml", "- a list", "a list, not a mapping"),
+    ]:
+        path = only_run(tmp_path) / record
+        whole = path.read_text()
+        path.write_text(text)
+        for report in ("compare", "buckets", "data_regime", "frontier"):
+            assert tool(report).main([str(tmp_path)]) == 2, report
+            message = f"error: {path} cannot be read ({why}); restore it from a copy, or move its run away\n"
+            assert capsys.readouterr().err == message
+        path.write_text(whole)
 
 
 @pytest.mark.slow
