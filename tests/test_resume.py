@@ -406,6 +406,27 @@ def test_a_full_disk_at_the_end_of_training_is_one_line_and_leaves_no_partial_re
     assert "| tied | 0 |" in capsys.readouterr().out
 
 
+def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """The disk is full when the run's config.yaml is written, before training: one ``error:`` line
+    naming the file, and nothing left of the failed start."""
+    import jsonargparse
+
+    def fills_the_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jsonargparse.ArgumentParser, "save", fills_the_disk)
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path, steps=2, every=2)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"error: {tmp_path / 'quickstart'}")
+    assert errors[0].endswith(
+        "config.yaml could not be written (No space left on device); free space there, or give another "
+        "trainer.logger.init_args.save_dir (or default_root_dir)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys, caplog):
     fit(tmp_path, steps=2, every=2)
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"

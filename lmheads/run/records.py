@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmheads.errors import CheckpointWriteError, NonFiniteLossError
+from lmheads.errors import CheckpointWriteError, ConfigError, NonFiniteLossError
 from lmheads.files import read_record, write_json
 from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
@@ -33,10 +33,16 @@ class RunConfig(SaveConfigCallback):
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         path = Path(trainer.default_root_dir) / self.config_filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.parser.save(
-            self.config, str(path), skip_none=False, overwrite=self.overwrite, multifile=self.multifile
-        )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(
+                self.config, str(path), skip_none=False, overwrite=self.overwrite, multifile=self.multifile
+            )
+        except OSError as err:  # before training: the failed start leaves no folder
+            raise ConfigError(
+                f"{path} could not be written ({err.strerror or err}); free space there, or give another "
+                "trainer.logger.init_args.save_dir (or default_root_dir)"
+            ) from err
 
 
 class RunSummary(L.Callback):
