@@ -1088,6 +1088,9 @@ def test_checkpoint_keywords_name_a_file_of_a_named_run(tmp_path, capsys):
     assert Path(tested["checkpoint"]).name == Path(best).name
     validated = json.loads((run / "validate" / "last" / "checkpoint.json").read_text())
     assert validated["step"] == 6
+    (run / "checkpoints" / Path(best).name).unlink()  # removed by hand: named, not "no checkpoint yet"
+    said = refused(capsys, "test", *quick_args(tmp_path), "--ckpt_path=best", version)
+    assert f"validation loss, {run / 'checkpoints' / Path(best).name}, is no longer there" in said
 
 
 def test_a_fast_dev_run_leaves_no_trace(finished_run):

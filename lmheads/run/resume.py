@@ -85,17 +85,23 @@ def checkpoint_by_keyword(keyword: str, subcommand: str, run: Path | None) -> Pa
     best = _best_checkpoint(run, furthest[1]) if furthest is not None else None
     if best is None:
         raise ConfigError(f"--ckpt_path=best: the run {run} has no checkpoint chosen by validation loss yet")
+    if not best.is_file():
+        raise ConfigError(
+            f"--ckpt_path=best: the run's checkpoint of the lowest validation loss, {best}, is no longer "
+            f"there (deleted or moved); give another of its checkpoints (a file in {best.parent}, or "
+            "--ckpt_path=last)"
+        )
     return best
 
 
 def _best_checkpoint(run: Path, latest: Path) -> Path | None:
     """The best checkpoint by validation loss that the checkpoint callback's state in ``latest`` names, in
-    the run's ``checkpoints`` folder (where the run lies now, not where it was written)."""
+    the run's ``checkpoints`` folder (where the run lies now, not where it was written), whether or not
+    it is still there."""
     states = (read_checkpoint(str(latest)).get("callbacks") or {}).values()
     for state in states:
         if isinstance(state, dict) and state.get("monitor") == "val/loss" and state.get("best_model_path"):
-            path = run / "checkpoints" / Path(state["best_model_path"]).name
-            return path if path.is_file() else None
+            return run / "checkpoints" / Path(state["best_model_path"]).name
     return None
 
 
