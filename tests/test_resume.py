@@ -427,6 +427,31 @@ def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_folder(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_as_an_evaluation_is_filed_is_one_line_and_files_nothing(tmp_path, monkeypatch, capsys):
+    """``test`` of a run's checkpoint on a full disk: its ``checkpoint.json`` cannot be written, which is
+    one ``error:`` line, and the run holds no evaluation folder afterwards."""
+    fit(tmp_path, steps=2, every=2)
+    run = only_run(tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    real_write = Path.write_text
+
+    def fills_the_disk(self, data, *args, **kwargs):
+        if "checkpoint.json" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fills_the_disk)
+    with pytest.raises(SystemExit) as exc:
+        main(["test", *quick_args(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2
+    assert errors == [
+        f"error: {run / 'test' / 'last' / 'checkpoint.json'} could not be written (No space left on device); "
+        "free space there"
+    ]
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_checkpoint_of_another_head_or_vocabulary(tmp_path, capsys, caplog):
     fit(tmp_path, steps=2, every=2)
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"

@@ -163,4 +163,9 @@ def record_evaluation(folder: Path, ckpt: str | Path, step: int, other_data: lis
     if rank_zero_only.rank != 0:
         return
     record = {"checkpoint": str(Path(ckpt).resolve()), "step": step, "other_data": other_data}
-    write_json(folder / EVALUATED_FILE, record)
+    try:
+        write_json(folder / EVALUATED_FILE, record)
+    except OSError as err:
+        raise ConfigError(
+            f"{folder / EVALUATED_FILE} could not be written ({err.strerror or err}); free space there"
+        ) from err
