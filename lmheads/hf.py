@@ -290,8 +290,9 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
 
 
 def from_checkpoint(path: str | Path):
-    """The model of an lmheads checkpoint (:func:`checkpoint_file`), the tokenizer of the data it trained
-    on (``None`` for data without text), and the checkpoint as read (its tensors memory-mapped)."""
+    """The model of an lmheads checkpoint (:func:`lmheads.run.layout.checkpoint_file`), the tokenizer of
+    the data it trained on (``None`` for data without text), and the checkpoint as read (its tensors
+    memory-mapped)."""
     from lmheads.checkpointing import read_checkpoint
     from lmheads.dotted import class_of
     from lmheads.module import module_from_checkpoint

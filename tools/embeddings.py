@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from report import check_outputs, markdown, publish, pyplot
+from report import check_outputs, command, markdown, publish, pyplot
 
 from lmheads.checkpointing import TOKEN_BUCKET_KEY, read_checkpoint
 from lmheads.errors import ConfigError
@@ -136,6 +136,7 @@ def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], k: int, out: Pa
     return path
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1:
         print(f"error: --k {args.k}: give a number of neighbours of at least 1", file=sys.stderr)
         return 2
-    try:
-        checkpoints = [checkpoint_file(p).resolve() for p in args.paths]
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    checkpoints = [checkpoint_file(p).resolve() for p in args.paths]
     repeated = next((p for i, p in enumerate(args.paths) if checkpoints[i] in checkpoints[:i]), None)
     if repeated is not None:
         print(f"error: {repeated} is given twice (as its checkpoint); give each run once", file=sys.stderr)
