@@ -27,7 +27,14 @@ from lmheads.checkpointing import (
     check_compatible,
     read_checkpoint,
 )
-from lmheads.cmdline import batch_counts, check_config_files, given_options, option_values, take_options
+from lmheads.cmdline import (
+    batch_counts,
+    check_config_files,
+    check_linked,
+    given_options,
+    option_values,
+    take_options,
+)
 from lmheads.console import (
     explain_parse_error,
     progress_display,
@@ -155,6 +162,8 @@ class LMHeadsCLI(LightningCLI):
         self._batch_counts = batch_counts(args, subcommand) if isinstance(args, list) else {}
         if subcommand:
             config = self.config[subcommand]
+            if isinstance(args, list):
+                check_linked(args, subcommand)
             check_settings(subcommand, config)
             if is_checkpoint_keyword(config.get("ckpt_path")):
                 self._resolve_keyword(subcommand, config)

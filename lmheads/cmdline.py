@@ -128,6 +128,19 @@ def given_options(args: list[str], section: str, subcommand: str) -> list[str]:
     return keys
 
 
+#: Options the CLI sets from another option (its links), with what the data takes from the model.
+LINKED = {"data.block_size": ("model.backbone.block_size", "the model's context length")}
+
+
+def check_linked(args: list[str], subcommand: str) -> None:
+    """A linked option given all the same: the parser would overwrite it without a word (a link into a
+    subclass's ``init_args`` is not refused as the others are)."""
+    for target, (source, what) in LINKED.items():
+        section, _, key = target.partition(".")
+        if key in given_options(args, section, subcommand):
+            raise ConfigError(f"{target} is set from {source} ({what}): give --{source} instead")
+
+
 def check_config_files(args: list[str]) -> None:
     """A YAML syntax error in a ``--config`` file, named with the file, line and column."""
     for path in option_values(args, "--config"):

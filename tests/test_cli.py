@@ -308,6 +308,18 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
         ),
         (["--model.backbone.block_size=100000", *SHORT_TEXT], "fewer than block_size + 1"),
         (
+            ["--model.backbone.block_size=0"],
+            "error: data.block_size (the CLI's model.backbone.block_size) must be positive, got 0",
+        ),
+        (
+            ["--data.block_size=16"],
+            "error: data.block_size is set from model.backbone.block_size (the model's context length): give",
+        ),
+        (
+            ["--config", "block.yaml"],  # as the parser reads it: into init_args
+            "error: data.block_size is set from model.backbone.block_size",
+        ),
+        (
             [*SHORT_TEXT, "--data.min_count=2"],
             "error: data.min_count=2 is read by data.tokenizer=word only, and this run's tokenizer is char: "
             "remove data.min_count (or set it to 1), or set data.tokenizer=word",
@@ -385,6 +397,7 @@ def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
     (tmp_path / "t.txt").write_text("just a few words\n" * 20)  # for SHORT_TEXT
     (tmp_path / "folder").mkdir()
     (tmp_path / "nul.txt").write_bytes(b"a few words\n" + bytes(3000))
+    (tmp_path / "block.yaml").write_text("data:\n  init_args:\n    block_size: 16\n")
     _assert_one_error_line(run_lmheads("fit", *quick_args(tmp_path), *extra, cwd=tmp_path), message)
     assert not (tmp_path / "quickstart").exists()  # nothing created by a failed start
 

@@ -194,9 +194,12 @@ class LMDataModule(L.LightningDataModule):
 
     def __init__(self, block_size: int = 128, batch_size: int = 32, num_workers: int = 0) -> None:
         super().__init__()
-        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-            if value <= 0:
-                raise ConfigError(f"data.{name} must be positive, got {value}")
+        if block_size <= 0:
+            raise ConfigError(
+                f"data.block_size (the CLI's model.backbone.block_size) must be positive, got {block_size}"
+            )
+        if batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
         self.block_size = block_size
