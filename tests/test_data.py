@@ -49,6 +49,13 @@ def test_word_vocabulary_and_eos():
     capped = WordTokenizer.train(lines, max_size=4)
     assert capped.vocab_size == 4
     assert WordTokenizer.train(lines, min_count=2).itos[2:] == ["the"]
+    # nothing but <unk> to learn: the metrics of such a run measure nothing
+    with pytest.raises(
+        ConfigError, match=r"data.min_count=4 keeps no word: the most frequent one is seen 3 "
+    ):
+        WordTokenizer.train(lines, min_count=4)
+    with pytest.raises(ConfigError, match=r"the training text holds no words \(only whitespace\)"):
+        WordTokenizer.train([" \n", "\n"])
 
 
 def test_bpe_round_trip_and_merges():
@@ -475,6 +482,28 @@ def test_bad_inputs(tmp_path):
     assert not (tmp_path / "never").exists()  # refused before the cache folder is made
     with pytest.raises(ConfigError, match="could not load dataset"):
         TextDataModule(dataset_name=str(tmp_path / "no_such_dataset"), cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "source"),
+    [
+        ("validation_file", "valid.txt", "train_file"),
+        ("test_file", "test.txt", "train_file"),
+        ("dataset_config", "wikitext-2-v1", "dataset_name"),
+        ("text_column", "content", "dataset_name"),
+    ],
+)
+def test_the_other_sources_option_is_refused(text_files, tmp_path, option, value, source):
+    """A local test file beside a hub dataset was ignored, and the run tested on the hub's test split."""
+    train, _ = text_files
+    given = (
+        {"dataset_name": str(tmp_path / "a_dataset")}
+        if source == "train_file"
+        else {"train_file": str(train)}
+    )
+    with pytest.raises(ConfigError, match=rf"data.{option}='{value}' is read with data.{source} only, and"):
+        TextDataModule(cache_dir=str(tmp_path / "never"), **given, **{option: value})
+    assert not (tmp_path / "never").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize(

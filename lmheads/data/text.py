@@ -48,6 +48,14 @@ _TOKENIZER_OPTIONS = {
     "tokenizer_path": "pretrained",
 }
 
+#: The options of one source of text, which the other does not read.
+_SOURCE_OPTIONS = {
+    "validation_file": "train_file",
+    "test_file": "train_file",
+    "dataset_config": "dataset_name",
+    "text_column": "dataset_name",
+}
+
 
 def encode_batch(batch: dict[str, list], tokenizer: Tokenizer, text_column: str) -> dict[str, list]:
     """``Dataset.map`` function (module level, so its fingerprint is stable and the cache is reused)."""
@@ -118,6 +126,15 @@ class TextDataModule(LMDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         defaults = inspect.signature(TextDataModule.__init__).parameters
+        for option, source in _SOURCE_OPTIONS.items():
+            # a test file beside a hub dataset would be recorded with the run, and its test not on it
+            given, other = self.hparams[option], "dataset_name" if source == "train_file" else "train_file"
+            if self.hparams[source] is None and given != defaults[option].default:
+                raise ConfigError(
+                    f"data.{option}={given!r} is read with data.{source} only, and this run reads "
+                    f"data.{other}={self.hparams[other]!r}: remove data.{option}, or give data.{source} "
+                    f"instead of data.{other}"
+                )
         for option, reader in _TOKENIZER_OPTIONS.items():
             # another tokenizer's option would be recorded with the run and change nothing
             neutral = defaults[option].default

@@ -148,7 +148,14 @@ class WordTokenizer(Tokenizer):
             counts.update(text.split())
         counts.pop(UNK, None)
         counts.pop(EOS, None)
+        if not counts:
+            raise ConfigError("the training text holds no words (only whitespace); give text to train on")
         words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        if not words:  # every token <unk>: a loss, perplexity and bits per byte of nothing learned
+            raise ConfigError(
+                f"data.min_count={min_count} keeps no word: the most frequent one is seen "
+                f"{max(counts.values()):,} times in training; give a lower data.min_count"
+            )
         if max_size is not None:
             words = words[: max_size - 2]
         return cls(words)
