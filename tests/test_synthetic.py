@@ -89,8 +89,17 @@ def test_optimum_below_unigram_and_zipf_marginal():
 
 
 def test_bad_options():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^data\.n_states=8 must be from 2 to data\.vocab_size=4$"):
         HiddenMarkovLanguage.generate(vocab_size=4, n_states=8)
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot take data\.noise=2 \(give 0 to 1\), data\.zipf_exponent=-1 \(give 0 or more\)$",
+    ):
+        SyntheticDataModule(noise=2, zipf_exponent=-1)
+    dm = SyntheticDataModule(train_tokens=64 * 3, block_size=64, batch_size=4)
+    dm.setup("fit")
+    with pytest.raises(ConfigError, match=r"fewer than one batch of 4; .* or raise data\.train_tokens$"):
+        dm.train_dataloader()
     with pytest.raises(ConfigError, match="less than one block"):
         SyntheticDataModule(val_tokens=10, block_size=64)
     with pytest.raises(ConfigError, match=r"data\.language_seed must be >= 0, got -5"):  # numpy's seeds

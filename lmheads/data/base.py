@@ -192,6 +192,9 @@ class LMDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
     """
 
+    #: How a user gives a split more blocks, for the line that refuses one with too few.
+    more_data = "add text"
+
     def __init__(self, block_size: int = 128, batch_size: int = 32, num_workers: int = 0) -> None:
         super().__init__()
         if block_size <= 0:
@@ -280,7 +283,7 @@ class LMDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"the {split} split has {blocks} blocks of {self.block_size} tokens{where}, fewer than one "
                 f"batch of {self.batch_size}{each}; lower data.batch_size or model.backbone.block_size, or "
-                "add text"
+                f"{self.more_data}"
             )
         sampler = None
         if train:

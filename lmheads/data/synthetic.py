@@ -50,11 +50,18 @@ class HiddenMarkovLanguage:
         seed: int = 0,
     ) -> HiddenMarkovLanguage:
         if n_states < 2 or vocab_size < n_states:
-            raise ConfigError(
-                f"need 2 <= n_states <= vocab_size, got n_states={n_states}, vocab={vocab_size}"
+            raise ConfigError(f"data.n_states={n_states} must be from 2 to data.vocab_size={vocab_size}")
+        wrong = [
+            f"data.{name}={value} (give {allowed})"
+            for name, value, ok, allowed in (
+                ("noise", noise, 0.0 <= noise <= 1.0, "0 to 1"),
+                ("concentration", concentration, concentration > 0, "more than 0"),
+                ("zipf_exponent", zipf_exponent, zipf_exponent >= 0, "0 or more"),
             )
-        if not 0.0 <= noise <= 1.0 or concentration <= 0 or zipf_exponent < 0:
-            raise ConfigError("need 0 <= noise <= 1, concentration > 0 and zipf_exponent >= 0")
+            if not ok
+        ]
+        if wrong:
+            raise ConfigError(f"the synthetic language cannot take {', '.join(wrong)}")
         rng = np.random.default_rng(seed)
         transition = rng.dirichlet(np.full(n_states, concentration), size=n_states)  # (S, S)
         transition = np.maximum(transition, 1e-12)
@@ -156,6 +163,8 @@ class SyntheticDataModule(LMDataModule):
         batch_size: Sequences per batch on each device.
         num_workers: DataLoader worker processes.
     """
+
+    more_data = "raise data.train_tokens"
 
     def __init__(
         self,
