@@ -136,8 +136,15 @@ def test_the_heads_command_has_help_and_lists_the_heads_of_modules_given(capsys)
         exit.value.code == 0
         and "usage: python -m lmheads heads [-h] [modules ...]" in capsys.readouterr().out
     )
-    main(["heads", "tests.external_heads"])
-    assert "test_cosine_tied" in capsys.readouterr().out
+    main(["heads", "tests.external_heads", "json"])
+    out = capsys.readouterr().out
+    assert "test_cosine_tied" in out
+    # a head without a name is not in the table; it and a module without heads are named after it
+    assert (
+        "\ntests.external_heads.SmallInitUntied  (no short name: give it by class path, "
+        "--model.head=tests.external_heads.SmallInitUntied)\n" in out
+    )
+    assert "\njson: defines no head (a subclass of lmheads.heads.Head)\n" in out
 
 
 def test_external_head_trains_from_yaml(tmp_path):

@@ -9,7 +9,7 @@ from typing import Any
 from jsonargparse import get_loader
 
 from lmheads.errors import ConfigError
-from lmheads.heads.base import broken_heads, registered_heads, resolve_head
+from lmheads.heads.base import Head, broken_heads, registered_heads, resolve_head
 
 HEAD_KEY = "--model.head"
 
@@ -67,19 +67,35 @@ def load_yaml(text: str) -> Any:
 def list_heads(modules: list[str] = ()) -> str:
     """The ``heads`` command: every available head, its parameters and what it computes.
 
-    ``modules`` are imported first, so heads defined in a user's own files are listed too."""
+    ``modules`` are imported first, so heads defined in a user's own files are listed too; those
+    without a short name, and a module that defines no head, are named after the table."""
+    imported = []
     for module in modules:
         try:
-            importlib.import_module(module)
+            imported.append(importlib.import_module(module))
         except ImportError as err:
             raise ConfigError(f"cannot import {module!r} ({err}); is its folder on PYTHONPATH?") from err
     heads = registered_heads()
+    unnamed = []
+    for module in imported:
+        own = [
+            cls
+            for cls in vars(module).values()
+            if isinstance(cls, type) and issubclass(cls, Head) and cls.__module__ == module.__name__
+        ]
+        unnamed += [
+            f"{path}  (no short name: give it by class path, --model.head={path})"
+            for path in (f"{cls.__module__}.{cls.__qualname__}" for cls in own if cls not in heads.values())
+        ]
+        if not own:
+            unnamed.append(f"{module.__name__}: defines no head (a subclass of lmheads.heads.Head)")
     rows = [("name", "own parameters", "class", "description")]
     for name, cls in heads.items():
         rows.append((name, cls.formula or "?", f"{cls.__module__}.{cls.__qualname__}", cls.description))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3] for r in rows]
     lines += [f"{name}  (failed to load: {why})" for name, why in broken_heads().items()]
+    lines += unnamed
     lines.append("\nV: vocabulary, D: model width, E: embedding width, r: rank, K: mixture components.")
     lines.append("Options of every head: logit_scale, softcap, z_loss, zero_init.")
     lines.append("`python -m lmheads fit --model.head.help NAME` explains a head's options.")
