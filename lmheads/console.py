@@ -288,12 +288,15 @@ def user_error(err: BaseException | None) -> str | None:
     """What to tell the user about ``err`` in one line: a ``ConfigError`` behind it (jsonargparse wraps
     errors raised while instantiating) or Lightning's complaint about the trainer's settings (its
     ``MisconfigurationException``, a ``ValueError`` its trainer or loops raise when they check them, or
-    its ``ModuleNotFoundError`` for a setting whose package is missing);
+    its ``ModuleNotFoundError`` for a setting whose package is missing), or a ``RuntimeError`` one of its
+    callbacks raises on its settings (``EarlyStopping`` monitoring a metric no run logs);
     ``None`` for anything else (a bug: its traceback is shown)."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, ConfigError):
             return str(err)
+        if _raised_in(err, RuntimeError, ("callbacks",)):
+            return " ".join(str(err).split()) + " (a callback's setting)"
         if isinstance(err, MisconfigurationException) or _trainer_value_error(err) or _unmet(err):
             if "gpu" in str(err).lower() and not torch.cuda.is_available():
                 return (
@@ -317,13 +320,18 @@ def _unmet(err: BaseException) -> bool:
 def _trainer_value_error(err: BaseException) -> bool:
     """A ``ValueError`` raised in Lightning's trainer or loops: how they refuse settings that do not fit
     together (``val_check_interval`` longer than an epoch, ``ckpt_path`` keywords with nothing to find)."""
-    if not isinstance(err, ValueError) or err.__traceback__ is None:
+    return _raised_in(err, ValueError, ("trainer", "loops"))
+
+
+def _raised_in(err: BaseException, kind: type[BaseException], packages: tuple[str, ...]) -> bool:
+    """Whether ``err`` is a ``kind`` raised by Lightning's own code in one of ``packages`` of
+    ``lightning.pytorch`` (the last frame of its traceback there)."""
+    if not isinstance(err, kind) or err.__traceback__ is None:
         return False
     tb = err.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
     parts = Path(tb.tb_frame.f_code.co_filename).parts
     return any(
-        parts[i : i + 3] in (("lightning", "pytorch", "trainer"), ("lightning", "pytorch", "loops"))
-        for i in range(len(parts) - 2)
+        parts[i : i + 3] in {("lightning", "pytorch", p) for p in packages} for i in range(len(parts) - 2)
     )

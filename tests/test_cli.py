@@ -438,6 +438,15 @@ def _assert_one_error_line(result: subprocess.CompletedProcess, message: str) ->
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr
 
 
+def test_a_callback_refusing_its_setting_is_one_line(tmp_path):
+    """EarlyStopping monitoring a metric no run logs raises at the first validation: Lightning's own
+    message, with the metrics to choose from, in one line instead of a traceback."""
+    stop = ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/los"]
+    result = run_lmheads("fit", *quick_args(tmp_path), *stop, cwd=tmp_path)
+    _assert_one_error_line(result, "error: Early stopping conditioned on metric `val/los` which is not")
+    assert "`val/loss`" in result.stderr and result.stderr.rstrip().endswith("(a callback's setting)")
+
+
 def test_no_command_names_the_commands(tmp_path):
     result = run_lmheads("--config", QUICKSTART, cwd=tmp_path)
     _assert_one_error_line(
