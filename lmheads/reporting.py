@@ -204,5 +204,5 @@ def eval_metrics(
         logs[f"{prefix}/excess_loss"] = result["loss"] - optimum
     if prefix == "val":  # the HParams columns, where defined
         logs.update({"hp/val_loss": result["loss"], "hp/val_ppl": result["ppl"]})
-        logs.update({f"hp/{k}": logs[k] for k in ("val/bpb", "val/excess_loss") if k in logs})
+        logs.update({f"hp/val_{k}": logs[f"val/{k}"] for k in ("bpb", "excess_loss") if f"val/{k}" in logs})
     return {k: torch.as_tensor(v).float() for k, v in logs.items()}

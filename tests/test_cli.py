@@ -108,6 +108,10 @@ def test_fit_each_head(name, tmp_path):
     assert step == 5 and math.isfinite(val_loss)
     assert val_loss > optimum  # no model beats the generating HMM
     assert math.isclose(logged["val/excess_loss"][-1][1], val_loss - optimum, rel_tol=1e-5)
+    # the HParams columns hold the values (they went to hp/val/excess_loss, and the column stayed NaN)
+    for column, tag in (("hp/val_loss", "val/loss"), ("hp/val_excess_loss", "val/excess_loss")):
+        assert logged[column][-1] == logged[tag][-1], column
+    assert not [tag for tag in logged if tag.startswith("hp/") and tag not in HP_METRICS]
     assert math.isclose(logged["val/ppl"][-1][1], math.exp(val_loss), rel_tol=1e-5)
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert type(cli.model.head) is registered_heads()[name]
@@ -155,6 +159,7 @@ def test_bits_per_byte_only_for_a_whole_split(tmp_path):
     assert math.isclose(
         logged["val/bpb"].item(), logged["val/loss"].item() / math.log(2) / per_token, rel_tol=1e-5
     )
+    assert logged["hp/val_bpb"] == logged["val/bpb"]  # the HParams column
     first = main(["validate", "--config", QUICKSTART, *data, "--trainer.limit_val_batches=2"])
     logged = first.trainer.callback_metrics
     assert "val/bpb" not in logged and "hp/val_bpb" not in logged
