@@ -196,6 +196,8 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"{args.out} exists; give a new folder for the results")
     if args.out is not None and (why := file_in_the_way(args.out)):
         raise ConfigError(f"--out {why}; give another --out")
+    if args.text is not None and LOCAL_TASK not in args.tasks:  # it would be recorded as scored
+        raise ConfigError(f"--text is the text of task {LOCAL_TASK}: add it to --tasks, or remove --text")
     if args.text is not None and not args.text.is_file():
         raise ConfigError(f"--text {args.text}: no such file")
     for option, value in (("--batch_size", args.batch_size), ("--limit", args.limit)):
@@ -210,7 +212,7 @@ def main(argv: list[str]) -> None:
     if tokenizer is None:
         raise ConfigError("lm-eval scores text, and this model's data has none (the synthetic language)")
     test_file = (checkpoint.get("datamodule_hyper_parameters") or {}).get("test_file")
-    text = args.text or (Path(test_file) if test_file else None)
+    text = args.text or (Path(test_file) if test_file and LOCAL_TASK in args.tasks else None)
     start = document_start(tokenizer)
     if LOCAL_TASK in args.tasks and text is None:
         raise ConfigError(

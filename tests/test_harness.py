@@ -146,6 +146,10 @@ def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys, m
     assert "GPT2LMHeadModel" not in capsys.readouterr().out  # refused before the export
     with pytest.raises(ConfigError, match="exists; give a new folder"):
         main([str(run), "--out", str(run)])
+    with pytest.raises(
+        ConfigError, match=r"^--text is the text of task lmheads_wikitext2: add it to --tasks"
+    ):
+        main([str(run), "--tasks", "lambada_openai", "--text", str(tmp_path / "t.txt")])
     (tmp_path / "a file").write_text("")
     with pytest.raises(
         ConfigError, match=r"^--out .*a file/out cannot be made: .*a file is a file; give another --out"
