@@ -34,7 +34,7 @@ EVALUATIONS = ("validate", "test", "predict", HARNESS)
 #: hyperparameters), compilation, when it validates, and where and with how many processes its data is
 #: prepared.
 BOOKKEEPING = re.compile(
-    r"(seed_everything|ckpt_path|weights_only|sampling|model\.(lr_decay_steps|compile)"
+    r"(seed_everything|ckpt_path|weights_only|sampling|model\.(lr_decay_steps|compile|compile_loss)"
     r"|data\.init_args\.(num_workers|cache_dir|num_proc)"
     r"|trainer\.(logger|default_root_dir|max_steps|max_epochs|max_time|min_steps|min_epochs"
     r"|enable_progress_bar|enable_model_summary|enable_checkpointing|log_every_n_steps"

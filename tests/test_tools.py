@@ -748,6 +748,21 @@ def test_a_figure_of_some_of_a_rows_runs_says_of_how_many():
     assert stats.mean_std([None, None], 1) == "–"
 
 
+def test_compilation_does_not_tell_seeds_apart(tmp_path):
+    """Runs compiled with the loss in the graph and without it (model.compile_loss) are seeds of one
+    configuration, as compiled and eager runs are; another learning rate is not."""
+
+    def run(seed: int, **config) -> runlog.RunLog:
+        config = {"model.lr": 0.003, "model.compile": True, "model.compile_loss": True, **config}
+        hparams = {"head": "tied", "seed": seed}
+        return runlog.RunLog(tmp_path / str(seed), hparams, {"val/loss": {9: (5.0, 1.0)}}, config=config)
+
+    seeds = [run(0), run(1, **{"model.compile_loss": False}), run(2, **{"model.compile": False})]
+    assert comparable.mixed({"tied": seeds}) is None
+    reason, key = comparable.mixed({"tied": [*seeds, run(3, **{"model.lr": 0.001})]})
+    assert key == "model.lr" and "not seeds of one configuration: model.lr (0.001, 0.003)" in reason
+
+
 def test_final_values_of_different_budgets_are_neither_averaged_nor_paired(tmp_path):
     """Runs last validated after other numbers of steps (one stopped early, or continued): their final
     values are not of one budget, so neither a mean over seeds nor a difference of heads is made of them."""
