@@ -145,6 +145,9 @@ class LMHeadsCLI(LightningCLI):
         try:
             if isinstance(args, list):
                 check_config_files(args)
+                named = next((arg for arg in args if arg in LightningCLI.subcommands()), None)
+                if named:  # before the parser, which would print such a config (--print_config)
+                    check_linked(args, named)
                 args = self._naming_to_its_logger(parser, expand_head_names(args))
                 self.config = parser.parse_args(args)
             else:
@@ -162,8 +165,6 @@ class LMHeadsCLI(LightningCLI):
         self._batch_counts = batch_counts(args, subcommand) if isinstance(args, list) else {}
         if subcommand:
             config = self.config[subcommand]
-            if isinstance(args, list):
-                check_linked(args, subcommand)
             check_settings(subcommand, config)
             if is_checkpoint_keyword(config.get("ckpt_path")):
                 self._resolve_keyword(subcommand, config)
