@@ -123,6 +123,8 @@ def given_options(args: list[str], section: str, subcommand: str) -> list[str]:
                 add(_loaded(section_value) if isinstance(section_value, str) else section_value, "")
         elif option == f"--{section}":
             keys.append("")
+            if isinstance(given := _loaded(value), dict):  # its keys too: YAML, or a file of it
+                add(given, "")
         elif option.startswith(f"--{section}."):
             keys.append(".".join(k for k in option.split(".")[1:] if k != "init_args"))
     return keys

@@ -321,6 +321,10 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             "error: data.block_size is set from model.backbone.block_size (the model's context length): give",
         ),
         (
+            ['--data={"class_path": "SyntheticDataModule", "init_args": {"block_size": 16}}'],
+            "error: data.block_size is set from model.backbone.block_size",
+        ),
+        (
             ["--config", "block.yaml"],  # as the parser reads it: into init_args
             "error: data.block_size is set from model.backbone.block_size",
         ),

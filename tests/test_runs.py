@@ -193,7 +193,10 @@ def test_given_options_names_what_the_command_line_and_its_config_files_set(tmp_
     assert given_options(args, "model", "fit") == [
         "backbone.n_layer", "lr", "head.class_path", "head.bias", "head.logit_scale", "warmup_steps"
     ]  # fmt: skip
-    assert given_options(["fit", "--model", str(config)], "model", "fit") == [""]
+    assert given_options(["fit", "--model", "some.Module"], "model", "fit") == [""]  # the whole section
+    # and its keys where the value is YAML, or a file of it
+    inline = "{lr: 0.1, head: {init_args: {bias: true}}}"
+    assert given_options(["fit", "--model", inline], "model", "fit") == ["", "lr", "head.bias"]
     assert given_options(["fit", "--config", "{model: {head: untied}}"], "model", "fit") == ["head"]
 
 
