@@ -317,7 +317,7 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             "error: data.block_size (the CLI's model.backbone.block_size) must be positive, got 0",
         ),
         (
-            ["--data.block_size=16", "--print_config"],  # not printed without it
+            ["--data.block_size=16", "--print_config"],  # refused before a config without it is printed
             "error: data.block_size is set from model.backbone.block_size (the model's context length): give",
         ),
         (
