@@ -69,6 +69,7 @@ from lmheads.run.resume import (
     check_training,
     check_trains_something,
     checkpoint_by_keyword,
+    evaluation_conflicts,
     is_checkpoint_keyword,
 )
 from lmheads.settings import check_settings, check_validation_interval
@@ -366,6 +367,8 @@ class LMHeadsCLI(LightningCLI):
         if self.run_folder is None:
             return
         found = getattr(self.datamodule, "other_text", [])  # known once the data is loaded
+        if self._filed is not None and (run := run_of_checkpoint(self._filed[0])) is not None:
+            found = [*found, *evaluation_conflicts(run, str(self.trainer.precision))]
         if found and self._filed is not None:
             self._other_data = [*self._other_data, *found]
             record_evaluation(self.run_folder.path, *self._filed, self._other_data)

@@ -74,8 +74,9 @@ def test_a_run_is_scored_by_lm_eval_and_its_bits_per_byte_agree_with_lmheads(wor
     assert sorted(p.name for p in (run / "harness").iterdir()) == ["last", "last-2"]
     other = json.loads((run / "harness" / "last-2" / "checkpoint.json").read_text())["other_data"]
     assert other == ["--limit 1: the first documents of each task"]
-    assert f"filed in {run / 'harness' / 'last-2'}, on data other than the run's ({other[0]})" in (
-        capsys.readouterr().out
+    assert (
+        f"filed in {run / 'harness' / 'last-2'}, on data or settings other than the run's ({other[0]})"
+        in (capsys.readouterr().out)
     )
     assert load_run(run).harness == {f"lm-eval {k}": v for k, v in record["metrics"].items()}
 

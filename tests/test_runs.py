@@ -602,8 +602,8 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
     with caplog.at_level("INFO"):
         main(["test", *quick_args(tmp_path), last, "--data.init_args.val_tokens=8192"])
     assert (
-        f"test: filed in {run.resolve() / 'test' / 'last-4'}, on data other than the run's (data.val_tokens: "
-        "8192 here, 4096 in the checkpoint): compare.py does not take it for the run's own"
+        f"test: filed in {run.resolve() / 'test' / 'last-4'}, on data or settings other than the run's "
+        "(data.val_tokens: 8192 here, 4096 in the checkpoint): compare.py does not take it for the run's own"
     ) in caplog.text
     other = json.loads((run / "test" / "last-4" / "checkpoint.json").read_text())["other_data"]
     assert other == ["data.val_tokens: 8192 here, 4096 in the checkpoint"]
@@ -614,6 +614,10 @@ def test_evaluations_are_filed_with_their_run_and_compare_reads_the_test_split(f
                                  ("1.0", "last-6", [])):  # fmt: skip
         main(["test", *quick_args(tmp_path), last, f"--trainer.limit_test_batches={limit}"])
         assert json.loads((run / "test" / folder / "checkpoint.json").read_text())["other_data"] == other
+    # Nor is a test at another precision than the run trained in (its loss moves).
+    main(["test", *quick_args(tmp_path), last, "--trainer.precision=bf16-mixed"])
+    other = json.loads((run / "test" / "last-7" / "checkpoint.json").read_text())["other_data"]
+    assert other == ["trainer.precision=bf16-mixed: the run trained in 32-true"]
     (found,) = runlog.find_runs([tmp_path])
     assert found.scalars["test/loss"] == runlog.load_run(run / "test" / "last-6").scalars["test/loss"]
     # An evaluation of no batches is refused: it would file an evaluation of nothing in the run.

@@ -148,11 +148,12 @@ def stopped_early(trainer: L.Trainer) -> str | None:
 
 
 def filed_line(command: str, folder: Path, other_data: list[str]) -> str:
-    """What an evaluation prints at its end: where it is filed, and whether it is of the run's data."""
+    """What an evaluation prints at its end: where it is filed, and whether it is of the run's data and
+    settings."""
     line = f"{command}: filed in {folder}"
     if other_data:
-        line += f", on data other than the run's ({'; '.join(other_data)}): compare.py does not take it "
-        line += "for the run's own"
+        line += f", on data or settings other than the run's ({'; '.join(other_data)}): "
+        line += "compare.py does not take it for the run's own"
     return line
 
 

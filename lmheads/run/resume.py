@@ -112,9 +112,8 @@ def training_conflicts(run: Path, now: dict[str, int | float | str]) -> list[str
     (which a resume does not use: it restores the run's random state, so only the record would change).
     Trading devices for accumulation keeps the budget. Settings the run did not record are not
     compared."""
-    try:
-        then = yaml.safe_load((run / "hparams.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    then = _recorded(run)
+    if not then:
         return []
 
     def shape(hp: dict) -> str:
@@ -133,6 +132,22 @@ def training_conflicts(run: Path, now: dict[str, int | float | str]) -> list[str
         if then.get(key) not in (None, now[key]):
             out.append(f"{key}: {then[key]} in the run, {now[key]} here")
     return out
+
+
+def evaluation_conflicts(run: Path, precision: str) -> list[str]:
+    """How an evaluation of ``run``'s checkpoint computes otherwise than the run trained, by its
+    ``hparams.yaml``: at another precision (bf16 logits, or weights cast to bf16, move the loss), which
+    its record names so that ``compare.py`` does not take it for the run's own."""
+    then = _recorded(run).get("precision")
+    return [] if then in (None, precision) else [f"trainer.precision={precision}: the run trained in {then}"]
+
+
+def _recorded(run: Path) -> dict:
+    """The run's ``hparams.yaml`` (empty where it has none that parses)."""
+    try:
+        return yaml.safe_load((run / "hparams.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
 
 
 def check_training(run: Path, model, trainer, datamodule) -> None:
