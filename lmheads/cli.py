@@ -366,12 +366,14 @@ class LMHeadsCLI(LightningCLI):
         """Where an evaluation's metrics (or a predict's samples) went, once it has run."""
         if self.run_folder is None:
             return
-        found = getattr(self.datamodule, "other_text", [])  # known once the data is loaded
-        if self._filed is not None and (run := run_of_checkpoint(self._filed[0])) is not None:
-            found = [*found, *evaluation_conflicts(run, str(self.trainer.precision))]
-        if found and self._filed is not None:
-            self._other_data = [*self._other_data, *found]
-            record_evaluation(self.run_folder.path, *self._filed, self._other_data)
+        if self._filed is not None:  # the data's text is known once loaded, the precision once set up
+            found = [
+                *getattr(self.datamodule, "other_text", []),
+                *evaluation_conflicts(self.plan.filed_in, str(self.trainer.precision)),
+            ]
+            if found:
+                self._other_data = [*self._other_data, *found]
+                record_evaluation(self.run_folder.path, *self._filed, self._other_data)
         rank_zero_info(filed_line(self.subcommand, self.run_folder.path, self._other_data))
 
 
