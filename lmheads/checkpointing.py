@@ -265,6 +265,21 @@ class InterruptCheckpoint(L.Callback):
         ) from exception
 
 
+def check_filename(callback: ModelCheckpoint) -> None:
+    """Refuse a checkpoint ``filename`` that would put files in subfolders of the run's ``checkpoints/``,
+    where no lookup of a run's checkpoints (``--ckpt_path=last``, a sweep's resume) finds them: a ``/`` in
+    it, or a metric of lmheads' (``val/loss``) whose name Lightning writes into the file's name."""
+    example = Path(callback.format_checkpoint_name({}))  # each value as 0
+    if example.parent == Path(callback.dirpath):
+        return
+    raise ConfigError(
+        f"the ModelCheckpoint filename {callback.filename!r} would write checkpoints into subfolders of the "
+        f"run's checkpoints/ ({example.relative_to(callback.dirpath)}), where they are not looked for: "
+        "give a filename without '/' and, where it names a metric (lmheads' hold a '/'), "
+        "auto_insert_metric_name=false, e.g. 'step{step}-loss{val/loss:.3f}'"
+    )
+
+
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` is the state of the run's last validation, and where ``fit``
     ended. Lightning's rewrites it only at a validation that saves a best checkpoint (and at the end only

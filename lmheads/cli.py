@@ -25,6 +25,7 @@ from lmheads.checkpointing import (
     RunCheckpoint,
     atomic_checkpoints,
     check_compatible,
+    check_filename,
     read_checkpoint,
 )
 from lmheads.cmdline import (
@@ -220,10 +221,10 @@ class LMHeadsCLI(LightningCLI):
         keyword = config.ckpt_path
         found = checkpoint_by_keyword(keyword, subcommand, run)
         config.ckpt_path = None if found is None else str(found)
-        if found is None:
-            rank_zero_info(f"--ckpt_path=last: {run} holds no checkpoint; this fit starts that run")
-        else:
+        if found is not None:
             rank_zero_info(f"--ckpt_path={keyword}: {found}")
+        elif not (run.is_dir() and any(run.iterdir())):  # a folder that holds a run: its claim says more
+            rank_zero_info(f"--ckpt_path=last: {run} holds no checkpoint; this fit starts that run")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """The trainer, with lmheads' checkpointing, learning-rate monitor and progress bar unless the
@@ -259,6 +260,8 @@ class LMHeadsCLI(LightningCLI):
         if self.plan is not None:  # a checkpoint callback of the user's own, too, unless it names a folder
             for callback in trainer.checkpoint_callbacks:
                 callback.dirpath = callback.dirpath or str(self.plan.folder / "checkpoints")
+                if self.subcommand == "fit" and Path(callback.dirpath) == self.plan.folder / "checkpoints":
+                    check_filename(callback)
         atomic_checkpoints(trainer)
         for logger in trainer.loggers:
             quiet_wandb(logger)

@@ -901,12 +901,44 @@ def test_a_run_stopped_early_says_why(tmp_path, capsys):
     assert "stopped early" not in capsys.readouterr().out
 
 
-def test_a_users_own_checkpoint_callback_is_honoured(tmp_path):
-    cli = fit(tmp_path, "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.filename=mine-{step}",
-              "--trainer.callbacks.save_last=false", steps=2, every=2)  # fmt: skip
+def test_a_users_own_checkpoint_callback_is_honoured(tmp_path, capsys):
+    """A checkpoint callback of the user's replaces lmheads' one: a second fit into its run names the
+    checkpoint it wrote, not a ``last.ckpt`` it never wrote. A filename that would file checkpoints in
+    subfolders (a metric's name holds a ``/``), where no lookup of the run's checkpoints looks, is refused."""
+    own = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=false"]
+    cli = fit(tmp_path, *own, "--trainer.callbacks.filename=mine-{step}", steps=2, every=2)
     checkpoints = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
     assert len(checkpoints) == 1 and checkpoints[0].filename == "mine-{step}"
-    assert [p.name for p in (only_run(tmp_path) / "checkpoints").iterdir()] == ["mine-step=2.ckpt"]
+    run = only_run(tmp_path)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["mine-step=2.ckpt"]
+    before = snapshot(tmp_path)
+    err = refused(capsys, "fit", *quick_args(tmp_path), f"--trainer.logger.init_args.version={run.name}")
+    assert err.endswith(
+        f"or continue that run with --ckpt_path={run.resolve() / 'checkpoints' / 'mine-step=2.ckpt'}\n"
+    )
+    for name, example in [
+        ("{step}-{val/loss:.3f}", "step=0-val/loss=0.000.ckpt"),
+        ("s/{step}", "s/step=0.ckpt"),
+    ]:
+        err = refused(capsys, "fit", *quick_args(tmp_path), *own, f"--trainer.callbacks.filename={name}")
+        assert f"error: the ModelCheckpoint filename '{name}' would write checkpoints into subfolders" in err
+        assert f"of the run's checkpoints/ ({example})" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_without_checkpoints_is_not_offered_one_to_continue_from(tmp_path, capsys, caplog):
+    fit(tmp_path, "--trainer.enable_checkpointing=false", steps=2, every=2)
+    run, before = only_run(tmp_path), snapshot(tmp_path)
+    version = f"--trainer.logger.init_args.version={run.name}"
+    for resume in ([], ["--ckpt_path=last"]):
+        with caplog.at_level("INFO"):
+            err = refused(capsys, "fit", *quick_args(tmp_path), version, *resume)
+        assert err.endswith(
+            f"error: run folder {run.resolve()} already holds a run; give this one another "
+            "--trainer.logger.init_args.version (that run has no checkpoint to continue from)\n"
+        )
+    assert "this fit starts that run" not in caplog.text  # it does not: the run is there
+    assert snapshot(tmp_path) == before
 
 
 def test_compare_refuses_to_average_runs_of_other_configurations_as_seeds(tmp_path, capsys):

@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.errors import ConfigError, make_folder
-from lmheads.run.layout import DIVERGED_FILE, RESULTS_FILE
+from lmheads.run.layout import DIVERGED_FILE, RESULTS_FILE, furthest_checkpoint
 
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
 #: when both start at the same moment.
@@ -198,9 +198,11 @@ class RunFolder:
         continued; one without either is running, or stopped before its first checkpoint (SIGKILL, a lost
         machine, a crash of a process that trained several runs), which its claim tells apart."""
         other = f"give this one another {NAMING_OPTION}"
-        holds_a_run = (
-            f"run folder {self.path} already holds a run; {other}, or continue that run with "
-            f"--ckpt_path={self.path / 'checkpoints' / 'last.ckpt'}"
+        furthest = furthest_checkpoint(self.path)
+        holds_a_run = f"run folder {self.path} already holds a run; {other}" + (
+            f", or continue that run with --ckpt_path={furthest[1]}"
+            if furthest is not None
+            else " (that run has no checkpoint to continue from)"
         )
         if self.holder() is not None:
             return f"run folder {self.path} is in use by {self._holder_named()}: {other}"
