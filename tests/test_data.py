@@ -434,6 +434,13 @@ def test_hub_loading_path_with_a_local_dataset_dir(tmp_path, text_files):
         ConfigError, match=r"column 'n' does not hold text \(columns: content \(string\), n \(int64\)\)"
     ):
         TextDataModule(dataset_name=str(ds_dir), text_column="n", cache_dir=str(tmp_path))
+    held_out = r"^data.val_fraction=0.1 holds out training text only where there is no validation split, "
+    with pytest.raises(
+        ConfigError, match=held_out + "and this run validates on the dataset's 'validation': "
+    ):
+        TextDataModule(
+            dataset_name=str(ds_dir), text_column="content", val_fraction=0.1, cache_dir=str(tmp_path)
+        )
     with (ds_dir / "validation.jsonl").open("a") as f:  # a record without text: tokenizers cannot take it
         f.write('\n{"content": null, "n": 0}')
     with pytest.raises(ConfigError, match=r"column 'content' is null in 1 of the .* validation records"):
@@ -482,6 +489,17 @@ def test_bad_inputs(tmp_path):
     assert not (tmp_path / "never").exists()  # refused before the cache folder is made
     with pytest.raises(ConfigError, match="could not load dataset"):
         TextDataModule(dataset_name=str(tmp_path / "no_such_dataset"), cache_dir=str(tmp_path))
+
+
+def test_a_held_out_share_beside_a_validation_file_is_refused(text_files, tmp_path):
+    """It would be recorded with the run, and set runs that validate alike apart in the reports."""
+    train, valid = text_files
+    files = {"train_file": str(train), "validation_file": str(valid), "cache_dir": str(tmp_path)}
+    with pytest.raises(
+        ConfigError, match=r"validates on data.validation_file: remove data.val_fraction \(or set"
+    ):
+        TextDataModule(**files, val_fraction=0.1)
+    assert TextDataModule(**files, val_fraction=0.05).hparams.val_fraction == 0.05
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 
+#: The share of the training records held out for validation where the data has no validation split.
+VAL_FRACTION = 0.05
+
 
 def load_splits(hp, cache_dir: Path, sources: dict[str, str]) -> tuple[datasets.DatasetDict, str]:
     """The train, validation and test splits of ``TextDataModule``'s options ``hp``, and the column
@@ -60,11 +63,11 @@ def load_splits(hp, cache_dir: Path, sources: dict[str, str]) -> tuple[datasets.
                 "Check the name and config, or set data.train_file to a local text file"
             ) from err
         text_column = hp.text_column
-    splits = {}
+    splits, names = {}, {}
     for split, aliases in _SPLIT_ALIASES.items():
         name = next((a for a in aliases if a in raw), None)
         if name is not None:
-            splits[split] = raw[name]
+            splits[split], names[split] = raw[name], name
     if "train" not in splits:
         raise ConfigError(f"dataset has no train split (it has: {', '.join(raw)})")
     columns = splits["train"].column_names
@@ -97,6 +100,15 @@ def load_splits(hp, cache_dir: Path, sources: dict[str, str]) -> tuple[datasets.
             )
         splits["validation"] = splits["train"].select(range(n_train - n_val, n_train))
         splits["train"] = splits["train"].select(range(n_train - n_val))
+    elif hp.val_fraction != VAL_FRACTION:  # it would be recorded with the run and hold nothing out
+        given = (
+            "data.validation_file" if hp.train_file is not None else f"the dataset's {names['validation']!r}"
+        )
+        raise ConfigError(
+            f"data.val_fraction={hp.val_fraction:g} holds out training text only where there is no "
+            f"validation split, and this run validates on {given}: remove data.val_fraction (or set it to "
+            f"{VAL_FRACTION:g})"
+        )
     return datasets.DatasetDict(splits), text_column
 
 

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lmheads.data.base import LMDataModule, StreamBlocks
 from lmheads.data.cache import atomic_write, default_cache_dir, digest, writable
-from lmheads.data.sources import load_splits
+from lmheads.data.sources import VAL_FRACTION, load_splits
 from lmheads.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
@@ -110,7 +110,7 @@ class TextDataModule(LMDataModule):
         max_vocab: int | None = None,
         bpe_vocab_size: int = 8192,
         tokenizer_path: str | None = None,
-        val_fraction: float = 0.05,
+        val_fraction: float = VAL_FRACTION,
         cache_dir: str | None = None,
         num_proc: int | None = None,
         block_size: int = 128,
