@@ -284,10 +284,29 @@ class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` is the state of the run's last validation, and where ``fit``
     ended. Lightning's rewrites it only at a validation that saves a best checkpoint (and at the end only
     if it never wrote one): a run that overfits, diverges or is killed would leave a ``last.ckpt`` from
-    its best validation, and continuing from it would lose, or train twice, every step since."""
+    its best validation, and continuing from it would lose, or train twice, every step since. Its defaults
+    are the run's checkpoints: ``last.ckpt`` and ``step<N>.ckpt``, the best by validation loss; given in
+    ``trainer.callbacks`` with ``save_top_k=3``, it keeps the three best beside ``last.ckpt``."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        dirpath: str | Path | None = None,
+        filename: str | None = "step{step}",
+        monitor: str | None = "val/loss",
+        save_last: bool | None = True,
+        auto_insert_metric_name: bool = False,
+        enable_version_counter: bool = False,  # a resumed run updates its last.ckpt
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            save_last=save_last,
+            auto_insert_metric_name=auto_insert_metric_name,
+            enable_version_counter=enable_version_counter,
+            **kwargs,
+        )
         self._written_at: int | None = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

@@ -239,15 +239,7 @@ class LMHeadsCLI(LightningCLI):
         defaults = []
         if config.get("enable_checkpointing", True) is not False and not has(ModelCheckpoint):
             defaults.append(
-                RunCheckpoint(
-                    dirpath=None if self.plan is None else self.plan.folder / "checkpoints",
-                    monitor="val/loss",
-                    mode="min",
-                    save_last=True,
-                    filename="step{step}",
-                    auto_insert_metric_name=False,
-                    enable_version_counter=False,  # a resumed run updates its last.ckpt
-                )
+                RunCheckpoint(dirpath=None if self.plan is None else self.plan.folder / "checkpoints")
             )
         if config.get("logger") not in (False, None) and not has(LearningRateMonitor):
             defaults.append(LearningRateMonitor(logging_interval="step"))

@@ -10,6 +10,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -924,6 +925,15 @@ def test_a_users_own_checkpoint_callback_is_honoured(tmp_path, capsys):
         assert f"error: the ModelCheckpoint filename '{name}' would write checkpoints into subfolders" in err
         assert f"of the run's checkpoints/ ({example})" in err
     assert snapshot(tmp_path) == before
+
+
+def test_lmheads_checkpoint_callback_given_to_keep_more_keeps_the_runs_checkpoints(tmp_path):
+    """The one to give for more best checkpoints: it has the run's defaults, ``last.ckpt`` among them."""
+    own = ["--trainer.callbacks+=lmheads.checkpointing.RunCheckpoint", "--trainer.callbacks.save_top_k=2"]
+    fit(tmp_path, *own, steps=6, every=2)
+    names = sorted(p.name for p in (only_run(tmp_path) / "checkpoints").iterdir())
+    assert names[0] == "last.ckpt" and len(names) == 3
+    assert all(re.fullmatch(r"step[246]\.ckpt", name) for name in names[1:])
 
 
 def test_a_run_without_checkpoints_is_not_offered_one_to_continue_from(tmp_path, capsys, caplog):
