@@ -206,9 +206,14 @@ def progress_display() -> ProgressBarBase:
 
 def explain_parse_error(message: str, parser: LightningArgumentParser, args: list[str] | None = None) -> str:
     """The parser's complaint in one line; an unknown option with the closest valid ones."""
+    names = ("fit", "validate", "test", "predict", "heads", "export", "harness")
+    commands = f"{', '.join(names[:-1])} or {names[-1]}"
     if 'expected "subcommand"' in message:
-        commands = "fit, validate, test, predict, heads, export or harness"
         return f"no command given: python -m lmheads {commands} (see --help)"
+    if command := re.search(r"argument subcommand: invalid choice: '(.*?)'", message):
+        close = difflib.get_close_matches(command.group(1), names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return f"unknown command {command.group(1)!r}; {hint}python -m lmheads {commands} (see --help)"
     unknown = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", message)
     if unknown is None:
         return _explain_bad_value(message, args or [])

@@ -457,11 +457,13 @@ def test_a_callback_refusing_its_setting_is_one_line(tmp_path):
 
 
 def test_no_command_names_the_commands(tmp_path):
+    commands = "python -m lmheads fit, validate, test, predict, heads, export or harness (see --help)"
     result = run_lmheads("--config", QUICKSTART, cwd=tmp_path)
-    _assert_one_error_line(
-        result,
-        "error: no command given: python -m lmheads fit, validate, test, predict, heads, export or harness",
-    )
+    _assert_one_error_line(result, f"error: no command given: {commands}")
+    for given, hint in [("hrness", "did you mean harness? "), ("xyz", "")]:  # lmheads' own commands too
+        _assert_one_error_line(
+            run_lmheads(given, cwd=tmp_path), f"error: unknown command '{given}'; {hint}{commands}"
+        )
 
 
 def test_yaml_syntax_error_names_the_file(tmp_path):
