@@ -30,6 +30,7 @@ from lmheads.checkpointing import (
 )
 from lmheads.cmdline import (
     batch_counts,
+    check_ckpt_path_kept,
     check_config_files,
     check_linked,
     given_options,
@@ -167,6 +168,8 @@ class LMHeadsCLI(LightningCLI):
         self._batch_counts = batch_counts(args, subcommand) if isinstance(args, list) else {}
         if subcommand:
             config = self.config[subcommand]
+            if isinstance(args, list):
+                check_ckpt_path_kept(args, config.get("ckpt_path"))
             check_settings(subcommand, config)
             if is_checkpoint_keyword(config.get("ckpt_path")):
                 self._resolve_keyword(subcommand, config)
@@ -328,7 +331,7 @@ class LMHeadsCLI(LightningCLI):
             )
         if self.subcommand == "fit" or ckpt:
             return str(err)
-        # the run's config.yaml without a checkpoint (or one it reset to null)
+        # the run's config.yaml without a checkpoint
         return f"{err}. To {self.subcommand} a checkpoint of that run, give --ckpt_path after --config"
 
     def before_validate(self) -> None:

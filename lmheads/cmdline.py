@@ -143,6 +143,20 @@ def check_linked(args: list[str], subcommand: str) -> None:
             raise ConfigError(f"{target} is set from {source} ({what}): give --{source} instead")
 
 
+def check_ckpt_path_kept(args: list[str], parsed: str | None) -> None:
+    """A ``--config`` given after ``--ckpt_path`` sets it to its own ``ckpt_path`` (a saved config's
+    ``null``): the command would evaluate an untrained model, or train anew, instead of the checkpoint."""
+    given = option_values(args, "--ckpt_path")
+    if not given:
+        return
+    wanted = None if given[-1] in ("", "null", "None") else given[-1]
+    if wanted != (None if parsed is None else str(parsed)):
+        raise ConfigError(
+            f"--ckpt_path={given[-1]} is replaced by a --config given after it (its ckpt_path: "
+            f"{'null' if parsed is None else parsed}): give --ckpt_path after the last --config"
+        )
+
+
 def check_config_files(args: list[str]) -> None:
     """A YAML syntax error in a ``--config`` file, named with the file, line and column."""
     for path in option_values(args, "--config"):

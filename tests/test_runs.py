@@ -643,9 +643,14 @@ def test_a_checkpoint_evaluates_with_its_runs_own_config(finished_run, capsys):
     err = refused(capsys, "validate", last)
     assert f"the following arguments are required: validate.data (see --help); for the run's own " \
         f"configuration, put --config {config} before --ckpt_path" in err  # fmt: skip
-    err = refused(capsys, "validate", last, "--config", config)  # the config resets ckpt_path to null
-    assert "To validate a checkpoint of that run, give --ckpt_path after --config" in err
-    assert not (run / "validate").exists()
+    replaced = f"error: {last} is replaced by a --config given after it (its ckpt_path: null): give " \
+        "--ckpt_path after the last --config"  # fmt: skip
+    assert replaced in refused(capsys, "validate", last, "--config", config)  # a saved config's null
+    later = run.parent.parent / "later.yaml"  # any config's: the test would be of an untrained model
+    later.write_text("ckpt_path: null\n")
+    assert replaced in refused(capsys, "test", *quick_args(run.parent.parent), last, "--config", str(later))
+    assert not (run / "validate").exists() and [p.name for p in (run / "test").iterdir()] == ["last"]
+    assert [p.name for p in run.parent.iterdir()] == [run.name]  # nor as an evaluation of no run's
     # another run's config names that run: the evaluation is neither filed there nor told to continue it
     fit(run.parent.parent, "--trainer.logger.init_args.version=other", steps=2, every=2)
     other = run.parent / "other"
