@@ -72,8 +72,10 @@ for name, part in (("train.txt", text[:n]), ("val.txt", text[n:])):
 print(f"nanoGPT split: {n:,} training and {len(text) - n:,} validation characters")' \
     "$data/tinyshakespeare/input.txt" "$split" || exit 1
 fi
+# The config holds out 10% of input.txt's lines; with a validation file nothing is held out, and the
+# share is refused unless at its default.
 shakespeare_data=(--data.init_args.train_file="$split/train.txt"
-  --data.init_args.validation_file="$split/val.txt")
+  --data.init_args.validation_file="$split/val.txt" --data.init_args.val_fraction=0.05)
 shakespeare=("${shakespeare_config[@]}" "${shakespeare_data[@]}")
 # Without a text sample at each of its 20 validations (200 tokens one at a time: about 2 s each on a
 # shared GPU), as nanoGPT trains. Samples draw from their own generator: training is the same either way.
