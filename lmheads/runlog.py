@@ -43,6 +43,29 @@ BOOKKEEPING = re.compile(
     r"|num_nodes|sync_batchnorm))(\.|$)"
 )
 
+#: Callbacks, by class name, that keep or report a run without changing what it trains: which checkpoints
+#: it keeps, what it monitors and prints, and when it stops (its length, which the budget line reports).
+BOOKKEEPING_CALLBACKS = frozenset(
+    {
+        "ModelCheckpoint", "RunCheckpoint", "EarlyStopping", "Timer", "LearningRateMonitor",
+        "DeviceStatsMonitor", "TQDMProgressBar", "RichProgressBar", "ModelSummary", "RichModelSummary",
+    }
+)  # fmt: skip
+
+
+def _training_callbacks(callbacks: str | None) -> str | None:
+    """A run's ``trainer.callbacks`` (JSON text, as its config is read) less those that only keep or
+    report it; ``None`` if that is all."""
+    given = json.loads(callbacks) if isinstance(callbacks, str) else callbacks
+    given = given if isinstance(given, list) else [given] if given else []
+
+    def bookkeeping(callback) -> bool:
+        name = str(callback.get("class_path", "")) if isinstance(callback, dict) else ""
+        return name.rpartition(".")[2] in BOOKKEEPING_CALLBACKS
+
+    kept = [c for c in given if not bookkeeping(c)]
+    return json.dumps(kept) if kept else None
+
 
 TEST_TAGS = ("test/", "test_freq/")  # an evaluation's scalars, logged at its step 0
 
@@ -74,6 +97,8 @@ class RunLog:
             for k, v in self.config.items()
             if not BOOKKEEPING.match(k)
         }
+        if "trainer.callbacks" in options:
+            options["trainer.callbacks"] = _training_callbacks(options["trainer.callbacks"])
         budget = {"seed", "max_steps", "lr_decay_steps"}
         return {**{k: v for k, v in self.hparams.items() if k not in budget}, **options}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmheads import comparable, runlog, stats
+from lmheads import comparable, dotted, runlog, stats
 from lmheads.run.claim import CLAIM_FILE, LOCK_FILE
 
 from .helpers import QUICKSTART, ROOT, fit, held_elsewhere, only_run, scalars, tool, two_loggers
@@ -761,6 +761,23 @@ def test_compilation_does_not_tell_seeds_apart(tmp_path):
     assert comparable.mixed({"tied": seeds}) is None
     reason, key = comparable.mixed({"tied": [*seeds, run(3, **{"model.lr": 0.001})]})
     assert key == "model.lr" and "not seeds of one configuration: model.lr (0.001, 0.003)" in reason
+
+
+def test_callbacks_that_keep_or_report_a_run_do_not_tell_seeds_apart(tmp_path):
+    """Which checkpoints a run keeps, what it monitors and when it stops early (its length) leave it a seed
+    of its configuration; a callback that may change training (one of the user's own) does not."""
+
+    def run(seed: int, *callbacks: str) -> runlog.RunLog:
+        given = [{"class_path": c, "init_args": {"save_top_k": seed}} for c in callbacks] or None
+        config = dotted.flatten({"trainer": {"callbacks": given}}, as_text=True)
+        hparams = {"head": "tied", "seed": seed}
+        return runlog.RunLog(tmp_path / str(seed), hparams, {"val/loss": {9: (5.0, 1.0)}}, config=config)
+
+    kept = ["lmheads.checkpointing.RunCheckpoint", "lightning.pytorch.callbacks.EarlyStopping"]
+    seeds = [run(0), run(1, *kept), run(2, "lightning.pytorch.callbacks.LearningRateMonitor")]
+    assert comparable.mixed({"tied": seeds}) is None
+    reason, key = comparable.mixed({"tied": [*seeds, run(3, *kept, "my_callbacks.Sharpen")]})
+    assert key == "trainer.callbacks" and "my_callbacks.Sharpen" in reason
 
 
 def test_final_values_of_different_budgets_are_neither_averaged_nor_paired(tmp_path):
