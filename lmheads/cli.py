@@ -46,6 +46,7 @@ from lmheads.console import (
 )
 from lmheads.data import LMDataModule
 from lmheads.errors import ConfigError, Interrupted, TrainingStopped, interrupted_outside_training
+from lmheads.files import read_record
 from lmheads.generation import SamplingConfig
 from lmheads.heads import head_name
 from lmheads.heads.base import resolve_head
@@ -53,7 +54,7 @@ from lmheads.heads.names import PARSER_MODE, expand_head_names, load_yaml
 from lmheads.lightning_internals import AlignLoggingStep, quiet_wandb
 from lmheads.module import LMHeadModule
 from lmheads.run.claim import NAMING_OPTION, RunFolder
-from lmheads.run.layout import furthest_checkpoint, run_of_checkpoint
+from lmheads.run.layout import RESULTS_FILE, furthest_checkpoint, run_of_checkpoint
 from lmheads.run.plan import (
     DEFAULT_SAVE_DIR,
     NAMING_KEYS,
@@ -377,7 +378,8 @@ class LMHeadsCLI(LightningCLI):
 
 def _refuse_going_back(run: Path, step: int, ckpt) -> None:
     """A fit that continues ``run`` from a checkpoint at ``step`` the run went past would write over its
-    later steps."""
+    later steps: past a later checkpoint, or to where a fit of it ended (``results.json``), of which a
+    checkpoint callback of the user's may have kept none."""
     furthest = furthest_checkpoint(run)
     if furthest is not None and furthest[0] > step:
         raise ConfigError(
@@ -385,6 +387,13 @@ def _refuse_going_back(run: Path, step: int, ckpt) -> None:
             f"({furthest[1].name}): continuing from it would write over steps {step}-{furthest[0]} "
             f"of that run. Continue the run with --ckpt_path={furthest[1]}, or start a new run from "
             f"this checkpoint with another {NAMING_OPTION}"
+        )
+    ended = read_record(run / RESULTS_FILE).get("step")
+    if isinstance(ended, int) and ended > step:
+        raise ConfigError(
+            f"the checkpoint {ckpt} is at step {step}, but its run trained on to step {ended} and kept "
+            f"no checkpoint of that state: continuing from it would write over steps {step}-{ended} of "
+            f"that run. Start a new run from this checkpoint with another {NAMING_OPTION}"
         )
 
 

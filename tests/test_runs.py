@@ -397,6 +397,25 @@ def test_a_checkpoint_its_run_went_past_continues_only_as_a_new_run(tmp_path, ca
     assert [s for s, _ in scalars(tmp_path / "quickstart" / "from-step4")["train/loss"]] == [4, 5, 6, 7]
 
 
+def test_a_run_that_kept_no_checkpoint_of_its_end_is_not_continued_from_an_earlier_one(tmp_path, capsys):
+    """A checkpoint callback of the user's that keeps only the highest loss keeps step 2 of a run of 6:
+    continuing the run from it (--ckpt_path=last takes it, its furthest) would write over steps 2-6."""
+    own = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/loss",
+           "--trainer.callbacks.mode=max", "--trainer.callbacks.filename=worst"]  # fmt: skip
+    fit(tmp_path, *own, steps=6, every=2)
+    run = only_run(tmp_path)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["worst.ckpt"]
+    before, worst = snapshot(run), run / "checkpoints" / "worst.ckpt"
+    assert torch.load(worst, weights_only=False)["global_step"] == 2
+    capsys.readouterr()
+    for resume in (f"--ckpt_path={worst}", f"--trainer.logger.init_args.version={run.name}"):
+        extra = ["--ckpt_path=last"] if resume.startswith("--trainer") else []
+        err = refused(capsys, "fit", *quick_args(tmp_path, steps=8, every=2), *own, resume, *extra)
+        assert "is at step 2, but its run trained on to step 6 and kept no checkpoint of that state: " \
+            "continuing from it would write over steps 2-6 of that run. Start a new run" in err  # fmt: skip
+    assert snapshot(run) == before
+
+
 def test_best_checkpoints_are_the_runs_own_wherever_it_lies(tmp_path, recwarn):
     """A run started from another run's checkpoint does not take that run's best checkpoint for its own
     (here it validates nothing: it has none); a run continued after its folder moved keeps its best
