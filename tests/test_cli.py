@@ -398,6 +398,13 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             ["--trainer.logger.init_args.save_dir=t.txt/runs"],
             "/t.txt is a file; give another trainer.logger.init_args.save_dir (or default_root_dir)",
         ),
+        *(  # the run would be the experiment's folder itself, the folder above it, or inside another run
+            (
+                [f"--trainer.logger.init_args.version={v}"],
+                f"error: --trainer.logger.init_args.version='{v}' is not",
+            )
+            for v in ("", "..", "a/b")
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):

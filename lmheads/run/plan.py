@@ -19,8 +19,8 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from lmheads.dotted import class_of
-from lmheads.errors import require
-from lmheads.run.claim import CLAIM_FILE
+from lmheads.errors import ConfigError, require
+from lmheads.run.claim import CLAIM_FILE, NAMING_OPTION
 from lmheads.run.layout import MLFLOW_ARTIFACTS, free_name, mlflow_run_id, mlflow_store, wandb_run_id
 
 #: Where run folders go unless ``trainer.default_root_dir`` or the logger says otherwise.
@@ -97,6 +97,11 @@ def naming(config) -> tuple[Path, str, str | None]:
     args = loggers(config)[index].init_args
     save_dir = root if root and str(args.save_dir) == DEFAULT_SAVE_DIR else args.save_dir
     version = args.get("version")
+    if version is not None and (str(version) in ("", ".", "..") or "/" in str(version)):
+        raise ConfigError(  # the run folder would be save_dir/name itself, above it, or below another
+            f"{NAMING_OPTION}={str(version)!r} is not a run's name, which is one folder's: give a name "
+            "without '/' (not '', '.' or '..')"
+        )
     return Path(save_dir), args.get("name") or "", None if version is None else str(version)
 
 
