@@ -145,6 +145,12 @@ def test_the_heads_command_has_help_and_lists_the_heads_of_modules_given(capsys)
         "--model.head=tests.external_heads.SmallInitUntied)\n" in out
     )
     assert "\njson: defines no head (a subclass of lmheads.heads.Head)\n" in out
+    for path in ("my_heads.py", "./my_heads.py"):  # the file, not its module (./ ended in a traceback)
+        with pytest.raises(SystemExit) as exit:
+            main(["heads", path])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err
+        assert f"error: '{path}' is a file's path, not a module's name: give my_heads, run from" in err
 
 
 def test_external_head_trains_from_yaml(tmp_path):

@@ -4,6 +4,7 @@ listing of every available head."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import get_loader
@@ -71,9 +72,14 @@ def list_heads(modules: list[str] = ()) -> str:
     without a short name, and a module that defines no head, are named after the table."""
     imported = []
     for module in modules:
+        if module.endswith(".py") or "/" in module or module.startswith("."):
+            raise ConfigError(
+                f"{module!r} is a file's path, not a module's name: give {Path(module).stem}, run from its "
+                "folder or with that folder on PYTHONPATH"
+            )
         try:
             imported.append(importlib.import_module(module))
-        except ImportError as err:
+        except (ImportError, ValueError) as err:  # ValueError: an empty name
             raise ConfigError(f"cannot import {module!r} ({err}); is its folder on PYTHONPATH?") from err
     heads = registered_heads()
     unnamed = []
