@@ -309,7 +309,8 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
         (["--model.backbone.n_layer=0"], "error: model.backbone.n_layer must be positive"),
         (
             ["--data=lmheads.data.TextDataModule", "--data.train_file=missing.txt"],
-            "does not exist; check the path",
+            "error: data.train_file 'missing.txt' does not exist (a relative path is read from the current "
+            "folder, ",
         ),
         (["--model.backbone.block_size=100000", *SHORT_TEXT], "fewer than block_size + 1"),
         (

@@ -40,7 +40,12 @@ def load_splits(hp, cache_dir: Path, sources: dict[str, str]) -> tuple[datasets.
             if p.is_dir():
                 raise ConfigError(f"data.{split}_file {path!r} is a folder; give the text file in it")
             if not p.is_file():
-                raise ConfigError(f"data.{split}_file {path!r} does not exist; check the path")
+                where = (
+                    ""
+                    if p.is_absolute()
+                    else f" (a relative path is read from the current folder, {Path.cwd()})"
+                )
+                raise ConfigError(f"data.{split}_file {path!r} does not exist{where}; check the path")
             if p.stat().st_size == 0:
                 raise ConfigError(f"data.{split}_file {path!r} is empty; give a file with text in it")
             check_utf8(p, f"data.{split}_file")
