@@ -198,23 +198,20 @@ class RunFolder:
         continued; one without either is running, or stopped before its first checkpoint (SIGKILL, a lost
         machine, a crash of a process that trained several runs), which its claim tells apart."""
         other = f"give this one another {NAMING_OPTION}"
-        furthest = furthest_checkpoint(self.path)
-        holds_a_run = f"run folder {self.path} already holds a run; {other}" + (
+        if self.holder() is not None:
+            return f"run folder {self.path} is in use by {self._holder_named()}: {other}"
+        claim = self._claim()
+        if claim is not None and not (self.path / RESULTS_FILE).exists() and not self._has_checkpoint():
+            return (
+                f"run folder {self.path} was claimed by process {claim['pid']} on {claim['host']} at "
+                f"{claim['started']}, which stopped before its first checkpoint: {other}, or delete that "
+                "folder to start it again"
+            )
+        furthest = furthest_checkpoint(self.path)  # read only for a run that is there to continue
+        return f"run folder {self.path} already holds a run; {other}" + (
             f", or continue that run with --ckpt_path={furthest[1]}"
             if furthest is not None
             else " (that run has no checkpoint to continue from)"
-        )
-        if self.holder() is not None:
-            return f"run folder {self.path} is in use by {self._holder_named()}: {other}"
-        if (self.path / RESULTS_FILE).exists() or self._has_checkpoint():
-            return holds_a_run
-        claim = self._claim()
-        if claim is None:
-            return holds_a_run
-        return (
-            f"run folder {self.path} was claimed by process {claim['pid']} on {claim['host']} at "
-            f"{claim['started']}, which stopped before its first checkpoint: {other}, or delete that folder "
-            "to start it again"
         )
 
     def _has_checkpoint(self) -> bool:
