@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -47,8 +46,14 @@ doc_to_target: "{{{{text}}}}"
 process_results: !function words.process_results
 metric_list:
   - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
 metadata:
   version: 1.0
 """
@@ -77,7 +82,6 @@ def evaluate(
     """lm-eval's ``simple_evaluate`` of the HF model in ``model_dir`` on ``tasks`` (``lmheads_wikitext2``
     over the file ``text``) on ``device``, with ``prefix_token_id`` (:func:`document_start`) before each
     document where given; its results dict."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # a command's output is lines
     from datasets.exceptions import DatasetNotFoundError
     from huggingface_hub.errors import LocalEntryNotFoundError
     from lm_eval import simple_evaluate
