@@ -11,6 +11,12 @@ except KeyboardInterrupt:
     print(f"interrupted: {stopped}", file=sys.stderr)
     sys.exit(stopped.exit_code)
 
-if __name__ == "__main__":
+
+def run() -> None:
+    """``python -m lmheads`` and the ``lmheads`` command: the exit status is the command's alone."""
     plain_warnings()
     main()
+
+
+if __name__ == "__main__":
+    run()

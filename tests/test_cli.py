@@ -530,6 +530,26 @@ def test_help_of_a_class_names_the_command(tmp_path):
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m lmheads "), result.stdout
 
 
+def test_the_installed_lmheads_command_is_python_m_lmheads(tmp_path):
+    """The ``lmheads`` command pip installs (``[project.scripts]``), run as its wrapper runs it:
+    ``sys.exit(entry_point())``. A fit that ends well ends with status 0 and prints what ``python -m
+    lmheads`` prints, not the CLI object; warnings are one line each there too."""
+    wrapper = (
+        "import sys\n"
+        "from importlib.metadata import entry_points\n"
+        "(script,) = entry_points(group='console_scripts', name='lmheads')\n"
+        "sys.argv = ['lmheads', *sys.argv[1:]]\n"
+        "sys.exit(script.load()())\n"
+    )
+    args = ["fit", *quick_args(tmp_path, steps=2, every=2)]
+    command = subprocess.run(
+        [sys.executable, "-c", wrapper, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert command.returncode == 0, command.stderr
+    assert "LMHeadsCLI object" not in command.stderr and "  val/loss " in command.stdout
+    assert all(line.startswith("warning: ") for line in command.stderr.splitlines() if "Warning" in line)
+
+
 def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
     """Importing Lightning takes seconds: Ctrl-C then ends ``python -m lmheads`` as it does later, with one
     ``interrupted:`` line and status 130, not a traceback of the import."""
