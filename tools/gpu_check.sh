@@ -6,7 +6,7 @@
 # Runs, each under its own time limit, with its log in OUT_DIR/<check>.log:
 #   - short fits of the quickstart on the GPU, all at once (they are small; the GPU is shared):
 #     bf16-mixed with gradient clipping at 1.0 (fused AdamW), 16-mixed with clipping (loss scaling),
-#     model.compile=true, FSDP2 and FSDP1 on one device, and every registered head once;
+#     bf16-true, model.compile=true, FSDP2 and FSDP1 on one device, and every registered head once;
 #   - the GPU tests (pytest -m gpu), beside the fits;
 #   - then alone on the GPU, since they time it: tools/bench_head.py (bf16) at GPT-2 small's head
 #     (N=16384 D=768 V=50304; the default chunk size, 256 and 4096) and Llama-3-8B's (N=8192 D=4096
