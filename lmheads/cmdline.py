@@ -99,6 +99,27 @@ def _config_section(value: str, subcommand: str, section: str):
     return content.get(section) if isinstance(content, dict) else None
 
 
+#: LightningCLI's commands, under which a config file given before the command nests its options.
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def configs_holding(args: list[str], key: str) -> list[str]:
+    """The ``--config`` files of a command line that set the dotted ``key`` (or an option under it),
+    given before the subcommand or after it."""
+
+    def keys(value, prefix: str = ""):
+        for name, item in value.items() if isinstance(value, dict) else ():
+            yield f"{prefix}{name}"
+            yield from keys(item, f"{prefix}{name}.")
+
+    holding = []
+    for value in option_values(args, "--config"):
+        given = set(keys(_loaded(value))) if Path(value).is_file() else set()
+        if key in given or any(f"{command}.{key}" in given for command in SUBCOMMANDS):
+            holding.append(value)
+    return holding
+
+
 def given_options(args: list[str], section: str, subcommand: str) -> list[str]:
     """The options of ``section`` that a command line sets, by the options it names (``--model.lr``,
     ``--model``) and the keys of its ``--config`` files, dotted and without ``init_args``

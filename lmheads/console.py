@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lmheads.cmdline import option_values
+from lmheads.cmdline import SUBCOMMANDS, configs_holding, option_values
 from lmheads.dotted import flatten
 from lmheads.errors import ConfigError
 
@@ -206,7 +206,7 @@ def progress_display() -> ProgressBarBase:
 
 def explain_parse_error(message: str, parser: LightningArgumentParser, args: list[str] | None = None) -> str:
     """The parser's complaint in one line; an unknown option with the closest valid ones."""
-    names = ("fit", "validate", "test", "predict", "heads", "export", "harness")
+    names = (*SUBCOMMANDS, "heads", "export", "harness")
     commands = f"{', '.join(names[:-1])} or {names[-1]}"
     if 'expected "subcommand"' in message:
         return f"no command given: python -m lmheads {commands} (see --help)"
@@ -214,16 +214,28 @@ def explain_parse_error(message: str, parser: LightningArgumentParser, args: lis
         close = difflib.get_close_matches(command.group(1), names, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         return f"unknown command {command.group(1)!r}; {hint}python -m lmheads {commands} (see --help)"
-    unknown = re.search(r"unrecognized arguments: --([\w.]+)|does not accept option '([\w.]+)'", message)
+    unknown = re.search(  # on the command line; in a config file (a section's or a command's key)
+        r"unrecognized arguments: --([\w.]+)|"
+        r"(?:(Group|Subcommand) '([\w.]+)' )?does not accept option '([\w.]+)'",
+        message,
+    )
     if unknown is None:
         return _explain_bad_value(message, args or [])
-    key = unknown.group(1) or unknown.group(2)
+    kind, group, option = unknown.group(2, 3, 4)
+    key = unknown.group(1) or (f"{group}.{option}" if kind == "Group" else option)
+    files = [] if unknown.group(1) else configs_holding(args or [], key)  # a key of a config file
+    where = f" (in {', '.join(files)})" if files else ""
     known = {prefix for k in flatten(parser.get_defaults().as_dict()) for prefix in _prefixes(k)}
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    parent, _, name = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if parent and k.rpartition(".")[0] == parent}
+    if siblings:  # a known section: the names in it closest to the mistyped one
+        close = [siblings[n] for n in difflib.get_close_matches(name, siblings, n=3, cutoff=0.6)]
+    else:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     hint = (
         f"; did you mean {', '.join('--' + k for k in close)}?" if close else "; see --help for the options"
     )
-    return f"unknown option --{key}{hint}"
+    return f"unknown option --{key}{where}{hint}"
 
 
 def _prefixes(key: str) -> list[str]:

@@ -287,6 +287,12 @@ SHORT_TEXT = ["--data=lmheads.data.TextDataModule", "--data.train_file=t.txt"]
             ["--trainer.max_step=3"],
             "error: unknown option --trainer.max_step; did you mean --trainer.max_steps",
         ),
+        (
+            ["--config", "typo.yaml"],  # a key of a config file: its section named, and the file
+            "error: unknown option --model.backbone.n_layers (in typo.yaml); did you mean "
+            "--model.backbone.n_layer, --model.backbone.unique_layers?",
+        ),
+        (["--model.fooo=1"], "error: unknown option --model.fooo; see --help for the options"),
         (["--model.lr=abc"], "error: invalid value 'abc' for --model.lr: expected PositiveFloat (v>0)"),
         (
             ["--model.loss_chunk_size=0"],
@@ -415,6 +421,7 @@ def test_bad_input_gives_one_line_and_exit_2(extra, message, tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "nul.txt").write_bytes(b"a few words\n" + bytes(3000))
     (tmp_path / "block.yaml").write_text("data:\n  init_args:\n    block_size: 16\n")
+    (tmp_path / "typo.yaml").write_text("model:\n  backbone:\n    n_layers: 2\n")
     _assert_one_error_line(run_lmheads("fit", *quick_args(tmp_path), *extra, cwd=tmp_path), message)
     assert not (tmp_path / "quickstart").exists()  # nothing created by a failed start
 
@@ -515,6 +522,18 @@ def test_progress_lines_show_each_optimizer_step_once_when_gradients_accumulate(
     fit(tmp_path, *accumulating, steps=4, every=8)
     lines = [line.split(" epoch ")[0] for line in capsys.readouterr().out.splitlines() if " steps/s" in line]
     assert lines == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+
+
+def test_a_mistyped_key_of_a_config_file_given_before_the_command_names_the_file(tmp_path, capsys):
+    (tmp_path / "typo.yaml").write_text("fit:\n  trainer:\n    precison: bf16-mixed\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(tmp_path / "typo.yaml"), "fit", *quick_args(tmp_path)])
+    assert exit_info.value.code == 2 and not (tmp_path / "quickstart").exists()
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"error: unknown option --trainer.precison (in {tmp_path / 'typo.yaml'}); "
+        "did you mean --trainer.precision?"
+    )
 
 
 def test_help_lists_every_command_and_a_command_builds_its_own_parser_only(tmp_path, capsys):

@@ -406,7 +406,7 @@ def test_sweep_refuses_a_root_with_a_file_in_its_path_before_any_run(tmp_path):
     ("grid", "message"),
     [
         ("model.betas=[0.9,0.95", "error: invalid value '[0.9,0.95' for --model.betas: expected tuple (run "),
-        ("model.lrr=0.1", "error: unknown option --model.lrr; did you mean --model.lr, "),
+        ("model.lrr=0.1", "error: unknown option --model.lrr; did you mean --model.lr? (run "),
     ],
 )
 def test_sweep_refuses_options_lmheads_refuses_before_any_run(tmp_path, grid, message):
