@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -70,21 +71,10 @@ def process_results(doc, results):
 """
 
 
-def evaluate(
-    model_dir: Path,
-    tasks: list[str],
-    text: Path | None,
-    batch_size: int = 1,
-    limit: int | None = None,
-    device: str = "cpu",
-    prefix_token_id: int | None = None,
-) -> dict:
-    """lm-eval's ``simple_evaluate`` of the HF model in ``model_dir`` on ``tasks`` (``lmheads_wikitext2``
-    over the file ``text``) on ``device``, with ``prefix_token_id`` (:func:`document_start`) before each
-    document where given; its results dict."""
-    from datasets.exceptions import DatasetNotFoundError
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    from lm_eval import simple_evaluate
+@contextmanager
+def task_manager(tasks: list[str], text: Path | None):
+    """lm-eval's task index with ``lmheads_wikitext2`` over the file ``text`` in it (its files kept while
+    the context lasts); a task lm-eval does not know is one line, before anything is exported."""
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="lmheads-tasks-") as tasks_dir:
@@ -95,29 +85,48 @@ def evaluate(
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise ConfigError(f"lm-eval knows no task {', '.join(unknown)}; `lm_eval ls tasks` lists them")
-        try:
-            return simple_evaluate(
-                model="hf",
-                model_args={
-                    "pretrained": str(model_dir),
-                    "dtype": "float32",
-                    # lmheads' own modeling file, where GPT-2 does not compute the model (lmheads.hf_remote)
-                    "trust_remote_code": (model_dir / "modeling_lmheads.py").is_file(),
-                    **({"prefix_token_id": prefix_token_id} if prefix_token_id is not None else {}),
-                },
-                tasks=tasks,
-                batch_size=batch_size,
-                limit=limit,
-                device=device,
-                task_manager=manager,
-                verbosity="ERROR",
-            )
-        except (ConnectionError, DatasetNotFoundError, LocalEntryNotFoundError) as err:  # a task's data
-            said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(
-                f"lm-eval could not load the data of {', '.join(tasks)} ({said}): run where the Hub is "
-                f"reachable or with the dataset in the HF cache; {LOCAL_TASK} scores a local file offline"
-            ) from None
+        yield manager
+
+
+def evaluate(
+    model_dir: Path,
+    tasks: list[str],
+    manager,
+    batch_size: int = 1,
+    limit: int | None = None,
+    device: str = "cpu",
+    prefix_token_id: int | None = None,
+) -> dict:
+    """lm-eval's ``simple_evaluate`` of the HF model in ``model_dir`` on ``tasks`` of the
+    :func:`task_manager` ``manager`` on ``device``, with ``prefix_token_id`` (:func:`document_start`)
+    before each document where given; its results dict."""
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from lm_eval import simple_evaluate
+
+    try:
+        return simple_evaluate(
+            model="hf",
+            model_args={
+                "pretrained": str(model_dir),
+                "dtype": "float32",
+                # lmheads' own modeling file, where GPT-2 does not compute the model (lmheads.hf_remote)
+                "trust_remote_code": (model_dir / "modeling_lmheads.py").is_file(),
+                **({"prefix_token_id": prefix_token_id} if prefix_token_id is not None else {}),
+            },
+            tasks=tasks,
+            batch_size=batch_size,
+            limit=limit,
+            device=device,
+            task_manager=manager,
+            verbosity="ERROR",
+        )
+    except (ConnectionError, DatasetNotFoundError, LocalEntryNotFoundError) as err:  # a task's data
+        said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"lm-eval could not load the data of {', '.join(tasks)} ({said}): run where the Hub is "
+            f"reachable or with the dataset in the HF cache; {LOCAL_TASK} scores a local file offline"
+        ) from None
 
 
 def document_start(tokenizer) -> int | None:
@@ -224,30 +233,31 @@ def main(argv: list[str]) -> None:
             "(held-out text), or other --tasks"
         )
     folder = args.out or run / free_name(run, f"{HARNESS}/{ckpt.stem}")
-    claim = RunFolder(folder.resolve())
-    claim.claim()
-    try:
-        with tempfile.TemporaryDirectory(prefix="lmheads-hf-") as tmp:
-            for line in export_hf(model, Path(tmp) / "model", tokenizer):
-                print(line)
-            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            results = evaluate(
-                Path(tmp) / "model", args.tasks, text, args.batch_size, args.limit, device, start
-            )
-        found = metrics(results)
-        record = {"tasks": args.tasks, "text": str(text) if text else None, "limit": args.limit,
-                  "device": device, "metrics": found, "lm_eval": results.get("versions", {})}  # fmt: skip
-        write_json(folder / "results.json", record)
-        step = int(checkpoint.get("global_step", 0))
-        other = other_text(text, args.text is not None, data_sources(checkpoint).get("test_file"))
-        if args.limit is not None:  # part of the data: not the run's score in compare.py's table
-            other.append(f"--limit {args.limit}: the first documents of each task")
-        record_evaluation(folder, ckpt, step, other)
-    except BaseException:
-        claim.release()
-        raise
-    finally:
-        claim.ended()
+    with task_manager(args.tasks, text) as manager:  # an unknown task before anything is written
+        claim = RunFolder(folder.resolve())
+        claim.claim()
+        try:
+            with tempfile.TemporaryDirectory(prefix="lmheads-hf-") as tmp:
+                for line in export_hf(model, Path(tmp) / "model", tokenizer):
+                    print(line)
+                device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                results = evaluate(
+                    Path(tmp) / "model", args.tasks, manager, args.batch_size, args.limit, device, start
+                )
+            found = metrics(results)
+            record = {"tasks": args.tasks, "text": str(text) if text else None, "limit": args.limit,
+                      "device": device, "metrics": found, "lm_eval": results.get("versions", {})}  # fmt: skip
+            write_json(folder / "results.json", record)
+            step = int(checkpoint.get("global_step", 0))
+            other = other_text(text, args.text is not None, data_sources(checkpoint).get("test_file"))
+            if args.limit is not None:  # part of the data: not the run's score in compare.py's table
+                other.append(f"--limit {args.limit}: the first documents of each task")
+            record_evaluation(folder, ckpt, step, other)
+        except BaseException:
+            claim.release()
+            raise
+        finally:
+            claim.ended()
     width = max(len(k) for k in found) if found else 0
     for key, value in found.items():
         print(f"{key:<{width}}  {value:.4f}" if math.isfinite(value) else f"{key:<{width}}  {value}")

@@ -141,8 +141,9 @@ def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys, m
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     with pytest.raises(SystemExit) as stop:
         lmheads(["harness", str(run), "--tasks", "no_such_task"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert stop.value.code == 2 and err.count("error:") == 1 and "lm-eval knows no task no_such_task" in err
+    assert out == ""  # refused before the export
     with pytest.raises(ConfigError, match="this run's data has no test_file: give --text FILE"):
         main([str(run / "checkpoints" / "no-test.ckpt")])
     assert "GPT2LMHeadModel" not in capsys.readouterr().out  # refused before the export
