@@ -849,6 +849,14 @@ def test_buckets_against_one_head_gives_each_other_head_per_seed(tmp_path, capsy
         and (out / "against_tied.png").is_file()
     )
     assert buckets.main([str(tmp_path), "--against", "nohead"]) == 2
+    # a run with no partner of its seed is named above the table, not left out without a word
+    capsys.readouterr()
+    assert buckets.main([str(tmp_path), "--heads", "mos", "tied"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "Without a run of the other head with the same seed (not in the table): tied seed 0 (tied-0)\n"
+    )
+    assert pairs.unpaired(runs, {"tied": {"untied"}, "untied": {"tied"}}, []) == ""
 
 
 def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):

@@ -3,13 +3,14 @@
     python tools/buckets.py runs/wikitext2_tying --heads tied untied --out docs/results/buckets \\
         --update docs/studies/synthetic.md --section rare_synthetic
 
-Pairs the runs of the two heads by seed (and by every ``--by`` hyperparameter, e.g. ``train_set_tokens``)
-and reports, for all tokens and for each bucket of target tokens (the most frequent 1% of types, the
-next 9%, the rarest 90%), the mean over pairs of the final validation-loss difference ``first head -
-second head`` with its standard deviation and the number of pairs: negative where the first head is
-better. Plots the differences as bars with the seeds' spread. Every mean difference comes with the p-value
-of a two-sided paired t-test over the seeds (is it zero?); with two or three seeds that test has one or
-two degrees of freedom, assumes normally distributed differences, and is weak.
+Pairs the runs of the two heads by seed (and by every ``--by`` hyperparameter, e.g. ``train_set_tokens``;
+a run without a partner of its seed is named above the table) and reports, for all tokens and for each
+bucket of target tokens (the most frequent 1% of types, the next 9%, the rarest 90%), the mean over pairs
+of the final validation-loss difference ``first head - second head`` with its standard deviation and the
+number of pairs: negative where the first head is better. Plots the differences as bars with the seeds'
+spread. Every mean difference comes with the p-value of a two-sided paired t-test over the seeds (is it
+zero?); with two or three seeds that test has one or two degrees of freedom, assumes normally distributed
+differences, and is weak.
 
     python tools/buckets.py runs/wikitext2_converged --heads untied tied --over-steps
 
@@ -31,7 +32,16 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from pairs import COUNT_TAGS, TAGS, absent_heads, against, differences, over_steps, pairs_by_group
+from pairs import (
+    COUNT_TAGS,
+    TAGS,
+    absent_heads,
+    against,
+    differences,
+    over_steps,
+    pairs_by_group,
+    unpaired,
+)
 from plots import save_plot
 from report import check_outputs, command, markdown, publish, pyplot
 
@@ -230,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     if problem := absent_heads(runs, [args.against] if args.against else args.heads):
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.against:
+        others = {str(r.hparams.get("head")) for r in runs} - {args.against}
+        partners = {args.against: others} | {head: {args.against} for head in others}
+    else:
+        partners = {first: {second}, second: {first}}
+    left_out = "\n\n".join(filter(None, [left_out, unpaired(runs, partners, args.by)]))
     if args.against:
         result = against(runs, args.against, args.by)
         if not result:

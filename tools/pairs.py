@@ -133,6 +133,27 @@ def against(runs: list[RunLog], reference: str, by: list[str]) -> dict[str, dict
     return dict(sorted(rows.items(), key=lambda item: order[item[0]]))
 
 
+def unpaired(runs: list[RunLog], partners: dict[str, set[str]], by: list[str]) -> str:
+    """A line naming the runs of the heads compared (``partners``: each head and the heads it is paired
+    with) that have no partner of their seed in their ``by`` group ("" if none): the tables leave them
+    out, and would otherwise do so without a word."""
+
+    def key(r: RunLog, head) -> tuple:
+        return head, tuple(r.setting(k) for k in by), r.hparams.get("seed")
+
+    present = {key(r, r.hparams.get("head")) for r in runs}
+    alone = [
+        r
+        for r in sorted(runs, key=lambda r: natural(r.path.name))
+        if r.hparams.get("head") in partners
+        and not any(key(r, other) in present for other in partners[r.hparams["head"]])
+    ]
+    if not alone:
+        return ""
+    names = ", ".join(f"{r.label} seed {r.hparams.get('seed')} ({r.path.name})" for r in alone)
+    return f"Without a run of the other head with the same seed (not in the table): {names}"
+
+
 def val_loss_by_step(run: RunLog) -> dict[int, float]:
     return {step: value for step, value, _ in run.series("val/loss")}
 
