@@ -892,6 +892,12 @@ def test_frontier_places_each_run_by_its_way_of_saving(tmp_path, capsys):
     final, _ = frontier.table(reference, grouped, "final")
     assert "| 0.1250 |" in best and "| 0.1250 |" not in final
     assert re.search(r"\| tied \|.*\| \+\d\.\d{4}, 1/1 \|", best)  # the tie's loss minus 0.125
+    assert "No reference run" not in best
+    (tie,) = grouped[("tie", "tied")]
+    grouped[("tie", "tied")].append(dataclasses.replace(tie, hparams={**tie.hparams, "seed": 7}))
+    assert frontier.table(reference, grouped, "final")[0].startswith(
+        "No reference run of their seed (not in 'minus reference'): tie tied seed 7\n"
+    )
     shared = ["--model.backbone.n_layer=2", "--model.backbone.layer_sharing=all"]
     fit(tmp_path / "runs", *shared, steps=2, every=2)  # tied and shared: two ways at once
     assert frontier.main([str(tmp_path / "runs")]) == 2

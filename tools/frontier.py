@@ -5,13 +5,14 @@ FLOPs, one curve per way of saving parameters from one reference model.
 
 The reference is the largest run of the ``--reference`` head without layer sharing. Every other run is
 placed by the one way it differs from the reference: ``tie`` (the tied head), ``share layers``
-(``layer_sharing``, k blocks), ``fewer layers`` (``n_layer``), ``narrower`` (``d_model``) or
-``factorised embedding`` (``d_embed`` < ``d_model``); a run that differs in two ways, or in another
-way, is refused. Each point is the mean over seeds of the final validation loss (``--at best``: each
-run's lowest, the loss of its best checkpoint, as early stopping would keep); its difference from
-the reference is paired by seed, and the differences of one table are one family under lmheads'
-statistics policy (:mod:`lmheads.stats`: 95% interval, seeds agreeing in sign, p with Holm's
-adjustment). Divided by the parameters saved, it is the loss each way pays per 100k parameters.
+(``layer_sharing``, k blocks), ``fewer layers`` (``n_layer``), ``narrower`` (``d_model``) or ``factorised
+embedding`` (``d_embed`` < ``d_model``); a run that differs in two ways, or in another way, is refused.
+Each point is the mean over seeds of the final validation loss (``--at best``: each run's lowest, the
+loss of its best checkpoint, as early stopping would keep); its difference from the reference is paired
+by seed (a run whose seed the reference lacks is named above the table), and the differences of one table
+are one family under lmheads' statistics policy (:mod:`lmheads.stats`: 95% interval, seeds agreeing in
+sign, p with Holm's adjustment). Divided by the parameters saved, it is the loss each way pays per 100k
+parameters.
 """
 
 from __future__ import annotations
@@ -123,6 +124,14 @@ def table(
             row += [effects[(way, setting)], f"{per:+.4f}"]
         rows.append(row)
     text = f"Minus reference: {policy_note(len(paired))}.\n\n{markdown(pd.DataFrame(rows, columns=header))}"
+    alone = [
+        f"{way} {setting} seed {r.hparams['seed']}"
+        for (way, setting), runs in points
+        for r in runs
+        if way != "reference" and r.hparams["seed"] not in ref_loss
+    ]
+    if alone:  # in the row's mean, not in its difference
+        text = f"No reference run of their seed (not in 'minus reference'): {', '.join(alone)}\n\n{text}"
     return text, {way: statistics.fmean(v) for way, v in costs.items()}
 
 
