@@ -116,6 +116,44 @@ def mixed(groups: dict[str, list[RunLog]], final: bool = True) -> tuple[str, str
     return None
 
 
+#: Hyperparameters that say what a run trained and was validated on (with its config's ``data.`` options
+#: and the ``data/`` digests of its text); its batch size is the budget line's, its test file the test
+#: column's.
+DATA_HPARAMS = frozenset({"data", "tokenizer", "vocab_size", "train_set_tokens"})
+
+
+def _data(run: RunLog) -> dict:
+    return {
+        k: v
+        for k, v in run.settings().items()
+        if (k in DATA_HPARAMS or k.startswith(("data/", "data.")))
+        and not k.endswith((".batch_size", ".test_file"))
+    }
+
+
+def other_data(groups: dict[str, list[RunLog]], by: list[str]) -> str:
+    """A line warning that the rows of a table trained or were validated on different data ("" if they
+    did not, or if ``by`` groups them by a data setting, as a study of data asks): their losses per
+    token then measure different things. Names which runs had which data, as the budget line does."""
+    runs = [(label, r) for label, rs in groups.items() for r in rs]
+    data = [_data(r) for _, r in runs]
+    if any(k in DATA_HPARAMS or k.startswith(("data/", "data.")) for k in by) or not data:
+        return ""
+    shared = set.intersection(*(set(d) for d in data))  # a key some runs lack: not recorded by them
+    differ = [k for k in sorted(shared) if len({_hashable(d[k]) for d in data}) > 1]
+    hparams = {k for d in data for k in d if "." not in k}
+    differ = [k for k in differ if "." not in k or not _repeated(k, hparams)] or differ
+    if not differ:
+        return ""
+    kinds: dict[str, list[str]] = {}
+    for (label, r), d in zip(runs, data, strict=True):
+        kind = ", ".join(f"{k}={_shown(d[k])}" for k in differ)
+        kinds.setdefault(kind, []).append(f"{label} seed {r.hparams.get('seed')}")
+    parts = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds.items())
+    what = "runs differ in what they trained or were validated on, so their losses per token do not compare"
+    return f"Data: WARNING: {what}; {parts}"
+
+
 def _shown(value) -> str:
     """A setting as an error names it: "" (a split not read from a file) as none, a SHA-256 by its first
     12 digits, which tell files apart."""

@@ -703,6 +703,36 @@ def test_compare_orders_groups_by_the_values_of_by_as_numbers(tmp_path, capsys, 
     assert rows == ["| tied, lr=0.0005", "| tied, lr=0.001", "| tied, lr=0.002", "| tied, lr=0.004"]
 
 
+def test_runs_on_other_data_are_named_above_the_table(tmp_path, capsys, monkeypatch):
+    """Heads trained or validated on other data (another tokenizer, text or size of training set) in one
+    table: a warning line names which runs had which, unless ``--by`` splits the rows by such a setting."""
+
+    def run(head: str, tokenizer: str, seed: int = 0) -> runlog.RunLog:
+        hparams = {"head": head, "seed": seed, "tokenizer": tokenizer, "vocab_size": 59, "lr": 0.01}
+        config = {"data.init_args.tokenizer": tokenizer, "data.init_args.batch_size": 32 + seed}
+        return runlog.RunLog(
+            tmp_path / f"{head}-{seed}", hparams, {"val/loss": {9: (5.0, 1.0)}}, config=config
+        )
+
+    runs = [run("tied", "bpe"), run("untied", "char")]
+    monkeypatch.setattr(compare, "find_runs", lambda roots, checkpoint="last": runs)
+    assert compare.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "Data: WARNING: runs differ in what they trained or were validated on, so their losses per token do "
+        "not compare; tokenizer=bpe: tied seed 0; tokenizer=char: untied seed 0\n" in out
+    )
+    assert compare.main([str(tmp_path), "--by", "tokenizer"]) == 0  # a study of tokenizers
+    assert "WARNING" not in capsys.readouterr().out
+    runs[1] = run("untied", "bpe", seed=1)  # the same data; the batch size is the budget line's
+    assert comparable.other_data({"all": runs}, []) == ""
+    buckets = tool("buckets")
+    runs[:] = [run("tied", "bpe"), run("untied", "char")]
+    monkeypatch.setattr(buckets, "find_runs", lambda roots: runs)
+    assert buckets.main([str(tmp_path), "--heads", "tied", "untied"]) == 0
+    assert capsys.readouterr().out.startswith("Data: WARNING: runs differ in what they trained")
+
+
 def test_the_statistics_policy():
     """A paired effect over seeds: its mean, the 95% t-interval (t = 4.303 at 2 degrees of freedom), the
     seeds agreeing in sign, scipy's paired t-test from three seeds, and Holm's adjustment within a

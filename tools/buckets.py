@@ -46,7 +46,7 @@ from plots import save_plot
 from report import check_outputs, command, markdown, publish, pyplot
 
 from lmheads import comparable
-from lmheads.comparable import missing_roots, no_runs_message, split_reportable
+from lmheads.comparable import missing_roots, no_runs_message, other_data, split_reportable
 from lmheads.runlog import find_runs, natural
 from lmheads.stats import family, policy_note
 
@@ -245,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         partners = {args.against: others} | {head: {args.against} for head in others}
     else:
         partners = {first: {second}, second: {first}}
-    left_out = "\n\n".join(filter(None, [left_out, unpaired(runs, partners, args.by)]))
+    compared = {head: [r for r in runs if r.hparams.get("head") == head] for head in partners}
+    left_out = "\n\n".join(
+        filter(None, [other_data(compared, args.by), left_out, unpaired(runs, partners, args.by)])
+    )
     if args.against:
         result = against(runs, args.against, args.by)
         if not result:

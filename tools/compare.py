@@ -31,6 +31,7 @@ from lmheads.comparable import (
     mixed,
     no_runs_message,
     order,
+    other_data,
     split_reportable,
     unrecorded,
 )
@@ -208,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         advice = f"give --by {key} to tell them apart, or" if key else "give"
         print(f"error: {reason}. To compare them, {advice} their folders in separate calls", file=sys.stderr)
         return 2
-    text = "\n\n".join(filter(None, [stood, budget(groups), left_out, table(groups, args.best)]))
+    text = "\n\n".join(
+        filter(None, [stood, budget(groups), other_data(groups, args.by), left_out, table(groups, args.best)])
+    )
     publish(text, args.out, lambda out: plot(groups, out, tuple(args.plot)), args.update, args.section)
     return 0
 
