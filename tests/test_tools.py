@@ -673,6 +673,17 @@ def test_data_regime_and_bucket_reports(tmp_path, capsys):
     assert not (tmp_path / "mixed").exists()
 
 
+def test_data_regime_needs_an_excess_loss_and_says_which_data_logs_it(tmp_path, capsys, monkeypatch):
+    regime = tool("data_regime")
+    text_run = runlog.RunLog(tmp_path / "tied-0", {"head": "tied", "seed": 0}, {"val/loss": {9: (5.0, 1.0)}})
+    monkeypatch.setattr(regime, "find_runs", lambda roots: [text_run])
+    assert regime.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: no runs with an excess loss under {tmp_path} (only data with a known optimum, the synthetic "
+        "language, logs val/excess_loss)\n"
+    )
+
+
 def test_heads_to_pair_are_found_by_head_whatever_their_options(tmp_path):
     """A head given options (``untied (bias=True)`` in tables) is still the head ``untied`` that runs are
     paired by: not refused as absent."""

@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     runs, left_out = split_reportable(find_runs(args.roots), args.roots)
     runs = [r for r in runs if "val/excess_loss" in r.scalars]
     if not runs:
-        print(f"error: no runs with an excess loss under {', '.join(map(str, args.roots))}", file=sys.stderr)
+        roots = ", ".join(map(str, args.roots))
+        known = "only data with a known optimum, the synthetic language, logs val/excess_loss"
+        print(f"error: no runs with an excess loss under {roots} ({known})", file=sys.stderr)
         return 2
     groups = grouped(runs)
     problem = comparable.mixed(
