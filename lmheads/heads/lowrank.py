@@ -61,7 +61,7 @@ class UntieDuringTrainingHead(LinearHead):
     """
 
     name = "untie_during_training"
-    description = "tied until a fraction of training, then its own copy of E: W = E, then W"
+    description = "tied until a fraction of training, then untied: logits = h E^T, then h W^T from W = E"
     formula = "V*D"
 
     def __init__(self, untie_at: float = 2 / 3, **kwargs) -> None:
