@@ -174,15 +174,32 @@ def init_from_gpt2(model, folder: str | Path) -> str:
     from transformers import GPT2LMHeadModel
 
     folder = Path(folder)
+    from lmheads.run.layout import run_of_checkpoint
+
+    run = (
+        run_of_checkpoint(folder)
+        if folder.is_file()
+        else folder
+        if (folder / "checkpoints").is_dir()
+        else None
+    )
+    lmheads_run = (
+        f"; {run} is an lmheads run: `python -m lmheads export {run} DIR` writes its model as such a folder "
+        "(where GPT-2 computes it), or continue the run itself with --ckpt_path"
+        if run is not None
+        else ""
+    )
     if not folder.is_dir():
         raise ConfigError(
             f"model.init_from {str(folder)!r} is not a folder; give a GPT-2 model's folder "
-            "(save_pretrained's)"
+            f"(save_pretrained's){lmheads_run}"
         )
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.init_from {str(folder)!r}: no readable config.json ({err})") from None
+        raise ConfigError(
+            f"model.init_from {str(folder)!r}: no readable config.json ({err}){lmheads_run}"
+        ) from None
     if config.get("model_type") != "gpt2":
         raise ConfigError(
             f"model.init_from {str(folder)!r} is a {config.get('model_type')!r} model; lmheads starts from "

@@ -243,6 +243,13 @@ def test_a_missing_checkpoint_or_model_folder_is_one_line_that_names_it(tmp_path
     with pytest.raises(ConfigError, match=r"model\.init_from '.*nope' is not a folder; give a GPT-2 model's"):
         init_from_gpt2(model, tmp_path / "nope")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "run" / "config.yaml").write_text("")  # an lmheads run: how to start from it
+    for given, said in ((tmp_path / "run" / "checkpoints" / "last.ckpt", "is not a folder"),
+                        (tmp_path / "run", "no readable config.json")):  # fmt: skip
+        with pytest.raises(
+            ConfigError, match=f"{said}.*; .*run is an lmheads run: `python -m lmheads export "
+        ):
+            init_from_gpt2(model, given)
     (tmp_path / "a file").write_text("")
     with pytest.raises(
         ConfigError, match=r"a file/sub cannot be made: .*a file is a file; give another folder"
