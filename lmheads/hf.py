@@ -32,6 +32,7 @@ from lmheads.data.tokenizers import PretrainedTokenizer, Tokenizer
 from lmheads.errors import ConfigError, make_folder, require
 from lmheads.heads import LinearForm, LinearHead, head_name
 from lmheads.hf_tokenizer import hf_tokenizer
+from lmheads.run.layout import run_of_checkpoint
 
 #: GPT-2's block modules and lmheads' (its Linear layers are Conv1D: weights transposed).
 _NORMS = {"ln_1": "ln_1", "ln_2": "ln_2"}
@@ -174,13 +175,11 @@ def init_from_gpt2(model, folder: str | Path) -> str:
     from transformers import GPT2LMHeadModel
 
     folder = Path(folder)
-    from lmheads.run.layout import run_of_checkpoint
-
     run = (
-        run_of_checkpoint(folder)
-        if folder.is_file()
-        else folder
+        folder
         if (folder / "checkpoints").is_dir()
+        else run_of_checkpoint(folder)
+        if folder.is_file()
         else None
     )
     lmheads_run = (
