@@ -122,12 +122,15 @@ def mixed(groups: dict[str, list[RunLog]], final: bool = True) -> tuple[str, str
 DATA_HPARAMS = frozenset({"data", "tokenizer", "vocab_size", "train_set_tokens"})
 
 
+def _is_data(key: str) -> bool:
+    return key in DATA_HPARAMS or key.startswith(("data/", "data."))
+
+
 def _data(run: RunLog) -> dict:
     return {
         k: v
         for k, v in run.settings().items()
-        if (k in DATA_HPARAMS or k.startswith(("data/", "data.")))
-        and not k.endswith((".batch_size", ".test_file"))
+        if _is_data(k) and not k.endswith((".batch_size", ".test_file"))
     }
 
 
@@ -136,9 +139,9 @@ def other_data(groups: dict[str, list[RunLog]], by: list[str]) -> str:
     did not, or if ``by`` groups them by a data setting, as a study of data asks): their losses per
     token then measure different things. Names which runs had which data, as the budget line does."""
     runs = [(label, r) for label, rs in groups.items() for r in rs]
-    data = [_data(r) for _, r in runs]
-    if any(k in DATA_HPARAMS or k.startswith(("data/", "data.")) for k in by) or not data:
+    if any(_is_data(k) for k in by) or not runs:
         return ""
+    data = [_data(r) for _, r in runs]
     shared = set.intersection(*(set(d) for d in data))  # a key some runs lack: not recorded by them
     differ = [k for k in sorted(shared) if len({_hashable(d[k]) for d in data}) > 1]
     hparams = {k for d in data for k in d if "." not in k}
