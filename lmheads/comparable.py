@@ -32,13 +32,23 @@ def split_reportable(runs: list[RunLog], roots: list[Path] = ()) -> tuple[list[R
     """The runs a table can report, and lines naming the others ("" if none): runs whose loss became NaN
     or infinite (their last values come from before it did, and averaged with the others they would read
     as runs stopped early), runs with no validation yet (stopped, or still training, before their
-    first), and runs under ``roots`` recorded without TensorBoard (whose files the reports read), which a
-    table would otherwise leave out without a word."""
-    kept = [r for r in runs if r.diverged_at is None and "val/loss" in r.scalars]
+    first), runs with a damaged TensorBoard file (whose values after the damage are unread, so that
+    its last values may not be its last), and runs under ``roots`` recorded without TensorBoard (whose
+    files the reports read), which a table would otherwise leave out without a word."""
     by_name = sorted(runs, key=lambda r: natural(r.path.name))
-    diverged = [r for r in by_name if r.diverged_at is not None]
-    unvalidated = [r for r in by_name if r.diverged_at is None and "val/loss" not in r.scalars]
+    damaged = [r for r in by_name if r.damaged]
+    diverged = [r for r in by_name if r.diverged_at is not None and not r.damaged]
+    unvalidated = [
+        r for r in by_name if r.diverged_at is None and not r.damaged and "val/loss" not in r.scalars
+    ]
+    kept = [r for r in runs if r.diverged_at is None and not r.damaged and "val/loss" in r.scalars]
     lines = []
+    if damaged:
+        names = "; ".join(f"{_named(r)} ({r.path.name}: {', '.join(r.damaged)})" for r in damaged)
+        lines.append(
+            "Damaged TensorBoard files (a record fails its checksum, and nothing after it can be read; not "
+            f"in the tables): {names}"
+        )
     if diverged:
         names = ", ".join(f"{_named(r)} at step {r.diverged_at:,}" for r in diverged)
         lines.append(f"Diverged (training loss NaN or infinite; not in the tables): {names}")

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 from lmheads.dotted import flatten
 from lmheads.files import read_record
@@ -83,6 +85,7 @@ class RunLog:
     config: dict = field(default_factory=dict)  # its config.yaml, flat (``model.lr``), where it has one
     tested_at: int | None = None  # the step of the checkpoint whose test its ``test/`` scalars are
     harness: dict[str, float] = field(default_factory=dict)  # lm-eval's results of its last.ckpt
+    damaged: list[str] = field(default_factory=list)  # its event files with a record that fails its checksum
 
     def setting(self, key: str):
         """A hyperparameter (``hparams.yaml``: ``lr``) or an option of its config (``model.min_lr_ratio``)."""
@@ -174,11 +177,33 @@ def _event_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("events.out.tfevents.*"), key=created)
 
 
+def damaged_at(events: Path) -> int | None:
+    """The byte at which a complete record of an event file fails its checksum (None if none does).
+    TensorBoard stops reading a file there without a word, so what follows is lost to it; a record cut
+    short at the end (a run killed while it wrote) is not damage."""
+    data = events.read_bytes()
+    at = 0
+    while at + 12 <= len(data):
+        header, header_crc = data[at : at + 8], struct.unpack("<I", data[at + 8 : at + 12])[0]
+        if masked_crc32c(header) != header_crc:
+            return at
+        end = at + 12 + struct.unpack("<Q", header)[0]
+        if end + 4 > len(data):
+            return None
+        if masked_crc32c(data[at + 12 : end]) != struct.unpack("<I", data[end : end + 4])[0]:
+            return at
+        at = end + 4
+    return None
+
+
 def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
     """The run in ``run_dir``, with the test of its ``test_checkpoint`` (see :func:`test_evaluation`)."""
     scalars: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)
     offset = 0.0
+    damaged = []
     for events in _event_files(run_dir):
+        if (at := damaged_at(events)) is not None:
+            damaged.append(f"{events.relative_to(run_dir)} from byte {at:,} of {events.stat().st_size:,}")
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})  # 0: keep every point
         acc.Reload()
         points = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
@@ -193,13 +218,16 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
     final_step = read_record(run_dir / RESULTS_FILE).get("step", 0)
     diverged_at = read_record(run_dir / DIVERGED_FILE).get("step")
     run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at, _config(run_dir))
+    run.damaged = damaged
     harness = test_evaluation(run_dir, "last", run.steps(), kind=HARNESS)  # lm-eval's of its last.ckpt
     if harness is not None:
         metrics = read_record(harness / "results.json").get("metrics", {})
         run.harness = {f"lm-eval {key}": value for key, value in metrics.items()}
     evaluation = test_evaluation(run_dir, test_checkpoint, run.steps())
     if evaluation is not None:  # the test split, from `python -m lmheads test --ckpt_path=<run>/...`
-        for tag, points in load_run(evaluation).scalars.items():
+        tested = load_run(evaluation)
+        run.damaged += [f"{evaluation.relative_to(run_dir)}/{file}" for file in tested.damaged]
+        for tag, points in tested.scalars.items():
             if tag.startswith(TEST_TAGS):
                 run.scalars[tag] = points
         named = re.fullmatch(r"step(\d+)(-\d+)?", evaluation.name)  # step<N>.ckpt, for those not recording it

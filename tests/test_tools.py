@@ -506,6 +506,31 @@ def test_a_run_not_yet_validated_is_named_not_dropped(tmp_path, capsys):
     ]
 
 
+def test_a_run_with_a_damaged_event_file_is_named_not_reported_from_what_precedes_the_damage(
+    tmp_path, capsys
+):
+    """TensorBoard stops reading an event file at a record that fails its checksum, without a word: the
+    run would report the values before it as its last, or read as never validated. A record cut short at
+    the end of a file (a run killed while it wrote) is not damage."""
+    fit(tmp_path, steps=4, every=2)
+    fit(tmp_path, "--model.head=untied", steps=4, every=2)
+    tied, untied = (
+        next((tmp_path / "quickstart").glob(f"{head}-*/events.out.tfevents.*")) for head in ("tied", "untied")
+    )
+    data = bytearray(tied.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tied.write_bytes(bytes(data))
+    untied.write_bytes(untied.read_bytes()[:-3])
+    assert runlog.damaged_at(untied) is None and runlog.damaged_at(tied) is not None
+    assert compare.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    damaged = (
+        "Damaged TensorBoard files (a record fails its checksum, and nothing after it can be read; not in the"
+    )
+    assert f"{damaged} tables): tied seed 0 ({tied.parent.name}: {tied.name} from byte " in out
+    assert "| untied | 0 |" in out and "| tied |" not in out and "Not validated" not in out
+
+
 def test_a_grouping_no_run_records_and_a_step_before_training_are_refused(tmp_path, capsys):
     """``--by`` a key no run records would group every run as ``key=None``; ``--step 0`` or less names no
     state of any run."""
