@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,17 @@ def check_filename(callback: ModelCheckpoint) -> None:
         "give a filename without '/' and, where it names a metric (lmheads' hold a '/'), "
         "auto_insert_metric_name=false, e.g. 'step{step}-loss{val/loss:.3f}'"
     )
+
+
+def lowest_loss_checkpoint(states: Iterable[tuple[str, Any]]) -> str | None:
+    """The checkpoint of the lowest validation loss among those that checkpoint callbacks keep by it,
+    from their (state key, state) pairs (a checkpoint's ``callbacks``): a callback that monitors something
+    else (or nothing: the newest checkpoint is its "best") or keeps the highest loss chooses none."""
+    scores = {}
+    for key, state in states:
+        if isinstance(state, dict) and state.get("monitor") == "val/loss" and "'mode': 'max'" not in key:
+            scores.update({path: float(score) for path, score in (state.get("best_k_models") or {}).items()})
+    return min(scores, key=scores.__getitem__, default=None)
 
 
 class RunCheckpoint(ModelCheckpoint):

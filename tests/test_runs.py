@@ -837,6 +837,38 @@ def test_the_last_step_is_validated_whatever_the_validation_interval(tmp_path):
     assert Path(results["best_checkpoint"]).name == "step5.ckpt"
 
 
+def test_the_best_checkpoint_is_the_lowest_validation_loss_whatever_callbacks_keep_checkpoints(
+    tmp_path, capsys
+):
+    """With checkpoint callbacks of one's own, the run's best checkpoint (results.json, compare.py --best,
+    ``--ckpt_path=best``) is the one of its lowest validation loss, not whatever the first callback calls
+    its best: the newest of a callback that keeps one every few steps, or the highest loss of one with
+    ``mode=max``."""
+
+    def callback(filename: str, **options) -> list[str]:
+        given = [f"--trainer.callbacks.{k}={v}" for k, v in options.items()]
+        return ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.filename={filename}", *given]
+
+    every = callback("every{step}", every_n_train_steps=2, save_top_k=-1, auto_insert_metric_name="false")
+    highest = callback("high{step}", monitor="val/loss", mode="max", auto_insert_metric_name="false")
+    lowest = callback("low{step}", monitor="val/loss", save_top_k=2, auto_insert_metric_name="false")
+    version = "--trainer.logger.init_args.version="
+    fit(tmp_path, *every, *highest, f"{version}none", steps=6, every=2)
+    run = tmp_path / "quickstart" / "none"
+    assert json.loads((run / "results.json").read_text())["best_checkpoint"] is None
+    err = refused(capsys, "test", *quick_args(tmp_path), f"{version}none", "--ckpt_path=best")
+    assert f"--ckpt_path=best: the run {run} has no checkpoint kept for its lowest validation loss" in err
+    fit(tmp_path, *every, *highest, *lowest, f"{version}lowest", steps=6, every=2)
+    run = tmp_path / "quickstart" / "lowest"
+    validated = scalars(run)["val/loss"]
+    low = min(validated, key=lambda point: point[1])[0] + 1  # logged at step s after s + 1 steps
+    assert max(validated, key=lambda point: point[1])[0] + 1 != low
+    best = run / "checkpoints" / f"low{low}.ckpt"
+    assert json.loads((run / "results.json").read_text())["best_checkpoint"] == str(best)
+    main(["test", *quick_args(tmp_path), *every, *highest, *lowest, f"{version}lowest", "--ckpt_path=best"])
+    assert json.loads((run / "test" / f"low{low}" / "checkpoint.json").read_text())["checkpoint"] == str(best)
+
+
 def test_metrics_of_an_earlier_step_say_which(tmp_path, capsys):
     """Validated every second epoch of three, a run's metrics are of the end of the second: the summary
     and results.json say so."""

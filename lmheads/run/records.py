@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
+from lmheads.checkpointing import lowest_loss_checkpoint
 from lmheads.errors import CheckpointWriteError, ConfigError, NonFiniteLossError
 from lmheads.files import read_record, write_json
 from lmheads.heads import head_name
@@ -91,7 +92,9 @@ class RunSummary(L.Callback):
             "step": trainer.global_step,
             "tokens_seen": trainer.global_step * tokens_per_step(pl_module, trainer),
             "wall_clock_s": round(time.perf_counter() - self._start, 1),
-            "best_checkpoint": getattr(checkpoint, "best_model_path", "") or None,
+            "best_checkpoint": lowest_loss_checkpoint(
+                (c.state_key, c.state_dict()) for c in trainer.checkpoint_callbacks
+            ),
             "last_checkpoint": getattr(checkpoint, "last_model_path", "") or None,
             "validated_at": validated_at,  # the step of the metrics
             "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},

@@ -12,12 +12,12 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.callbacks import Timer
 
-from lmheads.checkpointing import read_checkpoint
+from lmheads.checkpointing import lowest_loss_checkpoint, read_checkpoint
 from lmheads.data.base import file_digest
 from lmheads.dotted import flatten
 from lmheads.errors import ConfigError
 from lmheads.reporting import tokens_per_step, training_settings
-from lmheads.run.layout import furthest_checkpoint
+from lmheads.run.layout import furthest_checkpoint, run_checkpoints
 
 
 def checkpoint_conflicts(
@@ -82,9 +82,13 @@ def checkpoint_by_keyword(keyword: str, subcommand: str, run: Path | None) -> Pa
             "steps): continue the run with --ckpt_path=last, or give the best checkpoint's file and "
             "another --trainer.logger.init_args.version to start a new run from it"
         )
-    best = _best_checkpoint(run, furthest[1]) if furthest is not None else None
+    best = _best_checkpoint(run)
     if best is None:
-        raise ConfigError(f"--ckpt_path=best: the run {run} has no checkpoint chosen by validation loss yet")
+        raise ConfigError(
+            f"--ckpt_path=best: the run {run} has no checkpoint kept for its lowest validation loss (none "
+            "yet, or its checkpoint callbacks keep none by monitor=val/loss, mode=min); give a checkpoint "
+            "file"
+        )
     if not best.is_file():
         raise ConfigError(
             f"--ckpt_path=best: the run's checkpoint of the lowest validation loss, {best}, is no longer "
@@ -94,15 +98,19 @@ def checkpoint_by_keyword(keyword: str, subcommand: str, run: Path | None) -> Pa
     return best
 
 
-def _best_checkpoint(run: Path, latest: Path) -> Path | None:
-    """The best checkpoint by validation loss that the checkpoint callback's state in ``latest`` names, in
-    the run's ``checkpoints`` folder (where the run lies now, not where it was written), whether or not
-    it is still there."""
-    states = (read_checkpoint(str(latest)).get("callbacks") or {}).values()
-    for state in states:
-        if isinstance(state, dict) and state.get("monitor") == "val/loss" and state.get("best_model_path"):
-            return run / "checkpoints" / Path(state["best_model_path"]).name
-    return None
+def _best_checkpoint(run: Path) -> Path | None:
+    """The checkpoint of the lowest validation loss that the checkpoint callbacks' states name, in any of
+    the run's checkpoints (one written before a validation, by a callback that keeps one every few
+    steps, lacks what that validation chose), in the run's ``checkpoints`` folder (where the run lies
+    now, not where it was written), whether or not it is still there."""
+    states = []
+    for path in run_checkpoints(run):
+        try:
+            states += (read_checkpoint(str(path)).get("callbacks") or {}).items()
+        except ConfigError:  # unreadable: it names none
+            continue
+    best = lowest_loss_checkpoint(states)
+    return None if best is None else run / "checkpoints" / Path(best).name
 
 
 def training_conflicts(run: Path, now: dict[str, int | float | str]) -> list[str]:
