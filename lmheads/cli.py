@@ -307,6 +307,8 @@ class LMHeadsCLI(LightningCLI):
         self.plan = plan = plan_run(self.subcommand, config, head, now, run, step, ckpt or "")
         if plan.resume:
             _refuse_going_back(run, step, ckpt)
+        if plan.resume or plan.filed_in is not None:  # what it checks the command against, before it runs
+            read_record(run / "hparams.yaml")
         set_aside = point_loggers(config, plan, step)
         self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": plan.config_file}
         self.run_folder = RunFolder(plan.folder, resume=plan.resume, start_step=step)

@@ -371,6 +371,15 @@ def test_a_run_continues_with_the_batch_and_precision_it_trained_with(finished_r
     (run / "hparams.yaml").write_text(yaml.safe_dump(clipped))
     by_value = {**now, "devices": 1, "gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"}
     assert training_conflicts(run, by_value) == ["gradient_clip_algorithm: norm in the run, value here"]
+    # a record that does not parse would let the run go on unchecked, and its next save replace it
+    (run / "hparams.yaml").write_text("precision: [32-true")
+    cut_short = snapshot(run)
+    for command, steps in (("fit", 8), ("validate", 6)):  # an evaluation before it runs
+        with pytest.raises(SystemExit):
+            main([command, *quick_args(tmp_path, steps=steps, every=4), last])
+        out, err = capsys.readouterr()
+        assert f"error: {run / 'hparams.yaml'} cannot be read (expected ',' or ']'" in err
+        assert snapshot(run) == cut_short and "val/loss" not in out + err
 
 
 def test_a_checkpoint_its_run_went_past_continues_only_as_a_new_run(tmp_path, capsys):

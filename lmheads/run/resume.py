@@ -9,13 +9,13 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-import yaml
 from lightning.pytorch.callbacks import Timer
 
 from lmheads.checkpointing import lowest_loss_checkpoint, read_checkpoint
 from lmheads.data.base import file_digest
 from lmheads.dotted import flatten
 from lmheads.errors import ConfigError
+from lmheads.files import read_record
 from lmheads.reporting import tokens_per_step, training_settings
 from lmheads.run.layout import furthest_checkpoint, run_checkpoints
 
@@ -151,11 +151,9 @@ def evaluation_conflicts(run: Path, precision: str) -> list[str]:
 
 
 def _recorded(run: Path) -> dict:
-    """The run's ``hparams.yaml`` (empty where it has none that parses)."""
-    try:
-        return yaml.safe_load((run / "hparams.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
+    """The run's ``hparams.yaml`` (empty where it has none; one that does not parse is refused: the run
+    would go on unchecked, and its next save would replace the record)."""
+    return read_record(run / "hparams.yaml")
 
 
 def check_training(run: Path, model, trainer, datamodule) -> None:
