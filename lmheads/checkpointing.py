@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmheads.errors import CheckpointWriteError, ConfigError, Interrupted, NonFiniteLossError
+from lmheads.errors import CheckpointWriteError, ConfigError, Interrupted, NonFiniteLossError, causes
 from lmheads.heads import head_name
 from lmheads.lightning_internals import requeue_signal, stop_after_this_step
 
@@ -388,8 +388,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, target)
-        except OSError as err:
-            raise CheckpointWriteError(_unwritten(target, checkpoint.get("global_step"), err)) from err
+        except Exception as err:  # torch's writer raises a RuntimeError over the file's OSError
+            failed = next((e for e in causes(err) if isinstance(e, OSError)), None)
+            if failed is None:
+                raise
+            raise CheckpointWriteError(_unwritten(target, checkpoint.get("global_step"), failed)) from err
         finally:
             partial.unlink(missing_ok=True)
 

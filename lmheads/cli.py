@@ -45,7 +45,14 @@ from lmheads.console import (
     user_error,
 )
 from lmheads.data import LMDataModule
-from lmheads.errors import ConfigError, Interrupted, TrainingStopped, interrupted_outside_training
+from lmheads.errors import (
+    CheckpointWriteError,
+    ConfigError,
+    Interrupted,
+    TrainingStopped,
+    interrupted_outside_training,
+    out_of_space,
+)
 from lmheads.files import read_record
 from lmheads.generation import SamplingConfig
 from lmheads.heads import head_name
@@ -53,7 +60,7 @@ from lmheads.heads.base import resolve_head
 from lmheads.heads.names import PARSER_MODE, expand_head_names, load_yaml
 from lmheads.lightning_internals import AlignLoggingStep, quiet_wandb
 from lmheads.module import LMHeadModule
-from lmheads.run.claim import NAMING_OPTION, RunFolder
+from lmheads.run.claim import NAMING_OPTION, RunFolder, unwritten
 from lmheads.run.layout import RESULTS_FILE, furthest_checkpoint, run_of_checkpoint
 from lmheads.run.plan import (
     DEFAULT_SAVE_DIR,
@@ -428,9 +435,21 @@ def _stopped_outside_training(pid: int, signum, frame) -> None:
         raise interrupted_outside_training(signum)
 
 
+def _reported_by_the_command(hook, args) -> None:
+    """A thread's uncaught exception, passed to ``hook`` unless it is a write that ran out of space: a
+    writer thread's (TensorBoard's) is raised again where the command next writes through it, and said
+    there in one line."""
+    if out_of_space(args.exc_value) is None:
+        hook(args)
+
+
 def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
     argv = sys.argv[1:] if args is None else args
     previous = {}
+    thread_hook, threading.excepthook = (
+        threading.excepthook,
+        partial(_reported_by_the_command, threading.excepthook),
+    )
     if threading.current_thread() is threading.main_thread():
         # Until training starts (where the interruption callback takes them over), Ctrl-C and SIGTERM end
         # the command like any failed start: what it created is removed (a sweep can then start it again).
@@ -484,10 +503,14 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
         sys.exit(err.exit_code)
     except Exception as err:
         message = user_error(err)
+        if message is None and (full := out_of_space(err)) is not None:  # a log's writer, say
+            print(f"error: {unwritten(full)}", file=sys.stderr)
+            sys.exit(CheckpointWriteError.exit_code)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     finally:
+        threading.excepthook = thread_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lmheads.cmdline import SUBCOMMANDS, configs_holding, option_values
 from lmheads.dotted import flatten
-from lmheads.errors import ConfigError
+from lmheads.errors import ConfigError, causes
 
 #: Lightning messages (through its rank-zero logger) that advertise or describe its own internals.
 QUIET_MESSAGES = (
@@ -308,21 +308,18 @@ def user_error(err: BaseException | None) -> str | None:
     its ``ModuleNotFoundError`` for a setting whose package is missing), or a ``RuntimeError`` one of its
     callbacks raises on its settings (``EarlyStopping`` monitoring a metric no run logs);
     ``None`` for anything else (a bug: its traceback is shown)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, ConfigError):
-            return str(err)
-        if _raised_in(err, RuntimeError, ("callbacks",)):
-            return " ".join(str(err).split()) + " (a callback's setting)"
-        if isinstance(err, MisconfigurationException) or _trainer_value_error(err) or _unmet(err):
-            if "gpu" in str(err).lower() and not torch.cuda.is_available():
+    for cause in causes(err):
+        if isinstance(cause, ConfigError):
+            return str(cause)
+        if _raised_in(cause, RuntimeError, ("callbacks",)):
+            return " ".join(str(cause).split()) + " (a callback's setting)"
+        if isinstance(cause, MisconfigurationException) or _trainer_value_error(cause) or _unmet(cause):
+            if "gpu" in str(cause).lower() and not torch.cuda.is_available():
                 return (
                     "trainer.accelerator asks for a GPU and torch sees none here; use "
                     "--trainer.accelerator=cpu (or auto)"
                 )
-            return " ".join(str(err).split()) + " (a trainer setting)"
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
+            return " ".join(str(cause).split()) + " (a trainer setting)"
     return None
 
 

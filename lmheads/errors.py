@@ -2,13 +2,16 @@
 
 The CLI turns a ``ConfigError`` (bad user input) into a single ``error: ...`` line and exit status 2, so
 every message must say what is wrong *and* what to do about it; a ``TrainingStopped`` (a NaN loss, a
-checkpoint that could not be written) into an ``error:`` line and its own status (3, 4); an
-``Interrupted`` into an ``interrupted:`` line and 130 or 143. A command's output folder that cannot be
-made (a file in its path) is a ``ConfigError`` too (:func:`make_folder`).
+checkpoint that could not be written) into an ``error:`` line and its own status (3, 4), and so a write
+elsewhere that ran out of space (:func:`out_of_space`: a log) with 4; an ``Interrupted`` into an
+``interrupted:`` line and 130 or 143. A command's output folder that cannot be made (a file in its path)
+is a ``ConfigError`` too (:func:`make_folder`).
 """
 
+import errno
 import importlib.util
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -70,6 +73,22 @@ class CheckpointWriteError(TrainingStopped):
     whole."""
 
     exit_code = 4
+
+
+def causes(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and the exceptions behind it (``raise ... from``, or raised while handling them), in turn."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        yield err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+
+
+def out_of_space(err: BaseException) -> OSError | None:
+    """The write behind ``err`` that failed for want of space (a full disk, a quota), if one did."""
+    return next(
+        (e for e in causes(err) if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None
+    )
 
 
 class Interrupted(BaseException):

@@ -343,16 +343,25 @@ def test_a_save_that_dies_midway_leaves_no_partial_checkpoint(tmp_path, monkeypa
     shutil.rmtree(tempfile.tempdir)
 
 
-def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_the_run_continues(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("over_it", [False, True])
+def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_the_run_continues(
+    tmp_path, monkeypatch, capsys, over_it
+):
     """The disk fills while a validation's checkpoint is written: training stops with one ``error:`` line
     (exit status 4) that names the step and the checkpoint to continue from, leaves no partial file and
-    the earlier ``last.ckpt`` whole, and the run continues from it to its end."""
+    the earlier ``last.ckpt`` whole, and the run continues from it to its end. torch's writer raises a
+    RuntimeError over the file's OSError (``over_it``)."""
     real_save = torch.save
 
     def fills_the_disk(obj, file, *args, **kwargs):
         if obj.get("global_step") == 4:
             file.write(b"part of a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                if over_it:
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+                raise
         return real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", fills_the_disk)
@@ -372,6 +381,36 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_the_run_continues(tmp
     monkeypatch.setattr(torch, "save", real_save)
     fit(tmp_path, f"--ckpt_path={last}", steps=6, every=2)
     assert json.loads((only_run(tmp_path) / "results.json").read_text())["step"] == 6
+
+
+def test_a_full_disk_under_the_logs_stops_in_one_line_and_the_run_continues(tmp_path, monkeypatch, capsys):
+    """TensorBoard's writer thread runs out of space: its traceback, then Lightning's "you tried to log
+    ... which is currently not supported" and a traceback, were all the command said. It stops with one
+    ``error:`` line (exit status 4) naming the run and the checkpoint to continue from, as for a
+    checkpoint, and the run continues from it."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    run = tmp_path / "quickstart" / "r"
+    last = run / "checkpoints" / "last.ckpt"
+    real_write = RecordWriter.write
+
+    def fills_the_disk(self, data):
+        if last.is_file():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", fills_the_disk)
+    with pytest.raises(SystemExit) as exc:
+        fit(tmp_path, "--trainer.logger.init_args.version=r", steps=6, every=2)
+    err = capsys.readouterr().err
+    assert exc.value.code == 4 and "Traceback" not in err and "Exception in thread" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: {run} could not be written (No space left on device); the command stopped. Free space "
+        f"there, then continue the run with --ckpt_path={last} (an earlier state)"
+    ]
+    monkeypatch.setattr(RecordWriter, "write", real_write)
+    fit(tmp_path, "--trainer.logger.init_args.version=r", f"--ckpt_path={last}", steps=6, every=2)
+    assert json.loads((run / "results.json").read_text())["step"] == 6
 
 
 def test_a_full_disk_at_the_end_of_training_is_one_line_and_leaves_no_partial_results(
