@@ -10,6 +10,8 @@ is a ``ConfigError`` too (:func:`make_folder`).
 
 import errno
 import importlib.util
+import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,10 +87,15 @@ def causes(err: BaseException | None) -> Iterator[BaseException]:
 
 
 def out_of_space(err: BaseException) -> OSError | None:
-    """The write behind ``err`` that failed for want of space (a full disk, a quota), if one did."""
-    return next(
-        (e for e in causes(err) if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None
-    )
+    """The write behind ``err`` that failed for want of space (a full disk, a quota), if one did: an
+    ``OSError``, or one made from a Rust library's I/O error (safetensors': "... (os error 28)")."""
+    for cause in causes(err):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cause
+        rust = re.search(r"\(os error (\d+)\)", str(cause))
+        if rust and int(rust[1]) in (errno.ENOSPC, errno.EDQUOT):
+            return OSError(int(rust[1]), os.strerror(int(rust[1])))
+    return None
 
 
 class Interrupted(BaseException):

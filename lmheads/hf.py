@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lmheads.data.tokenizers import PretrainedTokenizer, Tokenizer
-from lmheads.errors import ConfigError, make_folder, require
+from lmheads.errors import ConfigError, make_folder, out_of_space, require
 from lmheads.heads import LinearForm, LinearHead, head_name
 from lmheads.hf_tokenizer import hf_tokenizer
 from lmheads.run.layout import run_of_checkpoint
@@ -300,6 +300,13 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
         else:
             notes.append("no tokenizer: the data has no text (the synthetic language's ids are its tokens)")
         os.rename(staging, out)
+    except Exception as err:
+        if (full := out_of_space(err)) is None:
+            raise
+        raise ConfigError(
+            f"the export {out} could not be written ({full.strerror}); free space in {out.parent}, or give "
+            "a folder elsewhere"
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return notes

@@ -165,6 +165,22 @@ def test_a_head_with_no_exported_form_is_refused_and_writes_nothing(head, reason
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error ("I/O error: ... (os error 28)"), which ended the
+    command in a traceback; the staged folder is removed either way."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    model = LMHeadModule(backbone=SMALL, vocab_size=50).eval()
+    message = f"the export {tmp_path / 'hf'} could not be written (No space left on device); free space in"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        export_hf(model, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
 TEXT = ["the cat sat on the mat\n", "a dog, a café and ünïcode words\n", "unseen zebra here\n"]
 
 

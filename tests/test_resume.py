@@ -411,6 +411,12 @@ def test_a_full_disk_under_the_logs_stops_in_one_line_and_the_run_continues(tmp_
     monkeypatch.setattr(RecordWriter, "write", real_write)
     fit(tmp_path, "--trainer.logger.init_args.version=r", f"--ckpt_path={last}", steps=6, every=2)
     assert json.loads((run / "results.json").read_text())["step"] == 6
+    monkeypatch.setattr(RecordWriter, "write", fills_the_disk)  # an evaluation leaves nothing to continue
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", *quick_args(tmp_path), f"--ckpt_path={last}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 4 and f"error: {run / 'validate' / 'last'} could not be written (No space" in err
+    assert err.rstrip().endswith("Free space there, then run it again") and not (run / "validate").exists()
 
 
 def test_a_full_disk_at_the_end_of_training_is_one_line_and_leaves_no_partial_results(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -563,6 +564,49 @@ def test_a_report_that_could_not_write_where_asked_stops_before_reading_runs(tmp
         assert "has no <!-- compare:x:begin --> ... <!-- compare:x:end --> section" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file", "doc.md"]
     assert doc.read_text() == "# no generated section\n"
+
+
+@pytest.mark.parametrize("fails", ["figure", "document"])
+def test_a_report_onto_a_full_disk_is_one_line_and_leaves_what_was_there(
+    tmp_path, capsys, monkeypatch, fails
+):
+    """The disk fills while a report writes a figure over an older one, or a document's section: the file
+    was left cut short (a document losing everything after the write stopped) and the command ended in a
+    traceback. Each file is written whole or not at all, and the command says so in one line."""
+    import matplotlib.figure
+
+    fit(tmp_path / "runs", steps=2, every=2)
+    out, doc = tmp_path / "report", tmp_path / "doc.md"
+    out.mkdir()
+    (out / "val_loss_vs_step.png").write_bytes(b"an older figure")
+    doc.write_text("# Results\n<!-- compare:begin -->\nold\n<!-- compare:end -->\nafter the section\n")
+    before = {p.name: p.read_bytes() for p in [doc, *out.iterdir()]}
+
+    real_write_text = Path.write_text
+
+    def cut_short(self, target, *args, **kwargs):  # a figure, or the document's text
+        if fails == "figure":
+            Path(target).write_bytes(b"par")
+        elif self.parent != doc.parent:
+            return real_write_text(self, target, *args, **kwargs)
+        else:
+            real_write_text(self, target[:3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fails == "figure":
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", cut_short)
+    else:
+        monkeypatch.setattr(Path, "write_text", cut_short)
+    args = [str(tmp_path / "runs"), "--update", str(doc)] + (["--out", str(out)] if fails == "figure" else [])
+    assert compare.main(args) == 2
+    assert capsys.readouterr().err == (
+        "error: the report could not be written (No space left on device); free space where it writes "
+        "(--out, --update), or give them another place; each file it wrote is whole, the others as they "
+        "were\n"
+    )
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in [doc, *out.iterdir()] if p.name != "table.md"}
+    assert after == {k: v for k, v in before.items() if k != "table.md"}  # no partial file either
 
 
 def test_a_document_whose_section_is_not_one_is_refused_before_anything_is_written(tmp_path, capsys):

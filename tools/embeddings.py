@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from report import check_outputs, command, markdown, publish, pyplot
+from report import check_outputs, command, markdown, publish, pyplot, save_figure
 
 from lmheads.checkpointing import TOKEN_BUCKET_KEY, read_checkpoint
 from lmheads.errors import ConfigError
@@ -130,10 +130,7 @@ def heatmap(matrices: dict[str, torch.Tensor], rows: list[dict], k: int, out: Pa
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize="x-small", color=colour)
         ax.set_title(title)
     fig.colorbar(image, ax=axes, shrink=0.8)
-    path = out / "embeddings.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "embeddings.png", bbox_inches="tight")
 
 
 @command

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from report import check_outputs, markdown, publish, pyplot
+from report import check_outputs, command, markdown, publish, pyplot, save_figure
 
 from lmheads.stats import effect, family, policy_note
 from lmheads.streams import pipe_safe_output
@@ -124,10 +124,7 @@ def draw(data: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_title("untied minus tied: above 0, the tie is ahead (mean of seeds, 95% CI)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out / f"{name}.png", dpi=110))
     return paths
 
 
@@ -146,6 +143,7 @@ def summary(data: pd.DataFrame) -> str:
     return f"{title}: {policy_note(len(last))}.\n\n{markdown(table)}"
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="folder for table.md and the two figures")

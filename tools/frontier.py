@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-from report import check_outputs, command, markdown, publish, pyplot
+from report import check_outputs, command, markdown, publish, pyplot, save_figure
 
 from lmheads.comparable import missing_roots, no_runs_message, split_reportable
 from lmheads.runlog import RunLog, find_runs
@@ -172,10 +172,7 @@ def plot(grouped: dict[tuple[str, str], list[RunLog]], out: Path, at: str) -> Pa
     unique = dict(zip(labels, handles, strict=True))
     fig.legend(unique.values(), unique.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    path = out / "frontier.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "frontier.png", dpi=120, bbox_inches="tight")
 
 
 @command

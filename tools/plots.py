@@ -10,7 +10,7 @@ import difflib
 import statistics
 from pathlib import Path
 
-from report import pyplot
+from report import pyplot, save_figure
 
 from lmheads.runlog import RunLog, natural
 
@@ -76,11 +76,8 @@ def plot(groups: dict[str, list[RunLog]], out: Path, extra: tuple[str, ...] = ()
 
 def save_plot(fig, ax, path: Path) -> Path:
     """The legend outside the axes (it never hides a curve), the figure written and closed."""
-    plt = pyplot()
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def curve(r: RunLog, tag: str, axis: str) -> tuple[list[float], list[float]]:

@@ -14,14 +14,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lmheads.errors import ConfigError, file_in_the_way
+from lmheads.errors import ConfigError, file_in_the_way, out_of_space
+from lmheads.files import write_whole
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
 
 def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """A report's ``main``, which gives a ``ConfigError`` (a run's record that does not parse, from
-    :func:`lmheads.files.read_record`) as one ``error:`` line and exit status 2."""
+    :func:`lmheads.files.read_record`), or a full disk under what it writes, as one ``error:`` line and
+    exit status 2."""
 
     @functools.wraps(main)
     def reporting(argv: list[str] | None = None) -> int:
@@ -29,6 +31,16 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             return main(argv)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
+            return 2
+        except Exception as err:
+            if (full := out_of_space(err)) is None:
+                raise
+            where = f"{full.filename}: free space there" if full.filename else "free space where it writes"
+            print(
+                f"error: the report could not be written ({full.strerror}); {where} (--out, --update), or "
+                "give them another place; each file it wrote is whole, the others as they were",
+                file=sys.stderr,
+            )
             return 2
 
     return reporting
@@ -42,6 +54,14 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, **options) -> Path:
+    """``fig.savefig(path, **options)`` whole or not at all (a full disk leaves the figure that was there
+    as it was), and the figure closed."""
+    write_whole(path, lambda tmp: fig.savefig(tmp, **options))
+    pyplot().close(fig)
+    return path
 
 
 def markdown(frame) -> str:
@@ -96,7 +116,7 @@ def update_document(doc: Path, text: str, section: str | None = None) -> None:
         raise SystemExit(f"error: {problem}")
     head, rest = content.split(begin, 1)
     _, tail = rest.split(end, 1)
-    doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+    write_whole(doc, lambda tmp: tmp.write_text(f"{head}{begin}\n{text}\n{end}{tail}"))
 
 
 def publish(
@@ -115,7 +135,7 @@ def publish(
     images: list[Path] = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.md").write_text(text + "\n")
+        write_whole(out / f"{name}.md", lambda tmp: tmp.write_text(text + "\n"))
         images = draw(out) if draw is not None else []
         print("wrote " + ", ".join(str(p) for p in [out / f"{name}.md", *images]))
     if update is not None:

@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.errors import ConfigError, make_folder
-from lmheads.run.layout import DIVERGED_FILE, EVALUATED_FILE, RESULTS_FILE, furthest_checkpoint
+from lmheads.run.layout import DIVERGED_FILE, RESULTS_FILE, furthest_checkpoint
 
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
 #: when both start at the same moment.
@@ -257,15 +257,16 @@ class RunFolder:
 def unwritten(err: OSError) -> str:
     """Why a command stopped at a file it could not write for want of space where lmheads does not write
     it itself (a log, which TensorBoard's writer writes), and how to go on: the run continued from its
-    furthest checkpoint (an earlier state), started again, or the evaluation run again."""
+    furthest checkpoint (an earlier state), or started again; a command that failed before training (an
+    evaluation, say) left nothing, and is run again."""
     file = Path(err.filename) if err.filename else None
     run = next((p for p in (file, *file.parents) if (p / CLAIM_FILE).is_file()), None) if file else None
-    furthest = furthest_checkpoint(run) if run is not None else None
+    furthest = furthest_checkpoint(run) if run is not None and file.exists() else None
     if furthest is not None:
         then = f"continue the run with --ckpt_path={furthest[1]} (an earlier state)"
-    elif run is not None and not (run / EVALUATED_FILE).is_file():
+    elif run is not None and file.exists():
         then = f"start it again (it has no checkpoint): delete {run}, or give another {NAMING_OPTION}"
-    else:
+    else:  # its folder, removed as a failed start's
         then = "run it again"
     why = err.strerror or err
     return (
