@@ -402,10 +402,12 @@ def _unwritten(target: Path, step: int | None, err: OSError) -> str:
     there is one, is an earlier state, whole (this write never replaced it)."""
     fix = "Free space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "Make that folder writable"
     last = target.parent / "last.ckpt"
+    run = target.parent.parent if target.parent.name == "checkpoints" else target.parent
     then = (
         f"then continue the run with --ckpt_path={last} (an earlier state)"
         if last.is_file()
-        else "then start it again (no checkpoint was written before)"
+        else f"then start it again (no checkpoint was written before): delete {run}, or give another "
+        "--trainer.logger.init_args.version"
     )
     at = "" if step is None else f" at step {step}"
     why = err.strerror or err

@@ -383,6 +383,27 @@ def test_a_full_disk_at_a_checkpoint_stops_in_one_line_and_the_run_continues(
     assert json.loads((only_run(tmp_path) / "results.json").read_text())["step"] == 6
 
 
+def test_a_full_disk_at_the_first_checkpoint_says_how_to_start_the_run_again(tmp_path, monkeypatch, capsys):
+    """With no checkpoint to continue from, the run's folder is claimed by a run that stopped before its
+    first checkpoint: the same command again is refused, so the line says what starts it again."""
+
+    def fills_the_disk(obj, file, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    with pytest.raises(SystemExit):
+        fit(tmp_path, "--trainer.logger.init_args.version=r", steps=4, every=2)
+    run = tmp_path / "quickstart" / "r"
+    assert (
+        capsys.readouterr()
+        .err.rstrip()
+        .endswith(
+            f"then start it again (no checkpoint was written before): delete {run}, or give another "
+            "--trainer.logger.init_args.version"
+        )
+    )
+
+
 def test_a_full_disk_under_the_logs_stops_in_one_line_and_the_run_continues(tmp_path, monkeypatch, capsys):
     """TensorBoard's writer thread runs out of space: its traceback, then Lightning's "you tried to log
     ... which is currently not supported" and a traceback, were all the command said. It stops with one
@@ -627,7 +648,7 @@ def test_export_gives_aliases_one_owner(tmp_path):
     torch.testing.assert_close(again(idx), model(idx), rtol=0, atol=0)
 
 
-def test_export_tool(tmp_path, capsys):
+def test_export_tool(tmp_path, capsys, monkeypatch):
     fit(tmp_path, steps=2, every=2)
     ckpt = only_run(tmp_path) / "checkpoints" / "last.ckpt"
     export, out = tool("export"), tmp_path / "m.safetensors"
@@ -646,6 +667,21 @@ def test_export_tool(tmp_path, capsys):
     assert out.read_bytes() == before
     assert export.main([str(ckpt.parent.parent), str(out), "--overwrite"]) == 0  # the run: its last.ckpt
     assert sorted(p.name for p in tmp_path.glob("*safetensors*")) == ["m.safetensors"]  # no partial left
+    # a full disk, which safetensors reports as its own error, is one line and leaves the file as it was
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    before = out.read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert export.main([str(ckpt), str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} could not be written (No space left on device); free space there, or give another "
+        "output path; nothing was written\n"
+    )
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.glob("*safetensors*")) == [out.name]
 
 
 def test_every_process_continues_the_gpu_random_state_of_rank_zero_on_its_own_device(monkeypatch):

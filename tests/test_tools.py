@@ -428,6 +428,24 @@ def test_a_run_that_fails_to_start_says_why_and_leaves_no_folder(tmp_path, capsy
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_failed_run_says_why_this_attempt_failed(tmp_path, capsys, monkeypatch):
+    """A run's sweep.log keeps every attempt's output: the line of a run that failed again was the first
+    attempt's error, whatever the second one's was (a full disk, then a refusal)."""
+    reasons = iter(["the disk filled", "the folder is claimed"])
+
+    def fails(self, cmd, stdout, **kwargs):
+        run_dir = Path(stdout.name).parent
+        (run_dir / "config.yaml").write_text("started\n")  # it started: its folder stays
+        stdout.write(f"some output\nerror: {next(reasons)}\n")
+        return 2
+
+    monkeypatch.setattr(sweep.Runs, "run", fails)
+    args = ["--config", QUICKSTART, "--heads", "tied", "--seeds", "0", "--root", str(tmp_path), "--name", "x"]
+    for reason in ("the disk filled", "the folder is claimed"):
+        assert sweep.main(args) == 1
+        assert f"tied-seed0: failed (exit 2: error: {reason}; see" in capsys.readouterr().out
+
+
 def test_sweep_takes_head_options_in_its_grid(tmp_path, capsys):
     grid = ["--grid", "model.head.init_args.bias=true,false", "--dry-run", "--", "--model.lr=0.01"]
     args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--heads", "untied", "--seeds", "0"]

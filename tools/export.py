@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lmheads.checkpointing import read_checkpoint
-from lmheads.errors import ConfigError
+from lmheads.errors import ConfigError, out_of_space
 from lmheads.export import export_safetensors, load_safetensors
 from lmheads.module import module_from_checkpoint
 from lmheads.reporting import parameter_counts
@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 1
         partial.replace(args.output)
+    except Exception as err:
+        if (full := out_of_space(err)) is None:
+            raise
+        print(f"error: {args.output} could not be written ({full.strerror}); free space there, or give "
+              "another output path; nothing was written", file=sys.stderr)  # fmt: skip
+        return 2
     finally:
         partial.unlink(missing_ok=True)
     counts = parameter_counts(model)

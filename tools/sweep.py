@@ -68,10 +68,13 @@ def options(run: Run, args: argparse.Namespace) -> list[str]:
     return cmd + [f"--{key}={value}" for key, value in run.overrides.items()]
 
 
-def first_line(log: Path, start: str = "error:") -> str | None:
-    """The first line of a run's log that starts with ``start`` (``None`` if none)."""
-    with contextlib.suppress(OSError), log.open(errors="replace") as lines:
-        return next((line.strip() for line in lines if line.startswith(start)), None)
+def first_line(log: Path, start: str = "error:", offset: int = 0) -> str | None:
+    """The first line of a run's log from byte ``offset`` (where one attempt's output begins: the log keeps
+    every attempt's) that starts with ``start`` (``None`` if none)."""
+    with contextlib.suppress(OSError), log.open("rb") as lines:
+        lines.seek(offset)
+        text = (line.decode(errors="replace") for line in lines)
+        return next((line.strip() for line in text if line.startswith(start)), None)
     return None
 
 
@@ -200,6 +203,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
             return run, NOT_STARTED
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "sweep.log").open("a") as log:
+            attempt = log.tell()  # where this attempt's output begins
             returncode = runs.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     finally:
         if gpu is not None:
@@ -211,7 +215,10 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     status = "done" if returncode == 0 else "interrupted" if returncode in (130, 143) else "failed"
     elsewhere = None
     if status == "done" and not (run_dir / "results.json").is_file():  # its loggers named another folder
-        status, elsewhere = "failed", first_line(run_dir / "sweep.log", "run:") or "no run: line in its log"
+        status, elsewhere = (
+            "failed",
+            first_line(run_dir / "sweep.log", "run:", attempt) or "no run: line in its log",
+        )
     step = diverged_step(run_dir) if returncode == NonFiniteLossError.exit_code else None
     if step is not None:
         status = "diverged"  # a result, kept as it is
@@ -220,7 +227,7 @@ def execute(run: Run, args: argparse.Namespace, gpus: queue.Queue | None, runs: 
     # a failure of a run another process started at the same moment, or recorded since, is not its outcome
     if returncode != 0 and (RunFolder(run_dir).holder() is not None or recorded != before):
         return run, f"busy (another process trains it or has recorded it; see {marker})"
-    error = first_line(run_dir / "sweep.log") if status == "failed" else None
+    error = first_line(run_dir / "sweep.log", offset=attempt) if status == "failed" else None
     if status == "failed" and elsewhere is None and not existed and os.listdir(run_dir) == ["sweep.log"]:
         shutil.rmtree(run_dir)  # it never started: no folder is left for it, the next call starts it anew
         for folder in (run_dir.parent, run_dir.parent.parent):  # <root>/<name>, <root>, where now empty
