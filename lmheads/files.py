@@ -24,6 +24,9 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     try:
         write(tmp)
         tmp.replace(path)
+    except OSError as err:
+        err.filename = err.filename or str(path)  # a failed write names no file: the one it was for
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

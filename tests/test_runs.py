@@ -4,6 +4,7 @@ around them)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -573,6 +574,45 @@ def test_a_file_set_aside_for_a_continued_run_is_put_back_when_its_start_fails(t
     folder.release()
     assert (tmp_path / "metrics.csv").read_text() == "step\n0\n"
     assert not (tmp_path / "metrics-before-step1.csv").exists()
+
+
+def test_a_claim_onto_a_full_disk_is_one_line_and_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """The claim is the first file a command writes (a run's, an evaluation's, lm-eval's): a full disk
+    left it empty, the folder made for it, and a traceback (a continued run's claim, cut short)."""
+    import lmheads.run.claim as claim
+    from lmheads import files
+
+    def full(self, *args, **kwargs):
+        self.open("w").close()  # created, then nothing fits
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Full:  # a claim created, into which nothing fits
+        def __init__(self, path, mode):
+            self.file = open(path, mode)  # noqa: SIM115 (closed by __exit__)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(claim, "open", Full, raising=False)
+    message = f"{tmp_path / 'a' / 'run'} cannot be written (No space left on device); free space there"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunFolder(tmp_path / "a" / "run").claim()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / claim.CLAIM_FILE).write_bytes(b'{"pid": 1}')
+    with pytest.raises(ConfigError, match="cannot be written"):
+        RunFolder(tmp_path, resume=True).claim()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([claim.CLAIM_FILE, claim.LOCK_FILE])
+    assert (tmp_path / claim.CLAIM_FILE).read_bytes() == b'{"pid": 1}' and not RunFolder(tmp_path).holder()
+    with pytest.raises(OSError) as written:
+        files.write_json(tmp_path / "results.json", {})
+    assert written.value.filename == str(tmp_path / "results.json")  # names the file it was for
 
 
 def test_a_csv_run_continued_twice_from_one_step_keeps_both_earlier_metrics(tmp_path):

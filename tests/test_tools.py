@@ -618,9 +618,9 @@ def test_a_report_onto_a_full_disk_is_one_line_and_leaves_what_was_there(
     args = [str(tmp_path / "runs"), "--update", str(doc)] + (["--out", str(out)] if fails == "figure" else [])
     assert compare.main(args) == 2
     assert capsys.readouterr().err == (
-        "error: the report could not be written (No space left on device); free space where it writes "
-        "(--out, --update), or give them another place; each file it wrote is whole, the others as they "
-        "were\n"
+        f"error: {out / 'val_loss_vs_step.png' if fails == 'figure' else doc} could not be written (No space "
+        "left on device); free space there, or give --out or --update another place; each file the report "
+        "wrote is whole, the others as they were\n"
     )
     monkeypatch.undo()
     after = {p.name: p.read_bytes() for p in [doc, *out.iterdir()] if p.name != "table.md"}

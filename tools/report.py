@@ -35,10 +35,10 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
         except Exception as err:
             if (full := out_of_space(err)) is None:
                 raise
-            where = f"{full.filename}: free space there" if full.filename else "free space where it writes"
+            what, where = (full.filename, "there") if full.filename else ("the report", "where it writes")
             print(
-                f"error: the report could not be written ({full.strerror}); {where} (--out, --update), or "
-                "give them another place; each file it wrote is whole, the others as they were",
+                f"error: {what} could not be written ({full.strerror}); free space {where}, or give --out "
+                "or --update another place; each file the report wrote is whole, the others as they were",
                 file=sys.stderr,
             )
             return 2

@@ -9,6 +9,7 @@ then warns and goes on with the claim file alone.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -22,6 +23,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.errors import ConfigError, make_folder
+from lmheads.files import write_whole
 from lmheads.run.layout import DIVERGED_FILE, RESULTS_FILE, furthest_checkpoint
 
 #: Created exclusively when a run claims its folder: a second run with the same folder is refused, even
@@ -123,7 +125,11 @@ class RunFolder:
             claim = self.path / CLAIM_FILE
             self._previous_claim = claim.read_text() if claim.is_file() else None  # back if it fails
             self._before = _paths(self.path)
-            self._write_claim("w")
+            try:
+                self._write_claim("w")
+            except ConfigError:
+                _unlock(self.path)
+                raise
             return
         existed = self.path.is_dir()
         self._top = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
@@ -139,6 +145,9 @@ class RunFolder:
             self._write_claim("x")
         except FileExistsError:
             raise ConfigError(self._taken()) from None
+        except ConfigError:
+            self._remove_made_folders()
+            raise
         self._before = _paths(self.path) if existed else set()
         self._created = not existed
         _lock(self.path)  # its claim file was this process's to create: no other holds the folder
@@ -154,11 +163,29 @@ class RunFolder:
         return True
 
     def _write_claim(self, mode: str) -> None:
-        """``x``: only if no claim exists (two runs that start at the same moment: one gets it)."""
+        """``x``: only if no claim exists (two runs that start at the same moment: one gets it); ``w``:
+        in place of the one there, which a write that fails (a full disk) leaves as it was."""
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         claim = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "at": time.time()}
-        with open(self.path / CLAIM_FILE, mode) as file:
-            json.dump(claim, file)
+        path, text = self.path / CLAIM_FILE, json.dumps(claim)
+        try:
+            if mode == "w":
+                write_whole(path, lambda tmp: tmp.write_text(text))
+            else:
+                with open(path, "x") as file:  # FileExistsError: another process's claim
+                    try:
+                        file.write(text)
+                        file.flush()
+                    except OSError:
+                        path.unlink()  # its own, cut short
+                        raise
+        except FileExistsError:
+            raise
+        except OSError as err:
+            why = err.strerror or err
+            raise ConfigError(
+                f"{self.path} cannot be written ({why}); free space there, or make it writable"
+            ) from None
         self._claimed = True
 
     def ended(self) -> None:
@@ -168,7 +195,9 @@ class RunFolder:
             return
         claim = self._claim() if self.path.is_dir() else None
         if claim is not None and claim["pid"] == os.getpid():
-            (self.path / CLAIM_FILE).write_text(json.dumps({**claim, "ended": time.time()}))
+            ended = json.dumps({**claim, "ended": time.time()})
+            with contextlib.suppress(OSError):  # a full disk: the claim as it was, which the lock outlives
+                write_whole(self.path / CLAIM_FILE, lambda tmp: tmp.write_text(ended))
         _unlock(self.path)
         self._claimed = False
 
