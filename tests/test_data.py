@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import datasets
@@ -247,6 +248,27 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_a_full_disk_leaves_no_pa
     with pytest.raises(ConfigError, match=r"\(No space left on device\); free space there"):
         dm.train_token_counts()
     assert set((cache / "streams").iterdir()) == kept
+
+
+@pytest.mark.parametrize("step", ["load_dataset", "map"])
+def test_a_full_disk_under_the_datasets_librarys_cache_is_one_line(text_files, tmp_path, monkeypatch, step):
+    """The datasets library writes its Arrow files into the cache too, as it reads the text and as it
+    tokenizes: a full disk there ended in a traceback through its code."""
+    import datasets
+
+    train, valid = text_files
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise RuntimeError("an error of the datasets library's own") from err
+
+    monkeypatch.setattr(datasets if step == "load_dataset" else datasets.Dataset, step, full)
+    message = f"the data cache {tmp_path} cannot be written (No space left on device); free space there"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dm = TextDataModule(train_file=str(train), validation_file=str(valid), cache_dir=str(tmp_path))
+        dm.prepare_data()
 
 
 def test_a_training_split_too_short_for_one_batch_on_every_process_is_refused(tmp_path):

@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from lmheads.errors import ConfigError
+from lmheads.errors import ConfigError, out_of_space
 from lmheads.files import write_whole
 
 
@@ -48,8 +50,20 @@ def atomic_write(path: Path, write) -> None:
         raise ConfigError(_unwritable(path.parent, err)) from None
 
 
+@contextmanager
+def cache_writes(folder: Path) -> Iterator[None]:
+    """What the datasets library writes into the cache ``folder`` (its Arrow files): a full disk is one
+    line, not its page of errors."""
+    try:
+        yield
+    except Exception as err:
+        if (full := out_of_space(err)) is None:
+            raise
+        raise ConfigError(_unwritable(folder, full)) from None
+
+
 def _unwritable(folder: Path, err: OSError) -> str:
-    free = "free space there, or " if err.errno == errno.ENOSPC else ""
+    free = "free space there, or " if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     return (
         f"the data cache {folder} cannot be written ({err.strerror or err}); {free}set data.cache_dir (or "
         "LMHEADS_CACHE) to a folder you can write"

@@ -27,7 +27,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from lmheads.data.base import LMDataModule, StreamBlocks
-from lmheads.data.cache import atomic_write, default_cache_dir, digest, writable
+from lmheads.data.cache import atomic_write, cache_writes, default_cache_dir, digest, writable
 from lmheads.data.sources import VAL_FRACTION, load_splits
 from lmheads.data.tokenizers import (
     BPETokenizer,
@@ -148,7 +148,7 @@ class TextDataModule(LMDataModule):
             raise ConfigError(f"data.num_proc must be >= 0 (0: tokenize in this process), got {num_proc}")
         self.cache_dir = writable(Path(cache_dir) if cache_dir else default_cache_dir())
         self.num_proc = min(8, os.cpu_count() or 1) if num_proc is None else num_proc
-        with _plain_progress():
+        with _plain_progress(), cache_writes(self.cache_dir):
             self.raw, self.text_column = load_splits(self.hparams, self.cache_dir, self.sources)
         self.tokenizer = self._load_or_train_tokenizer()
         self.unknown: dict[str, float] = {}  # split -> share of its tokens that are <unk>
@@ -218,17 +218,18 @@ class TextDataModule(LMDataModule):
                 rank_zero_info(
                     f"data: tokenizing {split} ({len(self.raw[split]):,} records), once for later runs"
                 )
-            ids = self.raw[split].map(
-                encode_batch,
-                batched=True,
-                fn_kwargs={"tokenizer": self.tokenizer, "text_column": self.text_column},
-                remove_columns=self.raw[split].column_names,
-                # BPE encodes batches in parallel itself; Python tokenizers use processes
-                num_proc=(self.num_proc or None)
-                if len(self.raw[split]) >= 10_000 and hp.tokenizer != "bpe"
-                else None,
-                desc=f"tokenizing {split}",
-            )
+            with cache_writes(self.cache_dir):
+                ids = self.raw[split].map(
+                    encode_batch,
+                    batched=True,
+                    fn_kwargs={"tokenizer": self.tokenizer, "text_column": self.text_column},
+                    remove_columns=self.raw[split].column_names,
+                    # BPE encodes batches in parallel itself; Python tokenizers use processes
+                    num_proc=(self.num_proc or None)
+                    if len(self.raw[split]) >= 10_000 and hp.tokenizer != "bpe"
+                    else None,
+                    desc=f"tokenizing {split}",
+                )
             dtype = np.uint16 if self.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
             chunks = [
                 np.asarray(row, dtype=dtype) for batch in ids.iter(batch_size=10_000) for row in batch["ids"]
