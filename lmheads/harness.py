@@ -158,6 +158,21 @@ def metrics(results: dict) -> dict[str, float]:
     return out
 
 
+def unknown_note(tokenizer, text: Path) -> str | None:
+    """A line when ``text`` holds what the run's vocabulary lacks, which the model reads and is scored on
+    as ``<unk>`` (``fit`` says so of its own evaluation text; ``--text`` is other text)."""
+    if tokenizer.unk_id is None:
+        return None
+    ids = tokenizer.encode(text.read_text(encoding="utf-8-sig"))
+    share = ids.count(tokenizer.unk_id) / max(1, len(ids))
+    if not share:
+        return None
+    return (
+        f"harness: {share:.2%} of the tokens of {text} are outside the run's vocabulary; the model reads "
+        "them as <unk>, and is scored on predicting <unk> there"
+    )
+
+
 def other_text(text: Path | None, given: bool, read: str | None) -> list[str]:
     """Why the text scored is not the run's test file as its fit read it (``read``, that file's SHA-256,
     where recorded), if it is not: ``--text`` (``given``) of other text, or the test file edited since.
@@ -213,6 +228,10 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"--text is the text of task {LOCAL_TASK}: add it to --tasks, or remove --text")
     if args.text is not None and not args.text.is_file():
         raise ConfigError(f"--text {args.text}: no such file")
+    if args.text is not None:
+        from lmheads.data.sources import check_utf8
+
+        check_utf8(args.text, "--text")
     for option, value in (("--batch_size", args.batch_size), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{option} {value}: give a positive number")
@@ -232,6 +251,8 @@ def main(argv: list[str]) -> None:
             f"task {LOCAL_TASK} scores a text file, and this run's data has no test_file: give --text FILE "
             "(held-out text), or other --tasks"
         )
+    if args.text is not None and (note := unknown_note(tokenizer, args.text)):
+        print(note)
     folder = args.out or run / free_name(run, f"{HARNESS}/{ckpt.stem}")
     with task_manager(args.tasks, text) as manager:  # an unknown task before anything is written
         claim = RunFolder(folder.resolve())

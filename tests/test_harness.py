@@ -105,6 +105,13 @@ def test_a_character_run_is_scored_after_a_line_break(tmp_path, capsys):
     record = json.loads((run / "harness" / "last" / "results.json").read_text())
     own = scalars(run / "test" / "last")["test/bpb"][-1][1]
     assert record["metrics"]["lmheads_wikitext2 bits_per_byte"] == pytest.approx(own, rel=0.01)
+    # other text with characters the run never saw (Z, b, r, !: 6 of 34): scored as <unk>, as fit says
+    (tmp_path / "other.txt").write_text("the cats sat on 3 mats\nZebras! ZZ\n")
+    main([str(run), "--text", str(tmp_path / "other.txt"), "--limit", "1"])
+    note = f"harness: 17.65% of the tokens of {tmp_path / 'other.txt'} are outside the run's vocabulary; the "
+    assert (
+        note + "model reads them as <unk>, and is scored on predicting <unk> there" in capsys.readouterr().out
+    )
 
 
 def test_a_document_starts_after_an_end_of_text_token_or_a_line_break():
@@ -153,6 +160,9 @@ def test_bad_input_is_one_error_and_writes_nothing(word_run, tmp_path, capsys, m
         ConfigError, match=r"^--text is the text of task lmheads_wikitext2: add it to --tasks"
     ):
         main([str(run), "--tasks", "lambada_openai", "--text", str(tmp_path / "t.txt")])
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))  # a traceback from datasets
+    with pytest.raises(ConfigError, match=r"^--text '.*latin1.txt' is not UTF-8 text \(byte 3"):
+        main([str(run), "--text", str(tmp_path / "latin1.txt")])
     (tmp_path / "a file").write_text("")
     with pytest.raises(
         ConfigError, match=r"^--out .*a file/out cannot be made: .*a file is a file; give another --out"
