@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmheads.errors import CheckpointWriteError, ConfigError, Interrupted, NonFiniteLossError, causes
+from lmheads.files import remove
 from lmheads.heads import head_name
 from lmheads.lightning_internals import requeue_signal, stop_after_this_step
 
@@ -394,7 +395,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise
             raise CheckpointWriteError(_unwritten(target, checkpoint.get("global_step"), failed)) from err
         finally:
-            partial.unlink(missing_ok=True)
+            remove(partial)
 
 
 def _unwritten(target: Path, step: int | None, err: OSError) -> str:

@@ -50,8 +50,8 @@ from lmheads.errors import (
     ConfigError,
     Interrupted,
     TrainingStopped,
+    failed_write,
     interrupted_outside_training,
-    out_of_space,
 )
 from lmheads.files import read_record
 from lmheads.generation import SamplingConfig
@@ -439,7 +439,7 @@ def _reported_by_the_command(hook, args) -> None:
     """A thread's uncaught exception, passed to ``hook`` unless it is a write that ran out of space: a
     writer thread's (TensorBoard's) is raised again where the command next writes through it, and said
     there in one line."""
-    if out_of_space(args.exc_value) is None:
+    if failed_write(args.exc_value) is None:
         hook(args)
 
 
@@ -503,7 +503,7 @@ def _main(args: list[str] | None, run: bool) -> LMHeadsCLI | None:
         sys.exit(err.exit_code)
     except Exception as err:
         message = user_error(err)
-        if message is None and (full := out_of_space(err)) is not None:  # a log's writer, say
+        if message is None and (full := failed_write(err)) is not None:  # a log's writer, say
             print(f"error: {unwritten(full)}", file=sys.stderr)
             sys.exit(CheckpointWriteError.exit_code)
         if message is None:

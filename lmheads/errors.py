@@ -3,7 +3,7 @@
 The CLI turns a ``ConfigError`` (bad user input) into a single ``error: ...`` line and exit status 2, so
 every message must say what is wrong *and* what to do about it; a ``TrainingStopped`` (a NaN loss, a
 checkpoint that could not be written) into an ``error:`` line and its own status (3, 4), and so a write
-elsewhere that ran out of space (:func:`out_of_space`: a log) with 4; an ``Interrupted`` into an
+elsewhere that failed for want of space (:func:`failed_write`: a log) with 4; an ``Interrupted`` into an
 ``interrupted:`` line and 130 or 143. A command's output folder that cannot be made (a file in its path)
 is a ``ConfigError`` too (:func:`make_folder`).
 """
@@ -86,16 +86,26 @@ def causes(err: BaseException | None) -> Iterator[BaseException]:
         err = err.__cause__ or err.__context__
 
 
-def out_of_space(err: BaseException) -> OSError | None:
-    """The write behind ``err`` that failed for want of space (a full disk, a quota), if one did: an
-    ``OSError``, or one made from a Rust library's I/O error (safetensors': "... (os error 28)")."""
+#: Why a write fails that is mended outside lmheads, and how: a full disk or quota, a read-only file system.
+_MENDS = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there", errno.EROFS: "make it writable"}
+
+
+def failed_write(err: BaseException) -> OSError | None:
+    """The write behind ``err`` that failed for want of space (a full disk, a quota) or on a read-only
+    file system, if one did: an ``OSError``, or one made from a Rust library's I/O error (safetensors':
+    "... (os error 28)")."""
     for cause in causes(err):
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(cause, OSError) and cause.errno in _MENDS:
             return cause
         rust = re.search(r"\(os error (\d+)\)", str(cause))
-        if rust and int(rust[1]) in (errno.ENOSPC, errno.EDQUOT):
+        if rust and int(rust[1]) in _MENDS:
             return OSError(int(rust[1]), os.strerror(int(rust[1])))
     return None
+
+
+def mend(err: OSError) -> str:
+    """What to do about a :func:`failed_write` where it failed: ``free space there``, ``make it writable``."""
+    return _MENDS.get(err.errno, "make it writable")
 
 
 class Interrupted(BaseException):

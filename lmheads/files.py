@@ -17,6 +17,13 @@ import yaml
 from lmheads.errors import ConfigError
 
 
+def remove(path: Path) -> None:
+    """Remove the file ``path`` if it is there: a read-only file system refuses to remove even a file that
+    is not, which would replace the error that brought the caller here."""
+    if path.exists():
+        path.unlink()
+
+
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a file beside ``path``, then renamed to it; an ``OSError`` (a full disk) leaves
     no partial file and ``path`` as it was."""
@@ -28,7 +35,7 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
         err.filename = err.filename or str(path)  # a failed write names no file: the one it was for
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        remove(tmp)
 
 
 def write_json(path: Path, record: dict) -> None:

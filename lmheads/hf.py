@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lmheads.data.tokenizers import PretrainedTokenizer, Tokenizer
-from lmheads.errors import ConfigError, make_folder, out_of_space, require
+from lmheads.errors import ConfigError, failed_write, make_folder, mend, require
 from lmheads.heads import LinearForm, LinearHead, head_name
 from lmheads.hf_tokenizer import hf_tokenizer
 from lmheads.run.layout import run_of_checkpoint
@@ -279,8 +279,9 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
     logging.disable_progress_bar()  # a command's output is lines
     reasons = unsupported(model.eval())
     make_folder(out.parent, "give another folder for the export")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         if reasons:  # exact with a modeling file of its own, rather than refused
             from lmheads.hf_remote import export_remote
 
@@ -301,14 +302,15 @@ def export_hf(model, out: str | Path, tokenizer: Tokenizer | None = None) -> lis
             notes.append("no tokenizer: the data has no text (the synthetic language's ids are its tokens)")
         os.rename(staging, out)
     except Exception as err:
-        if (full := out_of_space(err)) is None:
+        if (full := failed_write(err)) is None:
             raise
         raise ConfigError(
-            f"the export {out} could not be written ({full.strerror}); free space in {out.parent}, or give "
-            "a folder elsewhere"
+            f"the export {out} could not be written ({full.strerror}); {mend(full)}, or give a folder "
+            "elsewhere"
         ) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return notes
 
 

@@ -175,7 +175,7 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, mon
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
     model = LMHeadModule(backbone=SMALL, vocab_size=50).eval()
-    message = f"the export {tmp_path / 'hf'} could not be written (No space left on device); free space in"
+    message = f"the export {tmp_path / 'hf'} could not be written (No space left on device); free space there"
     with pytest.raises(ConfigError, match=re.escape(message)):
         export_hf(model, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []

@@ -615,6 +615,33 @@ def test_a_claim_onto_a_full_disk_is_one_line_and_leaves_the_folder_as_it_was(tm
     assert written.value.filename == str(tmp_path / "results.json")  # names the file it was for
 
 
+def test_a_write_that_failed_for_space_or_on_a_read_only_file_system_says_what_to_do(tmp_path, monkeypatch):
+    """Read-only file systems refuse even to remove a file that is not there: the clean-up after a failed
+    write raised that error in place of the write's own."""
+    from lmheads import errors, files
+
+    for code, mended in ((errno.ENOSPC, "free space there"), (errno.EROFS, "make it writable")):
+        try:
+            try:
+                raise OSError(code, os.strerror(code))
+            except OSError as err:
+                raise RuntimeError("a library's own error") from err
+        except RuntimeError as err:
+            assert errors.mend(errors.failed_write(err)) == mended
+        rust = errors.failed_write(ValueError(f"I/O error: {os.strerror(code)} (os error {code})"))
+        assert (rust.errno, errors.mend(rust)) == (code, mended)
+    assert errors.failed_write(OSError(errno.EACCES, "Permission denied")) is None  # a read's, too
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError, match="Read-only file system") as written:
+        files.write_json(tmp_path / "results.json", {})
+    assert written.value.filename == str(tmp_path / "results.json")
+
+
 def test_a_csv_run_continued_twice_from_one_step_keeps_both_earlier_metrics(tmp_path):
     """A start that trained past its checkpoint and stopped before the next one is continued from the
     same step again: the metrics of both starts are kept."""

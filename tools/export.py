@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from lmheads.checkpointing import read_checkpoint
-from lmheads.errors import ConfigError, out_of_space
+from lmheads.errors import ConfigError, failed_write, mend
 from lmheads.export import export_safetensors, load_safetensors
+from lmheads.files import remove
 from lmheads.module import module_from_checkpoint
 from lmheads.reporting import parameter_counts
 from lmheads.run.layout import checkpoint_file
@@ -60,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         partial.replace(args.output)
     except Exception as err:
-        if (full := out_of_space(err)) is None:
+        if (full := failed_write(err)) is None:
             raise
-        print(f"error: {args.output} could not be written ({full.strerror}); free space there, or give "
+        print(f"error: {args.output} could not be written ({full.strerror}); {mend(full)}, or give "
               "another output path; nothing was written", file=sys.stderr)  # fmt: skip
         return 2
     finally:
-        partial.unlink(missing_ok=True)
+        remove(partial)
     counts = parameter_counts(model)
     head = model.head.spec()["class_path"]
     alias_note = f", aliases {aliases}" if aliases else ""

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lmheads.errors import ConfigError, file_in_the_way, out_of_space
+from lmheads.errors import ConfigError, failed_write, file_in_the_way, mend
 from lmheads.files import write_whole
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
@@ -33,12 +33,12 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             print(f"error: {err}", file=sys.stderr)
             return 2
         except Exception as err:
-            if (full := out_of_space(err)) is None:
+            if (full := failed_write(err)) is None:
                 raise
-            what, where = (full.filename, "there") if full.filename else ("the report", "where it writes")
+            what = full.filename or "the report"
             print(
-                f"error: {what} could not be written ({full.strerror}); free space {where}, or give --out "
-                "or --update another place; each file the report wrote is whole, the others as they were",
+                f"error: {what} could not be written ({full.strerror}); {mend(full)}, or give --out or "
+                "--update another place; each file the report wrote is whole, the others as they were",
                 file=sys.stderr,
             )
             return 2

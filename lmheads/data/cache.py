@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lmheads.errors import ConfigError, out_of_space
+from lmheads.errors import ConfigError, failed_write
 from lmheads.files import write_whole
 
 
@@ -57,7 +57,7 @@ def cache_writes(folder: Path) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        if (full := out_of_space(err)) is None:
+        if (full := failed_write(err)) is None:
             raise
         raise ConfigError(_unwritable(folder, full)) from None
 

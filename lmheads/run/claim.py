@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from lmheads.errors import ConfigError, make_folder
+from lmheads.errors import ConfigError, make_folder, mend
 from lmheads.files import write_whole
 from lmheads.run.layout import DIVERGED_FILE, RESULTS_FILE, furthest_checkpoint
 
@@ -59,7 +59,10 @@ def _lock(folder: Path) -> bool:
     key = folder.resolve()
     if key in _HELD:
         return True
-    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a read-only file system, say
+        raise ConfigError(_cannot_write(folder, err)) from None
     if _try_lock(fd, folder) is False:
         os.close(fd)
         return False
@@ -78,11 +81,21 @@ def _locked_elsewhere(folder: Path) -> bool:
     key = folder.resolve()
     if key in _HELD or not (key / LOCK_FILE).is_file():
         return False
-    fd = os.open(key / LOCK_FILE, os.O_RDWR)
+    try:
+        fd = os.open(key / LOCK_FILE, os.O_RDWR)
+    except OSError:  # a read-only file system: no process writes there
+        return False
     try:
         return _try_lock(fd, folder) is False
     finally:
         os.close(fd)  # releases the probe's lock (this process holds no other on that file)
+
+
+def _cannot_write(folder: Path, err: OSError) -> str:
+    """Why the command cannot write into ``folder``, and what to do: free space, or make it writable."""
+    return (
+        f"{folder} cannot be written ({err.strerror or err}); {mend(err)}, or give the command another folder"
+    )
 
 
 #: The option that gives a run another folder.
@@ -182,10 +195,7 @@ class RunFolder:
         except FileExistsError:
             raise
         except OSError as err:
-            why = err.strerror or err
-            raise ConfigError(
-                f"{self.path} cannot be written ({why}); free space there, or make it writable"
-            ) from None
+            raise ConfigError(_cannot_write(self.path, err)) from None
         self._claimed = True
 
     def ended(self) -> None:
@@ -297,10 +307,8 @@ def unwritten(err: OSError) -> str:
         then = f"start it again (it has no checkpoint): delete {run}, or give another {NAMING_OPTION}"
     else:  # its folder, removed as a failed start's
         then = "run it again"
-    why = err.strerror or err
-    return (
-        f"{file or 'a file'} could not be written ({why}); the command stopped. Free space there, then {then}"
-    )
+    why, what = err.strerror or err, file or "a file"
+    return f"{what} could not be written ({why}); the command stopped. {mend(err).capitalize()}, then {then}"
 
 
 def _paths(folder: Path) -> set[str]:

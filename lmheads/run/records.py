@@ -15,7 +15,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmheads.checkpointing import lowest_loss_checkpoint
-from lmheads.errors import CheckpointWriteError, ConfigError, NonFiniteLossError, out_of_space
+from lmheads.errors import CheckpointWriteError, ConfigError, NonFiniteLossError, failed_write
 from lmheads.files import read_record, write_json
 from lmheads.heads import head_name
 from lmheads.reporting import tokens_per_step
@@ -70,7 +70,7 @@ class RunSummary(L.Callback):
         if isinstance(exception, NonFiniteLossError) and trainer.is_global_zero and folder is not None:
             record = {"step": exception.step, "message": str(exception)}
             write_json(Path(folder, DIVERGED_FILE), record)
-        if (full := out_of_space(exception)) is not None and full.filename is None and folder is not None:
+        if (full := failed_write(exception)) is not None and full.filename is None and folder is not None:
             full.filename = str(folder)  # a writer thread's error names no file: one in the run's folder
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
