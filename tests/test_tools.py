@@ -403,6 +403,23 @@ def test_sweep_refuses_a_root_with_a_file_in_its_path_before_any_run(tmp_path):
     assert f"error: --root {root} cannot be made: {tmp_path / 'a file'} is a file" in str(stop.value)
 
 
+def test_sweep_refuses_a_root_it_cannot_write_before_any_run(tmp_path, monkeypatch):
+    """A read-only root was a traceback from the first run's folder."""
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(sweep.tempfile, "TemporaryFile", read_only)
+    args = ["--config", QUICKSTART, "--heads", "tied", "--root", str(tmp_path), "--name", "x"]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(args)
+    assert str(stop.value) == (
+        f"error: --root: {tmp_path / 'x'} cannot be written (Read-only file system); make it writable, or "
+        "give another --root"
+    )
+    assert sweep.main([*args, "--dry-run"]) == 0  # which writes nothing
+
+
 @pytest.mark.parametrize(
     ("grid", "message"),
     [

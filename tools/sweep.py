@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from sweep_plan import Run, check_input, check_options, matched_widths, parse_grid
 
-from lmheads.errors import ConfigError, file_in_the_way
+from lmheads.errors import ConfigError, file_in_the_way, mend
 from lmheads.files import read_record, write_json
 from lmheads.streams import pipe_safe_output
 
@@ -298,6 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     matched = matched_widths(args.config, args.heads, args.extra) if args.match_params else {}
     runs = [Run(h, s, {**o, **matched.get(h, {})}) for o in grid for h in args.heads for s in args.seeds]
     check_options({run.name: options(run, args) for run in runs if run.seed == args.seeds[0]})
+    if not args.dry_run:  # a read-only root: one line before any run, not a traceback at the first
+        where = Path(args.root) / args.name
+        try:  # where the folders would be made: nothing is left there
+            tempfile.TemporaryFile(dir=next(p for p in (where, *where.parents) if p.exists())).close()
+        except OSError as err:
+            raise SystemExit(
+                f"error: --root: {where} cannot be written ({err.strerror or err}); {mend(err)}, or give "
+                "another --root"
+            ) from None
     gpus = None
     if args.gpus:
         gpus = queue.Queue()
