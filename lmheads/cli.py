@@ -436,9 +436,9 @@ def _stopped_outside_training(pid: int, signum, frame) -> None:
 
 
 def _reported_by_the_command(hook, args) -> None:
-    """A thread's uncaught exception, passed to ``hook`` unless it is a write that ran out of space: a
-    writer thread's (TensorBoard's) is raised again where the command next writes through it, and said
-    there in one line."""
+    """A thread's uncaught exception, passed to ``hook`` unless it is a write that failed for want of space
+    or on a read-only file system: a writer thread's (TensorBoard's) is raised again where the command
+    next writes through it, and said there in one line."""
     if failed_write(args.exc_value) is None:
         hook(args)
 

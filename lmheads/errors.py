@@ -3,9 +3,9 @@
 The CLI turns a ``ConfigError`` (bad user input) into a single ``error: ...`` line and exit status 2, so
 every message must say what is wrong *and* what to do about it; a ``TrainingStopped`` (a NaN loss, a
 checkpoint that could not be written) into an ``error:`` line and its own status (3, 4), and so a write
-elsewhere that failed for want of space (:func:`failed_write`: a log) with 4; an ``Interrupted`` into an
-``interrupted:`` line and 130 or 143. A command's output folder that cannot be made (a file in its path)
-is a ``ConfigError`` too (:func:`make_folder`).
+elsewhere that failed for want of space or on a read-only file system (:func:`failed_write`: a log) with
+4; an ``Interrupted`` into an ``interrupted:`` line and 130 or 143. A command's output folder that cannot
+be made (a file in its path) is a ``ConfigError`` too (:func:`make_folder`).
 """
 
 import errno

@@ -217,8 +217,9 @@ def load_run(run_dir: Path, test_checkpoint: str = "last") -> RunLog:
         offset += max(times) - start
     final_step = read_record(run_dir / RESULTS_FILE).get("step", 0)
     diverged_at = read_record(run_dir / DIVERGED_FILE).get("step")
-    run = RunLog(run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at, _config(run_dir))
-    run.damaged = damaged
+    run = RunLog(
+        run_dir, _hparams(run_dir), dict(scalars), final_step, diverged_at, _config(run_dir), damaged=damaged
+    )
     harness = test_evaluation(run_dir, "last", run.steps(), kind=HARNESS)  # lm-eval's of its last.ckpt
     if harness is not None:
         metrics = read_record(harness / "results.json").get("metrics", {})

@@ -294,10 +294,10 @@ class RunFolder:
 
 
 def unwritten(err: OSError) -> str:
-    """Why a command stopped at a file it could not write for want of space where lmheads does not write
-    it itself (a log, which TensorBoard's writer writes), and how to go on: the run continued from its
-    furthest checkpoint (an earlier state), or started again; a command that failed before training (an
-    evaluation, say) left nothing, and is run again."""
+    """Why a command stopped at a file it could not write (:func:`lmheads.errors.failed_write`) where
+    lmheads does not write it itself (a log, which TensorBoard's writer writes), and how to go on: the run
+    continued from its furthest checkpoint (an earlier state), or started again; a command that failed
+    before training (an evaluation, say) left nothing, and is run again."""
     file = Path(err.filename) if err.filename else None
     run = next((p for p in (file, *file.parents) if (p / CLAIM_FILE).is_file()), None) if file else None
     furthest = furthest_checkpoint(run) if run is not None and file.exists() else None
