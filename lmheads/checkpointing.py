@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lmheads.errors import CheckpointWriteError, ConfigError, Interrupted, NonFiniteLossError, causes
 from lmheads.files import remove
 from lmheads.heads import head_name
-from lmheads.lightning_internals import requeue_signal, stop_after_this_step
+from lmheads.lightning_internals import keeps_the_highest, requeue_signal, stop_after_this_step
 
 #: Where lmheads keeps the random state in a checkpoint (tensors and plain types: weights_only loads it).
 RNG_KEY = "lmheads_rng"
@@ -288,7 +288,7 @@ def lowest_loss_checkpoint(states: Iterable[tuple[str, Any]]) -> str | None:
     else (or nothing: the newest checkpoint is its "best") or keeps the highest loss chooses none."""
     scores = {}
     for key, state in states:
-        if isinstance(state, dict) and state.get("monitor") == "val/loss" and "'mode': 'max'" not in key:
+        if isinstance(state, dict) and state.get("monitor") == "val/loss" and not keeps_the_highest(key):
             scores.update({path: float(score) for path, score in (state.get("best_k_models") or {}).items()})
     return min(scores, key=scores.__getitem__, default=None)
 

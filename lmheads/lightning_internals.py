@@ -86,6 +86,13 @@ class AlignLoggingStep(Callback):
         align_logging_step(trainer)
 
 
+def keeps_the_highest(state_key: str) -> bool:
+    """Whether the ``ModelCheckpoint`` whose state a checkpoint keeps under ``state_key`` keeps its
+    checkpoints by the highest value of its metric (``mode: max``): its state does not say, its key (the
+    class name and a repr of its settings) does."""
+    return "'mode': 'max'" in state_key
+
+
 def sharded_checkpoints(strategy) -> str | None:
     """The option that makes ``strategy`` write each checkpoint as one file, where it would write a folder
     of shards instead: ``ModelParallelStrategy`` does by default, ``FSDPStrategy`` with sharded state

@@ -12,6 +12,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lmheads.lightning_internals import (
     align_logging_step,
     batches_done_this_epoch,
+    keeps_the_highest,
     quiet_wandb,
     requeue_signal,
     sharded_checkpoints,
@@ -33,6 +34,15 @@ def test_the_internals_exist_on_a_trainer():
     assert trainer._signal_connector.received_sigterm is False
     stop_after_this_step(trainer)
     assert trainer._signal_connector.received_sigterm is True
+
+
+def test_a_checkpoint_callbacks_state_key_says_its_mode():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for mode in ("min", "max"):
+        callback = ModelCheckpoint(monitor="val/loss", mode=mode)
+        assert keeps_the_highest(callback.state_key) is (mode == "max")
+        assert "mode" not in callback.state_dict()  # else the state would say it
 
 
 @pytest.mark.parametrize("asked", [False, True])
