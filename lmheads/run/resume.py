@@ -71,8 +71,8 @@ def checkpoint_by_keyword(keyword: str, subcommand: str, run: Path | None) -> Pa
             "--trainer.logger.init_args.version=<run> (with the run's save_dir and name), or give a "
             f"checkpoint file ({example})"
         )
-    furthest = furthest_checkpoint(run)
     if keyword == "last":
+        furthest = furthest_checkpoint(run)
         if furthest is None and subcommand != "fit":
             raise ConfigError(f"--ckpt_path=last: the run {run} has no checkpoint to {subcommand}")
         return None if furthest is None else furthest[1]
